@@ -1,0 +1,331 @@
+//! The async host client of the guest agent.
+//!
+//! [`AgentClient::connect`] performs the handshake on any byte stream (a vsock
+//! connection, a Unix socket, a virtio-serial port's host socket) and then
+//! hands the stream to a background task (see [`connection`]); the client is a
+//! cheap, cloneable handle that talks to that task through a channel, so it can
+//! be shared between tasks and no lock is held across an `.await`.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), nova_protocol::client::ClientError> {
+//! use std::time::Duration;
+//! use nova_protocol::{ExecSpec, client::AgentClient};
+//!
+//! let stream = tokio::net::UnixStream::connect("/tmp/agent.sock").await?;
+//! let (client, hello) = AgentClient::connect(stream, Duration::from_secs(5)).await?;
+//! println!("agent {} on kernel {}", hello.agent_version, hello.kernel_release);
+//! let out = client.run(ExecSpec::shell("echo hello")).await?;
+//! assert_eq!(out.stdout, b"hello\n");
+//! # Ok(()) }
+//! ```
+
+mod connection;
+mod error;
+mod exec;
+mod files;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::{Semaphore, mpsc, oneshot};
+
+pub use error::ClientError;
+pub use exec::{ExecHandle, ExecOutput, OutputStream, StdinWriter};
+pub use files::FileDownload;
+
+use crate::exec::ExecSpec;
+use crate::frame::{FrameReader, FrameWriter};
+use crate::fs::{DirListing, FileStat};
+use crate::handshake::{Hello, HelloInfo, HelloReply};
+use crate::messages::{ClientMessage, Request, Response, StreamKind};
+use crate::stats::GuestStats;
+use crate::{STREAM_WINDOW, SUPPORTED_VERSIONS};
+use connection::{CloseReason, Command, Route};
+
+/// A connection to a guest agent. Cheap to clone; all clones share one stream.
+#[derive(Debug, Clone)]
+pub struct AgentClient {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    commands: mpsc::UnboundedSender<Command>,
+    next_id: AtomicU64,
+    info: HelloInfo,
+    closed: CloseReason,
+}
+
+impl AgentClient {
+    /// Performs the handshake on `stream` and starts the connection's
+    /// background task.
+    ///
+    /// Writes a [`Hello`] at once and waits up to `timeout` for the agent's
+    /// answer (over virtio-serial the answer only comes once the guest has
+    /// booted far enough to open its port, so size `timeout` for a boot).
+    /// Must be called inside a tokio runtime.
+    pub async fn connect<S>(stream: S, timeout: Duration) -> Result<(Self, HelloInfo), ClientError>
+    where
+        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
+        let (read_half, write_half) = tokio::io::split(stream);
+        let mut reader = FrameReader::new(read_half);
+        let mut writer = FrameWriter::new(write_half);
+        let handshake = async {
+            writer.send(&Hello::new()).await?;
+            match reader.read_message::<HelloReply>().await? {
+                Some(reply) => Ok(reply),
+                None => Err(ClientError::disconnected(
+                    "the agent closed the connection during the handshake",
+                )),
+            }
+        };
+        let reply = tokio::time::timeout(timeout, handshake)
+            .await
+            .map_err(|_| ClientError::TimedOut(timeout))??;
+        let info = match reply {
+            HelloReply::Welcome(info) => info,
+            HelloReply::Refused { supported, message } => {
+                return Err(
+                    if crate::handshake::negotiate(SUPPORTED_VERSIONS, &supported).is_none() {
+                        ClientError::VersionMismatch {
+                            ours: SUPPORTED_VERSIONS.to_vec(),
+                            theirs: supported,
+                        }
+                    } else {
+                        ClientError::Refused(message)
+                    },
+                );
+            }
+        };
+        if !SUPPORTED_VERSIONS.contains(&info.protocol_version) {
+            return Err(ClientError::VersionMismatch {
+                ours: SUPPORTED_VERSIONS.to_vec(),
+                theirs: vec![info.protocol_version],
+            });
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        let closed = CloseReason::default();
+        connection::spawn(reader, writer, rx, closed.clone());
+        let client = Self {
+            inner: Arc::new(Inner {
+                commands: tx,
+                next_id: AtomicU64::new(1),
+                info: info.clone(),
+                closed,
+            }),
+        };
+        Ok((client, info))
+    }
+
+    /// What the agent said about itself in the handshake.
+    pub fn info(&self) -> &HelloInfo {
+        &self.inner.info
+    }
+
+    /// Whether the connection has ended (calls will fail with
+    /// [`ClientError::Disconnected`]).
+    pub fn is_closed(&self) -> bool {
+        self.inner.commands.is_closed()
+    }
+
+    /// Starts a command. Returns once the process runs in the guest (or with
+    /// the error that prevented it, e.g. [`crate::RemoteErrorKind::NotFound`]).
+    pub async fn exec(&self, spec: ExecSpec) -> Result<ExecHandle, ClientError> {
+        let id = self.next_id();
+        let (started_tx, started_rx) = oneshot::channel();
+        let (stdout_tx, stdout_rx) = mpsc::unbounded_channel();
+        let (stderr_tx, stderr_rx) = mpsc::unbounded_channel();
+        let (done_tx, done_rx) = oneshot::channel();
+        let credit = spec.stdin.then(|| Arc::new(Semaphore::new(STREAM_WINDOW as usize)));
+        let route = Route {
+            started: Some(started_tx),
+            stdout: Some(stdout_tx),
+            stderr: Some(stderr_tx),
+            credit: credit.clone(),
+            done: Some(done_tx),
+        };
+        self.start(id, Request::Exec(spec), route)?;
+        let pid = self.await_reply(started_rx).await??;
+        let sender = self.inner.commands.clone();
+        Ok(ExecHandle::new(
+            id,
+            u32::try_from(pid).unwrap_or(u32::MAX),
+            OutputStream::new(id, StreamKind::Stdout, stdout_rx, sender.clone()),
+            OutputStream::new(id, StreamKind::Stderr, stderr_rx, sender.clone()),
+            credit.map(|c| StdinWriter::new(id, c, sender.clone())),
+            done_rx,
+            sender,
+            self.inner.closed.clone(),
+        ))
+    }
+
+    /// Runs a command to completion and collects its output. Stdin is closed.
+    pub async fn run(&self, spec: ExecSpec) -> Result<ExecOutput, ClientError> {
+        self.exec(spec).await?.output().await
+    }
+
+    /// Writes `data` to `path` (created or truncated) with permission bits `mode`.
+    pub async fn write_file(
+        &self,
+        path: &str,
+        data: impl Into<Bytes>,
+        mode: u32,
+    ) -> Result<u64, ClientError> {
+        let data: Bytes = data.into();
+        files::upload(self, path, mode, false, files::Source::Bytes(data)).await
+    }
+
+    /// Streams everything `reader` yields into `path` (created or truncated)
+    /// with permission bits `mode`. Returns the bytes written.
+    pub async fn write_file_from<R>(&self, path: &str, reader: R, mode: u32) -> Result<u64, ClientError>
+    where
+        R: AsyncRead + Unpin,
+    {
+        files::upload(self, path, mode, false, files::Source::Reader(Box::new(reader))).await
+    }
+
+    /// Appends `data` to `path` (created if missing, with `mode`).
+    pub async fn append_file(
+        &self,
+        path: &str,
+        data: impl Into<Bytes>,
+        mode: u32,
+    ) -> Result<u64, ClientError> {
+        let data: Bytes = data.into();
+        files::upload(self, path, mode, true, files::Source::Bytes(data)).await
+    }
+
+    /// Opens `path` for streaming its contents back.
+    pub async fn read_file(&self, path: &str) -> Result<FileDownload, ClientError> {
+        files::download(self, path).await
+    }
+
+    /// Reads the whole of `path` into memory.
+    pub async fn read_file_to_vec(&self, path: &str) -> Result<Vec<u8>, ClientError> {
+        self.read_file(path).await?.collect().await
+    }
+
+    /// Lists a directory.
+    pub async fn list_dir(&self, path: &str) -> Result<DirListing, ClientError> {
+        match self.request(Request::ListDir { path: path.to_owned() }).await? {
+            Response::DirListing(listing) => Ok(listing),
+            other => Err(unexpected("list_dir", &other)),
+        }
+    }
+
+    /// Metadata of `path` (following symbolic links).
+    pub async fn stat(&self, path: &str) -> Result<FileStat, ClientError> {
+        match self.request(Request::Stat { path: path.to_owned() }).await? {
+            Response::Stat(stat) => Ok(stat),
+            other => Err(unexpected("stat", &other)),
+        }
+    }
+
+    /// Removes a file, symlink or empty directory; with `recursive`, a whole tree.
+    pub async fn remove(&self, path: &str, recursive: bool) -> Result<(), ClientError> {
+        match self
+            .request(Request::Remove {
+                path: path.to_owned(),
+                recursive,
+            })
+            .await?
+        {
+            Response::Removed => Ok(()),
+            other => Err(unexpected("remove", &other)),
+        }
+    }
+
+    /// Creates a directory and its missing parents with permission bits `mode`.
+    pub async fn mkdir_p(&self, path: &str, mode: u32) -> Result<(), ClientError> {
+        match self
+            .request(Request::MkdirP {
+                path: path.to_owned(),
+                mode,
+            })
+            .await?
+        {
+            Response::Created => Ok(()),
+            other => Err(unexpected("mkdir_p", &other)),
+        }
+    }
+
+    /// The guest's view of its memory, CPU, load, disk and processes.
+    pub async fn stats(&self) -> Result<GuestStats, ClientError> {
+        match self.request(Request::Stats).await? {
+            Response::Stats(stats) => Ok(stats),
+            other => Err(unexpected("stats", &other)),
+        }
+    }
+
+    /// Round trip to the agent; returns how long it took.
+    pub async fn ping(&self) -> Result<Duration, ClientError> {
+        let start = Instant::now();
+        match self.request(Request::Ping).await? {
+            Response::Pong => Ok(start.elapsed()),
+            other => Err(unexpected("ping", &other)),
+        }
+    }
+
+    /// Asks the agent to sync file systems and power the VM off (when it is
+    /// not PID 1, e.g. in host tests, it just exits). Returns once the agent
+    /// acknowledged; the connection closes right after.
+    pub async fn shutdown(&self) -> Result<(), ClientError> {
+        match self.request(Request::Shutdown).await {
+            Ok(Response::ShuttingDown) | Err(ClientError::Disconnected { .. }) => Ok(()),
+            Ok(other) => Err(unexpected("shutdown", &other)),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Sends a request that is answered by a single `Done`.
+    async fn request(&self, request: Request) -> Result<Response, ClientError> {
+        let id = self.next_id();
+        let (done_tx, done_rx) = oneshot::channel();
+        let route = Route {
+            done: Some(done_tx),
+            ..Route::default()
+        };
+        self.start(id, request, route)?;
+        self.await_reply(done_rx).await?
+    }
+
+    fn next_id(&self) -> u64 {
+        self.inner.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn start(&self, id: u64, request: Request, route: Route) -> Result<(), ClientError> {
+        self.inner
+            .commands
+            .send(Command::Start { id, request, route })
+            .map_err(|_| closed_error(&self.inner.closed))
+    }
+
+    fn send(&self, msg: ClientMessage) -> Result<(), ClientError> {
+        self.inner
+            .commands
+            .send(Command::Send(msg))
+            .map_err(|_| closed_error(&self.inner.closed))
+    }
+
+    async fn await_reply<T>(&self, rx: oneshot::Receiver<T>) -> Result<T, ClientError> {
+        rx.await.map_err(|_| closed_error(&self.inner.closed))
+    }
+}
+
+/// The error for a call on a connection that has ended.
+fn closed_error(closed: &CloseReason) -> ClientError {
+    ClientError::disconnected(
+        closed
+            .get()
+            .cloned()
+            .unwrap_or_else(|| "the connection task ended".to_owned()),
+    )
+}
+
+fn unexpected(call: &str, response: &Response) -> ClientError {
+    ClientError::Protocol(format!("unexpected response to {call}: {response:?}"))
+}

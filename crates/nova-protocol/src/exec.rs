@@ -1,0 +1,162 @@
+//! Command execution types: what to run ([`ExecSpec`]) and how it ended
+//! ([`ExecResult`]).
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// What program to run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ExecCommand {
+    /// Run `argv[0]` (looked up in `PATH`) with the given arguments.
+    Argv(Vec<String>),
+    /// Run a shell command line with `/bin/sh -c`.
+    Shell(String),
+}
+
+/// Terminal size for a command run on a pseudo-terminal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PtySize {
+    /// Rows.
+    pub rows: u16,
+    /// Columns.
+    pub cols: u16,
+}
+
+impl Default for PtySize {
+    fn default() -> Self {
+        Self { rows: 24, cols: 80 }
+    }
+}
+
+/// A command to run in the guest.
+///
+/// Each command runs in its own process group (its own session with a PTY);
+/// a timeout or [`crate::client::ExecHandle::kill`] ends the whole group.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecSpec {
+    /// The program.
+    pub command: ExecCommand,
+    /// Extra environment variables, applied over the agent's defaults
+    /// (`PATH`, `HOME`, ...).
+    pub env: Vec<(String, String)>,
+    /// Working directory; the agent's own (`/` as PID 1) when `None`.
+    pub cwd: Option<String>,
+    /// Whether stdin is a pipe fed by the client (`true`) or closed (`false`).
+    pub stdin: bool,
+    /// Kill the process group with `SIGKILL` after this long, in milliseconds.
+    pub timeout_ms: Option<u64>,
+    /// Run on a pseudo-terminal of this size (stdout and stderr are then
+    /// one stream, delivered as stdout).
+    pub pty: Option<PtySize>,
+}
+
+impl ExecSpec {
+    /// Runs `argv` directly.
+    pub fn argv<I, S>(argv: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        Self::with_command(ExecCommand::Argv(argv.into_iter().map(Into::into).collect()))
+    }
+
+    /// Runs a shell command line with `/bin/sh -c`.
+    pub fn shell(line: impl Into<String>) -> Self {
+        Self::with_command(ExecCommand::Shell(line.into()))
+    }
+
+    fn with_command(command: ExecCommand) -> Self {
+        Self {
+            command,
+            env: Vec::new(),
+            cwd: None,
+            stdin: false,
+            timeout_ms: None,
+            pty: None,
+        }
+    }
+
+    /// Adds an environment variable.
+    pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+
+    /// Sets the working directory.
+    pub fn cwd(mut self, cwd: impl Into<String>) -> Self {
+        self.cwd = Some(cwd.into());
+        self
+    }
+
+    /// Makes stdin a pipe the caller writes to (see
+    /// [`crate::client::ExecHandle::stdin`]).
+    pub fn stdin_piped(mut self) -> Self {
+        self.stdin = true;
+        self
+    }
+
+    /// Kills the command's process group after `timeout`.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout_ms = Some(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX));
+        self
+    }
+
+    /// Runs the command on a pseudo-terminal.
+    pub fn pty(mut self, size: PtySize) -> Self {
+        self.pty = Some(size);
+        self
+    }
+}
+
+/// How a command ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ExitStatus {
+    /// It exited with this code.
+    Exited(i32),
+    /// A signal with this number terminated it.
+    Signaled(i32),
+}
+
+impl ExitStatus {
+    /// The exit code, if it exited normally.
+    pub fn code(self) -> Option<i32> {
+        match self {
+            Self::Exited(code) => Some(code),
+            Self::Signaled(_) => None,
+        }
+    }
+
+    /// The terminating signal, if a signal ended it.
+    pub fn signal(self) -> Option<i32> {
+        match self {
+            Self::Exited(_) => None,
+            Self::Signaled(signal) => Some(signal),
+        }
+    }
+
+    /// Whether it exited with code 0.
+    pub fn success(self) -> bool {
+        self == Self::Exited(0)
+    }
+}
+
+impl std::fmt::Display for ExitStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Exited(code) => write!(f, "exit code {code}"),
+            Self::Signaled(signal) => write!(f, "killed by signal {signal}"),
+        }
+    }
+}
+
+/// The final report of a command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecResult {
+    /// How the command's main process ended.
+    pub status: ExitStatus,
+    /// Whether the agent killed it because its timeout ran out.
+    pub timed_out: bool,
+    /// Time from spawn to exit, measured in the guest, in microseconds.
+    pub duration_us: u64,
+}

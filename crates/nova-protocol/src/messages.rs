@@ -1,0 +1,260 @@
+//! The messages exchanged after the handshake.
+//!
+//! The host sends [`ClientMessage`]s, the agent [`AgentMessage`]s. A request
+//! starts with [`ClientMessage::Request`] under an id the host picks (unique
+//! on the connection) and ends with exactly one [`AgentMessage::Done`] for that
+//! id. In between:
+//!
+//! * `exec`: the agent sends [`AgentMessage::Started`] once the process runs
+//!   (or `Done` with an error if it could not start), then
+//!   [`AgentMessage::Data`] for stdout / stderr; the host may send
+//!   [`ClientMessage::Data`] / [`ClientMessage::Eof`] (stdin),
+//!   [`ClientMessage::Signal`] and [`ClientMessage::Resize`]. `Done` carries
+//!   [`Response::Exited`] and comes after the last output chunk.
+//! * `write_file`: the host streams [`ClientMessage::Data`] then
+//!   [`ClientMessage::Eof`]; `Done` carries [`Response::Written`].
+//! * `read_file`: the agent sends [`AgentMessage::Opened`], then
+//!   [`AgentMessage::Data`] chunks ([`StreamKind::File`]), then `Done`.
+//! * everything else: just `Done`.
+//!
+//! **Credit.** Each byte stream starts with [`crate::STREAM_WINDOW`] bytes of
+//! credit for its sender. The receiver returns credit as its consumer takes
+//! data: the host with [`ClientMessage::Credit`] for output and file chunks,
+//! the agent with [`AgentMessage::Credit`] for stdin and upload chunks. A
+//! sender never has more than a window of unacknowledged bytes on a stream.
+//!
+//! The order of variants and fields here **is** the wire format (postcard);
+//! the `wire_schema` test pins it. Changing it means bumping
+//! [`crate::PROTOCOL_VERSION`].
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::exec::{ExecResult, ExecSpec, PtySize};
+use crate::fs::{DirListing, FileStat};
+use crate::remote_error::RemoteError;
+use crate::stats::GuestStats;
+
+/// Which byte stream of a request a chunk or credit belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum StreamKind {
+    /// A command's standard output (or its terminal, with a PTY).
+    Stdout,
+    /// A command's standard error.
+    Stderr,
+    /// The contents of a file being read.
+    File,
+}
+
+/// A request from the host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    /// Run a command.
+    Exec(ExecSpec),
+    /// Create (or truncate, or append to) a file; contents follow as
+    /// [`ClientMessage::Data`] chunks ended by [`ClientMessage::Eof`].
+    WriteFile {
+        /// Absolute path in the guest.
+        path: String,
+        /// Permission bits for the file.
+        mode: u32,
+        /// Append instead of truncating.
+        append: bool,
+    },
+    /// Stream a file's contents back.
+    ReadFile {
+        /// Absolute path in the guest.
+        path: String,
+    },
+    /// List a directory.
+    ListDir {
+        /// Absolute path in the guest.
+        path: String,
+    },
+    /// Metadata of a path (following links).
+    Stat {
+        /// Absolute path in the guest.
+        path: String,
+    },
+    /// Remove a file, a symlink or a directory.
+    Remove {
+        /// Absolute path in the guest.
+        path: String,
+        /// Remove a non-empty directory and everything in it.
+        recursive: bool,
+    },
+    /// Create a directory and any missing parents (`mkdir -p`).
+    MkdirP {
+        /// Absolute path in the guest.
+        path: String,
+        /// Permission bits for the directories created.
+        mode: u32,
+    },
+    /// Report guest resource usage.
+    Stats,
+    /// Answer at once.
+    Ping,
+    /// Sync file systems and power the VM off (as PID 1), or exit (otherwise).
+    Shutdown,
+}
+
+/// The successful outcome of a request, carried by [`AgentMessage::Done`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Response {
+    /// A command ended.
+    Exited(ExecResult),
+    /// A file was written.
+    Written {
+        /// Bytes written.
+        bytes: u64,
+    },
+    /// A file was read to its end.
+    ReadDone {
+        /// Bytes sent.
+        bytes: u64,
+    },
+    /// A directory listing.
+    DirListing(DirListing),
+    /// Metadata of a path.
+    Stat(FileStat),
+    /// The path was removed.
+    Removed,
+    /// The directory exists now.
+    Created,
+    /// Guest resource usage.
+    Stats(GuestStats),
+    /// Answer to [`Request::Ping`].
+    Pong,
+    /// The agent is syncing and powering off; the stream closes next.
+    ShuttingDown,
+}
+
+/// A frame from the host to the agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ClientMessage {
+    /// Start request `id`.
+    Request {
+        /// Request id, unique on this connection.
+        id: u64,
+        /// What to do.
+        request: Request,
+    },
+    /// A chunk of stdin (exec) or file contents (write_file), at most
+    /// [`crate::MAX_CHUNK`] bytes, within the sender's credit.
+    Data {
+        /// Request id.
+        id: u64,
+        /// The bytes.
+        data: Bytes,
+    },
+    /// End of stdin (the command sees EOF) or of the uploaded file.
+    Eof {
+        /// Request id.
+        id: u64,
+    },
+    /// The host consumed `bytes` of a stream; the agent may send that much more.
+    Credit {
+        /// Request id.
+        id: u64,
+        /// Which stream.
+        stream: StreamKind,
+        /// How many bytes.
+        bytes: u32,
+    },
+    /// Send a signal to the command's process group.
+    Signal {
+        /// Request id.
+        id: u64,
+        /// Signal number (e.g. 15 for SIGTERM, 9 for SIGKILL).
+        signal: i32,
+    },
+    /// Change the window size of the command's pseudo-terminal.
+    Resize {
+        /// Request id.
+        id: u64,
+        /// New size.
+        size: PtySize,
+    },
+    /// Abandon a request (a download the host no longer wants, an upload it
+    /// gave up on). Commands are ended with [`ClientMessage::Signal`] instead.
+    Cancel {
+        /// Request id.
+        id: u64,
+    },
+}
+
+/// A frame from the agent to the host.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum AgentMessage {
+    /// The command of request `id` is running.
+    Started {
+        /// Request id.
+        id: u64,
+        /// Its process id in the guest.
+        pid: u32,
+    },
+    /// The file of request `id` is open; its contents follow.
+    Opened {
+        /// Request id.
+        id: u64,
+        /// File size when opened.
+        size: u64,
+    },
+    /// A chunk of output or file contents, within the agent's credit.
+    Data {
+        /// Request id.
+        id: u64,
+        /// Which stream.
+        stream: StreamKind,
+        /// The bytes.
+        data: Bytes,
+    },
+    /// The agent consumed `bytes` of stdin / upload; the host may send that much more.
+    Credit {
+        /// Request id.
+        id: u64,
+        /// How many bytes.
+        bytes: u32,
+    },
+    /// Request `id` is finished; nothing more comes for it.
+    Done {
+        /// Request id.
+        id: u64,
+        /// Its outcome.
+        result: Result<Response, RemoteError>,
+    },
+    /// The host broke the protocol; the agent closes the connection next.
+    ProtocolError {
+        /// What was wrong.
+        message: String,
+    },
+}
+
+impl AgentMessage {
+    /// The request this message belongs to, if any.
+    pub fn request_id(&self) -> Option<u64> {
+        match self {
+            Self::Started { id, .. }
+            | Self::Opened { id, .. }
+            | Self::Data { id, .. }
+            | Self::Credit { id, .. }
+            | Self::Done { id, .. } => Some(*id),
+            Self::ProtocolError { .. } => None,
+        }
+    }
+}
+
+impl ClientMessage {
+    /// The request this message belongs to.
+    pub fn request_id(&self) -> u64 {
+        match self {
+            Self::Request { id, .. }
+            | Self::Data { id, .. }
+            | Self::Eof { id }
+            | Self::Credit { id, .. }
+            | Self::Signal { id, .. }
+            | Self::Resize { id, .. }
+            | Self::Cancel { id } => *id,
+        }
+    }
+}
