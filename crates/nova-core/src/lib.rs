@@ -1,1 +1,49 @@
-//! placeholder
+//! Core types of NovaSandbox.
+//!
+//! This crate fixes the names and shapes every other crate plugs into:
+//!
+//! - [`config`]: [`SandboxConfig`], what a caller asks for, with its defaults,
+//!   builder and validation;
+//! - [`state`]: [`SandboxState`], the lifecycle state machine, whose legal
+//!   transitions are enforced in one place;
+//! - [`id`]: [`SandboxId`], short, unique, URL- and path-safe identifiers;
+//! - [`metadata`]: [`SandboxInfo`] and the boot-time breakdown;
+//! - [`exec`] and [`stats`]: what commands and monitoring return;
+//! - [`hypervisor`]: the object-safe [`Hypervisor`] trait every backend
+//!   (Firecracker, QEMU, Apple VZ) implements, and the [`Sandbox`] handle that
+//!   delegates to it;
+//! - [`template`]: [`TemplateManager`], which lists, loads and validates the
+//!   templates installed under `$NOVA_HOME/templates`;
+//! - [`home`]: the host data layout rooted at `$NOVA_HOME`;
+//! - [`host`]: what this host can run (KVM, Firecracker, QEMU) and which
+//!   backend to choose.
+//!
+//! It has no OS-specific dependencies beyond reading files under `/proc`,
+//! `/sys` and `/dev`, so it compiles on every host the project supports.
+
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod error;
+pub mod exec;
+pub mod home;
+pub mod host;
+pub mod hypervisor;
+pub mod id;
+pub mod metadata;
+pub mod sandbox;
+pub mod state;
+pub mod stats;
+pub mod template;
+
+pub use config::{ConfigError, DriveConfig, SandboxConfig, SandboxConfigBuilder};
+pub use error::{CreateSandboxError, ExecError, FileError, SandboxError};
+pub use exec::{ExecEvent, ExecOutput, ExecRequest, ExecStream, ExitStatus};
+pub use home::NovaHome;
+pub use hypervisor::{Hypervisor, HypervisorKind};
+pub use id::SandboxId;
+pub use metadata::{BootTimings, SandboxInfo};
+pub use sandbox::Sandbox;
+pub use state::{InvalidTransition, SandboxState};
+pub use stats::{GuestStats, SandboxStats, VmmStats};
+pub use template::{Template, TemplateError, TemplateManager, TemplateManifest};

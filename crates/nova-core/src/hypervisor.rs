@@ -1,0 +1,133 @@
+//! The [`Hypervisor`] trait: one implementation per backend.
+//!
+//! The trait is async and object-safe (through `async_trait`), so a caller
+//! can hold a `Box<dyn Hypervisor>` or `Arc<dyn Hypervisor>` chosen at run
+//! time by `novasandbox::detect()`. Every operation after creation is
+//! addressed by [`SandboxId`]; the [`Sandbox`] handle is a convenience that
+//! carries the id and delegates here.
+//!
+//! A provider owns each of its sandboxes in one task (CONVENTIONS.md, item
+//! 2); the trait's methods send that task a command and await its reply, so
+//! concurrent calls on different sandboxes never wait on each other.
+
+use std::fmt;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use crate::config::SandboxConfig;
+use crate::error::{CreateSandboxError, ExecError, FileError, SandboxError};
+use crate::exec::{ExecOutput, ExecRequest, ExecStream};
+use crate::id::SandboxId;
+use crate::metadata::SandboxInfo;
+use crate::sandbox::Sandbox;
+use crate::state::{InvalidTransition, SandboxState};
+use crate::stats::SandboxStats;
+
+/// Which VMM a provider drives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HypervisorKind {
+    /// Firecracker, the production backend on Linux.
+    Firecracker,
+    /// QEMU's `microvm` machine, the fallback on Linux.
+    Qemu,
+    /// Apple's Virtualization.framework, on macOS.
+    AppleVz,
+}
+
+impl fmt::Display for HypervisorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Firecracker => "firecracker",
+            Self::Qemu => "qemu",
+            Self::AppleVz => "apple-vz",
+        })
+    }
+}
+
+/// A backend that creates and drives sandboxes (the seed's `BaseHypervisor`).
+#[async_trait]
+pub trait Hypervisor: Send + Sync + fmt::Debug {
+    /// Which VMM this provider drives.
+    fn kind(&self) -> HypervisorKind;
+
+    /// Validates `config`, lays out the sandbox directory, starts the VMM,
+    /// boots the guest and waits until its agent answers `ready` (within
+    /// `config.boot_timeout_ms`). On error, nothing the attempt made on the
+    /// host is left behind.
+    async fn create_sandbox(&self, config: SandboxConfig) -> Result<Sandbox, CreateSandboxError>;
+
+    /// Makes sure the sandbox is running: a paused sandbox is resumed, a
+    /// running one is left as it is. A stopped or failed sandbox cannot be
+    /// started again (its resources are gone): create a new one.
+    async fn start_sandbox(&self, id: &SandboxId) -> Result<(), SandboxError> {
+        let info = self
+            .get(id)
+            .await
+            .ok_or_else(|| SandboxError::NotFound(id.clone()))?;
+        match info.state {
+            SandboxState::Running => Ok(()),
+            SandboxState::Paused => self.resume_sandbox(id).await,
+            from => Err(InvalidTransition {
+                from,
+                to: SandboxState::Running,
+            }
+            .into()),
+        }
+    }
+
+    /// Stops the sandbox. Graceful (`force = false`) asks the agent to sync
+    /// and power off and waits for the VMM to exit, killing it if it does
+    /// not; `force = true` kills the VMM at once. Either way every host
+    /// resource the sandbox made is gone when this returns.
+    async fn stop_sandbox(&self, id: &SandboxId, force: bool) -> Result<(), SandboxError>;
+
+    /// Pauses the guest's vCPUs through the VMM; it makes no progress until
+    /// resumed.
+    async fn pause_sandbox(&self, id: &SandboxId) -> Result<(), SandboxError>;
+
+    /// Resumes a paused sandbox.
+    async fn resume_sandbox(&self, id: &SandboxId) -> Result<(), SandboxError>;
+
+    /// Resource usage, merged from the VMM, the host and the agent.
+    async fn get_sandbox_stats(&self, id: &SandboxId) -> Result<SandboxStats, SandboxError>;
+
+    /// Runs a command and returns its output as it is produced.
+    async fn exec_stream(
+        &self,
+        id: &SandboxId,
+        request: ExecRequest,
+    ) -> Result<ExecStream, ExecError>;
+
+    /// Runs a command to completion and returns all its output.
+    async fn execute_command(
+        &self,
+        id: &SandboxId,
+        request: ExecRequest,
+    ) -> Result<ExecOutput, ExecError> {
+        let stream = self.exec_stream(id, request).await?;
+        stream.collect().await.ok_or_else(|| {
+            ExecError::Agent("the agent connection closed before the command ended".into())
+        })
+    }
+
+    /// Writes `data` to the absolute guest path `path` with permission bits
+    /// `mode`, creating or replacing the file.
+    async fn write_file(
+        &self,
+        id: &SandboxId,
+        path: &str,
+        data: Vec<u8>,
+        mode: u32,
+    ) -> Result<(), FileError>;
+
+    /// Reads the whole guest file at the absolute path `path`.
+    async fn read_file(&self, id: &SandboxId, path: &str) -> Result<Vec<u8>, FileError>;
+
+    /// Every sandbox this provider knows, in creation order.
+    async fn list(&self) -> Vec<SandboxInfo>;
+
+    /// The sandbox with this id, if this provider has it.
+    async fn get(&self, id: &SandboxId) -> Option<SandboxInfo>;
+}
