@@ -1,0 +1,272 @@
+//! Booting a kernel + rootfs under QEMU `microvm` and timing it from the host.
+//!
+//! Used by the template build (to record `boot_time_ms`), the image tests
+//! (the kernel must reach init) and the boot benchmark (our kernel against
+//! Debian's cloud kernel). The clock starts just before QEMU is spawned and
+//! stops when a marker line appears on the serial console; the time of the
+//! kernel's own `Run <init> as init process` line is kept too. QEMU is killed
+//! as soon as the marker is seen, and when the probe is dropped.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::Command;
+
+/// The kernel command line the project boots templates with under QEMU.
+pub const DEFAULT_CMDLINE: &str =
+    "console=ttyS0 reboot=k panic=1 root=/dev/vda ro init=/sbin/nova-agent";
+
+/// The console line that proves the kernel handed over to a root-fs init.
+pub const KERNEL_INIT_LINE: &str = "as init process";
+
+/// How to boot one VM and what to wait for.
+#[derive(Debug, Clone)]
+pub struct BootProbe {
+    /// `qemu-system-x86_64`.
+    pub qemu: PathBuf,
+    /// The kernel (`vmlinux` with a PVH note, or a bzImage).
+    pub kernel: PathBuf,
+    /// The root filesystem, attached read-only as `/dev/vda` (virtio-blk over MMIO).
+    pub rootfs: PathBuf,
+    /// An initrd, for stock kernels whose virtio drivers are modules.
+    pub initrd: Option<PathBuf>,
+    /// The kernel command line.
+    pub cmdline: String,
+    /// Whether the microvm machine gets ACPI tables. Our kernel is built
+    /// without ACPI and finds devices on the command line (`acpi=off` makes
+    /// QEMU put them there); stock kernels find them through ACPI.
+    pub acpi: bool,
+    /// Guest memory.
+    pub memory_mb: u32,
+    /// Extra QEMU arguments (e.g. a virtio-serial channel).
+    pub extra_args: Vec<OsString>,
+    /// The console text that ends the probe.
+    pub marker: String,
+    /// Give up after this long.
+    pub timeout: Duration,
+}
+
+impl BootProbe {
+    /// A probe for `kernel` + `rootfs` with the project's defaults: TCG,
+    /// no ACPI, 512 MiB, [`DEFAULT_CMDLINE`], stop at the kernel's init line.
+    pub fn new(qemu: PathBuf, kernel: PathBuf, rootfs: PathBuf) -> Self {
+        Self {
+            qemu,
+            kernel,
+            rootfs,
+            initrd: None,
+            cmdline: DEFAULT_CMDLINE.to_owned(),
+            acpi: false,
+            memory_mb: 512,
+            extra_args: Vec::new(),
+            marker: KERNEL_INIT_LINE.to_owned(),
+            timeout: Duration::from_secs(60),
+        }
+    }
+
+    /// The QEMU command this probe runs.
+    pub fn command(&self) -> Command {
+        let mut cmd = Command::new(&self.qemu);
+        let machine = if self.acpi {
+            "microvm"
+        } else {
+            "microvm,acpi=off"
+        };
+        cmd.args(["-M", machine, "-accel", "tcg", "-cpu", "max", "-m"])
+            .arg(self.memory_mb.to_string())
+            .args([
+                "-nodefaults",
+                "-no-user-config",
+                "-nographic",
+                "-no-reboot",
+                "-serial",
+                "stdio",
+            ])
+            .arg("-kernel")
+            .arg(&self.kernel)
+            .arg("-append")
+            .arg(&self.cmdline);
+        if let Some(initrd) = &self.initrd {
+            cmd.arg("-initrd").arg(initrd);
+        }
+        let mut drive = OsString::from("id=root,format=raw,if=none,read-only=on,file=");
+        drive.push(&self.rootfs);
+        cmd.arg("-drive")
+            .arg(drive)
+            .args(["-device", "virtio-blk-device,drive=root"]);
+        cmd.args(&self.extra_args);
+        cmd
+    }
+
+    /// Boots, waits for the marker, kills QEMU, and returns the timings.
+    pub async fn run(&self) -> Result<BootTiming, BootProbeError> {
+        let mut cmd = self.command();
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let started = Instant::now();
+        let mut child = cmd.spawn().map_err(|source| BootProbeError::Spawn {
+            qemu: self.qemu.clone(),
+            source,
+        })?;
+        let Some(stdout) = child.stdout.take() else {
+            return Err(BootProbeError::Spawn {
+                qemu: self.qemu.clone(),
+                source: std::io::Error::other("no stdout pipe"),
+            });
+        };
+        let mut lines = BufReader::new(stdout).lines();
+        let mut console = String::new();
+        let mut to_kernel_init = None;
+        let outcome = tokio::time::timeout(self.timeout, async {
+            loop {
+                match lines.next_line().await {
+                    Ok(Some(line)) => {
+                        let line = line.trim_end_matches('\r');
+                        if to_kernel_init.is_none() && line.contains(KERNEL_INIT_LINE) {
+                            to_kernel_init = Some(started.elapsed());
+                        }
+                        console.push_str(line);
+                        console.push('\n');
+                        if line.contains(&self.marker) {
+                            return Some(started.elapsed());
+                        }
+                    }
+                    Ok(None) | Err(_) => return None,
+                }
+            }
+        })
+        .await;
+        // QEMU has done its job (or failed); stop it before reporting.
+        let _ = child.start_kill();
+        let status = child.wait().await.ok();
+        match outcome {
+            Ok(Some(to_marker)) => Ok(BootTiming {
+                to_marker,
+                to_kernel_init,
+                console,
+            }),
+            Ok(None) => {
+                let mut stderr = String::new();
+                if let Some(mut pipe) = child.stderr.take() {
+                    use tokio::io::AsyncReadExt as _;
+                    let _ = pipe.read_to_string(&mut stderr).await;
+                }
+                Err(BootProbeError::Exited {
+                    marker: self.marker.clone(),
+                    status: status.map_or_else(|| "unknown".to_owned(), |s| s.to_string()),
+                    tail: tail(&format!("{console}{stderr}")),
+                })
+            }
+            Err(_) => Err(BootProbeError::Timeout {
+                marker: self.marker.clone(),
+                after: self.timeout,
+                tail: tail(&console),
+            }),
+        }
+    }
+}
+
+/// What a boot took, measured on the host from just before QEMU's spawn.
+#[derive(Debug, Clone)]
+pub struct BootTiming {
+    /// Until the marker line.
+    pub to_marker: Duration,
+    /// Until the kernel's `Run ... as init process` line, if it printed one.
+    pub to_kernel_init: Option<Duration>,
+    /// The console output up to the marker.
+    pub console: String,
+}
+
+/// A probe boot failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BootProbeError {
+    /// QEMU could not be started.
+    #[error("cannot start {qemu}")]
+    Spawn {
+        /// The QEMU binary.
+        qemu: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// QEMU exited before the marker appeared.
+    #[error(
+        "QEMU exited ({status}) before the console showed {marker:?}; last console lines:\n{tail}"
+    )]
+    Exited {
+        /// The awaited marker.
+        marker: String,
+        /// QEMU's exit status.
+        status: String,
+        /// The end of the console output and QEMU's stderr.
+        tail: String,
+    },
+    /// The marker did not appear in time.
+    #[error("the console did not show {marker:?} within {after:?}; last console lines:\n{tail}")]
+    Timeout {
+        /// The awaited marker.
+        marker: String,
+        /// The timeout.
+        after: Duration,
+        /// The end of the console output.
+        tail: String,
+    },
+}
+
+fn tail(text: &str) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(20)..].join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_command_boots_microvm_without_acpi_and_with_a_readonly_virtio_root() {
+        let probe = BootProbe::new(
+            "qemu-system-x86_64".into(),
+            "/k/vmlinux".into(),
+            "/t/rootfs.ext4".into(),
+        );
+        let cmd = probe.command();
+        let args: Vec<String> = cmd
+            .as_std()
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        let joined = args.join(" ");
+        assert!(
+            joined.contains("-M microvm,acpi=off -accel tcg -cpu max -m 512"),
+            "{joined}"
+        );
+        assert!(joined.contains("-kernel /k/vmlinux"), "{joined}");
+        assert!(joined.contains("file=/t/rootfs.ext4"), "{joined}");
+        assert!(joined.contains("read-only=on"), "{joined}");
+        assert!(
+            joined.contains("-device virtio-blk-device,drive=root"),
+            "{joined}"
+        );
+        let append = args
+            .iter()
+            .position(|a| a == "-append")
+            .map(|i| args[i + 1].clone());
+        assert_eq!(append.as_deref(), Some(DEFAULT_CMDLINE));
+        assert!(!joined.contains("-initrd"));
+    }
+
+    #[tokio::test]
+    async fn a_program_that_exits_early_reports_its_output() {
+        // `/bin/sh` stands in for QEMU and rejects `-M` at once: the probe
+        // must report the exit, not wait for its timeout.
+        let mut probe = BootProbe::new("/bin/sh".into(), "k".into(), "r".into());
+        probe.marker = "never printed".into();
+        let err = probe.run().await.unwrap_err();
+        assert!(matches!(err, BootProbeError::Exited { .. }), "{err:?}");
+    }
+}
