@@ -1,0 +1,44 @@
+# NovaSandbox developer targets.
+#
+#   make deps     install the host packages image builds and QEMU tests need (Debian)
+#   make agent    build the static guest agent (baked into every rootfs)
+#   make images   build the `minimal` and `python` templates into $NOVA_HOME (cached:
+#                 a second run is a cache hit and takes seconds)
+#   make bench-boot   boot our kernel and Debian's cloud kernel, print time to init
+
+SHELL := /bin/bash
+CARGO ?= cargo
+AGENT_TARGET := x86_64-unknown-linux-gnu
+AGENT_BIN := target/$(AGENT_TARGET)/agent/nova-agent
+NOVA := $(CARGO) run --quiet -p nova-cli --
+TEMPLATES ?= minimal python
+
+# Host packages: QEMU (TCG fallback and tests), the kernel source and its build
+# tools, debootstrap, busybox-static and e2fsprogs for the rootfs images.
+DEPS_PACKAGES := qemu-system-x86 linux-source-6.1 debootstrap debian-archive-keyring \
+	busybox-static e2fsprogs bc flex bison libelf-dev libssl-dev build-essential \
+	xz-utils fakeroot
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+
+.PHONY: deps agent images bench-boot
+
+deps:
+	@missing=$$(for p in $(DEPS_PACKAGES); do \
+		dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed$$' || echo $$p; \
+	done); \
+	if [ -z "$$missing" ]; then echo "deps: all host packages present"; else \
+		echo "deps: installing $$missing"; \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $$missing || { \
+			$(SUDO) apt-get update && \
+			$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $$missing; }; \
+	fi
+	@rustup target list --installed 2>/dev/null | grep -qx $(AGENT_TARGET) || rustup target add $(AGENT_TARGET) || true
+
+agent:
+	RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build -p nova-agent --profile agent --target $(AGENT_TARGET)
+
+images: agent
+	@for t in $(TEMPLATES); do $(NOVA) template build $$t --agent $(AGENT_BIN) || exit 1; done
+
+bench-boot: images
+	$(CARGO) bench -p nova-images --bench boot
