@@ -1,1 +1,268 @@
-fn main() {}
+//! `nova-agent`: the guest side of NovaSandbox.
+//!
+//! It runs as PID 1 of every sandbox VM (and as a normal process in host
+//! tests). Start-up, in order:
+//!
+//! 1. as PID 1, the init duties in [`init`]: file systems, the writable
+//!    overlay, hostname, `lo`;
+//! 2. the tokio runtime, the child [`reaper`], and the listeners from
+//!    `--listen` (or `nova.listen=` on the kernel command line, or, as PID 1,
+//!    the defaults: vsock port 1024 and the virtio-serial port
+//!    `org.nova.agent`, whichever exist). One failing listener is logged; the
+//!    agent only gives up when none works;
+//! 3. a [`session`] per host connection: handshake, then requests
+//!    ([`exec`], [`files`], [`stats`]);
+//! 4. on a shutdown request: `sync`, then power off (as PID 1) or exit.
+//!
+//! ```text
+//! nova-agent [--listen unix:PATH | --listen vsock:PORT | --listen serial:NAME]...
+//! ```
+//!
+//! Logs go to stderr (the VM console as PID 1); `NOVA_AGENT_LOG` sets the
+//! filter (default `info`).
+
+mod clock;
+mod cmdline;
+mod exec;
+mod fdio;
+mod files;
+mod init;
+mod listen;
+mod netdev;
+mod reaper;
+mod session;
+mod stats;
+
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use nova_protocol::HelloInfo;
+use tokio::sync::mpsc;
+
+use crate::listen::{ListenAddr, Listener};
+use crate::reaper::Reaper;
+
+/// The default `PATH` of commands run by the agent as PID 1.
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// State shared by every session.
+#[derive(Debug)]
+pub(crate) struct Agent {
+    pub(crate) reaper: Arc<Reaper>,
+    /// Environment commands start from; `None` inherits the agent's own
+    /// (host tests), `Some` replaces it (PID 1, whose environment is the
+    /// kernel's).
+    pub(crate) base_env: Option<Vec<(String, String)>>,
+    pid1: bool,
+    started_us: u64,
+    ready_us: std::sync::OnceLock<u64>,
+    shutdown: mpsc::Sender<()>,
+}
+
+impl Agent {
+    /// What the handshake reports.
+    pub(crate) fn hello_info(&self, version: u32) -> HelloInfo {
+        let uname = rustix::system::uname();
+        HelloInfo {
+            protocol_version: version,
+            agent_version: format!("nova-agent {}", env!("CARGO_PKG_VERSION")),
+            kernel_release: uname.release().to_string_lossy().into_owned(),
+            agent_started_us: self.started_us,
+            agent_ready_us: self.ready_us.get().copied().unwrap_or(self.started_us),
+            pid1: self.pid1,
+            hostname: uname.nodename().to_string_lossy().into_owned(),
+        }
+    }
+
+    /// Asks the main task to sync and power off.
+    pub(crate) fn request_shutdown(&self) {
+        let _ = self.shutdown.try_send(());
+    }
+}
+
+#[derive(Debug, Default)]
+struct Args {
+    listen: Vec<ListenAddr>,
+}
+
+fn parse_args() -> anyhow::Result<Option<Args>> {
+    let mut args = Args::default();
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "--listen" => {
+                let value = it.next().context("--listen needs a value")?;
+                args.listen.push(value.parse().map_err(anyhow::Error::msg)?);
+            }
+            s if s.starts_with("--listen=") => {
+                args.listen
+                    .push(s["--listen=".len()..].parse().map_err(anyhow::Error::msg)?);
+            }
+            "--version" | "-V" => {
+                eprintln!("nova-agent {}", env!("CARGO_PKG_VERSION"));
+                return Ok(None);
+            }
+            "--help" | "-h" => {
+                eprintln!(
+                    "usage: nova-agent [--listen unix:PATH | --listen vsock:PORT | --listen serial:NAME]...\n\
+                     As PID 1 without --listen it listens on vsock:{} and serial:{}.",
+                    listen::DEFAULT_VSOCK_PORT,
+                    listen::DEFAULT_SERIAL_NAME
+                );
+                return Ok(None);
+            }
+            // The kernel passes unknown command-line words to init as arguments.
+            other if std::process::id() == 1 => eprintln!("nova-agent: ignoring argument {other}"),
+            other => bail!("unknown argument {other} (try --help)"),
+        }
+    }
+    Ok(Some(args))
+}
+
+fn main() {
+    let started_us = clock::boottime_us();
+    let pid1 = std::process::id() == 1;
+    init_tracing();
+    if let Err(e) = real_main(started_us, pid1) {
+        tracing::error!("nova-agent failed: {e:#}");
+        if pid1 {
+            // PID 1 must not exit (the kernel would panic); power off cleanly.
+            power_off(true);
+        }
+        std::process::exit(1);
+    }
+}
+
+fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter =
+        EnvFilter::try_from_env("NOVA_AGENT_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}
+
+fn real_main(started_us: u64, pid1: bool) -> anyhow::Result<()> {
+    let Some(args) = parse_args()? else {
+        return Ok(());
+    };
+    let mut cmdline = cmdline::KernelCmdline::default();
+    if pid1 {
+        let (parsed, report) = init::setup();
+        tracing::info!(
+            hostname = %report.hostname,
+            overlay = ?report.overlay,
+            failures = report.failures.len(),
+            "init done"
+        );
+        cmdline = parsed;
+        std::env::set_current_dir("/").context("chdir /")?;
+    }
+    let mut listen = args.listen;
+    if listen.is_empty() {
+        for value in &cmdline.listen {
+            match value.parse() {
+                Ok(addr) => listen.push(addr),
+                Err(e) => tracing::warn!("ignoring nova.listen={value}: {e}"),
+            }
+        }
+    }
+    if listen.is_empty() {
+        if !pid1 {
+            bail!("nothing to listen on: pass --listen unix:PATH (or vsock:PORT, serial:NAME)");
+        }
+        listen.push(ListenAddr::Vsock(listen::DEFAULT_VSOCK_PORT));
+        listen.push(ListenAddr::Serial(listen::DEFAULT_SERIAL_NAME.to_owned()));
+    }
+    let base_env = pid1.then(|| {
+        let mut env = vec![
+            ("PATH".to_owned(), DEFAULT_PATH.to_owned()),
+            ("HOME".to_owned(), "/root".to_owned()),
+        ];
+        env.extend(cmdline.env.iter().cloned());
+        env
+    });
+
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 4));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(serve(listen, base_env, started_us, pid1))?;
+    // Do not wait for blocked tasks (a file read on a hung device).
+    runtime.shutdown_background();
+    power_off(pid1);
+    Ok(())
+}
+
+async fn serve(
+    listen: Vec<ListenAddr>,
+    base_env: Option<Vec<(String, String)>>,
+    started_us: u64,
+    pid1: bool,
+) -> anyhow::Result<()> {
+    let reaper = Reaper::start().context("cannot watch SIGCHLD")?;
+    if !pid1 {
+        // Orphans of our commands come to us rather than to the host's init,
+        // so a killed process group really is gone when we say so.
+        if let Err(e) = rustix::process::set_child_subreaper(Some(rustix::process::getpid())) {
+            tracing::debug!(error = %e, "cannot become a child subreaper");
+        }
+    }
+    let (shutdown_tx, mut shutdown_rx) = mpsc::channel(1);
+    let agent = Arc::new(Agent {
+        reaper,
+        base_env,
+        pid1,
+        started_us,
+        ready_us: std::sync::OnceLock::new(),
+        shutdown: shutdown_tx,
+    });
+    let mut listening = 0;
+    for addr in &listen {
+        match Listener::bind(addr) {
+            Ok(listener) => {
+                tracing::info!(%addr, "listening");
+                listening += 1;
+                tokio::spawn(listener.run(agent.clone()));
+            }
+            Err(e) => tracing::warn!(%addr, error = %e, "cannot listen"),
+        }
+    }
+    if listening == 0 {
+        bail!("could not listen on any of {listen:?}");
+    }
+    let ready_us = clock::boottime_us();
+    let _ = agent.ready_us.set(ready_us);
+    tracing::info!(
+        started_ms = started_us / 1000,
+        ready_ms = ready_us / 1000,
+        "nova-agent {} ready",
+        env!("CARGO_PKG_VERSION")
+    );
+    let _ = shutdown_rx.recv().await;
+    Ok(())
+}
+
+/// Syncs file systems, then powers the VM off (PID 1) or exits.
+fn power_off(pid1: bool) {
+    rustix::fs::sync();
+    if !pid1 {
+        tracing::info!("exiting on request");
+        std::process::exit(0);
+    }
+    tracing::info!("powering off");
+    if let Err(e) = rustix::system::reboot(rustix::system::RebootCommand::PowerOff) {
+        tracing::error!(error = %e, "power off failed; restarting instead (ends the VM with reboot=k)");
+    }
+    if let Err(e) = rustix::system::reboot(rustix::system::RebootCommand::Restart) {
+        tracing::error!(error = %e, "restart failed too");
+    }
+    // PID 1 must never exit.
+    loop {
+        std::thread::sleep(std::time::Duration::from_secs(3600));
+    }
+}

@@ -58,7 +58,9 @@ impl ExecSpec {
         I: IntoIterator<Item = S>,
         S: Into<String>,
     {
-        Self::with_command(ExecCommand::Argv(argv.into_iter().map(Into::into).collect()))
+        Self::with_command(ExecCommand::Argv(
+            argv.into_iter().map(Into::into).collect(),
+        ))
     }
 
     /// Runs a shell command line with `/bin/sh -c`.

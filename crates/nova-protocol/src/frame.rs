@@ -263,11 +263,15 @@ mod tests {
         let send = tokio::spawn(async move {
             for i in 0u32..100 {
                 let payload = vec![i as u8; i as usize * 13];
-                writer.send(&(i, serde_bytes::ByteBuf::from(payload))).await.unwrap();
+                writer
+                    .send(&(i, serde_bytes::ByteBuf::from(payload)))
+                    .await
+                    .unwrap();
             }
         });
         for i in 0u32..100 {
-            let (n, data): (u32, serde_bytes::ByteBuf) = reader.read_message().await.unwrap().unwrap();
+            let (n, data): (u32, serde_bytes::ByteBuf) =
+                reader.read_message().await.unwrap().unwrap();
             assert_eq!(n, i);
             assert_eq!(data.len(), i as usize * 13);
             assert!(data.iter().all(|&b| b == i as u8));
@@ -308,14 +312,20 @@ mod tests {
     fn trailing_bytes_are_rejected() {
         let mut payload = postcard::to_stdvec(&7u32).unwrap();
         payload.push(0);
-        assert!(matches!(decode::<u32>(&payload), Err(FrameError::TrailingBytes(1))));
+        assert!(matches!(
+            decode::<u32>(&payload),
+            Err(FrameError::TrailingBytes(1))
+        ));
     }
 
     #[test]
     fn encoding_refuses_oversized_values() {
         let big = serde_bytes::ByteBuf::from(vec![0u8; MAX_FRAME_SIZE + 1]);
         let mut buf = vec![9u8];
-        assert!(matches!(encode_into(&big, &mut buf), Err(FrameError::TooLarge { .. })));
+        assert!(matches!(
+            encode_into(&big, &mut buf),
+            Err(FrameError::TooLarge { .. })
+        ));
         assert_eq!(buf, vec![9u8], "buffer is restored on error");
     }
 }

@@ -119,7 +119,10 @@ fn client_samples() -> Vec<ClientMessage> {
         ClientMessage::Signal { id: 7, signal: 15 },
         ClientMessage::Resize {
             id: 7,
-            size: PtySize { rows: 50, cols: 132 },
+            size: PtySize {
+                rows: 50,
+                cols: 132,
+            },
         },
         ClientMessage::Cancel { id: 7 },
     ]);
@@ -240,12 +243,18 @@ fn render() -> String {
         pid1: true,
         hostname: "nova".into(),
     });
-    lines.push(format!("HelloReply::Welcome: {}", hex(&frame::encode(&welcome).unwrap())));
+    lines.push(format!(
+        "HelloReply::Welcome: {}",
+        hex(&frame::encode(&welcome).unwrap())
+    ));
     let refused = HelloReply::Refused {
         supported: vec![1],
         message: "no".into(),
     };
-    lines.push(format!("HelloReply::Refused: {}", hex(&frame::encode(&refused).unwrap())));
+    lines.push(format!(
+        "HelloReply::Refused: {}",
+        hex(&frame::encode(&refused).unwrap())
+    ));
     for msg in client_samples() {
         let encoded = frame::encode(&msg).unwrap();
         let back: ClientMessage = frame::decode(&encoded[4..]).unwrap();
@@ -269,9 +278,8 @@ fn wire_schema_is_frozen() {
         std::fs::write(&path, &current).unwrap();
         return;
     }
-    let frozen = std::fs::read_to_string(&path).expect(
-        "tests/wire_schema.txt is missing; generate it with NOVA_UPDATE_WIRE_SCHEMA=1",
-    );
+    let frozen = std::fs::read_to_string(&path)
+        .expect("tests/wire_schema.txt is missing; generate it with NOVA_UPDATE_WIRE_SCHEMA=1");
     if frozen != current {
         let diff: Vec<String> = frozen
             .lines()

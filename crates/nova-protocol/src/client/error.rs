@@ -19,7 +19,9 @@ pub enum ClientError {
     #[error("the agent did not answer within {0:?}")]
     TimedOut(Duration),
     /// The agent speaks no protocol version we speak.
-    #[error("protocol version mismatch: we speak {ours:?}, the agent speaks {theirs:?}; use matching host and guest builds")]
+    #[error(
+        "protocol version mismatch: we speak {ours:?}, the agent speaks {theirs:?}; use matching host and guest builds"
+    )]
     VersionMismatch {
         /// Versions this build speaks.
         ours: Vec<u32>,

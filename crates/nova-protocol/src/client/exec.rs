@@ -138,7 +138,11 @@ pub struct StdinWriter {
 }
 
 impl StdinWriter {
-    pub(crate) fn new(id: u64, credit: Arc<Semaphore>, commands: mpsc::UnboundedSender<Command>) -> Self {
+    pub(crate) fn new(
+        id: u64,
+        credit: Arc<Semaphore>,
+        commands: mpsc::UnboundedSender<Command>,
+    ) -> Self {
         Self {
             id,
             credit,
@@ -162,11 +166,17 @@ impl StdinWriter {
     }
 
     /// Copies everything `reader` yields; returns the byte count.
-    pub async fn write_from<R: AsyncRead + Unpin>(&mut self, mut reader: R) -> Result<u64, ClientError> {
+    pub async fn write_from<R: AsyncRead + Unpin>(
+        &mut self,
+        mut reader: R,
+    ) -> Result<u64, ClientError> {
         let mut total = 0u64;
         loop {
             let mut buf = Vec::with_capacity(MAX_CHUNK);
-            let n = (&mut reader).take(MAX_CHUNK as u64).read_to_end(&mut buf).await?;
+            let n = (&mut reader)
+                .take(MAX_CHUNK as u64)
+                .read_to_end(&mut buf)
+                .await?;
             if n == 0 {
                 return Ok(total);
             }
@@ -180,11 +190,9 @@ impl StdinWriter {
             return Err(ClientError::Protocol("stdin is already closed".to_owned()));
         }
         let n = u32::try_from(chunk.len()).expect("chunks are at most MAX_CHUNK bytes");
-        let permit = self
-            .credit
-            .acquire_many(n)
-            .await
-            .map_err(|_| ClientError::Protocol("the request has ended; its input is no longer read".to_owned()))?;
+        let permit = self.credit.acquire_many(n).await.map_err(|_| {
+            ClientError::Protocol("the request has ended; its input is no longer read".to_owned())
+        })?;
         permit.forget();
         self.commands
             .send(Command::Send(ClientMessage::Data {
@@ -317,7 +325,10 @@ impl ExecHandle {
 
     /// Sends signal `signal` to the command's whole process group.
     pub fn signal(&self, signal: i32) -> Result<(), ClientError> {
-        self.send(ClientMessage::Signal { id: self.id, signal })
+        self.send(ClientMessage::Signal {
+            id: self.id,
+            signal,
+        })
     }
 
     /// Kills the command's whole process group (`SIGKILL`).

@@ -14,7 +14,7 @@ use crate::{MAX_CHUNK, STREAM_WINDOW};
 /// Where the bytes of an upload come from.
 pub(crate) enum Source<'a> {
     Bytes(Bytes),
-    Reader(Box<dyn AsyncRead + Unpin + 'a>),
+    Reader(Box<dyn AsyncRead + Unpin + Send + 'a>),
 }
 
 /// Streams `source` into `path`; returns the bytes the agent wrote.
@@ -67,7 +67,10 @@ pub(crate) async fn upload(
     }
 }
 
-async fn copy(reader: &mut (dyn AsyncRead + Unpin + '_), writer: &mut StdinWriter) -> Result<u64, ClientError> {
+async fn copy(
+    reader: &mut (dyn AsyncRead + Unpin + Send + '_),
+    writer: &mut StdinWriter,
+) -> Result<u64, ClientError> {
     let mut total = 0u64;
     loop {
         let mut buf = vec![0u8; MAX_CHUNK];
@@ -90,7 +93,10 @@ async fn copy(reader: &mut (dyn AsyncRead + Unpin + '_), writer: &mut StdinWrite
 }
 
 /// Opens a download of `path`.
-pub(crate) async fn download(client: &AgentClient, path: &str) -> Result<FileDownload, ClientError> {
+pub(crate) async fn download(
+    client: &AgentClient,
+    path: &str,
+) -> Result<FileDownload, ClientError> {
     let id = client.next_id();
     let (opened_tx, opened_rx) = oneshot::channel();
     let (data_tx, data_rx) = mpsc::unbounded_channel();
@@ -101,7 +107,13 @@ pub(crate) async fn download(client: &AgentClient, path: &str) -> Result<FileDow
         done: Some(done_tx),
         ..Route::default()
     };
-    client.start(id, Request::ReadFile { path: path.to_owned() }, route)?;
+    client.start(
+        id,
+        Request::ReadFile {
+            path: path.to_owned(),
+        },
+        route,
+    )?;
     let size = client.await_reply(opened_rx).await??;
     let commands = client.inner.commands.clone();
     Ok(FileDownload {

@@ -140,7 +140,9 @@ impl AgentClient {
         let (stdout_tx, stdout_rx) = mpsc::unbounded_channel();
         let (stderr_tx, stderr_rx) = mpsc::unbounded_channel();
         let (done_tx, done_rx) = oneshot::channel();
-        let credit = spec.stdin.then(|| Arc::new(Semaphore::new(STREAM_WINDOW as usize)));
+        let credit = spec
+            .stdin
+            .then(|| Arc::new(Semaphore::new(STREAM_WINDOW as usize)));
         let route = Route {
             started: Some(started_tx),
             stdout: Some(stdout_tx),
@@ -181,11 +183,23 @@ impl AgentClient {
 
     /// Streams everything `reader` yields into `path` (created or truncated)
     /// with permission bits `mode`. Returns the bytes written.
-    pub async fn write_file_from<R>(&self, path: &str, reader: R, mode: u32) -> Result<u64, ClientError>
+    pub async fn write_file_from<R>(
+        &self,
+        path: &str,
+        reader: R,
+        mode: u32,
+    ) -> Result<u64, ClientError>
     where
-        R: AsyncRead + Unpin,
+        R: AsyncRead + Unpin + Send,
     {
-        files::upload(self, path, mode, false, files::Source::Reader(Box::new(reader))).await
+        files::upload(
+            self,
+            path,
+            mode,
+            false,
+            files::Source::Reader(Box::new(reader)),
+        )
+        .await
     }
 
     /// Appends `data` to `path` (created if missing, with `mode`).
@@ -211,7 +225,12 @@ impl AgentClient {
 
     /// Lists a directory.
     pub async fn list_dir(&self, path: &str) -> Result<DirListing, ClientError> {
-        match self.request(Request::ListDir { path: path.to_owned() }).await? {
+        match self
+            .request(Request::ListDir {
+                path: path.to_owned(),
+            })
+            .await?
+        {
             Response::DirListing(listing) => Ok(listing),
             other => Err(unexpected("list_dir", &other)),
         }
@@ -219,7 +238,12 @@ impl AgentClient {
 
     /// Metadata of `path` (following symbolic links).
     pub async fn stat(&self, path: &str) -> Result<FileStat, ClientError> {
-        match self.request(Request::Stat { path: path.to_owned() }).await? {
+        match self
+            .request(Request::Stat {
+                path: path.to_owned(),
+            })
+            .await?
+        {
             Response::Stat(stat) => Ok(stat),
             other => Err(unexpected("stat", &other)),
         }

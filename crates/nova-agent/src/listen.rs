@@ -1,0 +1,259 @@
+//! Where the agent listens: vsock, virtio-serial, Unix socket.
+//!
+//! * `vsock:PORT` — an `AF_VSOCK` stream socket bound to any CID; each host
+//!   connection is a session (Firecracker's hybrid vsock, Apple VZ).
+//! * `serial:NAME` — the virtio-serial port whose
+//!   `/sys/class/virtio-ports/*/name` is `NAME` (there is no udev to make
+//!   `/dev/virtio-ports/NAME`). A port is one byte stream: the agent serves
+//!   one session on it at a time and reopens it when the host side goes away.
+//! * `unix:PATH` — a Unix socket, for host tests.
+
+use std::io;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustix::net::addr::{SocketAddrArg, SocketAddrLen, SocketAddrOpaque};
+use rustix::net::{AddressFamily, SocketFlags, SocketType};
+use tokio::io::unix::AsyncFd;
+
+use crate::Agent;
+use crate::fdio::FdStream;
+use crate::session;
+
+/// The vsock port the agent listens on by default.
+pub(crate) const DEFAULT_VSOCK_PORT: u32 = 1024;
+/// The virtio-serial port name the agent looks for by default.
+pub(crate) const DEFAULT_SERIAL_NAME: &str = "org.nova.agent";
+
+/// A listen address from `--listen` or `nova.listen=`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum ListenAddr {
+    /// A Unix socket at this path.
+    Unix(PathBuf),
+    /// A vsock port.
+    Vsock(u32),
+    /// A virtio-serial port with this name.
+    Serial(String),
+}
+
+impl FromStr for ListenAddr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (scheme, rest) = s
+            .split_once(':')
+            .ok_or_else(|| format!("`{s}`: expected unix:PATH, vsock:PORT or serial:NAME"))?;
+        match scheme {
+            "unix" if !rest.is_empty() => Ok(Self::Unix(PathBuf::from(rest))),
+            "vsock" => rest
+                .parse()
+                .map(Self::Vsock)
+                .map_err(|_| format!("`{s}`: invalid vsock port")),
+            "serial" if !rest.is_empty() => Ok(Self::Serial(rest.to_owned())),
+            _ => Err(format!(
+                "`{s}`: expected unix:PATH, vsock:PORT or serial:NAME"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Unix(path) => write!(f, "unix:{}", path.display()),
+            Self::Vsock(port) => write!(f, "vsock:{port}"),
+            Self::Serial(name) => write!(f, "serial:{name}"),
+        }
+    }
+}
+
+/// A bound listener, ready to accept.
+#[derive(Debug)]
+pub(crate) enum Listener {
+    Unix(tokio::net::UnixListener),
+    Vsock(AsyncFd<OwnedFd>),
+    Serial(PathBuf),
+}
+
+impl Listener {
+    /// Binds `addr` (for a serial port: finds its device).
+    pub(crate) fn bind(addr: &ListenAddr) -> io::Result<Self> {
+        match addr {
+            ListenAddr::Unix(path) => {
+                // A socket file left by an earlier run would make bind fail.
+                if path.exists() {
+                    std::fs::remove_file(path)?;
+                }
+                Ok(Self::Unix(tokio::net::UnixListener::bind(path)?))
+            }
+            ListenAddr::Vsock(port) => {
+                let fd = rustix::net::socket_with(
+                    AddressFamily::VSOCK,
+                    SocketType::STREAM,
+                    SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
+                    None,
+                )?;
+                rustix::net::bind(&fd, &VsockAddr { port: *port })?;
+                rustix::net::listen(&fd, 128)?;
+                Ok(Self::Vsock(crate::fdio::register(fd)?))
+            }
+            ListenAddr::Serial(name) => {
+                find_serial_port(Path::new("/sys/class/virtio-ports"), name)
+                    .map(Self::Serial)
+                    .ok_or_else(|| {
+                        io::Error::new(
+                            io::ErrorKind::NotFound,
+                            format!("no virtio-serial port named {name}"),
+                        )
+                    })
+            }
+        }
+    }
+
+    /// Accepts connections forever, one session task each.
+    pub(crate) async fn run(self, agent: Arc<Agent>) {
+        match self {
+            Self::Unix(listener) => loop {
+                match listener.accept().await {
+                    Ok((stream, _)) => {
+                        tokio::spawn(session::serve(stream, agent.clone(), "unix".to_owned()));
+                    }
+                    Err(e) => accept_failed(e).await,
+                }
+            },
+            Self::Vsock(listener) => loop {
+                let accepted = async {
+                    loop {
+                        let mut guard = listener.readable().await?;
+                        match rustix::net::accept_with(
+                            listener.get_ref(),
+                            SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
+                        ) {
+                            Ok(fd) => return Ok(fd),
+                            Err(rustix::io::Errno::AGAIN) => guard.clear_ready(),
+                            Err(e) => return Err(io::Error::from(e)),
+                        }
+                    }
+                };
+                match accepted.await.and_then(FdStream::new) {
+                    Ok(stream) => {
+                        tokio::spawn(session::serve(stream, agent.clone(), "vsock".to_owned()));
+                    }
+                    Err(e) => accept_failed(e).await,
+                }
+            },
+            Self::Serial(device) => loop {
+                // One session at a time; the port reads EOF while no host is
+                // connected, hence the pause before reopening.
+                match open_serial(&device) {
+                    Ok(stream) => {
+                        session::serve(
+                            stream,
+                            agent.clone(),
+                            format!("serial {}", device.display()),
+                        )
+                        .await
+                    }
+                    Err(e) => {
+                        tracing::warn!(device = %device.display(), error = %e, "cannot open the serial port")
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            },
+        }
+    }
+}
+
+async fn accept_failed(e: io::Error) {
+    // E.g. EMFILE: back off instead of spinning.
+    tracing::warn!(error = %e, "accept failed");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+}
+
+fn open_serial(device: &Path) -> io::Result<FdStream> {
+    use rustix::fs::{Mode, OFlags};
+    let fd = rustix::fs::open(
+        device,
+        OFlags::RDWR | OFlags::NOCTTY | OFlags::CLOEXEC | OFlags::NONBLOCK,
+        Mode::empty(),
+    )?;
+    FdStream::new(fd)
+}
+
+/// Finds `/dev/<port>` for the virtio-serial port called `name`.
+fn find_serial_port(class_dir: &Path, name: &str) -> Option<PathBuf> {
+    let entries = std::fs::read_dir(class_dir).ok()?;
+    for entry in entries.flatten() {
+        let port_name = std::fs::read_to_string(entry.path().join("name")).unwrap_or_default();
+        if port_name.trim() == name {
+            return Some(Path::new("/dev").join(entry.file_name()));
+        }
+    }
+    None
+}
+
+/// `sockaddr_vm` for binding a vsock port on any CID.
+struct VsockAddr {
+    port: u32,
+}
+
+// SAFETY: `with_sockaddr` passes `f` a pointer to a fully initialized
+// `sockaddr_vm` that lives on the stack for the whole call, together with
+// exactly its size; `sockaddr_vm` is what the kernel expects for AF_VSOCK.
+unsafe impl SocketAddrArg for VsockAddr {
+    unsafe fn with_sockaddr<R>(
+        &self,
+        f: impl FnOnce(*const SocketAddrOpaque, SocketAddrLen) -> R,
+    ) -> R {
+        // SAFETY: `sockaddr_vm` is a plain C struct of integers; all-zero
+        // bytes are a valid value (and the required zero padding).
+        let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
+        addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
+        addr.svm_port = self.port;
+        addr.svm_cid = libc::VMADDR_CID_ANY;
+        let len = SocketAddrLen::try_from(std::mem::size_of::<libc::sockaddr_vm>())
+            .expect("sockaddr_vm is a few bytes long");
+        f((&raw const addr).cast(), len)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn parses_listen_addresses() {
+        assert_eq!(
+            "unix:/tmp/a.sock".parse(),
+            Ok(ListenAddr::Unix("/tmp/a.sock".into()))
+        );
+        assert_eq!("vsock:1024".parse(), Ok(ListenAddr::Vsock(1024)));
+        assert_eq!(
+            "serial:org.nova.agent".parse(),
+            Ok(ListenAddr::Serial("org.nova.agent".into()))
+        );
+        for bad in ["", "unix:", "vsock:x", "tcp:1", "serial:", "nothing"] {
+            assert!(bad.parse::<ListenAddr>().is_err(), "{bad}");
+        }
+        assert_eq!(ListenAddr::Vsock(5).to_string(), "vsock:5");
+    }
+
+    #[test]
+    fn finds_serial_ports_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        for (port, name) in [("vport0p0", "other\n"), ("vport1p1", "org.nova.agent\n")] {
+            std::fs::create_dir(dir.path().join(port)).unwrap();
+            std::fs::write(dir.path().join(port).join("name"), name).unwrap();
+        }
+        assert_eq!(
+            find_serial_port(dir.path(), "org.nova.agent"),
+            Some(PathBuf::from("/dev/vport1p1"))
+        );
+        assert_eq!(find_serial_port(dir.path(), "missing"), None);
+        assert_eq!(find_serial_port(&dir.path().join("nope"), "x"), None);
+    }
+}
