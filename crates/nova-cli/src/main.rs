@@ -1,1 +1,136 @@
-fn main() {}
+//! `nova`: the NovaSandbox command-line tool.
+//!
+//! Each subcommand lives in its own module; `main` parses arguments, sets up
+//! logging, runs the command and prints the error chain on failure (the
+//! only place `anyhow` is used).
+
+#![forbid(unsafe_code)]
+#![allow(clippy::print_stdout, reason = "a CLI prints its results")]
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod doctor;
+mod run;
+mod template;
+
+/// NovaSandbox: microVM sandboxes for AI agents.
+#[derive(Debug, Parser)]
+#[command(name = "nova", version, about, propagate_version = true)]
+struct Cli {
+    /// Log filter (e.g. `info`, `nova_qemu=debug`); defaults to `warn`, or
+    /// the RUST_LOG environment variable.
+    #[arg(long, global = true, env = "NOVA_LOG")]
+    log: Option<String>,
+    #[command(subcommand)]
+    command: Commands,
+}
+
+#[derive(Debug, Subcommand)]
+enum Commands {
+    /// Report what this host can run and which backend would be used.
+    Doctor(doctor::DoctorArgs),
+    /// Boot a sandbox, run a command in it, print the boot time, stop it.
+    Run(run::RunArgs),
+    /// Build and list templates.
+    #[command(subcommand)]
+    Template(TemplateCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum TemplateCommand {
+    /// List the installed templates and whether each is usable.
+    List,
+    /// Build a template (kernel, rootfs, manifest) and install it.
+    Build(template::BuildArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log.as_deref());
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Commands::Doctor(args) => doctor::run(&args),
+            Commands::Run(args) => run::run(args).await,
+            Commands::Template(TemplateCommand::List) => list_templates(),
+            Commands::Template(TemplateCommand::Build(args)) => {
+                template::build(&args).await.map(|()| ExitCode::SUCCESS)
+            }
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(error) => {
+            print_error(&error);
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `nova template list`: one line per installed template.
+fn list_templates() -> anyhow::Result<ExitCode> {
+    use novasandbox::core::{NovaHome, TemplateManager};
+    let home = NovaHome::resolve()?;
+    let manager = TemplateManager::new(home.templates_dir());
+    let templates = manager.list()?;
+    if templates.is_empty() {
+        println!(
+            "no templates in {}; build one with `nova template build python` (or `minimal`)",
+            manager.dir().display()
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{:<12} {:>7} {:>5} {:>9} {:<10} PACKAGES",
+        "ID", "MEM_MB", "VCPU", "DISK_GB", "KERNEL"
+    );
+    for template in templates {
+        match template {
+            Ok(t) => {
+                let m = &t.manifest;
+                println!(
+                    "{:<12} {:>7} {:>5} {:>9.3} {:<10} {}",
+                    m.template_id,
+                    m.memory_mb,
+                    m.vcpus,
+                    m.disk_size_gb,
+                    m.kernel_version,
+                    m.packages.join(",")
+                );
+            }
+            Err(e) => println!("unusable: {e}"),
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Prints an error and its chain of causes, one per line.
+fn print_error(error: &anyhow::Error) {
+    eprintln!("error: {error}");
+    for cause in error.chain().skip(1) {
+        eprintln!("  caused by: {cause}");
+    }
+}
+
+fn init_logging(filter: Option<&str>) {
+    use tracing_subscriber::EnvFilter;
+    let filter = filter
+        .map(EnvFilter::new)
+        .or_else(|| EnvFilter::try_from_default_env().ok())
+        .unwrap_or_else(|| EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}

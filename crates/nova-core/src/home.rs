@@ -4,7 +4,7 @@
 //! $NOVA_HOME/
 //!   templates/<id>/{<id>.json, vmlinux, rootfs.ext4, snapshot/}
 //!   sandboxes/<sandbox-id>/{api.sock, vsock.sock, scratch.ext4, vmm.log,
-//!                           metrics.json, state.json}
+//!                           console.log, metrics.json, state.json}
 //!   cache/   (kernel build, debootstrap, downloads)
 //! ```
 //!
@@ -142,6 +142,11 @@ impl SandboxPaths {
     /// The VMM's log and the guest console.
     pub fn vmm_log(&self) -> PathBuf {
         self.dir.join("vmm.log")
+    }
+
+    /// The guest's serial console output.
+    pub fn console_log(&self) -> PathBuf {
+        self.dir.join("console.log")
     }
 
     /// The VMM's metrics output.

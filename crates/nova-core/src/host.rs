@@ -464,3 +464,72 @@ mod tests {
         }
     }
 }
+
+/// Resource usage of a host process, read from `/proc/<pid>`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProcessUsage {
+    /// Resident set size in bytes.
+    pub rss_bytes: u64,
+    /// User CPU time in microseconds.
+    pub cpu_user_us: u64,
+    /// System CPU time in microseconds.
+    pub cpu_system_us: u64,
+}
+
+/// Reads a process's resident memory and CPU time from `/proc/<pid>`.
+pub fn process_usage(pid: u32) -> std::io::Result<ProcessUsage> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    parse_process_usage(&stat, &status, rustix::param::clock_ticks_per_second()).ok_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::InvalidData, "unexpected /proc format")
+    })
+}
+
+/// Parses `/proc/<pid>/stat` and `/proc/<pid>/status` text.
+fn parse_process_usage(stat: &str, status: &str, ticks_per_second: u64) -> Option<ProcessUsage> {
+    // The command name (field 2) may contain spaces and parentheses; fields
+    // after the last ')' are space-separated: state is field 3, utime 14,
+    // stime 15.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_ascii_whitespace().collect();
+    let ticks = |i: usize| fields.get(i)?.parse::<u64>().ok();
+    let to_us = |t: u64| t.saturating_mul(1_000_000) / ticks_per_second.max(1);
+    let rss_kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_ascii_whitespace().next()?.parse::<u64>().ok())
+        .unwrap_or(0);
+    Some(ProcessUsage {
+        rss_bytes: rss_kib * 1024,
+        cpu_user_us: to_us(ticks(11)?),
+        cpu_system_us: to_us(ticks(12)?),
+    })
+}
+
+#[cfg(test)]
+mod usage_tests {
+    use super::*;
+
+    #[test]
+    fn parses_proc_stat_with_odd_command_names() {
+        let stat = "1234 (qemu (x) y) S 1 1234 1234 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 3 0";
+        let status = "Name:\tqemu\nVmRSS:\t  20480 kB\n";
+        let u = parse_process_usage(stat, status, 100).unwrap();
+        assert_eq!(
+            u,
+            ProcessUsage {
+                rss_bytes: 20480 * 1024,
+                cpu_user_us: 2_500_000,
+                cpu_system_us: 500_000
+            }
+        );
+        assert_eq!(parse_process_usage("garbage", "", 100), None);
+    }
+
+    #[test]
+    fn reads_this_process() {
+        let u = process_usage(std::process::id()).unwrap();
+        assert!(u.rss_bytes > 0);
+        assert!(process_usage(u32::MAX).is_err());
+    }
+}

@@ -20,6 +20,10 @@ use crate::state::SandboxState;
 pub struct BootTimings {
     /// Total: VMM spawn to agent ready, in milliseconds.
     pub boot_time_ms: f64,
+    /// Host-side preparation before the VMM was spawned (sandbox directory,
+    /// scratch disk); not part of `boot_time_ms`.
+    #[serde(default)]
+    pub prepare_ms: f64,
     /// VMM spawn until its control socket (API or QMP) answered.
     pub spawn_ms: f64,
     /// Configuring the VMM until the guest was started (zero for VMMs that
@@ -104,6 +108,7 @@ mod tests {
             created_at_ms: now_ms(),
             boot: Some(BootTimings {
                 boot_time_ms: 123.6,
+                prepare_ms: 4.0,
                 spawn_ms: 3.0,
                 configure_ms: 0.5,
                 guest_ms: 120.1,

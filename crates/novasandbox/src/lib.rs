@@ -1,1 +1,93 @@
-//! placeholder
+//! NovaSandbox: microVM sandboxes for AI agents.
+//!
+//! This is the crate users import. [`core`] holds the backend-independent
+//! API (configs, the [`core::Hypervisor`] trait, the [`core::Sandbox`]
+//! handle, templates); [`providers`] holds the backends; [`detect`] picks the
+//! best backend this host can run.
+//!
+//! ```no_run
+//! use novasandbox::core::SandboxConfig;
+//!
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! let hypervisor = novasandbox::detect()?;
+//! let config = SandboxConfig::builder().template_id("python").memory_mb(1024).build()?;
+//! let sandbox = hypervisor.create_sandbox(config).await?;
+//! let out = sandbox.execute_command("python3 -c 'print(6 * 7)'").await?;
+//! assert_eq!(out.stdout_lossy(), "42\n");
+//! println!("booted in {} ms", sandbox.boot_time_ms());
+//! sandbox.stop(false).await?;
+//! # Ok(()) }
+//! ```
+
+#![forbid(unsafe_code)]
+
+use std::sync::Arc;
+
+use nova_core::home::NovaHome;
+use nova_core::host::{BackendChoice, HostReport, NoBackend};
+use nova_core::hypervisor::Hypervisor;
+
+/// The backend-independent API: everything in `nova-core`.
+pub mod core {
+    pub use nova_core::*;
+}
+
+/// The backends.
+pub mod providers {
+    pub use nova_qemu::{QemuHypervisor, QemuOptions};
+}
+
+/// No backend could be set up on this host.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DetectError {
+    /// No VMM can run here.
+    #[error(transparent)]
+    NoBackend(#[from] NoBackend),
+    /// No data directory could be chosen.
+    #[error(transparent)]
+    Home(#[from] nova_core::home::HomeError),
+}
+
+/// Picks the best backend this host can run, in DESIGN.md's order:
+/// Firecracker with hardware KVM, QEMU with KVM, QEMU with TCG (which logs a
+/// warning: boots take seconds). Sandboxes live under `$NOVA_HOME`.
+///
+/// Until the Firecracker provider lands, a host that would pick Firecracker
+/// gets QEMU with KVM.
+pub fn detect() -> Result<Arc<dyn Hypervisor>, DetectError> {
+    let home = NovaHome::resolve()?;
+    detect_in(home)
+}
+
+/// [`detect`] with an explicit data directory.
+pub fn detect_in(home: NovaHome) -> Result<Arc<dyn Hypervisor>, DetectError> {
+    let report = HostReport::probe();
+    let (choice, why) = report.choose_backend()?;
+    tracing::debug!(?choice, %why, "backend chosen");
+    let choice = match choice {
+        BackendChoice::Firecracker { .. } => match &report.qemu {
+            Ok(qemu) => {
+                tracing::warn!("the Firecracker provider is not available yet; using QEMU with KVM");
+                BackendChoice::Qemu { binary: qemu.path.clone(), accel: nova_core::host::Accel::Kvm }
+            }
+            Err(_) => {
+                return Err(NoBackend {
+                    reasons: vec![
+                        "the Firecracker provider is not available yet and QEMU is not installed; \
+                         install it with `apt-get install qemu-system-x86`"
+                            .to_owned(),
+                    ],
+                }
+                .into());
+            }
+        },
+        qemu => qemu,
+    };
+    if let BackendChoice::Qemu { accel: nova_core::host::Accel::Tcg, .. } = choice {
+        tracing::warn!("no hardware KVM: guests run under QEMU's emulation (TCG); boots take seconds");
+    }
+    let options = providers::QemuOptions::from_choice(home, &choice)
+        .expect("the choice was narrowed to QEMU above");
+    Ok(Arc::new(providers::QemuHypervisor::new(options)))
+}

@@ -1,0 +1,244 @@
+//! `nova doctor`: what this host can do, in plain words.
+//!
+//! Probes KVM, the CPU's virtualization flags, the VMM binaries, the data
+//! directory and the installed templates, then says which backend
+//! `detect()` would pick and why. Exits non-zero when no backend can run.
+
+use std::fmt::Write as _;
+use std::path::Path;
+use std::process::ExitCode;
+
+use novasandbox::core::host::{HostReport, KvmStatus};
+use novasandbox::core::{NovaHome, TemplateManager};
+
+/// Arguments of `nova doctor`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct DoctorArgs {
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Runs `nova doctor`.
+pub(crate) fn run(args: &DoctorArgs) -> anyhow::Result<ExitCode> {
+    let report = HostReport::probe();
+    let home = NovaHome::resolve();
+    let choice = report.choose_backend();
+    if args.json {
+        let value = serde_json::json!({
+            "host": report,
+            "nova_home": home.as_ref().map(|h| h.root().display().to_string()).ok(),
+            "backend": choice.as_ref().ok().map(|(c, why)| serde_json::json!({"choice": c, "reason": why})),
+            "no_backend": choice.as_ref().err().map(|e| e.reasons.clone()),
+        });
+        println!("{}", serde_json::to_string_pretty(&value)?);
+    } else {
+        let mut out = String::new();
+        render(&mut out, &report, home.as_ref().ok());
+        if let Err(e) = &home {
+            let _ = writeln!(out, "[fail] data directory: {e}");
+        }
+        print!("{out}");
+    }
+    Ok(if choice.is_ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn mark(ok: bool) -> &'static str {
+    if ok { "[ ok ]" } else { "[fail]" }
+}
+
+/// Writes the human-readable report.
+fn render(out: &mut String, report: &HostReport, home: Option<&NovaHome>) {
+    let kvm_ok = matches!(report.kvm, KvmStatus::Hardware);
+    let kvm_mark = match report.kvm {
+        KvmStatus::Hardware => "[ ok ]",
+        KvmStatus::Paravirtualized { .. } => "[warn]",
+        _ => "[fail]",
+    };
+    let _ = writeln!(out, "{kvm_mark} /dev/kvm: {}", report.kvm);
+    let _ = writeln!(
+        out,
+        "{} hardware virtualization: {}",
+        if report.cpu_virt_flags {
+            "[ ok ]"
+        } else {
+            "[warn]"
+        },
+        if report.cpu_virt_flags {
+            "vmx/svm present"
+        } else {
+            "no vmx/svm in the CPU flags"
+        }
+    );
+    match &report.firecracker {
+        Ok(b) => {
+            let usable = if kvm_ok {
+                ""
+            } else {
+                " (needs hardware KVM, which this host lacks)"
+            };
+            let _ = writeln!(
+                out,
+                "{} firecracker: {} ({}){usable}",
+                if kvm_ok { "[ ok ]" } else { "[warn]" },
+                b.path.display(),
+                b.version.as_deref().unwrap_or("version unknown")
+            );
+        }
+        Err(nf) => {
+            let _ = writeln!(
+                out,
+                "[warn] firecracker: not found (looked in {})",
+                nf.searched.join(", ")
+            );
+        }
+    }
+    match &report.qemu {
+        Ok(b) => {
+            let _ = writeln!(
+                out,
+                "[ ok ] qemu: {} ({})",
+                b.path.display(),
+                b.version.as_deref().unwrap_or("version unknown")
+            );
+        }
+        Err(nf) => {
+            let _ = writeln!(
+                out,
+                "[fail] qemu: not found (looked in {}); install with `apt-get install qemu-system-x86`",
+                nf.searched.join(", ")
+            );
+        }
+    }
+    if let Some(home) = home {
+        let writable = check_writable(home.root());
+        let _ = writeln!(
+            out,
+            "{} NOVA_HOME: {} ({})",
+            mark(writable.is_ok()),
+            home.root().display(),
+            match &writable {
+                Ok(()) => "writable".to_owned(),
+                Err(e) => format!("not writable: {e}; set NOVA_HOME to a writable directory"),
+            }
+        );
+        render_templates(out, &TemplateManager::new(home.templates_dir()));
+    }
+    match report.choose_backend() {
+        Ok((choice, why)) => {
+            let _ = writeln!(out, "[ ok ] backend: {}", describe(&choice));
+            let _ = writeln!(out, "       why: {why}");
+        }
+        Err(e) => {
+            let _ = writeln!(out, "[fail] backend: none can run");
+            for reason in e.reasons {
+                let _ = writeln!(out, "       - {reason}");
+            }
+        }
+    }
+}
+
+fn render_templates(out: &mut String, manager: &TemplateManager) {
+    match manager.list() {
+        Ok(list) if list.is_empty() => {
+            let _ = writeln!(
+                out,
+                "[warn] templates: none in {}; build one with `nova template build python` or `make images`",
+                manager.dir().display()
+            );
+        }
+        Ok(list) => {
+            for t in list {
+                match t {
+                    Ok(t) => {
+                        let _ = writeln!(out, "[ ok ] template {}: {}", t.id(), t.manifest.name);
+                    }
+                    Err(e) => {
+                        let _ = writeln!(out, "[fail] template: {e}");
+                    }
+                }
+            }
+        }
+        Err(e) => {
+            let _ = writeln!(out, "[fail] templates: {e}");
+        }
+    }
+}
+
+fn describe(choice: &novasandbox::core::host::BackendChoice) -> String {
+    use novasandbox::core::host::BackendChoice;
+    match choice {
+        BackendChoice::Firecracker { binary } => format!("firecracker ({})", binary.display()),
+        BackendChoice::Qemu { binary, accel } => {
+            format!("qemu microvm, accel {accel} ({})", binary.display())
+        }
+    }
+}
+
+/// Creates `dir` if needed and writes and removes a probe file in it.
+fn check_writable(dir: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let probe = dir.join(format!(".doctor-probe-{}", std::process::id()));
+    std::fs::write(&probe, b"")?;
+    std::fs::remove_file(probe)
+}
+
+#[cfg(test)]
+mod tests {
+    use novasandbox::core::host::{BinaryInfo, NotFound};
+
+    use super::*;
+
+    #[test]
+    fn paravirtualized_kvm_is_reported_with_tcg_fallback() {
+        let report = HostReport {
+            kvm: KvmStatus::Paravirtualized { pvm_module: true },
+            cpu_virt_flags: false,
+            firecracker: Err(NotFound {
+                searched: vec!["$PATH for `firecracker`".into()],
+            }),
+            qemu: Ok(BinaryInfo {
+                path: "/usr/bin/qemu-system-x86_64".into(),
+                version: Some("QEMU 7.2".into()),
+            }),
+        };
+        let home_dir = tempfile::tempdir().unwrap();
+        let home = NovaHome::at(home_dir.path());
+        let mut out = String::new();
+        render(&mut out, &report, Some(&home));
+        assert!(
+            out.contains("[warn] /dev/kvm: usable but paravirtualized"),
+            "{out}"
+        );
+        assert!(out.contains("no vmx/svm"), "{out}");
+        assert!(
+            out.contains("[ ok ] qemu: /usr/bin/qemu-system-x86_64 (QEMU 7.2)"),
+            "{out}"
+        );
+        assert!(out.contains("writable"), "{out}");
+        assert!(out.contains("templates: none"), "{out}");
+        assert!(out.contains("backend: qemu microvm, accel tcg"), "{out}");
+    }
+
+    #[test]
+    fn no_backend_is_a_failure() {
+        let report = HostReport {
+            kvm: KvmStatus::Missing,
+            cpu_virt_flags: false,
+            firecracker: Err(NotFound {
+                searched: vec!["x".into()],
+            }),
+            qemu: Err(NotFound {
+                searched: vec!["y".into()],
+            }),
+        };
+        let mut out = String::new();
+        render(&mut out, &report, None);
+        assert!(out.contains("[fail] backend: none can run"), "{out}");
+        assert!(out.contains("apt-get install qemu-system-x86"), "{out}");
+    }
+}

@@ -1,0 +1,266 @@
+//! The host's side of a sandbox's guest: core operations run through the
+//! guest agent.
+//!
+//! Every provider (QEMU, Firecracker, Apple VZ) ends up with an
+//! [`AgentClient`] on some byte stream; this crate maps the backend-neutral
+//! operations of `nova-core` ([`ExecRequest`], files, guest stats) onto that
+//! client, so the providers only own their VMM and the stream.
+//!
+//! Streaming output keeps the agent protocol's back-pressure: stdout and
+//! stderr chunks are forwarded into a bounded channel, so a consumer that
+//! stops reading stops the guest command's output at its source.
+
+#![forbid(unsafe_code)]
+
+use std::time::Duration;
+
+use nova_core::error::{ExecError, FileError};
+use nova_core::exec::{Command, ExecEvent, ExecRequest, ExecStream, ExitStatus};
+use nova_core::stats::GuestStats;
+use nova_protocol::ExecSpec;
+use nova_protocol::client::{AgentClient, ClientError, OutputStream};
+use tokio::sync::mpsc;
+
+/// How many output chunks may wait for the consumer of an [`ExecStream`].
+const EVENT_BUFFER: usize = 16;
+
+/// A ready guest: its agent client and the sandbox-wide environment.
+#[derive(Clone, Debug)]
+pub struct Guest {
+    client: AgentClient,
+    env: Vec<(String, String)>,
+}
+
+impl Guest {
+    /// Wraps a connected agent client; `env` is set for every command (the
+    /// sandbox config's `env`), under each request's own variables.
+    pub fn new(client: AgentClient, env: impl IntoIterator<Item = (String, String)>) -> Self {
+        Self {
+            client,
+            env: env.into_iter().collect(),
+        }
+    }
+
+    /// The agent client.
+    pub fn client(&self) -> &AgentClient {
+        &self.client
+    }
+
+    /// Starts `request` and streams its output.
+    pub async fn exec_stream(&self, request: ExecRequest) -> Result<ExecStream, ExecError> {
+        let stdin = request.stdin.clone();
+        let spec = self.spec(request)?;
+        let mut handle = self
+            .client
+            .exec(spec)
+            .await
+            .map_err(|e| ExecError::Agent(Box::new(e)))?;
+        let stdout = handle.take_stdout();
+        let stderr = handle.take_stderr();
+        if let (Some(bytes), Some(mut writer)) = (stdin, handle.take_stdin()) {
+            tokio::spawn(async move {
+                // A command that exits without reading its stdin makes this
+                // fail; that is the command's business, not an error here.
+                if let Err(e) = writer.write(bytes).await {
+                    tracing::debug!(error = %e, "stdin not fully delivered");
+                }
+                writer.close();
+            });
+        }
+        let (tx, rx) = mpsc::channel(EVENT_BUFFER);
+        tokio::spawn(async move {
+            let out = forward(stdout, tx.clone(), ExecEvent::Stdout);
+            let err = forward(stderr, tx.clone(), ExecEvent::Stderr);
+            tokio::join!(out, err);
+            match handle.wait().await {
+                Ok(result) => {
+                    let status = if result.timed_out {
+                        ExitStatus::TimedOut
+                    } else {
+                        match result.status {
+                            nova_protocol::ExitStatus::Exited(code) => ExitStatus::Code(code),
+                            nova_protocol::ExitStatus::Signaled(sig) => ExitStatus::Signal(sig),
+                        }
+                    };
+                    let _ = tx.send(ExecEvent::Exited(status)).await;
+                }
+                // The stream then ends without an exit status, which the
+                // consumer reports as the agent going away.
+                Err(e) => tracing::warn!(error = %e, "lost a command's exit status"),
+            }
+        });
+        Ok(ExecStream::new(rx))
+    }
+
+    fn spec(&self, request: ExecRequest) -> Result<ExecSpec, ExecError> {
+        build_spec(&self.env, request)
+    }
+}
+
+/// Maps a core request onto the agent's exec spec, refusing what no process
+/// could receive.
+fn build_spec(base_env: &[(String, String)], request: ExecRequest) -> Result<ExecSpec, ExecError> {
+    let mut spec = match request.command {
+        Command::Argv(argv) => {
+            if argv.first().is_none_or(String::is_empty) {
+                return Err(ExecError::Invalid("argv is empty".into()));
+            }
+            if argv.iter().any(|a| a.contains('\0')) {
+                return Err(ExecError::Invalid("an argument contains NUL".into()));
+            }
+            ExecSpec::argv(argv)
+        }
+        Command::Shell(script) => {
+            if script.contains('\0') {
+                return Err(ExecError::Invalid("the command contains NUL".into()));
+            }
+            ExecSpec::shell(script)
+        }
+    };
+    let mut env = base_env.to_vec();
+    for (k, v) in request.env {
+        if k.is_empty() || k.contains(['=', '\0']) || v.contains('\0') {
+            return Err(ExecError::Invalid(format!(
+                "invalid environment variable {k:?}"
+            )));
+        }
+        env.retain(|(existing, _)| *existing != k);
+        env.push((k, v));
+    }
+    spec.env = env;
+    spec.cwd = request.cwd;
+    spec.stdin = request.stdin.is_some();
+    spec.timeout_ms = request.timeout.map(|t| t.as_millis().max(1) as u64);
+    Ok(spec)
+}
+
+impl Guest {
+    /// Writes a whole file.
+    pub async fn write_file(&self, path: &str, data: Vec<u8>, mode: u32) -> Result<(), FileError> {
+        FileError::check_path(path)?;
+        if mode > 0o7777 {
+            return Err(FileError::InvalidPath {
+                path: path.to_owned(),
+                reason: "mode is above 0o7777",
+            });
+        }
+        self.client
+            .write_file(path, data, mode)
+            .await
+            .map(drop)
+            .map_err(|e| file_error(path, e))
+    }
+
+    /// Reads a whole file.
+    pub async fn read_file(&self, path: &str) -> Result<Vec<u8>, FileError> {
+        FileError::check_path(path)?;
+        self.client
+            .read_file_to_vec(path)
+            .await
+            .map_err(|e| file_error(path, e))
+    }
+
+    /// The guest's view of its resources, within `timeout`.
+    pub async fn stats(&self, timeout: Duration) -> Result<GuestStats, ClientError> {
+        let s = tokio::time::timeout(timeout, self.client.stats())
+            .await
+            .map_err(|_| ClientError::TimedOut(timeout))??;
+        Ok(GuestStats {
+            memory_total_bytes: s.memory_total_bytes,
+            memory_used_bytes: s.memory_used_bytes,
+            memory_available_bytes: s.memory_available_bytes,
+            cpu_user_us: s.cpu_user_ms * 1000,
+            cpu_system_us: s.cpu_system_ms * 1000,
+            load_avg: s.load_average,
+            disk_used_bytes: s.root_fs_used_bytes,
+            disk_total_bytes: s.root_fs_total_bytes,
+            process_count: s.process_count.into(),
+            uptime_ms: s.uptime_ms,
+        })
+    }
+
+    /// Asks the agent to sync and power the guest off.
+    pub async fn shutdown(&self) -> Result<(), ClientError> {
+        self.client.shutdown().await
+    }
+}
+
+fn file_error(path: &str, e: ClientError) -> FileError {
+    FileError::Agent {
+        path: path.to_owned(),
+        source: Box::new(e),
+    }
+}
+
+async fn forward(
+    stream: Option<OutputStream>,
+    tx: mpsc::Sender<ExecEvent>,
+    wrap: fn(Vec<u8>) -> ExecEvent,
+) {
+    let Some(mut stream) = stream else { return };
+    while let Some(chunk) = stream.recv().await {
+        if tx.send(wrap(chunk.to_vec())).await.is_err() {
+            // The consumer is gone: drain so the command is not blocked.
+            stream.drain().await;
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use nova_protocol::ExecCommand;
+
+    use super::*;
+
+    /// A guest whose client is never used: `spec` only reads `env`.
+    fn spec_of(env: &[(&str, &str)], request: ExecRequest) -> Result<ExecSpec, ExecError> {
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        build_spec(&env, request)
+    }
+
+    #[test]
+    fn request_env_overrides_sandbox_env_and_fields_carry_over() {
+        let req = ExecRequest::argv(["python3", "-c", "print(1)"])
+            .env("A", "request")
+            .cwd("/tmp")
+            .stdin(b"x".to_vec())
+            .timeout(Duration::from_millis(1500));
+        let spec = spec_of(&[("A", "sandbox"), ("B", "b")], req).unwrap();
+        assert_eq!(
+            spec.command,
+            ExecCommand::Argv(vec!["python3".into(), "-c".into(), "print(1)".into()])
+        );
+        assert_eq!(
+            spec.env,
+            [
+                ("B".to_owned(), "b".to_owned()),
+                ("A".to_owned(), "request".to_owned())
+            ]
+        );
+        assert_eq!(spec.cwd.as_deref(), Some("/tmp"));
+        assert!(spec.stdin);
+        assert_eq!(spec.timeout_ms, Some(1500));
+        let spec = spec_of(&[], "echo hi".into()).unwrap();
+        assert_eq!(spec.command, ExecCommand::Shell("echo hi".into()));
+        assert!(!spec.stdin);
+    }
+
+    #[test]
+    fn invalid_requests_are_refused_before_reaching_the_guest() {
+        let empty: [&str; 0] = [];
+        for bad in [
+            ExecRequest::argv(empty),
+            ExecRequest::argv([""]),
+            ExecRequest::argv(["a\0b"]),
+            ExecRequest::shell("a\0"),
+            ExecRequest::shell("x").env("A=B", "1"),
+            ExecRequest::shell("x").env("A", "1\0"),
+        ] {
+            assert!(matches!(spec_of(&[], bad), Err(ExecError::Invalid(_))));
+        }
+    }
+}

@@ -1,0 +1,268 @@
+//! The QEMU command line and the guest kernel command line of one sandbox.
+//!
+//! QEMU takes its whole VM configuration on the command line, so this module
+//! is where a [`VmSpec`] becomes arguments. The machine is `microvm` with
+//! ACPI off: QEMU then lists every virtio-mmio device on the kernel command
+//! line itself, and the guest needs neither PCI nor ACPI. Disks are attached
+//! in a fixed order, which fixes their guest names: the shared read-only
+//! rootfs is `/dev/vda`, the sandbox's scratch disk `/dev/vdb`, extra drives
+//! follow. The agent channel is a virtio-serial port named
+//! [`AGENT_PORT_NAME`] whose host end is a Unix socket QEMU listens on.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+use nova_core::config::DriveConfig;
+use nova_core::host::Accel;
+
+/// Name of the virtio-serial port the agent listens on.
+pub const AGENT_PORT_NAME: &str = "org.nova.agent";
+/// Guest device of the root filesystem.
+pub const ROOT_DEVICE: &str = "/dev/vda";
+/// Guest device of the scratch disk.
+pub const SCRATCH_DEVICE: &str = "/dev/vdb";
+/// Path of the agent in every rootfs.
+pub const AGENT_PATH: &str = "/sbin/nova-agent";
+
+/// Everything needed to start one sandbox's VM.
+#[derive(Clone, Debug)]
+pub struct VmSpec {
+    /// Guest kernel (uncompressed `vmlinux` with a PVH entry).
+    pub kernel: PathBuf,
+    /// Root filesystem image, attached read-only.
+    pub rootfs: PathBuf,
+    /// The sandbox's writable scratch disk; `None` for a read-only root.
+    pub scratch: Option<PathBuf>,
+    /// Extra drives, after the scratch disk.
+    pub extra_drives: Vec<DriveConfig>,
+    /// Guest memory in MiB.
+    pub memory_mb: u32,
+    /// vCPU count.
+    pub vcpus: u8,
+    /// KVM or TCG.
+    pub accel: Accel,
+    /// QMP socket QEMU listens on.
+    pub qmp_socket: PathBuf,
+    /// Agent channel socket QEMU listens on.
+    pub agent_socket: PathBuf,
+    /// File the guest console is written to.
+    pub console_log: PathBuf,
+    /// The user part of the kernel command line.
+    pub kernel_args: String,
+    /// Guest hostname.
+    pub hostname: String,
+}
+
+impl VmSpec {
+    /// The full guest kernel command line: the user's part, then what this
+    /// provider owns (console, root device, init, agent parameters).
+    pub fn kernel_cmdline(&self) -> String {
+        let mut cmdline = String::from("console=ttyS0 ");
+        cmdline.push_str(self.kernel_args.trim());
+        cmdline.push_str(&format!(
+            " root={ROOT_DEVICE} rootfstype=ext4 ro init={AGENT_PATH} nova.hostname={}",
+            self.hostname
+        ));
+        if self.scratch.is_some() {
+            cmdline.push_str(&format!(" nova.overlay={SCRATCH_DEVICE}"));
+        }
+        cmdline
+    }
+
+    /// QEMU's arguments (without the program name).
+    pub fn qemu_args(&self) -> Vec<OsString> {
+        let mut args: Vec<OsString> = Vec::new();
+        let mut push = |a: &str| args.push(a.into());
+        // The machine: microvm without ACPI (devices on the kernel command
+        // line), no option ROMs; exit instead of rebooting.
+        push("-M");
+        push("microvm,acpi=off,x-option-roms=off");
+        push("-nodefaults");
+        push("-no-user-config");
+        push("-nographic");
+        push("-no-reboot");
+        match self.accel {
+            Accel::Kvm => {
+                push("-accel");
+                push("kvm");
+                push("-cpu");
+                push("host");
+            }
+            Accel::Tcg => {
+                push("-accel");
+                push("tcg");
+                push("-cpu");
+                push("max");
+            }
+        }
+        push("-m");
+        push(&format!("{}M", self.memory_mb));
+        push("-smp");
+        push(&self.vcpus.to_string());
+        push("-kernel");
+        args.push(self.kernel.clone().into());
+        let mut push = |a: &str| args.push(a.into());
+        push("-append");
+        push(&self.kernel_cmdline());
+        // Serial console to a file.
+        push("-chardev");
+        push(&format!(
+            "file,id=console,path={}",
+            escape(&self.console_log)
+        ));
+        push("-serial");
+        push("chardev:console");
+        // Control socket.
+        push("-qmp");
+        push(&format!(
+            "unix:{},server=on,wait=off",
+            escape(&self.qmp_socket)
+        ));
+        // Disks: root (read-only), scratch, extras, in guest order.
+        let mut drive = |id: &str, path: &PathBuf, read_only: bool| {
+            args.push("-drive".into());
+            args.push(
+                format!(
+                    "id={id},file={},format=raw,if=none,read-only={}",
+                    escape(path),
+                    if read_only { "on" } else { "off" }
+                )
+                .into(),
+            );
+            args.push("-device".into());
+            args.push(format!("virtio-blk-device,drive={id}").into());
+        };
+        drive("root", &self.rootfs, true);
+        if let Some(scratch) = &self.scratch {
+            drive("scratch", scratch, false);
+        }
+        for (i, extra) in self.extra_drives.iter().enumerate() {
+            drive(&format!("extra{i}"), &extra.path, extra.read_only);
+        }
+        // Agent channel: a virtio-serial port backed by a listening socket.
+        let mut push = |a: &str| args.push(a.into());
+        push("-device");
+        push("virtio-serial-device,max_ports=2");
+        push("-chardev");
+        push(&format!(
+            "socket,id=agent,path={},server=on,wait=off",
+            escape(&self.agent_socket)
+        ));
+        push("-device");
+        push(&format!(
+            "virtserialport,chardev=agent,name={AGENT_PORT_NAME}"
+        ));
+        args
+    }
+}
+
+/// Escapes a path for a QEMU option value, where `,` must be doubled.
+fn escape(path: &std::path::Path) -> String {
+    path.display().to_string().replace(',', ",,")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> VmSpec {
+        VmSpec {
+            kernel: "/t/vmlinux".into(),
+            rootfs: "/t/rootfs.ext4".into(),
+            scratch: Some("/s/scratch.ext4".into()),
+            extra_drives: vec![DriveConfig::read_only("/data/a,b.img")],
+            memory_mb: 512,
+            vcpus: 2,
+            accel: Accel::Tcg,
+            qmp_socket: "/s/api.sock".into(),
+            agent_socket: "/s/vsock.sock".into(),
+            console_log: "/s/console.log".into(),
+            kernel_args: "reboot=k panic=1 quiet".into(),
+            hostname: "sb-1".into(),
+        }
+    }
+
+    fn args(spec: &VmSpec) -> Vec<String> {
+        spec.qemu_args()
+            .into_iter()
+            .map(|a| a.into_string().unwrap())
+            .collect()
+    }
+
+    fn after<'a>(args: &'a [String], flag: &str) -> Vec<&'a str> {
+        args.windows(2)
+            .filter(|w| w[0] == flag)
+            .map(|w| w[1].as_str())
+            .collect()
+    }
+
+    #[test]
+    fn kernel_cmdline_has_root_init_and_overlay() {
+        let s = spec();
+        assert_eq!(
+            s.kernel_cmdline(),
+            "console=ttyS0 reboot=k panic=1 quiet root=/dev/vda rootfstype=ext4 ro \
+             init=/sbin/nova-agent nova.hostname=sb-1 nova.overlay=/dev/vdb"
+        );
+        let ro = VmSpec {
+            scratch: None,
+            ..spec()
+        };
+        assert!(!ro.kernel_cmdline().contains("nova.overlay"));
+    }
+
+    #[test]
+    fn machine_accel_memory_and_sockets() {
+        let a = args(&spec());
+        assert_eq!(after(&a, "-M"), ["microvm,acpi=off,x-option-roms=off"]);
+        assert_eq!(after(&a, "-accel"), ["tcg"]);
+        assert_eq!(after(&a, "-cpu"), ["max"]);
+        assert_eq!(after(&a, "-m"), ["512M"]);
+        assert_eq!(after(&a, "-smp"), ["2"]);
+        assert_eq!(after(&a, "-kernel"), ["/t/vmlinux"]);
+        assert_eq!(after(&a, "-qmp"), ["unix:/s/api.sock,server=on,wait=off"]);
+        assert!(a.contains(&"-no-reboot".to_owned()));
+        assert!(a.contains(&"-nodefaults".to_owned()));
+        let kvm = args(&VmSpec {
+            accel: Accel::Kvm,
+            ..spec()
+        });
+        assert_eq!(after(&kvm, "-accel"), ["kvm"]);
+        assert_eq!(after(&kvm, "-cpu"), ["host"]);
+    }
+
+    #[test]
+    fn disks_in_guest_order_with_escaped_commas() {
+        let a = args(&spec());
+        let drives = after(&a, "-drive");
+        assert_eq!(drives.len(), 3);
+        assert!(
+            drives[0].starts_with("id=root,file=/t/rootfs.ext4,")
+                && drives[0].contains("read-only=on")
+        );
+        assert!(
+            drives[1].starts_with("id=scratch,file=/s/scratch.ext4,")
+                && drives[1].contains("read-only=off")
+        );
+        assert!(
+            drives[2].starts_with("id=extra0,file=/data/a,,b.img,"),
+            "{}",
+            drives[2]
+        );
+        let devices = after(&a, "-device");
+        assert_eq!(
+            devices,
+            [
+                "virtio-blk-device,drive=root",
+                "virtio-blk-device,drive=scratch",
+                "virtio-blk-device,drive=extra0",
+                "virtio-serial-device,max_ports=2",
+                "virtserialport,chardev=agent,name=org.nova.agent",
+            ]
+        );
+        assert!(
+            after(&a, "-chardev")
+                .contains(&"socket,id=agent,path=/s/vsock.sock,server=on,wait=off")
+        );
+    }
+}

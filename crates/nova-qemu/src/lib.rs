@@ -1,0 +1,24 @@
+//! QEMU `microvm` provider for NovaSandbox.
+//!
+//! Each sandbox is one `qemu-system-x86_64 -M microvm` process booting the
+//! template's uncompressed kernel straight into `nova-agent` (PID 1), with
+//! the template rootfs shared read-only and a private sparse scratch disk for
+//! the writable overlay. The host drives QEMU through QMP ([`qmp`]) and the
+//! guest through the agent protocol over a virtio-serial port whose host end
+//! is a Unix socket. QEMU takes its whole configuration on its command line
+//! ([`cmdline`]), so "configure" costs nothing and boot time is spawn → QMP
+//! ready → agent ready.
+//!
+//! This is the backend that boots real guests on any Linux host: with KVM
+//! when the host has hardware virtualization, else with TCG (software
+//! emulation, seconds per boot; development and CI only).
+
+#![forbid(unsafe_code)]
+
+pub mod cmdline;
+mod hypervisor;
+pub mod qmp;
+mod scratch;
+mod vm;
+
+pub use hypervisor::{DEFAULT_SCRATCH_MB, QemuHypervisor, QemuOptions, QemuUnavailable};

@@ -1,0 +1,370 @@
+//! End-to-end tests: real microVMs under QEMU (TCG on hosts without hardware
+//! KVM), booted from the templates `make images` built.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{config, process_exists, setup, wait_until};
+use nova_core::error::{CreateSandboxError, ExecError};
+use nova_core::exec::{ExecRequest, ExitStatus};
+use nova_core::hypervisor::Hypervisor;
+use nova_core::state::SandboxState;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn command_output_exit_codes_stdin_and_files() {
+    let Some(t) = setup("command_output_exit_codes_stdin_and_files", &["minimal"]) else {
+        return;
+    };
+    let sandbox = t
+        .hypervisor
+        .create_sandbox(config("minimal"))
+        .await
+        .unwrap();
+    let boot = sandbox.info().boot.clone().unwrap();
+    assert!(
+        boot.boot_time_ms > 0.0 && boot.spawn_ms > 0.0 && boot.guest_ms > 0.0,
+        "{boot:?}"
+    );
+    assert!(
+        (boot.spawn_ms + boot.configure_ms + boot.guest_ms - boot.boot_time_ms).abs() < 1.0,
+        "{boot:?}"
+    );
+
+    let out = sandbox
+        .execute_command("echo out; echo err >&2; exit 3")
+        .await
+        .unwrap();
+    assert_eq!(out.stdout, b"out\n");
+    assert_eq!(out.stderr, b"err\n");
+    assert_eq!(out.status, ExitStatus::Code(3));
+
+    let out = sandbox
+        .execute_command(ExecRequest::argv(["cat"]).stdin(b"piped\0bytes".to_vec()))
+        .await
+        .unwrap();
+    assert_eq!(out.stdout, b"piped\0bytes");
+    assert!(out.success());
+
+    let out = sandbox
+        .execute_command(ExecRequest::argv(["sh", "-c", "echo $FOO"]).env("FOO", "bar"))
+        .await
+        .unwrap();
+    assert_eq!(out.stdout_lossy(), "bar\n");
+
+    let out = sandbox
+        .execute_command(ExecRequest::shell("sleep 30").timeout(Duration::from_millis(500)))
+        .await
+        .unwrap();
+    assert_eq!(out.status, ExitStatus::TimedOut);
+
+    let data: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    sandbox
+        .write_file("/tmp/upload.bin", data.clone(), 0o640)
+        .await
+        .unwrap();
+    assert_eq!(sandbox.read_file("/tmp/upload.bin").await.unwrap(), data);
+    let out = sandbox
+        .execute_command("stat -c %a /tmp/upload.bin && wc -c < /tmp/upload.bin")
+        .await
+        .unwrap();
+    assert_eq!(out.stdout_lossy(), "640\n200000\n");
+    assert!(sandbox.read_file("/nonexistent").await.is_err());
+
+    let stats = sandbox.get_stats().await.unwrap();
+    assert!(
+        stats.memory_usage_mb > 0.0 && stats.memory_usage_mb <= 256.0,
+        "{stats:?}"
+    );
+    let guest = stats.guest.expect("the agent reports guest stats");
+    assert!(
+        guest.memory_total_bytes > 0 && guest.memory_total_bytes <= 256 << 20,
+        "{guest:?}"
+    );
+    assert!(guest.process_count >= 1);
+    assert!(stats.vmm.rss_bytes > 0);
+    assert!(stats.cpu_usage_us > 0);
+
+    let pid = sandbox.info().vmm_pid.unwrap();
+    let dir = sandbox.info().dir.clone();
+    sandbox.stop(false).await.unwrap();
+    assert!(
+        !process_exists(pid),
+        "QEMU {pid} is still there after a graceful stop"
+    );
+    assert!(!dir.exists(), "{} is still there", dir.display());
+    assert!(t.sandbox_dirs().is_empty());
+    assert!(!sandbox.is_running().await);
+    assert!(matches!(
+        sandbox.execute_command("true").await,
+        Err(ExecError::NotRunning(SandboxState::Stopped))
+    ));
+    let e = sandbox.pause().await.unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "cannot pause a sandbox that is stopped; its resources are gone, create a new sandbox"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_runs_in_the_python_template() {
+    let Some(t) = setup("python_runs_in_the_python_template", &["python"]) else {
+        return;
+    };
+    let sandbox = t.hypervisor.create_sandbox(config("python")).await.unwrap();
+    let out = sandbox
+        .execute_command(ExecRequest::argv([
+            "python3",
+            "-c",
+            "import sys; print(sum(range(10)), sys.version_info[0])",
+        ]))
+        .await
+        .unwrap();
+    assert_eq!(
+        out.stdout_lossy(),
+        "45 3\n",
+        "stderr: {}",
+        out.stderr_lossy()
+    );
+    let out = sandbox
+        .execute_command("command -v curl wget")
+        .await
+        .unwrap();
+    assert_eq!(
+        out.stdout_lossy().lines().count(),
+        2,
+        "{}",
+        out.stdout_lossy()
+    );
+    sandbox.stop(true).await.unwrap();
+    assert!(t.sandbox_dirs().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_guest_makes_no_progress() {
+    let Some(t) = setup("a_paused_guest_makes_no_progress", &["minimal"]) else {
+        return;
+    };
+    let sandbox = t
+        .hypervisor
+        .create_sandbox(config("minimal"))
+        .await
+        .unwrap();
+    sandbox
+        .execute_command("nohup sh -c 'i=0; while true; do i=$((i+1)); echo $i > /tmp/n; sleep 0.05; done' >/dev/null 2>&1 &")
+        .await
+        .unwrap();
+    let read = || async {
+        let text = String::from_utf8(sandbox.read_file("/tmp/n").await.unwrap()).unwrap();
+        text.trim().parse::<u64>().unwrap_or(0)
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = read().await;
+    assert!(before > 0, "the counter runs");
+    sandbox.pause().await.unwrap();
+    assert_eq!(sandbox.refresh().await.unwrap().state, SandboxState::Paused);
+    assert!(matches!(
+        sandbox.execute_command("true").await,
+        Err(ExecError::NotRunning(SandboxState::Paused))
+    ));
+    assert!(sandbox.pause().await.is_err(), "pausing twice is an error");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let stats = sandbox.get_stats().await.unwrap();
+    assert!(stats.guest.is_none(), "a paused guest cannot answer");
+    sandbox.resume().await.unwrap();
+    let after = read().await;
+    // 3 s paused would be ~60 ticks; allow what runs between the reads and
+    // the pause/resume.
+    assert!(
+        after - before < 20,
+        "counter advanced from {before} to {after} across a 3 s pause"
+    );
+    let mut last = after;
+    for _ in 0..100 {
+        if last > after + 5 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        last = read().await;
+    }
+    assert!(last > after + 5, "counter stuck at {last} after resume (was {after})");
+    // A paused sandbox can be stopped, gracefully.
+    sandbox.pause().await.unwrap();
+    sandbox.stop(false).await.unwrap();
+    assert!(t.sandbox_dirs().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_sandboxes_at_once_are_isolated_and_leave_the_template_alone() {
+    let Some(t) = setup("three_sandboxes_at_once", &["minimal"]) else {
+        return;
+    };
+    let rootfs = common::shared_templates().join("minimal/rootfs.ext4");
+    let digest_before = file_digest(&rootfs);
+    let boxes = futures_join3(
+        t.hypervisor.create_sandbox(config("minimal")),
+        t.hypervisor.create_sandbox(config("minimal")),
+        t.hypervisor.create_sandbox(config("minimal")),
+    )
+    .await;
+    let boxes: Vec<_> = boxes.into_iter().map(Result::unwrap).collect();
+    let mut ids: Vec<_> = boxes.iter().map(|b| b.id().clone()).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 3);
+    for (i, b) in boxes.iter().enumerate() {
+        let out = b
+            .execute_command(format!("echo {i} > /etc/whoami && hostname"))
+            .await
+            .unwrap();
+        assert_eq!(out.stdout_lossy().trim(), b.id().as_str());
+    }
+    for (i, b) in boxes.iter().enumerate() {
+        let out = b.execute_command("cat /etc/whoami").await.unwrap();
+        assert_eq!(out.stdout_lossy(), format!("{i}\n"));
+    }
+    assert_eq!(t.hypervisor.list().await.len(), 3);
+    for b in &boxes {
+        b.stop(true).await.unwrap();
+    }
+    // A fresh sandbox from the same template sees none of those writes.
+    let fresh = t
+        .hypervisor
+        .create_sandbox(config("minimal"))
+        .await
+        .unwrap();
+    let out = fresh
+        .execute_command("test -e /etc/whoami; echo $?")
+        .await
+        .unwrap();
+    assert_eq!(out.stdout_lossy(), "1\n");
+    fresh.stop(true).await.unwrap();
+    assert_eq!(
+        file_digest(&rootfs),
+        digest_before,
+        "the template rootfs changed"
+    );
+    assert!(t.sandbox_dirs().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_only_rootfs_refuses_writes() {
+    let Some(t) = setup("read_only_rootfs_refuses_writes", &["minimal"]) else {
+        return;
+    };
+    let mut c = config("minimal");
+    c.read_only_rootfs = true;
+    let sandbox = t.hypervisor.create_sandbox(c).await.unwrap();
+    let out = sandbox.execute_command("echo x > /etc/x").await.unwrap();
+    assert!(!out.success());
+    let out = sandbox
+        .execute_command("echo x > /tmp/x && cat /tmp/x")
+        .await
+        .unwrap();
+    assert_eq!(out.stdout_lossy(), "x\n", "tmpfs stays writable");
+    sandbox.stop(true).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn boot_failures_explain_themselves_and_leave_nothing() {
+    let Some(t) = setup("boot_failures_explain_themselves", &["minimal"]) else {
+        return;
+    };
+    // A template whose kernel is not a kernel.
+    let real = common::shared_templates().join("minimal");
+    let broken = t.dir.path().join("broken-templates");
+    let bad = broken.join("badkernel");
+    std::fs::create_dir_all(&bad).unwrap();
+    let manifest = std::fs::read_to_string(real.join("minimal.json")).unwrap();
+    std::fs::write(
+        bad.join("badkernel.json"),
+        manifest.replace("\"minimal\"", "\"badkernel\""),
+    )
+    .unwrap();
+    std::fs::write(bad.join("vmlinux"), b"this is not a kernel").unwrap();
+    std::os::unix::fs::symlink(real.join("rootfs.ext4"), bad.join("rootfs.ext4")).unwrap();
+    // Point a provider at a templates dir holding only the broken one.
+    let home = tempfile::Builder::new()
+        .prefix("nova-e2e-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    std::os::unix::fs::symlink(&broken, home.path().join("templates")).unwrap();
+    let mut options = t.hypervisor.options().clone();
+    options.home = nova_core::home::NovaHome::at(home.path());
+    let hv = nova_qemu::QemuHypervisor::new(options);
+    let e = hv.create_sandbox(config("badkernel")).await.unwrap_err();
+    assert!(matches!(e, CreateSandboxError::VmmExited { .. }), "{e:?}");
+    assert!(
+        e.to_string().contains("qemu:"),
+        "the error quotes QEMU's complaint: {e}"
+    );
+    let left: Vec<_> = std::fs::read_dir(home.path().join("sandboxes"))
+        .unwrap()
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+
+    // A boot that cannot finish in time.
+    let mut c = config("minimal");
+    c.boot_timeout_ms = 200;
+    let e = t.hypervisor.create_sandbox(c).await.unwrap_err();
+    assert!(
+        matches!(
+            e,
+            CreateSandboxError::BootTimeout {
+                timeout_ms: 200,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    assert!(e.to_string().contains("raise boot_timeout_ms"), "{e}");
+    assert!(
+        t.sandbox_dirs().is_empty(),
+        "left behind: {:?}",
+        t.sandbox_dirs()
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || no_qemu_under(t.dir.path())),
+        "a QEMU process survived"
+    );
+
+    // An unknown template names the installed ones.
+    let e = t
+        .hypervisor
+        .create_sandbox(config("nope"))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("cannot use template"), "{e}");
+    let cause = std::error::Error::source(&e).unwrap().to_string();
+    assert!(cause.contains("nova template build nope"), "{cause}");
+}
+
+/// Whether no process has `dir` on its command line.
+fn no_qemu_under(dir: &std::path::Path) -> bool {
+    let needle = dir.to_string_lossy().into_owned();
+    std::fs::read_dir("/proc").unwrap().flatten().all(|entry| {
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        !String::from_utf8_lossy(&cmdline).contains(&needle)
+    })
+}
+
+fn file_digest(path: &std::path::Path) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    std::fs::read(path).unwrap().hash(&mut h);
+    h.finish()
+}
+
+async fn futures_join3<A: std::future::Future, B: std::future::Future, C: std::future::Future>(
+    a: A,
+    b: B,
+    c: C,
+) -> Vec<A::Output>
+where
+    A::Output: Sized,
+    B: std::future::Future<Output = A::Output>,
+    C: std::future::Future<Output = A::Output>,
+{
+    let (a, b, c) = tokio::join!(a, b, c);
+    vec![a, b, c]
+}
