@@ -109,7 +109,7 @@ async fn run() -> Result<(), String> {
             probe.acpi = kernel.acpi;
             probe.cmdline =
                 format!("console=ttyS0 reboot=k panic=1 root=/dev/vda ro init={BENCH_INIT}");
-            probe.marker = MARKER.to_owned();
+            probe.marker = vec![MARKER.to_owned()];
             probe.timeout = Duration::from_secs(120);
             let timing = probe
                 .run()

@@ -22,6 +22,12 @@ pub const DEFAULT_CMDLINE: &str =
 /// The console line that proves the kernel handed over to a root-fs init.
 pub const KERNEL_INIT_LINE: &str = "as init process";
 
+/// The parts of nova-agent's console line once it listens (`nova-agent 0.1.0 ready`).
+pub const AGENT_READY_MARKER: &[&str] = &["nova-agent", "ready"];
+
+/// The virtio-serial port name nova-agent listens on by default.
+pub const AGENT_PORT_NAME: &str = "org.nova.agent";
+
 /// How to boot one VM and what to wait for.
 #[derive(Debug, Clone)]
 pub struct BootProbe {
@@ -43,8 +49,11 @@ pub struct BootProbe {
     pub memory_mb: u32,
     /// Extra QEMU arguments (e.g. a virtio-serial channel).
     pub extra_args: Vec<OsString>,
-    /// The console text that ends the probe.
-    pub marker: String,
+    /// A virtio-serial port named [`AGENT_PORT_NAME`], exposed as this host
+    /// Unix socket (QEMU listens; connect after the agent is ready).
+    pub agent_socket: Option<PathBuf>,
+    /// The probe ends at the first console line containing all of these.
+    pub marker: Vec<String>,
     /// Give up after this long.
     pub timeout: Duration,
 }
@@ -62,7 +71,8 @@ impl BootProbe {
             acpi: false,
             memory_mb: 512,
             extra_args: Vec::new(),
-            marker: KERNEL_INIT_LINE.to_owned(),
+            agent_socket: None,
+            marker: vec![KERNEL_INIT_LINE.to_owned()],
             timeout: Duration::from_secs(60),
         }
     }
@@ -97,12 +107,30 @@ impl BootProbe {
         cmd.arg("-drive")
             .arg(drive)
             .args(["-device", "virtio-blk-device,drive=root"]);
+        if let Some(socket) = &self.agent_socket {
+            let mut chardev = OsString::from("socket,id=agent,server=on,wait=off,path=");
+            chardev.push(socket);
+            cmd.args(["-device", "virtio-serial-device", "-chardev"])
+                .arg(chardev)
+                .args([
+                    "-device",
+                    &format!("virtserialport,chardev=agent,name={AGENT_PORT_NAME}"),
+                ]);
+        }
         cmd.args(&self.extra_args);
         cmd
     }
 
     /// Boots, waits for the marker, kills QEMU, and returns the timings.
     pub async fn run(&self) -> Result<BootTiming, BootProbeError> {
+        let (timing, mut vm) = self.start().await?;
+        vm.kill().await;
+        Ok(timing)
+    }
+
+    /// Boots and waits for the marker, leaving the VM running (to talk to its
+    /// agent); QEMU is killed when the returned [`RunningVm`] is dropped.
+    pub async fn start(&self) -> Result<(BootTiming, RunningVm), BootProbeError> {
         let mut cmd = self.command();
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -123,51 +151,70 @@ impl BootProbe {
         let mut console = String::new();
         let mut to_kernel_init = None;
         let outcome = tokio::time::timeout(self.timeout, async {
-            loop {
-                match lines.next_line().await {
-                    Ok(Some(line)) => {
-                        let line = line.trim_end_matches('\r');
-                        if to_kernel_init.is_none() && line.contains(KERNEL_INIT_LINE) {
-                            to_kernel_init = Some(started.elapsed());
-                        }
-                        console.push_str(line);
-                        console.push('\n');
-                        if line.contains(&self.marker) {
-                            return Some(started.elapsed());
-                        }
-                    }
-                    Ok(None) | Err(_) => return None,
+            while let Ok(Some(line)) = lines.next_line().await {
+                let line = line.trim_end_matches('\r');
+                if to_kernel_init.is_none() && line.contains(KERNEL_INIT_LINE) {
+                    to_kernel_init = Some(started.elapsed());
+                }
+                console.push_str(line);
+                console.push('\n');
+                if self.marker.iter().all(|part| line.contains(part.as_str())) {
+                    return Some(started.elapsed());
                 }
             }
+            None
         })
         .await;
-        // QEMU has done its job (or failed); stop it before reporting.
-        let _ = child.start_kill();
-        let status = child.wait().await.ok();
+        let marker = self.marker.join(" .. ");
         match outcome {
-            Ok(Some(to_marker)) => Ok(BootTiming {
-                to_marker,
-                to_kernel_init,
-                console,
-            }),
+            Ok(Some(to_marker)) => {
+                // Keep draining the console so a chatty guest never blocks on a full pipe.
+                tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+                let timing = BootTiming {
+                    to_marker,
+                    to_kernel_init,
+                    console,
+                };
+                Ok((timing, RunningVm { child }))
+            }
             Ok(None) => {
+                let _ = child.start_kill();
+                let status = child.wait().await.ok();
                 let mut stderr = String::new();
                 if let Some(mut pipe) = child.stderr.take() {
                     use tokio::io::AsyncReadExt as _;
                     let _ = pipe.read_to_string(&mut stderr).await;
                 }
                 Err(BootProbeError::Exited {
-                    marker: self.marker.clone(),
+                    marker,
                     status: status.map_or_else(|| "unknown".to_owned(), |s| s.to_string()),
                     tail: tail(&format!("{console}{stderr}")),
                 })
             }
-            Err(_) => Err(BootProbeError::Timeout {
-                marker: self.marker.clone(),
-                after: self.timeout,
-                tail: tail(&console),
-            }),
+            Err(_) => {
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+                Err(BootProbeError::Timeout {
+                    marker,
+                    after: self.timeout,
+                    tail: tail(&console),
+                })
+            }
         }
+    }
+}
+
+/// A VM started by [`BootProbe::start`]; QEMU is killed on drop.
+#[derive(Debug)]
+pub struct RunningVm {
+    child: tokio::process::Child,
+}
+
+impl RunningVm {
+    /// Kills QEMU and waits for it to exit.
+    pub async fn kill(&mut self) {
+        let _ = self.child.start_kill();
+        let _ = self.child.wait().await;
     }
 }
 
@@ -258,6 +305,24 @@ mod tests {
             .map(|i| args[i + 1].clone());
         assert_eq!(append.as_deref(), Some(DEFAULT_CMDLINE));
         assert!(!joined.contains("-initrd"));
+        assert!(!joined.contains("virtio-serial"));
+
+        let mut probe = probe;
+        probe.agent_socket = Some("/s/agent.sock".into());
+        let args: Vec<String> = probe
+            .command()
+            .as_std()
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        let joined = args.join(" ");
+        assert!(
+            joined.contains(
+                "-device virtio-serial-device -chardev socket,id=agent,server=on,wait=off,\
+                 path=/s/agent.sock -device virtserialport,chardev=agent,name=org.nova.agent"
+            ),
+            "{joined}"
+        );
     }
 
     #[tokio::test]
@@ -265,7 +330,7 @@ mod tests {
         // `/bin/sh` stands in for QEMU and rejects `-M` at once: the probe
         // must report the exit, not wait for its timeout.
         let mut probe = BootProbe::new("/bin/sh".into(), "k".into(), "r".into());
-        probe.marker = "never printed".into();
+        probe.marker = vec!["never printed".into()];
         let err = probe.run().await.unwrap_err();
         assert!(matches!(err, BootProbeError::Exited { .. }), "{err:?}");
     }

@@ -5,7 +5,8 @@
 //! pack it, write the manifest in the seed's format through nova-core's
 //! [`TemplateManager`], and publish `$NOVA_HOME/templates/<id>/` in one
 //! rename. A finished template is itself cached: its key (kernel key, recipe,
-//! agent binary, base tree) is stored in `cache/templates/<id>.key`, and a
+//! agent binary, base tree) is stored in the template directory itself
+//! ([`BUILD_KEY_FILE`], so it always describes the files beside it), and a
 //! rebuild with an unchanged key that still loads through `TemplateManager`
 //! returns at once, which is what makes a second `make images` take seconds.
 
@@ -17,7 +18,7 @@ use nova_core::template::{
     KERNEL_FILE, ROOTFS_FILE, Template, TemplateError, TemplateManager, TemplateManifest,
 };
 
-use crate::boot_probe::{BootProbe, BootProbeError};
+use crate::boot_probe::{AGENT_READY_MARKER, BootProbe, BootProbeError};
 use crate::cache::{self, CacheDir, CacheKey};
 use crate::host_tools;
 use crate::kernel::{self, BuildKernelError, KernelSource};
@@ -27,6 +28,9 @@ use crate::rootfs::{self, BuildRootfsError, minimal};
 /// Where `cargo build -p nova-agent --profile agent --target x86_64-unknown-linux-gnu`
 /// puts the static agent, relative to the workspace root.
 pub const DEFAULT_AGENT_PATH: &str = "target/x86_64-unknown-linux-gnu/agent/nova-agent";
+
+/// File in a template directory holding the cache key it was built from.
+pub const BUILD_KEY_FILE: &str = ".nova-build-key";
 
 /// How a template's root filesystem is made.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -233,10 +237,8 @@ pub async fn build_template(
             key.push("debootstrap", debian_spec.cache_key().hex().as_bytes());
         }
     }
-    let key_file = cache
-        .subdir("templates")
-        .map_err(io_err(cache.root()))?
-        .join(format!("{}.key", spec.id));
+    let dest = templates.join(&spec.id);
+    let key_file = dest.join(BUILD_KEY_FILE);
     if !opts.force && !opts.rebuild_all {
         let stored = std::fs::read_to_string(&key_file).unwrap_or_default();
         if stored.trim() == key.hex()
@@ -254,7 +256,6 @@ pub async fn build_template(
         }
     }
 
-    let dest = templates.join(&spec.id);
     cache::sweep_leftovers(&dest).map_err(io_err(&templates))?;
     let staging = cache::staging_dir_for(&dest).map_err(io_err(&templates))?;
     let tree = staging.path().join(".rootfs-tree");
@@ -296,8 +297,9 @@ pub async fn build_template(
         packages: spec.packages.clone(),
     };
     TemplateManager::write_manifest(staging.path(), &manifest).map_err(io_err(staging.path()))?;
+    let staged_key = staging.path().join(BUILD_KEY_FILE);
+    std::fs::write(&staged_key, key.hex() + "\n").map_err(io_err(&staged_key))?;
     cache::publish_dir(staging, &dest).map_err(io_err(&dest))?;
-    std::fs::write(&key_file, key.hex() + "\n").map_err(io_err(&key_file))?;
     let template = manager.load(&spec.id)?;
     tracing::info!(id = %spec.id, mib = rootfs_bytes >> 20, dir = %template.dir.display(), "template installed");
     Ok(BuildReport {
@@ -314,14 +316,22 @@ pub fn disk_size_gb(bytes: u64) -> f64 {
     (bytes as f64 / 1e9 * 1000.0).round() / 1000.0
 }
 
-/// Boots the new template to its init under QEMU TCG and returns the time in
-/// ms, or 0 (with a warning) when QEMU is missing or the boot fails.
+/// Boots the new template under QEMU (TCG) until nova-agent logs `ready`
+/// and returns the host-measured time in ms (spawn to ready), or 0 with a
+/// warning when QEMU is missing or the boot fails. Under TCG this is seconds;
+/// with KVM it is far less, so treat it as this host's figure.
 async fn measure_boot(vmlinux: &Path, rootfs: &Path) -> u64 {
     let Some(qemu) = host_tools::find_program("qemu-system-x86_64") else {
         tracing::warn!("qemu-system-x86_64 not found: boot_time_ms recorded as 0");
         return 0;
     };
-    let probe = BootProbe::new(qemu, vmlinux.to_owned(), rootfs.to_owned());
+    let Ok(sockets) = tempfile::tempdir() else {
+        tracing::warn!("no temporary directory for the agent socket: boot_time_ms recorded as 0");
+        return 0;
+    };
+    let mut probe = BootProbe::new(qemu, vmlinux.to_owned(), rootfs.to_owned());
+    probe.agent_socket = Some(sockets.path().join("agent.sock"));
+    probe.marker = AGENT_READY_MARKER.iter().map(|p| (*p).to_owned()).collect();
     match probe.run().await {
         Ok(timing) => u64::try_from(timing.to_marker.as_millis()).unwrap_or(u64::MAX),
         Err(

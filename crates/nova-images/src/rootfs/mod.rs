@@ -354,9 +354,7 @@ pub async fn make_ext4(
     let tool = |name: &str| host_tools::find_program(name).unwrap_or_else(|| name.into());
     // resize2fs insists on a freshly checked filesystem.
     command::run_logged(
-        Command::new(tool("e2fsck"))
-            .args(["-f", "-y"])
-            .arg(image),
+        Command::new(tool("e2fsck")).args(["-f", "-y"]).arg(image),
         log,
     )
     .await
