@@ -11,6 +11,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod doctor;
 mod run;
 mod template;
@@ -33,6 +34,9 @@ enum Commands {
     Doctor(doctor::DoctorArgs),
     /// Boot a sandbox, run a command in it, print the boot time, stop it.
     Run(run::RunArgs),
+    /// Measure boot latency and NovaSandbox's overhead on this host.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
     /// Build and list templates.
     #[command(subcommand)]
     Template(TemplateCommand),
@@ -63,6 +67,7 @@ fn main() -> ExitCode {
         match cli.command {
             Commands::Doctor(args) => doctor::run(&args),
             Commands::Run(args) => run::run(args).await,
+            Commands::Bench(cmd) => bench::run(cmd).await.map(|()| ExitCode::SUCCESS),
             Commands::Template(TemplateCommand::List) => list_templates(),
             Commands::Template(TemplateCommand::Build(args)) => {
                 template::build(&args).await.map(|()| ExitCode::SUCCESS)

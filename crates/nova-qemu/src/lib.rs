@@ -15,6 +15,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod baseline;
 pub mod cmdline;
 mod hypervisor;
 pub mod qmp;

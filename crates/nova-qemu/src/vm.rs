@@ -86,10 +86,10 @@ impl Drop for Resources {
             // `kill_on_drop` is set too; the runtime reaps the process.
             let _ = child.start_kill();
         }
-        if let Err(e) = std::fs::remove_dir_all(&self.dir) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                tracing::warn!(dir = %self.dir.display(), error = %e, "cannot remove sandbox directory");
-            }
+        if let Err(e) = std::fs::remove_dir_all(&self.dir)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(dir = %self.dir.display(), error = %e, "cannot remove sandbox directory");
         }
     }
 }
@@ -425,18 +425,16 @@ impl BootedVm {
             .into());
         }
         let mut vmm = VmmStats::default();
-        if let Some(pid) = self.info.vmm_pid {
-            if let Ok(usage) = process_usage(pid) {
-                vmm.rss_bytes = usage.rss_bytes;
-                vmm.cpu_user_us = usage.cpu_user_us;
-                vmm.cpu_system_us = usage.cpu_system_us;
-            }
+        if let Some(usage) = self.info.vmm_pid.and_then(|pid| process_usage(pid).ok()) {
+            vmm.rss_bytes = usage.rss_bytes;
+            vmm.cpu_user_us = usage.cpu_user_us;
+            vmm.cpu_system_us = usage.cpu_system_us;
         }
-        if self.info.state != SandboxState::Failed {
-            if let Ok((read, written)) = self.qmp.block_bytes().await {
-                vmm.block_read_bytes = Some(read);
-                vmm.block_write_bytes = Some(written);
-            }
+        if self.info.state != SandboxState::Failed
+            && let Ok((read, written)) = self.qmp.block_bytes().await
+        {
+            vmm.block_read_bytes = Some(read);
+            vmm.block_write_bytes = Some(written);
         }
         // A paused guest cannot answer; report the host's view only.
         let guest = if self.info.state == SandboxState::Running {
@@ -492,11 +490,11 @@ impl BootedVm {
     /// Asks the agent to sync and power off, and waits for QEMU to exit;
     /// gives up (the caller then kills QEMU) after [`GRACEFUL_STOP_TIMEOUT`].
     async fn graceful_shutdown(&mut self, was: SandboxState) {
-        if was == SandboxState::Paused {
-            if let Err(e) = self.qmp.cont().await {
-                tracing::warn!(error = %e, "cannot resume the guest for a graceful stop; killing it");
-                return;
-            }
+        if was == SandboxState::Paused
+            && let Err(e) = self.qmp.cont().await
+        {
+            tracing::warn!(error = %e, "cannot resume the guest for a graceful stop; killing it");
+            return;
         }
         let started = Instant::now();
         let shutdown = async {

@@ -1,6 +1,8 @@
 //! End-to-end tests: real microVMs under QEMU (TCG on hosts without hardware
 //! KVM), booted from the templates `make images` built.
 
+#![allow(clippy::unwrap_used, reason = "test code")]
+
 mod common;
 
 use std::time::Duration;
@@ -187,7 +189,10 @@ async fn a_paused_guest_makes_no_progress() {
         tokio::time::sleep(Duration::from_millis(100)).await;
         last = read().await;
     }
-    assert!(last > after + 5, "counter stuck at {last} after resume (was {after})");
+    assert!(
+        last > after + 5,
+        "counter stuck at {last} after resume (was {after})"
+    );
     // A paused sandbox can be stopped, gracefully.
     sandbox.pause().await.unwrap();
     sandbox.stop(false).await.unwrap();
@@ -201,13 +206,12 @@ async fn three_sandboxes_at_once_are_isolated_and_leave_the_template_alone() {
     };
     let rootfs = common::shared_templates().join("minimal/rootfs.ext4");
     let digest_before = file_digest(&rootfs);
-    let boxes = futures_join3(
+    let (a, b, c) = tokio::join!(
         t.hypervisor.create_sandbox(config("minimal")),
         t.hypervisor.create_sandbox(config("minimal")),
         t.hypervisor.create_sandbox(config("minimal")),
-    )
-    .await;
-    let boxes: Vec<_> = boxes.into_iter().map(Result::unwrap).collect();
+    );
+    let boxes = [a.unwrap(), b.unwrap(), c.unwrap()];
     let mut ids: Vec<_> = boxes.iter().map(|b| b.id().clone()).collect();
     ids.sort();
     ids.dedup();
@@ -353,18 +357,4 @@ fn file_digest(path: &std::path::Path) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     std::fs::read(path).unwrap().hash(&mut h);
     h.finish()
-}
-
-async fn futures_join3<A: std::future::Future, B: std::future::Future, C: std::future::Future>(
-    a: A,
-    b: B,
-    c: C,
-) -> Vec<A::Output>
-where
-    A::Output: Sized,
-    B: std::future::Future<Output = A::Output>,
-    C: std::future::Future<Output = A::Output>,
-{
-    let (a, b, c) = tokio::join!(a, b, c);
-    vec![a, b, c]
 }

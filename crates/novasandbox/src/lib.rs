@@ -34,6 +34,7 @@ pub mod core {
 
 /// The backends.
 pub mod providers {
+    pub use nova_qemu::baseline::raw_boot;
     pub use nova_qemu::{QemuHypervisor, QemuOptions};
 }
 
@@ -68,8 +69,13 @@ pub fn detect_in(home: NovaHome) -> Result<Arc<dyn Hypervisor>, DetectError> {
     let choice = match choice {
         BackendChoice::Firecracker { .. } => match &report.qemu {
             Ok(qemu) => {
-                tracing::warn!("the Firecracker provider is not available yet; using QEMU with KVM");
-                BackendChoice::Qemu { binary: qemu.path.clone(), accel: nova_core::host::Accel::Kvm }
+                tracing::warn!(
+                    "the Firecracker provider is not available yet; using QEMU with KVM"
+                );
+                BackendChoice::Qemu {
+                    binary: qemu.path.clone(),
+                    accel: nova_core::host::Accel::Kvm,
+                }
             }
             Err(_) => {
                 return Err(NoBackend {
@@ -84,8 +90,14 @@ pub fn detect_in(home: NovaHome) -> Result<Arc<dyn Hypervisor>, DetectError> {
         },
         qemu => qemu,
     };
-    if let BackendChoice::Qemu { accel: nova_core::host::Accel::Tcg, .. } = choice {
-        tracing::warn!("no hardware KVM: guests run under QEMU's emulation (TCG); boots take seconds");
+    if let BackendChoice::Qemu {
+        accel: nova_core::host::Accel::Tcg,
+        ..
+    } = choice
+    {
+        tracing::warn!(
+            "no hardware KVM: guests run under QEMU's emulation (TCG); boots take seconds"
+        );
     }
     let options = providers::QemuOptions::from_choice(home, &choice)
         .expect("the choice was narrowed to QEMU above");

@@ -1,0 +1,178 @@
+//! `nova bench`: benchmarks a user runs on their own host.
+//!
+//! `nova bench boot` boots N sandboxes one after another through
+//! NovaSandbox and N times the same kernel, rootfs and command line through
+//! QEMU by hand, interleaved so that both see the same machine load, and
+//! prints p50 / p99 of each, NovaSandbox's boot breakdown, and the overhead
+//! (NovaSandbox's p50 over the hand-driven p50).
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use novasandbox::core::{Hypervisor, NovaHome, SandboxConfig, TemplateManager};
+use novasandbox::providers::{QemuHypervisor, QemuOptions};
+
+/// `nova bench` subcommands.
+#[derive(Debug, clap::Subcommand)]
+pub(crate) enum BenchCommand {
+    /// Cold-boot latency: create -> ready through NovaSandbox vs QEMU by hand.
+    Boot(BootArgs),
+}
+
+/// Arguments of `nova bench boot`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct BootArgs {
+    /// Template to boot.
+    #[arg(long, short = 't', default_value = "minimal")]
+    template: String,
+    /// Boots of each kind.
+    #[arg(long, short = 'n', default_value_t = 10)]
+    iterations: usize,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 256)]
+    memory: u32,
+    /// vCPUs.
+    #[arg(long, default_value_t = 1)]
+    vcpus: u8,
+}
+
+/// Runs `nova bench`.
+pub(crate) async fn run(command: BenchCommand) -> anyhow::Result<()> {
+    match command {
+        BenchCommand::Boot(args) => boot(args).await,
+    }
+}
+
+async fn boot(args: BootArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(args.iterations > 0, "--iterations must be at least 1");
+    let options = QemuOptions::detect()?;
+    let home = options.home.clone();
+    let template = TemplateManager::new(home.templates_dir()).load(&args.template)?;
+    let config = SandboxConfig::builder()
+        .template_id(&args.template)
+        .memory_mb(args.memory)
+        .vcpus(args.vcpus)
+        .boot_timeout_ms(120_000)
+        .enable_network(false)
+        .build()?;
+    let hypervisor = QemuHypervisor::new(options.clone());
+    let workdir = tempfile::Builder::new()
+        .prefix("nova-bench-")
+        .tempdir_in(bench_tmp(&home))?;
+
+    eprintln!(
+        "nova bench boot: template {}, {} MiB, {} vCPU, accel {}, {} boots each (interleaved)",
+        args.template, args.memory, args.vcpus, options.accel, args.iterations
+    );
+    let mut nova = Samples::default();
+    let mut create = Samples::default();
+    let mut spawn = Samples::default();
+    let mut guest = Samples::default();
+    let mut prepare = Samples::default();
+    let mut raw = Samples::default();
+    for i in 0..args.iterations {
+        let started = Instant::now();
+        let sandbox = hypervisor
+            .create_sandbox(config.clone())
+            .await
+            .context("NovaSandbox boot failed")?;
+        create.push(started.elapsed());
+        let b = sandbox
+            .info()
+            .boot
+            .clone()
+            .context("a ready sandbox has boot timings")?;
+        nova.push_ms(b.boot_time_ms);
+        spawn.push_ms(b.spawn_ms);
+        guest.push_ms(b.guest_ms);
+        prepare.push_ms(b.prepare_ms);
+        sandbox.stop(true).await?;
+
+        let r = novasandbox::providers::raw_boot(&options, &template, &config, workdir.path())
+            .await
+            .map_err(|e| anyhow::anyhow!("raw QEMU boot failed: {e}"))?;
+        raw.push(r);
+        eprintln!(
+            "  boot {:>3}: nova {:>8.1} ms   raw qemu {:>8.1} ms",
+            i + 1,
+            b.boot_time_ms,
+            ms(r)
+        );
+    }
+    println!("{:<36} {:>10} {:>10}", "", "p50 ms", "p99 ms");
+    for (name, s) in [
+        ("nova: spawn -> agent ready", &nova),
+        ("  spawn -> QMP ready", &spawn),
+        ("  QMP ready -> agent ready", &guest),
+        ("  prepare (dir, scratch disk)", &prepare),
+        ("nova: create_sandbox() call", &create),
+        ("raw qemu: spawn -> agent ready", &raw),
+    ] {
+        println!(
+            "{name:<36} {:>10.1} {:>10.1}",
+            s.percentile(50.0),
+            s.percentile(99.0)
+        );
+    }
+    let overhead = nova.percentile(50.0) / raw.percentile(50.0) - 1.0;
+    println!(
+        "overhead (p50 nova / p50 raw - 1): {:+.1}%",
+        overhead * 100.0
+    );
+    Ok(())
+}
+
+/// A short directory for the hand-driven boots' sockets.
+fn bench_tmp(home: &NovaHome) -> std::path::PathBuf {
+    let tmp = std::env::temp_dir();
+    if tmp.as_os_str().len() < 40 {
+        tmp
+    } else {
+        home.root().to_owned()
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+#[derive(Debug, Default)]
+struct Samples(Vec<f64>);
+
+impl Samples {
+    fn push(&mut self, d: Duration) {
+        self.0.push(ms(d));
+    }
+
+    fn push_ms(&mut self, v: f64) {
+        self.0.push(v);
+    }
+
+    /// Nearest-rank percentile.
+    fn percentile(&self, p: f64) -> f64 {
+        let mut v = self.0.clone();
+        v.sort_by(f64::total_cmp);
+        if v.is_empty() {
+            return f64::NAN;
+        }
+        let rank = ((p / 100.0) * v.len() as f64).ceil() as usize;
+        v[rank.clamp(1, v.len()) - 1]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nearest_rank_percentiles() {
+        let s = Samples((1..=100).map(f64::from).collect());
+        assert_eq!(s.percentile(50.0), 50.0);
+        assert_eq!(s.percentile(99.0), 99.0);
+        assert_eq!(s.percentile(100.0), 100.0);
+        let one = Samples(vec![7.0]);
+        assert_eq!(one.percentile(50.0), 7.0);
+        assert_eq!(one.percentile(99.0), 7.0);
+        assert!(Samples::default().percentile(50.0).is_nan());
+    }
+}

@@ -1,0 +1,71 @@
+//! QEMU booted by hand: the baseline that NovaSandbox's overhead is measured
+//! against (`nova bench boot`).
+//!
+//! [`raw_boot`] starts QEMU with exactly the command line a sandbox gets,
+//! connects to the agent socket and completes the protocol handshake, with
+//! none of the provider's machinery (no QMP session, no state task, no
+//! registry). The scratch disk is made before the clock starts, as the
+//! provider's is.
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use nova_core::config::SandboxConfig;
+use nova_core::template::Template;
+use nova_protocol::client::AgentClient;
+use tokio::net::UnixStream;
+
+use crate::QemuOptions;
+use crate::cmdline::VmSpec;
+
+/// Boots `template` by hand in `workdir` (a short path: it holds the
+/// sockets) and returns the time from spawn to the agent's handshake.
+pub async fn raw_boot(
+    options: &QemuOptions,
+    template: &Template,
+    config: &SandboxConfig,
+    workdir: &Path,
+) -> Result<Duration, Box<dyn std::error::Error + Send + Sync>> {
+    let scratch = workdir.join("scratch.ext4");
+    let _ = std::fs::remove_file(&scratch);
+    crate::scratch::create(&scratch, options.scratch_size_mb).await?;
+    let spec = VmSpec {
+        kernel: template.kernel_path(),
+        rootfs: template.rootfs_path(),
+        scratch: Some(scratch),
+        extra_drives: Vec::new(),
+        memory_mb: config.memory_mb,
+        vcpus: config.vcpus,
+        accel: options.accel,
+        qmp_socket: workdir.join("api.sock"),
+        agent_socket: workdir.join("vsock.sock"),
+        console_log: workdir.join("console.log"),
+        kernel_args: config.kernel_args.clone(),
+        hostname: "raw".into(),
+    };
+    let start = Instant::now();
+    let mut child = tokio::process::Command::new(&options.qemu_bin)
+        .args(spec.qemu_args())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    let timeout = Duration::from_millis(config.boot_timeout_ms);
+    let stream = loop {
+        match UnixStream::connect(&spec.agent_socket).await {
+            Ok(s) => break s,
+            Err(_) if start.elapsed() < timeout => tokio::time::sleep(Duration::from_micros(500)).await,
+            Err(e) => return Err(e.into()),
+        }
+    };
+    let (client, _hello) = AgentClient::connect(stream, timeout.saturating_sub(start.elapsed())).await?;
+    let elapsed = start.elapsed();
+    drop(client);
+    child.kill().await?;
+    for f in ["api.sock", "vsock.sock", "scratch.ext4"] {
+        let _ = std::fs::remove_file(workdir.join(f));
+    }
+    Ok(elapsed)
+}
