@@ -5,6 +5,8 @@
 #   make images   build the `minimal` and `python` templates into $NOVA_HOME (cached:
 #                 a second run is a cache hit and takes seconds)
 #   make bench-boot   boot our kernel and Debian's cloud kernel, print time to init
+#   make demo     boot a sandbox, run python3 in it, print the boot time (README's first command)
+#   make test     everything CI runs: deps, images, fmt, clippy, tests, examples (README's second)
 
 SHELL := /bin/bash
 CARGO ?= cargo
@@ -20,7 +22,7 @@ DEPS_PACKAGES := qemu-system-x86 linux-source-6.1 debootstrap debian-archive-key
 	xz-utils fakeroot
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: deps agent images bench-boot
+.PHONY: deps agent images bench-boot demo test lint examples
 
 deps:
 	@missing=$$(for p in $(DEPS_PACKAGES); do \
@@ -42,3 +44,23 @@ images: agent
 
 bench-boot: images
 	$(CARGO) bench -p nova-images --bench boot
+
+# The README's main command: a real microVM from the python template.
+demo: deps images
+	$(NOVA) run --template python -- python3 -c "import platform; print('Hello from a NovaSandbox microVM, Python', platform.python_version(), 'on', platform.release())"
+
+lint:
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+# The seed's examples, against real sandboxes.
+examples: images
+	NOVA_EXAMPLE_TEMPLATE=python $(CARGO) run --quiet -p novasandbox --example basic
+	NOVA_EXAMPLE_TEMPLATE=minimal $(CARGO) run --quiet -p novasandbox --example parallel
+	NOVA_EXAMPLE_TEMPLATE=python $(CARGO) run --quiet -p novasandbox --example monitor
+
+# The README's test command, and what CI runs: installs what the tests need,
+# builds the images (cached), then runs every test and example.
+test: deps images lint
+	$(CARGO) test --workspace
+	$(MAKE) examples
