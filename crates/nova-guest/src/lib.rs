@@ -9,8 +9,13 @@
 //! Streaming output keeps the agent protocol's back-pressure: stdout and
 //! stderr chunks are forwarded into a bounded channel, so a consumer that
 //! stops reading stops the guest command's output at its source.
+//!
+//! [`scratch`] makes the sparse ext4 scratch disk every provider gives a
+//! sandbox for its writable overlay.
 
 #![forbid(unsafe_code)]
+
+pub mod scratch;
 
 use std::time::Duration;
 

@@ -29,7 +29,7 @@ pub async fn raw_boot(
 ) -> Result<Duration, Box<dyn std::error::Error + Send + Sync>> {
     let scratch = workdir.join("scratch.ext4");
     let _ = std::fs::remove_file(&scratch);
-    crate::scratch::create(&scratch, options.scratch_size_mb).await?;
+    nova_guest::scratch::create_scratch_disk(&scratch, options.scratch_size_mb).await?;
     let spec = VmSpec {
         kernel: template.kernel_path(),
         rootfs: template.rootfs_path(),
@@ -56,11 +56,14 @@ pub async fn raw_boot(
     let stream = loop {
         match UnixStream::connect(&spec.agent_socket).await {
             Ok(s) => break s,
-            Err(_) if start.elapsed() < timeout => tokio::time::sleep(Duration::from_micros(500)).await,
+            Err(_) if start.elapsed() < timeout => {
+                tokio::time::sleep(Duration::from_micros(500)).await
+            }
             Err(e) => return Err(e.into()),
         }
     };
-    let (client, _hello) = AgentClient::connect(stream, timeout.saturating_sub(start.elapsed())).await?;
+    let (client, _hello) =
+        AgentClient::connect(stream, timeout.saturating_sub(start.elapsed())).await?;
     let elapsed = start.elapsed();
     drop(client);
     child.kill().await?;

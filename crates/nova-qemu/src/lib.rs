@@ -19,7 +19,6 @@ pub mod baseline;
 pub mod cmdline;
 mod hypervisor;
 pub mod qmp;
-mod scratch;
 mod vm;
 
 pub use hypervisor::{DEFAULT_SCRATCH_MB, QemuHypervisor, QemuOptions, QemuUnavailable};

@@ -152,7 +152,7 @@ pub(crate) async fn boot(params: BootParams<'_>) -> Result<BootedVm, CreateSandb
         dir: paths.dir().to_owned(),
     };
     if let Some(scratch) = &spec.scratch {
-        crate::scratch::create(scratch, scratch_size_mb).await?;
+        nova_guest::scratch::create_scratch_disk(scratch, scratch_size_mb).await?;
     }
     let log = std::fs::File::create(paths.vmm_log()).map_err(prepare_err(&paths.vmm_log()))?;
     let log2 = log.try_clone().map_err(prepare_err(&paths.vmm_log()))?;

@@ -1,4 +1,4 @@
-//! The sandbox's private writable disk.
+//! The sandbox's private writable disk, shared by every provider.
 //!
 //! A sparse file formatted as ext4 without a journal (the disk dies with the
 //! sandbox, so crash consistency buys nothing) and with lazy inode-table
@@ -12,7 +12,7 @@ use nova_core::error::CreateSandboxError;
 use tokio::process::Command;
 
 /// Formats a new sparse ext4 image of `size_mb` MiB at `path`.
-pub(crate) async fn create(path: &Path, size_mb: u64) -> Result<(), CreateSandboxError> {
+pub async fn create_scratch_disk(path: &Path, size_mb: u64) -> Result<(), CreateSandboxError> {
     let prepare = |source| CreateSandboxError::Prepare {
         path: path.to_owned(),
         source,
@@ -56,7 +56,7 @@ mod tests {
     async fn makes_a_sparse_ext4_image() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("scratch.ext4");
-        create(&path, 1024).await.unwrap();
+        create_scratch_disk(&path, 1024).await.unwrap();
         let meta = std::fs::metadata(&path).unwrap();
         assert_eq!(meta.len(), 1024 * 1024 * 1024);
         assert!(
@@ -69,6 +69,6 @@ mod tests {
         // The ext4 superblock magic 0xEF53 at offset 1024 + 56.
         assert_eq!(&image[1024 + 56..1024 + 58], &[0x53, 0xEF]);
         // An existing file is never overwritten.
-        assert!(create(&path, 16).await.is_err());
+        assert!(create_scratch_disk(&path, 16).await.is_err());
     }
 }
