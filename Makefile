@@ -12,7 +12,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 AGENT_TARGET := x86_64-unknown-linux-gnu
 AGENT_BIN := target/$(AGENT_TARGET)/agent/nova-agent
-NOVA := $(CARGO) run --quiet -p nova-cli --
+NOVA := target/debug/nova
 TEMPLATES ?= minimal python
 
 # Host packages: QEMU (TCG fallback and tests), the kernel source and its build
@@ -22,7 +22,7 @@ DEPS_PACKAGES := qemu-system-x86 linux-source-6.1 debootstrap debian-archive-key
 	xz-utils fakeroot
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: deps agent images bench-boot demo test lint examples
+.PHONY: deps agent nova images bench-boot demo test lint examples
 
 deps:
 	@missing=$$(for p in $(DEPS_PACKAGES); do \
@@ -39,7 +39,10 @@ deps:
 agent:
 	RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build -p nova-agent --profile agent --target $(AGENT_TARGET)
 
-images: agent
+nova:
+	$(CARGO) build --quiet -p nova-cli
+
+images: agent nova
 	@for t in $(TEMPLATES); do $(NOVA) template build $$t --agent $(AGENT_BIN) || exit 1; done
 
 bench-boot: images
