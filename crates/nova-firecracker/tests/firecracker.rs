@@ -1,0 +1,425 @@
+//! Integration tests against a real Firecracker (`NOVA_FIRECRACKER_BIN`).
+//!
+//! They drive the VMM lifecycle with a minimal test guest (see
+//! `common/mod.rs`), so they run on hosts whose KVM cannot boot a standard
+//! kernel. The agent lifecycle (ready, exec) needs a real template and
+//! hardware KVM: `NOVA_TEST_KVM=1`.
+
+#![allow(clippy::unwrap_used, clippy::print_stdout, reason = "test code")]
+
+mod common;
+
+use std::time::Duration;
+
+use nova_core::config::SandboxConfig;
+use nova_core::error::{CreateSandboxError, ExecError};
+use nova_core::home::NovaHome;
+use nova_core::host::KvmStatus;
+use nova_core::hypervisor::Hypervisor;
+use nova_core::state::SandboxState;
+use nova_firecracker::api::{ApiError, InstanceState, LogLevel, SnapshotType};
+use nova_firecracker::binary::{FirecrackerBinary, Version};
+use nova_firecracker::jailer::JailLimits;
+use nova_firecracker::machine::{METRICS_FILE, MachineSpec};
+use nova_firecracker::process::{SpawnSpec, VmmExit, VmmProcess};
+use nova_firecracker::stats::MetricsReader;
+use nova_firecracker::{FirecrackerHypervisor, FirecrackerOptions, SnapshotError};
+use tokio::time::Instant;
+
+fn test_config(template: &str) -> SandboxConfig {
+    SandboxConfig::builder()
+        .template_id(template)
+        .memory_mb(128)
+        .vcpus(1)
+        .boot_timeout_ms(20_000)
+        .build()
+        .unwrap()
+}
+
+/// Spawn, configure, `InstanceStart`, pause/resume as `GET /` reports it,
+/// metrics flush, a refused request carrying Firecracker's fault message,
+/// and a graceful end: Ctrl+Alt+Del makes the guest reset, and Firecracker
+/// exits with code 0.
+#[tokio::test]
+async fn vmm_lifecycle_through_the_typed_api() {
+    let Some(fc) = common::firecracker("vmm_lifecycle_through_the_typed_api") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    common::write_test_kernel(&dir.path().join("vmlinux"));
+    let rootfs = std::fs::File::create(dir.path().join("rootfs.ext4")).unwrap();
+    rootfs.set_len(1024 * 1024).unwrap();
+    let spec = SpawnSpec {
+        firecracker: fc.path(),
+        id: "lifecycle-1",
+        workdir: dir.path(),
+        jail: None,
+        limits: JailLimits {
+            memory_mib: 128,
+            vcpus: 1,
+        },
+        output: &dir.path().join("console.log"),
+        boot_timer: false,
+        extra_args: &[],
+    };
+    let mut vmm = VmmProcess::spawn(&spec).await.unwrap();
+    let pid = vmm.pid().unwrap();
+    let mut api = vmm
+        .wait_api(Instant::now() + Duration::from_secs(10))
+        .await
+        .unwrap();
+    let info = api.instance_info().await.unwrap();
+    assert_eq!(info.id, "lifecycle-1");
+    assert_eq!(info.state, InstanceState::NotStarted);
+    assert_eq!(Version::parse(&info.vmm_version), Some(fc.version));
+    assert_eq!(
+        Version::parse(&api.version().await.unwrap().firecracker_version),
+        Some(fc.version)
+    );
+
+    // A refused request: Firecracker's own reason reaches the caller.
+    let mut broken = MachineSpec {
+        kernel: dir.path().join("no-such-kernel").to_string_lossy().into(),
+        rootfs: "rootfs.ext4".into(),
+        scratch: None,
+        extra_drives: Vec::new(),
+        memory_mib: 128,
+        vcpus: 1,
+        kernel_args: "panic=1".into(),
+        hostname: "t".into(),
+        serial_console: false,
+        track_dirty_pages: false,
+        vsock_uds: "vsock.sock".into(),
+        metrics_path: Some(METRICS_FILE.into()),
+        log_path: Some("vmm.log".into()),
+        log_level: LogLevel::Info,
+        entropy: true,
+        balloon: None,
+        network: Vec::new(),
+    };
+    let err = api
+        .put_boot_source(&broken.boot_source())
+        .await
+        .unwrap_err();
+    let fault = err.fault_message().unwrap().to_owned();
+    assert!(matches!(err, ApiError::Fault { .. }));
+    assert!(!fault.is_empty());
+    println!("Firecracker refused a missing kernel with: {fault}");
+
+    broken.kernel = "vmlinux".into();
+    let spec_ok = broken;
+    spec_ok.configure(&mut api).await.unwrap();
+    let config = api.machine_config().await.unwrap();
+    assert_eq!((config.vcpu_count, config.mem_size_mib), (1, 128));
+    api.instance_start().await.unwrap();
+    assert_eq!(
+        api.instance_info().await.unwrap().state,
+        InstanceState::Running
+    );
+    // A second start is refused, with a reason.
+    assert!(
+        api.instance_start()
+            .await
+            .unwrap_err()
+            .fault_message()
+            .is_some()
+    );
+
+    api.pause().await.unwrap();
+    assert_eq!(
+        api.instance_info().await.unwrap().state,
+        InstanceState::Paused
+    );
+    api.resume().await.unwrap();
+    assert_eq!(
+        api.instance_info().await.unwrap().state,
+        InstanceState::Running
+    );
+
+    // The guest polls the i8042 status port: each poll is a port I/O exit.
+    let mut metrics = MetricsReader::new(dir.path().join(METRICS_FILE));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let totals = loop {
+        api.flush_metrics().await.unwrap();
+        let totals = metrics.read_new().unwrap().clone();
+        if totals.vcpu.exit_io_in > 0 || Instant::now() > deadline {
+            break totals;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(totals.flushes >= 1, "{totals:?}");
+    assert!(totals.vcpu.exit_io_in > 0, "{totals:?}");
+
+    api.send_ctrl_alt_del().await.unwrap();
+    let exit = tokio::time::timeout(Duration::from_secs(10), vmm.wait())
+        .await
+        .expect("the guest resets after Ctrl+Alt+Del");
+    assert_eq!(exit, VmmExit::Code(0), "{exit}");
+    assert!(!common::alive(pid));
+}
+
+/// The provider end to end without an agent: create, stats and metrics,
+/// pause/resume as Firecracker reports them, a full snapshot, a graceful
+/// stop, a restore into a fresh process, a forced stop, and nothing left.
+#[tokio::test]
+async fn sandbox_lifecycle_snapshot_and_restore() {
+    let Some(fc) = common::firecracker("sandbox_lifecycle_snapshot_and_restore") else {
+        return;
+    };
+    let home = tempfile::tempdir().unwrap();
+    common::install_test_template(home.path(), "fctest");
+    let hv = common::vmm_only(home.path(), fc);
+
+    let sandbox = hv.create_sandbox(test_config("fctest")).await.unwrap();
+    let id = sandbox.id().clone();
+    let boot = sandbox.info().boot.clone().unwrap();
+    println!("cold boot to InstanceStart: {boot:?}");
+    assert!(!boot.from_snapshot);
+    assert!(boot.spawn_ms > 0.0 && boot.configure_ms > 0.0);
+    assert_eq!(boot.guest_ms, 0.0, "no agent was waited for");
+    let pid = sandbox.info().vmm_pid.unwrap();
+    let dir = sandbox.info().dir.clone();
+    assert!(dir.join("scratch.ext4").exists());
+    assert!(dir.join("state.json").exists());
+    assert_eq!(
+        hv.instance_info(&id).await.unwrap().state,
+        InstanceState::Running
+    );
+
+    // Commands need the agent; the error says why there is none.
+    let err = sandbox.execute_command("true").await.unwrap_err();
+    assert!(matches!(err, ExecError::Agent(_)), "{err}");
+
+    let stats = hv.get_sandbox_stats(&id).await.unwrap();
+    assert!(stats.vmm.rss_bytes > 0, "{stats:?}");
+    assert!(stats.vmm.block_read_bytes.is_some(), "{stats:?}");
+    assert!(stats.guest.is_none());
+    // The guest polls the i8042 status port; wait until an exit is counted.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let metrics = loop {
+        let metrics = hv.vmm_metrics(&id).await.unwrap();
+        if metrics.vcpu.exit_io_in > 0 || Instant::now() > deadline {
+            break metrics;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(
+        metrics.flushes >= 2 && metrics.vcpu.exit_io_in > 0,
+        "{metrics:?}"
+    );
+
+    // A snapshot needs a paused VM.
+    let snap = home.path().join("snap");
+    assert!(matches!(
+        hv.snapshot_sandbox(&id, &snap, SnapshotType::Full).await,
+        Err(SnapshotError::NotPaused(SandboxState::Running))
+    ));
+    sandbox.pause().await.unwrap();
+    assert_eq!(
+        hv.instance_info(&id).await.unwrap().state,
+        InstanceState::Paused
+    );
+    // Diff snapshots need dirty-page tracking.
+    assert!(matches!(
+        hv.snapshot_sandbox(&id, &snap, SnapshotType::Diff).await,
+        Err(SnapshotError::DiffNeedsDirtyTracking)
+    ));
+    let started = std::time::Instant::now();
+    let info = hv
+        .snapshot_sandbox(&id, &snap, SnapshotType::Full)
+        .await
+        .unwrap();
+    println!("full snapshot of 128 MiB: {:?}", started.elapsed());
+    assert_eq!(info.source, id);
+    for file in ["vmstate", "memory", "scratch.ext4", "snapshot.json"] {
+        assert!(snap.join(file).exists(), "{file} missing");
+    }
+    sandbox.resume().await.unwrap();
+    assert_eq!(
+        hv.instance_info(&id).await.unwrap().state,
+        InstanceState::Running
+    );
+
+    // Graceful stop: Ctrl+Alt+Del, the guest resets, Firecracker exits.
+    let started = std::time::Instant::now();
+    sandbox.stop(false).await.unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "graceful stop took {:?} (it should not have waited for a kill)",
+        started.elapsed()
+    );
+    assert!(!common::alive(pid));
+    assert!(!dir.exists());
+    assert_eq!(hv.get(&id).await.unwrap().state, SandboxState::Stopped);
+
+    // Restore into a fresh process: it resumes where the snapshot was.
+    let restored = hv.create_sandbox_from_snapshot(&snap).await.unwrap();
+    let rid = restored.id().clone();
+    assert_ne!(rid, id);
+    let boot = restored.info().boot.clone().unwrap();
+    println!("restore to running: {boot:?}");
+    assert!(boot.from_snapshot);
+    let rpid = restored.info().vmm_pid.unwrap();
+    assert_eq!(
+        hv.instance_info(&rid).await.unwrap().state,
+        InstanceState::Running
+    );
+    assert!(restored.info().dir.join("scratch.ext4").exists());
+    restored.pause().await.unwrap();
+    assert_eq!(
+        hv.instance_info(&rid).await.unwrap().state,
+        InstanceState::Paused
+    );
+    // Forced stop of a paused sandbox.
+    restored.stop(true).await.unwrap();
+    assert!(!common::alive(rpid));
+    assert!(common::leftovers(home.path()).is_empty());
+    assert!(restored.pause().await.is_err());
+}
+
+/// Diff snapshots: with dirty-page tracking, a diff is merged into the full
+/// snapshot's memory file, and the result loads.
+#[tokio::test]
+async fn diff_snapshot_merges_into_the_full_one() {
+    let Some(fc) = common::firecracker("diff_snapshot_merges_into_the_full_one") else {
+        return;
+    };
+    let home = tempfile::tempdir().unwrap();
+    common::install_test_template(home.path(), "fctest");
+    let mut options = FirecrackerOptions::new(NovaHome::at(home.path()), fc);
+    options.wait_for_agent = false;
+    options.allow_non_hardware_kvm = true;
+    options.track_dirty_pages = true;
+    options.scratch_size_mb = 64;
+    let hv = FirecrackerHypervisor::new(options);
+    let sandbox = hv.create_sandbox(test_config("fctest")).await.unwrap();
+    let id = sandbox.id().clone();
+    let snap = home.path().join("snap");
+    sandbox.pause().await.unwrap();
+    assert!(matches!(
+        hv.snapshot_sandbox(&id, &snap, SnapshotType::Diff).await,
+        Err(SnapshotError::DiffWithoutBase(_))
+    ));
+    hv.snapshot_sandbox(&id, &snap, SnapshotType::Full)
+        .await
+        .unwrap();
+    sandbox.resume().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    sandbox.pause().await.unwrap();
+    let diff = hv
+        .snapshot_sandbox(&id, &snap, SnapshotType::Diff)
+        .await
+        .unwrap();
+    assert_eq!(diff.kind, SnapshotType::Diff);
+    sandbox.stop(true).await.unwrap();
+    let restored = hv.create_sandbox_from_snapshot(&snap).await.unwrap();
+    assert_eq!(
+        hv.instance_info(restored.id()).await.unwrap().state,
+        InstanceState::Running
+    );
+    restored.stop(false).await.unwrap();
+    assert!(common::leftovers(home.path()).is_empty());
+}
+
+/// Waiting for an agent that never comes ends in a boot timeout that quotes
+/// the VMM's log, and leaves nothing behind.
+#[tokio::test]
+async fn agent_wait_times_out_and_cleans_up() {
+    let Some(fc) = common::firecracker("agent_wait_times_out_and_cleans_up") else {
+        return;
+    };
+    let home = tempfile::tempdir().unwrap();
+    common::install_test_template(home.path(), "fctest");
+    let mut options = FirecrackerOptions::new(NovaHome::at(home.path()), fc);
+    options.allow_non_hardware_kvm = true;
+    options.scratch_size_mb = 64;
+    let hv = FirecrackerHypervisor::new(options);
+    let mut config = test_config("fctest");
+    config.boot_timeout_ms = 1500;
+    let started = std::time::Instant::now();
+    let err = hv.create_sandbox(config).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            CreateSandboxError::BootTimeout {
+                timeout_ms: 1500,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert!(common::leftovers(home.path()).is_empty());
+    assert!(hv.list().await.is_empty());
+}
+
+/// A paravirtualized KVM is refused unless the caller opted in, with a
+/// message that says what to do. Runs without Firecracker: the check comes
+/// before anything is spawned.
+#[tokio::test]
+async fn paravirtualized_kvm_is_refused_unless_allowed() {
+    let home = tempfile::tempdir().unwrap();
+    common::install_test_template(home.path(), "fctest");
+    let binary = FirecrackerBinary {
+        path: "/nonexistent/firecracker".into(),
+        version: Version::new(1, 16, 1),
+    };
+    let hv = FirecrackerHypervisor::new(FirecrackerOptions::new(NovaHome::at(home.path()), binary));
+    if !matches!(hv.kvm(), KvmStatus::Paravirtualized { .. }) {
+        println!(
+            "SKIP paravirtualized_kvm_is_refused_unless_allowed: this host's KVM is {}",
+            hv.kvm()
+        );
+        return;
+    }
+    let err = hv.create_sandbox(test_config("fctest")).await.unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        matches!(err, CreateSandboxError::Unsupported { .. }),
+        "{msg}"
+    );
+    assert!(msg.contains("allow_non_hardware_kvm"), "{msg}");
+    assert!(common::leftovers(home.path()).is_empty());
+}
+
+/// The full lifecycle with the agent: needs hardware KVM and a template built
+/// by `make images` in `$NOVA_HOME`.
+#[tokio::test]
+async fn agent_lifecycle_on_hardware_kvm() {
+    let Some(fc) = common::firecracker("agent_lifecycle_on_hardware_kvm") else {
+        return;
+    };
+    if std::env::var_os("NOVA_TEST_KVM").is_none_or(|v| v != "1") {
+        println!("SKIP agent_lifecycle_on_hardware_kvm: NOVA_TEST_KVM=1 not set");
+        return;
+    }
+    let home = NovaHome::resolve().unwrap();
+    let template = std::env::var("NOVA_TEST_TEMPLATE").unwrap_or_else(|_| "python".into());
+    let hv = FirecrackerHypervisor::new(FirecrackerOptions::new(home, fc));
+    let config = SandboxConfig::builder()
+        .template_id(template)
+        .build()
+        .unwrap();
+    let sandbox = hv.create_sandbox(config).await.unwrap();
+    println!("boot: {:?}", sandbox.info().boot);
+    let out = sandbox.execute_command("echo $((6 * 7))").await.unwrap();
+    assert_eq!(out.stdout_lossy(), "42\n");
+    sandbox
+        .hypervisor()
+        .write_file(sandbox.id(), "/tmp/x", b"hello".to_vec(), 0o644)
+        .await
+        .unwrap();
+    assert_eq!(
+        sandbox
+            .hypervisor()
+            .read_file(sandbox.id(), "/tmp/x")
+            .await
+            .unwrap(),
+        b"hello"
+    );
+    let stats = sandbox.get_stats().await.unwrap();
+    assert!(stats.guest.is_some());
+    sandbox.pause().await.unwrap();
+    sandbox.resume().await.unwrap();
+    sandbox.stop(false).await.unwrap();
+}
