@@ -34,6 +34,10 @@ pub mod core {
 
 /// The backends.
 pub mod providers {
+    pub use nova_firecracker::{
+        FirecrackerHypervisor, FirecrackerOptions, FirecrackerUnavailable, SnapshotError,
+        SnapshotInfo,
+    };
     pub use nova_qemu::baseline::raw_boot;
     pub use nova_qemu::{QemuHypervisor, QemuOptions};
 }
@@ -54,8 +58,8 @@ pub enum DetectError {
 /// Firecracker with hardware KVM, QEMU with KVM, QEMU with TCG (which logs a
 /// warning: boots take seconds). Sandboxes live under `$NOVA_HOME`.
 ///
-/// Until the Firecracker provider lands, a host that would pick Firecracker
-/// gets QEMU with KVM.
+/// A Firecracker binary outside the supported version range is skipped with
+/// a warning (QEMU with KVM is used instead, if installed).
 pub fn detect() -> Result<Arc<dyn Hypervisor>, DetectError> {
     let home = NovaHome::resolve()?;
     detect_in(home)
@@ -67,27 +71,43 @@ pub fn detect_in(home: NovaHome) -> Result<Arc<dyn Hypervisor>, DetectError> {
     let (choice, why) = report.choose_backend()?;
     tracing::debug!(?choice, %why, "backend chosen");
     let choice = match choice {
-        BackendChoice::Firecracker { .. } => match &report.qemu {
-            Ok(qemu) => {
-                tracing::warn!(
-                    "the Firecracker provider is not available yet; using QEMU with KVM"
-                );
-                BackendChoice::Qemu {
-                    binary: qemu.path.clone(),
-                    accel: nova_core::host::Accel::Kvm,
+        BackendChoice::Firecracker { binary } => {
+            // The probe already ran `firecracker --version`; check its answer.
+            let version_line = report
+                .firecracker
+                .as_ref()
+                .ok()
+                .and_then(|found| found.version.as_deref());
+            match nova_firecracker::binary::FirecrackerBinary::from_version_line(
+                binary,
+                version_line,
+            ) {
+                Ok(firecracker) => {
+                    let options = providers::FirecrackerOptions::new(home, firecracker);
+                    return Ok(Arc::new(providers::FirecrackerHypervisor::new(options)));
                 }
+                Err(e) => match &report.qemu {
+                    Ok(qemu) => {
+                        tracing::warn!(error = %e, "cannot use Firecracker; using QEMU with KVM");
+                        BackendChoice::Qemu {
+                            binary: qemu.path.clone(),
+                            accel: nova_core::host::Accel::Kvm,
+                        }
+                    }
+                    Err(_) => {
+                        return Err(NoBackend {
+                            reasons: vec![
+                                e.to_string(),
+                                "QEMU is not installed either; install it with `apt-get \
+                                 install qemu-system-x86`"
+                                    .to_owned(),
+                            ],
+                        }
+                        .into());
+                    }
+                },
             }
-            Err(_) => {
-                return Err(NoBackend {
-                    reasons: vec![
-                        "the Firecracker provider is not available yet and QEMU is not installed; \
-                         install it with `apt-get install qemu-system-x86`"
-                            .to_owned(),
-                    ],
-                }
-                .into());
-            }
-        },
+        }
         qemu => qemu,
     };
     if let BackendChoice::Qemu {
