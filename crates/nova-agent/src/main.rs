@@ -243,7 +243,23 @@ async fn serve(
         "nova-agent {} ready",
         env!("CARGO_PKG_VERSION")
     );
-    let _ = shutdown_rx.recv().await;
+    if pid1 {
+        let _ = shutdown_rx.recv().await;
+    } else {
+        // Outside a VM, SIGTERM/SIGINT end the agent; take the commands'
+        // process groups along instead of leaving them orphaned.
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
+        let mut int = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
+        tokio::select! {
+            _ = shutdown_rx.recv() => {}
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
+        }
+        for pgid in agent.reaper.running() {
+            exec::kill_group(pgid, rustix::process::Signal::KILL);
+        }
+    }
     Ok(())
 }
 

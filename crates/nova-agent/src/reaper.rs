@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use nova_protocol::ExitStatus;
 use rustix::io::Errno;
-use rustix::process::{WaitOptions, waitpid};
+use rustix::process::{WaitOptions, wait};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::oneshot;
 
@@ -72,11 +72,19 @@ impl Reaper {
         Ok((child, rx))
     }
 
+    /// Pids of the commands still running (each is its own process group).
+    pub(crate) fn running(&self) -> Vec<i32> {
+        self.lock().keys().copied().collect()
+    }
+
     /// Reaps every child that has exited.
     fn reap_all(&self) {
         let mut waiters = self.lock();
         loop {
-            match waitpid(None, WaitOptions::NOHANG) {
+            // `wait` is `waitpid(-1)`: any child. (rustix's `waitpid(None)`
+            // is `waitpid(0)`, only our own process group, which would miss
+            // every command: each runs in a group of its own.)
+            match wait(WaitOptions::NOHANG) {
                 Ok(Some((pid, status))) => {
                     let pid = pid.as_raw_nonzero().get();
                     let status = if let Some(signal) = status.terminating_signal() {
@@ -113,9 +121,13 @@ mod tests {
         let reaper = Reaper::start().unwrap();
         let mut waits = Vec::new();
         for code in 0..20 {
-            let (_child, rx) = reaper
-                .spawn(Command::new("/bin/sh").args(["-c", &format!("exit {code}")]))
-                .unwrap();
+            // Half of them in process groups of their own, like commands.
+            let mut command = Command::new("/bin/sh");
+            command.args(["-c", &format!("exit {code}")]);
+            if code % 2 == 0 {
+                std::os::unix::process::CommandExt::process_group(&mut command, 0);
+            }
+            let (_child, rx) = reaper.spawn(&mut command).unwrap();
             waits.push((code, rx));
         }
         let (_child, killed) = reaper

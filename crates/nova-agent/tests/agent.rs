@@ -1,0 +1,564 @@
+//! The agent as a normal process on a Unix socket, driven by the real client.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::{TestAgent, process_gone, pseudo_random, wait_until};
+use nova_protocol::client::ClientError;
+use nova_protocol::frame::{self, FrameReader};
+use nova_protocol::{
+    AgentMessage, ClientMessage, ExecSpec, ExitStatus, FileKind, Hello, HelloReply, PtySize,
+    RemoteErrorKind, Request, SUPPORTED_VERSIONS,
+};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshake_reports_versions_and_guest_timing() {
+    let agent = TestAgent::start().await;
+    let (client, info) = agent.connect().await;
+    assert_eq!(info.protocol_version, nova_protocol::PROTOCOL_VERSION);
+    assert!(info.agent_version.starts_with("nova-agent "), "{info:?}");
+    assert_eq!(
+        info.kernel_release,
+        rustix::system::uname().release().to_string_lossy()
+    );
+    assert!(info.agent_started_us > 0);
+    assert!(info.agent_ready_us >= info.agent_started_us);
+    assert!(!info.pid1);
+    assert_eq!(client.info(), &info);
+    client.ping().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn echo_exit_codes_stderr_env_and_cwd() {
+    let agent = TestAgent::start().await;
+    let (client, _) = agent.connect().await;
+
+    let out = client
+        .run(ExecSpec::argv(["echo", "hello", "world"]))
+        .await
+        .unwrap();
+    assert_eq!(out.stdout, b"hello world\n");
+    assert!(out.stderr.is_empty());
+    assert!(out.success());
+    assert!(!out.timed_out);
+
+    let out = client.run(ExecSpec::shell("exit 3")).await.unwrap();
+    assert_eq!(out.status, ExitStatus::Exited(3));
+    assert_eq!(out.code(), Some(3));
+
+    let out = client
+        .run(ExecSpec::shell("echo to-err >&2; echo to-out; exit 1"))
+        .await
+        .unwrap();
+    assert_eq!(out.stdout, b"to-out\n");
+    assert_eq!(out.stderr, b"to-err\n");
+    assert_eq!(out.code(), Some(1));
+
+    // Output is bytes, not text.
+    let out = client
+        .run(ExecSpec::shell(r"printf '\000\377\200abc'"))
+        .await
+        .unwrap();
+    assert_eq!(out.stdout, b"\x00\xff\x80abc");
+
+    let dir = agent.dir().to_str().unwrap().to_owned();
+    let out = client
+        .run(
+            ExecSpec::shell("echo \"$NOVA_X\"; pwd")
+                .env("NOVA_X", "x y")
+                .cwd(&dir),
+        )
+        .await
+        .unwrap();
+    let canonical = std::fs::canonicalize(&dir).unwrap();
+    assert_eq!(
+        out.stdout_lossy(),
+        format!("x y\n{}\n", canonical.display())
+    );
+
+    let err = client
+        .exec(ExecSpec::argv(["/nonexistent/program"]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.remote_kind(), Some(RemoteErrorKind::NotFound), "{err}");
+    let err = client
+        .exec(ExecSpec::argv(Vec::<String>::new()))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.remote_kind(),
+        Some(RemoteErrorKind::InvalidInput),
+        "{err}"
+    );
+    let err = client
+        .exec(ExecSpec::argv(["true"]).cwd("/nonexistent/dir"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ClientError::Remote { .. }), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stdin_streams_through_cat() {
+    let agent = TestAgent::start().await;
+    let (client, _) = agent.connect().await;
+    let input = pseudo_random(3 * 1024 * 1024 + 17, 7);
+    let mut handle = client
+        .exec(ExecSpec::argv(["cat"]).stdin_piped())
+        .await
+        .unwrap();
+    let mut stdin = handle.take_stdin().unwrap();
+    let stdout = handle.take_stdout().unwrap();
+    let data = Bytes::from(input.clone());
+    let writer = tokio::spawn(async move {
+        stdin.write(data).await.unwrap();
+        stdin.close();
+    });
+    let output = stdout.collect().await;
+    writer.await.unwrap();
+    let result = handle.wait().await.unwrap();
+    assert!(result.status.success());
+    assert_eq!(output.len(), input.len());
+    assert!(output == input, "cat returned different bytes");
+
+    // A closed stdin reads as EOF at once.
+    let out = client.run(ExecSpec::argv(["cat"])).await.unwrap();
+    assert!(out.stdout.is_empty() && out.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timeout_kills_the_whole_process_group_even_if_it_ignores_sigterm() {
+    let agent = TestAgent::start().await;
+    let (client, _) = agent.connect().await;
+    let mut handle = client
+        .exec(
+            ExecSpec::shell(r#"trap "" TERM; sleep 100 & echo $!; wait"#)
+                .timeout(Duration::from_millis(500)),
+        )
+        .await
+        .unwrap();
+    let mut stdout = handle.take_stdout().unwrap();
+    let first = stdout.recv().await.expect("grandchild pid");
+    let grandchild: u32 = std::str::from_utf8(&first).unwrap().trim().parse().unwrap();
+    assert!(!process_gone(grandchild), "grandchild should be running");
+    let started = std::time::Instant::now();
+    let result = handle.wait().await.unwrap();
+    assert!(result.timed_out);
+    assert_eq!(result.status, ExitStatus::Signaled(9));
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert!(
+        wait_until(Duration::from_secs(5), || process_gone(grandchild)).await,
+        "grandchild {grandchild} survived the timeout"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signal_and_kill_reach_the_command() {
+    let agent = TestAgent::start().await;
+    let (client, _) = agent.connect().await;
+    let handle = client.exec(ExecSpec::argv(["sleep", "100"])).await.unwrap();
+    assert!(handle.pid() > 0);
+    handle.signal(15).unwrap();
+    assert_eq!(
+        handle.wait().await.unwrap().status,
+        ExitStatus::Signaled(15)
+    );
+    let handle = client.exec(ExecSpec::argv(["sleep", "100"])).await.unwrap();
+    handle.kill().unwrap();
+    let result = handle.wait().await.unwrap();
+    assert_eq!(result.status, ExitStatus::Signaled(9));
+    assert!(!result.timed_out);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixty_four_concurrent_execs() {
+    let agent = TestAgent::start().await;
+    let (client, _) = agent.connect().await;
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..64 {
+        let client = client.clone();
+        set.spawn(async move {
+            let out = client
+                .run(ExecSpec::shell(format!(
+                    "sleep 0.3; echo {i}; echo e{i} >&2; exit {}",
+                    i % 7
+                )))
+                .await
+                .unwrap();
+            (i, out)
+        });
+    }
+    let started = std::time::Instant::now();
+    let mut seen = 0;
+    while let Some(joined) = set.join_next().await {
+        let (i, out) = joined.unwrap();
+        assert_eq!(out.stdout_lossy(), format!("{i}\n"));
+        assert_eq!(out.stderr_lossy(), format!("e{i}\n"));
+        assert_eq!(out.code(), Some(i % 7));
+        seen += 1;
+    }
+    assert_eq!(seen, 64);
+    // They ran at once, not one after another (64 * 0.3 s = 19 s).
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_megabyte_binary_file_round_trip() {
+    let agent = TestAgent::start().await;
+    let (client, _) = agent.connect().await;
+    let data = pseudo_random(50 * 1024 * 1024, 42);
+    let expected = Sha256::digest(&data);
+    let path = agent.dir().join("blob.bin");
+    let path = path.to_str().unwrap();
+
+    let written = client.write_file(path, data.clone(), 0o640).await.unwrap();
+    assert_eq!(written, data.len() as u64);
+    let on_disk = std::fs::read(path).unwrap();
+    assert_eq!(Sha256::digest(&on_disk), expected, "file on disk differs");
+    let stat = client.stat(path).await.unwrap();
+    assert_eq!(stat.size, data.len() as u64);
+    assert_eq!(stat.mode, 0o640);
+    assert_eq!(stat.kind, FileKind::File);
+
+    let download = client.read_file(path).await.unwrap();
+    assert_eq!(download.size(), data.len() as u64);
+    let back = download.collect().await.unwrap();
+    assert_eq!(back.len(), data.len());
+    assert_eq!(Sha256::digest(&back), expected, "downloaded file differs");
+
+    // Streaming from an AsyncRead source, and appending.
+    let copy = agent.dir().join("copy.bin");
+    let copy = copy.to_str().unwrap();
+    let n = client
+        .write_file_from(copy, &data[..1_000_000], 0o600)
+        .await
+        .unwrap();
+    assert_eq!(n, 1_000_000);
+    client.append_file(copy, &b"tail"[..], 0o600).await.unwrap();
+    let back = client.read_file_to_vec(copy).await.unwrap();
+    assert_eq!(&back[..1_000_000], &data[..1_000_000]);
+    assert_eq!(&back[1_000_000..], b"tail");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_operations() {
+    let agent = TestAgent::start().await;
+    let (client, _) = agent.connect().await;
+    let root = agent.dir().join("tree");
+    let root = root.to_str().unwrap().to_owned();
+    let nested = format!("{root}/a/b/c");
+    client.mkdir_p(&nested, 0o755).await.unwrap();
+    client.mkdir_p(&nested, 0o755).await.unwrap(); // idempotent
+    assert_eq!(client.stat(&nested).await.unwrap().kind, FileKind::Dir);
+    client
+        .write_file(&format!("{root}/a/file.txt"), "hi", 0o644)
+        .await
+        .unwrap();
+    std::os::unix::fs::symlink("file.txt", format!("{root}/a/link")).unwrap();
+    let listing = client.list_dir(&format!("{root}/a")).await.unwrap();
+    let names: Vec<(&str, FileKind, u64)> = listing
+        .entries
+        .iter()
+        .map(|e| (e.name.as_str(), e.kind, e.size))
+        .collect();
+    assert_eq!(
+        names[..2],
+        [
+            ("b", FileKind::Dir, names[0].2),
+            ("file.txt", FileKind::File, 2)
+        ]
+    );
+    assert_eq!(names[2].0, "link");
+    assert_eq!(names[2].1, FileKind::Symlink);
+    assert!(!listing.truncated);
+
+    let err = client
+        .read_file(&format!("{root}/missing"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.remote_kind(), Some(RemoteErrorKind::NotFound), "{err}");
+    let err = client
+        .write_file(&format!("{root}/nodir/x"), "x", 0o644)
+        .await
+        .unwrap_err();
+    assert_eq!(err.remote_kind(), Some(RemoteErrorKind::NotFound), "{err}");
+    let err = client.stat(&format!("{root}/missing")).await.unwrap_err();
+    assert_eq!(err.remote_kind(), Some(RemoteErrorKind::NotFound));
+    assert!(
+        client.remove(&format!("{root}/a"), false).await.is_err(),
+        "non-empty dir"
+    );
+    client
+        .remove(&format!("{root}/a/file.txt"), false)
+        .await
+        .unwrap();
+    client.remove(&root, true).await.unwrap();
+    assert!(!std::path::Path::new(&root).exists());
+
+    // Abandoning a download half-way leaves the connection usable.
+    let big = agent.dir().join("big");
+    std::fs::write(&big, vec![7u8; 20 * 1024 * 1024]).unwrap();
+    let mut download = client.read_file(big.to_str().unwrap()).await.unwrap();
+    assert!(download.recv().await.unwrap().is_some());
+    drop(download);
+    client.ping().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guest_stats() {
+    let agent = TestAgent::start().await;
+    let (client, _) = agent.connect().await;
+    let stats = client.stats().await.unwrap();
+    assert!(stats.memory_total_bytes > 0);
+    assert_eq!(
+        stats.memory_used_bytes + stats.memory_available_bytes,
+        stats.memory_total_bytes
+    );
+    assert!(stats.cpu_count >= 1);
+    assert!(stats.cpu_user_ms + stats.cpu_system_ms + stats.cpu_idle_ms > 0);
+    assert!(stats.process_count >= 1);
+    assert!(stats.uptime_ms > 0);
+    assert!(stats.root_fs_total_bytes > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_survives_a_command_that_segfaults() {
+    let mut agent = TestAgent::start().await;
+    let (client, _) = agent.connect().await;
+    let out = client.run(ExecSpec::shell("kill -SEGV $$")).await.unwrap();
+    assert_eq!(out.status, ExitStatus::Signaled(11));
+    assert!(agent.is_alive());
+    let out = client
+        .run(ExecSpec::argv(["echo", "still here"]))
+        .await
+        .unwrap();
+    assert_eq!(out.stdout, b"still here\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pty_has_a_terminal_of_the_requested_size() {
+    if !std::path::Path::new("/dev/ptmx").exists() {
+        eprintln!("SKIPPED: no /dev/ptmx on this host");
+        return;
+    }
+    let agent = TestAgent::start().await;
+    let (client, _) = agent.connect().await;
+    let out = client
+        .run(
+            ExecSpec::shell("stty size; tty; echo err >&2").pty(PtySize {
+                rows: 33,
+                cols: 101,
+            }),
+        )
+        .await
+        .unwrap();
+    let text = out.stdout_lossy();
+    assert!(text.starts_with("33 101\r\n/dev/pts/"), "{text:?}");
+    assert!(
+        text.contains("err"),
+        "stderr goes to the terminal too: {text:?}"
+    );
+    assert!(out.stderr.is_empty());
+    assert!(out.success());
+
+    // Stdin through the terminal, and a resize.
+    let mut handle = client
+        .exec(
+            ExecSpec::shell("read line; stty size; echo got:$line")
+                .pty(PtySize::default())
+                .stdin_piped(),
+        )
+        .await
+        .unwrap();
+    handle.resize(PtySize { rows: 10, cols: 20 }).unwrap();
+    let mut stdin = handle.take_stdin().unwrap();
+    stdin.write(&b"hello\n"[..]).await.unwrap();
+    let out = handle.output().await.unwrap();
+    let text = out.stdout_lossy();
+    assert!(text.contains("10 20"), "{text:?}");
+    assert!(text.contains("got:hello"), "{text:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closing_the_connection_kills_its_commands() {
+    let agent = TestAgent::start().await;
+    let (client, _) = agent.connect().await;
+    let mut handle = client
+        .exec(ExecSpec::shell("echo $$; exec sleep 100"))
+        .await
+        .unwrap();
+    let mut stdout = handle.take_stdout().unwrap();
+    let pid: u32 = std::str::from_utf8(&stdout.recv().await.unwrap())
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(!process_gone(pid));
+    drop((client, handle, stdout));
+    assert!(
+        wait_until(Duration::from_secs(5), || process_gone(pid)).await,
+        "command {pid} outlived its connection"
+    );
+    // The agent takes new connections.
+    let (client, _) = agent.connect().await;
+    client.ping().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_makes_the_agent_exit() {
+    let mut agent = TestAgent::start().await;
+    let (client, _) = agent.connect().await;
+    client.shutdown().await.unwrap();
+    assert!(
+        wait_until(Duration::from_secs(5), || !agent.is_alive()).await,
+        "agent still running"
+    );
+    assert_eq!(agent.try_exit_code(), Some(Some(0)));
+    let err = client.ping().await.unwrap_err();
+    assert!(matches!(err, ClientError::Disconnected { .. }), "{err}");
+}
+
+/// Sends `bytes` raw and returns the agent's answer frame (if any) and
+/// whether the agent then closed the stream.
+async fn raw_exchange(
+    agent: &TestAgent,
+    handshake: bool,
+    bytes: &[u8],
+    half_close: bool,
+) -> (Option<Bytes>, bool) {
+    let stream = agent.raw().await;
+    let (read, mut write) = tokio::io::split(stream);
+    let mut reader = FrameReader::new(read);
+    if handshake {
+        write
+            .write_all(&frame::encode(&Hello::new()).unwrap())
+            .await
+            .unwrap();
+        let reply: HelloReply = reader.read_message().await.unwrap().unwrap();
+        assert!(matches!(reply, HelloReply::Welcome(_)), "{reply:?}");
+    }
+    write.write_all(bytes).await.unwrap();
+    if half_close {
+        write.shutdown().await.unwrap();
+    }
+    let answer = tokio::time::timeout(Duration::from_secs(10), reader.read_frame())
+        .await
+        .expect("agent answers")
+        .unwrap();
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut inner = reader.into_inner();
+        let mut buf = [0u8; 64];
+        matches!(inner.read(&mut buf).await, Ok(0) | Err(_))
+    })
+    .await
+    .unwrap_or(false);
+    (answer, closed)
+}
+
+fn refused_message(answer: Option<Bytes>) -> String {
+    match frame::decode::<HelloReply>(&answer.expect("an answer frame")).unwrap() {
+        HelloReply::Refused { supported, message } => {
+            assert_eq!(supported, SUPPORTED_VERSIONS);
+            message
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+fn protocol_error_message(answer: Option<Bytes>) -> String {
+    match frame::decode::<AgentMessage>(&answer.expect("an answer frame")).unwrap() {
+        AgentMessage::ProtocolError { message } => message,
+        other => panic!("expected a protocol error, got {other:?}"),
+    }
+}
+
+fn frame_with(payload: &[u8]) -> Vec<u8> {
+    let mut out = (payload.len() as u32).to_be_bytes().to_vec();
+    out.extend_from_slice(payload);
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_frames_are_answered_and_the_agent_lives_on() {
+    let mut agent = TestAgent::start().await;
+    let oversized = u32::MAX.to_be_bytes();
+    let mut truncated = 100u32.to_be_bytes().to_vec();
+    truncated.extend_from_slice(&[1; 10]);
+    let garbage = frame_with(&[0xde, 0xad, 0xbe, 0xef, 0x01]);
+    let ping_first = frame::encode(&ClientMessage::Request {
+        id: 1,
+        request: Request::Ping,
+    })
+    .unwrap();
+
+    // Before the handshake: a refusal, then the agent closes the stream.
+    let cases: [(&str, &[u8], bool, &str); 4] = [
+        ("oversized length", &oversized, false, "exceeds the maximum"),
+        ("truncated frame", &truncated, true, "ended inside a frame"),
+        ("garbage payload", &garbage, false, "must be a Hello"),
+        (
+            "request before handshake",
+            &ping_first,
+            false,
+            "must be a Hello",
+        ),
+    ];
+    for (name, bytes, half_close, expected) in cases {
+        let (answer, closed) = raw_exchange(&agent, false, bytes, half_close).await;
+        let message = refused_message(answer);
+        assert!(message.contains(expected), "{name}: {message}");
+        assert!(closed, "{name}: stream left open");
+        assert!(agent.is_alive(), "{name}: agent died");
+        let (client, _) = agent.connect().await;
+        client.ping().await.unwrap();
+    }
+
+    // After the handshake: a ProtocolError, then the agent closes the stream.
+    let unknown_type = frame_with(&[0x63, 0x01]);
+    let cases: [(&str, &[u8], bool, &str); 4] = [
+        ("oversized length", &oversized, false, "exceeds the maximum"),
+        ("truncated frame", &truncated, true, "ended inside a frame"),
+        ("garbage payload", &garbage, false, "malformed"),
+        (
+            "unknown message type",
+            &unknown_type,
+            false,
+            "unknown message type 99",
+        ),
+    ];
+    for (name, bytes, half_close, expected) in cases {
+        let (answer, closed) = raw_exchange(&agent, true, bytes, half_close).await;
+        let message = protocol_error_message(answer);
+        assert!(message.contains(expected), "{name}: {message}");
+        assert!(closed, "{name}: stream left open");
+        assert!(agent.is_alive(), "{name}: agent died");
+        let (client, _) = agent.connect().await;
+        client.ping().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn version_mismatch_is_refused_clearly() {
+    let mut agent = TestAgent::start().await;
+    let hello = Hello {
+        versions: vec![999, 1000],
+        ..Hello::new()
+    };
+    let (answer, closed) =
+        raw_exchange(&agent, false, &frame::encode(&hello).unwrap(), false).await;
+    let message = refused_message(answer);
+    assert!(message.contains("no common protocol version"), "{message}");
+    assert!(message.contains("999"), "{message}");
+    assert!(closed);
+    assert!(agent.is_alive());
+    let (client, _) = agent.connect().await;
+    client.ping().await.unwrap();
+}
