@@ -295,15 +295,36 @@ pub async fn make_ext4(
     }
     host_tools::ensure(&tools, log).await?;
     let usage = tree_usage(root).map_err(io_err(root))?;
-    // Room for metadata and block-group slack; resize2fs -M takes it back.
-    let inodes = usage.inodes + usage.inodes / 4 + 1024;
-    let size = usage.block_bytes + usage.block_bytes / 2 + inodes * 256 + (64 << 20);
-    let file = fs::File::create(image).map_err(io_err(image))?;
-    file.set_len(size).map_err(io_err(image))?;
-    drop(file);
-
-    let mkfs_args = |cmd: &mut Command| {
-        cmd.args([
+    // ext4 fixes inodes per block group at mkfs time, and resize2fs -M can
+    // only drop groups whose inodes are free: an image made much bigger than
+    // its content keeps its extra groups. So start tight (10% slack for
+    // directories, extent blocks and bitmaps) and only grow when mkfs runs
+    // out of room.
+    let inodes = usage.inodes + usage.inodes / 10 + 256;
+    let mkfs_program = host_tools::find_program("mkfs.ext4").unwrap_or_else(|| "mkfs.ext4".into());
+    let mut attempts = [10u64, 2].into_iter().peekable();
+    while let Some(slack_divisor) = attempts.next() {
+        let size =
+            usage.block_bytes + usage.block_bytes / slack_divisor + inodes * 256 + (16 << 20);
+        let file = fs::File::create(image).map_err(io_err(image))?;
+        file.set_len(size).map_err(io_err(image))?;
+        drop(file);
+        let mut mkfs = if is_root {
+            Command::new(&mkfs_program)
+        } else {
+            let mut cmd = Command::new("fakeroot");
+            cmd.args([
+                "--",
+                "sh",
+                "-c",
+                r#"chown -R 0:0 "$1" && shift && exec "$@""#,
+                "sh",
+            ])
+            .arg(root)
+            .arg(&mkfs_program);
+            cmd
+        };
+        mkfs.args([
             "-F",
             "-q",
             "-t",
@@ -324,33 +345,19 @@ pub async fn make_ext4(
         .arg("-d")
         .arg(root)
         .arg(image);
-    };
-    let mut mkfs = if is_root {
-        let mut cmd = Command::new(
-            host_tools::find_program("mkfs.ext4").unwrap_or_else(|| "mkfs.ext4".into()),
-        );
-        mkfs_args(&mut cmd);
-        cmd
-    } else {
-        let mut cmd = Command::new("fakeroot");
-        cmd.args([
-            "--",
-            "sh",
-            "-c",
-            r#"chown -R 0:0 "$1" && shift && exec "$@""#,
-            "sh",
-        ])
-        .arg(root)
-        .arg(host_tools::find_program("mkfs.ext4").unwrap_or_else(|| "mkfs.ext4".into()));
-        mkfs_args(&mut cmd);
-        cmd
-    };
-    command::run_logged(&mut mkfs, log)
-        .await
-        .map_err(|source| BuildRootfsError::Step {
-            step: "mkfs.ext4 -d",
-            source,
-        })?;
+        match command::run_logged(&mut mkfs, log).await {
+            Ok(()) => break,
+            Err(err) if attempts.peek().is_some() => {
+                tracing::debug!(error = %err, "mkfs.ext4 ran out of room; retrying with more slack");
+            }
+            Err(source) => {
+                return Err(BuildRootfsError::Step {
+                    step: "mkfs.ext4 -d",
+                    source,
+                });
+            }
+        }
+    }
     let tool = |name: &str| host_tools::find_program(name).unwrap_or_else(|| name.into());
     // resize2fs insists on a freshly checked filesystem.
     command::run_logged(
