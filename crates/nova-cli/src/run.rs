@@ -39,11 +39,14 @@ pub(crate) struct RunArgs {
     /// Boot without the writable overlay.
     #[arg(long)]
     read_only: bool,
+    /// Send this process's stdin to the command (read to its end first).
+    #[arg(long, short = 'i')]
+    interactive: bool,
     /// Stop by killing the VMM instead of a graceful power-off.
     #[arg(long)]
     force_stop: bool,
     /// The command and its arguments.
-    #[arg(last = true, required = true, num_args = 1..)]
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true, num_args = 1..)]
     command: Vec<String>,
 }
 
@@ -81,14 +84,16 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         );
         request = request.timeout(Duration::from_secs_f64(secs));
     }
-    if !std::io::stdin().is_terminal() {
+    if args.interactive {
+        anyhow::ensure!(
+            !std::io::stdin().is_terminal(),
+            "--interactive reads stdin to its end; pipe or redirect it (a terminal is not supported yet)"
+        );
         let mut input = Vec::new();
         std::io::stdin()
             .read_to_end(&mut input)
             .context("cannot read stdin")?;
-        if !input.is_empty() {
-            request = request.stdin(input);
-        }
+        request = request.stdin(input);
     }
 
     let hypervisor = novasandbox::detect()?;

@@ -50,6 +50,32 @@ pub(crate) enum VmCommand {
     },
 }
 
+/// An answer to a [`VmCommand`], sent after the state is published.
+enum Reply {
+    Unit(
+        oneshot::Sender<Result<(), SandboxError>>,
+        Result<(), SandboxError>,
+    ),
+    Stats(
+        oneshot::Sender<Result<SandboxStats, SandboxError>>,
+        Box<Result<SandboxStats, SandboxError>>,
+    ),
+}
+
+impl Reply {
+    fn send(self) {
+        // A caller that gave up waiting dropped its receiver; nothing to do.
+        match self {
+            Self::Unit(tx, result) => {
+                let _ = tx.send(result);
+            }
+            Self::Stats(tx, result) => {
+                let _ = tx.send(*result);
+            }
+        }
+    }
+}
+
 /// How long a QMP command may take.
 const QMP_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a graceful stop waits for the guest to power off before killing.
@@ -194,6 +220,10 @@ pub(crate) async fn boot(params: BootParams<'_>) -> Result<BootedVm, CreateSandb
         r = tokio::time::timeout_at(deadline, connect_qmp(&spec.qmp_socket)) => match r {
             Ok(Ok(qmp)) => qmp,
             Ok(Err(e)) => {
+                // QEMU closing QMP usually means it is exiting: report that.
+                if let Some(status) = exited_soon(&mut resources).await {
+                    return Err(exited(status));
+                }
                 return Err(CreateSandboxError::Vmm { vmm: "qemu", action: "answer on QMP".into(), source: e.into() });
             }
             Err(_) => return Err(timed_out()),
@@ -218,6 +248,9 @@ pub(crate) async fn boot(params: BootParams<'_>) -> Result<BootedVm, CreateSandb
                 // A handshake that timed out inside is still a boot timeout.
                 if tokio::time::Instant::now() >= deadline {
                     return Err(timed_out());
+                }
+                if let Some(status) = exited_soon(&mut resources).await {
+                    return Err(exited(status));
                 }
                 return Err(CreateSandboxError::Agent(e));
             }
@@ -276,6 +309,13 @@ async fn wait_child(resources: &mut Resources) -> String {
         },
         None => std::future::pending().await,
     }
+}
+
+/// If QEMU exits within a moment, how it did.
+async fn exited_soon(resources: &mut Resources) -> Option<String> {
+    tokio::time::timeout(Duration::from_millis(500), wait_child(resources))
+        .await
+        .ok()
 }
 
 /// Connects to a socket QEMU is about to create, retrying until it exists.
@@ -339,9 +379,12 @@ pub(crate) async fn run(
                     return;
                 };
                 let stop = matches!(command, VmCommand::Stop { .. });
-                vm.handle(command).await;
-                vm.persist();
+                let reply = vm.handle(command).await;
+                if vm.info.state != SandboxState::Stopped {
+                    vm.persist();
+                }
                 published.send_replace(vm.info.clone());
+                reply.send();
                 if stop && vm.info.state == SandboxState::Stopped {
                     return;
                 }
@@ -360,20 +403,15 @@ pub(crate) async fn run(
 }
 
 impl BootedVm {
-    async fn handle(&mut self, command: VmCommand) {
+    /// Carries out `command`; the answer is sent by the caller once the new
+    /// state is published, so a caller never sees a stale state after its
+    /// own command returned.
+    async fn handle(&mut self, command: VmCommand) -> Reply {
         match command {
-            VmCommand::Pause(reply) => {
-                let _ = reply.send(self.pause().await);
-            }
-            VmCommand::Resume(reply) => {
-                let _ = reply.send(self.resume().await);
-            }
-            VmCommand::Stats(reply) => {
-                let _ = reply.send(self.stats().await);
-            }
-            VmCommand::Stop { force, reply } => {
-                let _ = reply.send(self.stop(force).await);
-            }
+            VmCommand::Pause(reply) => Reply::Unit(reply, self.pause().await),
+            VmCommand::Resume(reply) => Reply::Unit(reply, self.resume().await),
+            VmCommand::Stats(reply) => Reply::Stats(reply, Box::new(self.stats().await)),
+            VmCommand::Stop { force, reply } => Reply::Unit(reply, self.stop(force).await),
         }
     }
 

@@ -153,7 +153,7 @@ async fn a_paused_guest_makes_no_progress() {
         .await
         .unwrap();
     sandbox
-        .execute_command("nohup sh -c 'i=0; while true; do i=$((i+1)); echo $i > /tmp/n; sleep 0.05; done' >/dev/null 2>&1 &")
+        .execute_command("setsid sh -c 'i=0; while true; do i=$((i+1)); echo $i > /tmp/n; sleep 0.05; done' >/dev/null 2>&1 &")
         .await
         .unwrap();
     let read = || async {

@@ -20,7 +20,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let sandbox = hypervisor.create_sandbox(config).await?;
     // Some work to watch: a busy loop for a few seconds, in the background.
     sandbox
-        .execute_command("nohup sh -c 'end=$(($(date +%s)+3)); while [ $(date +%s) -lt $end ]; do :; done' >/dev/null 2>&1 &")
+        .execute_command("setsid sh -c 'end=$(($(date +%s)+3)); while [ $(date +%s) -lt $end ]; do :; done' >/dev/null 2>&1 &")
         .await?;
     for _ in 0..5 {
         if !sandbox.is_running().await {
