@@ -263,19 +263,26 @@ async fn serve(
     Ok(())
 }
 
-/// Syncs file systems, then powers the VM off (PID 1) or exits.
+/// Syncs file systems, then ends the VM (PID 1) or exits.
+///
+/// The VM is ended with a restart, not a power-off: the VMMs we run on
+/// (Firecracker, QEMU `microvm` with ACPI off) have no power-off device, so a
+/// power-off request only halts the CPUs and leaves the VMM running, while a
+/// restart (with `reboot=k` on the kernel command line) resets through the
+/// keyboard controller, which Firecracker and QEMU's `-no-reboot` turn into a
+/// clean VMM exit. Power-off is the fallback for VMMs that do have the device.
 fn power_off(pid1: bool) {
     rustix::fs::sync();
     if !pid1 {
         tracing::info!("exiting on request");
         std::process::exit(0);
     }
-    tracing::info!("powering off");
-    if let Err(e) = rustix::system::reboot(rustix::system::RebootCommand::PowerOff) {
-        tracing::error!(error = %e, "power off failed; restarting instead (ends the VM with reboot=k)");
-    }
+    tracing::info!("shutting down");
     if let Err(e) = rustix::system::reboot(rustix::system::RebootCommand::Restart) {
-        tracing::error!(error = %e, "restart failed too");
+        tracing::error!(error = %e, "restart failed; powering off instead");
+    }
+    if let Err(e) = rustix::system::reboot(rustix::system::RebootCommand::PowerOff) {
+        tracing::error!(error = %e, "power off failed too");
     }
     // PID 1 must never exit.
     loop {
