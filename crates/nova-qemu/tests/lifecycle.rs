@@ -129,7 +129,7 @@ async fn python_runs_in_the_python_template() {
         out.stderr_lossy()
     );
     let out = sandbox
-        .execute_command("command -v curl wget")
+        .execute_command("command -v curl && command -v wget")
         .await
         .unwrap();
     assert_eq!(
