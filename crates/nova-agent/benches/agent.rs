@@ -41,7 +41,10 @@ async fn start_agent() -> (Agent, AgentClient) {
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_nova-agent"))
         .arg("--listen")
         .arg(format!("unix:{}", socket.display()))
-        .env("NOVA_AGENT_LOG", "warn")
+        .env(
+            "NOVA_AGENT_LOG",
+            std::env::var("NOVA_AGENT_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .stdin(Stdio::null())
         .process_group(0)
         .spawn()
@@ -119,20 +122,34 @@ async fn bench() {
     let stream_mib = env_usize("NOVA_BENCH_STREAM_MIB", 2048);
     let (_agent, client) = start_agent().await;
 
-    let direct = time_n(iters, || async {
+    // Interleaved, so that load from other processes hits both sides alike.
+    let (mut direct, mut via_agent, mut to_started, mut guest) = (vec![], vec![], vec![], vec![]);
+    for i in 0..iters + iters / 10 {
+        let start = Instant::now();
         let out = tokio::process::Command::new("true")
             .stdin(Stdio::null())
             .output()
             .await
             .unwrap();
         assert!(out.status.success());
-    })
-    .await;
-    let via_agent = time_n(iters, || async {
-        let out = client.run(ExecSpec::argv(["true"])).await.unwrap();
+        let direct_time = start.elapsed();
+
+        let start = Instant::now();
+        let handle = client.exec(ExecSpec::argv(["true"])).await.unwrap();
+        let started = start.elapsed();
+        let out = handle.output().await.unwrap();
         assert!(out.success());
-    })
-    .await;
+        let agent_time = start.elapsed();
+        if i >= iters / 10 {
+            // The first tenth is warm-up.
+            direct.push(direct_time);
+            via_agent.push(agent_time);
+            to_started.push(started);
+            guest.push(out.duration);
+        }
+    }
+    let (direct, via_agent) = (summarize(direct), summarize(via_agent));
+    let (to_started, guest) = (summarize(to_started), summarize(guest));
     let ping = time_n(iters, || async {
         client.ping().await.unwrap();
     })
@@ -177,6 +194,8 @@ async fn bench() {
     for (name, s) in [
         ("spawn `true` directly (tokio)", &direct),
         ("exec `true` through the agent", &via_agent),
+        ("  of which: request to Started", &to_started),
+        ("  of which: spawn to exit (agent)", &guest),
         ("ping through the agent", &ping),
     ] {
         println!(

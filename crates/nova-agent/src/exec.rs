@@ -107,7 +107,8 @@ fn spawn(spec: &ExecSpec, agent: &Agent) -> Result<Spawned, RemoteError> {
                     "empty argv",
                 ));
             };
-            let mut cmd = Command::new(program);
+            let resolved = resolve_program(program, effective_path(spec, agent));
+            let mut cmd = Command::new(resolved.as_deref().unwrap_or(program.as_str()));
             cmd.args(args);
             (cmd, program.clone())
         }
@@ -233,6 +234,39 @@ fn spawn(spec: &ExecSpec, agent: &Agent) -> Result<Spawned, RemoteError> {
             })
         }
     }
+}
+
+/// The `PATH` a command gets when the agent sets it explicitly (from the
+/// request or the PID 1 defaults); `None` when it inherits the agent's own.
+fn effective_path<'a>(spec: &'a ExecSpec, agent: &'a Agent) -> Option<&'a str> {
+    let find = |env: &'a [(String, String)]| {
+        env.iter()
+            .rev()
+            .find(|(k, _)| k == "PATH")
+            .map(|(_, v)| v.as_str())
+    };
+    find(&spec.env).or_else(|| agent.base_env.as_deref().and_then(find))
+}
+
+/// Looks `program` up in `path` ourselves when the environment sets `PATH`.
+///
+/// The standard library only uses the fast `posix_spawn` (a `vfork`) when it
+/// does not have to search a `PATH` it was given; otherwise it falls back to
+/// `fork`, which copies the agent's page tables. Handing it an absolute path
+/// keeps every spawn on the fast path. `None`: use `program` as it is.
+fn resolve_program(program: &str, path: Option<&str>) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt;
+    if program.contains('/') {
+        return None;
+    }
+    path?
+        .split(':')
+        .filter(|dir| !dir.is_empty())
+        .find_map(|dir| {
+            let candidate = format!("{dir}/{program}");
+            let meta = std::fs::metadata(&candidate).ok()?;
+            (meta.is_file() && meta.permissions().mode() & 0o111 != 0).then_some(candidate)
+        })
 }
 
 /// Opens a pseudo-terminal pair with the given window size.
@@ -588,5 +622,22 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
     match deadline {
         Some(deadline) => tokio::time::sleep_until(deadline).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn programs_are_resolved_only_when_path_is_set() {
+        assert_eq!(resolve_program("sh", None), None);
+        assert_eq!(resolve_program("/bin/sh", Some("/usr/bin:/bin")), None);
+        let found = resolve_program("sh", Some("/nonexistent::/usr/bin:/bin")).expect("sh on PATH");
+        assert!(found.ends_with("/sh") && found.starts_with('/'), "{found}");
+        assert_eq!(
+            resolve_program("no-such-program-nova", Some("/usr/bin:/bin")),
+            None
+        );
     }
 }
