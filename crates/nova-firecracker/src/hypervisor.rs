@@ -1,10 +1,9 @@
 //! [`FirecrackerHypervisor`]: the [`Hypervisor`] trait over Firecracker,
 //! plus snapshots.
 
-use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -17,10 +16,10 @@ use nova_core::hypervisor::{Hypervisor, HypervisorKind};
 use nova_core::id::SandboxId;
 use nova_core::metadata::{SandboxInfo, now_ms};
 use nova_core::sandbox::Sandbox;
-use nova_core::state::{InvalidTransition, SandboxState};
+use nova_core::state::SandboxState;
 use nova_core::stats::SandboxStats;
 use nova_core::template::TemplateManager;
-use nova_guest::Guest;
+use nova_guest::registry::{Entry, SandboxRegistry};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::Instrument;
@@ -34,9 +33,6 @@ use crate::vm::{self, BootParams, BootSource, VmCommand};
 /// Default size of each sandbox's scratch disk (sparse: only what the guest
 /// writes takes space).
 pub const DEFAULT_SCRATCH_MB: u64 = 4096;
-/// How many stopped sandboxes are remembered (so that operations on them
-/// answer "it is stopped" rather than "no such sandbox").
-const STOPPED_KEPT: usize = 1024;
 
 /// How the Firecracker provider runs.
 #[derive(Clone, Debug)]
@@ -221,20 +217,7 @@ struct Inner {
     options: FirecrackerOptions,
     templates: TemplateManager,
     kvm: KvmStatus,
-    sandboxes: Mutex<Registry>,
-}
-
-#[derive(Debug, Default)]
-struct Registry {
-    live: BTreeMap<SandboxId, Entry>,
-    stopped: BTreeMap<SandboxId, SandboxInfo>,
-}
-
-#[derive(Clone, Debug)]
-struct Entry {
-    commands: mpsc::Sender<VmCommand>,
-    info: watch::Receiver<SandboxInfo>,
-    guest: Option<Guest>,
+    sandboxes: SandboxRegistry<VmCommand>,
 }
 
 /// Looks at `/dev/kvm` and the CPU flags (the same classification as
@@ -282,7 +265,7 @@ impl FirecrackerHypervisor {
                 options,
                 templates,
                 kvm: probe_kvm(),
-                sandboxes: Mutex::new(Registry::default()),
+                sandboxes: SandboxRegistry::default(),
             }),
         }
     }
@@ -300,78 +283,6 @@ impl FirecrackerHypervisor {
     /// KVM on this host, as seen when the provider was made.
     pub fn kvm(&self) -> &KvmStatus {
         &self.inner.kvm
-    }
-
-    fn registry(&self) -> std::sync::MutexGuard<'_, Registry> {
-        // Every critical section is a single map operation, so a poisoned
-        // lock still guards a consistent registry.
-        self.inner
-            .sandboxes
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    fn entry(&self, id: &SandboxId) -> Result<Entry, SandboxError> {
-        let registry = self.registry();
-        if let Some(entry) = registry.live.get(id) {
-            return Ok(entry.clone());
-        }
-        match registry.stopped.get(id) {
-            Some(info) => Err(InvalidTransition {
-                from: info.state,
-                to: SandboxState::Running,
-            }
-            .into()),
-            None => Err(SandboxError::NotFound(id.clone())),
-        }
-    }
-
-    /// Sends a command to the sandbox's task and waits for its answer.
-    async fn ask<T>(
-        &self,
-        id: &SandboxId,
-        to: SandboxState,
-        make: impl FnOnce(oneshot::Sender<Result<T, SandboxError>>) -> VmCommand,
-    ) -> Result<T, SandboxError> {
-        let entry = match self.entry(id) {
-            Ok(entry) => entry,
-            Err(SandboxError::State(e)) => {
-                return Err(InvalidTransition { from: e.from, to }.into());
-            }
-            Err(e) => return Err(e),
-        };
-        let (tx, rx) = oneshot::channel();
-        if entry.commands.send(make(tx)).await.is_err() {
-            let from = entry.info.borrow().state;
-            return Err(InvalidTransition { from, to }.into());
-        }
-        match rx.await {
-            Ok(result) => result,
-            Err(_) => Err(InvalidTransition {
-                from: entry.info.borrow().state,
-                to,
-            }
-            .into()),
-        }
-    }
-
-    fn running_guest(&self, id: &SandboxId) -> Result<Option<Guest>, SandboxState> {
-        match self.entry(id) {
-            Ok(entry) => {
-                let state = entry.info.borrow().state;
-                if state == SandboxState::Running {
-                    Ok(entry.guest)
-                } else {
-                    Err(state)
-                }
-            }
-            Err(_) => Err(SandboxState::Stopped),
-        }
-    }
-
-    fn known(&self, id: &SandboxId) -> bool {
-        let registry = self.registry();
-        registry.live.contains_key(id) || registry.stopped.contains_key(id)
     }
 
     fn check_host(&self) -> Result<(), CreateSandboxError> {
@@ -438,7 +349,7 @@ impl FirecrackerHypervisor {
             guest: booted.guest.clone(),
         };
         tokio::spawn(vm::run(booted, rx, published).instrument(span));
-        self.registry().live.insert(id, entry);
+        self.inner.sandboxes.insert(id, entry);
         Ok(Sandbox::new(Arc::new(self.clone()), info))
     }
 
@@ -451,10 +362,14 @@ impl FirecrackerHypervisor {
         dir: &Path,
         kind: SnapshotType,
     ) -> Result<SnapshotInfo, SnapshotError> {
-        let entry = self.entry(id).map_err(|e| match e {
-            SandboxError::State(t) => SnapshotError::NotPaused(t.from),
-            _ => SnapshotError::NotFound(id.clone()),
-        })?;
+        let entry = self
+            .inner
+            .sandboxes
+            .entry(id, SandboxState::Paused)
+            .map_err(|e| match e {
+                SandboxError::State(t) => SnapshotError::NotPaused(t.from),
+                _ => SnapshotError::NotFound(id.clone()),
+            })?;
         let dir = if dir.is_absolute() {
             dir.to_owned()
         } else {
@@ -504,22 +419,20 @@ impl FirecrackerHypervisor {
     /// Firecracker's own view of the instance (`GET /`): id, state
     /// (`Not started`, `Running`, `Paused`) and version.
     pub async fn instance_info(&self, id: &SandboxId) -> Result<InstanceInfo, SandboxError> {
-        self.ask(id, SandboxState::Running, VmCommand::InstanceInfo)
+        self.inner
+            .sandboxes
+            .ask(id, SandboxState::Running, VmCommand::InstanceInfo)
             .await
     }
 
     /// Flushes Firecracker's metrics and returns them summed since boot
     /// (block and network bytes, vCPU exits).
     pub async fn vmm_metrics(&self, id: &SandboxId) -> Result<MetricsTotals, SandboxError> {
-        self.ask(id, SandboxState::Running, VmCommand::Metrics)
+        self.inner
+            .sandboxes
+            .ask(id, SandboxState::Running, VmCommand::Metrics)
             .await
     }
-}
-
-fn no_agent() -> Box<dyn std::error::Error + Send + Sync> {
-    "this sandbox was created without waiting for its agent \
-     (FirecrackerOptions::wait_for_agent = false), so it has no agent connection"
-        .into()
 }
 
 #[async_trait]
@@ -548,36 +461,36 @@ impl Hypervisor for FirecrackerHypervisor {
     }
 
     async fn stop_sandbox(&self, id: &SandboxId, force: bool) -> Result<(), SandboxError> {
-        let result = self
+        let sandboxes = &self.inner.sandboxes;
+        let result = sandboxes
             .ask(id, SandboxState::Stopping, |reply| VmCommand::Stop {
                 force,
                 reply,
             })
             .await;
-        let mut registry = self.registry();
-        if let Some(entry) = registry.live.get(id) {
-            let info = entry.info.borrow().clone();
-            if info.state == SandboxState::Stopped {
-                registry.live.remove(id);
-                if registry.stopped.len() >= STOPPED_KEPT {
-                    registry.stopped.pop_first();
-                }
-                registry.stopped.insert(id.clone(), info);
-            }
-        }
+        sandboxes.retire_if_stopped(id);
         result
     }
 
     async fn pause_sandbox(&self, id: &SandboxId) -> Result<(), SandboxError> {
-        self.ask(id, SandboxState::Paused, VmCommand::Pause).await
+        self.inner
+            .sandboxes
+            .ask(id, SandboxState::Paused, VmCommand::Pause)
+            .await
     }
 
     async fn resume_sandbox(&self, id: &SandboxId) -> Result<(), SandboxError> {
-        self.ask(id, SandboxState::Running, VmCommand::Resume).await
+        self.inner
+            .sandboxes
+            .ask(id, SandboxState::Running, VmCommand::Resume)
+            .await
     }
 
     async fn get_sandbox_stats(&self, id: &SandboxId) -> Result<SandboxStats, SandboxError> {
-        self.ask(id, SandboxState::Running, VmCommand::Stats).await
+        self.inner
+            .sandboxes
+            .ask(id, SandboxState::Running, VmCommand::Stats)
+            .await
     }
 
     async fn exec_stream(
@@ -585,12 +498,7 @@ impl Hypervisor for FirecrackerHypervisor {
         id: &SandboxId,
         request: ExecRequest,
     ) -> Result<ExecStream, ExecError> {
-        match self.running_guest(id) {
-            Ok(Some(guest)) => guest.exec_stream(request).await,
-            Ok(None) => Err(ExecError::Agent(no_agent())),
-            Err(_) if !self.known(id) => Err(ExecError::NotFound(id.clone())),
-            Err(state) => Err(ExecError::NotRunning(state)),
-        }
+        self.inner.sandboxes.exec_stream(id, request).await
     }
 
     async fn write_file(
@@ -600,48 +508,19 @@ impl Hypervisor for FirecrackerHypervisor {
         data: Vec<u8>,
         mode: u32,
     ) -> Result<(), FileError> {
-        match self.running_guest(id) {
-            Ok(Some(guest)) => guest.write_file(path, data, mode).await,
-            Ok(None) => Err(FileError::Agent {
-                path: path.to_owned(),
-                source: no_agent(),
-            }),
-            Err(_) if !self.known(id) => Err(FileError::NotFound(id.clone())),
-            Err(state) => Err(FileError::NotRunning(state)),
-        }
+        self.inner.sandboxes.write_file(id, path, data, mode).await
     }
 
     async fn read_file(&self, id: &SandboxId, path: &str) -> Result<Vec<u8>, FileError> {
-        match self.running_guest(id) {
-            Ok(Some(guest)) => guest.read_file(path).await,
-            Ok(None) => Err(FileError::Agent {
-                path: path.to_owned(),
-                source: no_agent(),
-            }),
-            Err(_) if !self.known(id) => Err(FileError::NotFound(id.clone())),
-            Err(state) => Err(FileError::NotRunning(state)),
-        }
+        self.inner.sandboxes.read_file(id, path).await
     }
 
     async fn list(&self) -> Vec<SandboxInfo> {
-        let registry = self.registry();
-        let mut all: Vec<SandboxInfo> = registry
-            .live
-            .values()
-            .map(|e| e.info.borrow().clone())
-            .chain(registry.stopped.values().cloned())
-            .collect();
-        all.sort_by_key(|i| i.created_at_ms);
-        all
+        self.inner.sandboxes.list()
     }
 
     async fn get(&self, id: &SandboxId) -> Option<SandboxInfo> {
-        let registry = self.registry();
-        registry
-            .live
-            .get(id)
-            .map(|e| e.info.borrow().clone())
-            .or_else(|| registry.stopped.get(id).cloned())
+        self.inner.sandboxes.get(id)
     }
 }
 

@@ -15,6 +15,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod registry;
 pub mod scratch;
 
 use std::time::Duration;

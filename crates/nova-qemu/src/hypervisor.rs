@@ -1,8 +1,7 @@
 //! [`QemuHypervisor`]: the [`Hypervisor`] trait over QEMU's microvm.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -15,11 +14,11 @@ use nova_core::hypervisor::{Hypervisor, HypervisorKind};
 use nova_core::id::SandboxId;
 use nova_core::metadata::{SandboxInfo, now_ms};
 use nova_core::sandbox::Sandbox;
-use nova_core::state::{InvalidTransition, SandboxState};
+use nova_core::state::SandboxState;
 use nova_core::stats::SandboxStats;
 use nova_core::template::TemplateManager;
-use nova_guest::Guest;
-use tokio::sync::{mpsc, oneshot, watch};
+use nova_guest::registry::{Entry, SandboxRegistry};
+use tokio::sync::{mpsc, watch};
 use tracing::Instrument;
 
 use crate::cmdline::VmSpec;
@@ -28,9 +27,6 @@ use crate::vm::{self, BootParams, VmCommand};
 /// Default size of each sandbox's scratch disk (sparse: only what the guest
 /// writes takes space).
 pub const DEFAULT_SCRATCH_MB: u64 = 4096;
-/// How many stopped sandboxes are remembered (so that operations on them
-/// answer "it is stopped" rather than "no such sandbox").
-const STOPPED_KEPT: usize = 1024;
 
 /// How the QEMU provider runs.
 #[derive(Clone, Debug)]
@@ -112,20 +108,7 @@ pub struct QemuHypervisor {
 struct Inner {
     options: QemuOptions,
     templates: TemplateManager,
-    sandboxes: Mutex<Registry>,
-}
-
-#[derive(Debug, Default)]
-struct Registry {
-    live: BTreeMap<SandboxId, Entry>,
-    stopped: BTreeMap<SandboxId, SandboxInfo>,
-}
-
-#[derive(Clone, Debug)]
-struct Entry {
-    commands: mpsc::Sender<VmCommand>,
-    info: watch::Receiver<SandboxInfo>,
-    guest: Guest,
+    sandboxes: SandboxRegistry<VmCommand>,
 }
 
 impl QemuHypervisor {
@@ -136,7 +119,7 @@ impl QemuHypervisor {
             inner: Arc::new(Inner {
                 options,
                 templates,
-                sandboxes: Mutex::new(Registry::default()),
+                sandboxes: SandboxRegistry::default(),
             }),
         }
     }
@@ -149,79 +132,6 @@ impl QemuHypervisor {
     /// The options in use.
     pub fn options(&self) -> &QemuOptions {
         &self.inner.options
-    }
-
-    fn registry(&self) -> std::sync::MutexGuard<'_, Registry> {
-        // A panic while holding this lock would be a bug in this file; the
-        // registry stays consistent because every critical section is a
-        // single map operation.
-        self.inner
-            .sandboxes
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    fn entry(&self, id: &SandboxId) -> Result<Entry, SandboxError> {
-        let registry = self.registry();
-        if let Some(entry) = registry.live.get(id) {
-            return Ok(entry.clone());
-        }
-        match registry.stopped.get(id) {
-            Some(info) => Err(InvalidTransition {
-                from: info.state,
-                to: SandboxState::Running,
-            }
-            .into()),
-            None => Err(SandboxError::NotFound(id.clone())),
-        }
-    }
-
-    /// Sends `command` to the sandbox's task and waits for its answer.
-    async fn ask<T>(
-        &self,
-        id: &SandboxId,
-        to: SandboxState,
-        make: impl FnOnce(oneshot::Sender<Result<T, SandboxError>>) -> VmCommand,
-    ) -> Result<T, SandboxError> {
-        let entry = match self.entry(id) {
-            Ok(entry) => entry,
-            Err(SandboxError::State(e)) => {
-                return Err(InvalidTransition { from: e.from, to }.into());
-            }
-            Err(e) => return Err(e),
-        };
-        let (tx, rx) = oneshot::channel();
-        if entry.commands.send(make(tx)).await.is_err() {
-            let from = entry.info.borrow().state;
-            return Err(InvalidTransition { from, to }.into());
-        }
-        match rx.await {
-            Ok(result) => result,
-            Err(_) => Err(InvalidTransition {
-                from: entry.info.borrow().state,
-                to,
-            }
-            .into()),
-        }
-    }
-
-    fn running_guest(&self, id: &SandboxId) -> Result<Guest, SandboxState> {
-        match self.entry(id) {
-            Ok(entry) => {
-                let state = entry.info.borrow().state;
-                if state == SandboxState::Running {
-                    Ok(entry.guest)
-                } else {
-                    Err(state)
-                }
-            }
-            Err(_) => Err(SandboxState::Stopped),
-        }
-    }
-
-    fn known(&self, id: &SandboxId) -> bool {
-        let registry = self.registry();
-        registry.live.contains_key(id) || registry.stopped.contains_key(id)
     }
 }
 
@@ -284,44 +194,44 @@ impl Hypervisor for QemuHypervisor {
         let entry = Entry {
             commands,
             info: watcher,
-            guest: booted.guest.clone(),
+            guest: Some(booted.guest.clone()),
         };
         tokio::spawn(vm::run(booted, rx, published).instrument(span));
-        self.registry().live.insert(id, entry);
+        self.inner.sandboxes.insert(id, entry);
         Ok(Sandbox::new(Arc::new(self.clone()), info))
     }
 
     async fn stop_sandbox(&self, id: &SandboxId, force: bool) -> Result<(), SandboxError> {
-        let result = self
+        let sandboxes = &self.inner.sandboxes;
+        let result = sandboxes
             .ask(id, SandboxState::Stopping, |reply| VmCommand::Stop {
                 force,
                 reply,
             })
             .await;
-        let mut registry = self.registry();
-        if let Some(entry) = registry.live.get(id) {
-            let info = entry.info.borrow().clone();
-            if info.state == SandboxState::Stopped {
-                registry.live.remove(id);
-                if registry.stopped.len() >= STOPPED_KEPT {
-                    registry.stopped.pop_first();
-                }
-                registry.stopped.insert(id.clone(), info);
-            }
-        }
+        sandboxes.retire_if_stopped(id);
         result
     }
 
     async fn pause_sandbox(&self, id: &SandboxId) -> Result<(), SandboxError> {
-        self.ask(id, SandboxState::Paused, VmCommand::Pause).await
+        self.inner
+            .sandboxes
+            .ask(id, SandboxState::Paused, VmCommand::Pause)
+            .await
     }
 
     async fn resume_sandbox(&self, id: &SandboxId) -> Result<(), SandboxError> {
-        self.ask(id, SandboxState::Running, VmCommand::Resume).await
+        self.inner
+            .sandboxes
+            .ask(id, SandboxState::Running, VmCommand::Resume)
+            .await
     }
 
     async fn get_sandbox_stats(&self, id: &SandboxId) -> Result<SandboxStats, SandboxError> {
-        self.ask(id, SandboxState::Running, VmCommand::Stats).await
+        self.inner
+            .sandboxes
+            .ask(id, SandboxState::Running, VmCommand::Stats)
+            .await
     }
 
     async fn exec_stream(
@@ -329,11 +239,7 @@ impl Hypervisor for QemuHypervisor {
         id: &SandboxId,
         request: ExecRequest,
     ) -> Result<ExecStream, ExecError> {
-        match self.running_guest(id) {
-            Ok(guest) => guest.exec_stream(request).await,
-            Err(_) if !self.known(id) => Err(ExecError::NotFound(id.clone())),
-            Err(state) => Err(ExecError::NotRunning(state)),
-        }
+        self.inner.sandboxes.exec_stream(id, request).await
     }
 
     async fn write_file(
@@ -343,39 +249,18 @@ impl Hypervisor for QemuHypervisor {
         data: Vec<u8>,
         mode: u32,
     ) -> Result<(), FileError> {
-        match self.running_guest(id) {
-            Ok(guest) => guest.write_file(path, data, mode).await,
-            Err(_) if !self.known(id) => Err(FileError::NotFound(id.clone())),
-            Err(state) => Err(FileError::NotRunning(state)),
-        }
+        self.inner.sandboxes.write_file(id, path, data, mode).await
     }
 
     async fn read_file(&self, id: &SandboxId, path: &str) -> Result<Vec<u8>, FileError> {
-        match self.running_guest(id) {
-            Ok(guest) => guest.read_file(path).await,
-            Err(_) if !self.known(id) => Err(FileError::NotFound(id.clone())),
-            Err(state) => Err(FileError::NotRunning(state)),
-        }
+        self.inner.sandboxes.read_file(id, path).await
     }
 
     async fn list(&self) -> Vec<SandboxInfo> {
-        let registry = self.registry();
-        let mut all: Vec<SandboxInfo> = registry
-            .live
-            .values()
-            .map(|e| e.info.borrow().clone())
-            .chain(registry.stopped.values().cloned())
-            .collect();
-        all.sort_by_key(|i| i.created_at_ms);
-        all
+        self.inner.sandboxes.list()
     }
 
     async fn get(&self, id: &SandboxId) -> Option<SandboxInfo> {
-        let registry = self.registry();
-        registry
-            .live
-            .get(id)
-            .map(|e| e.info.borrow().clone())
-            .or_else(|| registry.stopped.get(id).cloned())
+        self.inner.sandboxes.get(id)
     }
 }

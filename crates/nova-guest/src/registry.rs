@@ -1,0 +1,363 @@
+//! The sandboxes a provider runs, and the routing of operations to them.
+//!
+//! Every provider owns each sandbox in one task that receives the provider's
+//! own command type `C` (CONVENTIONS.md, item 2). [`SandboxRegistry`] keeps,
+//! per sandbox, the sender of that task's channel, a `watch` of its published
+//! [`SandboxInfo`] and its [`Guest`]; it answers [`ask`](SandboxRegistry::ask)
+//! (send a command, await the reply) with the state machine's error when the
+//! task is gone, and routes exec and file operations straight to the guest
+//! agent when the sandbox is running, so command traffic never queues behind
+//! lifecycle commands. Stopped sandboxes are remembered (a bounded number) so
+//! that an operation on one says "it is stopped" rather than "no such
+//! sandbox". The lock is never held across an `.await`.
+
+use std::collections::BTreeMap;
+use std::sync::{Mutex, MutexGuard};
+
+use nova_core::error::{ExecError, FileError, SandboxError};
+use nova_core::exec::{ExecRequest, ExecStream};
+use nova_core::id::SandboxId;
+use nova_core::metadata::SandboxInfo;
+use nova_core::state::{InvalidTransition, SandboxState};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::Guest;
+
+/// How many stopped sandboxes are remembered.
+const STOPPED_KEPT: usize = 1024;
+
+/// A live sandbox as its provider sees it.
+#[derive(Debug)]
+pub struct Entry<C> {
+    /// The sandbox task's command channel.
+    pub commands: mpsc::Sender<C>,
+    /// The sandbox's info as its task last published it.
+    pub info: watch::Receiver<SandboxInfo>,
+    /// Its agent, when the provider waited for one.
+    pub guest: Option<Guest>,
+}
+
+impl<C> Clone for Entry<C> {
+    fn clone(&self) -> Self {
+        Self {
+            commands: self.commands.clone(),
+            info: self.info.clone(),
+            guest: self.guest.clone(),
+        }
+    }
+}
+
+/// Why a sandbox's guest cannot take a request.
+#[derive(Debug)]
+enum Unavailable {
+    NotFound,
+    NotRunning(SandboxState),
+    NoAgent,
+}
+
+/// The sandboxes of one provider.
+#[derive(Debug)]
+pub struct SandboxRegistry<C> {
+    maps: Mutex<Maps<C>>,
+}
+
+#[derive(Debug)]
+struct Maps<C> {
+    live: BTreeMap<SandboxId, Entry<C>>,
+    stopped: BTreeMap<SandboxId, SandboxInfo>,
+}
+
+impl<C> Default for SandboxRegistry<C> {
+    fn default() -> Self {
+        Self {
+            maps: Mutex::new(Maps {
+                live: BTreeMap::new(),
+                stopped: BTreeMap::new(),
+            }),
+        }
+    }
+}
+
+impl<C> SandboxRegistry<C> {
+    fn maps(&self) -> MutexGuard<'_, Maps<C>> {
+        // Every critical section is one map operation, so a poisoned lock
+        // still guards a consistent registry.
+        self.maps
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Registers a sandbox that just became ready.
+    pub fn insert(&self, id: SandboxId, entry: Entry<C>) {
+        self.maps().live.insert(id, entry);
+    }
+
+    /// The live sandbox `id`; a stopped one answers with the state error
+    /// for `to`, an unknown one with `NotFound`.
+    pub fn entry(&self, id: &SandboxId, to: SandboxState) -> Result<Entry<C>, SandboxError> {
+        let maps = self.maps();
+        if let Some(entry) = maps.live.get(id) {
+            return Ok(entry.clone());
+        }
+        match maps.stopped.get(id) {
+            Some(info) => Err(InvalidTransition {
+                from: info.state,
+                to,
+            }
+            .into()),
+            None => Err(SandboxError::NotFound(id.clone())),
+        }
+    }
+
+    /// Sends the command `make` builds to the sandbox's task and waits for
+    /// its answer. `to` is the state the command aims at, for the error when
+    /// the task is gone.
+    pub async fn ask<T>(
+        &self,
+        id: &SandboxId,
+        to: SandboxState,
+        make: impl FnOnce(oneshot::Sender<Result<T, SandboxError>>) -> C,
+    ) -> Result<T, SandboxError> {
+        let entry = self.entry(id, to)?;
+        let gone = |entry: &Entry<C>| -> SandboxError {
+            InvalidTransition {
+                from: entry.info.borrow().state,
+                to,
+            }
+            .into()
+        };
+        let (tx, rx) = oneshot::channel();
+        if entry.commands.send(make(tx)).await.is_err() {
+            return Err(gone(&entry));
+        }
+        rx.await.unwrap_or_else(|_| Err(gone(&entry)))
+    }
+
+    /// Moves `id` to the stopped sandboxes if its task published `stopped`.
+    pub fn retire_if_stopped(&self, id: &SandboxId) {
+        let mut maps = self.maps();
+        let Some(entry) = maps.live.get(id) else {
+            return;
+        };
+        let info = entry.info.borrow().clone();
+        if info.state == SandboxState::Stopped {
+            maps.live.remove(id);
+            if maps.stopped.len() >= STOPPED_KEPT {
+                maps.stopped.pop_first();
+            }
+            maps.stopped.insert(id.clone(), info);
+        }
+    }
+
+    fn guest(&self, id: &SandboxId) -> Result<Guest, Unavailable> {
+        let maps = self.maps();
+        match (maps.live.get(id), maps.stopped.get(id)) {
+            (Some(entry), _) => {
+                let state = entry.info.borrow().state;
+                match (&entry.guest, state) {
+                    (Some(guest), SandboxState::Running) => Ok(guest.clone()),
+                    (None, SandboxState::Running) => Err(Unavailable::NoAgent),
+                    (_, state) => Err(Unavailable::NotRunning(state)),
+                }
+            }
+            (None, Some(info)) => Err(Unavailable::NotRunning(info.state)),
+            (None, None) => Err(Unavailable::NotFound),
+        }
+    }
+
+    /// Runs a command in the running sandbox `id`.
+    pub async fn exec_stream(
+        &self,
+        id: &SandboxId,
+        request: ExecRequest,
+    ) -> Result<ExecStream, ExecError> {
+        match self.guest(id) {
+            Ok(guest) => guest.exec_stream(request).await,
+            Err(Unavailable::NotFound) => Err(ExecError::NotFound(id.clone())),
+            Err(Unavailable::NotRunning(state)) => Err(ExecError::NotRunning(state)),
+            Err(Unavailable::NoAgent) => Err(ExecError::Agent(no_agent())),
+        }
+    }
+
+    /// Writes a file in the running sandbox `id`.
+    pub async fn write_file(
+        &self,
+        id: &SandboxId,
+        path: &str,
+        data: Vec<u8>,
+        mode: u32,
+    ) -> Result<(), FileError> {
+        self.file_guest(id, path)?
+            .write_file(path, data, mode)
+            .await
+    }
+
+    /// Reads a file from the running sandbox `id`.
+    pub async fn read_file(&self, id: &SandboxId, path: &str) -> Result<Vec<u8>, FileError> {
+        self.file_guest(id, path)?.read_file(path).await
+    }
+
+    fn file_guest(&self, id: &SandboxId, path: &str) -> Result<Guest, FileError> {
+        self.guest(id).map_err(|e| match e {
+            Unavailable::NotFound => FileError::NotFound(id.clone()),
+            Unavailable::NotRunning(state) => FileError::NotRunning(state),
+            Unavailable::NoAgent => FileError::Agent {
+                path: path.to_owned(),
+                source: no_agent(),
+            },
+        })
+    }
+
+    /// Every sandbox, live and stopped, in creation order.
+    pub fn list(&self) -> Vec<SandboxInfo> {
+        let maps = self.maps();
+        let mut all: Vec<SandboxInfo> = maps
+            .live
+            .values()
+            .map(|e| e.info.borrow().clone())
+            .chain(maps.stopped.values().cloned())
+            .collect();
+        all.sort_by_key(|i| i.created_at_ms);
+        all
+    }
+
+    /// The sandbox `id`, live or stopped.
+    pub fn get(&self, id: &SandboxId) -> Option<SandboxInfo> {
+        let maps = self.maps();
+        maps.live
+            .get(id)
+            .map(|e| e.info.borrow().clone())
+            .or_else(|| maps.stopped.get(id).cloned())
+    }
+}
+
+fn no_agent() -> Box<dyn std::error::Error + Send + Sync> {
+    "this sandbox was started without waiting for its agent, so it has no agent connection".into()
+}
+
+#[cfg(test)]
+mod tests {
+    use nova_core::config::SandboxConfig;
+    use nova_core::hypervisor::HypervisorKind;
+
+    use super::*;
+
+    #[derive(Debug)]
+    enum Cmd {
+        Pause(oneshot::Sender<Result<(), SandboxError>>),
+    }
+
+    fn info(state: SandboxState) -> SandboxInfo {
+        SandboxInfo {
+            id: SandboxId::random(),
+            hypervisor: HypervisorKind::Qemu,
+            state,
+            config: SandboxConfig::default(),
+            created_at_ms: 1,
+            boot: None,
+            vmm_pid: None,
+            dir: "/nonexistent".into(),
+            agent_version: None,
+            kernel_release: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn routes_commands_and_remembers_stopped_sandboxes() {
+        let registry = SandboxRegistry::<Cmd>::default();
+        let running = info(SandboxState::Running);
+        let id = running.id.clone();
+        let (commands, mut rx) = mpsc::channel(1);
+        let (published, watcher) = watch::channel(running);
+        registry.insert(
+            id.clone(),
+            Entry {
+                commands,
+                info: watcher,
+                guest: None,
+            },
+        );
+
+        // A task that pauses, then publishes `stopped` and exits.
+        let task = tokio::spawn(async move {
+            let Some(Cmd::Pause(reply)) = rx.recv().await else {
+                panic!("expected a command")
+            };
+            let mut stopped = published.borrow().clone();
+            stopped.state = SandboxState::Stopped;
+            published.send_replace(stopped);
+            reply.send(Ok(())).unwrap();
+        });
+        registry
+            .ask(&id, SandboxState::Paused, Cmd::Pause)
+            .await
+            .unwrap();
+        task.await.unwrap();
+
+        // Its task is gone: the state machine's error, not a hang.
+        let e = registry
+            .ask(&id, SandboxState::Paused, Cmd::Pause)
+            .await
+            .unwrap_err();
+        assert!(matches!(
+            e,
+            SandboxError::State(InvalidTransition {
+                from: SandboxState::Stopped,
+                ..
+            })
+        ));
+        registry.retire_if_stopped(&id);
+        assert_eq!(registry.get(&id).unwrap().state, SandboxState::Stopped);
+        assert_eq!(registry.list().len(), 1);
+        assert!(matches!(
+            registry.exec_stream(&id, "true".into()).await,
+            Err(ExecError::NotRunning(SandboxState::Stopped))
+        ));
+        assert!(matches!(
+            registry.read_file(&id, "/x").await,
+            Err(FileError::NotRunning(SandboxState::Stopped))
+        ));
+
+        let unknown = SandboxId::random();
+        assert!(matches!(
+            registry
+                .ask(&unknown, SandboxState::Paused, Cmd::Pause)
+                .await,
+            Err(SandboxError::NotFound(_))
+        ));
+        assert!(matches!(
+            registry.exec_stream(&unknown, "true".into()).await,
+            Err(ExecError::NotFound(_))
+        ));
+        assert!(registry.get(&unknown).is_none());
+    }
+
+    #[tokio::test]
+    async fn a_running_sandbox_without_an_agent_says_so() {
+        let registry = SandboxRegistry::<Cmd>::default();
+        let running = info(SandboxState::Running);
+        let id = running.id.clone();
+        let (commands, _rx) = mpsc::channel(1);
+        let (_published, watcher) = watch::channel(running);
+        registry.insert(
+            id.clone(),
+            Entry {
+                commands,
+                info: watcher,
+                guest: None,
+            },
+        );
+        let e = registry.exec_stream(&id, "true".into()).await.unwrap_err();
+        assert!(matches!(e, ExecError::Agent(_)));
+        assert!(
+            std::error::Error::source(&e)
+                .unwrap()
+                .to_string()
+                .contains("without waiting for its agent")
+        );
+        assert!(matches!(
+            registry.write_file(&id, "/x", vec![], 0o644).await,
+            Err(FileError::Agent { .. })
+        ));
+    }
+}
