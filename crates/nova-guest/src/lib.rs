@@ -17,6 +17,7 @@
 
 pub mod registry;
 pub mod scratch;
+pub mod task;
 
 use std::time::Duration;
 

@@ -196,7 +196,7 @@ impl Hypervisor for QemuHypervisor {
             info: watcher,
             guest: Some(booted.guest.clone()),
         };
-        tokio::spawn(vm::run(booted, rx, published).instrument(span));
+        tokio::spawn(nova_guest::task::drive(booted, rx, published).instrument(span));
         self.inner.sandboxes.insert(id, entry);
         Ok(Sandbox::new(Arc::new(self.clone()), info))
     }

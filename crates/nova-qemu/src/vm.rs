@@ -6,7 +6,8 @@
 //! removed before the error is returned ([`Resources`] does it on drop, so
 //! an early `?` or a cancelled future cleans up too).
 //!
-//! After boot, the VM belongs to one task running [`run`]. The hypervisor
+//! After boot, the VM belongs to one task: [`BootedVm`] implements
+//! [`SandboxTask`] and `nova_guest::task::drive` runs it. The hypervisor
 //! sends it [`VmCommand`]s over a channel and reads its published
 //! [`SandboxInfo`] from a `watch`; no lock is held across an `.await`. The
 //! task also watches the QEMU process: if it dies on its own, the sandbox
@@ -23,10 +24,11 @@ use nova_core::metadata::{BootTimings, SandboxInfo};
 use nova_core::state::SandboxState;
 use nova_core::stats::{SandboxStats, VmmStats};
 use nova_guest::Guest;
+use nova_guest::task::{Reply, SandboxTask, persist, reply, tail_lines};
 use nova_protocol::client::AgentClient;
 use tokio::net::UnixStream;
 use tokio::process::{Child, Command};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::oneshot;
 
 use crate::cmdline::VmSpec;
 use crate::qmp::QmpClient;
@@ -48,32 +50,6 @@ pub(crate) enum VmCommand {
         force: bool,
         reply: oneshot::Sender<Result<(), SandboxError>>,
     },
-}
-
-/// An answer to a [`VmCommand`], sent after the state is published.
-enum Reply {
-    Unit(
-        oneshot::Sender<Result<(), SandboxError>>,
-        Result<(), SandboxError>,
-    ),
-    Stats(
-        oneshot::Sender<Result<SandboxStats, SandboxError>>,
-        Box<Result<SandboxStats, SandboxError>>,
-    ),
-}
-
-impl Reply {
-    fn send(self) {
-        // A caller that gave up waiting dropped its receiver; nothing to do.
-        match self {
-            Self::Unit(tx, result) => {
-                let _ = tx.send(result);
-            }
-            Self::Stats(tx, result) => {
-                let _ = tx.send(*result);
-            }
-        }
-    }
 }
 
 /// How long a QMP command may take.
@@ -282,21 +258,8 @@ pub(crate) async fn boot(params: BootParams<'_>) -> Result<BootedVm, CreateSandb
         paths,
         info,
     };
-    booted.persist();
+    persist(&booted.paths.state_json(), &booted.info);
     Ok(booted)
-}
-
-impl BootedVm {
-    /// Writes `state.json`, so a restarted daemon can find this sandbox.
-    fn persist(&self) {
-        let path = self.paths.state_json();
-        let result = serde_json::to_vec_pretty(&self.info)
-            .map_err(std::io::Error::other)
-            .and_then(|json| std::fs::write(&path, json));
-        if let Err(e) = result {
-            tracing::warn!(path = %path.display(), error = %e, "cannot write sandbox state");
-        }
-    }
 }
 
 /// Waits for QEMU to exit and describes how it did. Pends forever if there
@@ -346,14 +309,8 @@ async fn connect_qmp(path: &Path) -> Result<QmpClient, crate::qmp::QmpError> {
 /// The last lines of the guest console and of QEMU's own log.
 pub(crate) fn console_tail(paths: &SandboxPaths) -> String {
     const LINES: usize = 30;
-    let tail = |path: PathBuf| -> String {
-        let text = std::fs::read(&path).unwrap_or_default();
-        let text = String::from_utf8_lossy(&text);
-        let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
-        lines[lines.len().saturating_sub(LINES)..].join("\n")
-    };
-    let console = tail(paths.console_log());
-    let vmm = tail(paths.vmm_log());
+    let console = tail_lines(&paths.console_log(), LINES);
+    let vmm = tail_lines(&paths.vmm_log(), LINES);
     match (console.is_empty(), vmm.is_empty()) {
         (true, true) => "(no console output)".to_owned(),
         (false, true) => console,
@@ -362,59 +319,54 @@ pub(crate) fn console_tail(paths: &SandboxPaths) -> String {
     }
 }
 
-/// The task that owns a booted VM until it is stopped.
-pub(crate) async fn run(
-    mut vm: BootedVm,
-    mut commands: mpsc::Receiver<VmCommand>,
-    published: watch::Sender<SandboxInfo>,
-) {
-    loop {
-        let live = vm.resources.child.is_some() && vm.info.state != SandboxState::Failed;
-        tokio::select! {
-            command = commands.recv() => {
-                let Some(command) = command else {
-                    // Every handle is gone: the hypervisor was dropped.
-                    tracing::debug!("hypervisor dropped; killing the VM");
-                    let _ = vm.resources.release().await;
-                    return;
-                };
-                let stop = matches!(command, VmCommand::Stop { .. });
-                let reply = vm.handle(command).await;
-                if vm.info.state != SandboxState::Stopped {
-                    vm.persist();
-                }
-                published.send_replace(vm.info.clone());
-                reply.send();
-                if stop && vm.info.state == SandboxState::Stopped {
-                    return;
-                }
-            }
-            status = wait_child(&mut vm.resources), if live => {
-                let tail = console_tail(&vm.paths);
-                tracing::warn!(%status, console = %tail, "QEMU exited on its own; the sandbox failed");
-                vm.resources.child = None;
-                let _ = vm.info.state.transition_to(SandboxState::Failed);
-                vm.info.vmm_pid = None;
-                vm.persist();
-                published.send_replace(vm.info.clone());
-            }
+impl SandboxTask for BootedVm {
+    type Command = VmCommand;
+
+    async fn handle(&mut self, command: VmCommand) -> Reply {
+        match command {
+            VmCommand::Pause(tx) => reply(tx, self.pause().await),
+            VmCommand::Resume(tx) => reply(tx, self.resume().await),
+            VmCommand::Stats(tx) => reply(tx, self.stats().await),
+            VmCommand::Stop { force, reply: tx } => reply(tx, self.stop(force).await),
         }
+    }
+
+    async fn vmm_exit(&mut self) -> String {
+        wait_child(&mut self.resources).await
+    }
+
+    fn forget_vmm(&mut self) {
+        self.resources.child = None;
+    }
+
+    fn has_vmm(&self) -> bool {
+        self.resources.child.is_some()
+    }
+
+    async fn release(&mut self) {
+        if let Err(e) = self.resources.release().await {
+            tracing::warn!(error = %e, "cannot remove the sandbox directory");
+        }
+    }
+
+    fn console_tail(&self) -> String {
+        console_tail(&self.paths)
+    }
+
+    fn info(&self) -> &SandboxInfo {
+        &self.info
+    }
+
+    fn info_mut(&mut self) -> &mut SandboxInfo {
+        &mut self.info
+    }
+
+    fn state_path(&self) -> PathBuf {
+        self.paths.state_json()
     }
 }
 
 impl BootedVm {
-    /// Carries out `command`; the answer is sent by the caller once the new
-    /// state is published, so a caller never sees a stale state after its
-    /// own command returned.
-    async fn handle(&mut self, command: VmCommand) -> Reply {
-        match command {
-            VmCommand::Pause(reply) => Reply::Unit(reply, self.pause().await),
-            VmCommand::Resume(reply) => Reply::Unit(reply, self.resume().await),
-            VmCommand::Stats(reply) => Reply::Stats(reply, Box::new(self.stats().await)),
-            VmCommand::Stop { force, reply } => Reply::Unit(reply, self.stop(force).await),
-        }
-    }
-
     fn check(&self, to: SandboxState) -> Result<(), SandboxError> {
         if self.info.state.can_transition_to(to) {
             Ok(())
