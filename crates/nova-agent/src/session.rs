@@ -174,7 +174,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
         while let Some(item) = next.take() {
             match item {
                 Outgoing::Message(msg) => {
-                    if let Err(e) = writer.queue(&msg) {
+                    if let Err(e) = writer.queue_agent_message(&msg) {
                         // Only an oversized message can fail; tell the host
                         // its request failed instead of dropping it silently.
                         tracing::warn!(error = %e, "message too large to send");
@@ -232,7 +232,7 @@ impl Session {
                         Err(FrameError::Io(e)) => return format!("read failed: {e}"),
                         Err(e) => return self.protocol_error(format!("malformed frame: {e}")).await,
                     };
-                    let msg = match decode::<ClientMessage>(&payload) {
+                    let msg = match nova_protocol::zero_copy::decode_client_message(payload.clone()) {
                         Ok(msg) => msg,
                         Err(e) => {
                             let what = match payload.first() {

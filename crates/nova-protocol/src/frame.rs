@@ -14,6 +14,8 @@ use serde::de::DeserializeOwned;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::MAX_FRAME_SIZE;
+use crate::messages::{AgentMessage, ClientMessage};
+use crate::zero_copy;
 
 /// Size of the length prefix.
 pub const HEADER_LEN: usize = 4;
@@ -193,10 +195,16 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
 }
 
 /// Writes frames to a byte stream, batching them in one buffer.
+///
+/// Large data chunks are not copied into the buffer: they are kept by
+/// reference ("spliced" in at an offset) and written with `writev`.
 #[derive(Debug)]
 pub struct FrameWriter<W> {
     inner: W,
     buf: Vec<u8>,
+    /// Chunks to write after `buf[..offset]`, in order.
+    spliced: Vec<(usize, Bytes)>,
+    spliced_len: usize,
 }
 
 impl<W: AsyncWrite + Unpin> FrameWriter<W> {
@@ -205,6 +213,8 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
         Self {
             inner,
             buf: Vec::with_capacity(64 * 1024),
+            spliced: Vec::new(),
+            spliced_len: 0,
         }
     }
 
@@ -213,19 +223,68 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
         encode_into(value, &mut self.buf)
     }
 
+    /// Queues an agent message; a large data chunk is written by reference.
+    pub fn queue_agent_message(&mut self, msg: &AgentMessage) -> Result<(), FrameError> {
+        match zero_copy::agent_data_parts(msg) {
+            Some((prefix, data)) => self.queue_spliced(&prefix, data),
+            None => self.queue(msg),
+        }
+    }
+
+    /// Queues a host message; a large data chunk is written by reference.
+    pub fn queue_client_message(&mut self, msg: &ClientMessage) -> Result<(), FrameError> {
+        match zero_copy::client_data_parts(msg) {
+            Some((prefix, data)) => self.queue_spliced(&prefix, data),
+            None => self.queue(msg),
+        }
+    }
+
+    /// Queues a frame whose payload is `prefix` followed by `data`.
+    fn queue_spliced(&mut self, prefix: &[u8], data: Bytes) -> Result<(), FrameError> {
+        let len = prefix.len() + data.len();
+        if len > MAX_FRAME_SIZE {
+            return Err(FrameError::TooLarge {
+                len,
+                max: MAX_FRAME_SIZE,
+            });
+        }
+        let header = u32::try_from(len)
+            .expect("len <= MAX_FRAME_SIZE fits in u32")
+            .to_be_bytes();
+        self.buf.extend_from_slice(&header);
+        self.buf.extend_from_slice(prefix);
+        self.spliced_len += data.len();
+        self.spliced.push((self.buf.len(), data));
+        Ok(())
+    }
+
     /// Bytes queued and not yet written.
     pub fn pending(&self) -> usize {
-        self.buf.len()
+        self.buf.len() + self.spliced_len
     }
 
     /// Writes everything queued and flushes the stream.
     pub async fn flush(&mut self) -> Result<(), FrameError> {
-        if !self.buf.is_empty() {
-            self.inner.write_all(&self.buf).await?;
-            self.buf.clear();
-            if self.buf.capacity() > 4 * 1024 * 1024 {
-                self.buf.shrink_to(64 * 1024);
+        if self.spliced.is_empty() {
+            if !self.buf.is_empty() {
+                self.inner.write_all(&self.buf).await?;
             }
+        } else {
+            let mut parts: Vec<&[u8]> = Vec::with_capacity(2 * self.spliced.len() + 1);
+            let mut start = 0;
+            for (at, data) in &self.spliced {
+                parts.push(&self.buf[start..*at]);
+                parts.push(data);
+                start = *at;
+            }
+            parts.push(&self.buf[start..]);
+            write_all_vectored(&mut self.inner, &parts).await?;
+            self.spliced.clear();
+            self.spliced_len = 0;
+        }
+        self.buf.clear();
+        if self.buf.capacity() > 4 * 1024 * 1024 {
+            self.buf.shrink_to(64 * 1024);
         }
         self.inner.flush().await?;
         Ok(())
@@ -248,6 +307,34 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     pub fn into_inner(self) -> W {
         self.inner
     }
+}
+
+/// Writes all of `parts`, in order, with as few `writev` calls as the stream allows.
+async fn write_all_vectored<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    parts: &[&[u8]],
+) -> std::io::Result<()> {
+    let total: usize = parts.iter().map(|p| p.len()).sum();
+    let mut written = 0;
+    while written < total {
+        // Skip what is already out, then offer the rest.
+        let mut skip = written;
+        let mut slices = Vec::with_capacity(parts.len());
+        for part in parts {
+            if skip >= part.len() {
+                skip -= part.len();
+                continue;
+            }
+            slices.push(std::io::IoSlice::new(&part[skip..]));
+            skip = 0;
+        }
+        let n = w.write_vectored(&slices).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        written += n;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -278,6 +365,41 @@ mod tests {
         }
         send.await.unwrap();
         assert!(reader.read_frame().await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn spliced_data_frames_arrive_intact_among_small_ones() {
+        use crate::messages::StreamKind;
+        let (a, b) = tokio::io::duplex(4096);
+        let mut writer = FrameWriter::new(a);
+        let mut reader = FrameReader::new(b);
+        let msgs: Vec<AgentMessage> = (0..20u64)
+            .map(|i| {
+                if i % 3 == 0 {
+                    AgentMessage::Credit { id: i, bytes: 7 }
+                } else {
+                    AgentMessage::Data {
+                        id: i,
+                        stream: StreamKind::Stderr,
+                        data: Bytes::from(vec![i as u8; 10_000 * i as usize + 1]),
+                    }
+                }
+            })
+            .collect();
+        let expected = msgs.clone();
+        let send = tokio::spawn(async move {
+            for chunk in msgs.chunks(4) {
+                for msg in chunk {
+                    writer.queue_agent_message(msg).unwrap();
+                }
+                writer.flush().await.unwrap();
+            }
+        });
+        for want in expected {
+            let payload = reader.read_frame().await.unwrap().unwrap();
+            assert_eq!(zero_copy::decode_agent_message(payload).unwrap(), want);
+        }
+        send.await.unwrap();
     }
 
     #[tokio::test]

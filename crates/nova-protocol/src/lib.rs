@@ -53,6 +53,7 @@ pub mod handshake;
 pub mod messages;
 pub mod remote_error;
 pub mod stats;
+pub mod zero_copy;
 
 pub use exec::{ExecCommand, ExecResult, ExecSpec, ExitStatus, PtySize};
 pub use frame::{FrameError, FrameReader, FrameWriter};
@@ -75,7 +76,7 @@ pub const HELLO_MAGIC: [u8; 4] = *b"NOVA";
 
 /// Largest data chunk carried by one [`ClientMessage::Data`] or
 /// [`AgentMessage::Data`] frame.
-pub const MAX_CHUNK: usize = 256 * 1024;
+pub const MAX_CHUNK: usize = 1024 * 1024;
 
 /// Largest frame payload either side accepts (1 MiB plus room for headers).
 /// Larger length prefixes are rejected before anything is allocated.

@@ -102,10 +102,10 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     mut rx: mpsc::UnboundedReceiver<ClientMessage>,
 ) {
     while let Some(msg) = rx.recv().await {
-        let mut result = writer.queue(&msg);
+        let mut result = writer.queue_client_message(&msg);
         while result.is_ok() && writer.pending() < WRITE_BATCH {
             match rx.try_recv() {
-                Ok(msg) => result = writer.queue(&msg),
+                Ok(msg) => result = writer.queue_client_message(&msg),
                 Err(_) => break,
             }
         }
@@ -147,7 +147,7 @@ impl Router {
                     None => break "client dropped".to_owned(),
                 },
                 frame = reader.read_frame() => match frame {
-                    Ok(Some(payload)) => match crate::frame::decode::<AgentMessage>(&payload) {
+                    Ok(Some(payload)) => match crate::zero_copy::decode_agent_message(payload) {
                         Ok(msg) => {
                             if let Err(reason) = self.message(msg) {
                                 break reason;
