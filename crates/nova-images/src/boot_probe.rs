@@ -19,6 +19,9 @@ use tokio::process::Command;
 pub const DEFAULT_CMDLINE: &str =
     "console=ttyS0 reboot=k panic=1 root=/dev/vda ro init=/sbin/nova-agent";
 
+/// The QEMU machine templates boot on: microvm, devices on the kernel command line.
+pub const DEFAULT_MACHINE: &str = "microvm,acpi=off";
+
 /// The console line that proves the kernel handed over to a root-fs init.
 pub const KERNEL_INIT_LINE: &str = "as init process";
 
@@ -41,10 +44,16 @@ pub struct BootProbe {
     pub initrd: Option<PathBuf>,
     /// The kernel command line.
     pub cmdline: String,
-    /// Whether the microvm machine gets ACPI tables. Our kernel is built
-    /// without ACPI and finds devices on the command line (`acpi=off` makes
-    /// QEMU put them there); stock kernels find them through ACPI.
-    pub acpi: bool,
+    /// Appended to the command line as `tsc_early_khz=`: the host's TSC rate,
+    /// which is the guest's under TCG. Without it a guest on a loaded host
+    /// can fail to calibrate its TSC against the PIT and, having no HPET or
+    /// ACPI PM timer on microvm, hang before init. `None` appends nothing.
+    pub tsc_khz: Option<u64>,
+    /// The `-M` value. Our kernel is built without ACPI and finds its
+    /// virtio-mmio devices on the command line, which QEMU writes there only
+    /// with `acpi=off` (the default, [`DEFAULT_MACHINE`]); stock kernels find
+    /// them through ACPI (`microvm,pit=on,pic=on,rtc=on` boots Debian's).
+    pub machine: String,
     /// Guest memory.
     pub memory_mb: u32,
     /// Extra QEMU arguments (e.g. a virtio-serial channel).
@@ -68,7 +77,8 @@ impl BootProbe {
             rootfs,
             initrd: None,
             cmdline: DEFAULT_CMDLINE.to_owned(),
-            acpi: false,
+            machine: DEFAULT_MACHINE.to_owned(),
+            tsc_khz: host_tsc_khz(),
             memory_mb: 512,
             extra_args: Vec::new(),
             agent_socket: None,
@@ -80,12 +90,7 @@ impl BootProbe {
     /// The QEMU command this probe runs.
     pub fn command(&self) -> Command {
         let mut cmd = Command::new(&self.qemu);
-        let machine = if self.acpi {
-            "microvm"
-        } else {
-            "microvm,acpi=off"
-        };
-        cmd.args(["-M", machine, "-accel", "tcg", "-cpu", "max", "-m"])
+        cmd.args(["-M", &self.machine, "-accel", "tcg", "-cpu", "max", "-m"])
             .arg(self.memory_mb.to_string())
             .args([
                 "-nodefaults",
@@ -98,7 +103,10 @@ impl BootProbe {
             .arg("-kernel")
             .arg(&self.kernel)
             .arg("-append")
-            .arg(&self.cmdline);
+            .arg(match self.tsc_khz {
+                Some(khz) => format!("{} tsc_early_khz={khz}", self.cmdline),
+                None => self.cmdline.clone(),
+            });
         if let Some(initrd) = &self.initrd {
             cmd.arg("-initrd").arg(initrd);
         }
@@ -265,6 +273,18 @@ pub enum BootProbeError {
     },
 }
 
+/// The host CPU's clock in kHz from `/proc/cpuinfo` (x86 hosts), if known.
+pub fn host_tsc_khz() -> Option<u64> {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    parse_cpu_khz(&cpuinfo)
+}
+
+fn parse_cpu_khz(cpuinfo: &str) -> Option<u64> {
+    let line = cpuinfo.lines().find(|l| l.starts_with("cpu MHz"))?;
+    let mhz: f64 = line.split(':').nth(1)?.trim().parse().ok()?;
+    (mhz > 0.0).then(|| (mhz * 1000.0).round() as u64)
+}
+
 fn tail(text: &str) -> String {
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(20)..].join("\n")
@@ -303,7 +323,13 @@ mod tests {
             .iter()
             .position(|a| a == "-append")
             .map(|i| args[i + 1].clone());
-        assert_eq!(append.as_deref(), Some(DEFAULT_CMDLINE));
+        match probe.tsc_khz {
+            Some(khz) => assert_eq!(
+                append,
+                Some(format!("{DEFAULT_CMDLINE} tsc_early_khz={khz}"))
+            ),
+            None => assert_eq!(append.as_deref(), Some(DEFAULT_CMDLINE)),
+        }
         assert!(!joined.contains("-initrd"));
         assert!(!joined.contains("virtio-serial"));
 
@@ -323,6 +349,13 @@ mod tests {
             ),
             "{joined}"
         );
+    }
+
+    #[test]
+    fn cpu_khz_comes_from_cpuinfo() {
+        let cpuinfo = "processor\t: 0\nmodel name\t: X\ncpu MHz\t\t: 2596.150\n";
+        assert_eq!(parse_cpu_khz(cpuinfo), Some(2_596_150));
+        assert_eq!(parse_cpu_khz("processor : 0\n"), None);
     }
 
     #[tokio::test]
