@@ -348,7 +348,7 @@ impl FirecrackerHypervisor {
             info: watcher,
             guest: booted.guest.clone(),
         };
-        tokio::spawn(vm::run(booted, rx, published).instrument(span));
+        tokio::spawn(nova_guest::task::drive(booted, rx, published).instrument(span));
         self.inner.sandboxes.insert(id, entry);
         Ok(Sandbox::new(Arc::new(self.clone()), info))
     }

@@ -9,7 +9,8 @@
 //! ([`Resources`] does it on drop, so an early `?` or a cancelled future
 //! cleans up too).
 //!
-//! After boot the VM belongs to one task running [`run`]; the hypervisor
+//! After boot the VM belongs to one task (`nova_guest::task::drive` over
+//! this file's [`SandboxTask`] impl); the hypervisor
 //! sends it [`VmCommand`]s and reads its published [`SandboxInfo`] from a
 //! `watch`. The task also watches the process: if Firecracker exits on its
 //! own (the guest rebooted or crashed), the sandbox becomes `failed` until
@@ -26,7 +27,8 @@ use nova_core::metadata::{BootTimings, SandboxInfo, now_ms};
 use nova_core::state::{InvalidTransition, SandboxState};
 use nova_core::stats::{SandboxStats, VmmStats};
 use nova_guest::Guest;
-use tokio::sync::{mpsc, oneshot, watch};
+use nova_guest::task::{Reply, SandboxTask, persist, reply, tail_lines};
+use tokio::sync::oneshot;
 
 use crate::api::{
     ApiClient, ApiError, InstanceInfo, LogLevel, MemoryBackend, MemoryBackendType,
@@ -519,19 +521,14 @@ pub(crate) async fn boot(params: BootParams<'_>) -> Result<BootedVm, CreateSandb
         has_scratch,
         info,
     };
-    booted.persist();
+    persist(&booted.paths.state_json(), &booted.info);
     Ok(booted)
 }
 
 /// The last lines of the guest console (Firecracker's output) and of its log.
 pub(crate) fn console_tail(paths: &SandboxPaths, workdir: &Path) -> String {
     const LINES: usize = 30;
-    let tail = |path: PathBuf| -> String {
-        let text = std::fs::read(&path).unwrap_or_default();
-        let text = String::from_utf8_lossy(&text);
-        let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
-        lines[lines.len().saturating_sub(LINES)..].join("\n")
-    };
+    let tail = |path: PathBuf| tail_lines(&path, LINES);
     let console = tail(paths.console_log());
     let log = tail(workdir.join(LOG_FILE));
     match (console.is_empty(), log.is_empty()) {
@@ -544,68 +541,16 @@ pub(crate) fn console_tail(paths: &SandboxPaths, workdir: &Path) -> String {
     }
 }
 
-/// The task that owns a booted VM until it is stopped.
-pub(crate) async fn run(
-    mut vm: BootedVm,
-    mut commands: mpsc::Receiver<VmCommand>,
-    published: watch::Sender<SandboxInfo>,
-) {
-    loop {
-        let live = vm.resources.vmm.is_some() && vm.info.state != SandboxState::Failed;
-        tokio::select! {
-            command = commands.recv() => {
-                let Some(command) = command else {
-                    tracing::debug!("hypervisor dropped; killing the VM");
-                    let _ = vm.resources.release().await;
-                    return;
-                };
-                let stop = matches!(command, VmCommand::Stop { .. });
-                vm.handle(command).await;
-                vm.persist();
-                published.send_replace(vm.info.clone());
-                if stop && vm.info.state == SandboxState::Stopped {
-                    return;
-                }
-            }
-            exit = vm.resources.wait_vmm(), if live => {
-                let tail = console_tail(&vm.paths, &vm.workdir);
-                tracing::warn!(%exit, console = %tail, "Firecracker exited on its own; the sandbox failed");
-                let _ = vm.info.state.transition_to(SandboxState::Failed);
-                vm.info.vmm_pid = None;
-                vm.persist();
-                published.send_replace(vm.info.clone());
-            }
-        }
-    }
-}
+impl SandboxTask for BootedVm {
+    type Command = VmCommand;
 
-impl BootedVm {
-    /// Writes `state.json`, so a restarted daemon can find this sandbox.
-    fn persist(&self) {
-        let path = self.paths.state_json();
-        let result = serde_json::to_vec_pretty(&self.info)
-            .map_err(std::io::Error::other)
-            .and_then(|json| std::fs::write(&path, json));
-        if let Err(e) = result {
-            tracing::warn!(path = %path.display(), error = %e, "cannot write sandbox state");
-        }
-    }
-
-    async fn handle(&mut self, command: VmCommand) {
+    async fn handle(&mut self, command: VmCommand) -> Reply {
         match command {
-            VmCommand::Pause(reply) => {
-                let _ = reply.send(self.pause().await);
-            }
-            VmCommand::Resume(reply) => {
-                let _ = reply.send(self.resume().await);
-            }
-            VmCommand::Stats(reply) => {
-                let _ = reply.send(self.stats().await);
-            }
-            VmCommand::Metrics(reply) => {
-                let _ = reply.send(self.metrics().await);
-            }
-            VmCommand::InstanceInfo(reply) => {
+            VmCommand::Pause(tx) => reply(tx, self.pause().await),
+            VmCommand::Resume(tx) => reply(tx, self.resume().await),
+            VmCommand::Stats(tx) => reply(tx, self.stats().await),
+            VmCommand::Metrics(tx) => reply(tx, self.metrics().await),
+            VmCommand::InstanceInfo(tx) => {
                 let result = match self.live_vmm() {
                     Ok(()) => self
                         .api
@@ -614,17 +559,53 @@ impl BootedVm {
                         .map_err(|e| sandbox_vmm_error("describe the instance (GET /)", e)),
                     Err(e) => Err(e),
                 };
-                let _ = reply.send(result);
+                reply(tx, result)
             }
-            VmCommand::Snapshot { dir, kind, reply } => {
-                let _ = reply.send(self.snapshot(dir, kind).await);
-            }
-            VmCommand::Stop { force, reply } => {
-                let _ = reply.send(self.stop(force).await);
-            }
+            VmCommand::Snapshot {
+                dir,
+                kind,
+                reply: tx,
+            } => reply(tx, self.snapshot(dir, kind).await),
+            VmCommand::Stop { force, reply: tx } => reply(tx, self.stop(force).await),
         }
     }
 
+    async fn vmm_exit(&mut self) -> String {
+        self.resources.wait_vmm().await.to_string()
+    }
+
+    fn forget_vmm(&mut self) {
+        self.resources.vmm = None;
+    }
+
+    fn has_vmm(&self) -> bool {
+        self.resources.vmm.is_some()
+    }
+
+    async fn release(&mut self) {
+        if let Err((dir, e)) = self.resources.release().await {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot remove a sandbox directory");
+        }
+    }
+
+    fn console_tail(&self) -> String {
+        console_tail(&self.paths, &self.workdir)
+    }
+
+    fn info(&self) -> &SandboxInfo {
+        &self.info
+    }
+
+    fn info_mut(&mut self) -> &mut SandboxInfo {
+        &mut self.info
+    }
+
+    fn state_path(&self) -> PathBuf {
+        self.paths.state_json()
+    }
+}
+
+impl BootedVm {
     fn check(&self, to: SandboxState) -> Result<(), SandboxError> {
         if self.info.state.can_transition_to(to) {
             Ok(())
