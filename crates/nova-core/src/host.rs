@@ -533,3 +533,34 @@ mod usage_tests {
         assert!(process_usage(u32::MAX).is_err());
     }
 }
+
+/// The host CPU's clock in kHz, from `/proc/cpuinfo` (x86 hosts), if known.
+///
+/// Emulated (TCG) guests get it as `tsc_early_khz=`: on a loaded host the
+/// guest kernel can fail to calibrate its TSC against the emulated PIT and,
+/// with no HPET or ACPI PM timer on a microVM, stall at boot.
+pub fn host_cpu_khz() -> Option<u64> {
+    parse_cpu_khz(&std::fs::read_to_string("/proc/cpuinfo").ok()?)
+}
+
+/// The first `cpu MHz` line of `/proc/cpuinfo` text, in kHz.
+pub fn parse_cpu_khz(cpuinfo: &str) -> Option<u64> {
+    let line = cpuinfo.lines().find(|l| l.starts_with("cpu MHz"))?;
+    let mhz: f64 = line.split(':').nth(1)?.trim().parse().ok()?;
+    (mhz > 0.0).then(|| (mhz * 1000.0).round() as u64)
+}
+
+#[cfg(test)]
+mod khz_tests {
+    use super::*;
+
+    #[test]
+    fn cpu_khz_comes_from_cpuinfo() {
+        assert_eq!(
+            parse_cpu_khz("processor\t: 0\ncpu MHz\t\t: 2596.150\n"),
+            Some(2_596_150)
+        );
+        assert_eq!(parse_cpu_khz("processor : 0\n"), None);
+        assert_eq!(parse_cpu_khz("cpu MHz : 0\n"), None);
+    }
+}

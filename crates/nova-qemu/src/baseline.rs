@@ -43,6 +43,7 @@ pub async fn raw_boot(
         console_log: workdir.join("console.log"),
         kernel_args: config.kernel_args.clone(),
         hostname: "raw".into(),
+        tsc_khz: crate::cmdline::tcg_tsc_khz(options.accel),
     };
     let start = Instant::now();
     let mut child = tokio::process::Command::new(&options.qemu_bin)

@@ -51,6 +51,10 @@ pub struct VmSpec {
     pub kernel_args: String,
     /// Guest hostname.
     pub hostname: String,
+    /// The host TSC rate in kHz, given to emulated guests as
+    /// `tsc_early_khz=` so they need not calibrate it (see
+    /// [`nova_core::host::host_cpu_khz`]).
+    pub tsc_khz: Option<u64>,
 }
 
 impl VmSpec {
@@ -65,6 +69,9 @@ impl VmSpec {
         ));
         if self.scratch.is_some() {
             cmdline.push_str(&format!(" nova.overlay={SCRATCH_DEVICE}"));
+        }
+        if let Some(khz) = self.tsc_khz {
+            cmdline.push_str(&format!(" tsc_early_khz={khz}"));
         }
         cmdline
     }
@@ -156,6 +163,15 @@ impl VmSpec {
     }
 }
 
+/// The `tsc_khz` a guest under `accel` needs: the host's rate under TCG,
+/// nothing under KVM (which has kvmclock).
+pub fn tcg_tsc_khz(accel: Accel) -> Option<u64> {
+    match accel {
+        Accel::Tcg => nova_core::host::host_cpu_khz(),
+        Accel::Kvm => None,
+    }
+}
+
 /// Escapes a path for a QEMU option value, where `,` must be doubled.
 fn escape(path: &std::path::Path) -> String {
     path.display().to_string().replace(',', ",,")
@@ -179,6 +195,7 @@ mod tests {
             console_log: "/s/console.log".into(),
             kernel_args: "reboot=k panic=1 quiet".into(),
             hostname: "sb-1".into(),
+            tsc_khz: None,
         }
     }
 

@@ -21,7 +21,7 @@ use nova_guest::registry::{Entry, SandboxRegistry};
 use tokio::sync::{mpsc, watch};
 use tracing::Instrument;
 
-use crate::cmdline::VmSpec;
+use crate::cmdline::{VmSpec, tcg_tsc_khz};
 use crate::vm::{self, BootParams, VmCommand};
 
 /// Default size of each sandbox's scratch disk (sparse: only what the guest
@@ -163,6 +163,7 @@ impl Hypervisor for QemuHypervisor {
             console_log: paths.console_log(),
             kernel_args: config.kernel_args.clone(),
             hostname: id.to_string(),
+            tsc_khz: tcg_tsc_khz(options.accel),
         };
         let info = SandboxInfo {
             id: id.clone(),
