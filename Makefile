@@ -66,4 +66,6 @@ examples: images
 # builds the images (cached), then runs every test and example.
 test: deps images lint
 	$(CARGO) test --workspace
+	@echo "--- tests gated on NOVA_FIRECRACKER_BIN / NOVA_TEST_KVM=1 (SKIP lines mean they did not run here):"
+	@$(CARGO) test -q -p nova-firecracker --test firecracker -- --nocapture 2>&1 | grep -E '^(SKIP|test result)' || true
 	$(MAKE) examples
