@@ -7,6 +7,8 @@
 
 use std::path::PathBuf;
 
+use nova_images::cache::CacheDir;
+use nova_images::kernel::{self, KernelSource};
 use nova_images::template::DEFAULT_AGENT_PATH;
 use nova_images::{BuildOptions, build_template, find_template};
 use novasandbox::core::NovaHome;
@@ -40,20 +42,38 @@ pub(crate) async fn build(args: &BuildArgs) -> anyhow::Result<()> {
     opts.force = args.force;
     opts.rebuild_all = args.rebuild_all;
     opts.measure_boot = !args.no_boot_check;
+    let cache = CacheDir::new(home.cache_dir());
+    let kernel_cached =
+        matches!(kernel::cached_kernel(&cache, &KernelSource::default()).await, Ok(Some(_)));
     println!(
-        "building template {} in {} (a first build compiles the kernel: ~10 min on 2 cores; logs in {})",
+        "building template {} into {}{}",
         spec.id,
         home.template_dir(&spec.id).display(),
-        home.cache_dir().join("logs").display()
+        if kernel_cached {
+            String::new()
+        } else {
+            format!(
+                " (first compiles the guest kernel: ~10 min on 2 cores; log in {})",
+                home.cache_dir().join("logs").display()
+            )
+        }
     );
     let report = build_template(&spec, &opts).await?;
     let m = &report.template.manifest;
     println!(
         "template {} {}: kernel {}{}, rootfs {:.1} MiB, boot_time_ms {}, {:.1} s",
         m.template_id,
-        if report.cached { "up to date (cache hit)" } else { "installed" },
+        if report.cached {
+            "up to date (cache hit)"
+        } else {
+            "installed"
+        },
         m.kernel_version,
-        if report.kernel_cached { " (cached)" } else { " (built)" },
+        if report.kernel_cached {
+            " (cached)"
+        } else {
+            " (built)"
+        },
         report.rootfs_bytes as f64 / f64::from(1 << 20),
         m.boot_time_ms,
         report.elapsed.as_secs_f64(),
