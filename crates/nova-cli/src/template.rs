@@ -43,8 +43,10 @@ pub(crate) async fn build(args: &BuildArgs) -> anyhow::Result<()> {
     opts.rebuild_all = args.rebuild_all;
     opts.measure_boot = !args.no_boot_check;
     let cache = CacheDir::new(home.cache_dir());
-    let kernel_cached =
-        matches!(kernel::cached_kernel(&cache, &KernelSource::default()).await, Ok(Some(_)));
+    let kernel_cached = matches!(
+        kernel::cached_kernel(&cache, &KernelSource::default()).await,
+        Ok(Some(_))
+    );
     println!(
         "building template {} into {}{}",
         spec.id,
