@@ -182,7 +182,8 @@ impl AsyncWrite for FdStream {
     ) -> Poll<io::Result<usize>> {
         loop {
             let mut guard = ready!(self.fd.poll_write_ready(cx))?;
-            match guard.try_io(|fd| rustix::io::writev(fd.get_ref(), bufs).map_err(io::Error::from)) {
+            match guard.try_io(|fd| rustix::io::writev(fd.get_ref(), bufs).map_err(io::Error::from))
+            {
                 Ok(Ok(n)) => return Poll::Ready(Ok(n)),
                 Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
                 Ok(Err(e)) => return Poll::Ready(Err(e)),
