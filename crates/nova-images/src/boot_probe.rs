@@ -78,7 +78,7 @@ impl BootProbe {
             initrd: None,
             cmdline: DEFAULT_CMDLINE.to_owned(),
             machine: DEFAULT_MACHINE.to_owned(),
-            tsc_khz: host_tsc_khz(),
+            tsc_khz: nova_core::host::host_cpu_khz(),
             memory_mb: 512,
             extra_args: Vec::new(),
             agent_socket: None,
@@ -273,18 +273,6 @@ pub enum BootProbeError {
     },
 }
 
-/// The host CPU's clock in kHz from `/proc/cpuinfo` (x86 hosts), if known.
-pub fn host_tsc_khz() -> Option<u64> {
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").ok()?;
-    parse_cpu_khz(&cpuinfo)
-}
-
-fn parse_cpu_khz(cpuinfo: &str) -> Option<u64> {
-    let line = cpuinfo.lines().find(|l| l.starts_with("cpu MHz"))?;
-    let mhz: f64 = line.split(':').nth(1)?.trim().parse().ok()?;
-    (mhz > 0.0).then(|| (mhz * 1000.0).round() as u64)
-}
-
 fn tail(text: &str) -> String {
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(20)..].join("\n")
@@ -349,13 +337,6 @@ mod tests {
             ),
             "{joined}"
         );
-    }
-
-    #[test]
-    fn cpu_khz_comes_from_cpuinfo() {
-        let cpuinfo = "processor\t: 0\nmodel name\t: X\ncpu MHz\t\t: 2596.150\n";
-        assert_eq!(parse_cpu_khz(cpuinfo), Some(2_596_150));
-        assert_eq!(parse_cpu_khz("processor : 0\n"), None);
     }
 
     #[tokio::test]
