@@ -92,7 +92,7 @@ pub enum CreateSandboxError {
 #[non_exhaustive]
 pub enum SandboxError {
     /// No sandbox has this id.
-    #[error("no sandbox with id {0}; `nova ps` lists the running ones")]
+    #[error("no sandbox with id {0} in this hypervisor")]
     NotFound(SandboxId),
     /// The sandbox is not in a state that allows the operation.
     #[error(transparent)]

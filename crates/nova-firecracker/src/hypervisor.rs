@@ -257,8 +257,11 @@ pub(crate) fn check_kvm(kvm: &KvmStatus, allow_non_hardware: bool) -> Result<(),
 }
 
 impl FirecrackerHypervisor {
-    /// A provider with these options. Looks at `/dev/kvm` once, now.
+    /// A provider with these options. Looks at `/dev/kvm` once, now, and
+    /// cleans sandboxes that a dead provider left under the same
+    /// `$NOVA_HOME` (see [`nova_guest::leftovers`]).
     pub fn new(options: FirecrackerOptions) -> Self {
+        nova_guest::leftovers::clean_leftovers(&options.home.sandboxes_dir());
         let templates = TemplateManager::new(options.home.templates_dir());
         Self {
             inner: Arc::new(Inner {

@@ -15,6 +15,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod leftovers;
 pub mod registry;
 pub mod scratch;
 pub mod task;

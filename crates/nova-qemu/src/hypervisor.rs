@@ -112,8 +112,11 @@ struct Inner {
 }
 
 impl QemuHypervisor {
-    /// A provider with these options.
+    /// A provider with these options. Sandboxes that a dead provider left
+    /// under the same `$NOVA_HOME` are cleaned first (see
+    /// [`nova_guest::leftovers`]).
     pub fn new(options: QemuOptions) -> Self {
+        nova_guest::leftovers::clean_leftovers(&options.home.sandboxes_dir());
         let templates = TemplateManager::new(options.home.templates_dir());
         Self {
             inner: Arc::new(Inner {

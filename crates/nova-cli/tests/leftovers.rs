@@ -1,0 +1,96 @@
+//! Regression: a `nova run` killed with SIGKILL leaves its QEMU running and
+//! its sandbox directory behind; the next provider on the same `$NOVA_HOME`
+//! must kill that orphan and remove the directory.
+
+#![allow(clippy::unwrap_used, reason = "test code")]
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use novasandbox::core::NovaHome;
+use novasandbox::providers::{QemuHypervisor, QemuOptions};
+
+fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if condition() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    condition()
+}
+
+#[test]
+fn a_killed_nova_run_leaves_an_orphan_that_the_next_provider_cleans() {
+    let templates = NovaHome::resolve().unwrap().templates_dir();
+    if !templates.join("minimal/minimal.json").is_file() {
+        if std::env::var_os("NOVA_SKIP_VM_TESTS").is_some_and(|v| v == "1") {
+            eprintln!(
+                "SKIP a_killed_nova_run_leaves_an_orphan: no minimal template (NOVA_SKIP_VM_TESTS=1)"
+            );
+            return;
+        }
+        panic!(
+            "the minimal template is not built in {}; run `make images`",
+            templates.display()
+        );
+    }
+    let home = tempfile::Builder::new()
+        .prefix("nova-gc-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    std::os::unix::fs::symlink(&templates, home.path().join("templates")).unwrap();
+    let sandboxes = home.path().join("sandboxes");
+
+    let mut nova = Command::new(env!("CARGO_BIN_EXE_nova"))
+        .args([
+            "run",
+            "--template",
+            "minimal",
+            "--memory",
+            "256",
+            "--vcpus",
+            "1",
+            "--",
+            "sleep",
+            "600",
+        ])
+        .env("NOVA_HOME", home.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let state = || -> Option<std::path::PathBuf> {
+        std::fs::read_dir(&sandboxes)
+            .ok()?
+            .flatten()
+            .map(|e| e.path().join("state.json"))
+            .find(|p| p.is_file())
+    };
+    assert!(
+        wait_until(Duration::from_secs(90), || state().is_some()),
+        "the sandbox never became ready"
+    );
+    let info: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(state().unwrap()).unwrap()).unwrap();
+    let qemu = info["vmm_pid"].as_u64().unwrap() as u32;
+    let dir = Path::new(info["dir"].as_str().unwrap()).to_owned();
+
+    // No unwinding, no cleanup: QEMU is orphaned.
+    nova.kill().unwrap();
+    nova.wait().unwrap();
+    let alive = |pid: u32| Path::new(&format!("/proc/{pid}")).exists();
+    assert!(alive(qemu), "QEMU died with its parent; nothing to clean");
+
+    let mut options = QemuOptions::detect().unwrap();
+    options.home = NovaHome::at(home.path());
+    let _provider = QemuHypervisor::new(options);
+    assert!(
+        wait_until(Duration::from_secs(10), || !alive(qemu)),
+        "the orphaned QEMU {qemu} survived"
+    );
+    assert!(!dir.exists(), "{} survived", dir.display());
+}
