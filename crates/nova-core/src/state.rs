@@ -63,6 +63,18 @@ impl SandboxState {
         )
     }
 
+    /// Checks that moving to `next` is legal, without moving.
+    pub fn check_transition(self, next: Self) -> Result<(), InvalidTransition> {
+        if self.can_transition_to(next) {
+            Ok(())
+        } else {
+            Err(InvalidTransition {
+                from: self,
+                to: next,
+            })
+        }
+    }
+
     /// Moves to `next` if that is legal, else leaves `self` unchanged and
     /// explains why not.
     pub fn transition_to(&mut self, next: Self) -> Result<(), InvalidTransition> {
@@ -156,6 +168,10 @@ mod tests {
         for from in ALL {
             for to in ALL {
                 let mut state = from;
+                assert_eq!(
+                    from.check_transition(to).is_ok(),
+                    legal.contains(&(from, to))
+                );
                 let result = state.transition_to(to);
                 if legal.contains(&(from, to)) {
                     assert_eq!(result, Ok(()), "{from} -> {to}");

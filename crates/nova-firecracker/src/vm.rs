@@ -606,18 +606,6 @@ impl SandboxTask for BootedVm {
 }
 
 impl BootedVm {
-    fn check(&self, to: SandboxState) -> Result<(), SandboxError> {
-        if self.info.state.can_transition_to(to) {
-            Ok(())
-        } else {
-            Err(InvalidTransition {
-                from: self.info.state,
-                to,
-            }
-            .into())
-        }
-    }
-
     /// Errors unless the VMM is there to ask.
     fn live_vmm(&self) -> Result<(), SandboxError> {
         if self.resources.vmm.is_some() && self.info.state != SandboxState::Failed {
@@ -632,7 +620,7 @@ impl BootedVm {
     }
 
     async fn pause(&mut self) -> Result<(), SandboxError> {
-        self.check(SandboxState::Paused)?;
+        self.info.state.check_transition(SandboxState::Paused)?;
         self.api
             .pause()
             .await
@@ -814,7 +802,7 @@ impl BootedVm {
     }
 
     async fn stop(&mut self, force: bool) -> Result<(), SandboxError> {
-        self.check(SandboxState::Stopping)?;
+        self.info.state.check_transition(SandboxState::Stopping)?;
         let was = self.info.state;
         self.info.state.transition_to(SandboxState::Stopping)?;
         if !force && self.resources.vmm.is_some() && was != SandboxState::Failed {

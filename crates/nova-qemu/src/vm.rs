@@ -367,20 +367,8 @@ impl SandboxTask for BootedVm {
 }
 
 impl BootedVm {
-    fn check(&self, to: SandboxState) -> Result<(), SandboxError> {
-        if self.info.state.can_transition_to(to) {
-            Ok(())
-        } else {
-            Err(nova_core::state::InvalidTransition {
-                from: self.info.state,
-                to,
-            }
-            .into())
-        }
-    }
-
     async fn pause(&mut self) -> Result<(), SandboxError> {
-        self.check(SandboxState::Paused)?;
+        self.info.state.check_transition(SandboxState::Paused)?;
         self.qmp
             .stop()
             .await
@@ -390,7 +378,7 @@ impl BootedVm {
     }
 
     async fn resume(&mut self) -> Result<(), SandboxError> {
-        self.check(SandboxState::Running)?;
+        self.info.state.check_transition(SandboxState::Running)?;
         if self.info.state != SandboxState::Paused {
             return Err(nova_core::state::InvalidTransition {
                 from: self.info.state,
@@ -453,7 +441,7 @@ impl BootedVm {
     }
 
     async fn stop(&mut self, force: bool) -> Result<(), SandboxError> {
-        self.check(SandboxState::Stopping)?;
+        self.info.state.check_transition(SandboxState::Stopping)?;
         let was = self.info.state;
         self.info.state.transition_to(SandboxState::Stopping)?;
         if !force && self.resources.child.is_some() && was != SandboxState::Failed {
