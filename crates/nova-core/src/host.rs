@@ -71,6 +71,23 @@ impl KvmStatus {
         }
     }
 
+    /// Looks at `/dev/kvm`, the CPU flags and the loaded KVM modules.
+    pub fn probe() -> Self {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let dev = Path::new("/dev/kvm");
+        let open = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(dev)
+            .map(drop);
+        Self::classify(
+            dev.exists(),
+            open,
+            cpu_has_virt_flags(&cpuinfo),
+            Path::new("/sys/module/kvm_pvm").exists(),
+        )
+    }
+
     /// Whether standard guest kernels boot at hardware speed.
     pub fn is_hardware(&self) -> bool {
         *self == Self::Hardware

@@ -11,7 +11,7 @@ use nova_core::config::SandboxConfig;
 use nova_core::error::{CreateSandboxError, ExecError, FileError, SandboxError};
 use nova_core::exec::{ExecRequest, ExecStream};
 use nova_core::home::NovaHome;
-use nova_core::host::{KvmStatus, cpu_has_virt_flags};
+use nova_core::host::KvmStatus;
 use nova_core::hypervisor::{Hypervisor, HypervisorKind};
 use nova_core::id::SandboxId;
 use nova_core::metadata::{SandboxInfo, now_ms};
@@ -220,24 +220,6 @@ struct Inner {
     sandboxes: SandboxRegistry<VmCommand>,
 }
 
-/// Looks at `/dev/kvm` and the CPU flags (the same classification as
-/// `HostReport::probe`, without probing the VMM binaries).
-fn probe_kvm() -> KvmStatus {
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let dev = Path::new("/dev/kvm");
-    let open = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(dev)
-        .map(drop);
-    KvmStatus::classify(
-        dev.exists(),
-        open,
-        cpu_has_virt_flags(&cpuinfo),
-        Path::new("/sys/module/kvm_pvm").exists(),
-    )
-}
-
 /// Whether Firecracker may run with KVM in state `kvm`; the error says why
 /// not and what to do.
 pub(crate) fn check_kvm(kvm: &KvmStatus, allow_non_hardware: bool) -> Result<(), String> {
@@ -267,7 +249,7 @@ impl FirecrackerHypervisor {
             inner: Arc::new(Inner {
                 options,
                 templates,
-                kvm: probe_kvm(),
+                kvm: KvmStatus::probe(),
                 sandboxes: SandboxRegistry::default(),
             }),
         }
