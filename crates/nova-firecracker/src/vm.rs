@@ -263,13 +263,9 @@ pub(crate) async fn boot(params: BootParams<'_>) -> Result<BootedVm, CreateSandb
         mut info,
     } = params;
     let prepare_start = Instant::now();
-    let sandboxes = paths.dir().parent().unwrap_or(paths.dir());
-    tokio::fs::create_dir_all(sandboxes)
-        .await
-        .map_err(prepare_err(sandboxes))?;
-    tokio::fs::create_dir(paths.dir())
-        .await
-        .map_err(prepare_err(paths.dir()))?;
+    paths
+        .create()
+        .map_err(|(path, source)| CreateSandboxError::Prepare { path, source })?;
     let mut resources = Resources {
         vmm: None,
         dirs: vec![paths.dir().to_owned()],

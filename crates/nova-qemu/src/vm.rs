@@ -142,13 +142,9 @@ pub(crate) async fn boot(params: BootParams<'_>) -> Result<BootedVm, CreateSandb
         let path = path.to_owned();
         move |source| CreateSandboxError::Prepare { path, source }
     };
-    let sandboxes = paths.dir().parent().unwrap_or(paths.dir());
-    tokio::fs::create_dir_all(sandboxes)
-        .await
-        .map_err(prepare_err(sandboxes))?;
-    tokio::fs::create_dir(paths.dir())
-        .await
-        .map_err(prepare_err(paths.dir()))?;
+    paths
+        .create()
+        .map_err(|(path, source)| CreateSandboxError::Prepare { path, source })?;
     let mut resources = Resources {
         child: None,
         dir: paths.dir().to_owned(),
