@@ -578,10 +578,12 @@ impl SandboxTask for BootedVm {
         self.resources.vmm.is_some()
     }
 
-    async fn release(&mut self) {
-        if let Err((dir, e)) = self.resources.release().await {
-            tracing::warn!(dir = %dir.display(), error = %e, "cannot remove a sandbox directory");
-        }
+    async fn release(&mut self) -> Result<(), (PathBuf, std::io::Error)> {
+        self.resources.release().await
+    }
+
+    async fn graceful_shutdown(&mut self, was: SandboxState) {
+        self.shut_down_guest(was).await;
     }
 
     fn console_tail(&self) -> String {
@@ -797,36 +799,11 @@ impl BootedVm {
         Ok(info)
     }
 
-    async fn stop(&mut self, force: bool) -> Result<(), SandboxError> {
-        self.info.state.check_transition(SandboxState::Stopping)?;
-        let was = self.info.state;
-        self.info.state.transition_to(SandboxState::Stopping)?;
-        if !force && self.resources.vmm.is_some() && was != SandboxState::Failed {
-            self.graceful_shutdown(was).await;
-        }
-        let result = self.resources.release().await;
-        self.info.vmm_pid = None;
-        match result {
-            Ok(()) => {
-                self.info.state.transition_to(SandboxState::Stopped)?;
-                Ok(())
-            }
-            Err((path, source)) => {
-                let _ = self.info.state.transition_to(SandboxState::Failed);
-                Err(SandboxError::Io {
-                    action: "remove",
-                    path,
-                    source,
-                })
-            }
-        }
-    }
-
     /// Asks the guest to end: through the agent (sync, then power off) when
     /// there is one, else with Ctrl+Alt+Del (a Linux guest reboots, which
     /// with `reboot=k` ends Firecracker). Gives up after the grace period;
     /// the caller then kills the VMM.
-    async fn graceful_shutdown(&mut self, was: SandboxState) {
+    async fn shut_down_guest(&mut self, was: SandboxState) {
         if was == SandboxState::Paused
             && let Err(e) = self.api.resume().await
         {

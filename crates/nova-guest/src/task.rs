@@ -17,6 +17,7 @@
 use std::future::Future;
 use std::path::{Path, PathBuf};
 
+use nova_core::error::SandboxError;
 use nova_core::metadata::SandboxInfo;
 use nova_core::state::SandboxState;
 use tokio::sync::{mpsc, watch};
@@ -51,8 +52,44 @@ pub trait SandboxTask: Send + 'static {
     /// Whether a VMM process is there to watch.
     fn has_vmm(&self) -> bool;
 
-    /// Kills the VMM and removes the sandbox's files.
-    fn release(&mut self) -> impl Future<Output = ()> + Send;
+    /// Kills the VMM (reaping it) and removes the sandbox's files; on error,
+    /// the path that could not be removed.
+    fn release(&mut self) -> impl Future<Output = Result<(), (PathBuf, std::io::Error)>> + Send;
+
+    /// Asks the guest to end (resuming it first if it was `was = paused`)
+    /// and waits a bounded time for the VMM to exit; returns either way, and
+    /// [`stop`](Self::stop) then kills what is left.
+    fn graceful_shutdown(&mut self, was: SandboxState) -> impl Future<Output = ()> + Send;
+
+    /// Stops the sandbox: any live state → `stopping` → `stopped` (or
+    /// `failed` if its files cannot be removed). Graceful unless `force` or
+    /// the VMM is already gone; either way the VMM is killed and reaped and
+    /// the sandbox's files removed before this returns.
+    fn stop(&mut self, force: bool) -> impl Future<Output = Result<(), SandboxError>> + Send {
+        async move {
+            let was = self.info().state;
+            self.info_mut()
+                .state
+                .transition_to(SandboxState::Stopping)?;
+            if !force && self.has_vmm() && was != SandboxState::Failed {
+                self.graceful_shutdown(was).await;
+            }
+            let result = self.release().await;
+            let info = self.info_mut();
+            info.vmm_pid = None;
+            match result {
+                Ok(()) => Ok(info.state.transition_to(SandboxState::Stopped)?),
+                Err((path, source)) => {
+                    let _ = info.state.transition_to(SandboxState::Failed);
+                    Err(SandboxError::Io {
+                        action: "remove",
+                        path,
+                        source,
+                    })
+                }
+            }
+        }
+    }
 
     /// The last lines of the guest console and VMM log.
     fn console_tail(&self) -> String;
@@ -80,7 +117,9 @@ pub async fn drive<T: SandboxTask>(
             command = commands.recv() => {
                 let Some(command) = command else {
                     tracing::debug!("hypervisor dropped; releasing the VM");
-                    task.release().await;
+                    if let Err((path, e)) = task.release().await {
+                        tracing::warn!(path = %path.display(), error = %e, "cannot remove the sandbox's files");
+                    }
                     return;
                 };
                 let reply = task.handle(command).await;
@@ -132,7 +171,6 @@ mod tests {
     use std::sync::atomic::{AtomicBool, Ordering};
 
     use nova_core::config::SandboxConfig;
-    use nova_core::error::SandboxError;
     use nova_core::hypervisor::HypervisorKind;
     use nova_core::id::SandboxId;
     use tokio::sync::oneshot;
@@ -149,6 +187,7 @@ mod tests {
         dir: PathBuf,
         exit: Option<oneshot::Receiver<()>>,
         released: Arc<AtomicBool>,
+        graceful: bool,
     }
 
     impl SandboxTask for Fake {
@@ -189,8 +228,14 @@ mod tests {
             self.exit.is_some()
         }
 
-        async fn release(&mut self) {
+        async fn release(&mut self) -> Result<(), (PathBuf, std::io::Error)> {
             self.released.store(true, Ordering::SeqCst);
+            self.exit = None;
+            Ok(())
+        }
+
+        async fn graceful_shutdown(&mut self, _was: SandboxState) {
+            self.graceful = true;
         }
 
         fn console_tail(&self) -> String {
@@ -230,6 +275,7 @@ mod tests {
             dir: dir.to_owned(),
             exit: Some(exit_rx),
             released: released.clone(),
+            graceful: false,
         };
         (task, exit_tx, released)
     }

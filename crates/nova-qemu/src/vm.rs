@@ -339,10 +339,13 @@ impl SandboxTask for BootedVm {
         self.resources.child.is_some()
     }
 
-    async fn release(&mut self) {
-        if let Err(e) = self.resources.release().await {
-            tracing::warn!(error = %e, "cannot remove the sandbox directory");
-        }
+    async fn release(&mut self) -> Result<(), (PathBuf, std::io::Error)> {
+        let dir = self.paths.dir().to_owned();
+        self.resources.release().await.map_err(|e| (dir, e))
+    }
+
+    async fn graceful_shutdown(&mut self, was: SandboxState) {
+        self.shut_down_guest(was).await;
     }
 
     fn console_tail(&self) -> String {
@@ -436,34 +439,9 @@ impl BootedVm {
         })
     }
 
-    async fn stop(&mut self, force: bool) -> Result<(), SandboxError> {
-        self.info.state.check_transition(SandboxState::Stopping)?;
-        let was = self.info.state;
-        self.info.state.transition_to(SandboxState::Stopping)?;
-        if !force && self.resources.child.is_some() && was != SandboxState::Failed {
-            self.graceful_shutdown(was).await;
-        }
-        let result = self.resources.release().await;
-        self.info.vmm_pid = None;
-        match result {
-            Ok(()) => {
-                self.info.state.transition_to(SandboxState::Stopped)?;
-                Ok(())
-            }
-            Err(source) => {
-                let _ = self.info.state.transition_to(SandboxState::Failed);
-                Err(SandboxError::Io {
-                    action: "remove",
-                    path: self.paths.dir().to_owned(),
-                    source,
-                })
-            }
-        }
-    }
-
     /// Asks the agent to sync and power off, and waits for QEMU to exit;
     /// gives up (the caller then kills QEMU) after [`GRACEFUL_STOP_TIMEOUT`].
-    async fn graceful_shutdown(&mut self, was: SandboxState) {
+    async fn shut_down_guest(&mut self, was: SandboxState) {
         if was == SandboxState::Paused
             && let Err(e) = self.qmp.cont().await
         {
