@@ -303,6 +303,27 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn stop_is_graceful_unless_forced_and_refuses_a_stopped_sandbox() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut task, _exit, released) = fake(dir.path());
+        task.stop(false).await.unwrap();
+        assert!(task.graceful && released.load(Ordering::SeqCst));
+        assert_eq!(
+            (task.info.state, task.info.vmm_pid),
+            (SandboxState::Stopped, None)
+        );
+        let e = task.stop(true).await.unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "cannot stop a sandbox that is stopped; its resources are gone, create a new sandbox"
+        );
+
+        let (mut task, _exit, _) = fake(dir.path());
+        task.stop(true).await.unwrap();
+        assert!(!task.graceful, "a forced stop skips the guest");
+    }
+
+    #[tokio::test]
     async fn a_vmm_exit_fails_the_sandbox_and_dropping_the_provider_releases_it() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("console.log"), "a\n\nb\nKernel panic\n").unwrap();
