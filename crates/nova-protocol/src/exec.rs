@@ -92,7 +92,7 @@ impl ExecSpec {
     }
 
     /// Makes stdin a pipe the caller writes to (see
-    /// [`crate::client::ExecHandle::stdin`]).
+    /// [`crate::client::ExecHandle::take_stdin`]).
     pub fn stdin_piped(mut self) -> Self {
         self.stdin = true;
         self

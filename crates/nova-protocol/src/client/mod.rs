@@ -2,7 +2,7 @@
 //!
 //! [`AgentClient::connect`] performs the handshake on any byte stream (a vsock
 //! connection, a Unix socket, a virtio-serial port's host socket) and then
-//! hands the stream to a background task (see [`connection`]); the client is a
+//! hands the stream to a background task (see the `connection` module); the client is a
 //! cheap, cloneable handle that talks to that task through a channel, so it can
 //! be shared between tasks and no lock is held across an `.await`.
 //!
