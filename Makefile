@@ -55,6 +55,7 @@ demo: deps images
 lint:
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --workspace --no-deps --quiet
 
 # The seed's examples, against real sandboxes.
 examples: images
