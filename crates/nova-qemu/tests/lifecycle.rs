@@ -307,6 +307,30 @@ async fn boot_failures_explain_themselves_and_leave_nothing() {
         .collect();
     assert!(left.is_empty(), "left behind: {left:?}");
 
+    // A template whose kernel path does not exist: refused before anything
+    // is spawned, naming the missing file.
+    let nokernel = broken.join("nokernel");
+    std::fs::create_dir_all(&nokernel).unwrap();
+    std::fs::write(
+        nokernel.join("nokernel.json"),
+        manifest.replace("\"minimal\"", "\"nokernel\""),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink(real.join("rootfs.ext4"), nokernel.join("rootfs.ext4")).unwrap();
+    let e = hv.create_sandbox(config("nokernel")).await.unwrap_err();
+    assert!(matches!(e, CreateSandboxError::Template(_)), "{e:?}");
+    let cause = std::error::Error::source(&e).unwrap().to_string();
+    assert!(
+        cause.contains("vmlinux") && cause.contains("nova template build nokernel"),
+        "{cause}"
+    );
+    assert!(
+        std::fs::read_dir(home.path().join("sandboxes"))
+            .unwrap()
+            .next()
+            .is_none()
+    );
+
     // A boot that cannot finish in time.
     let mut c = config("minimal");
     c.boot_timeout_ms = 200;
