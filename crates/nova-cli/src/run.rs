@@ -97,13 +97,25 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     }
 
     let hypervisor = novasandbox::detect()?;
-    let sandbox = hypervisor
-        .create_sandbox(config)
-        .await
-        .context("cannot create the sandbox")?;
+    // Ctrl-C or SIGTERM while booting drops the boot, which kills the VMM
+    // and removes the sandbox's files; while the command runs, it stops the
+    // sandbox. Either way nothing is left behind.
+    let sandbox = tokio::select! {
+        created = hypervisor.create_sandbox(config) => created.context("cannot create the sandbox")?,
+        signal = interrupted() => {
+            eprintln!("nova: {signal} while booting; the sandbox was removed");
+            return Ok(ExitCode::from(130));
+        }
+    };
     print_boot(&sandbox);
-    let outcome = stream(&sandbox, request).await;
-    let stopped = sandbox.stop(args.force_stop).await;
+    let (outcome, force) = tokio::select! {
+        outcome = stream(&sandbox, request) => (outcome, args.force_stop),
+        signal = interrupted() => {
+            eprintln!("nova: {signal}; stopping the sandbox");
+            (Ok(130), true)
+        }
+    };
+    let stopped = sandbox.stop(force).await;
     let code = outcome?;
     stopped.context("cannot stop the sandbox")?;
     Ok(ExitCode::from(
@@ -139,6 +151,21 @@ async fn stream(sandbox: &Sandbox, request: ExecRequest) -> anyhow::Result<i32> 
         }
     }
     anyhow::bail!("the sandbox's agent went away before the command ended")
+}
+
+/// Resolves on SIGINT or SIGTERM, naming it.
+async fn interrupted() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => tokio::select! {
+            _ = tokio::signal::ctrl_c() => "interrupted",
+            _ = term.recv() => "terminated",
+        },
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            "interrupted"
+        }
+    }
 }
 
 fn print_boot(sandbox: &Sandbox) {

@@ -1,6 +1,7 @@
-//! Regression: a `nova run` killed with SIGKILL leaves its QEMU running and
-//! its sandbox directory behind; the next provider on the same `$NOVA_HOME`
-//! must kill that orphan and remove the directory.
+//! What a `nova run` that dies leaves behind. One stopped with SIGTERM or
+//! Ctrl-C stops its sandbox itself. One killed with SIGKILL leaves its QEMU
+//! running and its sandbox directory behind; the next provider on the same
+//! `$NOVA_HOME` must kill that orphan and remove the directory.
 
 #![allow(clippy::unwrap_used, reason = "test code")]
 
@@ -93,4 +94,79 @@ fn a_killed_nova_run_leaves_an_orphan_that_the_next_provider_cleans() {
         "the orphaned QEMU {qemu} survived"
     );
     assert!(!dir.exists(), "{} survived", dir.display());
+}
+
+/// `nova run` stopped with SIGTERM (or Ctrl-C) stops its sandbox: exit code
+/// 130, no QEMU and no directory left.
+#[test]
+fn a_terminated_nova_run_stops_its_sandbox() {
+    let templates = NovaHome::resolve().unwrap().templates_dir();
+    if !templates.join("minimal/minimal.json").is_file() {
+        if std::env::var_os("NOVA_SKIP_VM_TESTS").is_some_and(|v| v == "1") {
+            eprintln!(
+                "SKIP a_terminated_nova_run_stops_its_sandbox: no minimal template (NOVA_SKIP_VM_TESTS=1)"
+            );
+            return;
+        }
+        panic!(
+            "the minimal template is not built in {}; run `make images`",
+            templates.display()
+        );
+    }
+    let home = tempfile::Builder::new()
+        .prefix("nova-term-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    std::os::unix::fs::symlink(&templates, home.path().join("templates")).unwrap();
+    let sandboxes = home.path().join("sandboxes");
+    let mut nova = Command::new(env!("CARGO_BIN_EXE_nova"))
+        .args([
+            "run",
+            "--template",
+            "minimal",
+            "--memory",
+            "256",
+            "--vcpus",
+            "1",
+            "--",
+            "sleep",
+            "600",
+        ])
+        .env("NOVA_HOME", home.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let state = || -> Option<std::path::PathBuf> {
+        std::fs::read_dir(&sandboxes)
+            .ok()?
+            .flatten()
+            .map(|e| e.path().join("state.json"))
+            .find(|p| p.is_file())
+    };
+    assert!(
+        wait_until(Duration::from_secs(90), || state().is_some()),
+        "the sandbox never became ready"
+    );
+    let info: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(state().unwrap()).unwrap()).unwrap();
+    let qemu = info["vmm_pid"].as_u64().unwrap() as u32;
+    // Give `sleep` a moment to start in the guest, then terminate `nova`.
+    std::thread::sleep(Duration::from_millis(500));
+    let status = Command::new("kill")
+        .args(["-TERM", &nova.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = nova.wait().unwrap();
+    assert_eq!(exit.code(), Some(130));
+    assert!(
+        !Path::new(&format!("/proc/{qemu}")).exists(),
+        "QEMU {qemu} survived"
+    );
+    assert!(
+        std::fs::read_dir(&sandboxes).unwrap().next().is_none(),
+        "a sandbox directory survived"
+    );
 }
