@@ -20,6 +20,22 @@
 //!
 //! It has no OS-specific dependencies beyond reading files under `/proc`,
 //! `/sys` and `/dev`, so it compiles on every host the project supports.
+//!
+//! ```
+//! use nova_core::{ConfigError, SandboxConfig, SandboxState};
+//!
+//! // A config is validated when built; bad values name the field and range.
+//! let config = SandboxConfig::builder().template_id("python").memory_mb(1024).build()?;
+//! assert_eq!((config.vcpus, config.guest_port), (2, 8080));
+//! let err = SandboxConfig::builder().vcpus(0).build().unwrap_err();
+//! assert_eq!(err.to_string(), "vcpus = 0 is out of range: use 1..=32");
+//!
+//! // Illegal lifecycle moves are errors, not silent no-ops.
+//! let mut state = SandboxState::Stopped;
+//! let err = state.transition_to(SandboxState::Paused).unwrap_err();
+//! assert!(err.to_string().starts_with("cannot pause a sandbox that is stopped"));
+//! # Ok::<(), ConfigError>(())
+//! ```
 
 #![forbid(unsafe_code)]
 
