@@ -91,11 +91,10 @@ fn spawn_firecracker(binary: &Path, workdir: &Path, id: &str) -> tokio::process:
         .unwrap()
 }
 
-/// Cold start by hand: the same requests, in the same order, as
-/// `MachineSpec::configure` sends for this template.
-async fn cold_by_hand(binary: &Path, workdir: &Path, template: &Path, cmdline: &str) -> Duration {
-    let started = Instant::now();
-    let mut child = spawn_firecracker(binary, workdir, "by-hand");
+/// Spawns Firecracker and sends, by hand, what every start begins with:
+/// `GET /`, the logger and the metrics.
+async fn start_by_hand(binary: &Path, workdir: &Path) -> (tokio::process::Child, ByHand) {
+    let child = spawn_firecracker(binary, workdir, "by-hand");
     let mut api = ByHand::connect(&workdir.join("api.sock")).await;
     api.call("GET", "/", String::new()).await;
     api.call(
@@ -110,6 +109,14 @@ async fn cold_by_hand(binary: &Path, workdir: &Path, template: &Path, cmdline: &
         r#"{"metrics_path":"metrics.json"}"#.into(),
     )
     .await;
+    (child, api)
+}
+
+/// Cold start by hand: the same requests, in the same order, as
+/// `MachineSpec::configure` sends for this template.
+async fn cold_by_hand(binary: &Path, workdir: &Path, template: &Path, cmdline: &str) -> Duration {
+    let started = Instant::now();
+    let (mut child, mut api) = start_by_hand(binary, workdir).await;
     api.call(
         "PUT",
         "/machine-config",
@@ -162,21 +169,7 @@ async fn cold_by_hand(binary: &Path, workdir: &Path, template: &Path, cmdline: &
 /// holds the scratch copy.
 async fn restore_by_hand(binary: &Path, workdir: &Path, snapshot: &Path) -> Duration {
     let started = Instant::now();
-    let mut child = spawn_firecracker(binary, workdir, "by-hand");
-    let mut api = ByHand::connect(&workdir.join("api.sock")).await;
-    api.call("GET", "/", String::new()).await;
-    api.call(
-        "PUT",
-        "/logger",
-        r#"{"log_path":"vmm.log","level":"Warning","show_level":true}"#.into(),
-    )
-    .await;
-    api.call(
-        "PUT",
-        "/metrics",
-        r#"{"metrics_path":"metrics.json"}"#.into(),
-    )
-    .await;
+    let (mut child, mut api) = start_by_hand(binary, workdir).await;
     api.call(
         "PUT",
         "/snapshot/load",
