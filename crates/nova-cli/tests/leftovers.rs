@@ -5,7 +5,7 @@
 
 #![allow(clippy::unwrap_used, reason = "test code")]
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -23,15 +23,26 @@ fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
     condition()
 }
 
-#[test]
-fn a_killed_nova_run_leaves_an_orphan_that_the_next_provider_cleans() {
+/// A `nova run -- sleep 600` whose sandbox is ready, in a private
+/// `$NOVA_HOME` that shares the built templates.
+struct RunningNova {
+    home: tempfile::TempDir,
+    nova: std::process::Child,
+    /// The sandbox's QEMU.
+    qemu: u32,
+    /// The sandbox's directory.
+    dir: PathBuf,
+}
+
+/// Starts `nova run` and waits until its sandbox is ready; `None` (after a
+/// SKIP line) when the minimal template is not built and
+/// NOVA_SKIP_VM_TESTS=1.
+fn start_nova_run(test: &str) -> Option<RunningNova> {
     let templates = NovaHome::resolve().unwrap().templates_dir();
     if !templates.join("minimal/minimal.json").is_file() {
         if std::env::var_os("NOVA_SKIP_VM_TESTS").is_some_and(|v| v == "1") {
-            eprintln!(
-                "SKIP a_killed_nova_run_leaves_an_orphan: no minimal template (NOVA_SKIP_VM_TESTS=1)"
-            );
-            return;
+            eprintln!("SKIP {test}: no minimal template (NOVA_SKIP_VM_TESTS=1)");
+            return None;
         }
         panic!(
             "the minimal template is not built in {}; run `make images`",
@@ -39,13 +50,12 @@ fn a_killed_nova_run_leaves_an_orphan_that_the_next_provider_cleans() {
         );
     }
     let home = tempfile::Builder::new()
-        .prefix("nova-gc-")
+        .prefix("nova-run-")
         .tempdir_in("/tmp")
         .unwrap();
     std::os::unix::fs::symlink(&templates, home.path().join("templates")).unwrap();
     let sandboxes = home.path().join("sandboxes");
-
-    let mut nova = Command::new(env!("CARGO_BIN_EXE_nova"))
+    let nova = Command::new(env!("CARGO_BIN_EXE_nova"))
         .args([
             "run",
             "--template",
@@ -64,7 +74,7 @@ fn a_killed_nova_run_leaves_an_orphan_that_the_next_provider_cleans() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let state = || -> Option<std::path::PathBuf> {
+    let state = || -> Option<PathBuf> {
         std::fs::read_dir(&sandboxes)
             .ok()?
             .flatten()
@@ -78,12 +88,34 @@ fn a_killed_nova_run_leaves_an_orphan_that_the_next_provider_cleans() {
     let info: serde_json::Value =
         serde_json::from_slice(&std::fs::read(state().unwrap()).unwrap()).unwrap();
     let qemu = info["vmm_pid"].as_u64().unwrap() as u32;
-    let dir = Path::new(info["dir"].as_str().unwrap()).to_owned();
+    let dir = PathBuf::from(info["dir"].as_str().unwrap());
+    Some(RunningNova {
+        home,
+        nova,
+        qemu,
+        dir,
+    })
+}
+
+fn alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+#[test]
+fn a_killed_nova_run_leaves_an_orphan_that_the_next_provider_cleans() {
+    let Some(RunningNova {
+        home,
+        mut nova,
+        qemu,
+        dir,
+    }) = start_nova_run("a_killed_nova_run_leaves_an_orphan")
+    else {
+        return;
+    };
 
     // No unwinding, no cleanup: QEMU is orphaned.
     nova.kill().unwrap();
     nova.wait().unwrap();
-    let alive = |pid: u32| Path::new(&format!("/proc/{pid}")).exists();
     assert!(alive(qemu), "QEMU died with its parent; nothing to clean");
 
     let mut options = QemuOptions::detect().unwrap();
@@ -100,58 +132,15 @@ fn a_killed_nova_run_leaves_an_orphan_that_the_next_provider_cleans() {
 /// 130, no QEMU and no directory left.
 #[test]
 fn a_terminated_nova_run_stops_its_sandbox() {
-    let templates = NovaHome::resolve().unwrap().templates_dir();
-    if !templates.join("minimal/minimal.json").is_file() {
-        if std::env::var_os("NOVA_SKIP_VM_TESTS").is_some_and(|v| v == "1") {
-            eprintln!(
-                "SKIP a_terminated_nova_run_stops_its_sandbox: no minimal template (NOVA_SKIP_VM_TESTS=1)"
-            );
-            return;
-        }
-        panic!(
-            "the minimal template is not built in {}; run `make images`",
-            templates.display()
-        );
-    }
-    let home = tempfile::Builder::new()
-        .prefix("nova-term-")
-        .tempdir_in("/tmp")
-        .unwrap();
-    std::os::unix::fs::symlink(&templates, home.path().join("templates")).unwrap();
-    let sandboxes = home.path().join("sandboxes");
-    let mut nova = Command::new(env!("CARGO_BIN_EXE_nova"))
-        .args([
-            "run",
-            "--template",
-            "minimal",
-            "--memory",
-            "256",
-            "--vcpus",
-            "1",
-            "--",
-            "sleep",
-            "600",
-        ])
-        .env("NOVA_HOME", home.path())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let state = || -> Option<std::path::PathBuf> {
-        std::fs::read_dir(&sandboxes)
-            .ok()?
-            .flatten()
-            .map(|e| e.path().join("state.json"))
-            .find(|p| p.is_file())
+    let Some(RunningNova {
+        home: _home,
+        mut nova,
+        qemu,
+        dir,
+    }) = start_nova_run("a_terminated_nova_run_stops_its_sandbox")
+    else {
+        return;
     };
-    assert!(
-        wait_until(Duration::from_secs(90), || state().is_some()),
-        "the sandbox never became ready"
-    );
-    let info: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(state().unwrap()).unwrap()).unwrap();
-    let qemu = info["vmm_pid"].as_u64().unwrap() as u32;
     // Give `sleep` a moment to start in the guest, then terminate `nova`.
     std::thread::sleep(Duration::from_millis(500));
     let status = Command::new("kill")
@@ -161,12 +150,12 @@ fn a_terminated_nova_run_stops_its_sandbox() {
     assert!(status.success());
     let exit = nova.wait().unwrap();
     assert_eq!(exit.code(), Some(130));
+    assert!(!alive(qemu), "QEMU {qemu} survived");
     assert!(
-        !Path::new(&format!("/proc/{qemu}")).exists(),
-        "QEMU {qemu} survived"
-    );
-    assert!(
-        std::fs::read_dir(&sandboxes).unwrap().next().is_none(),
+        std::fs::read_dir(dir.parent().unwrap())
+            .unwrap()
+            .next()
+            .is_none(),
         "a sandbox directory survived"
     );
 }
