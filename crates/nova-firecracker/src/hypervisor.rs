@@ -19,7 +19,7 @@ use nova_core::sandbox::Sandbox;
 use nova_core::state::SandboxState;
 use nova_core::stats::SandboxStats;
 use nova_core::template::TemplateManager;
-use nova_guest::registry::{Entry, SandboxRegistry};
+use nova_runtime::registry::{Entry, SandboxRegistry};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::Instrument;
@@ -241,9 +241,9 @@ pub(crate) fn check_kvm(kvm: &KvmStatus, allow_non_hardware: bool) -> Result<(),
 impl FirecrackerHypervisor {
     /// A provider with these options. Looks at `/dev/kvm` once, now, and
     /// cleans sandboxes that a dead provider left under the same
-    /// `$NOVA_HOME` (see [`nova_guest::leftovers`]).
+    /// `$NOVA_HOME` (see [`nova_runtime::leftovers`]).
     pub fn new(options: FirecrackerOptions) -> Self {
-        nova_guest::leftovers::clean_leftovers(&options.home.sandboxes_dir());
+        nova_runtime::leftovers::clean_leftovers(&options.home.sandboxes_dir());
         let templates = TemplateManager::new(options.home.templates_dir());
         Self {
             inner: Arc::new(Inner {
@@ -333,7 +333,7 @@ impl FirecrackerHypervisor {
             info: watcher,
             guest: booted.guest.clone(),
         };
-        tokio::spawn(nova_guest::task::drive(booted, rx, published).instrument(span));
+        tokio::spawn(nova_runtime::task::drive(booted, rx, published).instrument(span));
         self.inner.sandboxes.insert(id, entry);
         Ok(Sandbox::new(Arc::new(self.clone()), info))
     }

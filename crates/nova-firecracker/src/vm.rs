@@ -9,7 +9,7 @@
 //! ([`Resources`] does it on drop, so an early `?` or a cancelled future
 //! cleans up too).
 //!
-//! After boot the VM belongs to one task (`nova_guest::task::drive` over
+//! After boot the VM belongs to one task (`nova_runtime::task::drive` over
 //! this file's [`SandboxTask`] impl); the hypervisor
 //! sends it [`VmCommand`]s and reads its published [`SandboxInfo`] from a
 //! `watch`. The task also watches the process: if Firecracker exits on its
@@ -26,8 +26,8 @@ use nova_core::host::process_usage;
 use nova_core::metadata::{BootTimings, SandboxInfo, now_ms};
 use nova_core::state::{InvalidTransition, SandboxState};
 use nova_core::stats::{SandboxStats, VmmStats};
-use nova_guest::Guest;
-use nova_guest::task::{Reply, SandboxTask, persist, reply, tail_lines};
+use nova_runtime::Guest;
+use nova_runtime::task::{Reply, SandboxTask, persist, reply, tail_lines};
 use tokio::sync::oneshot;
 
 use crate::api::{
@@ -299,7 +299,7 @@ pub(crate) async fn boot(params: BootParams<'_>) -> Result<BootedVm, CreateSandb
             if info.config.read_only_rootfs {
                 false
             } else {
-                nova_guest::scratch::create_scratch_disk(&scratch_path, scratch_size_mb).await?;
+                nova_runtime::scratch::create_scratch_disk(&scratch_path, scratch_size_mb).await?;
                 true
             }
         }

@@ -29,7 +29,7 @@ pub async fn raw_boot(
 ) -> Result<Duration, Box<dyn std::error::Error + Send + Sync>> {
     let scratch = workdir.join("scratch.ext4");
     let _ = std::fs::remove_file(&scratch);
-    nova_guest::scratch::create_scratch_disk(&scratch, options.scratch_size_mb).await?;
+    nova_runtime::scratch::create_scratch_disk(&scratch, options.scratch_size_mb).await?;
     let spec = VmSpec {
         kernel: template.kernel_path(),
         rootfs: template.rootfs_path(),

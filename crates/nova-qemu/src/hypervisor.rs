@@ -17,7 +17,7 @@ use nova_core::sandbox::Sandbox;
 use nova_core::state::SandboxState;
 use nova_core::stats::SandboxStats;
 use nova_core::template::TemplateManager;
-use nova_guest::registry::{Entry, SandboxRegistry};
+use nova_runtime::registry::{Entry, SandboxRegistry};
 use tokio::sync::{mpsc, watch};
 use tracing::Instrument;
 
@@ -114,9 +114,9 @@ struct Inner {
 impl QemuHypervisor {
     /// A provider with these options. Sandboxes that a dead provider left
     /// under the same `$NOVA_HOME` are cleaned first (see
-    /// [`nova_guest::leftovers`]).
+    /// [`nova_runtime::leftovers`]).
     pub fn new(options: QemuOptions) -> Self {
-        nova_guest::leftovers::clean_leftovers(&options.home.sandboxes_dir());
+        nova_runtime::leftovers::clean_leftovers(&options.home.sandboxes_dir());
         let templates = TemplateManager::new(options.home.templates_dir());
         Self {
             inner: Arc::new(Inner {
@@ -200,7 +200,7 @@ impl Hypervisor for QemuHypervisor {
             info: watcher,
             guest: Some(booted.guest.clone()),
         };
-        tokio::spawn(nova_guest::task::drive(booted, rx, published).instrument(span));
+        tokio::spawn(nova_runtime::task::drive(booted, rx, published).instrument(span));
         self.inner.sandboxes.insert(id, entry);
         Ok(Sandbox::new(Arc::new(self.clone()), info))
     }

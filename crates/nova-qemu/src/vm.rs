@@ -7,7 +7,7 @@
 //! an early `?` or a cancelled future cleans up too).
 //!
 //! After boot, the VM belongs to one task: [`BootedVm`] implements
-//! [`SandboxTask`] and `nova_guest::task::drive` runs it. The hypervisor
+//! [`SandboxTask`] and `nova_runtime::task::drive` runs it. The hypervisor
 //! sends it [`VmCommand`]s over a channel and reads its published
 //! [`SandboxInfo`] from a `watch`; no lock is held across an `.await`. The
 //! task also watches the QEMU process: if it dies on its own, the sandbox
@@ -23,8 +23,8 @@ use nova_core::host::process_usage;
 use nova_core::metadata::{BootTimings, SandboxInfo};
 use nova_core::state::SandboxState;
 use nova_core::stats::{SandboxStats, VmmStats};
-use nova_guest::Guest;
-use nova_guest::task::{Reply, SandboxTask, persist, reply, tail_lines};
+use nova_runtime::Guest;
+use nova_runtime::task::{Reply, SandboxTask, persist, reply, tail_lines};
 use nova_protocol::client::AgentClient;
 use tokio::net::UnixStream;
 use tokio::process::{Child, Command};
@@ -150,7 +150,7 @@ pub(crate) async fn boot(params: BootParams<'_>) -> Result<BootedVm, CreateSandb
         dir: paths.dir().to_owned(),
     };
     if let Some(scratch) = &spec.scratch {
-        nova_guest::scratch::create_scratch_disk(scratch, scratch_size_mb).await?;
+        nova_runtime::scratch::create_scratch_disk(scratch, scratch_size_mb).await?;
     }
     let log = std::fs::File::create(paths.vmm_log()).map_err(prepare_err(&paths.vmm_log()))?;
     let log2 = log.try_clone().map_err(prepare_err(&paths.vmm_log()))?;
