@@ -8,8 +8,8 @@ use std::fmt::Write as _;
 use std::path::Path;
 use std::process::ExitCode;
 
-use novasandbox::core::host::{HostReport, KvmStatus};
 use novasandbox::core::{NovaHome, TemplateManager};
+use novasandbox::runtime::host::{HostReport, KvmStatus};
 
 /// Arguments of `nova doctor`.
 #[derive(Debug, clap::Args)]
@@ -169,8 +169,8 @@ fn render_templates(out: &mut String, manager: &TemplateManager) {
     }
 }
 
-fn describe(choice: &novasandbox::core::host::BackendChoice) -> String {
-    use novasandbox::core::host::BackendChoice;
+fn describe(choice: &novasandbox::runtime::host::BackendChoice) -> String {
+    use novasandbox::runtime::host::BackendChoice;
     match choice {
         BackendChoice::Firecracker { binary } => format!("firecracker ({})", binary.display()),
         BackendChoice::Qemu { binary, accel } => {
@@ -189,7 +189,7 @@ fn check_writable(dir: &Path) -> std::io::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use novasandbox::core::host::{BinaryInfo, NotFound};
+    use novasandbox::runtime::host::{BinaryInfo, NotFound};
 
     use super::*;
 

@@ -74,12 +74,19 @@ fn start_nova_run(test: &str) -> Option<RunningNova> {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
+    // state.json is written when QEMU is spawned and again when the
+    // sandbox is ready.
     let state = || -> Option<PathBuf> {
         std::fs::read_dir(&sandboxes)
             .ok()?
             .flatten()
             .map(|e| e.path().join("state.json"))
-            .find(|p| p.is_file())
+            .find(|p| {
+                std::fs::read(p)
+                    .ok()
+                    .and_then(|json| serde_json::from_slice::<serde_json::Value>(&json).ok())
+                    .is_some_and(|info| info["state"] == "running")
+            })
     };
     assert!(
         wait_until(Duration::from_secs(90), || state().is_some()),

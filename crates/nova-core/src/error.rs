@@ -84,6 +84,9 @@ pub enum CreateSandboxError {
     /// The agent answered, but the handshake failed.
     #[error("the guest agent failed its handshake")]
     Agent(#[source] BoxError),
+    /// The snapshot to restore was refused or could not be loaded.
+    #[error("cannot restore the snapshot")]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
 }
 
 /// A lifecycle operation (pause, resume, stop, stats) on an existing sandbox

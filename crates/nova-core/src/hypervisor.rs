@@ -11,6 +11,7 @@
 //! concurrent calls on different sandboxes never wait on each other.
 
 use std::fmt;
+use std::path::Path;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -21,6 +22,7 @@ use crate::exec::{ExecOutput, ExecRequest, ExecStream};
 use crate::id::SandboxId;
 use crate::metadata::SandboxInfo;
 use crate::sandbox::Sandbox;
+use crate::snapshot::{Snapshot, SnapshotError};
 use crate::state::{InvalidTransition, SandboxState};
 use crate::stats::SandboxStats;
 
@@ -124,6 +126,36 @@ pub trait Hypervisor: Send + Sync + fmt::Debug {
 
     /// Reads the whole guest file at the absolute path `path`.
     async fn read_file(&self, id: &SandboxId, path: &str) -> Result<Vec<u8>, FileError>;
+
+    /// Writes a full snapshot of the paused sandbox `id` into `dir` (created
+    /// if needed); the sandbox stays paused. Backends that cannot answer
+    /// [`SnapshotError::Unsupported`].
+    async fn snapshot_sandbox(
+        &self,
+        id: &SandboxId,
+        dir: &Path,
+    ) -> Result<Snapshot, SnapshotError> {
+        let _ = (id, dir);
+        Err(SnapshotError::Unsupported {
+            vmm: self.kind(),
+            reason: "this provider does not implement snapshots".into(),
+        })
+    }
+
+    /// Creates a sandbox by restoring the snapshot in `dir`, which must have
+    /// been made by this provider's VMM for the current build of its
+    /// template. Its boot timings have `from_snapshot` set.
+    async fn create_sandbox_from_snapshot(
+        &self,
+        dir: &Path,
+    ) -> Result<Sandbox, CreateSandboxError> {
+        let _ = dir;
+        Err(SnapshotError::Unsupported {
+            vmm: self.kind(),
+            reason: "this provider does not implement snapshots".into(),
+        }
+        .into())
+    }
 
     /// Every sandbox this provider knows, in creation order.
     async fn list(&self) -> Vec<SandboxInfo>;

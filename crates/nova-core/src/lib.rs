@@ -15,11 +15,10 @@
 //! - [`template`]: [`TemplateManager`], which lists, loads and validates the
 //!   templates installed under `$NOVA_HOME/templates`;
 //! - [`home`]: the host data layout rooted at `$NOVA_HOME`;
-//! - [`host`]: what this host can run (KVM, Firecracker, QEMU) and which
-//!   backend to choose.
+//! - [`snapshot`]: what a snapshot records and why one is refused.
 //!
-//! It has no OS-specific dependencies beyond reading files under `/proc`,
-//! `/sys` and `/dev`, so it compiles on every host the project supports.
+//! It holds types only: no process spawning and no host probing (that is
+//! `nova-runtime`'s), so it compiles on every host the project supports.
 //!
 //! ```
 //! use nova_core::{ConfigError, SandboxConfig, SandboxState};
@@ -43,11 +42,11 @@ pub mod config;
 pub mod error;
 pub mod exec;
 pub mod home;
-pub mod host;
 pub mod hypervisor;
 pub mod id;
 pub mod metadata;
 pub mod sandbox;
+pub mod snapshot;
 pub mod state;
 pub mod stats;
 pub mod template;

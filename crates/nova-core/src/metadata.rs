@@ -70,6 +70,9 @@ pub struct SandboxInfo {
     pub agent_version: Option<String>,
     /// Guest kernel release the agent reported, once ready.
     pub kernel_release: Option<String>,
+    /// Why the sandbox is `failed`, when it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<String>,
 }
 
 impl SandboxInfo {
@@ -119,6 +122,7 @@ mod tests {
             dir: "/tmp/x".into(),
             agent_version: Some("0.1.0".into()),
             kernel_release: Some("6.1.0".into()),
+            failure: None,
         };
         let json = serde_json::to_string(&info).unwrap();
         assert_eq!(serde_json::from_str::<SandboxInfo>(&json).unwrap(), info);

@@ -195,6 +195,7 @@ mod tests {
                 dir: "/nonexistent".into(),
                 agent_version: None,
                 kernel_release: None,
+                failure: None,
             };
             self.boxes
                 .lock()

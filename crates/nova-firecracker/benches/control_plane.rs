@@ -40,8 +40,8 @@ use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 use nova_core::config::SandboxConfig;
 use nova_core::hypervisor::Hypervisor;
+use nova_core::snapshot::SnapshotKind;
 use nova_firecracker::FirecrackerHypervisor;
-use nova_firecracker::api::SnapshotType;
 use tokio::net::UnixStream;
 
 /// A hand-written client: one HTTP/1.1 connection, literal JSON bodies.
@@ -252,7 +252,7 @@ async fn main() {
     };
     let snapshot = home.path().join("snapshot");
     source.pause().await.unwrap();
-    hv.snapshot_sandbox(source.id(), &snapshot, SnapshotType::Full)
+    hv.snapshot_sandbox_with(source.id(), &snapshot, SnapshotKind::Full)
         .await
         .unwrap();
     source.stop(true).await.unwrap();

@@ -1,7 +1,7 @@
 //! Finding the `firecracker` binary and checking that we support it.
 //!
 //! The binary is `$NOVA_FIRECRACKER_BIN` when set, else `firecracker` on
-//! `PATH` (the lookup is `nova_core::host::find_binary`, shared with
+//! `PATH` (the lookup is `nova_runtime::host::find_binary`, shared with
 //! `nova doctor`). Its `--version` line (`Firecracker v1.16.1`) must fall in
 //! [`MIN_VERSION`, `MAX_VERSION`): the API shapes in [`crate::api`] are those
 //! of the 1.x series, and 1.4 is the oldest with every endpoint we use.
@@ -9,7 +9,7 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use nova_core::host::{FIRECRACKER_BIN, FIRECRACKER_BIN_ENV, binary_version, find_binary};
+use nova_runtime::host::{FIRECRACKER_BIN, FIRECRACKER_BIN_ENV, binary_version, find_binary};
 
 /// Oldest supported Firecracker (inclusive).
 pub const MIN_VERSION: Version = Version::new(1, 4, 0);

@@ -1,34 +1,21 @@
-//! [`FirecrackerHypervisor`]: the [`Hypervisor`] trait over Firecracker,
-//! plus snapshots.
+//! [`Firecracker`]: the runtime's [`Backend`] over Firecracker, and
+//! [`FirecrackerHypervisor`], the provider on it.
 
 use std::ffi::OsString;
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::Duration;
 
-use async_trait::async_trait;
-use nova_core::config::SandboxConfig;
-use nova_core::error::{CreateSandboxError, ExecError, FileError, SandboxError};
-use nova_core::exec::{ExecRequest, ExecStream};
+use nova_core::error::{CreateSandboxError, SandboxError};
 use nova_core::home::NovaHome;
-use nova_core::host::KvmStatus;
-use nova_core::hypervisor::{Hypervisor, HypervisorKind};
+use nova_core::hypervisor::HypervisorKind;
 use nova_core::id::SandboxId;
-use nova_core::metadata::{SandboxInfo, now_ms};
-use nova_core::sandbox::Sandbox;
-use nova_core::state::SandboxState;
-use nova_core::stats::SandboxStats;
-use nova_core::template::TemplateManager;
-use nova_runtime::registry::{Entry, SandboxRegistry};
-use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, oneshot, watch};
-use tracing::Instrument;
+use nova_runtime::Provider;
+use nova_runtime::backend::{Backend, Launch, VmStart};
+use nova_runtime::host::KvmStatus;
 
-use crate::api::{ApiError, InstanceInfo, LogLevel, SnapshotType};
+use crate::api::{InstanceInfo, LogLevel};
 use crate::binary::{BinaryError, FirecrackerBinary};
 use crate::jailer::JailerConfig;
 use crate::stats::MetricsTotals;
-use crate::vm::{self, BootParams, BootSource, VmCommand};
+use crate::vm::FirecrackerVm;
 
 /// Default size of each sandbox's scratch disk (sparse: only what the guest
 /// writes takes space).
@@ -118,106 +105,126 @@ impl FirecrackerOptions {
     }
 }
 
-/// Taking a snapshot failed.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum SnapshotError {
-    /// No sandbox has this id.
-    #[error("no sandbox with id {0}")]
-    NotFound(SandboxId),
-    /// Snapshots are taken of paused sandboxes only.
-    #[error("cannot snapshot a sandbox that is {0}; pause it first")]
-    NotPaused(SandboxState),
-    /// Diff snapshots need dirty-page tracking from boot.
-    #[error(
-        "diff snapshots need dirty-page tracking; create the sandbox with \
-         FirecrackerOptions::track_dirty_pages = true"
-    )]
-    DiffNeedsDirtyTracking,
-    /// A diff is merged into a previous snapshot's memory, which is missing.
-    #[error(
-        "a diff snapshot is merged into a previous full snapshot of the same sandbox, but {} \
-         has none; take a full snapshot there first", .0.display()
-    )]
-    DiffWithoutBase(PathBuf),
-    /// Firecracker refused or failed.
-    #[error("Firecracker failed to write the snapshot")]
-    Api(#[source] ApiError),
-    /// A snapshot file could not be written, copied or read.
-    #[error("cannot write or read {}", .path.display())]
-    Io {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
-    /// `snapshot.json` does not describe a snapshot.
-    #[error("{} is not a NovaSandbox snapshot description", .path.display())]
-    Description {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: serde_json::Error,
-    },
+/// The Firecracker backend of the runtime: one `firecracker` process per
+/// sandbox (optionally through the jailer), configured through its API.
+#[derive(Debug)]
+pub struct Firecracker {
+    options: FirecrackerOptions,
+    kvm: KvmStatus,
 }
 
-/// A snapshot directory's description (`snapshot.json`). The directory also
-/// holds `vmstate` (the microVM state), `memory` (guest memory) and, unless
-/// the root was read-only, `scratch.ext4` (the sandbox's writable disk at
-/// the time of the snapshot). The template rootfs is referenced by path and
-/// must not change.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct SnapshotInfo {
-    /// The snapshot directory (not stored; set when read).
-    #[serde(skip)]
-    pub dir: PathBuf,
-    /// The sandbox it was taken of.
-    pub source: SandboxId,
-    /// Full, or a diff merged into the previous memory file.
-    pub kind: SnapshotType,
-    /// That sandbox's config; restored sandboxes get the same.
-    pub config: SandboxConfig,
-    /// When it was taken, milliseconds since the Unix epoch.
-    pub created_at_ms: u64,
-    /// The Firecracker version that wrote it.
-    pub firecracker_version: String,
-    /// Whether it has a scratch disk copy.
-    pub scratch: bool,
-    /// Whether the VM tracked dirty pages (restored VMs keep doing so).
-    pub track_dirty_pages: bool,
-}
-
-impl SnapshotInfo {
-    /// Reads the description of the snapshot in `dir`.
-    pub fn read(dir: &Path) -> Result<Self, SnapshotError> {
-        let path = dir.join(vm::SNAPSHOT_INFO);
-        let text = std::fs::read(&path).map_err(|source| SnapshotError::Io {
-            path: path.clone(),
-            source,
-        })?;
-        let mut info: Self = serde_json::from_slice(&text)
-            .map_err(|source| SnapshotError::Description { path, source })?;
-        info.dir = dir.to_owned();
-        Ok(info)
+impl Firecracker {
+    /// KVM on this host, as seen when the provider was made.
+    pub fn kvm(&self) -> &KvmStatus {
+        &self.kvm
     }
 }
 
-/// Runs sandboxes as Firecracker microVMs. Cheap to clone; clones share the
-/// same sandboxes. Dropping the last clone kills every VM it still runs and
-/// removes their directories.
-#[derive(Clone, Debug)]
-pub struct FirecrackerHypervisor {
-    inner: Arc<Inner>,
+/// Runs sandboxes as Firecracker microVMs: the runtime's [`Provider`] over
+/// [`Firecracker`]. Cheap to clone; clones share the same sandboxes.
+/// Dropping the last clone kills every VM it still runs and removes their
+/// directories. Firecracker-only operations are in
+/// [`FirecrackerSandboxes`].
+pub type FirecrackerHypervisor = Provider<Firecracker>;
+
+impl Backend for Firecracker {
+    type Options = FirecrackerOptions;
+    type Vm = FirecrackerVm;
+
+    /// Looks at `/dev/kvm` once, now.
+    fn from_options(options: FirecrackerOptions) -> Self {
+        Self {
+            options,
+            kvm: KvmStatus::probe(),
+        }
+    }
+
+    fn options(&self) -> &FirecrackerOptions {
+        &self.options
+    }
+
+    fn kind(&self) -> HypervisorKind {
+        HypervisorKind::Firecracker
+    }
+
+    fn vmm_version(&self) -> String {
+        self.options.firecracker.version.to_string()
+    }
+
+    fn home(&self) -> &NovaHome {
+        &self.options.home
+    }
+
+    fn scratch_size_mb(&self) -> u64 {
+        self.options.scratch_size_mb
+    }
+
+    fn waits_for_agent(&self) -> bool {
+        self.options.wait_for_agent
+    }
+
+    fn check_host(&self) -> Result<(), CreateSandboxError> {
+        check_kvm(&self.kvm, self.options.allow_non_hardware_kvm)
+            .map_err(|reason| CreateSandboxError::Unsupported { reason })
+    }
+
+    fn snapshot_support(&self) -> Result<(), String> {
+        Ok(())
+    }
+
+    async fn start(
+        &self,
+        start: VmStart<'_>,
+        launch: &mut Launch<'_>,
+    ) -> Result<FirecrackerVm, CreateSandboxError> {
+        crate::vm::start(&self.options, start, launch).await
+    }
 }
 
-#[derive(Debug)]
-struct Inner {
-    options: FirecrackerOptions,
-    templates: TemplateManager,
-    kvm: KvmStatus,
-    sandboxes: SandboxRegistry<VmCommand>,
+/// What a Firecracker provider offers beyond the
+/// [`Hypervisor`](nova_core::hypervisor::Hypervisor) trait.
+#[allow(async_fn_in_trait, reason = "implemented here only, for one type")]
+pub trait FirecrackerSandboxes {
+    /// Firecracker's own view of the instance (`GET /`): id, state
+    /// (`Not started`, `Running`, `Paused`) and version.
+    async fn instance_info(&self, id: &SandboxId) -> Result<InstanceInfo, SandboxError>;
+
+    /// Flushes Firecracker's metrics and returns them summed since boot
+    /// (block and network bytes, vCPU exits).
+    async fn vmm_metrics(&self, id: &SandboxId) -> Result<MetricsTotals, SandboxError>;
+}
+
+fn sandbox_vmm_error(action: &str, e: impl Into<nova_core::error::BoxError>) -> SandboxError {
+    SandboxError::Vmm {
+        vmm: "firecracker",
+        action: action.to_owned(),
+        source: e.into(),
+    }
+}
+
+impl FirecrackerSandboxes for FirecrackerHypervisor {
+    async fn instance_info(&self, id: &SandboxId) -> Result<InstanceInfo, SandboxError> {
+        self.with_vm(id, |vm, _| {
+            Box::pin(async move {
+                vm.api()
+                    .instance_info()
+                    .await
+                    .map_err(|e| sandbox_vmm_error("describe the instance (GET /)", e))
+            })
+        })
+        .await
+    }
+
+    async fn vmm_metrics(&self, id: &SandboxId) -> Result<MetricsTotals, SandboxError> {
+        self.with_vm(id, |vm, _| {
+            Box::pin(async move {
+                vm.metrics()
+                    .await
+                    .map_err(|e| sandbox_vmm_error("flush its metrics", e))
+            })
+        })
+        .await
+    }
 }
 
 /// Whether Firecracker may run with KVM in state `kvm`; the error says why
@@ -238,279 +245,15 @@ pub(crate) fn check_kvm(kvm: &KvmStatus, allow_non_hardware: bool) -> Result<(),
     }
 }
 
-impl FirecrackerHypervisor {
-    /// A provider with these options. Looks at `/dev/kvm` once, now, and
-    /// cleans sandboxes that a dead provider left under the same
-    /// `$NOVA_HOME` (see [`nova_runtime::leftovers`]).
-    pub fn new(options: FirecrackerOptions) -> Self {
-        nova_runtime::leftovers::clean_leftovers(&options.home.sandboxes_dir());
-        let templates = TemplateManager::new(options.home.templates_dir());
-        Self {
-            inner: Arc::new(Inner {
-                options,
-                templates,
-                kvm: KvmStatus::probe(),
-                sandboxes: SandboxRegistry::default(),
-            }),
-        }
-    }
-
-    /// A provider for this host (see [`FirecrackerOptions::detect`]).
-    pub fn detect() -> Result<Self, FirecrackerUnavailable> {
-        FirecrackerOptions::detect().map(Self::new)
-    }
-
-    /// The options in use.
-    pub fn options(&self) -> &FirecrackerOptions {
-        &self.inner.options
-    }
-
-    /// KVM on this host, as seen when the provider was made.
-    pub fn kvm(&self) -> &KvmStatus {
-        &self.inner.kvm
-    }
-
-    fn check_host(&self) -> Result<(), CreateSandboxError> {
-        check_kvm(&self.inner.kvm, self.inner.options.allow_non_hardware_kvm)
-            .map_err(|reason| CreateSandboxError::Unsupported { reason })
-    }
-
-    /// Boots `source` as a new sandbox with `config` and registers it.
-    async fn launch(
-        &self,
-        config: SandboxConfig,
-        source: BootSource,
-    ) -> Result<Sandbox, CreateSandboxError> {
-        let options = &self.inner.options;
-        let id = SandboxId::random();
-        let paths = options.home.sandbox(&id);
-        let info = SandboxInfo {
-            id: id.clone(),
-            hypervisor: HypervisorKind::Firecracker,
-            state: SandboxState::Creating,
-            created_at_ms: now_ms(),
-            boot: None,
-            vmm_pid: None,
-            dir: paths.dir().to_owned(),
-            agent_version: None,
-            kernel_release: None,
-            config: config.clone(),
-        };
-        let span = tracing::info_span!("sandbox", id = %id);
-        let booted = vm::boot(BootParams {
-            firecracker: options.firecracker.path(),
-            firecracker_version: options.firecracker.version.to_string(),
-            jailer: options.jailer.as_ref(),
-            extra_args: &options.extra_args,
-            boot_timer: options.boot_timer,
-            serial_console: options.serial_console,
-            log_level: options.log_level,
-            entropy: options.entropy,
-            track_dirty_pages: match &source {
-                BootSource::Snapshot(s) => s.track_dirty_pages,
-                BootSource::Cold { .. } => options.track_dirty_pages,
-            },
-            wait_for_agent: options.wait_for_agent,
-            scratch_size_mb: options.scratch_size_mb,
-            paths,
-            source,
-            timeout: Duration::from_millis(config.boot_timeout_ms),
-            info,
-        })
-        .instrument(span.clone())
-        .await?;
-        let info = booted.info.clone();
-        tracing::info!(
-            parent: &span,
-            boot_ms = info.boot_time_ms(),
-            from_snapshot = info.boot.as_ref().is_some_and(|b| b.from_snapshot),
-            "sandbox ready"
-        );
-        let (commands, rx) = mpsc::channel(8);
-        let (published, watcher) = watch::channel(info.clone());
-        let entry = Entry {
-            commands,
-            info: watcher,
-            guest: booted.guest.clone(),
-        };
-        tokio::spawn(nova_runtime::task::drive(booted, rx, published).instrument(span));
-        self.inner.sandboxes.insert(id, entry);
-        Ok(Sandbox::new(Arc::new(self.clone()), info))
-    }
-
-    /// Writes a snapshot of the paused sandbox `id` into `dir` (created if
-    /// needed): a full one, or a diff merged into the full snapshot already
-    /// in `dir` (which needs `track_dirty_pages`). The sandbox stays paused.
-    pub async fn snapshot_sandbox(
-        &self,
-        id: &SandboxId,
-        dir: &Path,
-        kind: SnapshotType,
-    ) -> Result<SnapshotInfo, SnapshotError> {
-        let entry = self
-            .inner
-            .sandboxes
-            .entry(id, SandboxState::Paused)
-            .map_err(|e| match e {
-                SandboxError::State(t) => SnapshotError::NotPaused(t.from),
-                _ => SnapshotError::NotFound(id.clone()),
-            })?;
-        let dir = if dir.is_absolute() {
-            dir.to_owned()
-        } else {
-            std::env::current_dir()
-                .map_err(|source| SnapshotError::Io {
-                    path: dir.to_owned(),
-                    source,
-                })?
-                .join(dir)
-        };
-        let (reply, rx) = oneshot::channel();
-        let state = entry.info.borrow().state;
-        entry
-            .commands
-            .send(VmCommand::Snapshot { dir, kind, reply })
-            .await
-            .map_err(|_| SnapshotError::NotPaused(state))?;
-        rx.await
-            .unwrap_or(Err(SnapshotError::NotPaused(SandboxState::Stopped)))
-    }
-
-    /// Creates a sandbox by loading the snapshot in `dir` into a fresh
-    /// Firecracker process (with its own copy of the scratch disk) and
-    /// resuming it. Its boot timings have `from_snapshot` set; the guest
-    /// keeps the hostname of the sandbox the snapshot was taken of.
-    pub async fn create_sandbox_from_snapshot(
-        &self,
-        dir: &Path,
-    ) -> Result<Sandbox, CreateSandboxError> {
-        let snapshot = SnapshotInfo::read(dir).map_err(|e| CreateSandboxError::Prepare {
-            path: dir.join(vm::SNAPSHOT_INFO),
-            source: std::io::Error::other(e),
-        })?;
-        self.check_host()?;
-        let ours = self.inner.options.firecracker.version.to_string();
-        if snapshot.firecracker_version != ours {
-            tracing::warn!(
-                snapshot = %snapshot.firecracker_version,
-                firecracker = %ours,
-                "the snapshot was written by another Firecracker version; loading may fail"
-            );
-        }
-        let config = snapshot.config.clone();
-        self.launch(config, BootSource::Snapshot(snapshot)).await
-    }
-
-    /// Firecracker's own view of the instance (`GET /`): id, state
-    /// (`Not started`, `Running`, `Paused`) and version.
-    pub async fn instance_info(&self, id: &SandboxId) -> Result<InstanceInfo, SandboxError> {
-        self.inner
-            .sandboxes
-            .ask(id, SandboxState::Running, VmCommand::InstanceInfo)
-            .await
-    }
-
-    /// Flushes Firecracker's metrics and returns them summed since boot
-    /// (block and network bytes, vCPU exits).
-    pub async fn vmm_metrics(&self, id: &SandboxId) -> Result<MetricsTotals, SandboxError> {
-        self.inner
-            .sandboxes
-            .ask(id, SandboxState::Running, VmCommand::Metrics)
-            .await
-    }
-}
-
-#[async_trait]
-impl Hypervisor for FirecrackerHypervisor {
-    fn kind(&self) -> HypervisorKind {
-        HypervisorKind::Firecracker
-    }
-
-    async fn create_sandbox(&self, config: SandboxConfig) -> Result<Sandbox, CreateSandboxError> {
-        config.validate()?;
-        let template = self.inner.templates.load(&config.template_id)?;
-        self.check_host()?;
-        let source = BootSource::Cold {
-            kernel: template.kernel_path(),
-            rootfs: config
-                .rootfs_path
-                .clone()
-                .unwrap_or_else(|| template.rootfs_path()),
-            extra_drives: config
-                .extra_drives
-                .iter()
-                .map(|d| (d.path.clone(), d.read_only))
-                .collect(),
-        };
-        self.launch(config, source).await
-    }
-
-    async fn stop_sandbox(&self, id: &SandboxId, force: bool) -> Result<(), SandboxError> {
-        let sandboxes = &self.inner.sandboxes;
-        let result = sandboxes
-            .ask(id, SandboxState::Stopping, |reply| VmCommand::Stop {
-                force,
-                reply,
-            })
-            .await;
-        sandboxes.retire_if_stopped(id);
-        result
-    }
-
-    async fn pause_sandbox(&self, id: &SandboxId) -> Result<(), SandboxError> {
-        self.inner
-            .sandboxes
-            .ask(id, SandboxState::Paused, VmCommand::Pause)
-            .await
-    }
-
-    async fn resume_sandbox(&self, id: &SandboxId) -> Result<(), SandboxError> {
-        self.inner
-            .sandboxes
-            .ask(id, SandboxState::Running, VmCommand::Resume)
-            .await
-    }
-
-    async fn get_sandbox_stats(&self, id: &SandboxId) -> Result<SandboxStats, SandboxError> {
-        self.inner
-            .sandboxes
-            .ask(id, SandboxState::Running, VmCommand::Stats)
-            .await
-    }
-
-    async fn exec_stream(
-        &self,
-        id: &SandboxId,
-        request: ExecRequest,
-    ) -> Result<ExecStream, ExecError> {
-        self.inner.sandboxes.exec_stream(id, request).await
-    }
-
-    async fn write_file(
-        &self,
-        id: &SandboxId,
-        path: &str,
-        data: Vec<u8>,
-        mode: u32,
-    ) -> Result<(), FileError> {
-        self.inner.sandboxes.write_file(id, path, data, mode).await
-    }
-
-    async fn read_file(&self, id: &SandboxId, path: &str) -> Result<Vec<u8>, FileError> {
-        self.inner.sandboxes.read_file(id, path).await
-    }
-
-    async fn list(&self) -> Vec<SandboxInfo> {
-        self.inner.sandboxes.list()
-    }
-
-    async fn get(&self, id: &SandboxId) -> Option<SandboxInfo> {
-        self.inner.sandboxes.get(id)
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
+    use nova_core::config::SandboxConfig;
+    use nova_core::error::ExecError;
+    use nova_core::hypervisor::Hypervisor;
+    use nova_core::snapshot::{SnapshotError, SnapshotKind};
+
     use super::*;
 
     #[test]
@@ -566,7 +309,7 @@ mod tests {
             Err(ExecError::NotFound(_))
         ));
         assert!(matches!(
-            hv.snapshot_sandbox(&id, home.path(), SnapshotType::Full)
+            hv.snapshot_sandbox_with(&id, home.path(), SnapshotKind::Full)
                 .await,
             Err(SnapshotError::NotFound(_))
         ));
@@ -576,32 +319,12 @@ mod tests {
             .create_sandbox_from_snapshot(&home.path().join("none"))
             .await
             .unwrap_err();
-        assert!(matches!(err, CreateSandboxError::Prepare { .. }), "{err}");
-    }
-
-    #[test]
-    fn snapshot_description_round_trips() {
-        let dir = tempfile::tempdir().unwrap();
-        let info = SnapshotInfo {
-            dir: dir.path().to_owned(),
-            source: SandboxId::random(),
-            kind: SnapshotType::Full,
-            config: SandboxConfig::default(),
-            created_at_ms: 1,
-            firecracker_version: "1.16.1".into(),
-            scratch: true,
-            track_dirty_pages: false,
-        };
-        std::fs::write(
-            dir.path().join(vm::SNAPSHOT_INFO),
-            serde_json::to_vec(&info).unwrap(),
-        )
-        .unwrap();
-        assert_eq!(SnapshotInfo::read(dir.path()).unwrap(), info);
-        std::fs::write(dir.path().join(vm::SNAPSHOT_INFO), b"{}").unwrap();
-        assert!(matches!(
-            SnapshotInfo::read(dir.path()),
-            Err(SnapshotError::Description { .. })
-        ));
+        assert!(
+            matches!(
+                err,
+                CreateSandboxError::Snapshot(SnapshotError::Invalid { .. })
+            ),
+            "{err}"
+        );
     }
 }

@@ -7,8 +7,8 @@
 //! - [`binary`]: finding the `firecracker` binary and checking its version;
 //! - [`jailer`]: the optional jail (chroot, uid/gid, cgroups, PID namespace)
 //!   and its command line;
-//! - [`process`]: spawning the VMM, waiting for its API socket, and naming
-//!   its documented exit codes;
+//! - [`process`]: the VMM's command line (with or without the jailer),
+//!   waiting for its API socket, and naming its documented exit codes;
 //! - [`api`]: the typed API client (hyper over the Unix socket) and one file
 //!   per API resource with its request and response bodies;
 //! - [`machine`]: a sandbox's VM as Firecracker sees it (kernel command line,
@@ -16,8 +16,12 @@
 //! - [`vsock`]: the host side of Firecracker's hybrid vsock (`CONNECT`/`OK`),
 //!   which carries the agent protocol;
 //! - [`stats`]: Firecracker's flushed metrics, parsed and summed;
-//! - `FirecrackerHypervisor`: the [`Hypervisor`](nova_core::hypervisor::Hypervisor)
-//!   trait, plus snapshot create and restore.
+//! - [`vm`]: starting one microVM (cold or from a snapshot) and the running
+//!   VM the runtime drives;
+//! - [`Firecracker`]: the runtime's `Backend`; [`FirecrackerHypervisor`] is
+//!   the runtime's provider over it, which implements the
+//!   [`Hypervisor`](nova_core::hypervisor::Hypervisor) trait, snapshots
+//!   included.
 //!
 //! Boot-time breakdown (`BootTimings`): process spawn → API socket answers
 //! (`spawn_ms`) → every resource configured and `InstanceStart` accepted
@@ -35,10 +39,11 @@ pub mod jailer;
 pub mod machine;
 pub mod process;
 pub mod stats;
-mod vm;
+pub mod vm;
 pub mod vsock;
 
 pub use hypervisor::{
-    DEFAULT_SCRATCH_MB, FirecrackerHypervisor, FirecrackerOptions, FirecrackerUnavailable,
-    SnapshotError, SnapshotInfo,
+    DEFAULT_SCRATCH_MB, Firecracker, FirecrackerHypervisor, FirecrackerOptions,
+    FirecrackerSandboxes, FirecrackerUnavailable,
 };
+pub use vm::FirecrackerVm;

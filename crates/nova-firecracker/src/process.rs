@@ -1,5 +1,6 @@
-//! The Firecracker process: spawning it (directly or through the jailer),
-//! waiting until its API answers, watching it exit, killing it.
+//! The Firecracker process: its command line (directly or through the
+//! jailer), spawning it as the runtime's [`VmmProcess`], and waiting until
+//! its API answers.
 //!
 //! Firecracker runs with its working directory in the sandbox directory (or
 //! the jail root), and every per-sandbox file is named relative to it:
@@ -9,18 +10,20 @@
 //! socket and scratch disk relatively, so loading it into a fresh process in
 //! another sandbox directory binds that sandbox's own files.
 //!
-//! The process is put in its own process group and killed on drop. Through
-//! the jailer with a new PID namespace the jailer forks and exits; the
-//! Firecracker PID then comes from the jailer's pid file and the process is
-//! watched and signalled by PID.
+//! Through the jailer with a new PID namespace the jailer forks and exits;
+//! Firecracker's PID then comes from the jailer's pid file and the runtime
+//! adopts it ([`Launch::adopt`]).
 
 use std::ffi::OsString;
-use std::fmt;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
 
-use tokio::process::{Child, Command};
+use nova_core::error::CreateSandboxError;
+use nova_runtime::backend::Launch;
+use nova_runtime::console::DEFAULT_LOG_CAP;
+use nova_runtime::retry::{RetryError, retry_until, socket_not_ready};
+pub use nova_runtime::vmm::VmmExit;
+use nova_runtime::vmm::{VmmCommand, VmmProcess};
 use tokio::time::Instant;
 
 use crate::api::{ApiClient, ApiError};
@@ -48,7 +51,7 @@ pub struct SpawnSpec<'a> {
     /// Memory and vCPUs, for the jail's cgroup limits.
     pub limits: JailLimits,
     /// File that receives Firecracker's stdout and stderr (the guest serial
-    /// console, and its log until the logger is configured).
+    /// console, and its log until the logger is configured), capped.
     pub output: &'a Path,
     /// Pass `--boot-timer`: Firecracker logs the time from `InstanceStart` to
     /// the guest's boot-timer write.
@@ -87,24 +90,6 @@ impl SpawnSpec<'_> {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum SpawnError {
-    /// `exec` failed.
-    #[error("cannot start {}", .program.display())]
-    Exec {
-        /// The program.
-        program: PathBuf,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The output file could not be opened.
-    #[error("cannot open {}", .path.display())]
-    Output {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
     /// The API socket path would be too long for a Unix socket.
     #[error(
         "socket path {} is longer than {MAX_SOCKET_PATH} bytes; use a shorter NOVA_HOME",
@@ -113,7 +98,7 @@ pub enum SpawnError {
     SocketPathTooLong(PathBuf),
     /// The jailer failed to set up the jail.
     #[error("the jailer failed ({0}); see the sandbox's console.log")]
-    Jailer(VmmExit),
+    Jailer(String),
     /// The jailer did not fork Firecracker in time.
     #[error("the jailer did not start Firecracker within {0:?}")]
     JailerTimeout(Duration),
@@ -128,52 +113,11 @@ pub enum SpawnError {
     },
 }
 
-/// Firecracker did not become ready to take API requests.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum ApiReadyError {
-    /// It exited first.
-    #[error("Firecracker exited ({0}) before its API answered")]
-    Exited(VmmExit),
-    /// Time ran out.
-    #[error("Firecracker's API did not answer in time")]
-    Timeout,
-    /// The socket appeared but the API failed.
-    #[error("Firecracker's API failed")]
-    Api(#[source] ApiError),
-}
-
-/// How a Firecracker process ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum VmmExit {
-    /// It exited with this code.
-    Code(i32),
-    /// A signal killed it.
-    Signal(i32),
-    /// It was not our child (jailed in a new PID namespace): it is gone, but
-    /// its status is not known.
-    Unknown,
-}
-
-impl VmmExit {
-    fn from_status(status: std::process::ExitStatus) -> Self {
-        use std::os::unix::process::ExitStatusExt;
-        match (status.code(), status.signal()) {
-            (Some(code), _) => Self::Code(code),
-            (None, Some(signal)) => Self::Signal(signal),
-            (None, None) => Self::Unknown,
-        }
-    }
-}
-
-impl fmt::Display for VmmExit {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Code(code) => write!(f, "exit code {code}: {}", describe_exit_code(*code)),
-            Self::Signal(9) => f.write_str("killed by SIGKILL"),
-            Self::Signal(signal) => write!(f, "killed by signal {signal}"),
-            Self::Unknown => f.write_str("exited, status unknown (not our child)"),
-        }
+/// How Firecracker ended, with its documented exit codes in words.
+pub fn describe_exit(exit: VmmExit) -> String {
+    match exit {
+        VmmExit::Code(code) => format!("exit code {code}: {}", describe_exit_code(code)),
+        other => other.to_string(),
     }
 }
 
@@ -197,231 +141,94 @@ pub fn describe_exit_code(code: i32) -> &'static str {
     }
 }
 
-/// A running (or exited) Firecracker process.
-#[derive(Debug)]
-pub struct VmmProcess {
-    /// Our child: Firecracker itself, or the jailer that execs into it.
-    child: Option<Child>,
-    /// Firecracker's PID when it is not our child (new PID namespace).
-    detached: Option<u32>,
-    api_socket: PathBuf,
-    workdir: PathBuf,
-    exit: Option<VmmExit>,
-}
-
-impl VmmProcess {
-    /// Starts Firecracker as `spec` says. With a jail in a new PID namespace
-    /// this waits until the jailer has forked Firecracker.
-    pub async fn spawn(spec: &SpawnSpec<'_>) -> Result<Self, SpawnError> {
-        let workdir = spec.host_workdir();
-        let api_socket = workdir.join(API_SOCKET);
-        if api_socket.as_os_str().len() > MAX_SOCKET_PATH {
-            return Err(SpawnError::SocketPathTooLong(api_socket));
-        }
-        let output_err = |source| SpawnError::Output {
-            path: spec.output.to_owned(),
-            source,
-        };
-        let output = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(spec.output)
-            .map_err(output_err)?;
-        let output2 = output.try_clone().map_err(output_err)?;
-        let (program, args) = match spec.jail {
-            Some(jail) => (
-                jail.config().jailer_bin.clone(),
-                jail.command_args(spec.limits, &spec.firecracker_args()),
-            ),
-            None => (spec.firecracker.to_owned(), spec.firecracker_args()),
-        };
-        let mut command = Command::new(&program);
-        command
-            .args(&args)
-            .stdin(Stdio::null())
-            .stdout(output)
-            .stderr(output2)
-            .kill_on_drop(true)
-            .process_group(0);
-        if spec.jail.is_none() {
-            command.current_dir(&workdir);
-        }
-        let mut child = command
-            .spawn()
-            .map_err(|source| SpawnError::Exec { program, source })?;
-        let mut detached = None;
-        if let Some(jail) = spec.jail.filter(|j| j.config().new_pid_ns) {
-            let status = tokio::time::timeout(JAILER_TIMEOUT, child.wait())
-                .await
-                .map_err(|_| SpawnError::JailerTimeout(JAILER_TIMEOUT))?
-                .map_err(|source| SpawnError::Exec {
-                    program: jail.config().jailer_bin.clone(),
-                    source,
-                })?;
-            if !status.success() {
-                return Err(SpawnError::Jailer(VmmExit::from_status(status)));
-            }
-            let path = jail.pid_file();
-            let text = std::fs::read_to_string(&path).map_err(|source| SpawnError::PidFile {
-                path: path.clone(),
-                source,
-            })?;
-            let pid = text
-                .trim()
-                .parse::<u32>()
-                .map_err(|e| SpawnError::PidFile {
-                    path,
-                    source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
-                })?;
-            detached = Some(pid);
-        }
-        Ok(Self {
-            child: (detached.is_none()).then_some(child),
-            detached,
-            api_socket,
-            workdir,
-            exit: None,
-        })
+/// The runtime's command for `spec`: Firecracker itself, or the jailer
+/// that becomes it.
+pub fn command(spec: &SpawnSpec<'_>) -> Result<VmmCommand, SpawnError> {
+    let workdir = spec.host_workdir();
+    let api_socket = workdir.join(API_SOCKET);
+    if api_socket.as_os_str().len() > MAX_SOCKET_PATH {
+        return Err(SpawnError::SocketPathTooLong(api_socket));
     }
-
-    /// Firecracker's PID, while it runs.
-    pub fn pid(&self) -> Option<u32> {
-        if self.exit.is_some() {
-            return None;
-        }
-        self.detached
-            .or_else(|| self.child.as_ref().and_then(Child::id))
-    }
-
-    /// The API socket, as seen from the host.
-    pub fn api_socket(&self) -> &Path {
-        &self.api_socket
-    }
-
-    /// The VMM's working directory, as seen from the host.
-    pub fn workdir(&self) -> &Path {
-        &self.workdir
-    }
-
-    /// How it exited, once it has.
-    pub fn exit_status(&self) -> Option<VmmExit> {
-        self.exit
-    }
-
-    /// Waits until the API socket answers `GET /`, or the process exits, or
-    /// `deadline` passes.
-    pub async fn wait_api(&mut self, deadline: Instant) -> Result<ApiClient, ApiReadyError> {
-        let socket = self.api_socket.clone();
-        let connect = async move {
-            let mut delay = Duration::from_micros(200);
-            loop {
-                match ApiClient::connect(&socket).await {
-                    Ok(mut client) => {
-                        client.instance_info().await?;
-                        return Ok(client);
-                    }
-                    Err(ApiError::Connect { source, .. })
-                        if matches!(
-                            source.kind(),
-                            std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
-                        ) =>
-                    {
-                        tokio::time::sleep(delay).await;
-                        delay = (delay * 2).min(Duration::from_millis(10));
-                    }
-                    Err(e) => return Err(e),
-                }
-            }
-        };
-        tokio::select! {
-            r = tokio::time::timeout_at(deadline, connect) => match r {
-                Ok(Ok(client)) => Ok(client),
-                Ok(Err(e)) => Err(ApiReadyError::Api(e)),
-                Err(_) => Err(ApiReadyError::Timeout),
-            },
-            exit = self.wait() => Err(ApiReadyError::Exited(exit)),
-        }
-    }
-
-    /// Waits for the process to exit and says how. Cancel-safe; returns at
-    /// once if it already exited.
-    pub async fn wait(&mut self) -> VmmExit {
-        if let Some(exit) = self.exit {
-            return exit;
-        }
-        let exit = if let Some(pid) = self.detached {
-            while pid_alive(pid) {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            VmmExit::Unknown
-        } else if let Some(child) = self.child.as_mut() {
-            match child.wait().await {
-                Ok(status) => VmmExit::from_status(status),
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot wait for Firecracker");
-                    VmmExit::Unknown
-                }
-            }
-        } else {
-            return std::future::pending().await;
-        };
-        self.exit = Some(exit);
-        exit
-    }
-
-    /// Sends SIGKILL (if still running) without waiting.
-    pub fn start_kill(&mut self) {
-        if self.exit.is_some() {
-            return;
-        }
-        if let Some(pid) = self.detached {
-            kill_pid(pid);
-        } else if let Some(child) = self.child.as_mut() {
-            let _ = child.start_kill();
-        }
-    }
-
-    /// Kills the process (if still running) and waits until it is gone.
-    pub async fn kill(&mut self) -> VmmExit {
-        self.start_kill();
-        self.wait().await
-    }
-}
-
-impl Drop for VmmProcess {
-    fn drop(&mut self) {
-        // A child is killed by `kill_on_drop`; a detached one needs a signal.
-        if self.exit.is_none()
-            && let Some(pid) = self.detached
-        {
-            kill_pid(pid);
-        }
-    }
-}
-
-fn kill_pid(pid: u32) {
-    let Some(pid) = i32::try_from(pid)
-        .ok()
-        .and_then(rustix::process::Pid::from_raw)
-    else {
-        return;
+    let (program, args) = match spec.jail {
+        Some(jail) => (
+            jail.config().jailer_bin.clone(),
+            jail.command_args(spec.limits, &spec.firecracker_args()),
+        ),
+        None => (spec.firecracker.to_owned(), spec.firecracker_args()),
     };
-    if let Err(e) = rustix::process::kill_process(pid, rustix::process::Signal::KILL)
-        && e != rustix::io::Errno::SRCH
-    {
-        tracing::warn!(pid = pid.as_raw_nonzero().get(), error = %e, "cannot kill Firecracker");
+    Ok(VmmCommand {
+        program,
+        args,
+        cwd: spec.jail.is_none().then_some(workdir),
+        stdout: spec.output.to_owned(),
+        stderr: spec.output.to_owned(),
+        log_cap: DEFAULT_LOG_CAP,
+    })
+}
+
+/// Starts Firecracker as `spec` says, through `launch`. With a jail in a new
+/// PID namespace this waits until the jailer has forked Firecracker, and
+/// hands the runtime Firecracker's PID.
+pub async fn spawn(
+    spec: &SpawnSpec<'_>,
+    launch: &mut Launch<'_>,
+) -> Result<(), CreateSandboxError> {
+    let command = command(spec).map_err(start_error)?;
+    launch.spawn(&command)?;
+    let Some(jail) = spec.jail.filter(|j| j.config().new_pid_ns) else {
+        return Ok(());
+    };
+    let jailer: &mut VmmProcess = launch.vmm().expect("the jailer was spawned just above");
+    let exit = tokio::time::timeout(JAILER_TIMEOUT, jailer.wait())
+        .await
+        .map_err(|_| start_error(SpawnError::JailerTimeout(JAILER_TIMEOUT)))?;
+    if exit != VmmExit::Code(0) {
+        return Err(start_error(SpawnError::Jailer(describe_exit(exit))));
+    }
+    let path = jail.pid_file();
+    let text = tokio::fs::read_to_string(&path).await.map_err(|source| {
+        start_error(SpawnError::PidFile {
+            path: path.clone(),
+            source,
+        })
+    })?;
+    let pid = text.trim().parse::<u32>().map_err(|e| {
+        start_error(SpawnError::PidFile {
+            path,
+            source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+        })
+    })?;
+    launch.adopt(pid)
+}
+
+fn start_error(e: SpawnError) -> CreateSandboxError {
+    CreateSandboxError::Vmm {
+        vmm: "firecracker",
+        action: "start".into(),
+        source: Box::new(e),
     }
 }
 
-/// Whether `pid` names a process that has not exited (zombies count as
-/// exited).
-fn pid_alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => stat
-            .rfind(')')
-            .and_then(|i| stat[i + 1..].split_whitespace().next())
-            .is_some_and(|state| state != "Z" && state != "X"),
-        Err(_) => false,
+/// Connects to Firecracker's API socket, retrying while it is not there
+/// yet, and checks that the API answers `GET /`; gives up at `deadline`.
+pub async fn connect_api(socket: &Path, deadline: Instant) -> Result<ApiClient, ApiError> {
+    let transient =
+        |e: &ApiError| matches!(e, ApiError::Connect { source, .. } if socket_not_ready(source));
+    let attempt = || async {
+        let mut client = ApiClient::connect(socket).await?;
+        client.instance_info().await?;
+        Ok(client)
+    };
+    match retry_until(deadline, attempt, transient).await {
+        Ok(client) => Ok(client),
+        Err(RetryError::Failed(e)) => Err(e),
+        Err(RetryError::TimedOut(last)) => Err(last.unwrap_or_else(|| ApiError::Connect {
+            socket: socket.to_owned(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "Firecracker's API did not answer in time",
+            ),
+        })),
     }
 }
 
@@ -433,12 +240,12 @@ mod tests {
     #[test]
     fn exit_codes_in_words() {
         assert_eq!(
-            VmmExit::Code(148).to_string(),
+            describe_exit(VmmExit::Code(148)),
             "exit code 148: a system call outside Firecracker's seccomp filter was intercepted"
         );
-        assert!(VmmExit::Code(0).to_string().contains("clean exit"));
-        assert!(VmmExit::Code(153).to_string().contains("command-line"));
-        assert_eq!(VmmExit::Signal(9).to_string(), "killed by SIGKILL");
+        assert!(describe_exit(VmmExit::Code(0)).contains("clean exit"));
+        assert!(describe_exit(VmmExit::Code(153)).contains("command-line"));
+        assert_eq!(describe_exit(VmmExit::Signal(9)), "killed by SIGKILL");
         assert_eq!(describe_exit_code(77), "undocumented exit code");
     }
 
@@ -459,13 +266,16 @@ mod tests {
     }
 
     #[test]
-    fn firecracker_arguments_and_workdir() {
+    fn firecracker_arguments_workdir_and_command() {
         let s = spec(None, Path::new("/n/sandboxes/sb-1"), Path::new("/dev/null"));
         assert_eq!(
             s.firecracker_args(),
             ["--api-sock", "api.sock", "--id", "sb-1", "--boot-timer"].map(OsString::from)
         );
         assert_eq!(s.host_workdir(), Path::new("/n/sandboxes/sb-1"));
+        let c = command(&s).unwrap();
+        assert_eq!(c.program, Path::new("/opt/firecracker"));
+        assert_eq!(c.cwd.as_deref(), Some(Path::new("/n/sandboxes/sb-1")));
         let jail = Jail::new(
             JailerConfig::new("/j", 1, 1),
             "sb-1",
@@ -477,60 +287,25 @@ mod tests {
             s.host_workdir(),
             Path::new("/srv/jailer/firecracker/sb-1/root")
         );
+        let c = command(&s).unwrap();
+        assert_eq!(c.program, Path::new("/j"));
+        assert_eq!(c.cwd, None, "the jailer chroots; it picks the directory");
     }
 
-    #[tokio::test]
-    async fn reports_a_binary_that_cannot_run_and_a_long_socket_path() {
-        let dir = tempfile::tempdir().unwrap();
-        let out = dir.path().join("out.log");
-        let mut s = spec(None, dir.path(), &out);
-        s.firecracker = Path::new("/nonexistent/firecracker");
-        assert!(matches!(
-            VmmProcess::spawn(&s).await,
-            Err(SpawnError::Exec { .. })
-        ));
-        let long = dir.path().join("x".repeat(120));
-        let s = spec(None, &long, &out);
-        assert!(matches!(
-            VmmProcess::spawn(&s).await,
-            Err(SpawnError::SocketPathTooLong(_))
-        ));
+    #[test]
+    fn a_long_socket_path_is_refused() {
+        let long = PathBuf::from("/").join("x".repeat(120));
+        let s = spec(None, &long, Path::new("/dev/null"));
+        assert!(matches!(command(&s), Err(SpawnError::SocketPathTooLong(_))));
     }
 
-    /// A process that exits before its API socket appears is reported with
-    /// its exit status, not as a timeout.
-    #[tokio::test]
-    async fn early_exit_wins_over_waiting_for_the_socket() {
+    #[tokio::test(start_paused = true)]
+    async fn waiting_for_a_missing_api_socket_ends_at_the_deadline() {
         let dir = tempfile::tempdir().unwrap();
-        let out = dir.path().join("out.log");
-        let mut s = spec(None, dir.path(), &out);
-        s.firecracker = Path::new("/bin/false");
-        let mut vmm = VmmProcess::spawn(&s).await.unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        match vmm.wait_api(deadline).await {
-            Err(ApiReadyError::Exited(VmmExit::Code(1))) => {}
-            other => panic!("unexpected {other:?}"),
-        }
-        assert_eq!(vmm.pid(), None);
-        assert_eq!(vmm.kill().await, VmmExit::Code(1));
-    }
-
-    #[tokio::test]
-    async fn kill_ends_a_running_process() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut command = Command::new("/bin/sh");
-        command.args(["-c", "exec sleep 30"]).kill_on_drop(true);
-        let mut vmm = VmmProcess {
-            child: Some(command.spawn().unwrap()),
-            detached: None,
-            api_socket: dir.path().join(API_SOCKET),
-            workdir: dir.path().to_owned(),
-            exit: None,
-        };
-        let pid = vmm.pid().unwrap();
-        assert!(pid_alive(pid));
-        assert_eq!(vmm.kill().await, VmmExit::Signal(9));
-        assert!(!pid_alive(pid));
-        assert_eq!(vmm.wait().await, VmmExit::Signal(9));
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let e = connect_api(&dir.path().join(API_SOCKET), deadline)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, ApiError::Connect { .. }), "{e}");
     }
 }

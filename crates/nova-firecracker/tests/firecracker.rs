@@ -14,16 +14,18 @@ use std::time::Duration;
 use nova_core::config::SandboxConfig;
 use nova_core::error::{CreateSandboxError, ExecError};
 use nova_core::home::NovaHome;
-use nova_core::host::KvmStatus;
 use nova_core::hypervisor::Hypervisor;
+use nova_core::snapshot::{SnapshotError, SnapshotKind};
 use nova_core::state::SandboxState;
-use nova_firecracker::api::{ApiError, InstanceState, LogLevel, SnapshotType};
+use nova_firecracker::api::{ApiError, InstanceState, LogLevel};
 use nova_firecracker::binary::{FirecrackerBinary, Version};
 use nova_firecracker::jailer::JailLimits;
 use nova_firecracker::machine::{METRICS_FILE, MachineSpec};
-use nova_firecracker::process::{SpawnSpec, VmmExit, VmmProcess};
+use nova_firecracker::process::{API_SOCKET, SpawnSpec, VmmExit};
 use nova_firecracker::stats::MetricsReader;
-use nova_firecracker::{FirecrackerHypervisor, FirecrackerOptions, SnapshotError};
+use nova_firecracker::{FirecrackerHypervisor, FirecrackerOptions, FirecrackerSandboxes};
+use nova_runtime::host::KvmStatus;
+use nova_runtime::vmm::VmmProcess;
 use tokio::time::Instant;
 
 fn test_config(template: &str) -> SandboxConfig {
@@ -62,12 +64,14 @@ async fn vmm_lifecycle_through_the_typed_api() {
         boot_timer: false,
         extra_args: &[],
     };
-    let mut vmm = VmmProcess::spawn(&spec).await.unwrap();
+    let mut vmm = VmmProcess::spawn(&nova_firecracker::process::command(&spec).unwrap()).unwrap();
     let pid = vmm.pid().unwrap();
-    let mut api = vmm
-        .wait_api(Instant::now() + Duration::from_secs(10))
-        .await
-        .unwrap();
+    let mut api = nova_firecracker::process::connect_api(
+        &dir.path().join(API_SOCKET),
+        Instant::now() + Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
     let info = api.instance_info().await.unwrap();
     assert_eq!(info.id, "lifecycle-1");
     assert_eq!(info.state, InstanceState::NotStarted);
@@ -211,7 +215,8 @@ async fn sandbox_lifecycle_snapshot_and_restore() {
     // A snapshot needs a paused VM.
     let snap = home.path().join("snap");
     assert!(matches!(
-        hv.snapshot_sandbox(&id, &snap, SnapshotType::Full).await,
+        hv.snapshot_sandbox_with(&id, &snap, SnapshotKind::Full)
+            .await,
         Err(SnapshotError::NotPaused(SandboxState::Running))
     ));
     sandbox.pause().await.unwrap();
@@ -221,16 +226,17 @@ async fn sandbox_lifecycle_snapshot_and_restore() {
     );
     // Diff snapshots need dirty-page tracking.
     assert!(matches!(
-        hv.snapshot_sandbox(&id, &snap, SnapshotType::Diff).await,
-        Err(SnapshotError::DiffNeedsDirtyTracking)
+        hv.snapshot_sandbox_with(&id, &snap, SnapshotKind::Diff)
+            .await,
+        Err(SnapshotError::Unsupported { .. })
     ));
     let started = std::time::Instant::now();
     let info = hv
-        .snapshot_sandbox(&id, &snap, SnapshotType::Full)
+        .snapshot_sandbox_with(&id, &snap, SnapshotKind::Full)
         .await
         .unwrap();
     println!("full snapshot of 128 MiB: {:?}", started.elapsed());
-    assert_eq!(info.source, id);
+    assert_eq!(info.manifest.source, id);
     for file in ["vmstate", "memory", "scratch.ext4", "snapshot.json"] {
         assert!(snap.join(file).exists(), "{file} missing");
     }
@@ -297,20 +303,21 @@ async fn diff_snapshot_merges_into_the_full_one() {
     let snap = home.path().join("snap");
     sandbox.pause().await.unwrap();
     assert!(matches!(
-        hv.snapshot_sandbox(&id, &snap, SnapshotType::Diff).await,
-        Err(SnapshotError::DiffWithoutBase(_))
+        hv.snapshot_sandbox_with(&id, &snap, SnapshotKind::Diff)
+            .await,
+        Err(SnapshotError::Invalid { .. })
     ));
-    hv.snapshot_sandbox(&id, &snap, SnapshotType::Full)
+    hv.snapshot_sandbox_with(&id, &snap, SnapshotKind::Full)
         .await
         .unwrap();
     sandbox.resume().await.unwrap();
     tokio::time::sleep(Duration::from_millis(50)).await;
     sandbox.pause().await.unwrap();
     let diff = hv
-        .snapshot_sandbox(&id, &snap, SnapshotType::Diff)
+        .snapshot_sandbox_with(&id, &snap, SnapshotKind::Diff)
         .await
         .unwrap();
-    assert_eq!(diff.kind, SnapshotType::Diff);
+    assert_eq!(diff.manifest.kind, SnapshotKind::Diff);
     sandbox.stop(true).await.unwrap();
     let restored = hv.create_sandbox_from_snapshot(&snap).await.unwrap();
     assert_eq!(
@@ -365,10 +372,10 @@ async fn paravirtualized_kvm_is_refused_unless_allowed() {
         version: Version::new(1, 16, 1),
     };
     let hv = FirecrackerHypervisor::new(FirecrackerOptions::new(NovaHome::at(home.path()), binary));
-    if !matches!(hv.kvm(), KvmStatus::Paravirtualized { .. }) {
+    if !matches!(hv.backend().kvm(), KvmStatus::Paravirtualized { .. }) {
         println!(
             "SKIP paravirtualized_kvm_is_refused_unless_allowed: this host's KVM is {}",
-            hv.kvm()
+            hv.backend().kvm()
         );
         return;
     }

@@ -78,7 +78,7 @@ impl BootProbe {
             initrd: None,
             cmdline: DEFAULT_CMDLINE.to_owned(),
             machine: DEFAULT_MACHINE.to_owned(),
-            tsc_khz: nova_core::host::host_cpu_khz(),
+            tsc_khz: nova_runtime::host::host_cpu_khz(),
             memory_mb: 512,
             extra_args: Vec::new(),
             agent_socket: None,

@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 use nova_core::config::SandboxConfig;
 use nova_core::template::Template;
 use nova_protocol::client::AgentClient;
-use tokio::net::UnixStream;
 
 use crate::QemuOptions;
 use crate::cmdline::VmSpec;
@@ -40,7 +39,6 @@ pub async fn raw_boot(
         accel: options.accel,
         qmp_socket: workdir.join("api.sock"),
         agent_socket: workdir.join("vsock.sock"),
-        console_log: workdir.join("console.log"),
         kernel_args: config.kernel_args.clone(),
         hostname: "raw".into(),
         tsc_khz: crate::cmdline::tcg_tsc_khz(options.accel),
@@ -54,15 +52,8 @@ pub async fn raw_boot(
         .kill_on_drop(true)
         .spawn()?;
     let timeout = Duration::from_millis(config.boot_timeout_ms);
-    let stream = loop {
-        match UnixStream::connect(&spec.agent_socket).await {
-            Ok(s) => break s,
-            Err(_) if start.elapsed() < timeout => {
-                tokio::time::sleep(Duration::from_micros(500)).await
-            }
-            Err(e) => return Err(e.into()),
-        }
-    };
+    let deadline = tokio::time::Instant::from_std(start + timeout);
+    let stream = nova_runtime::retry::connect_unix(&spec.agent_socket, deadline).await?;
     let (client, _hello) =
         AgentClient::connect(stream, timeout.saturating_sub(start.elapsed())).await?;
     let elapsed = start.elapsed();

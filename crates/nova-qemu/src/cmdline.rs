@@ -13,7 +13,7 @@ use std::ffi::OsString;
 use std::path::PathBuf;
 
 use nova_core::config::DriveConfig;
-use nova_core::host::Accel;
+use nova_runtime::host::Accel;
 
 /// Name of the virtio-serial port the agent listens on.
 pub const AGENT_PORT_NAME: &str = "org.nova.agent";
@@ -45,15 +45,13 @@ pub struct VmSpec {
     pub qmp_socket: PathBuf,
     /// Agent channel socket QEMU listens on.
     pub agent_socket: PathBuf,
-    /// File the guest console is written to.
-    pub console_log: PathBuf,
     /// The user part of the kernel command line.
     pub kernel_args: String,
     /// Guest hostname.
     pub hostname: String,
     /// The host TSC rate in kHz, given to emulated guests as
     /// `tsc_early_khz=` so they need not calibrate it (see
-    /// [`nova_core::host::host_cpu_khz`]).
+    /// [`nova_runtime::host::host_cpu_khz`]).
     pub tsc_khz: Option<u64>,
 }
 
@@ -111,12 +109,10 @@ impl VmSpec {
         let mut push = |a: &str| args.push(a.into());
         push("-append");
         push(&self.kernel_cmdline());
-        // Serial console to a file.
+        // Serial console on QEMU's stdout, which the runtime caps into the
+        // sandbox's console.log.
         push("-chardev");
-        push(&format!(
-            "file,id=console,path={}",
-            escape(&self.console_log)
-        ));
+        push("stdio,id=console,signal=off");
         push("-serial");
         push("chardev:console");
         // Control socket.
@@ -167,7 +163,7 @@ impl VmSpec {
 /// nothing under KVM (which has kvmclock).
 pub fn tcg_tsc_khz(accel: Accel) -> Option<u64> {
     match accel {
-        Accel::Tcg => nova_core::host::host_cpu_khz(),
+        Accel::Tcg => nova_runtime::host::host_cpu_khz(),
         Accel::Kvm => None,
     }
 }
@@ -192,7 +188,6 @@ mod tests {
             accel: Accel::Tcg,
             qmp_socket: "/s/api.sock".into(),
             agent_socket: "/s/vsock.sock".into(),
-            console_log: "/s/console.log".into(),
             kernel_args: "reboot=k panic=1 quiet".into(),
             hostname: "sb-1".into(),
             tsc_khz: None,

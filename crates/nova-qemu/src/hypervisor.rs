@@ -1,28 +1,25 @@
-//! [`QemuHypervisor`]: the [`Hypervisor`] trait over QEMU's microvm.
+//! [`Qemu`]: the runtime's [`Backend`] over QEMU's microvm, and
+//! [`QemuHypervisor`], the provider on it.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
-use nova_core::config::SandboxConfig;
-use nova_core::error::{CreateSandboxError, ExecError, FileError, SandboxError};
-use nova_core::exec::{ExecRequest, ExecStream};
+use nova_core::error::CreateSandboxError;
 use nova_core::home::NovaHome;
-use nova_core::host::{Accel, BackendChoice, HostReport};
-use nova_core::hypervisor::{Hypervisor, HypervisorKind};
-use nova_core::id::SandboxId;
-use nova_core::metadata::{SandboxInfo, now_ms};
-use nova_core::sandbox::Sandbox;
-use nova_core::state::SandboxState;
-use nova_core::stats::SandboxStats;
-use nova_core::template::TemplateManager;
-use nova_runtime::registry::{Entry, SandboxRegistry};
-use tokio::sync::{mpsc, watch};
-use tracing::Instrument;
+use nova_core::hypervisor::HypervisorKind;
+use nova_runtime::Provider;
+use nova_runtime::backend::{Backend, BootSource, Launch, VmStart};
+use nova_runtime::console::DEFAULT_LOG_CAP;
+use nova_runtime::host::{Accel, BackendChoice, HostReport};
+use nova_runtime::retry::connect_unix;
+use nova_runtime::vmm::VmmCommand;
 
 use crate::cmdline::{VmSpec, tcg_tsc_khz};
-use crate::vm::{self, BootParams, VmCommand};
+use crate::qmp::QmpClient;
+use crate::vm::QemuVm;
+
+/// Longest Unix socket path (`sun_path` is 108 bytes with its NUL).
+const MAX_SOCKET_PATH: usize = 107;
 
 /// Default size of each sandbox's scratch disk (sparse: only what the guest
 /// writes takes space).
@@ -58,6 +55,7 @@ impl QemuOptions {
             reason: e.to_string(),
         })?;
         let report = HostReport::probe();
+        let accel = report.qemu_accel();
         let qemu = report.qemu.map_err(|nf| QemuUnavailable {
             reason: format!(
                 "qemu-system-x86_64 not found (looked in {}); install it with `apt-get install \
@@ -65,15 +63,12 @@ impl QemuOptions {
                 nf.searched.join(", ")
             ),
         })?;
-        let accel = if report.kvm.is_hardware() {
-            Accel::Kvm
-        } else {
+        if accel == Accel::Tcg {
             tracing::warn!(
                 kvm = %report.kvm,
                 "no hardware KVM: QEMU will emulate the guest (TCG); boots take seconds"
             );
-            Accel::Tcg
-        };
+        }
         Ok(Self {
             home,
             qemu_bin: qemu.path,
@@ -96,175 +91,127 @@ impl QemuOptions {
     }
 }
 
-/// Runs sandboxes as QEMU `microvm` VMs. Cheap to clone; clones share the
-/// same sandboxes. Dropping the last clone kills every VM it still runs and
-/// removes their directories.
-#[derive(Clone, Debug)]
-pub struct QemuHypervisor {
-    inner: Arc<Inner>,
-}
-
+/// The QEMU backend of the runtime: one `qemu-system-x86_64 -M microvm`
+/// process per sandbox, configured on its command line, driven over QMP.
 #[derive(Debug)]
-struct Inner {
+pub struct Qemu {
     options: QemuOptions,
-    templates: TemplateManager,
-    sandboxes: SandboxRegistry<VmCommand>,
+    version: String,
 }
 
-impl QemuHypervisor {
-    /// A provider with these options. Sandboxes that a dead provider left
-    /// under the same `$NOVA_HOME` are cleaned first (see
-    /// [`nova_runtime::leftovers`]).
-    pub fn new(options: QemuOptions) -> Self {
-        nova_runtime::leftovers::clean_leftovers(&options.home.sandboxes_dir());
-        let templates = TemplateManager::new(options.home.templates_dir());
-        Self {
-            inner: Arc::new(Inner {
-                options,
-                templates,
-                sandboxes: SandboxRegistry::default(),
-            }),
-        }
+/// Runs sandboxes as QEMU `microvm` VMs: the runtime's [`Provider`] over
+/// [`Qemu`]. Cheap to clone; clones share the same sandboxes. Dropping the
+/// last clone kills every VM it still runs and removes their directories.
+pub type QemuHypervisor = Provider<Qemu>;
+
+/// How long a QMP command may take.
+const QMP_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Backend for Qemu {
+    type Options = QemuOptions;
+    type Vm = QemuVm;
+
+    fn from_options(options: QemuOptions) -> Self {
+        let version = nova_runtime::host::binary_version(&options.qemu_bin)
+            .unwrap_or_else(|| "unknown".to_owned());
+        Self { options, version }
     }
 
-    /// A provider for this host (see [`QemuOptions::detect`]).
-    pub fn detect() -> Result<Self, QemuUnavailable> {
-        QemuOptions::detect().map(Self::new)
+    fn options(&self) -> &QemuOptions {
+        &self.options
     }
 
-    /// The options in use.
-    pub fn options(&self) -> &QemuOptions {
-        &self.inner.options
-    }
-}
-
-#[async_trait]
-impl Hypervisor for QemuHypervisor {
     fn kind(&self) -> HypervisorKind {
         HypervisorKind::Qemu
     }
 
-    async fn create_sandbox(&self, config: SandboxConfig) -> Result<Sandbox, CreateSandboxError> {
-        config.validate()?;
-        let template = self.inner.templates.load(&config.template_id)?;
-        let options = &self.inner.options;
-        let id = SandboxId::random();
-        let paths = options.home.sandbox(&id);
+    fn vmm_version(&self) -> String {
+        self.version.clone()
+    }
+
+    fn home(&self) -> &NovaHome {
+        &self.options.home
+    }
+
+    fn scratch_size_mb(&self) -> u64 {
+        self.options.scratch_size_mb
+    }
+
+    fn snapshot_support(&self) -> Result<(), String> {
+        Err(
+            "QEMU snapshots (migration to a file) are not built yet; use the Firecracker \
+             provider for snapshots"
+                .into(),
+        )
+    }
+
+    async fn start(
+        &self,
+        start: VmStart<'_>,
+        launch: &mut Launch<'_>,
+    ) -> Result<QemuVm, CreateSandboxError> {
+        let BootSource::Cold {
+            kernel,
+            rootfs,
+            extra_drives,
+        } = start.source
+        else {
+            return Err(CreateSandboxError::Unsupported {
+                reason: "QEMU sandboxes cannot be restored from a snapshot yet".into(),
+            });
+        };
+        let paths = start.paths;
+        for socket in [paths.api_socket(), paths.vsock_socket()] {
+            if socket.as_os_str().len() > MAX_SOCKET_PATH {
+                return Err(CreateSandboxError::Unsupported {
+                    reason: format!(
+                        "socket path {} is longer than {MAX_SOCKET_PATH} bytes; use a shorter \
+                         NOVA_HOME",
+                        socket.display()
+                    ),
+                });
+            }
+        }
+        let config = &start.info.config;
         let spec = VmSpec {
-            kernel: template.kernel_path(),
-            rootfs: config
-                .rootfs_path
-                .clone()
-                .unwrap_or_else(|| template.rootfs_path()),
-            scratch: (!config.read_only_rootfs).then(|| paths.scratch_disk()),
-            extra_drives: config.extra_drives.clone(),
+            kernel: kernel.clone(),
+            rootfs: rootfs.clone(),
+            scratch: start.scratch.map(ToOwned::to_owned),
+            extra_drives: extra_drives.clone(),
             memory_mb: config.memory_mb,
             vcpus: config.vcpus,
-            accel: options.accel,
+            accel: self.options.accel,
             qmp_socket: paths.api_socket(),
             agent_socket: paths.vsock_socket(),
-            console_log: paths.console_log(),
             kernel_args: config.kernel_args.clone(),
-            hostname: id.to_string(),
-            tsc_khz: tcg_tsc_khz(options.accel),
+            hostname: start.info.id.to_string(),
+            tsc_khz: tcg_tsc_khz(self.options.accel),
         };
-        let info = SandboxInfo {
-            id: id.clone(),
-            hypervisor: HypervisorKind::Qemu,
-            state: SandboxState::Creating,
-            created_at_ms: now_ms(),
-            boot: None,
-            vmm_pid: None,
-            dir: paths.dir().to_owned(),
-            agent_version: None,
-            kernel_release: None,
-            config: config.clone(),
-        };
-        let span = tracing::info_span!("sandbox", id = %id);
-        let booted = vm::boot(BootParams {
-            qemu_bin: &options.qemu_bin,
-            paths,
-            spec,
-            scratch_size_mb: options.scratch_size_mb,
-            timeout: Duration::from_millis(config.boot_timeout_ms),
-            info,
-        })
-        .instrument(span.clone())
-        .await?;
-        let info = booted.info.clone();
-        tracing::info!(parent: &span, boot_ms = info.boot_time_ms(), "sandbox ready");
-        let (commands, rx) = mpsc::channel(8);
-        let (published, watcher) = watch::channel(info.clone());
-        let entry = Entry {
-            commands,
-            info: watcher,
-            guest: Some(booted.guest.clone()),
-        };
-        tokio::spawn(nova_runtime::task::drive(booted, rx, published).instrument(span));
-        self.inner.sandboxes.insert(id, entry);
-        Ok(Sandbox::new(Arc::new(self.clone()), info))
-    }
-
-    async fn stop_sandbox(&self, id: &SandboxId, force: bool) -> Result<(), SandboxError> {
-        let sandboxes = &self.inner.sandboxes;
-        let result = sandboxes
-            .ask(id, SandboxState::Stopping, |reply| VmCommand::Stop {
-                force,
-                reply,
+        launch.spawn(&VmmCommand {
+            program: self.options.qemu_bin.clone(),
+            args: spec.qemu_args(),
+            cwd: None,
+            stdout: paths.console_log(),
+            stderr: paths.vmm_log(),
+            log_cap: DEFAULT_LOG_CAP,
+        })?;
+        // QMP answers once QEMU has parsed its configuration and created its
+        // sockets; QEMU takes its whole configuration on the command line, so
+        // the guest is running from then on.
+        let deadline = launch.deadline();
+        let qmp_socket = spec.qmp_socket.clone();
+        let qmp = launch
+            .step("answer on QMP", async move {
+                let stream = connect_unix(&qmp_socket, deadline).await?;
+                QmpClient::handshake(stream, QMP_TIMEOUT).await
             })
-            .await;
-        sandboxes.retire_if_stopped(id);
-        result
-    }
-
-    async fn pause_sandbox(&self, id: &SandboxId) -> Result<(), SandboxError> {
-        self.inner
-            .sandboxes
-            .ask(id, SandboxState::Paused, VmCommand::Pause)
-            .await
-    }
-
-    async fn resume_sandbox(&self, id: &SandboxId) -> Result<(), SandboxError> {
-        self.inner
-            .sandboxes
-            .ask(id, SandboxState::Running, VmCommand::Resume)
-            .await
-    }
-
-    async fn get_sandbox_stats(&self, id: &SandboxId) -> Result<SandboxStats, SandboxError> {
-        self.inner
-            .sandboxes
-            .ask(id, SandboxState::Running, VmCommand::Stats)
-            .await
-    }
-
-    async fn exec_stream(
-        &self,
-        id: &SandboxId,
-        request: ExecRequest,
-    ) -> Result<ExecStream, ExecError> {
-        self.inner.sandboxes.exec_stream(id, request).await
-    }
-
-    async fn write_file(
-        &self,
-        id: &SandboxId,
-        path: &str,
-        data: Vec<u8>,
-        mode: u32,
-    ) -> Result<(), FileError> {
-        self.inner.sandboxes.write_file(id, path, data, mode).await
-    }
-
-    async fn read_file(&self, id: &SandboxId, path: &str) -> Result<Vec<u8>, FileError> {
-        self.inner.sandboxes.read_file(id, path).await
-    }
-
-    async fn list(&self) -> Vec<SandboxInfo> {
-        self.inner.sandboxes.list()
-    }
-
-    async fn get(&self, id: &SandboxId) -> Option<SandboxInfo> {
-        self.inner.sandboxes.get(id)
+            .await?;
+        launch.vmm_ready();
+        launch.guest_started();
+        Ok(QemuVm::new(
+            qmp,
+            spec.agent_socket.clone(),
+            spec.kernel_cmdline(),
+        ))
     }
 }

@@ -19,6 +19,7 @@ pub mod baseline;
 pub mod cmdline;
 mod hypervisor;
 pub mod qmp;
-mod vm;
+pub mod vm;
 
-pub use hypervisor::{DEFAULT_SCRATCH_MB, QemuHypervisor, QemuOptions, QemuUnavailable};
+pub use hypervisor::{DEFAULT_SCRATCH_MB, Qemu, QemuHypervisor, QemuOptions, QemuUnavailable};
+pub use vm::QemuVm;

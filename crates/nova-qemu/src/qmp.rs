@@ -175,6 +175,11 @@ impl QmpClient {
         self.execute("cont", None).await.map(drop)
     }
 
+    /// Resets the machine (`system_reset`); with `-no-reboot` QEMU exits.
+    pub async fn system_reset(&mut self) -> Result<(), QmpError> {
+        self.execute("system_reset", None).await.map(drop)
+    }
+
     /// Asks QEMU to exit at once (`quit`).
     pub async fn quit(&mut self) -> Result<(), QmpError> {
         self.execute("quit", None).await.map(drop)

@@ -1,24 +1,62 @@
-//! The host's side of a sandbox's guest: core operations run through the
-//! guest agent.
+//! The host runtime every VMM backend shares.
 //!
-//! Every provider (QEMU, Firecracker, Apple VZ) ends up with an
-//! [`AgentClient`] on some byte stream; this crate maps the backend-neutral
-//! operations of `nova-core` ([`ExecRequest`], files, guest stats) onto that
-//! client, so the providers only own their VMM and the stream.
+//! [`Provider<B>`](Provider) implements the `nova-core`
+//! [`Hypervisor`](nova_core::hypervisor::Hypervisor) trait once; a backend
+//! (QEMU, Firecracker, Apple VZ) supplies only what is VMM-specific through
+//! [`Backend`] and [`Vm`](backend::Vm). The command path:
 //!
-//! Streaming output keeps the agent protocol's back-pressure: stdout and
-//! stderr chunks are forwarded into a bounded channel, so a consumer that
-//! stops reading stops the guest command's output at its source.
+//! ```text
+//! Hypervisor::pause_sandbox(id)                 (caller, any task)
+//!   -> Provider: SandboxRegistry::ask(id, SandboxAction::Pause(reply))
+//!        -> mpsc -> the sandbox's task (task::drive, one per sandbox)
+//!             -> Vm::pause()                    (backend: QMP stop, PATCH /vm)
+//!                  -> VMM process               (VmmProcess: own group, pidfd)
+//!             <- state published (watch + state.json), then reply
+//!   <- Ok(())
+//! Hypervisor::exec_stream(id, request)
+//!   -> SandboxRegistry -> Guest (agent client)  (no queueing behind lifecycle actions)
+//!        -> nova-agent in the guest, over vsock / virtio-serial
+//! ```
 //!
-//! [`scratch`] makes the sparse ext4 scratch disk every provider gives a
-//! sandbox for its writable overlay.
+//! Creating a sandbox ([`Provider`]): check the config, lay out the sandbox
+//! directory ([`dir`]: 0700, `flock`ed by its owner, `state.json` written
+//! atomically), prepare the scratch disk ([`scratch`]), then
+//! [`Backend::start`] spawns the VMM through a [`backend::Launch`] (which
+//! records its PID at once and bounds every wait by the boot deadline and
+//! the VMM's exit), the runtime opens the agent channel ([`retry`]) and
+//! completes the handshake, and the sandbox's task takes over ([`task`]).
+//!
+//! Also here: the VMM process type ([`vmm`]), capped console logs
+//! ([`console`]), snapshot bookkeeping ([`snapshot`]), leftovers of dead
+//! providers ([`leftovers`]), and host probing ([`host`]: KVM, binaries,
+//! process accounting, the backend choice).
+//!
+//! [`Guest`] maps the backend-neutral operations of `nova-core`
+//! ([`ExecRequest`], files, guest stats) onto the agent client. Streaming
+//! output keeps the agent protocol's back-pressure: stdout and stderr chunks
+//! are forwarded into a bounded channel, so a consumer that stops reading
+//! stops the guest command's output at its source.
 
-#![forbid(unsafe_code)]
+// One `unsafe` block (registering the VMM's pidfd with tokio, in `vmm`).
+#![deny(unsafe_code)]
 
+pub mod action;
+pub mod backend;
+pub mod console;
+pub mod dir;
+pub mod host;
 pub mod leftovers;
+mod provider;
 pub mod registry;
+pub mod retry;
 pub mod scratch;
+pub mod snapshot;
 pub mod task;
+pub mod vmm;
+
+pub use backend::Backend;
+pub use provider::Provider;
+pub use task::Timeouts;
 
 use std::time::Duration;
 

@@ -1,17 +1,19 @@
 //! The sandboxes a provider runs, and the routing of operations to them.
 //!
-//! Every provider owns each sandbox in one task that receives the provider's
-//! own command type `C` (CONVENTIONS.md, item 2). [`SandboxRegistry`] keeps,
+//! The provider owns each sandbox in one task that receives
+//! [`SandboxAction`]s (CONVENTIONS.md, item 2). [`SandboxRegistry`] keeps,
 //! per sandbox, the sender of that task's channel, a `watch` of its published
 //! [`SandboxInfo`] and its [`Guest`]; it answers [`ask`](SandboxRegistry::ask)
 //! (send a command, await the reply) with the state machine's error when the
 //! task is gone, and routes exec and file operations straight to the guest
 //! agent when the sandbox is running, so command traffic never queues behind
-//! lifecycle commands. Stopped sandboxes are remembered (a bounded number) so
-//! that an operation on one says "it is stopped" rather than "no such
-//! sandbox". The lock is never held across an `.await`.
+//! lifecycle commands. A sandbox's task retires it from the registry when it
+//! ends ([`SandboxRegistry::retire`]). Stopped sandboxes are remembered (a
+//! bounded number, the oldest forgotten first) so that an operation on one
+//! says "it is stopped" rather than "no such sandbox". The lock is never
+//! held across an `.await`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Mutex, MutexGuard};
 
 use nova_core::error::{ExecError, FileError, SandboxError};
@@ -22,22 +24,23 @@ use nova_core::state::{InvalidTransition, SandboxState};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::Guest;
+use crate::action::SandboxAction;
 
 /// How many stopped sandboxes are remembered.
 const STOPPED_KEPT: usize = 1024;
 
 /// A live sandbox as its provider sees it.
 #[derive(Debug)]
-pub struct Entry<C> {
+pub struct Entry<V> {
     /// The sandbox task's command channel.
-    pub commands: mpsc::Sender<C>,
+    pub commands: mpsc::Sender<SandboxAction<V>>,
     /// The sandbox's info as its task last published it.
     pub info: watch::Receiver<SandboxInfo>,
     /// Its agent, when the provider waited for one.
     pub guest: Option<Guest>,
 }
 
-impl<C> Clone for Entry<C> {
+impl<V> Clone for Entry<V> {
     fn clone(&self) -> Self {
         Self {
             commands: self.commands.clone(),
@@ -57,29 +60,32 @@ enum Unavailable {
 
 /// The sandboxes of one provider.
 #[derive(Debug)]
-pub struct SandboxRegistry<C> {
-    maps: Mutex<Maps<C>>,
+pub struct SandboxRegistry<V> {
+    maps: Mutex<Maps<V>>,
 }
 
 #[derive(Debug)]
-struct Maps<C> {
-    live: BTreeMap<SandboxId, Entry<C>>,
+struct Maps<V> {
+    live: BTreeMap<SandboxId, Entry<V>>,
     stopped: BTreeMap<SandboxId, SandboxInfo>,
+    /// Ids in `stopped`, oldest retired first.
+    stopped_order: VecDeque<SandboxId>,
 }
 
-impl<C> Default for SandboxRegistry<C> {
+impl<V> Default for SandboxRegistry<V> {
     fn default() -> Self {
         Self {
             maps: Mutex::new(Maps {
                 live: BTreeMap::new(),
                 stopped: BTreeMap::new(),
+                stopped_order: VecDeque::new(),
             }),
         }
     }
 }
 
-impl<C> SandboxRegistry<C> {
-    fn maps(&self) -> MutexGuard<'_, Maps<C>> {
+impl<V> SandboxRegistry<V> {
+    fn maps(&self) -> MutexGuard<'_, Maps<V>> {
         // Every critical section is one map operation, so a poisoned lock
         // still guards a consistent registry.
         self.maps
@@ -88,13 +94,13 @@ impl<C> SandboxRegistry<C> {
     }
 
     /// Registers a sandbox that just became ready.
-    pub fn insert(&self, id: SandboxId, entry: Entry<C>) {
+    pub fn insert(&self, id: SandboxId, entry: Entry<V>) {
         self.maps().live.insert(id, entry);
     }
 
     /// The live sandbox `id`; a stopped one answers with the state error
     /// for `to`, an unknown one with `NotFound`.
-    pub fn entry(&self, id: &SandboxId, to: SandboxState) -> Result<Entry<C>, SandboxError> {
+    pub fn entry(&self, id: &SandboxId, to: SandboxState) -> Result<Entry<V>, SandboxError> {
         let maps = self.maps();
         if let Some(entry) = maps.live.get(id) {
             return Ok(entry.clone());
@@ -116,10 +122,10 @@ impl<C> SandboxRegistry<C> {
         &self,
         id: &SandboxId,
         to: SandboxState,
-        make: impl FnOnce(oneshot::Sender<Result<T, SandboxError>>) -> C,
+        make: impl FnOnce(oneshot::Sender<Result<T, SandboxError>>) -> SandboxAction<V>,
     ) -> Result<T, SandboxError> {
         let entry = self.entry(id, to)?;
-        let gone = |entry: &Entry<C>| -> SandboxError {
+        let gone = |entry: &Entry<V>| -> SandboxError {
             InvalidTransition {
                 from: entry.info.borrow().state,
                 to,
@@ -133,19 +139,19 @@ impl<C> SandboxRegistry<C> {
         rx.await.unwrap_or_else(|_| Err(gone(&entry)))
     }
 
-    /// Moves `id` to the stopped sandboxes if its task published `stopped`.
-    pub fn retire_if_stopped(&self, id: &SandboxId) {
+    /// Forgets the live sandbox `id`, whose task ended, remembering `info`
+    /// (its last state) among the stopped sandboxes; the oldest of those is
+    /// forgotten past 1024 of them.
+    pub fn retire(&self, id: &SandboxId, info: SandboxInfo) {
         let mut maps = self.maps();
-        let Some(entry) = maps.live.get(id) else {
-            return;
-        };
-        let info = entry.info.borrow().clone();
-        if info.state == SandboxState::Stopped {
-            maps.live.remove(id);
-            if maps.stopped.len() >= STOPPED_KEPT {
-                maps.stopped.pop_first();
+        maps.live.remove(id);
+        if maps.stopped.insert(id.clone(), info).is_none() {
+            maps.stopped_order.push_back(id.clone());
+        }
+        while maps.stopped_order.len() > STOPPED_KEPT {
+            if let Some(oldest) = maps.stopped_order.pop_front() {
+                maps.stopped.remove(&oldest);
             }
-            maps.stopped.insert(id.clone(), info);
         }
     }
 
@@ -242,10 +248,8 @@ mod tests {
 
     use super::*;
 
-    #[derive(Debug)]
-    enum Cmd {
-        Pause(oneshot::Sender<Result<(), SandboxError>>),
-    }
+    /// The VM type does not matter to the registry.
+    type Cmd = ();
 
     fn info(state: SandboxState) -> SandboxInfo {
         SandboxInfo {
@@ -259,6 +263,7 @@ mod tests {
             dir: "/nonexistent".into(),
             agent_version: None,
             kernel_release: None,
+            failure: None,
         }
     }
 
@@ -280,7 +285,7 @@ mod tests {
 
         // A task that pauses, then publishes `stopped` and exits.
         let task = tokio::spawn(async move {
-            let Some(Cmd::Pause(reply)) = rx.recv().await else {
+            let Some(SandboxAction::Pause(reply)) = rx.recv().await else {
                 panic!("expected a command")
             };
             let mut stopped = published.borrow().clone();
@@ -289,14 +294,14 @@ mod tests {
             reply.send(Ok(())).unwrap();
         });
         registry
-            .ask(&id, SandboxState::Paused, Cmd::Pause)
+            .ask(&id, SandboxState::Paused, SandboxAction::Pause)
             .await
             .unwrap();
         task.await.unwrap();
 
         // Its task is gone: the state machine's error, not a hang.
         let e = registry
-            .ask(&id, SandboxState::Paused, Cmd::Pause)
+            .ask(&id, SandboxState::Paused, SandboxAction::Pause)
             .await
             .unwrap_err();
         assert!(matches!(
@@ -306,7 +311,8 @@ mod tests {
                 ..
             })
         ));
-        registry.retire_if_stopped(&id);
+        let last = registry.get(&id).unwrap();
+        registry.retire(&id, last);
         assert_eq!(registry.get(&id).unwrap().state, SandboxState::Stopped);
         assert_eq!(registry.list().len(), 1);
         assert!(matches!(
@@ -321,7 +327,7 @@ mod tests {
         let unknown = SandboxId::random();
         assert!(matches!(
             registry
-                .ask(&unknown, SandboxState::Paused, Cmd::Pause)
+                .ask(&unknown, SandboxState::Paused, SandboxAction::Pause)
                 .await,
             Err(SandboxError::NotFound(_))
         ));
@@ -359,5 +365,23 @@ mod tests {
             registry.write_file(&id, "/x", vec![], 0o644).await,
             Err(FileError::Agent { .. })
         ));
+    }
+
+    #[test]
+    fn the_oldest_stopped_sandboxes_are_forgotten_first() {
+        let registry = SandboxRegistry::<Cmd>::default();
+        let ids: Vec<SandboxId> = (0..STOPPED_KEPT + 2)
+            .map(|_| {
+                let info = info(SandboxState::Stopped);
+                let id = info.id.clone();
+                registry.retire(&id, info);
+                id
+            })
+            .collect();
+        assert!(registry.get(&ids[0]).is_none());
+        assert!(registry.get(&ids[1]).is_none());
+        assert!(registry.get(&ids[2]).is_some());
+        assert!(registry.get(ids.last().unwrap()).is_some());
+        assert_eq!(registry.list().len(), STOPPED_KEPT);
     }
 }

@@ -46,6 +46,11 @@ pub async fn create_scratch_disk(path: &Path, size_mb: u64) -> Result<(), Create
     Ok(())
 }
 
+/// Copies the disk image `from` to the new file `to`.
+pub async fn clone_disk(from: &Path, to: &Path) -> std::io::Result<()> {
+    tokio::fs::copy(from, to).await.map(drop)
+}
+
 #[cfg(test)]
 mod tests {
     use std::os::unix::fs::MetadataExt;

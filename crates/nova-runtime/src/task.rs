@@ -1,352 +1,472 @@
-//! The task that owns one sandbox's VM after boot, for every provider.
+//! The task that owns one sandbox's VM after boot, for every backend.
 //!
-//! A provider implements [`SandboxTask`] for its booted VM (how to carry out
-//! its commands, how to wait for its VMM process, how to release it); [`drive`]
-//! runs the loop every provider needs around it:
+//! `drive` runs it:
 //!
-//! - commands are carried out one at a time, in order;
+//! - [`SandboxAction`]s are carried out one at a time, in order;
 //! - the new [`SandboxInfo`] is persisted (`state.json`) and published on the
-//!   `watch` *before* the command's answer is sent, so a caller never sees a
+//!   `watch` *before* the action's answer is sent, so a caller never sees a
 //!   stale state after its own command returned;
-//! - a VMM that exits on its own turns the sandbox `failed` (its console tail
-//!   is logged) until it is stopped;
-//! - when every command sender is gone (the hypervisor was dropped), the VM is
+//! - every await is bounded ([`Timeouts`]): a VMM or agent that does not
+//!   answer in time is killed, everything is released, and the sandbox
+//!   becomes `failed` with the reason, never a stuck task;
+//! - a VMM that exits on its own does the same;
+//! - when every action sender is gone (the provider was dropped), the VM is
 //!   released: nothing outlives its provider;
-//! - once a command left the sandbox `stopped`, the task ends.
+//! - when the task ends (stopped, or its provider gone) it retires the
+//!   sandbox from the registry itself, so a caller that gave up waiting on
+//!   `stop` leaks nothing.
 
-use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::sync::Weak;
+use std::time::Duration;
 
-use nova_core::error::SandboxError;
-use nova_core::metadata::SandboxInfo;
-use nova_core::state::SandboxState;
+use nova_core::error::{BoxError, SandboxError};
+use nova_core::metadata::{SandboxInfo, now_ms};
+use nova_core::snapshot::{
+    SNAPSHOT_FORMAT, Snapshot, SnapshotError, SnapshotKind, SnapshotManifest, TemplateIdentity,
+};
+use nova_core::state::{InvalidTransition, SandboxState};
+use nova_core::stats::{SandboxStats, VmmStats};
 use tokio::sync::{mpsc, watch};
 
-/// An answer to a command, sent after the new state is published.
-pub type Reply = Box<dyn FnOnce() + Send>;
+use crate::Guest;
+use crate::action::SandboxAction;
+use crate::backend::Vm;
+use crate::dir::{SandboxDir, SandboxRecord};
+use crate::registry::SandboxRegistry;
+use crate::vmm::VmmProcess;
 
-/// Wraps a oneshot answer as a deferred [`Reply`].
-pub fn reply<T: Send + 'static>(tx: tokio::sync::oneshot::Sender<T>, value: T) -> Reply {
-    Box::new(move || {
-        // A caller that gave up waiting dropped its receiver; nothing to do.
-        let _ = tx.send(value);
-    })
+/// The bounds on every wait of a sandbox's task.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timeouts {
+    /// One VMM request (pause, resume, counters, a backend operation).
+    pub vmm: Duration,
+    /// One agent request made by the runtime (stats, clock, shutdown).
+    pub agent: Duration,
+    /// A graceful stop, from asking the guest to the VMM's exit; the VMM is
+    /// killed after it.
+    pub graceful_stop: Duration,
+    /// Writing a snapshot (memory may be gigabytes).
+    pub snapshot: Duration,
+    /// Killing and reaping the VMM.
+    pub kill: Duration,
 }
 
-/// A booted VM, as its provider drives it.
-pub trait SandboxTask: Send + 'static {
-    /// The provider's command type.
-    type Command: Send + 'static;
-
-    /// Carries out `command` and returns its answer, to be sent once the
-    /// new state is published.
-    fn handle(&mut self, command: Self::Command) -> impl Future<Output = Reply> + Send;
-
-    /// Waits until the VMM process exits and says how; never resolves when
-    /// there is no process.
-    fn vmm_exit(&mut self) -> impl Future<Output = String> + Send;
-
-    /// Forgets the VMM process after it exited on its own.
-    fn forget_vmm(&mut self);
-
-    /// Whether a VMM process is there to watch.
-    fn has_vmm(&self) -> bool;
-
-    /// Kills the VMM (reaping it) and removes the sandbox's files; on error,
-    /// the path that could not be removed.
-    fn release(&mut self) -> impl Future<Output = Result<(), (PathBuf, std::io::Error)>> + Send;
-
-    /// Asks the guest to end (resuming it first if it was `was = paused`)
-    /// and waits a bounded time for the VMM to exit; returns either way, and
-    /// [`stop`](Self::stop) then kills what is left.
-    fn graceful_shutdown(&mut self, was: SandboxState) -> impl Future<Output = ()> + Send;
-
-    /// Stops the sandbox: any live state → `stopping` → `stopped` (or
-    /// `failed` if its files cannot be removed). Graceful unless `force` or
-    /// the VMM is already gone; either way the VMM is killed and reaped and
-    /// the sandbox's files removed before this returns.
-    fn stop(&mut self, force: bool) -> impl Future<Output = Result<(), SandboxError>> + Send {
-        async move {
-            let was = self.info().state;
-            self.info_mut()
-                .state
-                .transition_to(SandboxState::Stopping)?;
-            if !force && self.has_vmm() && was != SandboxState::Failed {
-                self.graceful_shutdown(was).await;
-            }
-            let result = self.release().await;
-            let info = self.info_mut();
-            info.vmm_pid = None;
-            match result {
-                Ok(()) => Ok(info.state.transition_to(SandboxState::Stopped)?),
-                Err((path, source)) => {
-                    let _ = info.state.transition_to(SandboxState::Failed);
-                    Err(SandboxError::Io {
-                        action: "remove",
-                        path,
-                        source,
-                    })
-                }
-            }
+impl Default for Timeouts {
+    /// 10 s per VMM request, 5 s per agent request, 10 s for a graceful
+    /// stop, 120 s for a snapshot, 5 s to reap a killed VMM.
+    fn default() -> Self {
+        Self {
+            vmm: Duration::from_secs(10),
+            agent: Duration::from_secs(5),
+            graceful_stop: Duration::from_secs(10),
+            snapshot: Duration::from_secs(120),
+            kill: Duration::from_secs(5),
         }
     }
+}
 
-    /// The last lines of the guest console and VMM log.
-    fn console_tail(&self) -> String;
-
-    /// The sandbox's info.
-    fn info(&self) -> &SandboxInfo;
-
-    /// The sandbox's info, to change.
-    fn info_mut(&mut self) -> &mut SandboxInfo;
-
-    /// Where the info is persisted.
-    fn state_path(&self) -> PathBuf;
+/// A booted sandbox, as its task owns it.
+#[derive(Debug)]
+pub(crate) struct SandboxTask<V> {
+    pub(crate) vm: V,
+    pub(crate) vmm: Option<VmmProcess>,
+    pub(crate) dir: SandboxDir,
+    pub(crate) record: SandboxRecord,
+    pub(crate) guest: Option<Guest>,
+    pub(crate) timeouts: Timeouts,
+    pub(crate) vmm_name: &'static str,
+    pub(crate) vmm_version: String,
+    pub(crate) template: Option<TemplateIdentity>,
+    /// Whether the VM and the sandbox's files are gone.
+    pub(crate) released: bool,
 }
 
 /// Runs `task` until it is stopped or its provider is dropped; see the
 /// module docs.
-pub async fn drive<T: SandboxTask>(
-    mut task: T,
-    mut commands: mpsc::Receiver<T::Command>,
+pub(crate) async fn drive<V: Vm>(
+    mut task: SandboxTask<V>,
+    mut actions: mpsc::Receiver<SandboxAction<V>>,
     published: watch::Sender<SandboxInfo>,
+    registry: Weak<SandboxRegistry<V>>,
 ) {
     loop {
-        let watch_vmm = task.has_vmm() && task.info().state != SandboxState::Failed;
+        let watching = task.vmm.is_some();
         tokio::select! {
-            command = commands.recv() => {
-                let Some(command) = command else {
-                    tracing::debug!("hypervisor dropped; releasing the VM");
+            action = actions.recv() => {
+                let Some(action) = action else {
+                    tracing::debug!("provider dropped; releasing the VM");
                     if let Err((path, e)) = task.release().await {
                         tracing::warn!(path = %path.display(), error = %e, "cannot remove the sandbox's files");
                     }
-                    return;
+                    break;
                 };
-                let reply = task.handle(command).await;
-                let stopped = task.info().state == SandboxState::Stopped;
-                if !stopped {
-                    persist(&task.state_path(), task.info());
-                }
-                published.send_replace(task.info().clone());
-                reply();
-                if stopped {
-                    return;
+                task.handle(action, &published).await;
+                if task.record.info.state == SandboxState::Stopped {
+                    break;
                 }
             }
-            status = task.vmm_exit(), if watch_vmm => {
-                tracing::warn!(%status, console = %task.console_tail(), "the VMM exited on its own; the sandbox failed");
-                task.forget_vmm();
-                let info = task.info_mut();
-                let _ = info.state.transition_to(SandboxState::Failed);
-                info.vmm_pid = None;
-                persist(&task.state_path(), task.info());
-                published.send_replace(task.info().clone());
+            exit = wait_vmm(&mut task.vmm), if watching => {
+                task.fail(format!("the VMM exited on its own ({exit})")).await;
+                task.publish(&published);
             }
         }
     }
-}
-
-/// Writes `info` as JSON to `path` (a sandbox's `state.json`), so a restarted
-/// daemon can find the sandbox; a failure is logged, not fatal.
-pub fn persist(path: &Path, info: &SandboxInfo) {
-    let result = serde_json::to_vec_pretty(info)
-        .map_err(std::io::Error::other)
-        .and_then(|json| std::fs::write(path, json));
-    if let Err(e) = result {
-        tracing::warn!(path = %path.display(), error = %e, "cannot write sandbox state");
+    if let Some(registry) = registry.upgrade() {
+        registry.retire(&task.record.info.id, task.record.info.clone());
     }
 }
 
-/// The last `lines` non-empty lines of a text file ("" if unreadable).
-pub fn tail_lines(path: &Path, lines: usize) -> String {
-    let text = std::fs::read(path).unwrap_or_default();
-    let text = String::from_utf8_lossy(&text);
-    let all: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
+async fn wait_vmm(vmm: &mut Option<VmmProcess>) -> crate::vmm::VmmExit {
+    match vmm.as_mut() {
+        Some(vmm) => vmm.wait().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Bounds `fut` by `limit`.
+async fn bounded<T>(limit: Duration, fut: impl Future<Output = T>) -> Result<T, Duration> {
+    tokio::time::timeout(limit, fut).await.map_err(|_| limit)
+}
+
+use std::future::Future;
+
+impl<V: Vm> SandboxTask<V> {
+    fn info(&self) -> &SandboxInfo {
+        &self.record.info
+    }
+
+    fn state(&self) -> SandboxState {
+        self.record.info.state
+    }
+
+    /// Persists (unless stopped) and publishes the current info.
+    fn publish(&self, published: &watch::Sender<SandboxInfo>) {
+        if self.state() != SandboxState::Stopped && !self.released {
+            self.dir.persist_or_warn(&self.record);
+        }
+        published.send_replace(self.record.info.clone());
+    }
+
+    async fn handle(&mut self, action: SandboxAction<V>, published: &watch::Sender<SandboxInfo>) {
+        // Each arm publishes before it answers.
+        match action {
+            SandboxAction::Pause(reply) => {
+                let r = self.pause().await;
+                self.publish(published);
+                let _ = reply.send(r);
+            }
+            SandboxAction::Resume(reply) => {
+                let r = self.resume().await;
+                self.publish(published);
+                let _ = reply.send(r);
+            }
+            SandboxAction::Stats(reply) => {
+                let r = self.stats().await;
+                self.publish(published);
+                let _ = reply.send(r);
+            }
+            SandboxAction::Snapshot { dir, kind, reply } => {
+                let r = self.snapshot(dir, kind).await;
+                self.publish(published);
+                let _ = reply.send(r);
+            }
+            SandboxAction::Stop { force, reply } => {
+                let r = self.stop(force).await;
+                self.publish(published);
+                let _ = reply.send(r);
+            }
+            SandboxAction::WithVm(op) => {
+                let limit = self.timeouts.vmm;
+                let timed_out = if self.vmm.is_some() && self.state() != SandboxState::Failed {
+                    let info = self.record.info.clone();
+                    bounded(limit, op(Ok(&mut self.vm), &info)).await.is_err()
+                } else {
+                    let e = InvalidTransition {
+                        from: self.state(),
+                        to: SandboxState::Running,
+                    };
+                    let info = self.record.info.clone();
+                    op(Err(e.into()), &info).await;
+                    false
+                };
+                if timed_out {
+                    self.fail(format!("the VMM did not answer within {limit:?}"))
+                        .await;
+                }
+                self.publish(published);
+            }
+        }
+    }
+
+    /// A VMM request, bounded; a VMM that does not answer in time fails the
+    /// sandbox.
+    async fn vmm_request<T>(
+        &mut self,
+        action: &str,
+        request: impl AsyncFnOnce(&mut V) -> Result<T, BoxError>,
+    ) -> Result<T, SandboxError> {
+        let limit = self.timeouts.vmm;
+        match bounded(limit, request(&mut self.vm)).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(source)) => Err(SandboxError::Vmm {
+                vmm: self.vmm_name,
+                action: action.to_owned(),
+                source,
+            }),
+            Err(limit) => {
+                let reason = format!("the VMM did not {action} within {limit:?}");
+                self.fail(reason.clone()).await;
+                Err(SandboxError::Vmm {
+                    vmm: self.vmm_name,
+                    action: action.to_owned(),
+                    source: reason.into(),
+                })
+            }
+        }
+    }
+
+    async fn pause(&mut self) -> Result<(), SandboxError> {
+        self.state().check_transition(SandboxState::Paused)?;
+        self.vmm_request("pause the guest", async |vm| vm.pause().await)
+            .await?;
+        self.record.info.state.transition_to(SandboxState::Paused)?;
+        Ok(())
+    }
+
+    async fn resume(&mut self) -> Result<(), SandboxError> {
+        if self.state() != SandboxState::Paused {
+            return Err(InvalidTransition {
+                from: self.state(),
+                to: SandboxState::Running,
+            }
+            .into());
+        }
+        self.vmm_request("resume the guest", async |vm| vm.resume().await)
+            .await?;
+        self.record
+            .info
+            .state
+            .transition_to(SandboxState::Running)?;
+        Ok(())
+    }
+
+    async fn stats(&mut self) -> Result<SandboxStats, SandboxError> {
+        if !self.state().is_live() {
+            return Err(InvalidTransition {
+                from: self.state(),
+                to: SandboxState::Running,
+            }
+            .into());
+        }
+        let mut vmm = VmmStats::default();
+        if let Some(pid) = self.vmm.as_ref().and_then(VmmProcess::pid)
+            && let Ok(usage) = crate::host::process_usage(pid)
+        {
+            vmm.rss_bytes = usage.rss_bytes;
+            vmm.cpu_user_us = usage.cpu_user_us;
+            vmm.cpu_system_us = usage.cpu_system_us;
+        }
+        if self.vmm.is_some() && self.state() != SandboxState::Failed {
+            let counters = self
+                .vmm_request("report its counters", async |vm| Ok(vm.counters().await))
+                .await?;
+            vmm.block_read_bytes = counters.block_read_bytes;
+            vmm.block_write_bytes = counters.block_write_bytes;
+            vmm.net_rx_bytes = counters.net_rx_bytes;
+            vmm.net_tx_bytes = counters.net_tx_bytes;
+        }
+        // A paused guest cannot answer; report the host's view only.
+        let guest = match (&self.guest, self.state()) {
+            (Some(guest), SandboxState::Running) => match guest.stats(self.timeouts.agent).await {
+                Ok(g) => Some(g),
+                Err(e) => {
+                    tracing::debug!(error = %e, "guest stats unavailable");
+                    None
+                }
+            },
+            _ => None,
+        };
+        let memory_usage_mb = match &guest {
+            Some(g) => g.memory_used_bytes as f64 / (1024.0 * 1024.0),
+            None => vmm.rss_bytes as f64 / (1024.0 * 1024.0),
+        };
+        Ok(SandboxStats {
+            memory_usage_mb,
+            memory_limit_mb: self.info().config.memory_mb.into(),
+            cpu_usage_us: vmm.cpu_user_us + vmm.cpu_system_us,
+            uptime_ms: self.info().age_ms(),
+            vmm,
+            guest,
+        })
+    }
+
+    async fn snapshot(
+        &mut self,
+        dir: PathBuf,
+        kind: SnapshotKind,
+    ) -> Result<Snapshot, SnapshotError> {
+        if self.state() != SandboxState::Paused || self.vmm.is_none() {
+            return Err(SnapshotError::NotPaused(self.state()));
+        }
+        let io = |path: &Path| {
+            let path = path.to_owned();
+            move |source| SnapshotError::Io { path, source }
+        };
+        tokio::fs::create_dir_all(&dir).await.map_err(io(&dir))?;
+        let started = std::time::Instant::now();
+        let limit = self.timeouts.snapshot;
+        match bounded(limit, self.vm.snapshot(&dir, kind)).await {
+            Ok(result) => result?,
+            Err(limit) => {
+                let reason = format!("the VMM did not write the snapshot within {limit:?}");
+                self.fail(reason.clone()).await;
+                return Err(SnapshotError::Vmm {
+                    vmm: self.info().hypervisor,
+                    action: "write the snapshot".into(),
+                    source: reason.into(),
+                });
+            }
+        }
+        // The guest is paused, so its scratch disk matches the memory image.
+        let scratch = self.dir.paths().scratch_disk();
+        let has_scratch = tokio::fs::try_exists(&scratch).await.unwrap_or(false);
+        if has_scratch {
+            let copy = dir.join(crate::snapshot::SCRATCH_FILE);
+            let _ = tokio::fs::remove_file(&copy).await;
+            crate::scratch::clone_disk(&scratch, &copy)
+                .await
+                .map_err(io(&copy))?;
+        }
+        let manifest = SnapshotManifest {
+            format: SNAPSHOT_FORMAT,
+            vmm: self.info().hypervisor,
+            vmm_version: self.vmm_version.clone(),
+            kind,
+            source: self.info().id.clone(),
+            config: self.info().config.clone(),
+            template: self.template.clone(),
+            kernel_cmdline: self.vm.kernel_cmdline(),
+            created_at_ms: now_ms(),
+            scratch: has_scratch,
+            track_dirty_pages: self.vm.tracks_dirty_pages(),
+        };
+        let snapshot = Snapshot { dir, manifest };
+        crate::snapshot::write_manifest(&snapshot).await?;
+        tracing::info!(
+            dir = %snapshot.dir.display(),
+            ?kind,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "snapshot written"
+        );
+        Ok(snapshot)
+    }
+
+    /// Stops the sandbox: any state but `stopped` → `stopping` → `stopped`
+    /// (or `failed` if its files cannot be removed). Graceful unless `force`
+    /// or the VMM is already gone; either way the VMM is killed and reaped
+    /// and the sandbox's files removed before this returns.
+    async fn stop(&mut self, force: bool) -> Result<(), SandboxError> {
+        let was = self.state();
+        self.record
+            .info
+            .state
+            .transition_to(SandboxState::Stopping)?;
+        if !force && self.vmm.is_some() && was != SandboxState::Failed {
+            let limit = self.timeouts.graceful_stop;
+            if bounded(limit, self.graceful_shutdown(was)).await.is_err() {
+                tracing::warn!(?limit, "the guest did not end in time; killing the VM");
+            }
+        }
+        match self.release().await {
+            Ok(()) => Ok(self
+                .record
+                .info
+                .state
+                .transition_to(SandboxState::Stopped)?),
+            Err((path, source)) => {
+                let _ = self.record.info.state.transition_to(SandboxState::Failed);
+                self.record.info.failure = Some(format!("cannot remove {}", path.display()));
+                Err(SandboxError::Io {
+                    action: "remove",
+                    path,
+                    source,
+                })
+            }
+        }
+    }
+
+    /// Asks the guest to end (resuming it first if it was paused) and waits
+    /// for the VMM to exit; the caller bounds the whole and kills what is
+    /// left.
+    async fn graceful_shutdown(&mut self, was: SandboxState) {
+        let started = std::time::Instant::now();
+        if was == SandboxState::Paused
+            && let Err(e) = self.vm.resume().await
+        {
+            tracing::warn!(error = %e, "cannot resume the guest for a graceful stop; killing it");
+            return;
+        }
+        let asked = match &self.guest {
+            Some(guest) => guest.shutdown().await.map_err(|e| -> BoxError { e.into() }),
+            None => self.vm.request_power_off().await,
+        };
+        if let Err(e) = asked {
+            tracing::warn!(error = %e, "the guest refused to shut down; killing the VM");
+            return;
+        }
+        let exit = wait_vmm(&mut self.vmm).await;
+        tracing::debug!(
+            %exit,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "guest ended its VM"
+        );
+    }
+
+    /// Kills the VMM (bounded), releases what the backend made, removes the
+    /// sandbox directory. Idempotent.
+    pub(crate) async fn release(&mut self) -> Result<(), (PathBuf, std::io::Error)> {
+        self.guest = None;
+        if let Some(mut vmm) = self.vmm.take()
+            && bounded(self.timeouts.kill, vmm.kill()).await.is_err()
+        {
+            tracing::warn!(pid = ?vmm.pid(), "the killed VMM was not reaped in time; tokio reaps it later");
+        }
+        self.record.info.vmm_pid = None;
+        self.record.vmm_start_ticks = None;
+        if self.released {
+            return Ok(());
+        }
+        self.vm.release().await?;
+        self.dir.remove().await?;
+        self.released = true;
+        Ok(())
+    }
+
+    /// Forces the sandbox down after its VMM or agent failed: logs the
+    /// console tail, kills and releases everything, and leaves it `failed`
+    /// with `reason` until it is stopped.
+    pub(crate) async fn fail(&mut self, reason: String) {
+        let extra = self.vm.extra_logs();
+        let extra: Vec<(&str, PathBuf)> = extra.into_iter().collect();
+        let console = crate::console::tail(self.dir.paths(), &extra);
+        tracing::warn!(%reason, %console, "the sandbox failed; releasing it");
+        let _ = self.record.info.state.transition_to(SandboxState::Failed);
+        self.record.info.failure = Some(reason);
+        if let Err((path, e)) = self.release().await {
+            tracing::warn!(path = %path.display(), error = %e, "cannot remove the sandbox's files");
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, Ordering};
-
-    use nova_core::config::SandboxConfig;
-    use nova_core::hypervisor::HypervisorKind;
-    use nova_core::id::SandboxId;
-    use tokio::sync::oneshot;
-
     use super::*;
 
-    enum Cmd {
-        Stop(oneshot::Sender<Result<(), SandboxError>>),
-        Crash,
-    }
-
-    struct Fake {
-        info: SandboxInfo,
-        dir: PathBuf,
-        exit: Option<oneshot::Receiver<()>>,
-        released: Arc<AtomicBool>,
-        graceful: bool,
-    }
-
-    impl SandboxTask for Fake {
-        type Command = Cmd;
-
-        async fn handle(&mut self, command: Cmd) -> Reply {
-            match command {
-                Cmd::Stop(tx) => {
-                    self.info
-                        .state
-                        .transition_to(SandboxState::Stopping)
-                        .unwrap();
-                    self.info
-                        .state
-                        .transition_to(SandboxState::Stopped)
-                        .unwrap();
-                    reply(tx, Ok(()))
-                }
-                Cmd::Crash => Box::new(|| {}),
-            }
-        }
-
-        async fn vmm_exit(&mut self) -> String {
-            match self.exit.as_mut() {
-                Some(rx) => {
-                    let _ = rx.await;
-                    "exit status: 1".into()
-                }
-                None => std::future::pending().await,
-            }
-        }
-
-        fn forget_vmm(&mut self) {
-            self.exit = None;
-        }
-
-        fn has_vmm(&self) -> bool {
-            self.exit.is_some()
-        }
-
-        async fn release(&mut self) -> Result<(), (PathBuf, std::io::Error)> {
-            self.released.store(true, Ordering::SeqCst);
-            self.exit = None;
-            Ok(())
-        }
-
-        async fn graceful_shutdown(&mut self, _was: SandboxState) {
-            self.graceful = true;
-        }
-
-        fn console_tail(&self) -> String {
-            tail_lines(&self.dir.join("console.log"), 2)
-        }
-
-        fn info(&self) -> &SandboxInfo {
-            &self.info
-        }
-
-        fn info_mut(&mut self) -> &mut SandboxInfo {
-            &mut self.info
-        }
-
-        fn state_path(&self) -> PathBuf {
-            self.dir.join("state.json")
-        }
-    }
-
-    fn fake(dir: &Path) -> (Fake, oneshot::Sender<()>, Arc<AtomicBool>) {
-        let (exit_tx, exit_rx) = oneshot::channel();
-        let released = Arc::new(AtomicBool::new(false));
-        let info = SandboxInfo {
-            id: SandboxId::random(),
-            hypervisor: HypervisorKind::Qemu,
-            state: SandboxState::Running,
-            config: SandboxConfig::default(),
-            created_at_ms: 1,
-            boot: None,
-            vmm_pid: Some(1),
-            dir: dir.to_owned(),
-            agent_version: None,
-            kernel_release: None,
-        };
-        let task = Fake {
-            info,
-            dir: dir.to_owned(),
-            exit: Some(exit_rx),
-            released: released.clone(),
-            graceful: false,
-        };
-        (task, exit_tx, released)
-    }
-
-    #[tokio::test]
-    async fn state_is_published_before_the_answer_and_stop_ends_the_task() {
-        let dir = tempfile::tempdir().unwrap();
-        let (task, _exit, _) = fake(dir.path());
-        let (tx, rx) = mpsc::channel(1);
-        let (published, watcher) = watch::channel(task.info.clone());
-        let handle = tokio::spawn(drive(task, rx, published));
-        let (reply_tx, reply_rx) = oneshot::channel();
-        tx.send(Cmd::Stop(reply_tx)).await.unwrap();
-        reply_rx.await.unwrap().unwrap();
-        assert_eq!(
-            watcher.borrow().state,
-            SandboxState::Stopped,
-            "published before the answer"
-        );
-        handle.await.unwrap();
-        assert!(
-            !dir.path().join("state.json").exists(),
-            "a stopped sandbox is not persisted"
-        );
-    }
-
-    #[tokio::test]
-    async fn stop_is_graceful_unless_forced_and_refuses_a_stopped_sandbox() {
-        let dir = tempfile::tempdir().unwrap();
-        let (mut task, _exit, released) = fake(dir.path());
-        task.stop(false).await.unwrap();
-        assert!(task.graceful && released.load(Ordering::SeqCst));
-        assert_eq!(
-            (task.info.state, task.info.vmm_pid),
-            (SandboxState::Stopped, None)
-        );
-        let e = task.stop(true).await.unwrap_err();
-        assert_eq!(
-            e.to_string(),
-            "cannot stop a sandbox that is stopped; its resources are gone, create a new sandbox"
-        );
-
-        let (mut task, _exit, _) = fake(dir.path());
-        task.stop(true).await.unwrap();
-        assert!(!task.graceful, "a forced stop skips the guest");
-    }
-
-    #[tokio::test]
-    async fn a_vmm_exit_fails_the_sandbox_and_dropping_the_provider_releases_it() {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("console.log"), "a\n\nb\nKernel panic\n").unwrap();
-        let (task, exit, released) = fake(dir.path());
-        let (tx, rx) = mpsc::channel(1);
-        let (published, mut watcher) = watch::channel(task.info.clone());
-        let handle = tokio::spawn(drive(task, rx, published));
-        exit.send(()).unwrap();
-        watcher
-            .wait_for(|i| i.state == SandboxState::Failed)
-            .await
-            .unwrap();
-        assert_eq!(watcher.borrow().vmm_pid, None);
-        let saved: SandboxInfo =
-            serde_json::from_slice(&std::fs::read(dir.path().join("state.json")).unwrap()).unwrap();
-        assert_eq!(saved.state, SandboxState::Failed);
-        tx.send(Cmd::Crash).await.unwrap();
-        drop(tx);
-        handle.await.unwrap();
-        assert!(released.load(Ordering::SeqCst));
-        assert_eq!(
-            tail_lines(&dir.path().join("console.log"), 2),
-            "b\nKernel panic"
-        );
+    #[tokio::test(start_paused = true)]
+    async fn bounded_cuts_off_a_wait_that_never_ends() {
+        let r = bounded(Duration::from_secs(10), std::future::pending::<()>()).await;
+        assert_eq!(r, Err(Duration::from_secs(10)));
+        assert_eq!(bounded(Duration::from_secs(1), async { 3 }).await, Ok(3));
     }
 }

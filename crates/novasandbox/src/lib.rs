@@ -24,19 +24,24 @@
 use std::sync::Arc;
 
 use nova_core::home::NovaHome;
-use nova_core::host::{BackendChoice, HostReport, NoBackend};
 use nova_core::hypervisor::Hypervisor;
+use nova_runtime::host::{BackendChoice, HostReport, NoBackend};
 
 /// The backend-independent API: everything in `nova-core`.
 pub mod core {
     pub use nova_core::*;
 }
 
+/// The host runtime the backends share: host probing ([`runtime::host`]),
+/// the provider, the VMM process type.
+pub mod runtime {
+    pub use nova_runtime::*;
+}
+
 /// The backends.
 pub mod providers {
     pub use nova_firecracker::{
-        FirecrackerHypervisor, FirecrackerOptions, FirecrackerUnavailable, SnapshotError,
-        SnapshotInfo,
+        FirecrackerHypervisor, FirecrackerOptions, FirecrackerSandboxes, FirecrackerUnavailable,
     };
     pub use nova_qemu::baseline::raw_boot;
     pub use nova_qemu::{QemuHypervisor, QemuOptions};
@@ -91,7 +96,7 @@ pub fn detect_in(home: NovaHome) -> Result<Arc<dyn Hypervisor>, DetectError> {
                         tracing::warn!(error = %e, "cannot use Firecracker; using QEMU with KVM");
                         BackendChoice::Qemu {
                             binary: qemu.path.clone(),
-                            accel: nova_core::host::Accel::Kvm,
+                            accel: nova_runtime::host::Accel::Kvm,
                         }
                     }
                     Err(_) => {
@@ -111,7 +116,7 @@ pub fn detect_in(home: NovaHome) -> Result<Arc<dyn Hypervisor>, DetectError> {
         qemu => qemu,
     };
     if let BackendChoice::Qemu {
-        accel: nova_core::host::Accel::Tcg,
+        accel: nova_runtime::host::Accel::Tcg,
         ..
     } = choice
     {

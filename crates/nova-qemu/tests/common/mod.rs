@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 
 use nova_core::config::SandboxConfig;
 use nova_core::home::NovaHome;
-use nova_core::host::{Accel, HostReport};
 use nova_qemu::{QemuHypervisor, QemuOptions};
+use nova_runtime::host::HostReport;
 
 /// A test's private data directory and the provider using it.
 pub struct TestHome {
@@ -73,6 +73,7 @@ pub fn setup(test: &str, needed: &[&str]) -> Option<TestHome> {
         );
     }
     let report = HostReport::probe();
+    let accel = report.qemu_accel();
     let qemu = report
         .qemu
         .expect("qemu-system-x86_64 must be installed: run `make deps`");
@@ -85,11 +86,7 @@ pub fn setup(test: &str, needed: &[&str]) -> Option<TestHome> {
     let options = QemuOptions {
         home: NovaHome::at(dir.path()),
         qemu_bin: qemu.path,
-        accel: if report.kvm.is_hardware() {
-            Accel::Kvm
-        } else {
-            Accel::Tcg
-        },
+        accel,
         scratch_size_mb: 1024,
     };
     Some(TestHome {

@@ -211,9 +211,20 @@ impl HostReport {
         }
     }
 
+    /// How QEMU runs guests here: KVM when it is backed by hardware
+    /// virtualization, else TCG (software emulation). The one place this is
+    /// decided.
+    pub fn qemu_accel(&self) -> Accel {
+        if self.kvm.is_hardware() {
+            Accel::Kvm
+        } else {
+            Accel::Tcg
+        }
+    }
+
     /// Picks the backend and says why, or why none can run.
     pub fn choose_backend(&self) -> Result<(BackendChoice, String), NoBackend> {
-        let hw = self.kvm.is_hardware();
+        let hw = self.qemu_accel() == Accel::Kvm;
         if let (Ok(fc), true) = (&self.firecracker, hw) {
             return Ok((
                 BackendChoice::Firecracker {

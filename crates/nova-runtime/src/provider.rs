@@ -1,0 +1,517 @@
+//! [`Provider`]: the [`Hypervisor`] trait, implemented once for every
+//! backend.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use nova_core::config::SandboxConfig;
+use nova_core::error::{CreateSandboxError, ExecError, FileError, SandboxError};
+use nova_core::exec::{ExecRequest, ExecStream};
+use nova_core::hypervisor::{Hypervisor, HypervisorKind};
+use nova_core::id::SandboxId;
+use nova_core::metadata::{BootTimings, SandboxInfo, now_ms};
+use nova_core::sandbox::Sandbox;
+use nova_core::snapshot::{Snapshot, SnapshotError, SnapshotKind, TemplateIdentity};
+use nova_core::state::SandboxState;
+use nova_core::stats::SandboxStats;
+use nova_core::template::TemplateManager;
+use nova_protocol::client::AgentClient;
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::Instrument;
+
+use crate::Guest;
+use crate::action::{SandboxAction, VmOperation};
+use crate::backend::{Backend, BootSource, ConnectError, Launch, Vm, VmStart};
+use crate::dir::{SandboxDir, SandboxRecord};
+use crate::registry::{Entry, SandboxRegistry};
+use crate::retry::{RetryError, retry_until};
+use crate::task::{SandboxTask, Timeouts};
+
+/// How many actions may wait for one sandbox's task.
+const ACTION_QUEUE: usize = 8;
+
+/// Runs sandboxes on backend `B`. Cheap to clone; clones share the same
+/// sandboxes. Dropping the last clone kills every VM it still runs and
+/// removes their directories.
+#[derive(Debug)]
+pub struct Provider<B: Backend> {
+    inner: Arc<Inner<B>>,
+}
+
+impl<B: Backend> Clone for Provider<B> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Inner<B: Backend> {
+    backend: B,
+    templates: TemplateManager,
+    timeouts: Timeouts,
+    sandboxes: Arc<SandboxRegistry<B::Vm>>,
+}
+
+impl<B: Backend> Provider<B> {
+    /// A provider with these options. Sandboxes that a dead provider left
+    /// under the same `$NOVA_HOME` are cleaned first (see
+    /// [`crate::leftovers`]; this reads the sandboxes directory, blocking).
+    pub fn new(options: B::Options) -> Self {
+        Self::with_timeouts(options, Timeouts::default())
+    }
+
+    /// [`new`](Self::new) with other bounds on the sandboxes' waits.
+    pub fn with_timeouts(options: B::Options, timeouts: Timeouts) -> Self {
+        let backend = B::from_options(options);
+        crate::leftovers::clean_leftovers(&backend.home().sandboxes_dir());
+        let templates = TemplateManager::new(backend.home().templates_dir());
+        Self {
+            inner: Arc::new(Inner {
+                backend,
+                templates,
+                timeouts,
+                sandboxes: Arc::new(SandboxRegistry::default()),
+            }),
+        }
+    }
+
+    /// The backend's options.
+    pub fn options(&self) -> &B::Options {
+        self.inner.backend.options()
+    }
+
+    /// The backend.
+    pub fn backend(&self) -> &B {
+        &self.inner.backend
+    }
+
+    /// Runs a backend-specific operation on the VM of sandbox `id`, in its
+    /// task (see [`SandboxAction::WithVm`]), bounded like every VMM request.
+    pub async fn with_vm<T: Send + 'static>(
+        &self,
+        id: &SandboxId,
+        op: impl for<'a> FnOnce(
+            &'a mut B::Vm,
+            &'a SandboxInfo,
+        ) -> std::pin::Pin<
+            Box<dyn Future<Output = Result<T, SandboxError>> + Send + 'a>,
+        > + Send
+        + 'static,
+    ) -> Result<T, SandboxError> {
+        self.inner
+            .sandboxes
+            .ask(id, SandboxState::Running, move |reply| {
+                let op: VmOperation<B::Vm> = Box::new(move |vm, info| {
+                    Box::pin(async move {
+                        let result = match vm {
+                            Ok(vm) => op(vm, info).await,
+                            Err(e) => Err(e),
+                        };
+                        let _ = reply.send(result);
+                    })
+                });
+                SandboxAction::WithVm(op)
+            })
+            .await
+    }
+
+    /// Writes a snapshot of the paused sandbox `id` into `dir` (created if
+    /// needed): full, or a diff merged into the full snapshot already there
+    /// (where the backend tracks dirty pages). The sandbox stays paused.
+    pub async fn snapshot_sandbox_with(
+        &self,
+        id: &SandboxId,
+        dir: &Path,
+        kind: SnapshotKind,
+    ) -> Result<Snapshot, SnapshotError> {
+        let backend = &self.inner.backend;
+        backend
+            .snapshot_support()
+            .map_err(|reason| SnapshotError::Unsupported {
+                vmm: backend.kind(),
+                reason,
+            })?;
+        let entry = self
+            .inner
+            .sandboxes
+            .entry(id, SandboxState::Paused)
+            .map_err(|e| match e {
+                SandboxError::State(t) => SnapshotError::NotPaused(t.from),
+                _ => SnapshotError::NotFound(id.clone()),
+            })?;
+        let dir = std::path::absolute(dir).map_err(|source| SnapshotError::Io {
+            path: dir.to_owned(),
+            source,
+        })?;
+        let (reply, rx) = oneshot::channel();
+        let state = entry.info.borrow().state;
+        entry
+            .commands
+            .send(SandboxAction::Snapshot { dir, kind, reply })
+            .await
+            .map_err(|_| SnapshotError::NotPaused(state))?;
+        rx.await
+            .unwrap_or(Err(SnapshotError::NotPaused(SandboxState::Stopped)))
+    }
+
+    /// Lays out, boots and registers one sandbox; see the crate docs.
+    async fn launch(
+        &self,
+        config: SandboxConfig,
+        source: BootSource,
+        template: Option<TemplateIdentity>,
+    ) -> Result<Sandbox, CreateSandboxError> {
+        let backend = &self.inner.backend;
+        let kind = backend.kind();
+        let id = SandboxId::random();
+        let span = tracing::info_span!("sandbox", id = %id, vmm = %kind);
+        let prepare_start = Instant::now();
+        let paths = backend.home().sandbox(&id);
+        let dir = {
+            let owned = paths.clone();
+            tokio::task::spawn_blocking(move || SandboxDir::create(owned))
+                .await
+                .map_err(|e| CreateSandboxError::Prepare {
+                    path: paths.dir().to_owned(),
+                    source: std::io::Error::other(e),
+                })?
+                .map_err(|(path, source)| CreateSandboxError::Prepare { path, source })?
+        };
+        let scratch = match &source {
+            BootSource::Cold { .. } if config.read_only_rootfs => None,
+            BootSource::Cold { .. } => {
+                crate::scratch::create_scratch_disk(
+                    &paths.scratch_disk(),
+                    backend.scratch_size_mb(),
+                )
+                .await?;
+                Some(paths.scratch_disk())
+            }
+            BootSource::Restore(snapshot) if snapshot.manifest.scratch => {
+                let from = snapshot.dir.join(crate::snapshot::SCRATCH_FILE);
+                crate::scratch::clone_disk(&from, &paths.scratch_disk())
+                    .await
+                    .map_err(|source| CreateSandboxError::Prepare {
+                        path: paths.scratch_disk(),
+                        source,
+                    })?;
+                Some(paths.scratch_disk())
+            }
+            BootSource::Restore(_) => None,
+        };
+        let record = SandboxRecord {
+            info: SandboxInfo {
+                id: id.clone(),
+                hypervisor: kind,
+                state: SandboxState::Creating,
+                created_at_ms: now_ms(),
+                boot: None,
+                vmm_pid: None,
+                dir: paths.dir().to_owned(),
+                agent_version: None,
+                kernel_release: None,
+                failure: None,
+                config: config.clone(),
+            },
+            vmm_start_ticks: None,
+        };
+        let timeout = Duration::from_millis(config.boot_timeout_ms);
+        let prepare = prepare_start.elapsed();
+        let mut launch = Launch {
+            dir: &dir,
+            record,
+            vmm: None,
+            vmm_name: vmm_name(kind),
+            timeout,
+            // The boot deadline runs from here; the boot clock from the spawn.
+            deadline: tokio::time::Instant::now() + timeout,
+            spawned_at: None,
+            vmm_ready_at: None,
+            started_at: None,
+            extra_logs: Vec::new(),
+        };
+        let creating = launch.record.info.clone();
+        let start = VmStart {
+            info: &creating,
+            paths: &paths,
+            source: &source,
+            scratch: scratch.as_deref(),
+        };
+        let booted = async {
+            let vm = backend.start(start, &mut launch).await?;
+            launch.guest_started();
+            let guest = if backend.waits_for_agent() {
+                let connector = vm.agent_connector();
+                let deadline = launch.deadline();
+                let stream = launch
+                    .step("open the agent channel", async {
+                        retry_until(deadline, &connector, |e: &ConnectError| e.transient)
+                            .await
+                            .map_err(|e| match e {
+                                RetryError::Failed(e) => e.source,
+                                RetryError::TimedOut(last) => last.map_or_else(
+                                    || "the agent channel did not open in time".into(),
+                                    |e| e.source,
+                                ),
+                            })
+                    })
+                    .await?;
+                let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+                let (client, hello) = launch
+                    .step(
+                        "answer the agent handshake",
+                        AgentClient::connect(stream, remaining),
+                    )
+                    .await
+                    .map_err(|e| match e {
+                        CreateSandboxError::Vmm { source, .. } => CreateSandboxError::Agent(source),
+                        other => other,
+                    })?;
+                Some((client, hello))
+            } else {
+                None
+            };
+            Ok::<_, CreateSandboxError>((vm, guest))
+        }
+        .instrument(span.clone())
+        .await;
+        let (vm, guest) = match booted {
+            Ok(booted) => booted,
+            Err(e) => {
+                // `launch` kills the VMM when dropped; `dir` removes the files.
+                drop(launch);
+                let mut dir = dir;
+                if let Err((path, e)) = dir.remove().await {
+                    tracing::warn!(parent: &span, path = %path.display(), error = %e, "cannot remove a failed sandbox's files");
+                }
+                return Err(e);
+            }
+        };
+        let ready = Instant::now();
+        let Launch {
+            mut record,
+            vmm,
+            spawned_at,
+            vmm_ready_at,
+            started_at,
+            ..
+        } = launch;
+        let spawned = spawned_at.unwrap_or(ready);
+        let vmm_ready = vmm_ready_at.unwrap_or(spawned);
+        let started = started_at.unwrap_or(vmm_ready);
+        let mut guest_kernel_ms = None;
+        let guest = guest.map(|(client, hello)| {
+            guest_kernel_ms = Some(hello.agent_started_us as f64 / 1000.0);
+            record.info.agent_version = Some(hello.agent_version.clone());
+            record.info.kernel_release = Some(hello.kernel_release.clone());
+            Guest::new(client, record.info.config.env.clone())
+        });
+        record.info.boot = Some(BootTimings {
+            boot_time_ms: BootTimings::ms(ready - spawned),
+            prepare_ms: BootTimings::ms(prepare),
+            spawn_ms: BootTimings::ms(vmm_ready - spawned),
+            configure_ms: BootTimings::ms(started - vmm_ready),
+            guest_ms: BootTimings::ms(ready - started),
+            guest_kernel_ms,
+            from_snapshot: matches!(source, BootSource::Restore(_)),
+        });
+        record
+            .info
+            .state
+            .transition_to(SandboxState::Running)
+            .map_err(|e| CreateSandboxError::Agent(e.into()))?;
+        dir.persist_or_warn(&record);
+        let info = record.info.clone();
+        tracing::info!(
+            parent: &span,
+            boot_ms = info.boot_time_ms(),
+            from_snapshot = matches!(source, BootSource::Restore(_)),
+            "sandbox ready"
+        );
+        let task = SandboxTask {
+            vm,
+            vmm,
+            dir,
+            record,
+            guest: guest.clone(),
+            timeouts: self.inner.timeouts,
+            vmm_name: vmm_name(kind),
+            vmm_version: backend.vmm_version(),
+            template,
+            released: false,
+        };
+        let (commands, rx) = mpsc::channel(ACTION_QUEUE);
+        let (published, watcher) = watch::channel(info.clone());
+        let registry = &self.inner.sandboxes;
+        registry.insert(
+            id,
+            Entry {
+                commands,
+                info: watcher,
+                guest,
+            },
+        );
+        tokio::spawn(
+            crate::task::drive(task, rx, published, Arc::downgrade(registry)).instrument(span),
+        );
+        Ok(Sandbox::new(Arc::new(self.clone()), info))
+    }
+}
+
+/// The VMM's name in error messages.
+fn vmm_name(kind: HypervisorKind) -> &'static str {
+    match kind {
+        HypervisorKind::Firecracker => "firecracker",
+        HypervisorKind::Qemu => "qemu",
+        HypervisorKind::AppleVz => "Virtualization.framework",
+    }
+}
+
+use std::future::Future;
+
+#[async_trait]
+impl<B: Backend> Hypervisor for Provider<B> {
+    fn kind(&self) -> HypervisorKind {
+        self.inner.backend.kind()
+    }
+
+    async fn create_sandbox(&self, config: SandboxConfig) -> Result<Sandbox, CreateSandboxError> {
+        config.validate()?;
+        if let Some(port) = config.host_port {
+            return Err(CreateSandboxError::Unsupported {
+                reason: format!(
+                    "host_port = {port} asks for a published port, and sandboxes have no \
+                     network yet; leave host_port unset"
+                ),
+            });
+        }
+        let template = self.inner.templates.load(&config.template_id)?;
+        self.inner.backend.check_host()?;
+        let identity = match config.rootfs_path {
+            Some(_) => None,
+            None => crate::snapshot::template_identity(&template).ok(),
+        };
+        let source = BootSource::Cold {
+            kernel: template.kernel_path(),
+            rootfs: config
+                .rootfs_path
+                .clone()
+                .unwrap_or_else(|| template.rootfs_path()),
+            extra_drives: config.extra_drives.clone(),
+        };
+        self.launch(config, source, identity).await
+    }
+
+    async fn create_sandbox_from_snapshot(
+        &self,
+        dir: &Path,
+    ) -> Result<Sandbox, CreateSandboxError> {
+        let backend = &self.inner.backend;
+        backend
+            .snapshot_support()
+            .map_err(|reason| SnapshotError::Unsupported {
+                vmm: backend.kind(),
+                reason,
+            })?;
+        let snapshot = crate::snapshot::read(dir).await?;
+        {
+            let snapshot = snapshot.clone();
+            let kind = backend.kind();
+            let templates = self.inner.templates.clone();
+            tokio::task::spawn_blocking(move || {
+                crate::snapshot::check_restorable(&snapshot, kind, &templates)
+            })
+            .await
+            .map_err(|e| SnapshotError::Io {
+                path: dir.to_owned(),
+                source: std::io::Error::other(e),
+            })??;
+        }
+        backend.check_host()?;
+        if snapshot.manifest.vmm_version != backend.vmm_version() {
+            tracing::warn!(
+                snapshot = %snapshot.manifest.vmm_version,
+                vmm = %backend.vmm_version(),
+                "the snapshot was written by another version of the VMM; loading may fail"
+            );
+        }
+        let config = snapshot.manifest.config.clone();
+        let template = snapshot.manifest.template.clone();
+        self.launch(config, BootSource::Restore(Box::new(snapshot)), template)
+            .await
+    }
+
+    async fn snapshot_sandbox(
+        &self,
+        id: &SandboxId,
+        dir: &Path,
+    ) -> Result<Snapshot, SnapshotError> {
+        self.snapshot_sandbox_with(id, dir, SnapshotKind::Full)
+            .await
+    }
+
+    async fn stop_sandbox(&self, id: &SandboxId, force: bool) -> Result<(), SandboxError> {
+        self.inner
+            .sandboxes
+            .ask(id, SandboxState::Stopping, |reply| SandboxAction::Stop {
+                force,
+                reply,
+            })
+            .await
+    }
+
+    async fn pause_sandbox(&self, id: &SandboxId) -> Result<(), SandboxError> {
+        self.inner
+            .sandboxes
+            .ask(id, SandboxState::Paused, SandboxAction::Pause)
+            .await
+    }
+
+    async fn resume_sandbox(&self, id: &SandboxId) -> Result<(), SandboxError> {
+        self.inner
+            .sandboxes
+            .ask(id, SandboxState::Running, SandboxAction::Resume)
+            .await
+    }
+
+    async fn get_sandbox_stats(&self, id: &SandboxId) -> Result<SandboxStats, SandboxError> {
+        self.inner
+            .sandboxes
+            .ask(id, SandboxState::Running, SandboxAction::Stats)
+            .await
+    }
+
+    async fn exec_stream(
+        &self,
+        id: &SandboxId,
+        request: ExecRequest,
+    ) -> Result<ExecStream, ExecError> {
+        self.inner.sandboxes.exec_stream(id, request).await
+    }
+
+    async fn write_file(
+        &self,
+        id: &SandboxId,
+        path: &str,
+        data: Vec<u8>,
+        mode: u32,
+    ) -> Result<(), FileError> {
+        self.inner.sandboxes.write_file(id, path, data, mode).await
+    }
+
+    async fn read_file(&self, id: &SandboxId, path: &str) -> Result<Vec<u8>, FileError> {
+        self.inner.sandboxes.read_file(id, path).await
+    }
+
+    async fn list(&self) -> Vec<SandboxInfo> {
+        self.inner.sandboxes.list()
+    }
+
+    async fn get(&self, id: &SandboxId) -> Option<SandboxInfo> {
+        self.inner.sandboxes.get(id)
+    }
+}

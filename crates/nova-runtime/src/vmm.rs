@@ -1,0 +1,429 @@
+//! The VMM process, one type for every backend.
+//!
+//! A [`VmmProcess`] is a VMM (QEMU, Firecracker, or the jailer that becomes
+//! Firecracker) that this process started:
+//!
+//! - it runs in its own process group, so whatever it forks is killed with it
+//!   and a terminal's Ctrl-C does not reach it;
+//! - it is watched through a pidfd (`pidfd_open(2)`): waiting is an epoll
+//!   readiness, not polling, and signals go through the pidfd, so a recycled
+//!   PID is never signalled;
+//! - it is killed when dropped (the process group, then the pidfd), and a
+//!   child is reaped by tokio's orphan queue; [`VmmProcess::kill`] kills and
+//!   waits.
+//!
+//! A process this one did not fork (Firecracker forked by the jailer into a
+//! new PID namespace) is [adopted](VmmProcess::adopt) by PID: watched and
+//! killed through a pidfd the same way, but its exit status is not ours to
+//! read.
+
+use std::ffi::OsString;
+use std::fmt;
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::process::Stdio;
+
+use rustix::process::{Pid, PidfdFlags, Signal};
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
+use tokio::process::{Child, Command};
+
+/// How a VMM process ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VmmExit {
+    /// It exited with this code.
+    Code(i32),
+    /// A signal killed it.
+    Signal(i32),
+    /// It was not our child (adopted by PID): it is gone, but its status is
+    /// not known.
+    Unknown,
+}
+
+impl VmmExit {
+    fn from_status(status: std::process::ExitStatus) -> Self {
+        use std::os::unix::process::ExitStatusExt;
+        match (status.code(), status.signal()) {
+            (Some(code), _) => Self::Code(code),
+            (None, Some(signal)) => Self::Signal(signal),
+            (None, None) => Self::Unknown,
+        }
+    }
+}
+
+impl fmt::Display for VmmExit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Code(code) => write!(f, "exit code {code}"),
+            Self::Signal(9) => f.write_str("killed by SIGKILL"),
+            Self::Signal(signal) => write!(f, "killed by signal {signal}"),
+            Self::Unknown => f.write_str("exited, status unknown (not our child)"),
+        }
+    }
+}
+
+/// How to start a VMM process.
+#[derive(Clone, Debug)]
+pub struct VmmCommand {
+    /// The binary.
+    pub program: PathBuf,
+    /// Its arguments.
+    pub args: Vec<OsString>,
+    /// Its working directory (inherited when `None`).
+    pub cwd: Option<PathBuf>,
+    /// File that receives its stdout (created or appended to, up to
+    /// `log_cap` bytes: see [`crate::console`]).
+    pub stdout: PathBuf,
+    /// File that receives its stderr (may be the same as `stdout`).
+    pub stderr: PathBuf,
+    /// Most bytes written to each of those files.
+    pub log_cap: u64,
+}
+
+/// A VMM process could not be started.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum VmmSpawnError {
+    /// `exec` failed (not found, not executable, ...).
+    #[error("cannot start {}", .program.display())]
+    Exec {
+        /// The binary.
+        program: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// An output file could not be opened.
+    #[error("cannot open {}", .path.display())]
+    Output {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The process could not be watched (`pidfd_open` failed: Linux older
+    /// than 5.3, or the process is already gone).
+    #[error("cannot watch process {pid} (pidfd_open)")]
+    Pidfd {
+        /// The process.
+        pid: u32,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A running (or exited) VMM process; see the module docs.
+#[derive(Debug)]
+pub struct VmmProcess {
+    /// Our child, when we forked it.
+    child: Option<Child>,
+    pid: u32,
+    /// Process group to kill with it (our child's own group).
+    group: Option<Pid>,
+    pidfd: AsyncFd<OwnedFd>,
+    /// Start time in clock ticks since boot (`/proc/PID/stat` field 22), so
+    /// a later reader of `state.json` can tell this process from a PID reuse.
+    start_ticks: Option<u64>,
+    exit: Option<VmmExit>,
+}
+
+fn pidfd(pid: u32) -> Result<AsyncFd<OwnedFd>, VmmSpawnError> {
+    let err = |source: std::io::Error| VmmSpawnError::Pidfd { pid, source };
+    let raw = i32::try_from(pid)
+        .ok()
+        .and_then(Pid::from_raw)
+        .ok_or_else(|| err(std::io::Error::from_raw_os_error(libc_esrch())))?;
+    let fd = rustix::process::pidfd_open(raw, PidfdFlags::NONBLOCK).map_err(|e| err(e.into()))?;
+    #[allow(
+        unsafe_code,
+        reason = "tokio's registration of a raw descriptor is unsafe"
+    )]
+    // SAFETY: the `OwnedFd` is moved into the `AsyncFd`, which owns it until
+    // it is dropped: the descriptor is valid and open for the whole
+    // registration, nothing else can close it, and `as_raw_fd` on an
+    // `OwnedFd` always returns that same descriptor.
+    let registered = unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) };
+    registered.map_err(|e| err(e.into()))
+}
+
+fn libc_esrch() -> i32 {
+    rustix::io::Errno::SRCH.raw_os_error()
+}
+
+impl VmmProcess {
+    /// Starts `command` in its own process group with stdin from
+    /// `/dev/null`, and opens a pidfd on it. Must be called inside a tokio
+    /// runtime.
+    pub fn spawn(command: &VmmCommand) -> Result<Self, VmmSpawnError> {
+        let output_err = |path: &PathBuf| {
+            let path = path.clone();
+            move |source| VmmSpawnError::Output { path, source }
+        };
+        // stdout and stderr are pipes pumped into capped files; when both go
+        // to one file they share one pipe, so their lines interleave as
+        // written. The pumps end when the VMM (and whatever it forked)
+        // closed the pipes, so they never outlive it.
+        let (out_rx, out_tx) = std::io::pipe().map_err(output_err(&command.stdout))?;
+        let (err_rx, err_tx) = if command.stderr == command.stdout {
+            (
+                None,
+                out_tx.try_clone().map_err(output_err(&command.stderr))?,
+            )
+        } else {
+            let (rx, tx) = std::io::pipe().map_err(output_err(&command.stderr))?;
+            (Some(rx), tx)
+        };
+        let mut cmd = Command::new(&command.program);
+        cmd.args(&command.args)
+            .stdin(Stdio::null())
+            .stdout(out_tx)
+            .stderr(err_tx)
+            .kill_on_drop(true)
+            .process_group(0);
+        if let Some(cwd) = &command.cwd {
+            cmd.current_dir(cwd);
+        }
+        let child = cmd.spawn().map_err(|source| VmmSpawnError::Exec {
+            program: command.program.clone(),
+            source,
+        })?;
+        // Our copies of the write ends live in `cmd`; close them so the pumps
+        // see end-of-file when the VMM is gone.
+        drop(cmd);
+        for (reader, path) in [(Some(out_rx), &command.stdout), (err_rx, &command.stderr)] {
+            let Some(reader) = reader else { continue };
+            let receiver = tokio::net::unix::pipe::Receiver::from_owned_fd(OwnedFd::from(reader))
+                .map_err(output_err(path))?;
+            tokio::spawn(crate::console::pump(
+                receiver,
+                path.clone(),
+                command.log_cap,
+            ));
+        }
+        let pid = child
+            .id()
+            .expect("a child that was just spawned and not waited for has a PID");
+        let pidfd = pidfd(pid)?;
+        Ok(Self {
+            child: Some(child),
+            pid,
+            group: i32::try_from(pid).ok().and_then(Pid::from_raw),
+            pidfd,
+            start_ticks: process_start_ticks(pid),
+            exit: None,
+        })
+    }
+
+    /// Watches a VMM this process did not fork (it is not our child), by
+    /// PID.
+    pub fn adopt(pid: u32) -> Result<Self, VmmSpawnError> {
+        let pidfd = pidfd(pid)?;
+        Ok(Self {
+            child: None,
+            pid,
+            group: None,
+            pidfd,
+            start_ticks: process_start_ticks(pid),
+            exit: None,
+        })
+    }
+
+    /// Its PID, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.exit.is_none().then_some(self.pid)
+    }
+
+    /// Its start time in clock ticks since boot, if it could be read.
+    pub fn start_ticks(&self) -> Option<u64> {
+        self.start_ticks
+    }
+
+    /// How it exited, once it has.
+    pub fn exit_status(&self) -> Option<VmmExit> {
+        self.exit
+    }
+
+    /// Waits for the process to exit and says how. Cancel-safe; returns at
+    /// once if it already exited.
+    pub async fn wait(&mut self) -> VmmExit {
+        if let Some(exit) = self.exit {
+            return exit;
+        }
+        // The pidfd turns readable when the process exits.
+        loop {
+            match self.pidfd.readable().await {
+                Ok(mut guard) => {
+                    guard.retain_ready();
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(pid = self.pid, error = %e, "cannot poll the VMM's pidfd");
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                }
+            }
+        }
+        let exit = match self.child.as_mut() {
+            Some(child) => match child.wait().await {
+                Ok(status) => VmmExit::from_status(status),
+                Err(e) => {
+                    tracing::warn!(pid = self.pid, error = %e, "cannot reap the VMM");
+                    VmmExit::Unknown
+                }
+            },
+            None => VmmExit::Unknown,
+        };
+        self.exit = Some(exit);
+        exit
+    }
+
+    /// Sends SIGKILL to its process group and to it, without waiting.
+    pub fn start_kill(&mut self) {
+        if self.exit.is_some() {
+            return;
+        }
+        // Until we reap it, the leader's PID (and so its group id) cannot be
+        // reused, so the group signal cannot reach a stranger.
+        if let Some(group) = self.group
+            && let Err(e) = rustix::process::kill_process_group(group, Signal::KILL)
+            && e != rustix::io::Errno::SRCH
+        {
+            tracing::warn!(pid = self.pid, error = %e, "cannot kill the VMM's process group");
+        }
+        if let Err(e) = rustix::process::pidfd_send_signal(self.pidfd.get_ref(), Signal::KILL)
+            && e != rustix::io::Errno::SRCH
+        {
+            tracing::warn!(pid = self.pid, error = %e, "cannot kill the VMM");
+        }
+    }
+
+    /// Kills the process (if still running) and waits until it is gone.
+    pub async fn kill(&mut self) -> VmmExit {
+        self.start_kill();
+        self.wait().await
+    }
+}
+
+impl Drop for VmmProcess {
+    fn drop(&mut self) {
+        // A child is also killed by `kill_on_drop`, and reaped by tokio.
+        self.start_kill();
+    }
+}
+
+/// The start time of process `pid` in clock ticks since boot, from
+/// `/proc/PID/stat`.
+pub fn process_start_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_start_ticks(&stat)
+}
+
+/// Field 22 (`starttime`) of a `/proc/PID/stat` line; the command name
+/// (field 2) may hold spaces and parentheses, so fields are counted after
+/// its last `)`.
+fn parse_start_ticks(stat: &str) -> Option<u64> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    fn sleep_command(dir: &Path) -> VmmCommand {
+        VmmCommand {
+            program: "sleep".into(),
+            args: vec!["600".into()],
+            cwd: None,
+            stdout: dir.join("out.log"),
+            stderr: dir.join("out.log"),
+            log_cap: 1024,
+        }
+    }
+
+    #[test]
+    fn start_ticks_are_read_after_the_command_name() {
+        let stat = "42 (a) b) S 1 42 42 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 98765 1000 10";
+        assert_eq!(parse_start_ticks(stat), Some(98765));
+        assert_eq!(parse_start_ticks("garbage"), None);
+    }
+
+    #[tokio::test]
+    async fn kill_ends_the_process_and_its_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut command = sleep_command(dir.path());
+        // A shell that forks a grandchild into the same process group.
+        command.program = "sh".into();
+        command.args = vec![
+            "-c".into(),
+            format!(
+                "sleep 600 & echo $! > {}/grandchild; wait",
+                dir.path().display()
+            )
+            .into(),
+        ];
+        let mut vmm = VmmProcess::spawn(&command).unwrap();
+        let pid = vmm.pid().unwrap();
+        assert!(vmm.start_ticks().is_some());
+        let grandchild_file = dir.path().join("grandchild");
+        let mut grandchild = None;
+        for _ in 0..500 {
+            if let Ok(text) = std::fs::read_to_string(&grandchild_file)
+                && let Ok(p) = text.trim().parse::<u32>()
+            {
+                grandchild = Some(p);
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        let grandchild = grandchild.expect("the shell wrote its child's PID");
+        assert_eq!(vmm.kill().await, VmmExit::Signal(9));
+        assert_eq!(vmm.pid(), None);
+        assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists());
+        // The grandchild got SIGKILL with the group; it may linger as a
+        // zombie of init for a moment, never as a running process.
+        for _ in 0..500 {
+            match std::fs::read_to_string(format!("/proc/{grandchild}/stat")) {
+                Err(_) => break,
+                Ok(stat) if stat.contains(") Z") => break,
+                Ok(_) => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
+            }
+        }
+        let alive = std::fs::read_to_string(format!("/proc/{grandchild}/stat"))
+            .is_ok_and(|s| !s.contains(") Z"));
+        assert!(!alive, "the VMM's process group was killed with it");
+    }
+
+    #[tokio::test]
+    async fn wait_reports_the_exit_code_and_drop_kills() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut command = sleep_command(dir.path());
+        command.program = "sh".into();
+        command.args = vec!["-c".into(), "exit 3".into()];
+        let mut vmm = VmmProcess::spawn(&command).unwrap();
+        assert_eq!(vmm.wait().await, VmmExit::Code(3));
+        assert_eq!(vmm.wait().await, VmmExit::Code(3), "wait is idempotent");
+
+        let vmm = VmmProcess::spawn(&sleep_command(dir.path())).unwrap();
+        let pid = vmm.pid().unwrap();
+        let mut adopted = VmmProcess::adopt(pid).unwrap();
+        drop(vmm);
+        assert_eq!(adopted.wait().await, VmmExit::Unknown);
+    }
+
+    #[test]
+    fn a_missing_binary_is_an_exec_error() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let mut command = sleep_command(dir.path());
+        command.program = "/nonexistent/vmm".into();
+        let err = rt.block_on(async { VmmProcess::spawn(&command).unwrap_err() });
+        assert!(matches!(err, VmmSpawnError::Exec { .. }), "{err}");
+    }
+}
