@@ -44,6 +44,7 @@ pub async fn raw_boot(
         kernel_args: config.kernel_args.clone(),
         hostname: "raw".into(),
         tsc_khz: crate::cmdline::tcg_tsc_khz(options.accel),
+        confinement: crate::confinement::Confinement::for_host(),
     };
     let start = Instant::now();
     let mut child = tokio::process::Command::new(&options.qemu_bin)

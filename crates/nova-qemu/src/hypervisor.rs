@@ -167,6 +167,7 @@ impl Hypervisor for QemuHypervisor {
             kernel_args: config.kernel_args.clone(),
             hostname: id.to_string(),
             tsc_khz: tcg_tsc_khz(options.accel),
+            confinement: crate::confinement::Confinement::for_host(),
         };
         let info = SandboxInfo {
             id: id.clone(),

@@ -39,6 +39,7 @@ pub mod providers {
         SnapshotInfo,
     };
     pub use nova_qemu::baseline::raw_boot;
+    pub use nova_qemu::confinement as qemu_confinement;
     pub use nova_qemu::{QemuHypervisor, QemuOptions};
 }
 
