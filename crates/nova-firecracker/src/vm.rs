@@ -213,23 +213,9 @@ fn import(
 
 /// Copies a (sparse) disk image, keeping its holes.
 pub(crate) async fn copy_sparse(from: &Path, to: &Path) -> std::io::Result<()> {
-    let output = tokio::process::Command::new("cp")
-        .arg("--sparse=always")
-        .arg("--reflink=auto")
-        .arg(from)
-        .arg(to)
-        .output()
-        .await?;
-    if output.status.success() {
-        Ok(())
-    } else {
-        Err(std::io::Error::other(format!(
-            "cp {} {} failed: {}",
-            from.display(),
-            to.display(),
-            String::from_utf8_lossy(&output.stderr).trim()
-        )))
-    }
+    nova_runtime::scratch::clone_disk_image(from, to)
+        .await
+        .map(drop)
 }
 
 fn vmm_error(

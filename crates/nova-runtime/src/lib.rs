@@ -10,8 +10,9 @@
 //! stderr chunks are forwarded into a bounded channel, so a consumer that
 //! stops reading stops the guest command's output at its source.
 //!
-//! [`scratch`] makes the sparse ext4 scratch disk every provider gives a
-//! sandbox for its writable overlay.
+//! [`scratch`] gives every sandbox its sparse ext4 scratch disk for the
+//! writable overlay, cloned from a cached empty image, and holds the sparse
+//! disk-image copy every provider uses.
 
 #![forbid(unsafe_code)]
 
