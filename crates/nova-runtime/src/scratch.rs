@@ -243,7 +243,7 @@ fn clone_image_blocking(from: &Path, to: &Path, first: CloneMethod) -> io::Resul
     let dst = File::options()
         .write(true)
         .create_new(true)
-        .mode(meta.permissions().mode() & 0o7777)
+        .mode(meta.permissions().mode() & 0o777)
         .open(&tmp)?;
     let copied = copy_into(&src, &dst, meta.len(), first).and_then(|method| {
         drop(dst);
