@@ -9,6 +9,7 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use novasandbox::core::{NovaHome, TemplateManager};
+use novasandbox::providers::qemu_confinement::{self, Confinement};
 use novasandbox::runtime::host::{HostReport, KvmStatus};
 
 /// Arguments of `nova doctor`.
@@ -24,17 +25,33 @@ pub(crate) fn run(args: &DoctorArgs) -> anyhow::Result<ExitCode> {
     let report = HostReport::probe();
     let home = NovaHome::resolve();
     let choice = report.choose_backend();
+    // How QEMU would be confined, and whether this QEMU can filter at all.
+    let confinement = report.qemu.as_ref().ok().map(|q| {
+        (
+            Confinement::for_host(),
+            qemu_confinement::seccomp_supported(&q.path),
+        )
+    });
     if args.json {
         let value = serde_json::json!({
             "host": report,
             "nova_home": home.as_ref().map(|h| h.root().display().to_string()).ok(),
             "backend": choice.as_ref().ok().map(|(c, why)| serde_json::json!({"choice": c, "reason": why})),
             "no_backend": choice.as_ref().err().map(|e| e.reasons.clone()),
+            "qemu_confinement": confinement.as_ref().map(|(c, seccomp)| serde_json::json!({
+                "protections": c.protections().iter().map(|p| serde_json::json!({
+                    "name": p.name, "applies": p.applies, "detail": p.detail,
+                })).collect::<Vec<_>>(),
+                "seccomp_supported": seccomp.as_ref().err(),
+            })),
         });
         println!("{}", serde_json::to_string_pretty(&value)?);
     } else {
         let mut out = String::new();
         render(&mut out, &report, home.as_ref().ok());
+        if let Some((c, seccomp)) = &confinement {
+            render_confinement(&mut out, c, seccomp.as_ref().err().map(String::as_str));
+        }
         if let Err(e) = &home {
             let _ = writeln!(out, "[fail] data directory: {e}");
         }
@@ -142,6 +159,20 @@ fn render(out: &mut String, report: &HostReport, home: Option<&NovaHome>) {
     }
 }
 
+/// One line per QEMU protection: whether it applies, and why not.
+/// `unsupported` is why this QEMU cannot filter, when it cannot.
+fn render_confinement(out: &mut String, confinement: &Confinement, unsupported: Option<&str>) {
+    for p in confinement.protections() {
+        let (mark, detail) = match (p.name, unsupported) {
+            ("seccomp filter", Some(why)) if p.applies => ("[fail]", why.to_owned()),
+            _ if p.applies => ("[ ok ]", p.detail.clone()),
+            _ if p.detail.starts_with("not needed") => ("[ ok ]", p.detail.clone()),
+            _ => ("[warn]", p.detail.clone()),
+        };
+        let _ = writeln!(out, "{mark} qemu {}: {detail}", p.name);
+    }
+}
+
 fn render_templates(out: &mut String, manager: &TemplateManager) {
     match manager.list() {
         Ok(list) if list.is_empty() => {
@@ -222,6 +253,47 @@ mod tests {
         assert!(out.contains("writable"), "{out}");
         assert!(out.contains("templates: none"), "{out}");
         assert!(out.contains("backend: qemu microvm, accel tcg"), "{out}");
+    }
+
+    #[test]
+    fn qemu_confinement_says_what_applies_and_why_not() {
+        use novasandbox::providers::qemu_confinement::{ConfinementPolicy, HostFacts};
+        let root = HostFacts {
+            is_root: true,
+            passwd: Some("nobody:x:65534:65534::/:/bin/false\n".into()),
+        };
+        let mut out = String::new();
+        render_confinement(
+            &mut out,
+            &Confinement::decide(&ConfinementPolicy::default(), &root),
+            None,
+        );
+        assert!(
+            out.contains(
+                "[ ok ] qemu privilege drop: QEMU opens its files as root, then runs as nobody"
+            ),
+            "{out}"
+        );
+        assert!(
+            out.contains("[ ok ] qemu seccomp filter: -sandbox on,"),
+            "{out}"
+        );
+
+        let mut out = String::new();
+        let missing = ConfinementPolicy::from_values(None, Some("ghost"));
+        render_confinement(
+            &mut out,
+            &Confinement::decide(&missing, &root),
+            Some("no seccomp here"),
+        );
+        assert!(
+            out.contains("[warn] qemu privilege drop: user ghost does not exist"),
+            "{out}"
+        );
+        assert!(
+            out.contains("[fail] qemu seccomp filter: no seccomp here"),
+            "{out}"
+        );
     }
 
     #[test]

@@ -99,7 +99,7 @@ async fn import(
             return Err(e);
         }
         tracing::warn!(file = %host.display(), "jail is on another file system; copying instead of linking");
-        nova_runtime::scratch::clone_disk(host, &target).await?;
+        nova_runtime::scratch::clone_disk_image(host, &target).await?;
         std::os::unix::fs::chown(&target, Some(uid), Some(gid))?;
     }
     Ok(name.to_owned())
@@ -384,7 +384,7 @@ impl Vm for FirecrackerVm {
             for (inside, outside) in [(&vmm_state, &state), (&vmm_memory, &memory)] {
                 let inside = self.workdir.join(inside);
                 if tokio::fs::rename(&inside, outside).await.is_err() {
-                    nova_runtime::scratch::clone_disk(&inside, outside)
+                    nova_runtime::scratch::clone_disk_image(&inside, outside)
                         .await
                         .map_err(io(outside))?;
                     tokio::fs::remove_file(&inside).await.map_err(io(&inside))?;

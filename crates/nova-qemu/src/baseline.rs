@@ -4,8 +4,8 @@
 //! [`raw_boot`] starts QEMU with exactly the command line a sandbox gets,
 //! connects to the agent socket and completes the protocol handshake, with
 //! none of the provider's machinery (no QMP session, no state task, no
-//! registry). The scratch disk is made before the clock starts, as the
-//! provider's is.
+//! registry). The scratch disk is cloned before the clock starts, as the
+//! provider's is, and QEMU runs under the same confinement.
 
 use std::path::Path;
 use std::process::Stdio;
@@ -28,7 +28,9 @@ pub async fn raw_boot(
 ) -> Result<Duration, Box<dyn std::error::Error + Send + Sync>> {
     let scratch = workdir.join("scratch.ext4");
     let _ = std::fs::remove_file(&scratch);
-    nova_runtime::scratch::create_scratch_disk(&scratch, options.scratch_size_mb).await?;
+    nova_runtime::scratch::ScratchCache::in_home(&options.home)
+        .create_disk(&scratch, options.scratch_size_mb)
+        .await?;
     let spec = VmSpec {
         kernel: template.kernel_path(),
         rootfs: template.rootfs_path(),
@@ -42,6 +44,7 @@ pub async fn raw_boot(
         kernel_args: config.kernel_args.clone(),
         hostname: "raw".into(),
         tsc_khz: crate::cmdline::tcg_tsc_khz(options.accel),
+        confinement: crate::confinement::Confinement::for_host(),
     };
     let start = Instant::now();
     let mut child = tokio::process::Command::new(&options.qemu_bin)

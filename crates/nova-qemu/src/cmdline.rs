@@ -8,12 +8,17 @@
 //! rootfs is `/dev/vda`, the sandbox's scratch disk `/dev/vdb`, extra drives
 //! follow. The agent channel is a virtio-serial port named
 //! [`AGENT_PORT_NAME`] whose host end is a Unix socket QEMU listens on.
+//! QEMU runs confined ([`Confinement`]: seccomp, and a privilege drop when
+//! nova is root), which works because every file and socket a sandbox uses
+//! is named here and opened by QEMU at startup.
 
 use std::ffi::OsString;
 use std::path::PathBuf;
 
 use nova_core::config::DriveConfig;
 use nova_runtime::host::Accel;
+
+use crate::confinement::Confinement;
 
 /// Name of the virtio-serial port the agent listens on.
 pub const AGENT_PORT_NAME: &str = "org.nova.agent";
@@ -53,6 +58,9 @@ pub struct VmSpec {
     /// `tsc_early_khz=` so they need not calibrate it (see
     /// [`nova_runtime::host::host_cpu_khz`]).
     pub tsc_khz: Option<u64>,
+    /// Seccomp and privilege drop (see [`crate::confinement`]); normally
+    /// [`Confinement::for_host`].
+    pub confinement: Confinement,
 }
 
 impl VmSpec {
@@ -86,6 +94,8 @@ impl VmSpec {
         push("-no-user-config");
         push("-nographic");
         push("-no-reboot");
+        args.extend(self.confinement.qemu_args());
+        let mut push = |a: &str| args.push(a.into());
         match self.accel {
             Accel::Kvm => {
                 push("-accel");
@@ -176,6 +186,7 @@ fn escape(path: &std::path::Path) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::confinement::{ConfinementPolicy, HostFacts};
 
     fn spec() -> VmSpec {
         VmSpec {
@@ -191,6 +202,13 @@ mod tests {
             kernel_args: "reboot=k panic=1 quiet".into(),
             hostname: "sb-1".into(),
             tsc_khz: None,
+            confinement: Confinement::decide(
+                &ConfinementPolicy::default(),
+                &HostFacts {
+                    is_root: true,
+                    passwd: Some("nobody:x:65534:65534::/:/bin/false\n".into()),
+                },
+            ),
         }
     }
 
@@ -235,6 +253,16 @@ mod tests {
         assert_eq!(after(&a, "-qmp"), ["unix:/s/api.sock,server=on,wait=off"]);
         assert!(a.contains(&"-no-reboot".to_owned()));
         assert!(a.contains(&"-nodefaults".to_owned()));
+        assert_eq!(
+            after(&a, "-sandbox"),
+            ["on,obsolete=deny,elevateprivileges=allow,spawn=deny,resourcecontrol=deny"]
+        );
+        assert_eq!(after(&a, "-runas"), ["nobody"]);
+        let bare = args(&VmSpec {
+            confinement: Confinement::none(),
+            ..spec()
+        });
+        assert!(after(&bare, "-sandbox").is_empty() && after(&bare, "-runas").is_empty());
         let kvm = args(&VmSpec {
             accel: Accel::Kvm,
             ..spec()

@@ -186,6 +186,7 @@ impl Backend for Qemu {
             kernel_args: config.kernel_args.clone(),
             hostname: start.info.id.to_string(),
             tsc_khz: tcg_tsc_khz(self.options.accel),
+            confinement: crate::confinement::Confinement::for_host(),
         };
         launch.spawn(&VmmCommand {
             program: self.options.qemu_bin.clone(),

@@ -7,7 +7,8 @@
 //! guest through the agent protocol over a virtio-serial port whose host end
 //! is a Unix socket. QEMU takes its whole configuration on its command line
 //! ([`cmdline`]), so "configure" costs nothing and boot time is spawn → QMP
-//! ready → agent ready.
+//! ready → agent ready. QEMU runs under its seccomp filter and, when nova
+//! is root, as an unprivileged user ([`confinement`]).
 //!
 //! This is the backend that boots real guests on any Linux host: with KVM
 //! when the host has hardware virtualization, else with TCG (software
@@ -17,6 +18,7 @@
 
 pub mod baseline;
 pub mod cmdline;
+pub mod confinement;
 mod hypervisor;
 pub mod qmp;
 pub mod vm;

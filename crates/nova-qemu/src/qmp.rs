@@ -6,21 +6,40 @@
 //! `{"execute": NAME, "arguments": {…}, "id": N}` and is answered by
 //! `{"return": …, "id": N}` or `{"error": {"class": …, "desc": …}, "id": N}`.
 //! Asynchronous events (`{"event": NAME, "data": …, "timestamp": …}`) can
-//! arrive between answers. This client sends one command at a time, skips
-//! events (keeping the last few for diagnostics) and matches answers by id.
-//! The protocol is documented in QEMU's `docs/interop/qmp-spec.rst`.
+//! arrive between answers. The protocol is documented in QEMU's
+//! `docs/interop/qmp-spec.rst`.
+//!
+//! This client sends one command at a time and gives every command a fresh
+//! `id`. An answer is handed only to the command whose `id` it carries:
+//!
+//! - an answer with an earlier `id` is *late*: its command timed out (or its
+//!   future was dropped) and already returned. It is discarded, so it can
+//!   never be taken for the answer to the command after it;
+//! - an event is skipped (the last few are kept for diagnostics, see
+//!   [`QmpClient::recent_events`]);
+//! - anything else (a later `id`, no `id`, not JSON) is a protocol error.
+//!
+//! Reading is cancel-safe: bytes read from the socket stay in the client's
+//! buffer until a whole line is there, so a timeout that fires in the middle
+//! of an answer loses nothing and the next command finds the stream in step.
+//! Writing cannot be made so: a command cut short while it was being sent
+//! leaves half a request in QEMU's parser, and the client refuses further
+//! commands with [`QmpError::Desynchronized`] (reconnect to recover).
 
+use std::collections::VecDeque;
 use std::path::Path;
 use std::time::Duration;
 
 use serde::Deserialize;
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 
 /// Longest QMP line accepted, to bound memory if the peer misbehaves.
 const MAX_LINE: usize = 1 << 20;
+/// How many recent events are kept for diagnostics.
+const KEPT_EVENTS: usize = 16;
 
 /// A QMP exchange failed.
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +67,10 @@ pub enum QmpError {
     /// No answer came in time.
     #[error("QEMU did not answer `{0}` in time")]
     Timeout(String),
+    /// An earlier command was cut short while it was being sent, so QEMU may
+    /// hold half a request; the connection cannot be trusted any more.
+    #[error("the QMP connection is out of step after `{0}` was cut short; reconnect")]
+    Desynchronized(String),
 }
 
 /// QEMU's greeting.
@@ -71,16 +94,23 @@ pub struct Status {
 /// A connected, negotiated QMP session.
 #[derive(Debug)]
 pub struct QmpClient {
-    reader: BufReader<OwnedReadHalf>,
+    reader: LineReader,
     writer: OwnedWriteHalf,
-    next_id: u64,
+    /// The id of the last command sent; answers with a smaller one are late.
+    last_id: u64,
+    /// The command whose request was being written when its future was
+    /// dropped or timed out, if any.
+    cut_short: Option<String>,
     timeout: Duration,
+    events: VecDeque<Value>,
     /// The greeting QEMU sent.
     pub greeting: Greeting,
 }
 
 impl QmpClient {
     /// Connects to the QMP socket at `path` and negotiates capabilities.
+    /// Each command, the greeting included, must be answered within
+    /// `timeout`.
     pub async fn connect(path: &Path, timeout: Duration) -> Result<Self, QmpError> {
         let stream = UnixStream::connect(path).await?;
         Self::handshake(stream, timeout).await
@@ -89,8 +119,8 @@ impl QmpClient {
     /// Negotiates capabilities on an established stream.
     pub async fn handshake(stream: UnixStream, timeout: Duration) -> Result<Self, QmpError> {
         let (read, writer) = stream.into_split();
-        let mut reader = BufReader::new(read);
-        let line = tokio::time::timeout(timeout, read_line(&mut reader))
+        let mut reader = LineReader::new(read);
+        let line = tokio::time::timeout(timeout, reader.next_line())
             .await
             .map_err(|_| QmpError::Timeout("greeting".into()))??;
         #[derive(Deserialize)]
@@ -103,8 +133,10 @@ impl QmpClient {
         let mut client = Self {
             reader,
             writer,
-            next_id: 0,
+            last_id: 0,
+            cut_short: None,
             timeout,
+            events: VecDeque::new(),
             greeting: hello.qmp,
         };
         client.execute("qmp_capabilities", None).await?;
@@ -112,14 +144,19 @@ impl QmpClient {
     }
 
     /// Runs `command` with optional `arguments` and returns its `return`
-    /// value.
+    /// value. Sending the command and receiving its answer together take at
+    /// most the client's timeout; an answer that comes later is discarded
+    /// by whichever command reads it (see the module docs).
     pub async fn execute(
         &mut self,
         command: &str,
         arguments: Option<Value>,
     ) -> Result<Value, QmpError> {
-        self.next_id += 1;
-        let id = self.next_id;
+        if let Some(earlier) = &self.cut_short {
+            return Err(QmpError::Desynchronized(earlier.clone()));
+        }
+        self.last_id += 1;
+        let id = self.last_id;
         let mut request = json!({ "execute": command, "id": id });
         if let Some(args) = arguments {
             request["arguments"] = args;
@@ -127,42 +164,58 @@ impl QmpClient {
         let mut line =
             serde_json::to_vec(&request).map_err(|e| QmpError::Protocol(e.to_string()))?;
         line.push(b'\n');
-        self.writer.write_all(&line).await?;
         let timeout = self.timeout;
-        tokio::time::timeout(timeout, self.answer(command, id))
+        tokio::time::timeout(timeout, self.exchange(command, id, &line))
             .await
             .map_err(|_| QmpError::Timeout(command.to_owned()))?
     }
 
-    async fn answer(&mut self, command: &str, id: u64) -> Result<Value, QmpError> {
+    /// Sends one request and waits for its answer.
+    async fn exchange(
+        &mut self,
+        command: &str,
+        id: u64,
+        request: &[u8],
+    ) -> Result<Value, QmpError> {
+        // Cleared only once the whole request is out: if this future is
+        // dropped mid-write, the mark stays and poisons the connection.
+        self.cut_short = Some(command.to_owned());
+        self.writer.write_all(request).await?;
+        self.cut_short = None;
         loop {
-            let line = read_line(&mut self.reader).await?;
+            let line = self.reader.next_line().await?;
             let msg: Value = serde_json::from_str(&line)
                 .map_err(|e| QmpError::Protocol(format!("{line:?}: {e}")))?;
             if msg.get("event").is_some() {
                 tracing::debug!(event = %msg["event"], "QMP event");
+                if self.events.len() == KEPT_EVENTS {
+                    self.events.pop_front();
+                }
+                self.events.push_back(msg);
                 continue;
             }
-            if msg.get("id").and_then(Value::as_u64) != Some(id) {
-                return Err(QmpError::Protocol(format!(
-                    "answer for another command: {line}"
-                )));
+            match msg.get("id").and_then(Value::as_u64) {
+                Some(got) if got == id => return answer(command, &msg, &line),
+                Some(got) if got < id => {
+                    tracing::debug!(
+                        id = got,
+                        waiting_for = id,
+                        "discarding a late QMP answer to a command that gave up"
+                    );
+                }
+                _ => {
+                    return Err(QmpError::Protocol(format!(
+                        "an answer to no command sent (waiting for id {id}): {line}"
+                    )));
+                }
             }
-            if let Some(ret) = msg.get("return") {
-                return Ok(ret.clone());
-            }
-            if let Some(err) = msg.get("error") {
-                let field = |k: &str| err.get(k).and_then(Value::as_str).unwrap_or("?").to_owned();
-                return Err(QmpError::Command {
-                    command: command.to_owned(),
-                    class: field("class"),
-                    desc: field("desc"),
-                });
-            }
-            return Err(QmpError::Protocol(format!(
-                "neither return nor error: {line}"
-            )));
         }
+    }
+
+    /// The last few asynchronous events QEMU sent (oldest first), e.g. a
+    /// `SHUTDOWN` with its reason.
+    pub fn recent_events(&self) -> impl Iterator<Item = &Value> {
+        self.events.iter()
     }
 
     /// Pauses the vCPUs (`stop`).
@@ -206,32 +259,66 @@ impl QmpClient {
     }
 }
 
-async fn read_line(reader: &mut BufReader<OwnedReadHalf>) -> Result<String, QmpError> {
-    let mut buf = Vec::new();
-    loop {
-        let available = reader.fill_buf().await?;
-        if available.is_empty() {
-            return Err(QmpError::Closed);
-        }
-        match available.iter().position(|&b| b == b'\n') {
-            Some(pos) => {
-                buf.extend_from_slice(&available[..pos]);
-                reader.consume(pos + 1);
-                break;
-            }
-            None => {
-                let n = available.len();
-                buf.extend_from_slice(available);
-                reader.consume(n);
-            }
-        }
-        if buf.len() > MAX_LINE {
-            return Err(QmpError::Protocol(format!(
-                "a line longer than {MAX_LINE} bytes"
-            )));
+/// The `return` of an answer to `command`, or its `error` as a typed error.
+fn answer(command: &str, msg: &Value, line: &str) -> Result<Value, QmpError> {
+    if let Some(ret) = msg.get("return") {
+        return Ok(ret.clone());
+    }
+    if let Some(err) = msg.get("error") {
+        let field = |k: &str| err.get(k).and_then(Value::as_str).unwrap_or("?").to_owned();
+        return Err(QmpError::Command {
+            command: command.to_owned(),
+            class: field("class"),
+            desc: field("desc"),
+        });
+    }
+    Err(QmpError::Protocol(format!(
+        "neither return nor error: {line}"
+    )))
+}
+
+/// Splits the socket's bytes into lines, cancel-safely: what has been read
+/// but not yet returned as a line stays in `buf` across cancelled calls.
+#[derive(Debug)]
+struct LineReader {
+    read: OwnedReadHalf,
+    buf: Vec<u8>,
+    /// How much of `buf` is known to hold no newline.
+    scanned: usize,
+}
+
+impl LineReader {
+    fn new(read: OwnedReadHalf) -> Self {
+        Self {
+            read,
+            buf: Vec::new(),
+            scanned: 0,
         }
     }
-    String::from_utf8(buf).map_err(|e| QmpError::Protocol(e.to_string()))
+
+    /// The next line, without its newline. Cancel-safe.
+    async fn next_line(&mut self) -> Result<String, QmpError> {
+        loop {
+            if let Some(pos) = self.buf[self.scanned..].iter().position(|&b| b == b'\n') {
+                let end = self.scanned + pos;
+                let mut line: Vec<u8> = self.buf.drain(..=end).collect();
+                line.pop();
+                self.scanned = 0;
+                return String::from_utf8(line).map_err(|e| QmpError::Protocol(e.to_string()));
+            }
+            self.scanned = self.buf.len();
+            if self.buf.len() > MAX_LINE {
+                return Err(QmpError::Protocol(format!(
+                    "a line longer than {MAX_LINE} bytes"
+                )));
+            }
+            // `read_buf` is cancel-safe: a cancelled call has read nothing.
+            self.buf.reserve(8192);
+            if self.read.read_buf(&mut self.buf).await? == 0 {
+                return Err(QmpError::Closed);
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -239,6 +326,7 @@ mod tests {
     //! The client against a scripted QMP peer on a socket pair.
 
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    use tokio::sync::oneshot;
 
     use super::*;
 
@@ -358,5 +446,174 @@ mod tests {
             QmpClient::handshake(a, Duration::from_secs(1)).await,
             Err(QmpError::Protocol(_))
         ));
+    }
+
+    /// A scripted peer for tests that need to control the order of lines:
+    /// sends the greeting, answers `qmp_capabilities`, then returns the
+    /// stream for the test to drive line by line.
+    async fn scripted_peer(
+        peer: UnixStream,
+    ) -> (tokio::io::Lines<BufReader<OwnedReadHalf>>, OwnedWriteHalf) {
+        let (r, mut w) = peer.into_split();
+        w.write_all(format!("{GREETING}\n").as_bytes())
+            .await
+            .unwrap();
+        let mut lines = BufReader::new(r).lines();
+        let caps: Value = serde_json::from_str(&lines.next_line().await.unwrap().unwrap()).unwrap();
+        assert_eq!(caps["execute"], "qmp_capabilities");
+        w.write_all(format!("{}\n", ok(&caps, json!({}))).as_bytes())
+            .await
+            .unwrap();
+        (lines, w)
+    }
+
+    async fn next_request(lines: &mut tokio::io::Lines<BufReader<OwnedReadHalf>>) -> Value {
+        serde_json::from_str(&lines.next_line().await.unwrap().unwrap()).unwrap()
+    }
+
+    fn status(req: &Value, status: &str) -> String {
+        ok(
+            req,
+            json!({"running": status == "running", "status": status, "singlestep": false}),
+        )
+    }
+
+    /// The fault: QEMU answered a command after the client had given up on
+    /// it, and the client handed that answer to the next command (or, as
+    /// this client once did, failed the next command with "answer for
+    /// another command"). The peer holds back the first answer until the
+    /// second command arrives, so the first answer is late by construction.
+    #[tokio::test]
+    async fn late_answer_after_timeout_is_discarded_not_handed_to_the_next_command() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let peer = tokio::spawn(async move {
+            let (mut lines, mut w) = scripted_peer(b).await;
+            let first = next_request(&mut lines).await;
+            let second = next_request(&mut lines).await;
+            // The late answer (a different state, so handing it over would
+            // show), an event, then the answer that belongs to `second`.
+            let out = format!(
+                "{}\n{}\n{}\n",
+                status(&first, "paused"),
+                r#"{"event": "RESUME", "timestamp": {"seconds": 1, "microseconds": 2}}"#,
+                status(&second, "running"),
+            );
+            w.write_all(out.as_bytes()).await.unwrap();
+            let third = next_request(&mut lines).await;
+            w.write_all(format!("{}\n", ok(&third, json!({}))).as_bytes())
+                .await
+                .unwrap();
+            (first, second, third)
+        });
+        let mut qmp = QmpClient::handshake(a, Duration::from_millis(200))
+            .await
+            .unwrap();
+        let e = qmp.query_status().await.unwrap_err();
+        assert!(
+            matches!(&e, QmpError::Timeout(c) if c == "query-status"),
+            "{e:?}"
+        );
+        // Answered with its own reply, not the late "paused".
+        let now = qmp.query_status().await.unwrap();
+        assert_eq!(now.status, "running");
+        assert!(now.running);
+        // Nothing left over for the command after.
+        qmp.cont().await.unwrap();
+        assert_eq!(
+            qmp.recent_events()
+                .map(|e| e["event"].as_str().unwrap())
+                .collect::<Vec<_>>(),
+            ["RESUME"]
+        );
+        let (first, second, third) = peer.await.unwrap();
+        let ids: Vec<u64> = [&first, &second, &third]
+            .iter()
+            .map(|r| r["id"].as_u64().unwrap())
+            .collect();
+        assert!(
+            ids[0] < ids[1] && ids[1] < ids[2],
+            "ids {ids:?} must be distinct and rising"
+        );
+    }
+
+    /// The fault: a timeout that fired in the middle of an answer dropped
+    /// the half already read, and the rest of that line then broke the next
+    /// command. The peer sends half the first answer at once and the rest
+    /// only after the second command arrives.
+    #[tokio::test]
+    async fn answer_split_by_a_timeout_keeps_the_stream_in_step() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let _peer = tokio::spawn(async move {
+            let (mut lines, mut w) = scripted_peer(b).await;
+            let first = next_request(&mut lines).await;
+            let late = format!("{}\n", status(&first, "paused"));
+            let (head, tail) = late.split_at(late.len() / 2);
+            w.write_all(head.as_bytes()).await.unwrap();
+            let second = next_request(&mut lines).await;
+            w.write_all(format!("{tail}{}\n", status(&second, "running")).as_bytes())
+                .await
+                .unwrap();
+            // Keep the connection open until the client is done.
+            let _ = lines.next_line().await;
+        });
+        let mut qmp = QmpClient::handshake(a, Duration::from_millis(200))
+            .await
+            .unwrap();
+        assert!(matches!(
+            qmp.query_status().await,
+            Err(QmpError::Timeout(_))
+        ));
+        assert_eq!(qmp.query_status().await.unwrap().status, "running");
+    }
+
+    /// A request cut short while being written leaves half a command in
+    /// QEMU's parser; the client must refuse to go on rather than send the
+    /// next command after it. The peer never reads, so a request larger
+    /// than the socket buffer cannot be written in time.
+    #[tokio::test]
+    async fn request_cut_short_while_sending_refuses_further_commands() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let (done_tx, done_rx) = oneshot::channel::<()>();
+        let _peer = tokio::spawn(async move {
+            let (_lines, _w) = scripted_peer(b).await;
+            // Hold the socket open, unread, until the test ends.
+            let _ = done_rx.await;
+        });
+        let mut qmp = QmpClient::handshake(a, Duration::from_millis(200))
+            .await
+            .unwrap();
+        let big = "x".repeat(16 << 20);
+        let e = qmp
+            .execute("human-monitor-command", Some(json!({"command-line": big})))
+            .await
+            .unwrap_err();
+        assert!(matches!(&e, QmpError::Timeout(_)), "{e:?}");
+        let e = qmp.query_status().await.unwrap_err();
+        assert!(
+            matches!(&e, QmpError::Desynchronized(c) if c == "human-monitor-command"),
+            "{e:?}"
+        );
+        drop(done_tx);
+    }
+
+    #[tokio::test]
+    async fn an_answer_to_no_command_sent_is_a_protocol_error() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let _peer = fake_qemu(b, |req| {
+            if req["execute"] == "qmp_capabilities" {
+                vec![ok(&req, json!({}))]
+            } else {
+                let ahead = req["id"].as_u64().unwrap() + 5;
+                vec![json!({"return": {}, "id": ahead}).to_string()]
+            }
+        });
+        let mut qmp = QmpClient::handshake(a, Duration::from_secs(5))
+            .await
+            .unwrap();
+        let e = qmp.stop().await.unwrap_err();
+        assert!(
+            matches!(&e, QmpError::Protocol(m) if m.contains("no command sent")),
+            "{e:?}"
+        );
     }
 }

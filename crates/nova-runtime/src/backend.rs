@@ -378,10 +378,11 @@ impl<'a> Launch<'a> {
         }
     }
 
-    /// If the VMM exits within a moment, how it did.
+    /// If the VMM exits within a moment (2 s: a loaded host is slow to tear
+    /// a process down), how it did.
     async fn exited_soon(&mut self) -> Option<VmmExit> {
         let vmm = self.vmm.as_mut()?;
-        tokio::time::timeout(Duration::from_millis(500), vmm.wait())
+        tokio::time::timeout(Duration::from_secs(2), vmm.wait())
             .await
             .ok()
     }

@@ -20,7 +20,7 @@
 //!
 //! Creating a sandbox ([`Provider`]): check the config, lay out the sandbox
 //! directory ([`dir`]: 0700, `flock`ed by its owner, `state.json` written
-//! atomically), prepare the scratch disk ([`scratch`]), then
+//! atomically), prepare the scratch disk ([`scratch`]: a clone of a cached empty image), then
 //! [`Backend::start`] spawns the VMM through a [`backend::Launch`] (which
 //! records its PID at once and bounds every wait by the boot deadline and
 //! the VMM's exit), the runtime opens the agent channel ([`retry`]) and

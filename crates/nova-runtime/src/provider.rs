@@ -27,6 +27,7 @@ use crate::backend::{Backend, BootSource, ConnectError, Launch, Vm, VmStart};
 use crate::dir::{SandboxDir, SandboxRecord};
 use crate::registry::{Entry, SandboxRegistry};
 use crate::retry::{RetryError, retry_until};
+use crate::scratch::ScratchCache;
 use crate::task::{SandboxTask, Timeouts};
 
 /// How many actions may wait for one sandbox's task.
@@ -53,6 +54,7 @@ struct Inner<B: Backend> {
     backend: B,
     templates: TemplateManager,
     timeouts: Timeouts,
+    scratch: ScratchCache,
     sandboxes: Arc<SandboxRegistry<B::Vm>>,
 }
 
@@ -69,11 +71,23 @@ impl<B: Backend> Provider<B> {
         let backend = B::from_options(options);
         crate::leftovers::clean_leftovers(&backend.home().sandboxes_dir());
         let templates = TemplateManager::new(backend.home().templates_dir());
+        let scratch = ScratchCache::in_home(backend.home());
+        // Make the empty scratch image now, off the first create's path,
+        // when there is a runtime to do it on.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let (cache, size) = (scratch.clone(), backend.scratch_size_mb());
+            runtime.spawn(async move {
+                if let Err(e) = cache.base(size).await {
+                    tracing::warn!(error = %e, "cannot make the empty scratch image yet");
+                }
+            });
+        }
         Self {
             inner: Arc::new(Inner {
                 backend,
                 templates,
                 timeouts,
+                scratch,
                 sandboxes: Arc::new(SandboxRegistry::default()),
             }),
         }
@@ -184,16 +198,15 @@ impl<B: Backend> Provider<B> {
         let scratch = match &source {
             BootSource::Cold { .. } if config.read_only_rootfs => None,
             BootSource::Cold { .. } => {
-                crate::scratch::create_scratch_disk(
-                    &paths.scratch_disk(),
-                    backend.scratch_size_mb(),
-                )
-                .await?;
+                self.inner
+                    .scratch
+                    .create_disk(&paths.scratch_disk(), backend.scratch_size_mb())
+                    .await?;
                 Some(paths.scratch_disk())
             }
             BootSource::Restore(snapshot) if snapshot.manifest.scratch => {
                 let from = snapshot.dir.join(crate::snapshot::SCRATCH_FILE);
-                crate::scratch::clone_disk(&from, &paths.scratch_disk())
+                crate::scratch::clone_disk_image(&from, &paths.scratch_disk())
                     .await
                     .map_err(|source| CreateSandboxError::Prepare {
                         path: paths.scratch_disk(),

@@ -334,7 +334,7 @@ impl<V: Vm> SandboxTask<V> {
         if has_scratch {
             let copy = dir.join(crate::snapshot::SCRATCH_FILE);
             let _ = tokio::fs::remove_file(&copy).await;
-            crate::scratch::clone_disk(&scratch, &copy)
+            crate::scratch::clone_disk_image(&scratch, &copy)
                 .await
                 .map_err(io(&copy))?;
         }

@@ -44,6 +44,7 @@ pub mod providers {
         FirecrackerHypervisor, FirecrackerOptions, FirecrackerSandboxes, FirecrackerUnavailable,
     };
     pub use nova_qemu::baseline::raw_boot;
+    pub use nova_qemu::confinement as qemu_confinement;
     pub use nova_qemu::{QemuHypervisor, QemuOptions};
 }
 
