@@ -105,6 +105,15 @@ fn render(out: &mut String, report: &HostReport, home: Option<&NovaHome>) {
                 b.path.display(),
                 b.version.as_deref().unwrap_or("version unknown")
             );
+            let _ = match novasandbox::providers::JailerConfig::for_host(&b.path) {
+                Ok(jail) => writeln!(
+                    out,
+                    "[ ok ] firecracker jail: runs through {} as uid {}",
+                    jail.jailer_bin.display(),
+                    jail.uid
+                ),
+                Err(reason) => writeln!(out, "[warn] firecracker jail: not used: {reason}"),
+            };
         }
         Err(nf) => {
             let _ = writeln!(

@@ -75,14 +75,22 @@ impl From<BinaryError> for FirecrackerUnavailable {
 }
 
 impl FirecrackerOptions {
-    /// Options with the defaults for `binary`: no jail, 4 GiB sparse scratch
-    /// disks, no serial console, warnings logged, entropy device on, agent
-    /// waited for, hardware KVM required.
+    /// Options with the defaults for `binary`: jailed when nova runs as root
+    /// and a jailer is found ([`JailerConfig::for_host`]), 4 GiB sparse
+    /// scratch disks, no serial console, warnings logged, entropy device
+    /// on, agent waited for, hardware KVM required.
     pub fn new(home: NovaHome, firecracker: FirecrackerBinary) -> Self {
+        let jailer = match JailerConfig::for_host(firecracker.path()) {
+            Ok(jail) => Some(jail),
+            Err(reason) => {
+                tracing::debug!(%reason, "Firecracker runs without its jailer");
+                None
+            }
+        };
         Self {
             home,
             firecracker,
-            jailer: None,
+            jailer,
             scratch_size_mb: DEFAULT_SCRATCH_MB,
             serial_console: false,
             log_level: LogLevel::Warning,

@@ -56,7 +56,42 @@ pub struct JailerConfig {
     pub limit_cpu: bool,
 }
 
+/// The environment variable naming the `jailer` binary.
+pub const JAILER_BIN_ENV: &str = "NOVA_JAILER_BIN";
+/// The uid and gid jailed Firecrackers run as by default (`nobody`).
+pub const DEFAULT_JAIL_ID: u32 = 65534;
+
 impl JailerConfig {
+    /// The jail used by default, secure by default: when nova runs as root
+    /// and a `jailer` is found (`NOVA_JAILER_BIN`, next to `firecracker`, or
+    /// on `PATH`), every Firecracker runs jailed as uid/gid 65534. Otherwise
+    /// the reason it cannot be, for `nova doctor` and the logs.
+    pub fn for_host(firecracker: &Path) -> Result<Self, String> {
+        if !rustix::process::geteuid().is_root() {
+            return Err(
+                "nova does not run as root, and the jailer needs root to chroot, \
+                        set cgroup limits and drop privileges; Firecracker runs unjailed as \
+                        this user"
+                    .into(),
+            );
+        }
+        let beside = firecracker.with_file_name("jailer");
+        let found = match std::env::var_os(JAILER_BIN_ENV).filter(|v| !v.is_empty()) {
+            Some(path) => Some(PathBuf::from(path)),
+            None if beside.is_file() => Some(beside),
+            None => nova_runtime::host::find_binary(JAILER_BIN_ENV, "jailer")
+                .ok()
+                .map(|b| b.path),
+        };
+        match found {
+            Some(jailer) => Ok(Self::new(jailer, DEFAULT_JAIL_ID, DEFAULT_JAIL_ID)),
+            None => Err(format!(
+                "no `jailer` binary found (set {JAILER_BIN_ENV}, or install it next to \
+                 firecracker); Firecracker runs unjailed as root"
+            )),
+        }
+    }
+
     /// A config with the jailer's defaults: `/srv/jailer`, cgroup v2, a new
     /// PID namespace, 128 MiB of memory overhead, CPU limited to the vCPUs.
     pub fn new(jailer_bin: impl Into<PathBuf>, uid: u32, gid: u32) -> Self {

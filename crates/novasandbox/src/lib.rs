@@ -40,6 +40,7 @@ pub mod runtime {
 
 /// The backends.
 pub mod providers {
+    pub use nova_firecracker::jailer::JailerConfig;
     pub use nova_firecracker::{
         FirecrackerHypervisor, FirecrackerOptions, FirecrackerSandboxes, FirecrackerUnavailable,
     };

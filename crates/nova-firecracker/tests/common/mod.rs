@@ -131,6 +131,9 @@ pub fn vmm_only(home: &Path, binary: FirecrackerBinary) -> FirecrackerHypervisor
     options.wait_for_agent = false;
     options.allow_non_hardware_kvm = true;
     options.scratch_size_mb = 64;
+    // Unjailed even as root with a jailer around: these tests are about the
+    // VMM's lifecycle, and a jail needs a cgroup set-up of its own.
+    options.jailer = None;
     FirecrackerHypervisor::new(options)
 }
 
