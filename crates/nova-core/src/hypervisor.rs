@@ -15,10 +15,12 @@ use std::path::Path;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
+use tokio::io::AsyncRead;
 
 use crate::config::SandboxConfig;
 use crate::error::{CreateSandboxError, ExecError, FileError, SandboxError};
 use crate::exec::{ExecOutput, ExecRequest, ExecStream};
+use crate::fs::{DirListing, FileDownload, FileStat};
 use crate::id::SandboxId;
 use crate::metadata::SandboxInfo;
 use crate::sandbox::Sandbox;
@@ -127,6 +129,52 @@ pub trait Hypervisor: Send + Sync + fmt::Debug {
     /// Reads the whole guest file at the absolute path `path`.
     async fn read_file(&self, id: &SandboxId, path: &str) -> Result<Vec<u8>, FileError>;
 
+    /// Lists the guest directory `path` (absolute).
+    async fn list_dir(&self, id: &SandboxId, path: &str) -> Result<DirListing, FileError> {
+        let _ = id;
+        Err(unsupported_file_op(path))
+    }
+
+    /// Metadata of the guest path `path` (absolute, links followed).
+    async fn stat(&self, id: &SandboxId, path: &str) -> Result<FileStat, FileError> {
+        let _ = id;
+        Err(unsupported_file_op(path))
+    }
+
+    /// Removes a guest file, symbolic link or empty directory; with
+    /// `recursive`, a directory and everything in it.
+    async fn remove(&self, id: &SandboxId, path: &str, recursive: bool) -> Result<(), FileError> {
+        let _ = (id, recursive);
+        Err(unsupported_file_op(path))
+    }
+
+    /// Creates the guest directory `path` and its missing parents
+    /// (`mkdir -p`), with permission bits `mode`.
+    async fn mkdir(&self, id: &SandboxId, path: &str, mode: u32) -> Result<(), FileError> {
+        let _ = (id, mode);
+        Err(unsupported_file_op(path))
+    }
+
+    /// Streams everything `data` yields into the guest file `path` (created
+    /// or replaced, permission bits `mode`), without holding it in memory;
+    /// returns the bytes written.
+    async fn upload(
+        &self,
+        id: &SandboxId,
+        path: &str,
+        mode: u32,
+        data: Box<dyn AsyncRead + Send + Unpin>,
+    ) -> Result<u64, FileError> {
+        let _ = (id, mode, data);
+        Err(unsupported_file_op(path))
+    }
+
+    /// Opens the guest file `path` for streaming to the host.
+    async fn download(&self, id: &SandboxId, path: &str) -> Result<FileDownload, FileError> {
+        let _ = id;
+        Err(unsupported_file_op(path))
+    }
+
     /// Writes a full snapshot of the paused sandbox `id` into `dir` (created
     /// if needed); the sandbox stays paused. Backends that cannot answer
     /// [`SnapshotError::Unsupported`].
@@ -162,4 +210,12 @@ pub trait Hypervisor: Send + Sync + fmt::Debug {
 
     /// The sandbox with this id, if this provider has it.
     async fn get(&self, id: &SandboxId) -> Option<SandboxInfo>;
+}
+
+/// The error of a file operation a provider does not implement.
+fn unsupported_file_op(path: &str) -> FileError {
+    FileError::Agent {
+        path: path.to_owned(),
+        source: "this provider does not implement this file operation".into(),
+    }
 }

@@ -8,7 +8,8 @@
 //!   transitions are enforced in one place;
 //! - [`id`]: [`SandboxId`], short, unique, URL- and path-safe identifiers;
 //! - [`metadata`]: [`SandboxInfo`] and the boot-time breakdown;
-//! - [`exec`] and [`stats`]: what commands and monitoring return;
+//! - [`exec`], [`fs`] and [`stats`]: what commands, file operations and
+//!   monitoring return;
 //! - [`hypervisor`]: the object-safe [`Hypervisor`] trait every backend
 //!   (Firecracker, QEMU, Apple VZ) implements, and the [`Sandbox`] handle that
 //!   delegates to it;
@@ -41,6 +42,7 @@
 pub mod config;
 pub mod error;
 pub mod exec;
+pub mod fs;
 pub mod home;
 pub mod hypervisor;
 pub mod id;

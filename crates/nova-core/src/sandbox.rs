@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use crate::error::{ExecError, FileError, SandboxError};
 use crate::exec::{ExecOutput, ExecRequest, ExecStream};
+use crate::fs::{DirListing, FileDownload, FileStat};
 use crate::hypervisor::Hypervisor;
 use crate::id::SandboxId;
 use crate::metadata::SandboxInfo;
@@ -90,6 +91,44 @@ impl Sandbox {
     /// Reads a file from the guest.
     pub async fn read_file(&self, path: &str) -> Result<Vec<u8>, FileError> {
         self.hypervisor.read_file(self.id(), path).await
+    }
+
+    /// Lists a guest directory.
+    pub async fn list_dir(&self, path: &str) -> Result<DirListing, FileError> {
+        self.hypervisor.list_dir(self.id(), path).await
+    }
+
+    /// Metadata of a guest path (links followed).
+    pub async fn stat(&self, path: &str) -> Result<FileStat, FileError> {
+        self.hypervisor.stat(self.id(), path).await
+    }
+
+    /// Removes a guest file or empty directory (a whole tree with
+    /// `recursive`).
+    pub async fn remove(&self, path: &str, recursive: bool) -> Result<(), FileError> {
+        self.hypervisor.remove(self.id(), path, recursive).await
+    }
+
+    /// Creates a guest directory and its missing parents.
+    pub async fn mkdir(&self, path: &str, mode: u32) -> Result<(), FileError> {
+        self.hypervisor.mkdir(self.id(), path, mode).await
+    }
+
+    /// Streams `data` into a guest file; returns the bytes written.
+    pub async fn upload(
+        &self,
+        path: &str,
+        mode: u32,
+        data: impl tokio::io::AsyncRead + Send + Unpin + 'static,
+    ) -> Result<u64, FileError> {
+        self.hypervisor
+            .upload(self.id(), path, mode, Box::new(data))
+            .await
+    }
+
+    /// Opens a guest file for streaming to the host.
+    pub async fn download(&self, path: &str) -> Result<FileDownload, FileError> {
+        self.hypervisor.download(self.id(), path).await
     }
 
     /// Resource usage.

@@ -10,6 +10,7 @@ use std::time::Duration;
 use common::{config, process_exists, setup, wait_until};
 use nova_core::error::{CreateSandboxError, ExecError};
 use nova_core::exec::{ExecRequest, ExitStatus};
+use nova_core::fs::FileKind;
 use nova_core::hypervisor::Hypervisor;
 use nova_core::state::SandboxState;
 
@@ -381,4 +382,57 @@ fn file_digest(path: &std::path::Path) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     std::fs::read(path).unwrap().hash(&mut h);
     h.finish()
+}
+
+/// Listing, metadata, directories, removal and streaming transfers through
+/// the trait, on a real guest; a missing path and the root are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_operations_list_stat_mkdir_remove_and_stream() {
+    let Some(t) = setup(
+        "file_operations_list_stat_mkdir_remove_and_stream",
+        &["minimal"],
+    ) else {
+        return;
+    };
+    let sandbox = t
+        .hypervisor
+        .create_sandbox(config("minimal"))
+        .await
+        .unwrap();
+    sandbox.mkdir("/work/a/b", 0o750).await.unwrap();
+    let stat = sandbox.stat("/work/a/b").await.unwrap();
+    assert_eq!((stat.kind, stat.mode), (FileKind::Dir, 0o750));
+
+    // 3 MiB (more than one chunk and one flow-control window) streamed in
+    // from a reader and back out.
+    let data: Vec<u8> = (0..3 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
+    let written = sandbox
+        .upload("/work/a/b/blob", 0o600, std::io::Cursor::new(data.clone()))
+        .await
+        .unwrap();
+    assert_eq!(written, data.len() as u64);
+    let listing = sandbox.list_dir("/work/a/b").await.unwrap();
+    assert_eq!(listing.entries.len(), 1);
+    assert_eq!(listing.entries[0].name, "blob");
+    assert_eq!(listing.entries[0].size, data.len() as u64);
+    let mut download = sandbox.download("/work/a/b/blob").await.unwrap();
+    assert_eq!(download.size(), data.len() as u64);
+    let mut back = Vec::new();
+    let mut chunks = 0;
+    while let Some(chunk) = download.next().await.unwrap() {
+        back.extend_from_slice(&chunk);
+        chunks += 1;
+    }
+    assert!(back == data, "the download matches the upload");
+    assert!(chunks > 1, "it arrived in chunks");
+
+    assert!(sandbox.remove("/work/a", false).await.is_err(), "not empty");
+    sandbox.remove("/work/a", true).await.unwrap();
+    assert!(sandbox.stat("/work/a").await.is_err());
+    assert!(
+        sandbox.remove("/", true).await.is_err(),
+        "the root is refused"
+    );
+    assert!(sandbox.list_dir("relative").await.is_err());
+    sandbox.stop(true).await.unwrap();
 }

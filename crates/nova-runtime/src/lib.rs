@@ -44,6 +44,7 @@ pub mod action;
 pub mod backend;
 pub mod console;
 pub mod dir;
+mod files;
 pub mod host;
 pub mod leftovers;
 mod provider;
@@ -231,7 +232,7 @@ impl Guest {
     }
 }
 
-fn file_error(path: &str, e: ClientError) -> FileError {
+pub(crate) fn file_error(path: &str, e: ClientError) -> FileError {
     FileError::Agent {
         path: path.to_owned(),
         source: Box::new(e),

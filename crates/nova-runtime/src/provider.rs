@@ -9,6 +9,7 @@ use async_trait::async_trait;
 use nova_core::config::SandboxConfig;
 use nova_core::error::{CreateSandboxError, ExecError, FileError, SandboxError};
 use nova_core::exec::{ExecRequest, ExecStream};
+use nova_core::fs::{DirListing, FileDownload, FileStat};
 use nova_core::hypervisor::{Hypervisor, HypervisorKind};
 use nova_core::id::SandboxId;
 use nova_core::metadata::{BootTimings, SandboxInfo, now_ms};
@@ -518,6 +519,56 @@ impl<B: Backend> Hypervisor for Provider<B> {
 
     async fn read_file(&self, id: &SandboxId, path: &str) -> Result<Vec<u8>, FileError> {
         self.inner.sandboxes.read_file(id, path).await
+    }
+
+    async fn list_dir(&self, id: &SandboxId, path: &str) -> Result<DirListing, FileError> {
+        self.inner
+            .sandboxes
+            .file_guest(id, path)?
+            .list_dir(path)
+            .await
+    }
+
+    async fn stat(&self, id: &SandboxId, path: &str) -> Result<FileStat, FileError> {
+        self.inner.sandboxes.file_guest(id, path)?.stat(path).await
+    }
+
+    async fn remove(&self, id: &SandboxId, path: &str, recursive: bool) -> Result<(), FileError> {
+        self.inner
+            .sandboxes
+            .file_guest(id, path)?
+            .remove(path, recursive)
+            .await
+    }
+
+    async fn mkdir(&self, id: &SandboxId, path: &str, mode: u32) -> Result<(), FileError> {
+        self.inner
+            .sandboxes
+            .file_guest(id, path)?
+            .mkdir(path, mode)
+            .await
+    }
+
+    async fn upload(
+        &self,
+        id: &SandboxId,
+        path: &str,
+        mode: u32,
+        data: Box<dyn tokio::io::AsyncRead + Send + Unpin>,
+    ) -> Result<u64, FileError> {
+        self.inner
+            .sandboxes
+            .file_guest(id, path)?
+            .upload(path, mode, data)
+            .await
+    }
+
+    async fn download(&self, id: &SandboxId, path: &str) -> Result<FileDownload, FileError> {
+        self.inner
+            .sandboxes
+            .file_guest(id, path)?
+            .download(path)
+            .await
     }
 
     async fn list(&self) -> Vec<SandboxInfo> {

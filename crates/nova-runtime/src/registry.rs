@@ -203,7 +203,9 @@ impl<V> SandboxRegistry<V> {
         self.file_guest(id, path)?.read_file(path).await
     }
 
-    fn file_guest(&self, id: &SandboxId, path: &str) -> Result<Guest, FileError> {
+    /// The agent of the running sandbox `id`, for a file operation on
+    /// `path`; the error says why there is none.
+    pub fn file_guest(&self, id: &SandboxId, path: &str) -> Result<Guest, FileError> {
         self.guest(id).map_err(|e| match e {
             Unavailable::NotFound => FileError::NotFound(id.clone()),
             Unavailable::NotRunning(state) => FileError::NotRunning(state),
