@@ -34,6 +34,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::Agent;
 use crate::fdio::{AsyncFdIo, ReadOutcome};
 use crate::session::{Disconnected, Outbox};
+use crate::spawn_error::{self, SpawnAttempt};
 
 /// Pipe buffer size asked for stdout/stderr (fewer wake-ups for bulk output).
 const PIPE_SIZE: usize = 1024 * 1024;
@@ -127,11 +128,12 @@ fn spawn(spec: &ExecSpec, agent: &Agent) -> Result<Spawned, RemoteError> {
         cmd.current_dir(cwd);
     }
     let spawn_err = |e: io::Error| {
-        let mut err = RemoteError::from_io(format!("cannot run `{program}`"), &e);
-        if err.kind == RemoteErrorKind::Io {
-            err.kind = RemoteErrorKind::Spawn;
-        }
-        err
+        let attempt = SpawnAttempt {
+            program: &program,
+            path_env: effective_path(spec, agent),
+            cwd: spec.cwd.as_deref(),
+        };
+        spawn_error::explain(&attempt, &e)
     };
 
     match spec.pty {
@@ -150,7 +152,7 @@ fn spawn(spec: &ExecSpec, agent: &Agent) -> Result<Spawned, RemoteError> {
             let register =
                 |fd: Option<OwnedFd>, what: &str| -> Result<Arc<AsyncFdIo>, RemoteError> {
                     let fd = fd.ok_or_else(|| {
-                        RemoteError::new(RemoteErrorKind::Spawn, format!("no {what} pipe"))
+                        RemoteError::new(RemoteErrorKind::Io, format!("no {what} pipe"))
                     })?;
                     if what != "stdin" {
                         // Best effort: a bigger pipe means fewer wake-ups.
