@@ -640,6 +640,9 @@ impl BootedVm {
             .await
             .map_err(|e| sandbox_vmm_error("resume the guest (PATCH /vm)", e))?;
         self.info.state.transition_to(SandboxState::Running)?;
+        if let Some(guest) = &self.guest {
+            let _ = guest.sync_clock().await; // The clock stopped while paused; failure is logged.
+        }
         Ok(())
     }
 

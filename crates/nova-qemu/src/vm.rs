@@ -390,6 +390,7 @@ impl BootedVm {
             .await
             .map_err(|e| vmm_error("resume the guest (QMP cont)", e))?;
         self.info.state.transition_to(SandboxState::Running)?;
+        let _ = self.guest.sync_clock().await; // The clock stopped while paused; failure is logged.
         Ok(())
     }
 
