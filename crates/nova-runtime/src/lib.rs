@@ -81,6 +81,9 @@ impl Guest {
         let stdout = handle.take_stdout();
         let stderr = handle.take_stderr();
         let mut caller_stdin = None;
+        // Dropped when the command ended: the stdin task then stops waiting
+        // for the caller, so the caller's next write fails.
+        let (ended_tx, mut ended) = tokio::sync::oneshot::channel::<()>();
         if let Some(mut writer) = handle.take_stdin() {
             let more = stream_stdin.then(|| {
                 let (tx, rx) = mpsc::channel(STDIN_BUFFER);
@@ -98,7 +101,12 @@ impl Guest {
                     return;
                 }
                 if let Some(mut more) = more {
-                    while let Some(chunk) = more.recv().await {
+                    loop {
+                        let chunk = tokio::select! {
+                            chunk = more.recv() => chunk,
+                            _ = &mut ended => return,
+                        };
+                        let Some(chunk) = chunk else { break };
                         if let Err(e) = writer.write(chunk).await {
                             tracing::debug!(error = %e, "stdin not fully delivered");
                             return;
@@ -129,6 +137,7 @@ impl Guest {
                 // consumer reports as the agent going away.
                 Err(e) => tracing::warn!(error = %e, "lost a command's exit status"),
             }
+            drop(ended_tx);
         });
         Ok(match caller_stdin {
             Some(stdin) => ExecStream::with_stdin(rx, stdin),
