@@ -19,7 +19,7 @@ use std::time::Duration;
 use anyhow::Context;
 use novasandbox::core::error::ExecError;
 use novasandbox::core::exec::ExecStdin;
-use novasandbox::core::{ExecEvent, ExecRequest, Sandbox, SandboxConfig};
+use novasandbox::core::{ExecEvent, ExecRequest, ExitStatus, Sandbox, SandboxConfig};
 
 /// Bytes read from our stdin per chunk with `-i`.
 const STDIN_CHUNK: usize = 64 * 1024;
@@ -160,8 +160,13 @@ async fn stream(sandbox: &Sandbox, request: ExecRequest, console: &Console) -> a
             ExecEvent::Stdout(bytes) => console.stdout(&bytes)?,
             ExecEvent::Stderr(bytes) => console.stderr(&bytes)?,
             ExecEvent::Exited(status) => {
-                if !status.success() {
-                    console.line(&format!("nova: command ended with {status}"));
+                match status {
+                    ExitStatus::Code(0) => {}
+                    ExitStatus::TimedOut => console.line(&format!(
+                        "nova: command timed out; its process group was killed (exit code {})",
+                        status.shell_code()
+                    )),
+                    _ => console.line(&format!("nova: command ended with {status}")),
                 }
                 return Ok(status.shell_code());
             }
