@@ -43,7 +43,10 @@ pub(crate) fn set_from_host(host_unix_ns: u64, step: bool) -> Result<Response, R
         };
         clock_settime(ClockId::Realtime, target)
             .map_err(|e| RemoteError::from_io("set the guest clock", &e.into()))?;
-        tracing::info!(offset_ms = offset_ns / 1_000_000, "wall clock stepped to the host's time");
+        tracing::info!(
+            offset_ms = offset_ns / 1_000_000,
+            "wall clock stepped to the host's time"
+        );
     }
     Ok(Response::ClockSet { offset_ns, stepped })
 }
@@ -75,8 +78,7 @@ mod tests {
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap();
         let ahead = u64::try_from(now.as_nanos()).unwrap() + 3_600 * 1_000_000_000;
-        let Response::ClockSet { offset_ns, stepped } = set_from_host(ahead, false).unwrap()
-        else {
+        let Response::ClockSet { offset_ns, stepped } = set_from_host(ahead, false).unwrap() else {
             panic!("not a ClockSet");
         };
         assert!(!stepped);

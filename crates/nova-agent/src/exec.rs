@@ -4,6 +4,11 @@
 //! session), so a timeout, a kill, or the host going away ends the whole group
 //! with one `kill(-pgid, SIGKILL)`, grandchildren included.
 //!
+//! A command that cannot start (missing program, no execute permission, a
+//! bad `#!` interpreter, an exec format error, a missing working directory)
+//! ends the request with a [`nova_protocol::RemoteErrorKind::Spawn`] error
+//! whose kind and message come from [`crate::spawn_error`].
+//!
 //! One task per command runs a `select!` loop over: the request's inbox
 //! (stdin chunks, EOF, credit, signals, resizes), stdout and stderr (read only
 //! while the host has granted credit, so a command that outpaces its reader

@@ -47,7 +47,10 @@ pub(crate) fn apply(requested: Option<&str>) -> io::Result<IdentityReport> {
     let hostname = match requested {
         Some(name) if valid_hostname(name) => name.to_owned(),
         Some(name) => {
-            tracing::warn!(name, "invalid hostname on the kernel command line; using the default");
+            tracing::warn!(
+                name,
+                "invalid hostname on the kernel command line; using the default"
+            );
             DEFAULT_HOSTNAME.to_owned()
         }
         None => DEFAULT_HOSTNAME.to_owned(),
@@ -159,7 +162,15 @@ fn new_machine_id(hostname: &str) -> String {
     let mut id = String::with_capacity(32);
     for half in 0u8..2 {
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        (half, hostname, random, boottime, realtime.tv_sec, realtime.tv_nsec).hash(&mut hasher);
+        (
+            half,
+            hostname,
+            random,
+            boottime,
+            realtime.tv_sec,
+            realtime.tv_nsec,
+        )
+            .hash(&mut hasher);
         id.push_str(&format!("{:016x}", hasher.finish()));
     }
     id
@@ -174,12 +185,10 @@ fn is_read_only(path: &Path) -> bool {
 /// symlink at `path` is replaced rather than written through and readers
 /// never see half a file.
 fn write_replacing(path: &Path, content: &[u8]) -> io::Result<()> {
-    let name = path
-        .file_name()
-        .and_then(|n| n.to_str())
-        .unwrap_or("file");
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
     let tmp = path.with_file_name(format!(".{name}.nova-tmp"));
-    let with_path = |e: io::Error| io::Error::new(e.kind(), format!("write {}: {e}", path.display()));
+    let with_path =
+        |e: io::Error| io::Error::new(e.kind(), format!("write {}: {e}", path.display()));
     std::fs::write(&tmp, content).map_err(with_path)?;
     std::fs::rename(&tmp, path).map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
@@ -194,18 +203,23 @@ mod tests {
 
     #[test]
     fn hosts_maps_the_hostname_to_loopback_and_keeps_the_images_entries() {
-        let image = "127.0.0.1\tlocalhost\n127.0.1.1\tnova\n::1\t\tlocalhost ip6-localhost ip6-loopback\n";
+        let image =
+            "127.0.0.1\tlocalhost\n127.0.1.1\tnova\n::1\t\tlocalhost ip6-localhost ip6-loopback\n";
         let hosts = render_hosts(image, "sb-1");
         assert_eq!(
             hosts,
             "# Written by nova-agent at boot for this sandbox.\n127.0.0.1\tlocalhost\n\
              127.0.1.1\tsb-1\n::1\t\tlocalhost ip6-localhost ip6-loopback\n"
         );
-        let image = "# comment\n127.0.0.1 localhost db # alias\n10.0.0.5 registry\nff02::1 ip6-allnodes\n";
+        let image =
+            "# comment\n127.0.0.1 localhost db # alias\n10.0.0.5 registry\nff02::1 ip6-allnodes\n";
         let hosts = render_hosts(image, "sb-2");
         assert!(hosts.contains("127.0.0.1\tlocalhost db\n"), "{hosts}");
         assert!(hosts.contains("127.0.1.1\tsb-2\n"), "{hosts}");
-        assert!(hosts.contains("\n10.0.0.5 registry\nff02::1 ip6-allnodes\n"), "{hosts}");
+        assert!(
+            hosts.contains("\n10.0.0.5 registry\nff02::1 ip6-allnodes\n"),
+            "{hosts}"
+        );
         assert_eq!(hosts.matches("sb-2").count(), 1, "{hosts}");
         let hosts = render_hosts("", "x");
         assert!(hosts.contains("127.0.1.1\tx\n") && hosts.contains("127.0.0.1\tlocalhost\n"));
@@ -216,7 +230,11 @@ mod tests {
         let a = new_machine_id("sb-1");
         let b = new_machine_id("sb-1");
         assert_eq!(a.len(), 32);
-        assert!(a.bytes().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()), "{a}");
+        assert!(
+            a.bytes()
+                .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()),
+            "{a}"
+        );
         assert_ne!(a, b);
         assert_ne!(new_machine_id("sb-2"), a);
     }

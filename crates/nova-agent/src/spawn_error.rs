@@ -229,7 +229,9 @@ fn check_contents(
     (errno == Some(libc::ENOEXEC)).then(|| {
         (
             SpawnErrorKind::ExecFormat,
-            format!("{shown}: exec format error (neither an ELF binary nor a script with a #! line)"),
+            format!(
+                "{shown}: exec format error (neither an ELF binary nor a script with a #! line)"
+            ),
         )
     })
 }
@@ -353,7 +355,11 @@ fn elf_info(file: &File, head: &[u8]) -> Option<ElfInfo> {
     let (phoff, phentsize, phnum) = if wide {
         (u64_at(head, 32)?, u16_at(head, 54)?, u16_at(head, 56)?)
     } else {
-        (u64::from(u32_at(head, 28)?), u16_at(head, 42)?, u16_at(head, 44)?)
+        (
+            u64::from(u32_at(head, 28)?),
+            u16_at(head, 42)?,
+            u16_at(head, 44)?,
+        )
     };
     let table_len = u64::from(phentsize) * u64::from(phnum);
     if table_len > ELF_READ_MAX || phentsize < if wide { 56 } else { 32 } {
@@ -472,7 +478,9 @@ mod tests {
         for bytes in [
             &b"\x7fELF"[..],
             &b"\x7fELF\x02\x01\x01"[..],
-            &[0x7f, b'E', b'L', b'F', 2, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2, 0, 62, 0][..],
+            &[
+                0x7f, b'E', b'L', b'F', 2, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2, 0, 62, 0,
+            ][..],
             &[0xff; 64][..],
         ] {
             std::fs::write(&path, bytes).unwrap();
@@ -499,7 +507,11 @@ mod tests {
             err.kind,
             RemoteErrorKind::Spawn(SpawnErrorKind::CwdNotFound)
         );
-        assert!(err.message.contains("/nonexistent-nova-dir"), "{}", err.message);
+        assert!(
+            err.message.contains("/nonexistent-nova-dir"),
+            "{}",
+            err.message
+        );
         assert!(err.message.contains("does not exist"), "{}", err.message);
     }
 }

@@ -93,8 +93,7 @@ async fn command_not_found_is_127_and_names_the_program() {
     assert_eq!(kind, SpawnErrorKind::NotFound, "{message}");
 
     // A path to nothing.
-    let (kind, message) =
-        spawn_failure(&client, ExecSpec::argv(["/nonexistent/program"])).await;
+    let (kind, message) = spawn_failure(&client, ExecSpec::argv(["/nonexistent/program"])).await;
     assert_eq!(kind, SpawnErrorKind::NotFound);
     assert!(message.contains("/nonexistent/program"), "{message}");
     assert!(message.contains("no such file"), "{message}");
@@ -106,8 +105,7 @@ async fn a_file_that_is_not_executable_is_126_and_says_why() {
     let (client, _) = agent.connect().await;
     let script = agent.dir().join("no-x-bit.sh");
     write_executable(&script, b"#!/bin/sh\necho hi\n", 0o644);
-    let (kind, message) =
-        spawn_failure(&client, ExecSpec::argv([script.to_str().unwrap()])).await;
+    let (kind, message) = spawn_failure(&client, ExecSpec::argv([script.to_str().unwrap()])).await;
     assert_eq!(kind, SpawnErrorKind::NotExecutable);
     assert_eq!(kind.shell_code(), 126);
     assert!(message.contains("no-x-bit.sh"), "{message}");
@@ -119,11 +117,8 @@ async fn a_file_that_is_not_executable_is_126_and_says_why() {
     assert!(message.contains("is a directory"), "{message}");
 
     // Found in PATH, but not executable: execvp's EACCES, named.
-    let (kind, message) = spawn_failure(
-        &client,
-        ExecSpec::argv(["no-x-bit.sh"]).env("PATH", &dir),
-    )
-    .await;
+    let (kind, message) =
+        spawn_failure(&client, ExecSpec::argv(["no-x-bit.sh"]).env("PATH", &dir)).await;
     assert_eq!(kind, SpawnErrorKind::NotExecutable, "{message}");
     assert!(message.contains("no-x-bit.sh"), "{message}");
 }
@@ -134,8 +129,7 @@ async fn a_script_with_a_missing_interpreter_is_a_bad_interpreter_named() {
     let (client, _) = agent.connect().await;
     let script = agent.dir().join("bad-interp.sh");
     write_executable(&script, b"#!/nonexistent/interp -x\necho hi\n", 0o755);
-    let (kind, message) =
-        spawn_failure(&client, ExecSpec::argv([script.to_str().unwrap()])).await;
+    let (kind, message) = spawn_failure(&client, ExecSpec::argv([script.to_str().unwrap()])).await;
     assert_eq!(kind, SpawnErrorKind::BadInterpreter);
     assert_eq!(kind.shell_code(), 126);
     assert!(message.contains("bad-interp.sh"), "{message}");
@@ -144,8 +138,7 @@ async fn a_script_with_a_missing_interpreter_is_a_bad_interpreter_named() {
     // The classic: a script saved with DOS line endings.
     let script = agent.dir().join("dos.sh");
     write_executable(&script, b"#!/bin/sh\r\necho hi\r\n", 0o755);
-    let (kind, message) =
-        spawn_failure(&client, ExecSpec::argv([script.to_str().unwrap()])).await;
+    let (kind, message) = spawn_failure(&client, ExecSpec::argv([script.to_str().unwrap()])).await;
     assert_eq!(kind, SpawnErrorKind::BadInterpreter);
     assert!(message.contains("/bin/sh\\r"), "{message}");
     assert!(message.contains("DOS line endings"), "{message}");
@@ -156,14 +149,17 @@ async fn a_binary_whose_elf_interpreter_is_missing_names_the_loader() {
     let agent = TestAgent::start().await;
     let (client, _) = agent.connect().await;
     let binary = agent.dir().join("needs-musl");
-    let native = if cfg!(target_arch = "aarch64") { 183 } else { 62 };
+    let native = if cfg!(target_arch = "aarch64") {
+        183
+    } else {
+        62
+    };
     write_executable(
         &binary,
         &elf_with_interpreter("/lib/ld-musl-nova.so.1", native),
         0o755,
     );
-    let (kind, message) =
-        spawn_failure(&client, ExecSpec::argv([binary.to_str().unwrap()])).await;
+    let (kind, message) = spawn_failure(&client, ExecSpec::argv([binary.to_str().unwrap()])).await;
     assert_eq!(kind, SpawnErrorKind::BadInterpreter, "{message}");
     assert!(message.contains("needs-musl"), "{message}");
     assert!(message.contains("/lib/ld-musl-nova.so.1"), "{message}");
@@ -176,8 +172,7 @@ async fn exec_format_errors_are_126_and_say_what_the_file_is() {
     // An ELF binary for a machine no kernel runs.
     let binary = agent.dir().join("foreign");
     write_executable(&binary, &elf_with_interpreter("/lib/ld.so", 0x1234), 0o755);
-    let (kind, message) =
-        spawn_failure(&client, ExecSpec::argv([binary.to_str().unwrap()])).await;
+    let (kind, message) = spawn_failure(&client, ExecSpec::argv([binary.to_str().unwrap()])).await;
     assert_eq!(kind, SpawnErrorKind::ExecFormat, "{message}");
     assert_eq!(kind.shell_code(), 126);
     assert!(message.contains("foreign"), "{message}");
@@ -186,8 +181,7 @@ async fn exec_format_errors_are_126_and_say_what_the_file_is() {
     // Neither ELF nor a #! script.
     let data = agent.dir().join("data.bin");
     write_executable(&data, &[0xde, 0xad, 0xbe, 0xef, 0, 1, 2, 3], 0o755);
-    let (kind, message) =
-        spawn_failure(&client, ExecSpec::argv([data.to_str().unwrap()])).await;
+    let (kind, message) = spawn_failure(&client, ExecSpec::argv([data.to_str().unwrap()])).await;
     assert_eq!(kind, SpawnErrorKind::ExecFormat, "{message}");
     assert!(message.contains("exec format error"), "{message}");
 }
@@ -196,8 +190,7 @@ async fn exec_format_errors_are_126_and_say_what_the_file_is() {
 async fn a_missing_working_directory_is_named_not_the_program() {
     let agent = TestAgent::start().await;
     let (client, _) = agent.connect().await;
-    let (kind, message) =
-        spawn_failure(&client, ExecSpec::argv(["pwd"]).cwd("/nonexistent")).await;
+    let (kind, message) = spawn_failure(&client, ExecSpec::argv(["pwd"]).cwd("/nonexistent")).await;
     assert_eq!(kind, SpawnErrorKind::CwdNotFound);
     assert_eq!(kind.shell_code(), 127);
     assert!(message.contains("/nonexistent"), "{message}");
@@ -213,11 +206,8 @@ async fn a_missing_working_directory_is_named_not_the_program() {
     // A file is not a working directory.
     let file = agent.dir().join("plain-file");
     std::fs::write(&file, b"x").unwrap();
-    let (kind, message) = spawn_failure(
-        &client,
-        ExecSpec::argv(["pwd"]).cwd(file.to_str().unwrap()),
-    )
-    .await;
+    let (kind, message) =
+        spawn_failure(&client, ExecSpec::argv(["pwd"]).cwd(file.to_str().unwrap())).await;
     assert_eq!(kind, SpawnErrorKind::CwdUnusable);
     assert_eq!(kind.shell_code(), 126);
     assert!(message.contains("plain-file"), "{message}");

@@ -415,7 +415,11 @@ mod tests {
         let console = Console::new(out.clone(), err.clone(), false);
         console.stdout(b"no newline at the end").unwrap();
         console.line("nova: command ended with exit code 1");
-        assert_eq!(out.text(), "no newline at the end", "stdout is left as the command wrote it");
+        assert_eq!(
+            out.text(),
+            "no newline at the end",
+            "stdout is left as the command wrote it"
+        );
         assert_eq!(err.text(), "nova: command ended with exit code 1\n");
 
         // But an open line on stderr itself is ended.
@@ -431,7 +435,11 @@ mod tests {
         // run -i`): the line must arrive without waiting for the end.
         let (reader, mut writer) = std::io::pipe().unwrap();
         let (tx, mut rx) = tokio::sync::mpsc::channel(4);
-        forward_stdin(reader, ExecStdin::new(tx), tokio::runtime::Handle::current());
+        forward_stdin(
+            reader,
+            ExecStdin::new(tx),
+            tokio::runtime::Handle::current(),
+        );
         writer.write_all(b"hello\n").unwrap();
         assert_eq!(rx.recv().await, Some(b"hello\n".to_vec()));
         // Closing our stdin closes the command's.
@@ -444,7 +452,11 @@ mod tests {
         let (reader, mut writer) = std::io::pipe().unwrap();
         let (tx, rx) = tokio::sync::mpsc::channel(1);
         drop(rx);
-        forward_stdin(reader, ExecStdin::new(tx), tokio::runtime::Handle::current());
+        forward_stdin(
+            reader,
+            ExecStdin::new(tx),
+            tokio::runtime::Handle::current(),
+        );
         // The thread reads this, fails to deliver it and ends, closing the
         // pipe's read end: further writes fail instead of blocking forever.
         let mut failed = false;
@@ -454,6 +466,9 @@ mod tests {
                 break;
             }
         }
-        assert!(failed, "the stdin thread kept reading after the command was gone");
+        assert!(
+            failed,
+            "the stdin thread kept reading after the command was gone"
+        );
     }
 }

@@ -40,7 +40,15 @@ fn test_home(test: &str) -> Option<tempfile::TempDir> {
 /// `nova run --template minimal ARGS...` in `home`, stdout and stderr piped.
 fn nova_run(home: &tempfile::TempDir, args: &[&str], stdin: Stdio) -> Child {
     Command::new(env!("CARGO_BIN_EXE_nova"))
-        .args(["run", "--template", "minimal", "--memory", "256", "--vcpus", "1"])
+        .args([
+            "run",
+            "--template",
+            "minimal",
+            "--memory",
+            "256",
+            "--vcpus",
+            "1",
+        ])
         .args(args)
         .env("NOVA_HOME", home.path())
         .env_remove("NOVA_LOG")
@@ -120,7 +128,12 @@ fn nova_run_of_a_missing_command_exits_127_with_one_line_naming_it() {
     let run = finish(nova_run(&home, &["--", "no-such-cmd"], Stdio::null()));
     assert_eq!(run.code, Some(127), "stderr:\n{}", run.stderr);
     let lines = lines_after_boot(&run.stderr);
-    assert_eq!(lines.len(), 1, "one line, not an error chain:\n{}", run.stderr);
+    assert_eq!(
+        lines.len(),
+        1,
+        "one line, not an error chain:\n{}",
+        run.stderr
+    );
     assert!(lines[0].starts_with("nova: no-such-cmd: "), "{}", lines[0]);
     assert!(lines[0].contains("not found"), "{}", lines[0]);
     assert!(run.stdout.is_empty());
@@ -177,7 +190,11 @@ fn nova_run_i_streams_stdin_so_timeout_applies_while_stdin_stays_open() {
     assert_eq!(run.stdout, "streamed\n");
     let lines = lines_after_boot(&run.stderr);
     assert_eq!(lines.len(), 1, "{}", run.stderr);
-    assert!(lines[0].starts_with("nova: command timed out"), "{}", lines[0]);
+    assert!(
+        lines[0].starts_with("nova: command timed out"),
+        "{}",
+        lines[0]
+    );
 }
 
 #[test]

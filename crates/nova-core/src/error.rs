@@ -134,7 +134,7 @@ pub enum SandboxError {
 }
 
 /// Running a command in a sandbox failed (the command itself failing is not
-/// an error: see [`ExitStatus`](crate::exec::ExitStatus)).
+/// an error: see [`ExitStatus`]).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ExecError {

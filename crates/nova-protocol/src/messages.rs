@@ -6,7 +6,9 @@
 //! id. In between:
 //!
 //! * `exec`: the agent sends [`AgentMessage::Started`] once the process runs
-//!   (or `Done` with an error if it could not start), then
+//!   (or `Done` with an error if it could not start: a
+//!   [`crate::RemoteErrorKind::Spawn`] whose kind gives the shell's 127 / 126
+//!   and whose message names what is missing), then
 //!   [`AgentMessage::Data`] for stdout / stderr; the host may send
 //!   [`ClientMessage::Data`] / [`ClientMessage::Eof`] (stdin),
 //!   [`ClientMessage::Signal`] and [`ClientMessage::Resize`]. `Done` carries

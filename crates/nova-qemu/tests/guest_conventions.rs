@@ -28,7 +28,11 @@ async fn spawn_failure(sandbox: &Sandbox, request: ExecRequest) -> SpawnError {
 /// A minimal ELF executable header for this machine whose `PT_INTERP`
 /// (dynamic loader) is `interpreter`.
 fn elf_needing(interpreter: &str) -> Vec<u8> {
-    let machine: u16 = if cfg!(target_arch = "aarch64") { 183 } else { 62 };
+    let machine: u16 = if cfg!(target_arch = "aarch64") {
+        183
+    } else {
+        62
+    };
     let mut interp = interpreter.as_bytes().to_vec();
     interp.push(0);
     let interp_off = 64u64 + 2 * 56;
@@ -46,7 +50,14 @@ fn elf_needing(interpreter: &str) -> Vec<u8> {
     }
     elf.extend_from_slice(&3u32.to_le_bytes()); // PT_INTERP
     elf.extend_from_slice(&4u32.to_le_bytes());
-    for v in [interp_off, 0, 0, interp.len() as u64, interp.len() as u64, 1] {
+    for v in [
+        interp_off,
+        0,
+        0,
+        interp.len() as u64,
+        interp.len() as u64,
+        1,
+    ] {
         elf.extend_from_slice(&v.to_le_bytes());
     }
     elf.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
@@ -77,7 +88,10 @@ async fn a_command_that_cannot_start_exits_127_or_126_naming_what_is_missing() {
     assert_eq!(e.kind, SpawnErrorKind::NotFound);
     assert_eq!(e.program, "no-such-cmd");
     assert_eq!(e.shell_code(), 127);
-    assert_eq!(e.exit_status(), ExitStatus::NotStarted(SpawnErrorKind::NotFound));
+    assert_eq!(
+        e.exit_status(),
+        ExitStatus::NotStarted(SpawnErrorKind::NotFound)
+    );
     assert_eq!(e.exit_status().shell_code(), 127);
     assert!(e.message.contains("no-such-cmd"), "{e}");
     assert!(e.message.contains("not found"), "{e}");
@@ -101,7 +115,11 @@ async fn a_command_that_cannot_start_exits_127_or_126_naming_what_is_missing() {
 
     // Bad interpreter: a missing one, and DOS line endings.
     sandbox
-        .write_file("/tmp/bad.sh", b"#!/usr/bin/python9\nprint(1)\n".to_vec(), 0o755)
+        .write_file(
+            "/tmp/bad.sh",
+            b"#!/usr/bin/python9\nprint(1)\n".to_vec(),
+            0o755,
+        )
         .await
         .unwrap();
     let e = spawn_failure(&sandbox, ExecRequest::argv(["/tmp/bad.sh"])).await;
@@ -118,7 +136,11 @@ async fn a_command_that_cannot_start_exits_127_or_126_naming_what_is_missing() {
 
     // A dynamically linked binary whose loader the image does not have.
     sandbox
-        .write_file("/tmp/glibc-tool", elf_needing("/lib/ld-nova-missing.so.2"), 0o755)
+        .write_file(
+            "/tmp/glibc-tool",
+            elf_needing("/lib/ld-nova-missing.so.2"),
+            0o755,
+        )
         .await
         .unwrap();
     let e = spawn_failure(&sandbox, ExecRequest::argv(["/tmp/glibc-tool"])).await;
@@ -127,7 +149,11 @@ async fn a_command_that_cannot_start_exits_127_or_126_naming_what_is_missing() {
 
     // Exec format error.
     sandbox
-        .write_file("/tmp/data.bin", vec![0xde, 0xad, 0xbe, 0xef, 0, 0, 0, 0], 0o755)
+        .write_file(
+            "/tmp/data.bin",
+            vec![0xde, 0xad, 0xbe, 0xef, 0, 0, 0, 0],
+            0o755,
+        )
         .await
         .unwrap();
     let e = spawn_failure(&sandbox, ExecRequest::argv(["/tmp/data.bin"])).await;
@@ -244,7 +270,10 @@ fn check_identity(sandbox: &Sandbox, id: &Identity) {
     );
     let machine_id = id.machine_id.trim_end();
     assert_eq!(machine_id.len(), 32, "{:?}", id.machine_id);
-    assert!(machine_id.bytes().all(|b| b.is_ascii_hexdigit()), "{machine_id}");
+    assert!(
+        machine_id.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{machine_id}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -255,11 +284,7 @@ async fn the_guest_hostname_resolves_and_its_identity_is_its_own() {
     ) else {
         return;
     };
-    let writable = t
-        .hypervisor
-        .create_sandbox(config("python"))
-        .await
-        .unwrap();
+    let writable = t.hypervisor.create_sandbox(config("python")).await.unwrap();
     let mut c = config("python");
     c.read_only_rootfs = true;
     let read_only = t.hypervisor.create_sandbox(c).await.unwrap();
@@ -268,13 +293,13 @@ async fn the_guest_hostname_resolves_and_its_identity_is_its_own() {
     check_identity(&writable, &a);
     let b = identity(&read_only).await;
     check_identity(&read_only, &b);
-    assert_ne!(a.machine_id, b.machine_id, "machine ids must differ per sandbox");
+    assert_ne!(
+        a.machine_id, b.machine_id,
+        "machine ids must differ per sandbox"
+    );
 
     // The read-only root stays read-only, /etc included.
-    let out = read_only
-        .execute_command("echo x > /etc/x")
-        .await
-        .unwrap();
+    let out = read_only.execute_command("echo x > /etc/x").await.unwrap();
     assert!(!out.success());
     let out = read_only
         .execute_command("echo x > /etc/hosts")

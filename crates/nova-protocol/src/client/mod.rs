@@ -298,10 +298,7 @@ impl AgentClient {
     /// after a resume from pause. Returns how far the guest was behind
     /// (negative: ahead) and whether the agent stepped its clock (only an
     /// agent running as PID 1 does).
-    pub async fn set_clock(
-        &self,
-        now: std::time::SystemTime,
-    ) -> Result<ClockStep, ClientError> {
+    pub async fn set_clock(&self, now: std::time::SystemTime) -> Result<ClockStep, ClientError> {
         let unix_ns = now
             .duration_since(std::time::UNIX_EPOCH)
             .ok()
