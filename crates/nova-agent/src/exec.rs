@@ -4,6 +4,11 @@
 //! session), so a timeout, a kill, or the host going away ends the whole group
 //! with one `kill(-pgid, SIGKILL)`, grandchildren included.
 //!
+//! A command that cannot start (missing program, no execute permission, a
+//! bad `#!` interpreter, an exec format error, a missing working directory)
+//! ends the request with a [`nova_protocol::RemoteErrorKind::Spawn`] error
+//! whose kind and message come from [`crate::spawn_error`].
+//!
 //! One task per command runs a `select!` loop over: the request's inbox
 //! (stdin chunks, EOF, credit, signals, resizes), stdout and stderr (read only
 //! while the host has granted credit, so a command that outpaces its reader
@@ -34,6 +39,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::Agent;
 use crate::fdio::{AsyncFdIo, ReadOutcome};
 use crate::session::{Disconnected, Outbox};
+use crate::spawn_error::{self, SpawnAttempt};
 
 /// Pipe buffer size asked for stdout/stderr (fewer wake-ups for bulk output).
 const PIPE_SIZE: usize = 1024 * 1024;
@@ -127,11 +133,12 @@ fn spawn(spec: &ExecSpec, agent: &Agent) -> Result<Spawned, RemoteError> {
         cmd.current_dir(cwd);
     }
     let spawn_err = |e: io::Error| {
-        let mut err = RemoteError::from_io(format!("cannot run `{program}`"), &e);
-        if err.kind == RemoteErrorKind::Io {
-            err.kind = RemoteErrorKind::Spawn;
-        }
-        err
+        let attempt = SpawnAttempt {
+            program: &program,
+            path_env: effective_path(spec, agent),
+            cwd: spec.cwd.as_deref(),
+        };
+        spawn_error::explain(&attempt, &e)
     };
 
     match spec.pty {
@@ -150,7 +157,7 @@ fn spawn(spec: &ExecSpec, agent: &Agent) -> Result<Spawned, RemoteError> {
             let register =
                 |fd: Option<OwnedFd>, what: &str| -> Result<Arc<AsyncFdIo>, RemoteError> {
                     let fd = fd.ok_or_else(|| {
-                        RemoteError::new(RemoteErrorKind::Spawn, format!("no {what} pipe"))
+                        RemoteError::new(RemoteErrorKind::Io, format!("no {what} pipe"))
                     })?;
                     if what != "stdin" {
                         // Best effort: a bigger pipe means fewer wake-ups.

@@ -1,4 +1,4 @@
-//! PID 1 duties: the file systems, the writable overlay, the hostname and `lo`.
+//! PID 1 duties: the file systems, the writable overlay, the guest's identity and `lo`.
 //!
 //! The guest has no init system and no udev; the agent is the first and only
 //! long-running process. [`setup`] runs once, before the async runtime and
@@ -13,7 +13,9 @@
 //!    disk, and the template's root file system is never modified;
 //! 3. mount `/sys`, `/dev/pts`, `/dev/shm`, `/tmp`, `/run` and cgroup2 at
 //!    `/sys/fs/cgroup`;
-//! 4. set the hostname (`nova.hostname=`, default `nova`) and bring up `lo`.
+//! 4. the guest's identity ([`identity`]): the hostname (`nova.hostname=`,
+//!    default `nova`), `/etc/hostname`, `/etc/hosts` and a new
+//!    `/etc/machine-id`, also on a read-only root; then bring up `lo`.
 //!
 //! A step that fails is logged and skipped: a guest with a missing mount
 //! point is still more useful with a reachable agent than without one.
@@ -29,20 +31,19 @@ use rustix::fs::Mode;
 use rustix::mount::{MountFlags, UnmountFlags, mount, mount_move, unmount};
 
 use crate::cmdline::KernelCmdline;
-use crate::netdev;
+use crate::{identity, netdev};
 
 /// Where the overlay is assembled before it becomes `/`.
 const STAGING: &str = "/run/nova";
 /// Where the scratch disk stays mounted inside the new root.
 pub(crate) const SCRATCH_MOUNT: &str = "/.nova/scratch";
-/// Default hostname.
-const DEFAULT_HOSTNAME: &str = "nova";
 
 /// What [`setup`] did, for the log.
 #[derive(Debug, Default)]
 pub(crate) struct InitReport {
     pub(crate) overlay: Option<String>,
     pub(crate) hostname: String,
+    pub(crate) machine_id: String,
     pub(crate) failures: Vec<String>,
 }
 
@@ -139,15 +140,16 @@ pub(crate) fn setup() -> (KernelCmdline, InitReport) {
         ),
     );
 
-    let hostname = cmdline
-        .hostname
-        .clone()
-        .unwrap_or_else(|| DEFAULT_HOSTNAME.to_owned());
-    attempt(
-        "set hostname",
-        rustix::system::sethostname(hostname.as_bytes()).map_err(io::Error::from),
-    );
-    report.hostname = hostname;
+    match identity::apply(cmdline.hostname.as_deref()) {
+        Ok(identity) => {
+            if identity.overlaid {
+                tracing::debug!("read-only root: identity files overlaid on /etc");
+            }
+            report.hostname = identity.hostname;
+            report.machine_id = identity.machine_id;
+        }
+        Err(e) => attempt("set the guest identity", Err(e)),
+    }
     attempt("bring up lo", netdev::bring_up("lo"));
     report.failures = failures;
     (cmdline, report)

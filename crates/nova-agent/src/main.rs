@@ -4,7 +4,7 @@
 //! tests). Start-up, in order:
 //!
 //! 1. as PID 1, the init duties in [`init`]: file systems, the writable
-//!    overlay, hostname, `lo`;
+//!    overlay, the guest's identity (hostname, `/etc/hosts`, machine id), `lo`;
 //! 2. the tokio runtime, the child [`reaper`], and the listeners from
 //!    `--listen` (or `nova.listen=` on the kernel command line, or, as PID 1,
 //!    the defaults: vsock port 1024 and the virtio-serial port
@@ -26,11 +26,13 @@ mod cmdline;
 mod exec;
 mod fdio;
 mod files;
+mod identity;
 mod init;
 mod listen;
 mod netdev;
 mod reaper;
 mod session;
+mod spawn_error;
 mod stats;
 
 use std::sync::Arc;
@@ -153,6 +155,7 @@ fn real_main(started_us: u64, pid1: bool) -> anyhow::Result<()> {
         let (parsed, report) = init::setup();
         tracing::info!(
             hostname = %report.hostname,
+            machine_id = %report.machine_id,
             overlay = ?report.overlay,
             failures = report.failures.len(),
             "init done"

@@ -27,7 +27,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::Agent;
-use crate::{exec, files, stats};
+use crate::{clock, exec, files, stats};
 
 /// Most requests in flight on one connection.
 const MAX_IN_FLIGHT: usize = 4096;
@@ -324,6 +324,12 @@ impl Session {
                     let result = stats::collect().await;
                     let _ = out.done(id, result.map(Response::Stats)).await;
                 });
+            }
+            Request::SetClock { unix_ns } => {
+                let result = clock::set_from_host(unix_ns, self.agent.pid1);
+                out.done(id, result)
+                    .await
+                    .map_err(|_| "writer gone".to_owned())?;
             }
             Request::Ping => {
                 out.done(id, Ok(Response::Pong))

@@ -11,7 +11,7 @@ use nova_protocol::client::ClientError;
 use nova_protocol::frame::{self, FrameReader};
 use nova_protocol::{
     AgentMessage, ClientMessage, ExecSpec, ExitStatus, FileKind, Hello, HelloReply, PtySize,
-    RemoteErrorKind, Request, SUPPORTED_VERSIONS,
+    RemoteErrorKind, Request, SUPPORTED_VERSIONS, SpawnErrorKind,
 };
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -85,7 +85,11 @@ async fn echo_exit_codes_stderr_env_and_cwd() {
         .exec(ExecSpec::argv(["/nonexistent/program"]))
         .await
         .unwrap_err();
-    assert_eq!(err.remote_kind(), Some(RemoteErrorKind::NotFound), "{err}");
+    assert_eq!(
+        err.remote_kind(),
+        Some(RemoteErrorKind::Spawn(SpawnErrorKind::NotFound)),
+        "{err}"
+    );
     let err = client
         .exec(ExecSpec::argv(Vec::<String>::new()))
         .await
@@ -99,7 +103,36 @@ async fn echo_exit_codes_stderr_env_and_cwd() {
         .exec(ExecSpec::argv(["true"]).cwd("/nonexistent/dir"))
         .await
         .unwrap_err();
-    assert!(matches!(err, ClientError::Remote { .. }), "{err}");
+    assert_eq!(
+        err.remote_kind(),
+        Some(RemoteErrorKind::Spawn(SpawnErrorKind::CwdNotFound)),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn set_clock_reports_the_offset_and_leaves_a_host_clock_alone() {
+    let agent = TestAgent::start().await;
+    let (client, _) = agent.connect().await;
+    let hour = Duration::from_secs(3600);
+    let step = client
+        .set_clock(std::time::SystemTime::now() + hour)
+        .await
+        .unwrap();
+    // Not PID 1: measured, never stepped (this is the host's clock).
+    assert!(!step.stepped);
+    let hour_ns = i64::try_from(hour.as_nanos()).unwrap();
+    let minute_ns = 60 * 1_000_000_000;
+    assert!(
+        (step.offset_ns - hour_ns).abs() < minute_ns,
+        "offset {} ns for a host one hour ahead",
+        step.offset_ns
+    );
+    let step = client
+        .set_clock(std::time::SystemTime::now() - hour)
+        .await
+        .unwrap();
+    assert!((step.offset_ns + hour_ns).abs() < minute_ns, "{step:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

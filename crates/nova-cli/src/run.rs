@@ -1,13 +1,28 @@
 //! `nova run`: boot a sandbox, run one command in it with its output
 //! streamed live, print the boot time, stop the sandbox, and exit with the
-//! command's exit code.
+//! command's exit code — as a shell would report it: the code, 128 + signal,
+//! 124 for `--timeout`, 127 / 126 for a command that could not start.
+//!
+//! With `-i`, stdin is streamed to the command as it arrives (a reader
+//! thread feeds the sandbox's [`ExecStdin`]), so `--timeout` bounds the
+//! command however long stdin stays open.
+//!
+//! nova's own lines (`nova: ...`) go to stderr and always start on a fresh
+//! line: [`Console`] remembers whether the command's last output left a line
+//! open on the terminal (or file) that stderr shares, and ends it first.
 
-use std::io::{IsTerminal, Read, Write};
+use std::io::{Read, Write};
 use std::process::ExitCode;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use anyhow::Context;
-use novasandbox::core::{ExecEvent, ExecRequest, Sandbox, SandboxConfig};
+use novasandbox::core::error::ExecError;
+use novasandbox::core::exec::ExecStdin;
+use novasandbox::core::{ExecEvent, ExecRequest, ExitStatus, Sandbox, SandboxConfig};
+
+/// Bytes read from our stdin per chunk with `-i`.
+const STDIN_CHUNK: usize = 64 * 1024;
 
 /// Arguments of `nova run`.
 #[derive(Debug, clap::Args)]
@@ -39,7 +54,7 @@ pub(crate) struct RunArgs {
     /// Boot without the writable overlay.
     #[arg(long)]
     read_only: bool,
-    /// Send this process's stdin to the command (read to its end first).
+    /// Send this process's stdin to the command, as it arrives.
     #[arg(long, short = 'i')]
     interactive: bool,
     /// Stop by killing the VMM instead of a graceful power-off.
@@ -59,6 +74,16 @@ fn parse_env(s: &str) -> Result<(String, String), String> {
 
 /// Runs `nova run`.
 pub(crate) async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let console = Console::new(std::io::stdout(), std::io::stderr(), stdout_is_stderr());
+    let result = run_with(args, &console).await;
+    if result.is_err() {
+        // `main` prints the error chain next; start it on a line of its own.
+        console.end_open_line();
+    }
+    result
+}
+
+async fn run_with(args: RunArgs, console: &Console) -> anyhow::Result<ExitCode> {
     let config = SandboxConfig::builder()
         .template_id(&args.template)
         .memory_mb(args.memory)
@@ -85,15 +110,7 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         request = request.timeout(Duration::from_secs_f64(secs));
     }
     if args.interactive {
-        anyhow::ensure!(
-            !std::io::stdin().is_terminal(),
-            "--interactive reads stdin to its end; pipe or redirect it (a terminal is not supported yet)"
-        );
-        let mut input = Vec::new();
-        std::io::stdin()
-            .read_to_end(&mut input)
-            .context("cannot read stdin")?;
-        request = request.stdin(input);
+        request = request.stream_stdin();
     }
 
     let hypervisor = novasandbox::detect()?;
@@ -103,15 +120,15 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let sandbox = tokio::select! {
         created = hypervisor.create_sandbox(config) => created.context("cannot create the sandbox")?,
         signal = interrupted() => {
-            eprintln!("nova: {signal} while booting; the sandbox was removed");
+            console.line(&format!("nova: {signal} while booting; the sandbox was removed"));
             return Ok(ExitCode::from(130));
         }
     };
-    print_boot(&sandbox);
+    print_boot(&sandbox, console);
     let (outcome, force) = tokio::select! {
-        outcome = stream(&sandbox, request) => (outcome, args.force_stop),
+        outcome = stream(&sandbox, request, console) => (outcome, args.force_stop),
         signal = interrupted() => {
-            eprintln!("nova: {signal}; stopping the sandbox");
+            console.line(&format!("nova: {signal}; stopping the sandbox"));
             (Ok(130), true)
         }
     };
@@ -123,34 +140,186 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     ))
 }
 
-/// Runs `request`, copying its output to ours as it arrives; returns the
-/// shell-style exit code.
-async fn stream(sandbox: &Sandbox, request: ExecRequest) -> anyhow::Result<i32> {
-    let mut events = sandbox
-        .exec_stream(request)
-        .await
-        .context("cannot run the command")?;
-    let mut stdout = std::io::stdout().lock();
+/// Runs `request`, copying its output to ours as it arrives (and our stdin
+/// to it, with `-i`); returns the shell-style exit code.
+async fn stream(sandbox: &Sandbox, request: ExecRequest, console: &Console) -> anyhow::Result<i32> {
+    let mut events = match sandbox.exec_stream(request).await {
+        Ok(events) => events,
+        Err(ExecError::Spawn(e)) => {
+            // As a shell does: one line naming what is missing, 127 / 126.
+            console.line(&format!("nova: {e}"));
+            return Ok(e.shell_code());
+        }
+        Err(e) => return Err(e).context("cannot run the command"),
+    };
+    if let Some(stdin) = events.take_stdin() {
+        forward_stdin(std::io::stdin(), stdin, tokio::runtime::Handle::current());
+    }
     while let Some(event) = events.next().await {
         match event {
-            ExecEvent::Stdout(bytes) => {
-                stdout.write_all(&bytes)?;
-                stdout.flush()?;
-            }
-            ExecEvent::Stderr(bytes) => {
-                let mut stderr = std::io::stderr().lock();
-                stderr.write_all(&bytes)?;
-                stderr.flush()?;
-            }
+            ExecEvent::Stdout(bytes) => console.stdout(&bytes)?,
+            ExecEvent::Stderr(bytes) => console.stderr(&bytes)?,
             ExecEvent::Exited(status) => {
-                if !status.success() {
-                    eprintln!("nova: command ended with {status}");
+                match status {
+                    ExitStatus::Code(0) => {}
+                    ExitStatus::TimedOut => console.line(&format!(
+                        "nova: command timed out; its process group was killed (exit code {})",
+                        status.shell_code()
+                    )),
+                    _ => console.line(&format!("nova: command ended with {status}")),
                 }
                 return Ok(status.shell_code());
             }
         }
     }
     anyhow::bail!("the sandbox's agent went away before the command ended")
+}
+
+/// Copies `input` to the command's stdin as it arrives, on a thread of its
+/// own (a blocking read of a pipe or terminal that may never end must not
+/// hold up the runtime, nor its shutdown). End of input closes the
+/// command's stdin; the command exiting ends the copy at the next chunk.
+fn forward_stdin<R>(mut input: R, stdin: ExecStdin, runtime: tokio::runtime::Handle)
+where
+    R: Read + Send + 'static,
+{
+    let spawned = std::thread::Builder::new()
+        .name("nova-stdin".into())
+        .spawn(move || {
+            let mut buf = vec![0u8; STDIN_CHUNK];
+            loop {
+                let n = match input.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot read stdin; closing the command's stdin");
+                        break;
+                    }
+                };
+                if runtime.block_on(stdin.write(buf[..n].to_vec())).is_err() {
+                    // The command exited or closed its stdin.
+                    return;
+                }
+            }
+            stdin.close();
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "cannot start the stdin thread; the command's stdin is closed");
+    }
+}
+
+/// Where the command's output and nova's own lines go, keeping track of
+/// whether a line is left open so that nova's lines start on a fresh one.
+struct Console<O = std::io::Stdout, E = std::io::Stderr> {
+    inner: Mutex<ConsoleInner<O, E>>,
+}
+
+struct ConsoleInner<O, E> {
+    out: O,
+    err: E,
+    /// stdout and stderr are the same file (a terminal, `2>&1`): a line the
+    /// command left open on either is open for nova's lines too.
+    shared: bool,
+    /// The last byte written to stdout was not a newline.
+    out_open: bool,
+    /// The last byte written to stderr was not a newline.
+    err_open: bool,
+    /// Which stream was written last.
+    last_was_out: bool,
+}
+
+impl<O: Write, E: Write> Console<O, E> {
+    fn new(out: O, err: E, shared: bool) -> Self {
+        Self {
+            inner: Mutex::new(ConsoleInner {
+                out,
+                err,
+                shared,
+                out_open: false,
+                err_open: false,
+                last_was_out: false,
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ConsoleInner<O, E>> {
+        // Nothing panics while holding the lock; a poisoned one is still usable.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Copies command output to our stdout.
+    fn stdout(&self, bytes: &[u8]) -> std::io::Result<()> {
+        let mut c = self.lock();
+        c.out.write_all(bytes)?;
+        c.out.flush()?;
+        if let Some(&last) = bytes.last() {
+            c.out_open = last != b'\n';
+            c.last_was_out = true;
+        }
+        Ok(())
+    }
+
+    /// Copies command output to our stderr.
+    fn stderr(&self, bytes: &[u8]) -> std::io::Result<()> {
+        let mut c = self.lock();
+        c.err.write_all(bytes)?;
+        c.err.flush()?;
+        if let Some(&last) = bytes.last() {
+            c.err_open = last != b'\n';
+            c.last_was_out = false;
+        }
+        Ok(())
+    }
+
+    /// Writes one of nova's own lines to stderr, on a line of its own.
+    fn line(&self, text: &str) {
+        let mut c = self.lock();
+        c.end_open_line();
+        // Nowhere left to report a failing stderr to.
+        let _ = writeln!(c.err, "{text}");
+        let _ = c.err.flush();
+    }
+
+    /// Ends a line the command left open where stderr shows it.
+    fn end_open_line(&self) {
+        self.lock().end_open_line();
+    }
+}
+
+impl<O: Write, E: Write> ConsoleInner<O, E> {
+    fn end_open_line(&mut self) {
+        let open = if self.shared && self.last_was_out {
+            self.out_open
+        } else {
+            self.err_open
+        };
+        if open {
+            let _ = self.err.write_all(b"\n");
+            let _ = self.err.flush();
+        }
+        self.out_open &= !self.shared;
+        self.err_open = false;
+    }
+}
+
+/// Whether our stdout and stderr are the same file (a terminal, `2>&1`, one
+/// pipe). If it cannot be told, they are taken to be.
+fn stdout_is_stderr() -> bool {
+    use std::os::fd::AsFd;
+    use std::os::unix::fs::MetadataExt;
+    let identity = |fd: std::os::fd::BorrowedFd<'_>| {
+        let file = std::fs::File::from(fd.try_clone_to_owned().ok()?);
+        let meta = file.metadata().ok()?;
+        Some((meta.dev(), meta.ino()))
+    };
+    match (
+        identity(std::io::stdout().as_fd()),
+        identity(std::io::stderr().as_fd()),
+    ) {
+        (Some(out), Some(err)) => out == err,
+        _ => true,
+    }
 }
 
 /// Resolves on SIGINT or SIGTERM, naming it.
@@ -168,10 +337,10 @@ async fn interrupted() -> &'static str {
     }
 }
 
-fn print_boot(sandbox: &Sandbox) {
+fn print_boot(sandbox: &Sandbox, console: &Console) {
     let info = sandbox.info();
-    match &info.boot {
-        Some(b) => eprintln!(
+    let line = match &info.boot {
+        Some(b) => format!(
             "nova: sandbox {} ({}) booted in {:.1} ms [spawn {:.1} ms, configure {:.1} ms, guest {:.1} ms{}; prepare {:.1} ms before]",
             info.id,
             info.hypervisor,
@@ -184,6 +353,122 @@ fn print_boot(sandbox: &Sandbox) {
                 .unwrap_or_default(),
             b.prepare_ms,
         ),
-        None => eprintln!("nova: sandbox {} booted", info.id),
+        None => format!("nova: sandbox {} booted", info.id),
+    };
+    console.line(&line);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A writer whose bytes the test reads back, shared by stdout and
+    /// stderr when they are one file.
+    #[derive(Clone, Default)]
+    struct Sink(std::sync::Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Sink {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Sink {
+        fn text(&self) -> String {
+            String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
+        }
+    }
+
+    #[test]
+    fn novas_line_after_output_without_a_newline_starts_on_a_fresh_line() {
+        // The case: `printf tail >&2; exit 3` on a terminal.
+        let tty = Sink::default();
+        let console = Console::new(tty.clone(), tty.clone(), true);
+        console.stderr(b"tail").unwrap();
+        console.line("nova: command ended with exit code 3");
+        assert_eq!(tty.text(), "tail\nnova: command ended with exit code 3\n");
+
+        // Output that ended its line gets no blank line.
+        let tty = Sink::default();
+        let console = Console::new(tty.clone(), tty.clone(), true);
+        console.stdout(b"done\n").unwrap();
+        console.line("nova: x");
+        assert_eq!(tty.text(), "done\nnova: x\n");
+
+        // stdout left open on a shared terminal, stderr closed before it.
+        let tty = Sink::default();
+        let console = Console::new(tty.clone(), tty.clone(), true);
+        console.stderr(b"warn\n").unwrap();
+        console.stdout(b"partial").unwrap();
+        console.line("nova: x");
+        console.line("nova: y");
+        assert_eq!(tty.text(), "warn\npartial\nnova: x\nnova: y\n");
+    }
+
+    #[test]
+    fn a_redirected_stdout_does_not_put_blank_lines_on_stderr() {
+        let (out, err) = (Sink::default(), Sink::default());
+        let console = Console::new(out.clone(), err.clone(), false);
+        console.stdout(b"no newline at the end").unwrap();
+        console.line("nova: command ended with exit code 1");
+        assert_eq!(
+            out.text(),
+            "no newline at the end",
+            "stdout is left as the command wrote it"
+        );
+        assert_eq!(err.text(), "nova: command ended with exit code 1\n");
+
+        // But an open line on stderr itself is ended.
+        console.stderr(b"oops").unwrap();
+        console.end_open_line();
+        console.end_open_line();
+        assert_eq!(err.text(), "nova: command ended with exit code 1\noops\n");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn stdin_reaches_the_command_before_it_ends() {
+        // Stdin that has one line and then stays open (`sleep 100 | nova
+        // run -i`): the line must arrive without waiting for the end.
+        let (reader, mut writer) = std::io::pipe().unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::channel(4);
+        forward_stdin(
+            reader,
+            ExecStdin::new(tx),
+            tokio::runtime::Handle::current(),
+        );
+        writer.write_all(b"hello\n").unwrap();
+        assert_eq!(rx.recv().await, Some(b"hello\n".to_vec()));
+        // Closing our stdin closes the command's.
+        drop(writer);
+        assert_eq!(rx.recv().await, None);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_command_that_exits_stops_the_stdin_copy() {
+        let (reader, mut writer) = std::io::pipe().unwrap();
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        drop(rx);
+        forward_stdin(
+            reader,
+            ExecStdin::new(tx),
+            tokio::runtime::Handle::current(),
+        );
+        // The thread reads this, fails to deliver it and ends, closing the
+        // pipe's read end: further writes fail instead of blocking forever.
+        let mut failed = false;
+        for _ in 0..10_000 {
+            if writer.write_all(&[0u8; 4096]).is_err() {
+                failed = true;
+                break;
+            }
+        }
+        assert!(
+            failed,
+            "the stdin thread kept reading after the command was gone"
+        );
     }
 }

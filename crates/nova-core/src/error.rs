@@ -6,7 +6,10 @@
 
 use std::path::PathBuf;
 
+use serde::{Deserialize, Serialize};
+
 use crate::config::ConfigError;
+use crate::exec::ExitStatus;
 use crate::id::SandboxId;
 use crate::state::{InvalidTransition, SandboxState};
 use crate::template::TemplateError;
@@ -134,7 +137,7 @@ pub enum SandboxError {
 }
 
 /// Running a command in a sandbox failed (the command itself failing is not
-/// an error: see [`ExitStatus`](crate::exec::ExitStatus)).
+/// an error: see [`ExitStatus`]).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ExecError {
@@ -147,10 +150,104 @@ pub enum ExecError {
     /// The request itself is invalid (empty argv, NUL in an argument, …).
     #[error("invalid command: {0}")]
     Invalid(String),
+    /// The command could not start in the guest (not found, not executable,
+    /// a missing working directory, …); a shell would exit with
+    /// [`SpawnError::shell_code`].
+    #[error(transparent)]
+    Spawn(#[from] SpawnError),
     /// The guest agent failed or went away.
     #[error("the guest agent failed to run the command")]
     Agent(#[source] BoxError),
 }
+
+impl ExecError {
+    /// The status a shell would report for this failure, if it is one a
+    /// shell has a status for: a command that could not start (127 / 126).
+    pub fn exit_status(&self) -> Option<ExitStatus> {
+        match self {
+            Self::Spawn(e) => Some(e.exit_status()),
+            _ => None,
+        }
+    }
+}
+
+/// Why a command could not start; each kind has the exit status a shell and
+/// `docker exec` report for it ([`SpawnErrorKind::shell_code`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum SpawnErrorKind {
+    /// The program does not exist: not found in `PATH`, or no file at the
+    /// path given (127).
+    NotFound,
+    /// The program exists but cannot be executed: no execute permission, a
+    /// directory, a `noexec` mount (126).
+    NotExecutable,
+    /// The program's interpreter (its `#!` line, or a binary's dynamic
+    /// loader) is missing or unusable (126).
+    BadInterpreter,
+    /// Not a format the guest kernel can execute: neither an ELF binary nor
+    /// a `#!` script, or a binary for another architecture (126).
+    ExecFormat,
+    /// The working directory does not exist (127).
+    CwdNotFound,
+    /// The working directory exists but cannot be used: not a directory,
+    /// permission denied (126).
+    CwdUnusable,
+    /// Anything else that stopped the process from starting (126).
+    Other,
+}
+
+impl SpawnErrorKind {
+    /// 127 when something named does not exist (the program, the working
+    /// directory), 126 when it exists but cannot be run.
+    pub fn shell_code(self) -> i32 {
+        match self {
+            Self::NotFound | Self::CwdNotFound => 127,
+            Self::NotExecutable
+            | Self::BadInterpreter
+            | Self::ExecFormat
+            | Self::CwdUnusable
+            | Self::Other => 126,
+        }
+    }
+}
+
+/// A command could not start in the guest.
+///
+/// The message is the guest's diagnosis and names what is missing, e.g.
+/// `no-such-cmd: command not found in $PATH` or `working directory /x does
+/// not exist (cannot run pwd)`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{message}")]
+pub struct SpawnError {
+    /// Why it could not start.
+    pub kind: SpawnErrorKind,
+    /// The program that was to run (`argv[0]`, or `/bin/sh` for a shell
+    /// command line).
+    pub program: String,
+    /// What is missing, in words.
+    pub message: String,
+}
+
+impl SpawnError {
+    /// The exit code a shell reports for it: 127 or 126.
+    pub fn shell_code(&self) -> i32 {
+        self.kind.shell_code()
+    }
+
+    /// The status to report in place of a command's exit status
+    /// ([`ExitStatus::NotStarted`]).
+    pub fn exit_status(&self) -> ExitStatus {
+        ExitStatus::NotStarted(self.kind)
+    }
+}
+
+/// Writing to a command's stdin failed: the command exited, closed its
+/// stdin, or the sandbox went away.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("the command's stdin is closed (it exited, or stopped reading)")]
+pub struct StdinClosed;
 
 /// Moving a file into or out of a sandbox failed.
 #[derive(Debug, thiserror::Error)]
@@ -213,6 +310,32 @@ mod tests {
             "invalid guest path \"tmp/a\": it must be absolute"
         );
         assert!(FileError::check_path("/a\0b").is_err());
+    }
+
+    #[test]
+    fn spawn_errors_carry_the_shell_code_and_name_what_is_missing() {
+        let e = ExecError::from(SpawnError {
+            kind: SpawnErrorKind::NotFound,
+            program: "no-such-cmd".into(),
+            message: "no-such-cmd: command not found in $PATH".into(),
+        });
+        assert_eq!(e.to_string(), "no-such-cmd: command not found in $PATH");
+        let status = e.exit_status().unwrap();
+        assert_eq!(status, ExitStatus::NotStarted(SpawnErrorKind::NotFound));
+        assert_eq!(status.shell_code(), 127);
+        assert_eq!(SpawnErrorKind::CwdNotFound.shell_code(), 127);
+        for kind in [
+            SpawnErrorKind::NotExecutable,
+            SpawnErrorKind::BadInterpreter,
+            SpawnErrorKind::ExecFormat,
+            SpawnErrorKind::CwdUnusable,
+            SpawnErrorKind::Other,
+        ] {
+            assert_eq!(kind.shell_code(), 126, "{kind:?}");
+        }
+        assert_eq!(ExecError::Invalid("x".into()).exit_status(), None);
+        let json = serde_json::to_string(&SpawnErrorKind::BadInterpreter).unwrap();
+        assert_eq!(json, "\"bad_interpreter\"");
     }
 
     #[test]

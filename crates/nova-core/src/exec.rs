@@ -1,6 +1,13 @@
 //! Running commands in a sandbox: what is asked ([`ExecRequest`]) and what
 //! comes back, either all at once ([`ExecOutput`]) or as it is produced
-//! ([`ExecStream`]).
+//! ([`ExecStream`], whose [`ExecStdin`] feeds stdin as the caller produces
+//! it when the request asked for [`ExecRequest::stream_stdin`]).
+//!
+//! A command that cannot start is an error,
+//! [`ExecError::Spawn`](crate::error::ExecError::Spawn), with the kind of
+//! failure; [`ExitStatus::NotStarted`] is the status to report in its place
+//! where a caller wants one status for every outcome, and
+//! [`ExitStatus::shell_code`] turns it into the shell's 127 / 126.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -8,6 +15,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
+
+use crate::error::{SpawnErrorKind, StdinClosed};
 
 /// The program to run.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -34,9 +43,14 @@ pub struct ExecRequest {
     #[serde(default)]
     pub cwd: Option<String>,
     /// Bytes written to the command's stdin, which is then closed; stdin is
-    /// closed at once when `None`.
+    /// closed at once when `None` (unless [`stream_stdin`](Self::stream_stdin)).
     #[serde(default)]
     pub stdin: Option<Vec<u8>>,
+    /// Keep stdin open after [`stdin`](Self::stdin)'s bytes: the caller
+    /// writes the rest as it has it through [`ExecStream::take_stdin`], and
+    /// stdin closes when that writer is dropped.
+    #[serde(default)]
+    pub stream_stdin: bool,
     /// Kill the command's whole process group after this long.
     #[serde(default, with = "opt_duration_ms")]
     pub timeout: Option<Duration>,
@@ -63,6 +77,7 @@ impl ExecRequest {
             env: BTreeMap::new(),
             cwd: None,
             stdin: None,
+            stream_stdin: false,
             timeout: None,
         }
     }
@@ -82,6 +97,14 @@ impl ExecRequest {
     /// Feeds `bytes` to stdin.
     pub fn stdin(mut self, bytes: impl Into<Vec<u8>>) -> Self {
         self.stdin = Some(bytes.into());
+        self
+    }
+
+    /// Keeps stdin open for [`ExecStream::take_stdin`] (see
+    /// [`stream_stdin`](Self::stream_stdin)). The timeout applies however
+    /// long the caller keeps stdin open.
+    pub fn stream_stdin(mut self) -> Self {
+        self.stream_stdin = true;
         self
     }
 
@@ -114,6 +137,9 @@ pub enum ExitStatus {
     Signal(i32),
     /// Its timeout expired and its process group was killed.
     TimedOut,
+    /// It never started (see [`SpawnError`](crate::error::SpawnError), which
+    /// says what is missing).
+    NotStarted(SpawnErrorKind),
 }
 
 impl ExitStatus {
@@ -122,13 +148,15 @@ impl ExitStatus {
         self == Self::Code(0)
     }
 
-    /// The exit code a shell would report: the code, 128 + signal, or 124
-    /// for a timeout (as `timeout(1)` does).
+    /// The exit code a shell would report: the code, 128 + signal, 124 for a
+    /// timeout (as `timeout(1)` does), 127 / 126 for a command that could not
+    /// start (see [`SpawnErrorKind::shell_code`]).
     pub fn shell_code(self) -> i32 {
         match self {
             Self::Code(c) => c,
             Self::Signal(s) => 128 + s,
             Self::TimedOut => 124,
+            Self::NotStarted(kind) => kind.shell_code(),
         }
     }
 }
@@ -139,6 +167,20 @@ impl fmt::Display for ExitStatus {
             Self::Code(c) => write!(f, "exit code {c}"),
             Self::Signal(s) => write!(f, "killed by signal {s}"),
             Self::TimedOut => f.write_str("timed out"),
+            Self::NotStarted(kind) => write!(
+                f,
+                "not started ({}, exit code {})",
+                match kind {
+                    SpawnErrorKind::NotFound => "command not found",
+                    SpawnErrorKind::NotExecutable => "not executable",
+                    SpawnErrorKind::BadInterpreter => "bad interpreter",
+                    SpawnErrorKind::ExecFormat => "exec format error",
+                    SpawnErrorKind::CwdNotFound => "working directory not found",
+                    SpawnErrorKind::CwdUnusable => "working directory unusable",
+                    SpawnErrorKind::Other => "spawn failed",
+                },
+                kind.shell_code()
+            ),
         }
     }
 }
@@ -198,12 +240,33 @@ pub enum ExecEvent {
 #[derive(Debug)]
 pub struct ExecStream {
     events: mpsc::Receiver<ExecEvent>,
+    stdin: Option<ExecStdin>,
 }
 
 impl ExecStream {
     /// Wraps the receiving end of a provider's event channel.
     pub fn new(events: mpsc::Receiver<ExecEvent>) -> Self {
-        Self { events }
+        Self {
+            events,
+            stdin: None,
+        }
+    }
+
+    /// Like [`new`](Self::new), for a request with
+    /// [`ExecRequest::stream_stdin`]: `stdin` is handed out by
+    /// [`take_stdin`](Self::take_stdin).
+    pub fn with_stdin(events: mpsc::Receiver<ExecEvent>, stdin: ExecStdin) -> Self {
+        Self {
+            events,
+            stdin: Some(stdin),
+        }
+    }
+
+    /// The writer of the command's stdin, if the request asked for
+    /// [`ExecRequest::stream_stdin`] and it was not taken yet. Stdin closes
+    /// when it is dropped (or when this stream is, while it is still here).
+    pub fn take_stdin(&mut self) -> Option<ExecStdin> {
+        self.stdin.take()
     }
 
     /// The next event; `None` once the stream ended (after `Exited`, or if
@@ -216,6 +279,9 @@ impl ExecStream {
     ///
     /// Returns `None` if the stream ended without an exit status.
     pub async fn collect(mut self) -> Option<ExecOutput> {
+        // Stdin still held here closes now, or a command reading it would
+        // wait forever.
+        self.stdin = None;
         let start = std::time::Instant::now();
         let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
         while let Some(event) = self.next().await {
@@ -235,6 +301,39 @@ impl ExecStream {
         }
         None
     }
+}
+
+/// Feeds a running command's stdin (see [`ExecRequest::stream_stdin`]).
+///
+/// Writes wait while the command is not reading (the channel to the
+/// provider is bounded), so a producer faster than the command is slowed
+/// down rather than buffered. Dropping it, or [`close`](Self::close),
+/// closes stdin: the command reads end-of-file after what was written.
+#[derive(Debug)]
+pub struct ExecStdin {
+    chunks: mpsc::Sender<Vec<u8>>,
+}
+
+impl ExecStdin {
+    /// Wraps the sending end of a provider's stdin channel; the provider
+    /// delivers each chunk in order and closes the command's stdin when the
+    /// channel closes.
+    pub fn new(chunks: mpsc::Sender<Vec<u8>>) -> Self {
+        Self { chunks }
+    }
+
+    /// Sends `bytes` to the command's stdin, waiting while it is not
+    /// reading. Fails once the command exited or closed its stdin.
+    pub async fn write(&self, bytes: impl Into<Vec<u8>>) -> Result<(), StdinClosed> {
+        let bytes = bytes.into();
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        self.chunks.send(bytes).await.map_err(|_| StdinClosed)
+    }
+
+    /// Closes stdin (the same as dropping it).
+    pub fn close(self) {}
 }
 
 mod opt_duration_ms {
@@ -265,6 +364,19 @@ mod tests {
         assert_eq!(ExitStatus::Code(3).shell_code(), 3);
         assert_eq!(ExitStatus::Signal(9).shell_code(), 137);
         assert_eq!(ExitStatus::TimedOut.shell_code(), 124);
+        let not_found = ExitStatus::NotStarted(SpawnErrorKind::NotFound);
+        assert_eq!(not_found.shell_code(), 127);
+        assert!(!not_found.success());
+        assert_eq!(
+            not_found.to_string(),
+            "not started (command not found, exit code 127)"
+        );
+        assert_eq!(
+            ExitStatus::NotStarted(SpawnErrorKind::ExecFormat).shell_code(),
+            126
+        );
+        let json = serde_json::to_string(&not_found).unwrap();
+        assert_eq!(json, r#"{"not_started":"not_found"}"#);
         assert!(ExitStatus::Code(0).success());
         assert!(!ExitStatus::Signal(0).success());
     }
@@ -279,6 +391,9 @@ mod tests {
         let json = serde_json::to_string(&r).unwrap();
         assert!(json.contains("\"timeout\":2000"), "{json}");
         assert_eq!(serde_json::from_str::<ExecRequest>(&json).unwrap(), r);
+        let r: ExecRequest = serde_json::from_str(r#"{"command":{"shell":"cat"}}"#).unwrap();
+        assert!(!r.stream_stdin);
+        assert!(ExecRequest::shell("cat").stream_stdin().stream_stdin);
     }
 
     #[tokio::test]
@@ -300,5 +415,44 @@ mod tests {
         let (tx, rx) = mpsc::channel(1);
         drop(tx);
         assert_eq!(ExecStream::new(rx).collect().await, None);
+    }
+
+    #[tokio::test]
+    async fn stdin_is_handed_out_once_and_closes_when_dropped() {
+        let (_events_tx, events) = mpsc::channel(1);
+        let (stdin_tx, mut stdin_rx) = mpsc::channel(2);
+        let mut stream = ExecStream::with_stdin(events, ExecStdin::new(stdin_tx));
+        let stdin = stream.take_stdin().expect("stdin");
+        assert!(stream.take_stdin().is_none());
+        stdin.write(b"a".to_vec()).await.unwrap();
+        stdin.write(Vec::new()).await.unwrap();
+        stdin.write(&b"b"[..]).await.unwrap();
+        stdin.close();
+        assert_eq!(stdin_rx.recv().await, Some(b"a".to_vec()));
+        assert_eq!(stdin_rx.recv().await, Some(b"b".to_vec()));
+        assert_eq!(stdin_rx.recv().await, None, "closed after the last chunk");
+
+        // The provider stopped reading: writes fail instead of hanging.
+        let (stdin_tx, stdin_rx) = mpsc::channel(1);
+        drop(stdin_rx);
+        let stdin = ExecStdin::new(stdin_tx);
+        assert_eq!(stdin.write(b"x".to_vec()).await, Err(StdinClosed));
+    }
+
+    #[tokio::test]
+    async fn collecting_closes_stdin_left_in_the_stream() {
+        let (events_tx, events) = mpsc::channel(1);
+        let (stdin_tx, mut stdin_rx) = mpsc::channel::<Vec<u8>>(1);
+        let stream = ExecStream::with_stdin(events, ExecStdin::new(stdin_tx));
+        // A command that exits once its stdin closes.
+        tokio::spawn(async move {
+            assert_eq!(stdin_rx.recv().await, None);
+            events_tx
+                .send(ExecEvent::Exited(ExitStatus::Code(0)))
+                .await
+                .unwrap();
+        });
+        let out = stream.collect().await.unwrap();
+        assert!(out.success());
     }
 }

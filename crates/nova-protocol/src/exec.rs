@@ -1,5 +1,5 @@
-//! Command execution types: what to run ([`ExecSpec`]) and how it ended
-//! ([`ExecResult`]).
+//! Command execution types: what to run ([`ExecSpec`]), how it ended
+//! ([`ExecResult`]), and why it could not start ([`SpawnErrorKind`]).
 
 use std::time::Duration;
 
@@ -161,4 +161,71 @@ pub struct ExecResult {
     pub timed_out: bool,
     /// Time from spawn to exit, measured in the guest, in microseconds.
     pub duration_us: u64,
+}
+
+/// Why a command could not start, as the agent diagnosed it.
+///
+/// Travels inside [`crate::RemoteErrorKind::Spawn`]; the error's message names
+/// what is missing (the program, its interpreter, the working directory).
+/// [`SpawnErrorKind::shell_code`] maps each kind onto the exit status a shell
+/// (and `docker exec`) reports for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum SpawnErrorKind {
+    /// The program does not exist: not found in `PATH`, or no file at the
+    /// path given.
+    NotFound,
+    /// The program exists but cannot be executed: no execute permission, a
+    /// directory, a file on a `noexec` mount.
+    NotExecutable,
+    /// The program's interpreter (its `#!` line, or the ELF interpreter of a
+    /// dynamically linked binary) is missing or cannot be executed.
+    BadInterpreter,
+    /// The kernel does not recognize the file as something it can execute
+    /// (no `#!` line and not an ELF binary, or an ELF binary for another
+    /// architecture).
+    ExecFormat,
+    /// The working directory does not exist.
+    CwdNotFound,
+    /// The working directory exists but cannot be used (not a directory,
+    /// permission denied).
+    CwdUnusable,
+    /// Anything else that stopped `fork`/`exec` (out of memory, too many
+    /// processes, argument list too long).
+    Other,
+}
+
+impl SpawnErrorKind {
+    /// The exit status a shell reports for a command that failed this way:
+    /// 127 when something named does not exist (the program, the working
+    /// directory), 126 when it exists but cannot be run.
+    pub fn shell_code(self) -> i32 {
+        match self {
+            Self::NotFound | Self::CwdNotFound => 127,
+            Self::NotExecutable
+            | Self::BadInterpreter
+            | Self::ExecFormat
+            | Self::CwdUnusable
+            | Self::Other => 126,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spawn_failures_map_to_the_shell_codes() {
+        assert_eq!(SpawnErrorKind::NotFound.shell_code(), 127);
+        assert_eq!(SpawnErrorKind::CwdNotFound.shell_code(), 127);
+        for kind in [
+            SpawnErrorKind::NotExecutable,
+            SpawnErrorKind::BadInterpreter,
+            SpawnErrorKind::ExecFormat,
+            SpawnErrorKind::CwdUnusable,
+            SpawnErrorKind::Other,
+        ] {
+            assert_eq!(kind.shell_code(), 126, "{kind:?}");
+        }
+    }
 }

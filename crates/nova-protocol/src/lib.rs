@@ -55,7 +55,7 @@ pub mod remote_error;
 pub mod stats;
 pub mod zero_copy;
 
-pub use exec::{ExecCommand, ExecResult, ExecSpec, ExitStatus, PtySize};
+pub use exec::{ExecCommand, ExecResult, ExecSpec, ExitStatus, PtySize, SpawnErrorKind};
 pub use frame::{FrameError, FrameReader, FrameWriter};
 pub use fs::{DirEntry, DirListing, FileKind, FileStat};
 pub use handshake::{Hello, HelloInfo, HelloReply};
@@ -65,7 +65,7 @@ pub use stats::GuestStats;
 
 /// The protocol version this build speaks. Bump it whenever anything in
 /// [`messages`] changes (the `wire_schema` test fails until you do).
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// All protocol versions this build can speak, lowest first.
 pub const SUPPORTED_VERSIONS: &[u32] = &[PROTOCOL_VERSION];

@@ -6,7 +6,9 @@
 //! id. In between:
 //!
 //! * `exec`: the agent sends [`AgentMessage::Started`] once the process runs
-//!   (or `Done` with an error if it could not start), then
+//!   (or `Done` with an error if it could not start: a
+//!   [`crate::RemoteErrorKind::Spawn`] whose kind gives the shell's 127 / 126
+//!   and whose message names what is missing), then
 //!   [`AgentMessage::Data`] for stdout / stderr; the host may send
 //!   [`ClientMessage::Data`] / [`ClientMessage::Eof`] (stdin),
 //!   [`ClientMessage::Signal`] and [`ClientMessage::Resize`]. `Done` carries
@@ -15,7 +17,7 @@
 //!   [`ClientMessage::Eof`]; `Done` carries [`Response::Written`].
 //! * `read_file`: the agent sends [`AgentMessage::Opened`], then
 //!   [`AgentMessage::Data`] chunks ([`StreamKind::File`]), then `Done`.
-//! * everything else: just `Done`.
+//! * everything else (including `set_clock`): just `Done`.
 //!
 //! **Credit.** Each byte stream starts with [`crate::STREAM_WINDOW`] bytes of
 //! credit for its sender. The receiver returns credit as its consumer takes
@@ -96,6 +98,17 @@ pub enum Request {
     Ping,
     /// Sync file systems and power the VM off (as PID 1), or exit (otherwise).
     Shutdown,
+    /// Step the guest's wall clock (`CLOCK_REALTIME`) to the host's time.
+    ///
+    /// The host sends it when the guest may have missed time: after a
+    /// resume from pause, after a snapshot restore. Only an agent running as
+    /// PID 1 sets the clock; otherwise (host tests) it only reports the
+    /// offset.
+    SetClock {
+        /// The host's wall clock when it sent the request, in nanoseconds
+        /// since the Unix epoch.
+        unix_ns: u64,
+    },
 }
 
 /// The successful outcome of a request, carried by [`AgentMessage::Done`].
@@ -127,6 +140,14 @@ pub enum Response {
     Pong,
     /// The agent is syncing and powering off; the stream closes next.
     ShuttingDown,
+    /// Answer to [`Request::SetClock`].
+    ClockSet {
+        /// How far the guest's clock was behind the host's, in nanoseconds
+        /// (negative: ahead), before the request.
+        offset_ns: i64,
+        /// Whether the agent stepped the clock (only as PID 1).
+        stepped: bool,
+    },
 }
 
 /// A frame from the host to the agent.

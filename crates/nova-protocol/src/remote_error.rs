@@ -2,6 +2,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::exec::SpawnErrorKind;
+
 /// Broad class of a failed request, so callers can match without parsing text.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum RemoteErrorKind {
@@ -13,8 +15,9 @@ pub enum RemoteErrorKind {
     AlreadyExists,
     /// The request itself was invalid (empty argv, bad mode, ...).
     InvalidInput,
-    /// The agent could not start the command.
-    Spawn,
+    /// The agent could not start the command, for this reason (the
+    /// message names the program, interpreter or directory at fault).
+    Spawn(SpawnErrorKind),
     /// The request id is unknown or already finished.
     UnknownRequest,
     /// The peer broke the protocol (malformed frame, credit overrun, ...);

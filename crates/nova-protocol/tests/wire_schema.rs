@@ -28,6 +28,7 @@ fn client_name(msg: &ClientMessage) -> String {
                 Request::Stats => "Stats",
                 Request::Ping => "Ping",
                 Request::Shutdown => "Shutdown",
+                Request::SetClock { .. } => "SetClock",
             }
         ),
         ClientMessage::Data { .. } => "ClientMessage::Data".into(),
@@ -60,6 +61,7 @@ fn agent_name(msg: &AgentMessage) -> String {
                 Ok(Response::Stats(_)) => "Stats",
                 Ok(Response::Pong) => "Pong",
                 Ok(Response::ShuttingDown) => "ShuttingDown",
+                Ok(Response::ClockSet { .. }) => "ClockSet",
             }
         ),
     }
@@ -96,6 +98,9 @@ fn client_samples() -> Vec<ClientMessage> {
         Request::Stats,
         Request::Ping,
         Request::Shutdown,
+        Request::SetClock {
+            unix_ns: 1_700_000_000_123_456_789,
+        },
     ];
     let mut out: Vec<ClientMessage> = requests
         .into_iter()
@@ -186,6 +191,10 @@ fn agent_samples() -> Vec<AgentMessage> {
         }),
         Response::Pong,
         Response::ShuttingDown,
+        Response::ClockSet {
+            offset_ns: -1_500_000_000,
+            stepped: true,
+        },
     ];
     let mut out = vec![
         AgentMessage::Started { id: 1, pid: 42 },
@@ -207,6 +216,13 @@ fn agent_samples() -> Vec<AgentMessage> {
         AgentMessage::Done {
             id: 9,
             result: Err(RemoteError::new(RemoteErrorKind::NotFound, "no such file")),
+        },
+        AgentMessage::Done {
+            id: 9,
+            result: Err(RemoteError::new(
+                RemoteErrorKind::Spawn(SpawnErrorKind::CwdNotFound),
+                "no /x",
+            )),
         },
     ];
     out.extend(responses.into_iter().map(|r| AgentMessage::Done {
@@ -305,5 +321,5 @@ fn every_variant_has_a_sample() {
         .map(client_name)
         .chain(agent_samples().iter().map(agent_name))
         .collect();
-    assert_eq!(names.len(), 16 + 16, "one sample per variant: {names:?}");
+    assert_eq!(names.len(), 17 + 17, "one sample per variant: {names:?}");
 }

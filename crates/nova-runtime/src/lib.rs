@@ -61,15 +61,20 @@ pub use task::Timeouts;
 
 use std::time::Duration;
 
-use nova_core::error::{ExecError, FileError};
-use nova_core::exec::{Command, ExecEvent, ExecRequest, ExecStream, ExitStatus};
+use nova_core::error::{ExecError, FileError, SpawnError, SpawnErrorKind};
+use nova_core::exec::{Command, ExecEvent, ExecRequest, ExecStdin, ExecStream, ExitStatus};
 use nova_core::stats::GuestStats;
-use nova_protocol::ExecSpec;
-use nova_protocol::client::{AgentClient, ClientError, OutputStream};
+use nova_protocol::client::{AgentClient, ClientError, ClockStep, OutputStream};
+use nova_protocol::{ExecSpec, RemoteErrorKind};
 use tokio::sync::mpsc;
 
 /// How many output chunks may wait for the consumer of an [`ExecStream`].
 const EVENT_BUFFER: usize = 16;
+/// How many stdin chunks may wait between an [`ExecStdin`] and the agent
+/// connection (which then waits for the agent's credit).
+const STDIN_BUFFER: usize = 4;
+/// How long [`Guest::sync_clock`] waits for the agent.
+pub const CLOCK_SYNC_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A ready guest: its agent client and the sandbox-wide environment.
 #[derive(Clone, Debug)]
@@ -93,23 +98,59 @@ impl Guest {
         &self.client
     }
 
-    /// Starts `request` and streams its output.
+    /// Starts `request` and streams its output (and, with
+    /// [`ExecRequest::stream_stdin`], takes its stdin as the caller writes
+    /// it).
+    ///
+    /// A command that cannot start is [`ExecError::Spawn`], with the
+    /// guest's diagnosis of what is missing.
     pub async fn exec_stream(&self, request: ExecRequest) -> Result<ExecStream, ExecError> {
         let stdin = request.stdin.clone();
+        let stream_stdin = request.stream_stdin;
+        let program = match &request.command {
+            Command::Argv(argv) => argv.first().cloned().unwrap_or_default(),
+            Command::Shell(_) => "/bin/sh".to_owned(),
+        };
         let spec = self.spec(request)?;
         let mut handle = self
             .client
             .exec(spec)
             .await
-            .map_err(|e| ExecError::Agent(Box::new(e)))?;
+            .map_err(|e| exec_error(program, e))?;
         let stdout = handle.take_stdout();
         let stderr = handle.take_stderr();
-        if let (Some(bytes), Some(mut writer)) = (stdin, handle.take_stdin()) {
+        let mut caller_stdin = None;
+        // Dropped when the command ended: the stdin task then stops waiting
+        // for the caller, so the caller's next write fails.
+        let (ended_tx, mut ended) = tokio::sync::oneshot::channel::<()>();
+        if let Some(mut writer) = handle.take_stdin() {
+            let more = stream_stdin.then(|| {
+                let (tx, rx) = mpsc::channel(STDIN_BUFFER);
+                caller_stdin = Some(ExecStdin::new(tx));
+                rx
+            });
             tokio::spawn(async move {
-                // A command that exits without reading its stdin makes this
-                // fail; that is the command's business, not an error here.
-                if let Err(e) = writer.write(bytes).await {
+                // A command that exits without reading its stdin makes these
+                // writes fail; that is the command's business, not an error
+                // here. Dropping `more` then fails the caller's writes.
+                if let Some(bytes) = stdin
+                    && let Err(e) = writer.write(bytes).await
+                {
                     tracing::debug!(error = %e, "stdin not fully delivered");
+                    return;
+                }
+                if let Some(mut more) = more {
+                    loop {
+                        let chunk = tokio::select! {
+                            chunk = more.recv() => chunk,
+                            _ = &mut ended => return,
+                        };
+                        let Some(chunk) = chunk else { break };
+                        if let Err(e) = writer.write(chunk).await {
+                            tracing::debug!(error = %e, "stdin not fully delivered");
+                            return;
+                        }
+                    }
                 }
                 writer.close();
             });
@@ -135,8 +176,37 @@ impl Guest {
                 // consumer reports as the agent going away.
                 Err(e) => tracing::warn!(error = %e, "lost a command's exit status"),
             }
+            drop(ended_tx);
         });
-        Ok(ExecStream::new(rx))
+        Ok(match caller_stdin {
+            Some(stdin) => ExecStream::with_stdin(rx, stdin),
+            None => ExecStream::new(rx),
+        })
+    }
+
+    /// Steps the guest's wall clock to the host's, after anything that
+    /// stopped the guest (a resume from pause, a snapshot restore): a
+    /// stopped VM's clock stops with it. Bounded by [`CLOCK_SYNC_TIMEOUT`].
+    ///
+    /// Failure is logged here (a guest whose clock could not be corrected
+    /// still runs); the error is returned for callers that want it.
+    pub async fn sync_clock(&self) -> Result<ClockStep, ClientError> {
+        let result = tokio::time::timeout(
+            CLOCK_SYNC_TIMEOUT,
+            self.client.set_clock(std::time::SystemTime::now()),
+        )
+        .await
+        .map_err(|_| ClientError::TimedOut(CLOCK_SYNC_TIMEOUT))
+        .and_then(|r| r);
+        match &result {
+            Ok(step) => tracing::debug!(
+                offset_ms = step.offset_ns / 1_000_000,
+                stepped = step.stepped,
+                "guest clock synced"
+            ),
+            Err(e) => tracing::warn!(error = %e, "cannot correct the guest clock"),
+        }
+        result
     }
 
     fn spec(&self, request: ExecRequest) -> Result<ExecSpec, ExecError> {
@@ -176,7 +246,7 @@ fn build_spec(base_env: &[(String, String)], request: ExecRequest) -> Result<Exe
     }
     spec.env = env;
     spec.cwd = request.cwd;
-    spec.stdin = request.stdin.is_some();
+    spec.stdin = request.stdin.is_some() || request.stream_stdin;
     spec.timeout_ms = request.timeout.map(|t| t.as_millis().max(1) as u64);
     Ok(spec)
 }
@@ -229,6 +299,35 @@ impl Guest {
     /// Asks the agent to sync and power the guest off.
     pub async fn shutdown(&self) -> Result<(), ClientError> {
         self.client.shutdown().await
+    }
+}
+
+/// Maps a failed start onto the core error: the agent's spawn diagnosis
+/// becomes [`ExecError::Spawn`], anything else an agent failure.
+fn exec_error(program: String, e: ClientError) -> ExecError {
+    match e {
+        ClientError::Remote {
+            kind: RemoteErrorKind::Spawn(kind),
+            message,
+        } => ExecError::Spawn(SpawnError {
+            kind: spawn_kind(kind),
+            program,
+            message,
+        }),
+        other => ExecError::Agent(Box::new(other)),
+    }
+}
+
+fn spawn_kind(kind: nova_protocol::SpawnErrorKind) -> SpawnErrorKind {
+    use nova_protocol::SpawnErrorKind as Wire;
+    match kind {
+        Wire::NotFound => SpawnErrorKind::NotFound,
+        Wire::NotExecutable => SpawnErrorKind::NotExecutable,
+        Wire::BadInterpreter => SpawnErrorKind::BadInterpreter,
+        Wire::ExecFormat => SpawnErrorKind::ExecFormat,
+        Wire::CwdNotFound => SpawnErrorKind::CwdNotFound,
+        Wire::CwdUnusable => SpawnErrorKind::CwdUnusable,
+        Wire::Other => SpawnErrorKind::Other,
     }
 }
 
@@ -294,6 +393,51 @@ mod tests {
         let spec = spec_of(&[], "echo hi".into()).unwrap();
         assert_eq!(spec.command, ExecCommand::Shell("echo hi".into()));
         assert!(!spec.stdin);
+    }
+
+    #[test]
+    fn a_streamed_stdin_is_piped_even_without_initial_bytes() {
+        let spec = spec_of(&[], ExecRequest::shell("cat").stream_stdin()).unwrap();
+        assert!(spec.stdin);
+    }
+
+    #[test]
+    fn spawn_failures_become_typed_spawn_errors_naming_the_program() {
+        let e = exec_error(
+            "no-such-cmd".into(),
+            ClientError::Remote {
+                kind: RemoteErrorKind::Spawn(nova_protocol::SpawnErrorKind::NotFound),
+                message: "no-such-cmd: command not found in $PATH".into(),
+            },
+        );
+        let ExecError::Spawn(spawn) = &e else {
+            panic!("not a spawn error: {e:?}");
+        };
+        assert_eq!(spawn.kind, SpawnErrorKind::NotFound);
+        assert_eq!(spawn.program, "no-such-cmd");
+        assert_eq!(e.exit_status().map(ExitStatus::shell_code), Some(127));
+        // Every wire kind maps onto the core kind with the same shell code.
+        use nova_protocol::SpawnErrorKind as Wire;
+        for wire in [
+            Wire::NotFound,
+            Wire::NotExecutable,
+            Wire::BadInterpreter,
+            Wire::ExecFormat,
+            Wire::CwdNotFound,
+            Wire::CwdUnusable,
+            Wire::Other,
+        ] {
+            assert_eq!(spawn_kind(wire).shell_code(), wire.shell_code(), "{wire:?}");
+        }
+        // Other guest errors stay agent failures.
+        let e = exec_error(
+            "x".into(),
+            ClientError::Remote {
+                kind: RemoteErrorKind::InvalidInput,
+                message: "empty argv".into(),
+            },
+        );
+        assert!(matches!(e, ExecError::Agent(_)));
     }
 
     #[test]

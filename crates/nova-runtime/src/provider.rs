@@ -305,7 +305,6 @@ impl<B: Backend> Provider<B> {
                 return Err(e);
             }
         };
-        let ready = Instant::now();
         let Launch {
             mut record,
             vmm,
@@ -314,9 +313,6 @@ impl<B: Backend> Provider<B> {
             started_at,
             ..
         } = launch;
-        let spawned = spawned_at.unwrap_or(ready);
-        let vmm_ready = vmm_ready_at.unwrap_or(spawned);
-        let started = started_at.unwrap_or(vmm_ready);
         let mut guest_kernel_ms = None;
         let guest = guest.map(|(client, hello)| {
             guest_kernel_ms = Some(hello.agent_started_us as f64 / 1000.0);
@@ -324,6 +320,17 @@ impl<B: Backend> Provider<B> {
             record.info.kernel_release = Some(hello.kernel_release.clone());
             Guest::new(client, record.info.config.env.clone())
         });
+        // A cold guest read the hardware clock to whole seconds, and a
+        // restored one kept the time of its snapshot: set it from the host's.
+        if let Some(guest) = &guest {
+            let _ = guest.sync_clock().await;
+        }
+        // Ready counts from here: the clock is right when the caller gets
+        // the sandbox.
+        let ready = Instant::now();
+        let spawned = spawned_at.unwrap_or(ready);
+        let vmm_ready = vmm_ready_at.unwrap_or(spawned);
+        let started = started_at.unwrap_or(vmm_ready);
         record.info.boot = Some(BootTimings {
             boot_time_ms: BootTimings::ms(ready - spawned),
             prepare_ms: BootTimings::ms(prepare),

@@ -248,6 +248,10 @@ impl<V: Vm> SandboxTask<V> {
             .info
             .state
             .transition_to(SandboxState::Running)?;
+        // The guest's clock stood still while it was paused.
+        if let Some(guest) = &self.guest {
+            let _ = guest.sync_clock().await;
+        }
         Ok(())
     }
 

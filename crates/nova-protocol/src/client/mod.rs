@@ -294,6 +294,24 @@ impl AgentClient {
         }
     }
 
+    /// Steps the guest's wall clock to `now` (the host's wall clock), e.g.
+    /// after a resume from pause. Returns how far the guest was behind
+    /// (negative: ahead) and whether the agent stepped its clock (only an
+    /// agent running as PID 1 does).
+    pub async fn set_clock(&self, now: std::time::SystemTime) -> Result<ClockStep, ClientError> {
+        let unix_ns = now
+            .duration_since(std::time::UNIX_EPOCH)
+            .ok()
+            .and_then(|d| u64::try_from(d.as_nanos()).ok())
+            .ok_or_else(|| {
+                ClientError::Protocol("the host clock is outside what the protocol carries".into())
+            })?;
+        match self.request(Request::SetClock { unix_ns }).await? {
+            Response::ClockSet { offset_ns, stepped } => Ok(ClockStep { offset_ns, stepped }),
+            other => Err(unexpected("set_clock", &other)),
+        }
+    }
+
     /// Asks the agent to sync file systems and power the VM off (when it is
     /// not PID 1, e.g. in host tests, it just exits). Returns once the agent
     /// acknowledged; the connection closes right after.
@@ -338,6 +356,16 @@ impl AgentClient {
     async fn await_reply<T>(&self, rx: oneshot::Receiver<T>) -> Result<T, ClientError> {
         rx.await.map_err(|_| closed_error(&self.inner.closed))
     }
+}
+
+/// What [`AgentClient::set_clock`] found and did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClockStep {
+    /// How far the guest's clock was behind the host's, in nanoseconds
+    /// (negative: ahead), when the request arrived.
+    pub offset_ns: i64,
+    /// Whether the agent stepped the clock.
+    pub stepped: bool,
 }
 
 /// The error for a call on a connection that has ended.

@@ -1,0 +1,263 @@
+//! The guest's identity: its hostname, and the files that must agree with
+//! it — `/etc/hostname`, `/etc/hosts` (so the hostname resolves, to a
+//! loopback address), and `/etc/machine-id` (new for every sandbox).
+//!
+//! The template's files were written when the image was built and name no
+//! sandbox, so [`apply`] rewrites them at boot:
+//!
+//! * on a writable root (the overlay), in place;
+//! * on a read-only root (`read_only_rootfs`), the three files are written to
+//!   a tmpfs (`/run/nova/etc`) and stacked over `/etc` with a read-only
+//!   overlay (`lowerdir=/run/nova/etc:/etc`): `/etc` shows the sandbox's
+//!   files, and stays read-only. Unlike bind mounts over single files, this
+//!   also works when the image has no `/etc/machine-id` to mount over.
+//!
+//! `/etc/hosts` keeps the image's own entries; only the loopback lines are
+//! rewritten: `127.0.0.1 localhost`, `127.0.1.1 <hostname>` (Debian's
+//! convention for the machine's own name) and `::1 localhost ...`.
+
+use std::ffi::CString;
+use std::hash::{Hash, Hasher};
+use std::io::{self, Read};
+use std::path::Path;
+
+use rustix::mount::{MountFlags, mount};
+
+/// Hostname used when the kernel command line gives none, or an invalid one.
+pub(crate) const DEFAULT_HOSTNAME: &str = "nova";
+/// Longest hostname the kernel accepts.
+const HOSTNAME_MAX: usize = 64;
+/// Where the files are prepared on a read-only root.
+const RUN_ETC: &str = "/run/nova/etc";
+
+/// What [`apply`] did, for the log.
+#[derive(Debug, Default)]
+pub(crate) struct IdentityReport {
+    /// The hostname set.
+    pub(crate) hostname: String,
+    /// The machine id written.
+    pub(crate) machine_id: String,
+    /// Whether `/etc` was read-only and got the overlay.
+    pub(crate) overlaid: bool,
+}
+
+/// Sets the hostname and writes the identity files (see the module docs).
+/// `requested` is `nova.hostname=` from the kernel command line.
+pub(crate) fn apply(requested: Option<&str>) -> io::Result<IdentityReport> {
+    let hostname = match requested {
+        Some(name) if valid_hostname(name) => name.to_owned(),
+        Some(name) => {
+            tracing::warn!(
+                name,
+                "invalid hostname on the kernel command line; using the default"
+            );
+            DEFAULT_HOSTNAME.to_owned()
+        }
+        None => DEFAULT_HOSTNAME.to_owned(),
+    };
+    rustix::system::sethostname(hostname.as_bytes())
+        .map_err(|e| io::Error::other(format!("sethostname {hostname}: {e}")))?;
+    let machine_id = new_machine_id(&hostname);
+    let existing_hosts = std::fs::read_to_string("/etc/hosts").unwrap_or_default();
+    let files = [
+        ("hostname", format!("{hostname}\n")),
+        ("hosts", render_hosts(&existing_hosts, &hostname)),
+        ("machine-id", format!("{machine_id}\n")),
+    ];
+    let overlaid = is_read_only(Path::new("/etc"));
+    if overlaid {
+        std::fs::create_dir_all(RUN_ETC)
+            .map_err(|e| io::Error::new(e.kind(), format!("mkdir {RUN_ETC}: {e}")))?;
+        for (name, content) in &files {
+            write_replacing(&Path::new(RUN_ETC).join(name), content.as_bytes())?;
+        }
+        let options = CString::new(format!("lowerdir={RUN_ETC}:/etc"))
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))?;
+        mount(
+            "overlay",
+            "/etc",
+            "overlay",
+            MountFlags::RDONLY,
+            Some(options.as_c_str()),
+        )
+        .map_err(|e| io::Error::other(format!("overlay {RUN_ETC} on /etc: {e}")))?;
+    } else {
+        for (name, content) in &files {
+            write_replacing(&Path::new("/etc").join(name), content.as_bytes())?;
+        }
+    }
+    Ok(IdentityReport {
+        hostname,
+        machine_id,
+        overlaid,
+    })
+}
+
+/// Whether `name` is a hostname the kernel and resolvers accept: 1 to 64
+/// characters, letters, digits, `-` and `.`, not starting with `-` or `.`.
+fn valid_hostname(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= HOSTNAME_MAX
+        && !name.starts_with(['-', '.'])
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+}
+
+/// `/etc/hosts` for `hostname`: the loopback lines first, then the image's
+/// other entries. Names the image gave `127.0.0.1` or `::1` besides
+/// `localhost` are kept; its `127.0.1.1` line (the image's hostname) is
+/// replaced.
+fn render_hosts(existing: &str, hostname: &str) -> String {
+    let mut v4 = vec!["localhost".to_owned()];
+    let mut v6: Vec<String> = ["localhost", "ip6-localhost", "ip6-loopback"]
+        .map(str::to_owned)
+        .into();
+    let mut rest = Vec::new();
+    for line in existing.lines() {
+        let content = line.split('#').next().unwrap_or_default();
+        let mut words = content.split_whitespace();
+        let Some(address) = words.next() else {
+            continue;
+        };
+        let names = match address {
+            "127.0.0.1" => &mut v4,
+            "::1" => &mut v6,
+            "127.0.1.1" => continue,
+            _ => {
+                rest.push(line);
+                continue;
+            }
+        };
+        for word in words {
+            if word != hostname && !names.iter().any(|n| n == word) {
+                names.push(word.to_owned());
+            }
+        }
+    }
+    let mut out = format!(
+        "# Written by nova-agent at boot for this sandbox.\n127.0.0.1\t{}\n127.0.1.1\t{hostname}\n::1\t\t{}\n",
+        v4.join(" "),
+        v6.join(" ")
+    );
+    for line in rest {
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
+
+/// A new machine id: 32 lowercase hex digits, from the kernel's random
+/// source mixed with the hostname (the sandbox id) and the boot clock, so it
+/// differs between sandboxes even if the random source were predictable
+/// this early.
+fn new_machine_id(hostname: &str) -> String {
+    let mut random = [0u8; 16];
+    if let Err(e) = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut random))
+    {
+        tracing::warn!(error = %e, "cannot read /dev/urandom for the machine id");
+    }
+    let realtime = rustix::time::clock_gettime(rustix::time::ClockId::Realtime);
+    let boottime = crate::clock::boottime_us();
+    let mut id = String::with_capacity(32);
+    for half in 0u8..2 {
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        (
+            half,
+            hostname,
+            random,
+            boottime,
+            realtime.tv_sec,
+            realtime.tv_nsec,
+        )
+            .hash(&mut hasher);
+        id.push_str(&format!("{:016x}", hasher.finish()));
+    }
+    id
+}
+
+fn is_read_only(path: &Path) -> bool {
+    rustix::fs::statvfs(path)
+        .is_ok_and(|s| s.f_flag.contains(rustix::fs::StatVfsMountFlags::RDONLY))
+}
+
+/// Writes `content` to `path` through a temporary file and a rename, so a
+/// symlink at `path` is replaced rather than written through and readers
+/// never see half a file.
+fn write_replacing(path: &Path, content: &[u8]) -> io::Result<()> {
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+    let tmp = path.with_file_name(format!(".{name}.nova-tmp"));
+    let with_path =
+        |e: io::Error| io::Error::new(e.kind(), format!("write {}: {e}", path.display()));
+    std::fs::write(&tmp, content).map_err(with_path)?;
+    std::fs::rename(&tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        with_path(e)
+    })?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_maps_the_hostname_to_loopback_and_keeps_the_images_entries() {
+        let image =
+            "127.0.0.1\tlocalhost\n127.0.1.1\tnova\n::1\t\tlocalhost ip6-localhost ip6-loopback\n";
+        let hosts = render_hosts(image, "sb-1");
+        assert_eq!(
+            hosts,
+            "# Written by nova-agent at boot for this sandbox.\n127.0.0.1\tlocalhost\n\
+             127.0.1.1\tsb-1\n::1\t\tlocalhost ip6-localhost ip6-loopback\n"
+        );
+        let image =
+            "# comment\n127.0.0.1 localhost db # alias\n10.0.0.5 registry\nff02::1 ip6-allnodes\n";
+        let hosts = render_hosts(image, "sb-2");
+        assert!(hosts.contains("127.0.0.1\tlocalhost db\n"), "{hosts}");
+        assert!(hosts.contains("127.0.1.1\tsb-2\n"), "{hosts}");
+        assert!(
+            hosts.contains("\n10.0.0.5 registry\nff02::1 ip6-allnodes\n"),
+            "{hosts}"
+        );
+        assert_eq!(hosts.matches("sb-2").count(), 1, "{hosts}");
+        let hosts = render_hosts("", "x");
+        assert!(hosts.contains("127.0.1.1\tx\n") && hosts.contains("127.0.0.1\tlocalhost\n"));
+    }
+
+    #[test]
+    fn machine_ids_are_32_hex_digits_and_differ() {
+        let a = new_machine_id("sb-1");
+        let b = new_machine_id("sb-1");
+        assert_eq!(a.len(), 32);
+        assert!(
+            a.bytes()
+                .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()),
+            "{a}"
+        );
+        assert_ne!(a, b);
+        assert_ne!(new_machine_id("sb-2"), a);
+    }
+
+    #[test]
+    fn hostnames_are_checked() {
+        assert!(valid_hostname("sb-0f3a"));
+        assert!(valid_hostname("a.b"));
+        for bad in ["", "-x", ".x", "a b", "a/b", &"x".repeat(65)] {
+            assert!(!valid_hostname(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn files_are_replaced_not_written_through_symlinks() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("target");
+        std::fs::write(&target, "old").unwrap();
+        let link = dir.path().join("hosts");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        write_replacing(&link, b"new").unwrap();
+        assert_eq!(std::fs::read_to_string(&target).unwrap(), "old");
+        assert_eq!(std::fs::read_to_string(&link).unwrap(), "new");
+        assert!(!std::fs::symlink_metadata(&link).unwrap().is_symlink());
+    }
+}
