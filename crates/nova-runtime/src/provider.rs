@@ -134,6 +134,17 @@ impl<B: Backend> Provider<B> {
             .await
     }
 
+    /// Refuses snapshots on a backend that cannot take or load them.
+    fn check_snapshot_support(&self) -> Result<(), SnapshotError> {
+        let backend = &self.inner.backend;
+        backend
+            .snapshot_support()
+            .map_err(|reason| SnapshotError::Unsupported {
+                vmm: backend.kind(),
+                reason,
+            })
+    }
+
     /// Writes a snapshot of the paused sandbox `id` into `dir` (created if
     /// needed): full, or a diff merged into the full snapshot already there
     /// (where the backend tracks dirty pages). The sandbox stays paused.
@@ -143,13 +154,7 @@ impl<B: Backend> Provider<B> {
         dir: &Path,
         kind: SnapshotKind,
     ) -> Result<Snapshot, SnapshotError> {
-        let backend = &self.inner.backend;
-        backend
-            .snapshot_support()
-            .map_err(|reason| SnapshotError::Unsupported {
-                vmm: backend.kind(),
-                reason,
-            })?;
+        self.check_snapshot_support()?;
         let entry = self
             .inner
             .sandboxes
@@ -431,13 +436,8 @@ impl<B: Backend> Hypervisor for Provider<B> {
         &self,
         dir: &Path,
     ) -> Result<Sandbox, CreateSandboxError> {
+        self.check_snapshot_support()?;
         let backend = &self.inner.backend;
-        backend
-            .snapshot_support()
-            .map_err(|reason| SnapshotError::Unsupported {
-                vmm: backend.kind(),
-                reason,
-            })?;
         let snapshot = crate::snapshot::read(dir).await?;
         {
             let snapshot = snapshot.clone();
