@@ -25,18 +25,16 @@ use std::ffi::CString;
 use std::io;
 use std::path::Path;
 
+use nova_protocol::boot::NovaParams;
 use rustix::fs::Mode;
 use rustix::mount::{MountFlags, UnmountFlags, mount, mount_move, unmount};
 
-use crate::cmdline::KernelCmdline;
 use crate::netdev;
 
 /// Where the overlay is assembled before it becomes `/`.
 const STAGING: &str = "/run/nova";
 /// Where the scratch disk stays mounted inside the new root.
 pub(crate) const SCRATCH_MOUNT: &str = "/.nova/scratch";
-/// Default hostname.
-const DEFAULT_HOSTNAME: &str = "nova";
 
 /// What [`setup`] did, for the log.
 #[derive(Debug, Default)]
@@ -46,8 +44,8 @@ pub(crate) struct InitReport {
     pub(crate) failures: Vec<String>,
 }
 
-/// Performs the PID 1 set-up and returns the kernel command line it read.
-pub(crate) fn setup() -> (KernelCmdline, InitReport) {
+/// Performs the PID 1 set-up and returns the `nova.*` parameters it read.
+pub(crate) fn setup() -> (NovaParams, InitReport) {
     let mut report = InitReport::default();
     let mut failures = Vec::new();
     let mut attempt = |what: &str, result: io::Result<()>| {
@@ -72,7 +70,7 @@ pub(crate) fn setup() -> (KernelCmdline, InitReport) {
             Some("mode=0755"),
         ),
     );
-    let cmdline = KernelCmdline::from_proc();
+    let cmdline = read_params();
 
     if let Some(device) = cmdline.overlay.clone() {
         match switch_to_overlay(&device) {
@@ -139,10 +137,7 @@ pub(crate) fn setup() -> (KernelCmdline, InitReport) {
         ),
     );
 
-    let hostname = cmdline
-        .hostname
-        .clone()
-        .unwrap_or_else(|| DEFAULT_HOSTNAME.to_owned());
+    let hostname = cmdline.hostname_or_default().to_owned();
     attempt(
         "set hostname",
         rustix::system::sethostname(hostname.as_bytes()).map_err(io::Error::from),
@@ -151,6 +146,26 @@ pub(crate) fn setup() -> (KernelCmdline, InitReport) {
     attempt("bring up lo", netdev::bring_up("lo"));
     report.failures = failures;
     (cmdline, report)
+}
+
+/// The `nova.*` parameters of `/proc/cmdline`. A command line this agent
+/// cannot read (a host from another build) is logged and replaced by the
+/// defaults, so that the agent still comes up and can be reached.
+fn read_params() -> NovaParams {
+    let text = match std::fs::read_to_string("/proc/cmdline") {
+        Ok(text) => text,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read /proc/cmdline; using the defaults");
+            return NovaParams::default();
+        }
+    };
+    match NovaParams::parse(&text) {
+        Ok(params) => params,
+        Err(e) => {
+            tracing::error!(error = %e, cmdline = %text.trim_end(), "init: the nova.* boot parameters are invalid; using the defaults");
+            NovaParams::default()
+        }
+    }
 }
 
 /// Mounts a file system; "already mounted there" counts as success (the

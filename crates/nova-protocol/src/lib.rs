@@ -41,10 +41,15 @@
 //!   ever buffers more than a window per stream. One slow stream never stalls
 //!   the others (no head-of-line blocking).
 //!
+//! * **Boot contract** ([`boot`]): what the host puts on the guest's kernel
+//!   command line (agent path, listen ports, devices, `nova.*` parameters) and
+//!   how the agent reads it back, formatted and parsed in one place.
+//!
 //! Output and file contents are always bytes ([`bytes::Bytes`]), never assumed
 //! to be UTF-8.
 #![forbid(unsafe_code)]
 
+pub mod boot;
 pub mod client;
 pub mod exec;
 pub mod frame;
