@@ -70,7 +70,10 @@ pub use stats::GuestStats;
 
 /// The protocol version this build speaks. Bump it whenever anything in
 /// [`messages`] changes (the `wire_schema` test fails until you do).
-pub const PROTOCOL_VERSION: u32 = 1;
+///
+/// 2: [`RemoteErrorKind`] gained `IsADirectory`, `NotADirectory`, `NoSpace`,
+/// `ReadOnly` and `DirectoryNotEmpty` (a version-1 host cannot decode them).
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// All protocol versions this build can speak, lowest first.
 pub const SUPPORTED_VERSIONS: &[u32] = &[PROTOCOL_VERSION];
