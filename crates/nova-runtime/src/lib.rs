@@ -54,7 +54,7 @@ impl Guest {
     /// Wraps a connected agent client; `env` is set for every command (the
     /// sandbox config's `env`), under each request's own variables.
     /// Whole-file reads are capped at
-    /// [`DEFAULT_READ_LIMIT`](nova_protocol::client::DEFAULT_READ_LIMIT).
+    /// [`DEFAULT_READ_LIMIT`].
     pub fn new(client: AgentClient, env: impl IntoIterator<Item = (String, String)>) -> Self {
         Self {
             client,
