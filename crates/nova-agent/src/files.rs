@@ -113,10 +113,7 @@ async fn read_inner(
         let file = tokio::fs::File::open(path).await?;
         let meta = file.metadata().await?;
         if meta.is_dir() {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "is a directory",
-            ));
+            return Err(io::Error::from(io::ErrorKind::IsADirectory));
         }
         Ok((file, meta.len()))
     };

@@ -27,10 +27,10 @@ use std::ffi::CString;
 use std::io;
 use std::path::Path;
 
+use nova_protocol::boot::NovaParams;
 use rustix::fs::Mode;
 use rustix::mount::{MountFlags, UnmountFlags, mount, mount_move, unmount};
 
-use crate::cmdline::KernelCmdline;
 use crate::{identity, netdev};
 
 /// Where the overlay is assembled before it becomes `/`.
@@ -47,8 +47,8 @@ pub(crate) struct InitReport {
     pub(crate) failures: Vec<String>,
 }
 
-/// Performs the PID 1 set-up and returns the kernel command line it read.
-pub(crate) fn setup() -> (KernelCmdline, InitReport) {
+/// Performs the PID 1 set-up and returns the `nova.*` parameters it read.
+pub(crate) fn setup() -> (NovaParams, InitReport) {
     let mut report = InitReport::default();
     let mut failures = Vec::new();
     let mut attempt = |what: &str, result: io::Result<()>| {
@@ -73,7 +73,7 @@ pub(crate) fn setup() -> (KernelCmdline, InitReport) {
             Some("mode=0755"),
         ),
     );
-    let cmdline = KernelCmdline::from_proc();
+    let cmdline = read_params();
 
     if let Some(device) = cmdline.overlay.clone() {
         match switch_to_overlay(&device) {
@@ -140,7 +140,7 @@ pub(crate) fn setup() -> (KernelCmdline, InitReport) {
         ),
     );
 
-    match identity::apply(cmdline.hostname.as_deref()) {
+    match identity::apply(Some(cmdline.hostname_or_default())) {
         Ok(identity) => {
             if identity.overlaid {
                 tracing::debug!("read-only root: identity files overlaid on /etc");
@@ -153,6 +153,26 @@ pub(crate) fn setup() -> (KernelCmdline, InitReport) {
     attempt("bring up lo", netdev::bring_up("lo"));
     report.failures = failures;
     (cmdline, report)
+}
+
+/// The `nova.*` parameters of `/proc/cmdline`. A command line this agent
+/// cannot read (a host from another build) is logged and replaced by the
+/// defaults, so that the agent still comes up and can be reached.
+fn read_params() -> NovaParams {
+    let text = match std::fs::read_to_string("/proc/cmdline") {
+        Ok(text) => text,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read /proc/cmdline; using the defaults");
+            return NovaParams::default();
+        }
+    };
+    match NovaParams::parse(&text) {
+        Ok(params) => params,
+        Err(e) => {
+            tracing::error!(error = %e, cmdline = %text.trim_end(), "init: the nova.* boot parameters are invalid; using the defaults");
+            NovaParams::default()
+        }
+    }
 }
 
 /// Mounts a file system; "already mounted there" counts as success (the

@@ -7,14 +7,17 @@
 //!   `/dev/virtio-ports/NAME`). A port is one byte stream: the agent serves
 //!   one session on it at a time and reopens it when the host side goes away.
 //! * `unix:PATH` — a Unix socket, for host tests.
+//!
+//! The addresses themselves ([`ListenAddr`]) and their defaults are part of
+//! the boot contract in [`nova_protocol::boot`].
 
 use std::io;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use nova_protocol::boot::ListenAddr;
 use rustix::net::addr::{SocketAddrArg, SocketAddrLen, SocketAddrOpaque};
 use rustix::net::{AddressFamily, SocketFlags, SocketType};
 use tokio::io::unix::AsyncFd;
@@ -22,53 +25,6 @@ use tokio::io::unix::AsyncFd;
 use crate::Agent;
 use crate::fdio::FdStream;
 use crate::session;
-
-/// The vsock port the agent listens on by default.
-pub(crate) const DEFAULT_VSOCK_PORT: u32 = 1024;
-/// The virtio-serial port name the agent looks for by default.
-pub(crate) const DEFAULT_SERIAL_NAME: &str = "org.nova.agent";
-
-/// A listen address from `--listen` or `nova.listen=`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum ListenAddr {
-    /// A Unix socket at this path.
-    Unix(PathBuf),
-    /// A vsock port.
-    Vsock(u32),
-    /// A virtio-serial port with this name.
-    Serial(String),
-}
-
-impl FromStr for ListenAddr {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (scheme, rest) = s
-            .split_once(':')
-            .ok_or_else(|| format!("`{s}`: expected unix:PATH, vsock:PORT or serial:NAME"))?;
-        match scheme {
-            "unix" if !rest.is_empty() => Ok(Self::Unix(PathBuf::from(rest))),
-            "vsock" => rest
-                .parse()
-                .map(Self::Vsock)
-                .map_err(|_| format!("`{s}`: invalid vsock port")),
-            "serial" if !rest.is_empty() => Ok(Self::Serial(rest.to_owned())),
-            _ => Err(format!(
-                "`{s}`: expected unix:PATH, vsock:PORT or serial:NAME"
-            )),
-        }
-    }
-}
-
-impl std::fmt::Display for ListenAddr {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Unix(path) => write!(f, "unix:{}", path.display()),
-            Self::Vsock(port) => write!(f, "vsock:{port}"),
-            Self::Serial(name) => write!(f, "serial:{name}"),
-        }
-    }
-}
 
 /// A bound listener, ready to accept.
 #[derive(Debug)]
@@ -224,23 +180,6 @@ unsafe impl SocketAddrArg for VsockAddr {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-
-    #[test]
-    fn parses_listen_addresses() {
-        assert_eq!(
-            "unix:/tmp/a.sock".parse(),
-            Ok(ListenAddr::Unix("/tmp/a.sock".into()))
-        );
-        assert_eq!("vsock:1024".parse(), Ok(ListenAddr::Vsock(1024)));
-        assert_eq!(
-            "serial:org.nova.agent".parse(),
-            Ok(ListenAddr::Serial("org.nova.agent".into()))
-        );
-        for bad in ["", "unix:", "vsock:x", "tcp:1", "serial:", "nothing"] {
-            assert!(bad.parse::<ListenAddr>().is_err(), "{bad}");
-        }
-        assert_eq!(ListenAddr::Vsock(5).to_string(), "vsock:5");
-    }
 
     #[test]
     fn finds_serial_ports_by_name() {

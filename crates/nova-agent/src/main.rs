@@ -22,7 +22,6 @@
 //! filter (default `info`).
 
 mod clock;
-mod cmdline;
 mod exec;
 mod fdio;
 mod files;
@@ -39,9 +38,10 @@ use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use nova_protocol::HelloInfo;
+use nova_protocol::boot::{self, ListenAddr, NovaParams};
 use tokio::sync::mpsc;
 
-use crate::listen::{ListenAddr, Listener};
+use crate::listen::Listener;
 use crate::reaper::Reaper;
 
 /// The default `PATH` of commands run by the agent as PID 1.
@@ -94,11 +94,10 @@ fn parse_args() -> anyhow::Result<Option<Args>> {
         match arg.as_str() {
             "--listen" => {
                 let value = it.next().context("--listen needs a value")?;
-                args.listen.push(value.parse().map_err(anyhow::Error::msg)?);
+                args.listen.push(value.parse()?);
             }
             s if s.starts_with("--listen=") => {
-                args.listen
-                    .push(s["--listen=".len()..].parse().map_err(anyhow::Error::msg)?);
+                args.listen.push(s["--listen=".len()..].parse()?);
             }
             "--version" | "-V" => {
                 eprintln!("nova-agent {}", env!("CARGO_PKG_VERSION"));
@@ -108,8 +107,8 @@ fn parse_args() -> anyhow::Result<Option<Args>> {
                 eprintln!(
                     "usage: nova-agent [--listen unix:PATH | --listen vsock:PORT | --listen serial:NAME]...\n\
                      As PID 1 without --listen it listens on vsock:{} and serial:{}.",
-                    listen::DEFAULT_VSOCK_PORT,
-                    listen::DEFAULT_SERIAL_NAME
+                    boot::AGENT_VSOCK_PORT,
+                    boot::AGENT_SERIAL_PORT
                 );
                 return Ok(None);
             }
@@ -150,7 +149,7 @@ fn real_main(started_us: u64, pid1: bool) -> anyhow::Result<()> {
     let Some(args) = parse_args()? else {
         return Ok(());
     };
-    let mut cmdline = cmdline::KernelCmdline::default();
+    let mut cmdline = NovaParams::default();
     if pid1 {
         let (parsed, report) = init::setup();
         tracing::info!(
@@ -163,22 +162,13 @@ fn real_main(started_us: u64, pid1: bool) -> anyhow::Result<()> {
         cmdline = parsed;
         std::env::set_current_dir("/").context("chdir /")?;
     }
-    let mut listen = args.listen;
-    if listen.is_empty() {
-        for value in &cmdline.listen {
-            match value.parse() {
-                Ok(addr) => listen.push(addr),
-                Err(e) => tracing::warn!("ignoring nova.listen={value}: {e}"),
-            }
-        }
-    }
-    if listen.is_empty() {
-        if !pid1 {
-            bail!("nothing to listen on: pass --listen unix:PATH (or vsock:PORT, serial:NAME)");
-        }
-        listen.push(ListenAddr::Vsock(listen::DEFAULT_VSOCK_PORT));
-        listen.push(ListenAddr::Serial(listen::DEFAULT_SERIAL_NAME.to_owned()));
-    }
+    let listen = if !args.listen.is_empty() {
+        args.listen
+    } else if pid1 {
+        cmdline.listen_or_default()
+    } else {
+        bail!("nothing to listen on: pass --listen unix:PATH (or vsock:PORT, serial:NAME)");
+    };
     let base_env = pid1.then(|| {
         let mut env = vec![
             ("PATH".to_owned(), DEFAULT_PATH.to_owned()),

@@ -151,7 +151,7 @@ async fn stdin_streams_through_cat() {
         stdin.write(data).await.unwrap();
         stdin.close();
     });
-    let output = stdout.collect().await;
+    let output = stdout.collect().await.unwrap();
     writer.await.unwrap();
     let result = handle.wait().await.unwrap();
     assert!(result.status.success());
@@ -442,6 +442,41 @@ async fn closing_the_connection_kills_its_commands() {
     );
     // The agent takes new connections.
     let (client, _) = agent.connect().await;
+    client.ping().await.unwrap();
+}
+
+/// Reads whole lines from `stdout` until there are `n`; each is a pid.
+async fn read_pids(stdout: &mut nova_protocol::client::OutputStream, n: usize) -> Vec<u32> {
+    let mut text = String::new();
+    while text.lines().count() < n || !text.ends_with('\n') {
+        let chunk = stdout.recv().await.expect("the command prints its pids");
+        text.push_str(std::str::from_utf8(&chunk).unwrap());
+    }
+    text.lines().map(|l| l.trim().parse().unwrap()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_an_exec_handle_kills_the_command_and_its_children() {
+    let agent = TestAgent::start().await;
+    let (client, _) = agent.connect().await;
+    let mut handle = client
+        .exec(ExecSpec::shell("sleep 1000 & echo $!; echo $$; wait"))
+        .await
+        .unwrap();
+    let mut stdout = handle.take_stdout().unwrap();
+    let pids = read_pids(&mut stdout, 2).await;
+    assert!(pids.iter().all(|&pid| !process_gone(pid)), "{pids:?}");
+    drop(handle);
+    assert!(
+        wait_until(Duration::from_secs(10), || pids
+            .iter()
+            .all(|&pid| process_gone(pid)))
+        .await,
+        "the command's process group {pids:?} outlived its dropped handle; log:\n{}",
+        agent.log()
+    );
+    // Its stream ends, and the connection lives on.
+    while stdout.recv().await.is_some() {}
     client.ping().await.unwrap();
 }
 

@@ -44,7 +44,7 @@ async fn one_gigabyte_of_output_streams_with_bounded_memory() {
     let elapsed = started.elapsed();
     let result = handle.wait().await.unwrap();
     assert!(result.status.success(), "{result:?}");
-    assert_eq!(stderr.collect().await, b"done\n");
+    assert_eq!(stderr.collect().await.unwrap(), b"done\n");
     assert_eq!(total, GIB);
     assert!(!nonzero);
 

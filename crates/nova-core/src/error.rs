@@ -158,6 +158,17 @@ pub enum ExecError {
     /// The guest agent failed or went away.
     #[error("the guest agent failed to run the command")]
     Agent(#[source] BoxError),
+    /// The command's output passed the cap on output gathered in memory
+    /// (`execute_command`, [`ExecStream::collect`](crate::exec::ExecStream::collect));
+    /// the command was killed.
+    #[error(
+        "the command's output passed {limit} bytes, the cap on collected output; \
+         read it as it comes with exec_stream (or raise ExecRequest::max_output)"
+    )]
+    OutputTooLarge {
+        /// The cap, in bytes.
+        limit: u64,
+    },
 }
 
 impl ExecError {
@@ -267,7 +278,92 @@ pub enum FileError {
         /// What is wrong with it.
         reason: &'static str,
     },
-    /// The guest agent failed (no such file, permission denied, …).
+    /// The path does not exist in the guest (`ENOENT`).
+    #[error("{path} does not exist in the guest")]
+    NoSuchFile {
+        /// The guest path.
+        path: String,
+        /// The guest's error.
+        #[source]
+        source: BoxError,
+    },
+    /// The guest refused access to the path (`EACCES`, `EPERM`).
+    #[error("permission denied on {path} in the guest")]
+    PermissionDenied {
+        /// The guest path.
+        path: String,
+        /// The guest's error.
+        #[source]
+        source: BoxError,
+    },
+    /// The path is a directory where a file was needed (`EISDIR`).
+    #[error("{path} is a directory in the guest")]
+    IsADirectory {
+        /// The guest path.
+        path: String,
+        /// The guest's error.
+        #[source]
+        source: BoxError,
+    },
+    /// A component of the path is not a directory (`ENOTDIR`).
+    #[error("a parent of {path} is not a directory in the guest")]
+    NotADirectory {
+        /// The guest path.
+        path: String,
+        /// The guest's error.
+        #[source]
+        source: BoxError,
+    },
+    /// Something already exists at the path (`EEXIST`).
+    #[error("{path} already exists in the guest")]
+    AlreadyExists {
+        /// The guest path.
+        path: String,
+        /// The guest's error.
+        #[source]
+        source: BoxError,
+    },
+    /// The guest's disk (or quota) is full (`ENOSPC`, `EDQUOT`).
+    #[error("no space left in the guest for {path}")]
+    NoSpace {
+        /// The guest path.
+        path: String,
+        /// The guest's error.
+        #[source]
+        source: BoxError,
+    },
+    /// The path is on a read-only file system (`EROFS`; e.g. a sandbox with
+    /// `read_only_rootfs`).
+    #[error("{path} is on a read-only file system in the guest")]
+    ReadOnly {
+        /// The guest path.
+        path: String,
+        /// The guest's error.
+        #[source]
+        source: BoxError,
+    },
+    /// A directory to remove is not empty (`ENOTEMPTY`).
+    #[error("directory {path} is not empty in the guest")]
+    DirectoryNotEmpty {
+        /// The guest path.
+        path: String,
+        /// The guest's error.
+        #[source]
+        source: BoxError,
+    },
+    /// The file is larger than the cap on whole-file reads; nothing was kept
+    /// and the transfer was cancelled.
+    #[error("{path} is larger than {limit} bytes, the cap on whole-file reads; {instead}")]
+    TooLarge {
+        /// The guest path.
+        path: String,
+        /// The cap, in bytes.
+        limit: u64,
+        /// The streaming call to use instead.
+        instead: &'static str,
+    },
+    /// The guest agent failed in another way (an I/O error, the connection
+    /// went away, …).
     #[error("the guest agent failed on {path}")]
     Agent {
         /// The guest path.
@@ -336,6 +432,29 @@ mod tests {
         assert_eq!(ExecError::Invalid("x".into()).exit_status(), None);
         let json = serde_json::to_string(&SpawnErrorKind::BadInterpreter).unwrap();
         assert_eq!(json, "\"bad_interpreter\"");
+    }
+
+    #[test]
+    fn file_errors_say_what_is_wrong_with_the_path_first() {
+        let cause: BoxError =
+            "open /nonexistent/file: No such file or directory (os error 2)".into();
+        let e = FileError::NoSuchFile {
+            path: "/nonexistent/file".into(),
+            source: cause,
+        };
+        assert_eq!(
+            e.to_string(),
+            "/nonexistent/file does not exist in the guest"
+        );
+        let e = FileError::TooLarge {
+            path: "/big".into(),
+            limit: 10,
+            instead: "stream it",
+        };
+        assert_eq!(
+            e.to_string(),
+            "/big is larger than 10 bytes, the cap on whole-file reads; stream it"
+        );
     }
 
     #[test]

@@ -16,7 +16,11 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-use crate::error::{SpawnErrorKind, StdinClosed};
+use crate::error::{ExecError, SpawnErrorKind, StdinClosed};
+
+/// The default cap on output gathered in memory by `execute_command` and
+/// [`ExecStream::collect`]: stdout and stderr together.
+pub const DEFAULT_MAX_OUTPUT: u64 = 64 * 1024 * 1024;
 
 /// The program to run.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -54,6 +58,12 @@ pub struct ExecRequest {
     /// Kill the command's whole process group after this long.
     #[serde(default, with = "opt_duration_ms")]
     pub timeout: Option<Duration>,
+    /// Most bytes of output (stdout and stderr together) `execute_command`
+    /// gathers in memory; [`DEFAULT_MAX_OUTPUT`] when unset. Past it the
+    /// command is killed and the call fails with
+    /// [`ExecError::OutputTooLarge`]. A stream (`exec_stream`) has no cap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_output: Option<u64>,
 }
 
 impl ExecRequest {
@@ -79,6 +89,7 @@ impl ExecRequest {
             stdin: None,
             stream_stdin: false,
             timeout: None,
+            max_output: None,
         }
     }
 
@@ -111,6 +122,12 @@ impl ExecRequest {
     /// Sets a timeout.
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = Some(timeout);
+        self
+    }
+
+    /// Sets the cap on output `execute_command` gathers in memory.
+    pub fn max_output(mut self, bytes: u64) -> Self {
+        self.max_output = Some(bytes);
         self
     }
 }
@@ -234,9 +251,13 @@ pub enum ExecEvent {
 /// Output of a running command, delivered as it is produced.
 ///
 /// The channel is bounded: a consumer that stops reading stops the command's
-/// output at the source (back-pressure), rather than buffering it. Dropping
-/// the stream abandons the output; the command runs on until it ends or its
-/// timeout kills it.
+/// output at the source (back-pressure), rather than buffering it.
+///
+/// **Dropping the stream before [`ExecEvent::Exited`] kills the command**:
+/// the provider notices that nobody listens any more and has the guest send
+/// `SIGKILL` to the command's whole process group (its children included).
+/// Read the stream to its end (or [`collect`](Self::collect) it) for the
+/// command to run to completion.
 #[derive(Debug)]
 pub struct ExecStream {
     events: mpsc::Receiver<ExecEvent>,
@@ -244,7 +265,9 @@ pub struct ExecStream {
 }
 
 impl ExecStream {
-    /// Wraps the receiving end of a provider's event channel.
+    /// Wraps the receiving end of a provider's event channel. The provider
+    /// must kill the command when the channel closes early (see
+    /// [`mpsc::Sender::closed`]).
     pub fn new(events: mpsc::Receiver<ExecEvent>) -> Self {
         Self {
             events,
@@ -275,31 +298,50 @@ impl ExecStream {
         self.events.recv().await
     }
 
+    /// Collects the rest of the stream into an [`ExecOutput`], keeping at
+    /// most [`DEFAULT_MAX_OUTPUT`] bytes (see
+    /// [`collect_limited`](Self::collect_limited)).
+    pub async fn collect(self) -> Result<ExecOutput, ExecError> {
+        self.collect_limited(DEFAULT_MAX_OUTPUT).await
+    }
+
     /// Collects the rest of the stream into an [`ExecOutput`].
     ///
-    /// Returns `None` if the stream ended without an exit status.
-    pub async fn collect(mut self) -> Option<ExecOutput> {
+    /// When stdout and stderr together pass `limit` bytes this stops with
+    /// [`ExecError::OutputTooLarge`], which drops the stream and so kills the
+    /// command. Fails with [`ExecError::Agent`] if the stream ended without
+    /// an exit status (the agent or the sandbox went away).
+    pub async fn collect_limited(mut self, limit: u64) -> Result<ExecOutput, ExecError> {
         // Stdin still held here closes now, or a command reading it would
         // wait forever.
         self.stdin = None;
         let start = std::time::Instant::now();
         let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+        let mut total = 0u64;
         while let Some(event) = self.next().await {
-            match event {
-                ExecEvent::Stdout(b) => stdout.extend_from_slice(&b),
-                ExecEvent::Stderr(b) => stderr.extend_from_slice(&b),
+            let (out, bytes) = match event {
+                ExecEvent::Stdout(b) => (&mut stdout, b),
+                ExecEvent::Stderr(b) => (&mut stderr, b),
                 ExecEvent::Exited(status) => {
-                    let duration_ms = start.elapsed().as_millis() as u64;
-                    return Some(ExecOutput {
+                    let duration_ms =
+                        u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
+                    return Ok(ExecOutput {
                         status,
                         stdout,
                         stderr,
                         duration_ms,
                     });
                 }
+            };
+            total += bytes.len() as u64;
+            if total > limit {
+                return Err(ExecError::OutputTooLarge { limit });
             }
+            out.extend_from_slice(&bytes);
         }
-        None
+        Err(ExecError::Agent(
+            "the agent connection closed before the command ended".into(),
+        ))
     }
 }
 
@@ -390,6 +432,10 @@ mod tests {
             .timeout(Duration::from_secs(2));
         let json = serde_json::to_string(&r).unwrap();
         assert!(json.contains("\"timeout\":2000"), "{json}");
+        assert!(!json.contains("max_output"), "{json}");
+        assert_eq!(serde_json::from_str::<ExecRequest>(&json).unwrap(), r);
+        let r = r.max_output(5);
+        let json = serde_json::to_string(&r).unwrap();
         assert_eq!(serde_json::from_str::<ExecRequest>(&json).unwrap(), r);
         let r: ExecRequest = serde_json::from_str(r#"{"command":{"shell":"cat"}}"#).unwrap();
         assert!(!r.stream_stdin);
@@ -414,7 +460,31 @@ mod tests {
 
         let (tx, rx) = mpsc::channel(1);
         drop(tx);
-        assert_eq!(ExecStream::new(rx).collect().await, None);
+        assert!(matches!(
+            ExecStream::new(rx).collect().await,
+            Err(ExecError::Agent(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn collecting_past_the_cap_is_output_too_large_and_drops_the_stream() {
+        let (tx, rx) = mpsc::channel(4);
+        let producer = tokio::spawn(async move {
+            for _ in 0..3 {
+                if tx.send(ExecEvent::Stderr(vec![0; 4])).await.is_err() {
+                    break;
+                }
+            }
+            // The provider's signal to kill the command.
+            tx.closed().await;
+        });
+        let err = ExecStream::new(rx).collect_limited(10).await.unwrap_err();
+        assert!(
+            matches!(err, ExecError::OutputTooLarge { limit: 10 }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("exec_stream"), "{err}");
+        producer.await.unwrap();
     }
 
     #[tokio::test]

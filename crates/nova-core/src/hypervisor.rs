@@ -97,23 +97,32 @@ pub trait Hypervisor: Send + Sync + fmt::Debug {
     /// Resource usage, merged from the VMM, the host and the agent.
     async fn get_sandbox_stats(&self, id: &SandboxId) -> Result<SandboxStats, SandboxError>;
 
-    /// Runs a command and returns its output as it is produced.
+    /// Runs a command and returns its output as it is produced. Dropping the
+    /// stream before the command ended kills the command's process group in
+    /// the guest (see [`ExecStream`]).
     async fn exec_stream(
         &self,
         id: &SandboxId,
         request: ExecRequest,
     ) -> Result<ExecStream, ExecError>;
 
-    /// Runs a command to completion and returns all its output.
+    /// Runs a command to completion and returns all its output, up to the
+    /// request's `max_output` (default
+    /// [`DEFAULT_MAX_OUTPUT`](crate::exec::DEFAULT_MAX_OUTPUT)) bytes; past
+    /// that the command is killed and this fails with
+    /// [`ExecError::OutputTooLarge`] (use [`Hypervisor::exec_stream`]).
     async fn execute_command(
         &self,
         id: &SandboxId,
         request: ExecRequest,
     ) -> Result<ExecOutput, ExecError> {
-        let stream = self.exec_stream(id, request).await?;
-        stream.collect().await.ok_or_else(|| {
-            ExecError::Agent("the agent connection closed before the command ended".into())
-        })
+        let limit = request
+            .max_output
+            .unwrap_or(crate::exec::DEFAULT_MAX_OUTPUT);
+        self.exec_stream(id, request)
+            .await?
+            .collect_limited(limit)
+            .await
     }
 
     /// Writes `data` to the absolute guest path `path` with permission bits

@@ -9,12 +9,15 @@
 //! VM ready for `InstanceStart`.
 //!
 //! Guest block device names follow the order drives are added: the shared
-//! read-only rootfs is `/dev/vda`, the sandbox's scratch disk `/dev/vdb`,
-//! extra drives after. The kernel command line is the config's
-//! `kernel_args`, then what this provider owns: `reboot=k` if absent (a
-//! reboot is how a Firecracker guest ends its VM), `8250.nr_uarts=0` unless
-//! a serial console was asked for (the UART costs boot time), and the root
-//! device, init and agent parameters.
+//! read-only rootfs is [`boot::ROOT_DEVICE`], the sandbox's scratch disk
+//! [`boot::SCRATCH_DEVICE`], extra drives after. The kernel command line is
+//! assembled by the boot contract ([`nova_protocol::boot`]): the config's
+//! `kernel_args`, then `reboot=k` if absent (a reboot is how a Firecracker
+//! guest ends its VM), `8250.nr_uarts=0` unless a serial console was asked
+//! for (the UART costs boot time), and the root device, init and agent
+//! parameters.
+
+use nova_protocol::boot::{self, GuestConsole, KernelArgsError, KernelCmdline, NovaParams};
 
 use crate::api::{
     ApiClient, ApiError, Balloon, BootSource, Drive, EntropyDevice, LogLevel, Logger,
@@ -25,12 +28,6 @@ use crate::api::{
 pub const ROOT_DRIVE_ID: &str = "rootfs";
 /// Drive id of the scratch disk.
 pub const SCRATCH_DRIVE_ID: &str = "scratch";
-/// Guest device of the root filesystem.
-pub const ROOT_DEVICE: &str = "/dev/vda";
-/// Guest device of the scratch disk.
-pub const SCRATCH_DEVICE: &str = "/dev/vdb";
-/// Path of the agent in every rootfs.
-pub const AGENT_PATH: &str = "/sbin/nova-agent";
 /// The guest's vsock context id (each VM has its own vsock device, so every
 /// guest can use the same one).
 pub const GUEST_CID: u32 = 3;
@@ -92,29 +89,32 @@ pub struct MachineSpec {
 }
 
 impl MachineSpec {
-    /// The full guest kernel command line.
-    pub fn kernel_cmdline(&self) -> String {
-        let user = self.kernel_args.trim();
-        let mut cmdline = String::new();
-        let user_console = user.split_whitespace().any(|w| w.starts_with("console="));
-        if self.serial_console && !user_console {
-            cmdline.push_str("console=ttyS0 ");
+    /// The boot contract's view of this VM: a serial console if asked for,
+    /// the hostname, and the overlay when there is a scratch disk.
+    pub fn boot_cmdline(&self) -> KernelCmdline {
+        KernelCmdline {
+            console: if self.serial_console {
+                GuestConsole::Serial
+            } else {
+                GuestConsole::Off
+            },
+            params: NovaParams {
+                hostname: Some(self.hostname.clone()),
+                overlay: self
+                    .scratch
+                    .as_ref()
+                    .map(|_| boot::SCRATCH_DEVICE.to_owned()),
+                ..NovaParams::default()
+            },
+            extra: Vec::new(),
         }
-        cmdline.push_str(user);
-        if !user.split_whitespace().any(|w| w.starts_with("reboot=")) {
-            cmdline.push_str(" reboot=k");
-        }
-        if !self.serial_console && !user_console {
-            cmdline.push_str(" 8250.nr_uarts=0");
-        }
-        cmdline.push_str(&format!(
-            " root={ROOT_DEVICE} rootfstype=ext4 ro init={AGENT_PATH} nova.hostname={}",
-            self.hostname
-        ));
-        if self.scratch.is_some() {
-            cmdline.push_str(&format!(" nova.overlay={SCRATCH_DEVICE}"));
-        }
-        cmdline.trim_start().to_owned()
+    }
+
+    /// The full guest kernel command line: the user's `kernel_args` checked
+    /// against the boot contract and assembled with what this provider owns
+    /// (see [`KernelCmdline::assemble`]).
+    pub fn kernel_cmdline(&self) -> Result<String, KernelArgsError> {
+        self.boot_cmdline().assemble(&self.kernel_args)
     }
 
     /// `PUT /machine-config`.
@@ -126,13 +126,14 @@ impl MachineSpec {
         config
     }
 
-    /// `PUT /boot-source`.
-    pub fn boot_source(&self) -> BootSource {
-        BootSource {
+    /// `PUT /boot-source`; fails when the user's `kernel_args` break the
+    /// boot contract.
+    pub fn boot_source(&self) -> Result<BootSource, KernelArgsError> {
+        Ok(BootSource {
             kernel_image_path: self.kernel.clone(),
-            boot_args: Some(self.kernel_cmdline()),
+            boot_args: Some(self.kernel_cmdline()?),
             initrd_path: None,
-        }
+        })
     }
 
     /// Every `PUT /drives/…`, in guest order.
@@ -191,11 +192,13 @@ impl MachineSpec {
     }
 
     /// Sends the whole configuration; the VM is then ready for
-    /// `InstanceStart`.
+    /// `InstanceStart`. A kernel command line that breaks the boot contract
+    /// is [`ApiError::BootArgs`], found before anything is sent.
     pub async fn configure(&self, client: &mut ApiClient) -> Result<(), ApiError> {
+        let boot_source = self.boot_source()?;
         self.configure_observability(client).await?;
         client.put_machine_config(&self.machine_config()).await?;
-        client.put_boot_source(&self.boot_source()).await?;
+        client.put_boot_source(&boot_source).await?;
         for drive in self.drives() {
             client.put_drive(&drive).await?;
         }
@@ -246,7 +249,7 @@ mod tests {
 
     #[test]
     fn kernel_cmdline_defaults_to_no_serial_console() {
-        let cmdline = spec().kernel_cmdline();
+        let cmdline = spec().kernel_cmdline().unwrap();
         assert!(cmdline.starts_with("reboot=k panic=1 pci=off"), "{cmdline}");
         assert!(cmdline.ends_with(
             " 8250.nr_uarts=0 root=/dev/vda rootfstype=ext4 ro init=/sbin/nova-agent \
@@ -263,15 +266,47 @@ mod tests {
         s.scratch = None;
         s.kernel_args = "quiet".into();
         assert_eq!(
-            s.kernel_cmdline(),
+            s.kernel_cmdline().unwrap(),
             "console=ttyS0 quiet reboot=k root=/dev/vda rootfstype=ext4 ro \
              init=/sbin/nova-agent nova.hostname=sb-1"
         );
-        // A console the user chose is kept, and not silenced.
+        // A console the user chose is kept, and the UART is not silenced.
         s.serial_console = false;
-        s.kernel_args = "console=hvc0 reboot=t".into();
-        let c = s.kernel_cmdline();
-        assert!(c.starts_with("console=hvc0 reboot=t root="), "{c}");
+        s.kernel_args = "console=ttyS0 reboot=k".into();
+        let c = s.kernel_cmdline().unwrap();
+        assert!(c.starts_with("console=ttyS0 reboot=k root="), "{c}");
+    }
+
+    #[test]
+    fn kernel_args_that_break_the_contract_are_refused_before_anything_is_sent() {
+        let mut s = spec();
+        s.kernel_args = "console=ttyS0 reboot=t".into();
+        assert!(matches!(
+            s.kernel_cmdline(),
+            Err(KernelArgsError::Reboot { .. })
+        ));
+        s.serial_console = true;
+        s.kernel_args = "console=hvc0".into();
+        assert!(matches!(
+            s.boot_source(),
+            Err(KernelArgsError::ConsoleConflict { .. })
+        ));
+    }
+
+    #[test]
+    fn what_firecracker_is_given_is_what_the_agent_reads() {
+        let boot = spec().boot_source().unwrap();
+        let params = NovaParams::parse(boot.boot_args.as_deref().unwrap()).unwrap();
+        assert_eq!(params.hostname_or_default(), "sb-1");
+        // The overlay names the second drive, which is the scratch disk.
+        assert_eq!(params.overlay.as_deref(), Some(boot::SCRATCH_DEVICE));
+        assert_eq!(spec().drives()[1].drive_id, SCRATCH_DRIVE_ID);
+        // The agent's default listeners include the vsock port the host dials.
+        assert!(
+            params
+                .listen_or_default()
+                .contains(&boot::ListenAddr::Vsock(crate::vsock::AGENT_VSOCK_PORT))
+        );
     }
 
     #[test]
@@ -315,7 +350,7 @@ mod tests {
             serde_json::to_value(s.metrics().unwrap()).unwrap(),
             json!({"metrics_path": "metrics.json"})
         );
-        let boot = serde_json::to_value(s.boot_source()).unwrap();
+        let boot = serde_json::to_value(s.boot_source().unwrap()).unwrap();
         assert_eq!(boot["kernel_image_path"], "/n/templates/python/vmlinux");
         assert!(
             boot["boot_args"]

@@ -13,7 +13,7 @@ use nova_core::error::{BoxError, CreateSandboxError};
 use nova_core::hypervisor::HypervisorKind;
 use nova_core::snapshot::{SnapshotError, SnapshotKind};
 use nova_runtime::backend::{
-    AgentConnector, BootSource, ConnectError, Launch, Vm, VmStart, VmmCounters,
+    AgentConnector, BootSource, ConnectError, Launch, Vm, VmStart, VmmCounters, kernel_args_error,
 };
 
 use crate::api::{
@@ -215,6 +215,8 @@ pub(crate) async fn start(
             });
         }
     }
+    // Refused before the VMM starts, with the boot contract's reason.
+    let kernel_cmdline = machine.kernel_cmdline().map_err(kernel_args_error)?;
     launch.show_logs(vec![("firecracker log", workdir.join(LOG_FILE))]);
     let id = info.id.to_string();
     let console = paths.console_log();
@@ -266,7 +268,7 @@ pub(crate) async fn start(
     Ok(FirecrackerVm {
         api,
         metrics: MetricsReader::new(workdir.join(METRICS_FILE)),
-        kernel_cmdline: machine.kernel_cmdline(),
+        kernel_cmdline,
         workdir,
         jail_dir,
         jailed,

@@ -20,8 +20,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio::time::Instant;
 
-/// Guest vsock port the agent listens on.
-pub const AGENT_VSOCK_PORT: u32 = 1024;
+/// Guest vsock port the agent listens on (the boot contract's).
+pub use nova_protocol::boot::AGENT_VSOCK_PORT;
 /// Longest acknowledgement line accepted.
 const MAX_ACK_LINE: usize = 64;
 /// How long one `CONNECT` attempt may wait for its answer while booting.

@@ -102,7 +102,7 @@ async fn vmm_lifecycle_through_the_typed_api() {
         network: Vec::new(),
     };
     let err = api
-        .put_boot_source(&broken.boot_source())
+        .put_boot_source(&broken.boot_source().unwrap())
         .await
         .unwrap_err();
     let fault = err.fault_message().unwrap().to_owned();

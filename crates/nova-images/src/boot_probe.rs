@@ -12,12 +12,21 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use nova_protocol::boot::{self, GuestConsole, KernelCmdline};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 
-/// The kernel command line the project boots templates with under QEMU.
-pub const DEFAULT_CMDLINE: &str =
-    "console=ttyS0 reboot=k panic=1 root=/dev/vda ro init=/sbin/nova-agent";
+/// The user part of the kernel command line templates are probed with.
+pub const PROBE_KERNEL_ARGS: &str = "reboot=k panic=1";
+
+/// The kernel command line the project boots templates with under QEMU: the
+/// boot contract's (serial console, read-only root, the agent as init,
+/// default `nova.*` parameters) around [`PROBE_KERNEL_ARGS`].
+pub fn default_cmdline() -> String {
+    KernelCmdline::new(GuestConsole::Serial)
+        .assemble(PROBE_KERNEL_ARGS)
+        .expect("PROBE_KERNEL_ARGS is a constant that keeps the boot contract")
+}
 
 /// The QEMU machine templates boot on: microvm, devices on the kernel command line.
 pub const DEFAULT_MACHINE: &str = "microvm,acpi=off";
@@ -27,9 +36,6 @@ pub const KERNEL_INIT_LINE: &str = "as init process";
 
 /// The parts of nova-agent's console line once it listens (`nova-agent 0.1.0 ready`).
 pub const AGENT_READY_MARKER: &[&str] = &["nova-agent", "ready"];
-
-/// The virtio-serial port name nova-agent listens on by default.
-pub const AGENT_PORT_NAME: &str = "org.nova.agent";
 
 /// How to boot one VM and what to wait for.
 #[derive(Debug, Clone)]
@@ -58,7 +64,7 @@ pub struct BootProbe {
     pub memory_mb: u32,
     /// Extra QEMU arguments (e.g. a virtio-serial channel).
     pub extra_args: Vec<OsString>,
-    /// A virtio-serial port named [`AGENT_PORT_NAME`], exposed as this host
+    /// A virtio-serial port named [`boot::AGENT_SERIAL_PORT`], exposed as this host
     /// Unix socket (QEMU listens; connect after the agent is ready).
     pub agent_socket: Option<PathBuf>,
     /// The probe ends at the first console line containing all of these.
@@ -69,14 +75,14 @@ pub struct BootProbe {
 
 impl BootProbe {
     /// A probe for `kernel` + `rootfs` with the project's defaults: TCG,
-    /// no ACPI, 512 MiB, [`DEFAULT_CMDLINE`], stop at the kernel's init line.
+    /// no ACPI, 512 MiB, [`default_cmdline`], stop at the kernel's init line.
     pub fn new(qemu: PathBuf, kernel: PathBuf, rootfs: PathBuf) -> Self {
         Self {
             qemu,
             kernel,
             rootfs,
             initrd: None,
-            cmdline: DEFAULT_CMDLINE.to_owned(),
+            cmdline: default_cmdline(),
             machine: DEFAULT_MACHINE.to_owned(),
             tsc_khz: nova_runtime::host::host_cpu_khz(),
             memory_mb: 512,
@@ -122,7 +128,10 @@ impl BootProbe {
                 .arg(chardev)
                 .args([
                     "-device",
-                    &format!("virtserialport,chardev=agent,name={AGENT_PORT_NAME}"),
+                    &format!(
+                        "virtserialport,chardev=agent,name={}",
+                        boot::AGENT_SERIAL_PORT
+                    ),
                 ]);
         }
         cmd.args(&self.extra_args);
@@ -311,13 +320,25 @@ mod tests {
             .iter()
             .position(|a| a == "-append")
             .map(|i| args[i + 1].clone());
+        let cmdline = default_cmdline();
         match probe.tsc_khz {
-            Some(khz) => assert_eq!(
-                append,
-                Some(format!("{DEFAULT_CMDLINE} tsc_early_khz={khz}"))
-            ),
-            None => assert_eq!(append.as_deref(), Some(DEFAULT_CMDLINE)),
+            Some(khz) => assert_eq!(append, Some(format!("{cmdline} tsc_early_khz={khz}"))),
+            None => assert_eq!(append.as_deref(), Some(cmdline.as_str())),
         }
+        // What the agent reads from it: the defaults, serial port included.
+        let params = nova_protocol::boot::NovaParams::parse(&cmdline).unwrap();
+        assert_eq!(params.hostname_or_default(), boot::DEFAULT_HOSTNAME);
+        assert!(
+            params
+                .listen_or_default()
+                .contains(&boot::ListenAddr::Serial(
+                    boot::AGENT_SERIAL_PORT.to_owned()
+                ))
+        );
+        assert!(
+            cmdline.contains("init=/sbin/nova-agent") && cmdline.contains("root=/dev/vda"),
+            "{cmdline}"
+        );
         assert!(!joined.contains("-initrd"));
         assert!(!joined.contains("virtio-serial"));
 

@@ -41,10 +41,15 @@
 //!   ever buffers more than a window per stream. One slow stream never stalls
 //!   the others (no head-of-line blocking).
 //!
+//! * **Boot contract** ([`boot`]): what the host puts on the guest's kernel
+//!   command line (agent path, listen ports, devices, `nova.*` parameters) and
+//!   how the agent reads it back, formatted and parsed in one place.
+//!
 //! Output and file contents are always bytes ([`bytes::Bytes`]), never assumed
 //! to be UTF-8.
 #![forbid(unsafe_code)]
 
+pub mod boot;
 pub mod client;
 pub mod exec;
 pub mod frame;
@@ -65,6 +70,11 @@ pub use stats::GuestStats;
 
 /// The protocol version this build speaks. Bump it whenever anything in
 /// [`messages`] changes (the `wire_schema` test fails until you do).
+///
+/// 2: [`RemoteErrorKind`] gained `IsADirectory`, `NotADirectory`, `NoSpace`,
+/// `ReadOnly` and `DirectoryNotEmpty`, and `Spawn` carries a
+/// [`SpawnErrorKind`](exec::SpawnErrorKind); [`Request::SetClock`] sets the
+/// guest's wall clock (a version-1 peer can decode none of these).
 pub const PROTOCOL_VERSION: u32 = 2;
 
 /// All protocol versions this build can speak, lowest first.

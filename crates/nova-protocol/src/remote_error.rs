@@ -1,4 +1,8 @@
 //! Errors the agent reports for a request.
+//!
+//! The agent classifies every OS error it hits ([`RemoteError::from_io`]) so
+//! the host can tell "no such file" from "disk full" without parsing text;
+//! the message keeps the OS's own words.
 
 use serde::{Deserialize, Serialize};
 
@@ -27,6 +31,16 @@ pub enum RemoteErrorKind {
     Busy,
     /// Any other I/O error.
     Io,
+    /// A directory where a file was needed (`EISDIR`).
+    IsADirectory,
+    /// A path component that should be a directory is not one (`ENOTDIR`).
+    NotADirectory,
+    /// The guest's file system or quota is full (`ENOSPC`, `EDQUOT`).
+    NoSpace,
+    /// The file system is read-only (`EROFS`).
+    ReadOnly,
+    /// A directory to remove still has entries (`ENOTEMPTY`).
+    DirectoryNotEmpty,
 }
 
 /// A request failed inside the guest.
@@ -56,8 +70,40 @@ impl RemoteError {
             K::PermissionDenied => RemoteErrorKind::PermissionDenied,
             K::AlreadyExists => RemoteErrorKind::AlreadyExists,
             K::InvalidInput | K::InvalidData => RemoteErrorKind::InvalidInput,
+            K::IsADirectory => RemoteErrorKind::IsADirectory,
+            K::NotADirectory => RemoteErrorKind::NotADirectory,
+            K::StorageFull | K::QuotaExceeded => RemoteErrorKind::NoSpace,
+            K::ReadOnlyFilesystem => RemoteErrorKind::ReadOnly,
+            K::DirectoryNotEmpty => RemoteErrorKind::DirectoryNotEmpty,
             _ => RemoteErrorKind::Io,
         };
         Self::new(kind, format!("{context}: {err}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Error;
+
+    use super::*;
+
+    #[test]
+    fn os_errors_map_to_their_kind_and_keep_the_os_words() {
+        for (errno, kind) in [
+            (2, RemoteErrorKind::NotFound),
+            (13, RemoteErrorKind::PermissionDenied),
+            (17, RemoteErrorKind::AlreadyExists),
+            (21, RemoteErrorKind::IsADirectory),
+            (20, RemoteErrorKind::NotADirectory),
+            (28, RemoteErrorKind::NoSpace),
+            (122, RemoteErrorKind::NoSpace),
+            (30, RemoteErrorKind::ReadOnly),
+            (39, RemoteErrorKind::DirectoryNotEmpty),
+            (5, RemoteErrorKind::Io),
+        ] {
+            let e = RemoteError::from_io("open /x", &Error::from_raw_os_error(errno));
+            assert_eq!(e.kind, kind, "errno {errno}");
+            assert!(e.message.starts_with("open /x: "), "{}", e.message);
+        }
     }
 }

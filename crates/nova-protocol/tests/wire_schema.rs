@@ -41,6 +41,26 @@ fn client_name(msg: &ClientMessage) -> String {
 }
 
 fn agent_name(msg: &AgentMessage) -> String {
+    if let AgentMessage::Done { result: Err(e), .. } = msg {
+        // Exhaustive on purpose: a new error kind needs a sample below.
+        let kind = match e.kind {
+            RemoteErrorKind::NotFound => "NotFound",
+            RemoteErrorKind::PermissionDenied => "PermissionDenied",
+            RemoteErrorKind::AlreadyExists => "AlreadyExists",
+            RemoteErrorKind::InvalidInput => "InvalidInput",
+            RemoteErrorKind::Spawn(_) => "Spawn",
+            RemoteErrorKind::UnknownRequest => "UnknownRequest",
+            RemoteErrorKind::Protocol => "Protocol",
+            RemoteErrorKind::Busy => "Busy",
+            RemoteErrorKind::Io => "Io",
+            RemoteErrorKind::IsADirectory => "IsADirectory",
+            RemoteErrorKind::NotADirectory => "NotADirectory",
+            RemoteErrorKind::NoSpace => "NoSpace",
+            RemoteErrorKind::ReadOnly => "ReadOnly",
+            RemoteErrorKind::DirectoryNotEmpty => "DirectoryNotEmpty",
+        };
+        return format!("AgentMessage::Done/Err/{kind}");
+    }
     match msg {
         AgentMessage::Started { .. } => "AgentMessage::Started".into(),
         AgentMessage::Opened { .. } => "AgentMessage::Opened".into(),
@@ -225,6 +245,30 @@ fn agent_samples() -> Vec<AgentMessage> {
             )),
         },
     ];
+    // Every error kind, so that adding one changes the schema.
+    out.extend(
+        [
+            RemoteErrorKind::NotFound,
+            RemoteErrorKind::PermissionDenied,
+            RemoteErrorKind::AlreadyExists,
+            RemoteErrorKind::InvalidInput,
+            RemoteErrorKind::Spawn(SpawnErrorKind::NotFound),
+            RemoteErrorKind::UnknownRequest,
+            RemoteErrorKind::Protocol,
+            RemoteErrorKind::Busy,
+            RemoteErrorKind::Io,
+            RemoteErrorKind::IsADirectory,
+            RemoteErrorKind::NotADirectory,
+            RemoteErrorKind::NoSpace,
+            RemoteErrorKind::ReadOnly,
+            RemoteErrorKind::DirectoryNotEmpty,
+        ]
+        .into_iter()
+        .map(|kind| AgentMessage::Done {
+            id: 9,
+            result: Err(RemoteError::new(kind, "e")),
+        }),
+    );
     out.extend(responses.into_iter().map(|r| AgentMessage::Done {
         id: 10,
         result: Ok(r),
@@ -321,5 +365,9 @@ fn every_variant_has_a_sample() {
         .map(client_name)
         .chain(agent_samples().iter().map(agent_name))
         .collect();
-    assert_eq!(names.len(), 17 + 17, "one sample per variant: {names:?}");
+    assert_eq!(
+        names.len(),
+        17 + 16 + 14,
+        "one sample per variant and error kind: {names:?}"
+    );
 }

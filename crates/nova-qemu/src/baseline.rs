@@ -46,9 +46,10 @@ pub async fn raw_boot(
         tsc_khz: crate::cmdline::tcg_tsc_khz(options.accel),
         confinement: crate::confinement::Confinement::for_host(),
     };
+    let args = spec.try_qemu_args()?;
     let start = Instant::now();
     let mut child = tokio::process::Command::new(&options.qemu_bin)
-        .args(spec.qemu_args())
+        .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())

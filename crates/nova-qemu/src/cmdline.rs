@@ -5,29 +5,24 @@
 //! ACPI off: QEMU then lists every virtio-mmio device on the kernel command
 //! line itself, and the guest needs neither PCI nor ACPI. Disks are attached
 //! in a fixed order, which fixes their guest names: the shared read-only
-//! rootfs is `/dev/vda`, the sandbox's scratch disk `/dev/vdb`, extra drives
-//! follow. The agent channel is a virtio-serial port named
-//! [`AGENT_PORT_NAME`] whose host end is a Unix socket QEMU listens on.
-//! QEMU runs confined ([`Confinement`]: seccomp, and a privilege drop when
-//! nova is root), which works because every file and socket a sandbox uses
-//! is named here and opened by QEMU at startup.
+//! rootfs is [`boot::ROOT_DEVICE`], the sandbox's scratch disk
+//! [`boot::SCRATCH_DEVICE`], extra drives follow. The agent channel is a
+//! virtio-serial port named [`boot::AGENT_SERIAL_PORT`] whose host end is a
+//! Unix socket QEMU listens on. The guest kernel command line is assembled
+//! by the boot contract ([`nova_protocol::boot`]) with a serial console
+//! (QEMU writes it to its stdout, which the runtime caps into the
+//! sandbox's `console.log`). QEMU runs confined ([`Confinement`]: seccomp,
+//! and a privilege drop when nova is root), which works because every file
+//! and socket a sandbox uses is named here and opened by QEMU at startup.
 
 use std::ffi::OsString;
 use std::path::PathBuf;
 
 use nova_core::config::DriveConfig;
+use nova_protocol::boot::{self, GuestConsole, KernelArgsError, KernelCmdline, NovaParams};
 use nova_runtime::host::Accel;
 
 use crate::confinement::Confinement;
-
-/// Name of the virtio-serial port the agent listens on.
-pub const AGENT_PORT_NAME: &str = "org.nova.agent";
-/// Guest device of the root filesystem.
-pub const ROOT_DEVICE: &str = "/dev/vda";
-/// Guest device of the scratch disk.
-pub const SCRATCH_DEVICE: &str = "/dev/vdb";
-/// Path of the agent in every rootfs.
-pub const AGENT_PATH: &str = "/sbin/nova-agent";
 
 /// Everything needed to start one sandbox's VM.
 #[derive(Clone, Debug)]
@@ -64,26 +59,42 @@ pub struct VmSpec {
 }
 
 impl VmSpec {
-    /// The full guest kernel command line: the user's part, then what this
-    /// provider owns (console, root device, init, agent parameters).
-    pub fn kernel_cmdline(&self) -> String {
-        let mut cmdline = String::from("console=ttyS0 ");
-        cmdline.push_str(self.kernel_args.trim());
-        cmdline.push_str(&format!(
-            " root={ROOT_DEVICE} rootfstype=ext4 ro init={AGENT_PATH} nova.hostname={}",
-            self.hostname
-        ));
-        if self.scratch.is_some() {
-            cmdline.push_str(&format!(" nova.overlay={SCRATCH_DEVICE}"));
+    /// The boot contract's view of this VM: a serial console, the hostname,
+    /// the overlay when there is a scratch disk, and `tsc_early_khz=` under
+    /// emulation.
+    pub fn boot_cmdline(&self) -> KernelCmdline {
+        KernelCmdline {
+            console: GuestConsole::Serial,
+            params: NovaParams {
+                hostname: Some(self.hostname.clone()),
+                overlay: self
+                    .scratch
+                    .as_ref()
+                    .map(|_| boot::SCRATCH_DEVICE.to_owned()),
+                ..NovaParams::default()
+            },
+            extra: self
+                .tsc_khz
+                .map(|khz| format!("tsc_early_khz={khz}"))
+                .into_iter()
+                .collect(),
         }
-        if let Some(khz) = self.tsc_khz {
-            cmdline.push_str(&format!(" tsc_early_khz={khz}"));
-        }
-        cmdline
     }
 
-    /// QEMU's arguments (without the program name).
-    pub fn qemu_args(&self) -> Vec<OsString> {
+    /// The full guest kernel command line: the user's `kernel_args` checked
+    /// against the boot contract and assembled with what this provider owns
+    /// (see [`KernelCmdline::assemble`]).
+    pub fn kernel_cmdline(&self) -> Result<String, KernelArgsError> {
+        self.boot_cmdline().assemble(&self.kernel_args)
+    }
+
+    /// QEMU's arguments (without the program name); fails when the user's
+    /// `kernel_args` break the boot contract.
+    pub fn try_qemu_args(&self) -> Result<Vec<OsString>, KernelArgsError> {
+        Ok(self.args_with_cmdline(self.kernel_cmdline()?))
+    }
+
+    fn args_with_cmdline(&self, cmdline: String) -> Vec<OsString> {
         let mut args: Vec<OsString> = Vec::new();
         let mut push = |a: &str| args.push(a.into());
         // The machine: microvm without ACPI (devices on the kernel command
@@ -118,7 +129,7 @@ impl VmSpec {
         args.push(self.kernel.clone().into());
         let mut push = |a: &str| args.push(a.into());
         push("-append");
-        push(&self.kernel_cmdline());
+        push(&cmdline);
         // Serial console on QEMU's stdout, which the runtime caps into the
         // sandbox's console.log.
         push("-chardev");
@@ -163,7 +174,8 @@ impl VmSpec {
         ));
         push("-device");
         push(&format!(
-            "virtserialport,chardev=agent,name={AGENT_PORT_NAME}"
+            "virtserialport,chardev=agent,name={}",
+            boot::AGENT_SERIAL_PORT
         ));
         args
     }
@@ -213,7 +225,8 @@ mod tests {
     }
 
     fn args(spec: &VmSpec) -> Vec<String> {
-        spec.qemu_args()
+        spec.try_qemu_args()
+            .unwrap()
             .into_iter()
             .map(|a| a.into_string().unwrap())
             .collect()
@@ -230,15 +243,52 @@ mod tests {
     fn kernel_cmdline_has_root_init_and_overlay() {
         let s = spec();
         assert_eq!(
-            s.kernel_cmdline(),
+            s.kernel_cmdline().unwrap(),
             "console=ttyS0 reboot=k panic=1 quiet root=/dev/vda rootfstype=ext4 ro \
              init=/sbin/nova-agent nova.hostname=sb-1 nova.overlay=/dev/vdb"
         );
         let ro = VmSpec {
             scratch: None,
+            tsc_khz: Some(2_000_000),
             ..spec()
         };
-        assert!(!ro.kernel_cmdline().contains("nova.overlay"));
+        let cmdline = ro.kernel_cmdline().unwrap();
+        assert!(!cmdline.contains("nova.overlay"), "{cmdline}");
+        assert!(cmdline.ends_with(" tsc_early_khz=2000000"), "{cmdline}");
+    }
+
+    #[test]
+    fn what_qemu_is_given_is_what_the_agent_reads() {
+        let a = args(&spec());
+        let append = after(&a, "-append");
+        let params = NovaParams::parse(append[0]).unwrap();
+        assert_eq!(params.hostname_or_default(), "sb-1");
+        // The overlay names the second disk, which is the scratch disk.
+        assert_eq!(params.overlay.as_deref(), Some(boot::SCRATCH_DEVICE));
+        assert_eq!(boot::SCRATCH_DEVICE, "/dev/vdb");
+        assert!(after(&a, "-drive")[1].starts_with("id=scratch,"));
+        // The agent's default listeners include the port QEMU exposes.
+        let port = after(&a, "-device")
+            .into_iter()
+            .find_map(|d| d.strip_prefix("virtserialport,chardev=agent,name="))
+            .unwrap();
+        assert!(
+            params
+                .listen_or_default()
+                .contains(&boot::ListenAddr::Serial(port.to_owned()))
+        );
+    }
+
+    #[test]
+    fn kernel_args_that_break_the_contract_are_refused() {
+        for bad in ["console=hvc0", "reboot=t", "init=/bin/sh", "quiet -- x"] {
+            let s = VmSpec {
+                kernel_args: bad.into(),
+                ..spec()
+            };
+            assert!(s.kernel_cmdline().is_err(), "{bad}");
+            assert!(s.try_qemu_args().is_err(), "{bad}");
+        }
     }
 
     #[test]

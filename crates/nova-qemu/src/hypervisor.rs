@@ -8,7 +8,7 @@ use nova_core::error::CreateSandboxError;
 use nova_core::home::NovaHome;
 use nova_core::hypervisor::HypervisorKind;
 use nova_runtime::Provider;
-use nova_runtime::backend::{Backend, BootSource, Launch, VmStart};
+use nova_runtime::backend::{Backend, BootSource, Launch, VmStart, kernel_args_error};
 use nova_runtime::console::DEFAULT_LOG_CAP;
 use nova_runtime::host::{Accel, BackendChoice, HostReport};
 use nova_runtime::retry::connect_unix;
@@ -188,9 +188,11 @@ impl Backend for Qemu {
             tsc_khz: tcg_tsc_khz(self.options.accel),
             confinement: crate::confinement::Confinement::for_host(),
         };
+        let kernel_cmdline = spec.kernel_cmdline().map_err(kernel_args_error)?;
+        let args = spec.try_qemu_args().map_err(kernel_args_error)?;
         launch.spawn(&VmmCommand {
             program: self.options.qemu_bin.clone(),
-            args: spec.qemu_args(),
+            args,
             cwd: None,
             stdout: paths.console_log(),
             stderr: paths.vmm_log(),
@@ -209,10 +211,6 @@ impl Backend for Qemu {
             .await?;
         launch.vmm_ready();
         launch.guest_started();
-        Ok(QemuVm::new(
-            qmp,
-            spec.agent_socket.clone(),
-            spec.kernel_cmdline(),
-        ))
+        Ok(QemuVm::new(qmp, spec.agent_socket.clone(), kernel_cmdline))
     }
 }

@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use common::{config, process_exists, setup, wait_until};
-use nova_core::error::{CreateSandboxError, ExecError};
+use nova_core::error::{CreateSandboxError, ExecError, FileError};
 use nova_core::exec::{ExecRequest, ExitStatus};
 use nova_core::fs::FileKind;
 use nova_core::hypervisor::Hypervisor;
@@ -72,7 +72,15 @@ async fn command_output_exit_codes_stdin_and_files() {
         .await
         .unwrap();
     assert_eq!(out.stdout_lossy(), "640\n200000\n");
-    assert!(sandbox.read_file("/nonexistent").await.is_err());
+    // A new user reading a missing file is told so first.
+    let err = sandbox.read_file("/nonexistent/file").await.unwrap_err();
+    assert!(matches!(err, FileError::NoSuchFile { .. }), "{err:?}");
+    assert_eq!(
+        err.to_string(),
+        "/nonexistent/file does not exist in the guest"
+    );
+    let err = sandbox.read_file("/tmp").await.unwrap_err();
+    assert!(matches!(err, FileError::IsADirectory { .. }), "{err:?}");
 
     let stats = sandbox.get_stats().await.unwrap();
     assert!(

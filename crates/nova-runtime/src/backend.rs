@@ -63,6 +63,14 @@ pub struct VmStart<'a> {
     pub scratch: Option<&'a Path>,
 }
 
+/// The config's `kernel_args` break the boot contract: a config error, to
+/// refuse before the VMM starts.
+pub fn kernel_args_error(e: nova_protocol::boot::KernelArgsError) -> CreateSandboxError {
+    CreateSandboxError::Config(nova_core::config::ConfigError::KernelArgs {
+        reason: e.to_string(),
+    })
+}
+
 /// Opening the agent channel failed.
 #[derive(Debug)]
 pub struct ConnectError {

@@ -18,6 +18,18 @@
 //!        -> nova-agent in the guest, over vsock / virtio-serial
 //! ```
 //!
+//! Streaming output keeps the agent protocol's back-pressure: stdout and
+//! stderr chunks are forwarded into a bounded channel, so a consumer that
+//! stops reading stops the guest command's output at its source. A consumer
+//! that drops its [`ExecStream`] before the command ended has the command's
+//! process group killed in the guest.
+//!
+//! The guest is untrusted: whole-file reads stop at a cap
+//! ([`Guest::with_read_limit`]), and the agent connection closes itself on a
+//! protocol violation ([`AgentClient::closed`] says why). Guest errors on
+//! files arrive typed ([`FileError::NoSuchFile`], ...), mapped from the
+//! agent's error kind in one place.
+//!
 //! Creating a sandbox ([`Provider`]): check the config, lay out the sandbox
 //! directory ([`dir`]: 0700, `flock`ed by its owner, `state.json` written
 //! atomically), prepare the scratch disk ([`scratch`]: a clone of a cached empty image), then
@@ -64,7 +76,9 @@ use std::time::Duration;
 use nova_core::error::{ExecError, FileError, SpawnError, SpawnErrorKind};
 use nova_core::exec::{Command, ExecEvent, ExecRequest, ExecStdin, ExecStream, ExitStatus};
 use nova_core::stats::GuestStats;
-use nova_protocol::client::{AgentClient, ClientError, ClockStep, OutputStream};
+use nova_protocol::client::{
+    AgentClient, ClientError, ClockStep, DEFAULT_READ_LIMIT, FileDownload, OutputStream,
+};
 use nova_protocol::{ExecSpec, RemoteErrorKind};
 use tokio::sync::mpsc;
 
@@ -81,16 +95,26 @@ pub const CLOCK_SYNC_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct Guest {
     client: AgentClient,
     env: Vec<(String, String)>,
+    read_limit: u64,
 }
 
 impl Guest {
     /// Wraps a connected agent client; `env` is set for every command (the
     /// sandbox config's `env`), under each request's own variables.
+    /// Whole-file reads are capped at
+    /// [`DEFAULT_READ_LIMIT`].
     pub fn new(client: AgentClient, env: impl IntoIterator<Item = (String, String)>) -> Self {
         Self {
             client,
             env: env.into_iter().collect(),
+            read_limit: DEFAULT_READ_LIMIT,
         }
+    }
+
+    /// Sets the cap of [`Guest::read_file`], in bytes.
+    pub fn with_read_limit(mut self, bytes: u64) -> Self {
+        self.read_limit = bytes;
+        self
     }
 
     /// The agent client.
@@ -156,7 +180,8 @@ impl Guest {
             });
         }
         let (tx, rx) = mpsc::channel(EVENT_BUFFER);
-        tokio::spawn(async move {
+        let consumer = tx.clone();
+        tokio::spawn(kill_when_abandoned(consumer, async move {
             let out = forward(stdout, tx.clone(), ExecEvent::Stdout);
             let err = forward(stderr, tx.clone(), ExecEvent::Stderr);
             tokio::join!(out, err);
@@ -177,7 +202,7 @@ impl Guest {
                 Err(e) => tracing::warn!(error = %e, "lost a command's exit status"),
             }
             drop(ended_tx);
-        });
+        }));
         Ok(match caller_stdin {
             Some(stdin) => ExecStream::with_stdin(rx, stdin),
             None => ExecStream::new(rx),
@@ -268,11 +293,22 @@ impl Guest {
             .map_err(|e| file_error(path, e))
     }
 
-    /// Reads a whole file.
+    /// Reads a whole file, up to the read cap ([`Guest::with_read_limit`]);
+    /// a larger file is [`FileError::TooLarge`] (stream it with
+    /// [`Guest::read_file_stream`]).
     pub async fn read_file(&self, path: &str) -> Result<Vec<u8>, FileError> {
         FileError::check_path(path)?;
         self.client
-            .read_file_to_vec(path)
+            .read_file_to_vec_limited(path, self.read_limit)
+            .await
+            .map_err(|e| file_error(path, e))
+    }
+
+    /// Opens a file for streaming its contents back, in chunks, with no cap.
+    pub async fn read_file_stream(&self, path: &str) -> Result<FileDownload, FileError> {
+        FileError::check_path(path)?;
+        self.client
+            .read_file(path)
             .await
             .map_err(|e| file_error(path, e))
     }
@@ -331,10 +367,56 @@ fn spawn_kind(kind: nova_protocol::SpawnErrorKind) -> SpawnErrorKind {
     }
 }
 
+/// Maps a failed file request onto core's typed [`FileError`], by the error
+/// kind the agent derived from the guest's errno.
 pub(crate) fn file_error(path: &str, e: ClientError) -> FileError {
-    FileError::Agent {
-        path: path.to_owned(),
-        source: Box::new(e),
+    let path = path.to_owned();
+    if let ClientError::TooLarge { limit, .. } = e {
+        return FileError::TooLarge {
+            path,
+            limit,
+            instead: "stream it with Guest::read_file_stream",
+        };
+    }
+    let Some(kind) = e.remote_kind() else {
+        return FileError::Agent {
+            path,
+            source: Box::new(e),
+        };
+    };
+    let source = Box::new(e);
+    match kind {
+        RemoteErrorKind::NotFound => FileError::NoSuchFile { path, source },
+        RemoteErrorKind::PermissionDenied => FileError::PermissionDenied { path, source },
+        RemoteErrorKind::IsADirectory => FileError::IsADirectory { path, source },
+        RemoteErrorKind::NotADirectory => FileError::NotADirectory { path, source },
+        RemoteErrorKind::AlreadyExists => FileError::AlreadyExists { path, source },
+        RemoteErrorKind::NoSpace => FileError::NoSpace { path, source },
+        RemoteErrorKind::ReadOnly => FileError::ReadOnly { path, source },
+        RemoteErrorKind::DirectoryNotEmpty => FileError::DirectoryNotEmpty { path, source },
+        RemoteErrorKind::InvalidInput
+        | RemoteErrorKind::Spawn(_)
+        | RemoteErrorKind::UnknownRequest
+        | RemoteErrorKind::Protocol
+        | RemoteErrorKind::Busy
+        | RemoteErrorKind::Io => FileError::Agent { path, source },
+    }
+}
+
+/// Runs `pump` (which owns a command's handle and feeds `consumer`'s
+/// stream) to its end, unless the consumer drops its [`ExecStream`] first:
+/// then `pump` is dropped, and dropping the command's handle has the agent
+/// kill the command's process group.
+async fn kill_when_abandoned(
+    consumer: mpsc::Sender<ExecEvent>,
+    pump: impl std::future::Future<Output = ()>,
+) {
+    tokio::select! {
+        biased;
+        () = pump => {}
+        () = consumer.closed() => {
+            tracing::debug!("the exec stream was dropped; killing the command");
+        }
     }
 }
 
@@ -438,6 +520,66 @@ mod tests {
             },
         );
         assert!(matches!(e, ExecError::Agent(_)));
+    }
+
+    #[test]
+    fn guest_errno_kinds_become_typed_file_errors() {
+        let remote = |kind| ClientError::Remote {
+            kind,
+            message: "open /nonexistent/file: No such file or directory (os error 2)".into(),
+        };
+        let e = file_error("/nonexistent/file", remote(RemoteErrorKind::NotFound));
+        assert!(matches!(e, FileError::NoSuchFile { .. }), "{e:?}");
+        assert_eq!(
+            e.to_string(),
+            "/nonexistent/file does not exist in the guest"
+        );
+        // The guest's own words stay in the chain.
+        let source = std::error::Error::source(&e).unwrap().to_string();
+        assert!(source.contains("os error 2"), "{source}");
+
+        for (kind, check) in [
+            (
+                RemoteErrorKind::PermissionDenied,
+                (|e| matches!(e, FileError::PermissionDenied { .. })) as fn(&FileError) -> bool,
+            ),
+            (RemoteErrorKind::IsADirectory, |e| {
+                matches!(e, FileError::IsADirectory { .. })
+            }),
+            (RemoteErrorKind::NotADirectory, |e| {
+                matches!(e, FileError::NotADirectory { .. })
+            }),
+            (RemoteErrorKind::AlreadyExists, |e| {
+                matches!(e, FileError::AlreadyExists { .. })
+            }),
+            (RemoteErrorKind::NoSpace, |e| {
+                matches!(e, FileError::NoSpace { .. })
+            }),
+            (RemoteErrorKind::ReadOnly, |e| {
+                matches!(e, FileError::ReadOnly { .. })
+            }),
+            (RemoteErrorKind::DirectoryNotEmpty, |e| {
+                matches!(e, FileError::DirectoryNotEmpty { .. })
+            }),
+            (RemoteErrorKind::Io, |e| {
+                matches!(e, FileError::Agent { .. })
+            }),
+        ] {
+            let e = file_error("/p", remote(kind));
+            assert!(check(&e), "{kind:?} -> {e:?}");
+        }
+
+        let e = file_error(
+            "/big",
+            ClientError::TooLarge {
+                what: "the file",
+                limit: 7,
+                call: "read_file_to_vec",
+                instead: "stream it with AgentClient::read_file",
+            },
+        );
+        assert!(matches!(e, FileError::TooLarge { limit: 7, .. }), "{e:?}");
+        assert!(e.to_string().contains("Guest::read_file_stream"), "{e}");
     }
 
     #[test]

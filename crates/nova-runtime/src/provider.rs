@@ -328,7 +328,13 @@ impl<B: Backend> Provider<B> {
         // A cold guest read the hardware clock to whole seconds, and a
         // restored one kept the time of its snapshot: set it from the host's.
         if let Some(guest) = &guest {
-            let _ = guest.sync_clock().await;
+            let limit = self.inner.timeouts.agent;
+            if tokio::time::timeout(limit, guest.sync_clock())
+                .await
+                .is_err()
+            {
+                tracing::warn!(?limit, "the agent did not set the guest clock in time");
+            }
         }
         // Ready counts from here: the clock is right when the caller gets
         // the sandbox.

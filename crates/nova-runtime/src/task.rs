@@ -9,7 +9,9 @@
 //! - every await is bounded ([`Timeouts`]): a VMM or agent that does not
 //!   answer in time is killed, everything is released, and the sandbox
 //!   becomes `failed` with the reason, never a stuck task;
-//! - a VMM that exits on its own does the same;
+//! - a VMM that exits on its own does the same, and so does an agent
+//!   connection that ends outside a stop (the agent died, or the guest broke
+//!   the protocol: sent past its flow-control credit, ...);
 //! - when every action sender is gone (the provider was dropped), the VM is
 //!   released: nothing outlives its provider;
 //! - when the task ends (stopped, or its provider gone) it retires the
@@ -110,10 +112,26 @@ pub(crate) async fn drive<V: Vm>(
                 task.fail(format!("the VMM exited on its own ({exit})")).await;
                 task.publish(&published);
             }
+            end = agent_closed(&task.guest), if task.guest.is_some() => {
+                let reason = match end.violation() {
+                    Some(_) => format!("the guest broke the agent protocol ({end})"),
+                    None => format!("the agent connection ended ({end})"),
+                };
+                task.fail(reason).await;
+                task.publish(&published);
+            }
         }
     }
     if let Some(registry) = registry.upgrade() {
         registry.retire(&task.record.info.id, task.record.info.clone());
+    }
+}
+
+/// Why the agent connection ended; pends forever without an agent.
+async fn agent_closed(guest: &Option<Guest>) -> nova_protocol::client::ConnectionEnd {
+    match guest {
+        Some(guest) => guest.client().closed().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -250,7 +268,10 @@ impl<V: Vm> SandboxTask<V> {
             .transition_to(SandboxState::Running)?;
         // The guest's clock stood still while it was paused.
         if let Some(guest) = &self.guest {
-            let _ = guest.sync_clock().await;
+            let limit = self.timeouts.agent;
+            if bounded(limit, guest.sync_clock()).await.is_err() {
+                tracing::warn!(?limit, "the agent did not set the guest clock in time");
+            }
         }
         Ok(())
     }

@@ -19,7 +19,9 @@ use nova_core::snapshot::{SnapshotError, SnapshotKind};
 use nova_core::state::SandboxState;
 use nova_core::template::{TemplateManager, TemplateManifest};
 use nova_protocol::frame::{FrameReader, FrameWriter};
-use nova_protocol::{ClientMessage, Hello, HelloInfo, HelloReply, PROTOCOL_VERSION};
+use nova_protocol::{
+    AgentMessage, ClientMessage, Hello, HelloInfo, HelloReply, PROTOCOL_VERSION, StreamKind,
+};
 use nova_runtime::backend::{
     AgentConnector, Backend, ConnectError, Launch, Vm, VmStart, VmmCounters,
 };
@@ -32,6 +34,8 @@ use tokio::net::{UnixListener, UnixStream};
 struct Faults {
     /// `pause` never returns.
     pause_hangs: bool,
+    /// The agent sends output for a request that was never made.
+    agent_breaks_protocol: bool,
     /// Set once `state.json` was seen with the VMM's PID right after spawn.
     saw_state_at_spawn: Arc<AtomicBool>,
 }
@@ -55,7 +59,7 @@ struct DoubleVm {
 
 /// A fake agent on `listener`: answers the handshake, then reads requests
 /// forever without answering any (a wedged guest).
-async fn wedged_agent(listener: UnixListener) {
+async fn wedged_agent(listener: UnixListener, breaks_protocol: bool) {
     let Ok((stream, _)) = listener.accept().await else {
         return;
     };
@@ -76,6 +80,14 @@ async fn wedged_agent(listener: UnixListener) {
     });
     if writer.send(&welcome).await.is_err() {
         return;
+    }
+    if breaks_protocol {
+        let bogus = AgentMessage::Data {
+            id: 999,
+            stream: StreamKind::Stdout,
+            data: bytes::Bytes::from_static(b"unasked"),
+        };
+        let _ = writer.send(&bogus).await;
     }
     while let Ok(Some(_)) = reader.read_message::<ClientMessage>().await {}
 }
@@ -116,7 +128,10 @@ impl Backend for Double {
         let paths = start.paths;
         let agent_socket = paths.vsock_socket();
         let listener = UnixListener::bind(&agent_socket).unwrap();
-        tokio::spawn(wedged_agent(listener));
+        tokio::spawn(wedged_agent(
+            listener,
+            self.options.faults.agent_breaks_protocol,
+        ));
         launch.spawn(&VmmCommand {
             program: "sleep".into(),
             args: vec!["600".into()],
@@ -404,5 +419,37 @@ async fn a_published_port_is_refused_until_networking_exists() {
     let e = s.provider.create_sandbox(c).await.unwrap_err();
     assert!(matches!(e, CreateSandboxError::Unsupported { .. }), "{e}");
     assert!(e.to_string().contains("host_port = 8080"), "{e}");
+    assert!(no_sandbox_dirs(&s.home));
+}
+
+#[tokio::test]
+async fn an_agent_that_breaks_the_protocol_fails_its_sandbox() {
+    let s = setup(Faults {
+        agent_breaks_protocol: true,
+        ..Faults::default()
+    });
+    // The violation may land during the boot (then the create fails) or
+    // right after it (then the sandbox turns failed); either way nothing
+    // stays behind.
+    match s.provider.create_sandbox(config()).await {
+        Err(e) => println!("refused at boot: {e}"),
+        Ok(sandbox) => {
+            let pid = sandbox.info().vmm_pid.unwrap();
+            let provider = s.provider.clone();
+            let id = sandbox.id().clone();
+            let mut failure = None;
+            for _ in 0..500 {
+                let info = provider.get(&id).await.unwrap();
+                if info.state == SandboxState::Failed {
+                    failure = info.failure;
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            let failure = failure.expect("the sandbox turned failed");
+            assert!(failure.contains("broke the agent protocol"), "{failure}");
+            assert!(!alive(pid));
+        }
+    }
     assert!(no_sandbox_dirs(&s.home));
 }

@@ -92,6 +92,10 @@ pub enum ApiError {
     /// A drive or interface id cannot be used in a request path.
     #[error(transparent)]
     ResourceId(#[from] InvalidResourceId),
+    /// The boot source's kernel command line breaks the boot contract (the
+    /// config's `kernel_args`); nothing was sent.
+    #[error("cannot build the kernel command line")]
+    BootArgs(#[from] nova_protocol::boot::KernelArgsError),
 }
 
 impl ApiError {

@@ -9,14 +9,17 @@ use bytes::{Buf, Bytes};
 use tokio::io::{AsyncRead, AsyncReadExt, ReadBuf};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
+use super::chunks::ChunkReceiver;
 use super::connection::{CloseReason, Command};
-use super::{ClientError, closed_error};
+use super::{ClientError, DEFAULT_OUTPUT_LIMIT, closed_error};
 use crate::MAX_CHUNK;
 use crate::exec::{ExecResult, ExitStatus, PtySize};
 use crate::messages::{ClientMessage, Response, StreamKind};
 
 /// Credit is returned to the agent in batches of at least this many bytes.
 const CREDIT_BATCH: usize = 256 * 1024;
+/// `SIGKILL` (the same number on every Linux architecture).
+const SIGKILL: i32 = 9;
 
 /// A stream of output chunks from the guest (a command's stdout or stderr, or
 /// a file being read). Every chunk taken out returns credit to the agent, so
@@ -28,7 +31,7 @@ const CREDIT_BATCH: usize = 256 * 1024;
 pub struct OutputStream {
     id: u64,
     kind: StreamKind,
-    rx: mpsc::UnboundedReceiver<Bytes>,
+    rx: ChunkReceiver,
     commands: mpsc::UnboundedSender<Command>,
     /// Bytes taken but not yet credited back.
     uncredited: usize,
@@ -40,7 +43,7 @@ impl OutputStream {
     pub(crate) fn new(
         id: u64,
         kind: StreamKind,
-        rx: mpsc::UnboundedReceiver<Bytes>,
+        rx: ChunkReceiver,
         commands: mpsc::UnboundedSender<Command>,
     ) -> Self {
         Self {
@@ -63,13 +66,33 @@ impl OutputStream {
         Some(chunk)
     }
 
-    /// Reads the rest of the stream into memory.
-    pub async fn collect(mut self) -> Vec<u8> {
+    /// Reads the rest of the stream into memory, up to
+    /// [`DEFAULT_OUTPUT_LIMIT`] bytes (see [`OutputStream::collect_limited`]).
+    pub async fn collect(self) -> Result<Vec<u8>, ClientError> {
+        self.collect_limited(DEFAULT_OUTPUT_LIMIT).await
+    }
+
+    /// Reads the rest of the stream into memory. Past `limit` bytes it stops
+    /// with [`ClientError::TooLarge`] and discards the rest of the stream
+    /// (read it chunk by chunk with [`OutputStream::recv`] instead).
+    pub async fn collect_limited(mut self, limit: u64) -> Result<Vec<u8>, ClientError> {
         let mut out = Vec::new();
         while let Some(chunk) = self.recv().await {
+            if out.len() as u64 + chunk.len() as u64 > limit {
+                return Err(ClientError::TooLarge {
+                    what: match self.kind {
+                        StreamKind::Stdout => "the command's stdout",
+                        StreamKind::Stderr => "the command's stderr",
+                        StreamKind::File => "the file",
+                    },
+                    limit,
+                    call: "collect",
+                    instead: "read it as it comes with OutputStream::recv",
+                });
+            }
             out.extend_from_slice(&chunk);
         }
-        out
+        Ok(out)
     }
 
     /// Reads and discards the rest of the stream; returns how many bytes it had.
@@ -134,6 +157,7 @@ pub struct StdinWriter {
     id: u64,
     credit: Arc<Semaphore>,
     commands: mpsc::UnboundedSender<Command>,
+    connection: CloseReason,
     closed: bool,
 }
 
@@ -142,11 +166,13 @@ impl StdinWriter {
         id: u64,
         credit: Arc<Semaphore>,
         commands: mpsc::UnboundedSender<Command>,
+        connection: CloseReason,
     ) -> Self {
         Self {
             id,
             credit,
             commands,
+            connection,
             closed: false,
         }
     }
@@ -199,7 +225,7 @@ impl StdinWriter {
                 id: self.id,
                 data: chunk,
             }))
-            .map_err(|_| ClientError::disconnected("the connection task ended"))
+            .map_err(|_| closed_error(&self.connection))
     }
 
     /// Closes stdin: the command reads end-of-file once it consumed what was sent.
@@ -265,8 +291,15 @@ impl ExecOutput {
 /// Take its streams with [`ExecHandle::take_stdout`], [`ExecHandle::take_stderr`]
 /// and [`ExecHandle::take_stdin`] (a stream left in the handle is discarded by
 /// [`ExecHandle::wait`], and stdin left in it is closed), then
-/// [`ExecHandle::wait`]. Dropping the handle does not stop the command; use
-/// [`ExecHandle::kill`] for that.
+/// [`ExecHandle::wait`].
+///
+/// **Dropping the handle before the command ended kills it**: the agent gets
+/// `SIGKILL` for the command's whole process group (as with
+/// [`ExecHandle::kill`]). That includes dropping the future of
+/// [`ExecHandle::wait`] or [`ExecHandle::output`] before it finished, and a
+/// [`ClientError::TooLarge`] from [`ExecHandle::output`]. Keep the handle (and
+/// wait on it) for as long as the command should run; streams taken out of
+/// it end when it is dropped.
 #[derive(Debug)]
 pub struct ExecHandle {
     id: u64,
@@ -333,7 +366,7 @@ impl ExecHandle {
 
     /// Kills the command's whole process group (`SIGKILL`).
     pub fn kill(&self) -> Result<(), ClientError> {
-        self.signal(9)
+        self.signal(SIGKILL)
     }
 
     /// Changes the window size of the command's pseudo-terminal.
@@ -364,18 +397,39 @@ impl ExecHandle {
         }
     }
 
-    /// Closes stdin, collects stdout and stderr and waits for the end.
-    pub async fn output(mut self) -> Result<ExecOutput, ClientError> {
+    /// Closes stdin, collects stdout and stderr and waits for the end. Each
+    /// stream may bring [`DEFAULT_OUTPUT_LIMIT`] bytes into memory (see
+    /// [`ExecHandle::output_limited`]).
+    pub async fn output(self) -> Result<ExecOutput, ClientError> {
+        self.output_limited(DEFAULT_OUTPUT_LIMIT).await
+    }
+
+    /// Closes stdin, collects stdout and stderr and waits for the end. When
+    /// either stream passes `limit` bytes it stops with
+    /// [`ClientError::TooLarge`] and the command is killed (the handle is
+    /// dropped); take the streams out with [`ExecHandle::take_stdout`] and
+    /// [`ExecHandle::take_stderr`] to read any amount.
+    pub async fn output_limited(mut self, limit: u64) -> Result<ExecOutput, ClientError> {
         self.stdin = None;
         let stdout = self.stdout.take();
         let stderr = self.stderr.take();
         let collect = |s: Option<OutputStream>| async move {
             match s {
-                Some(s) => s.collect().await,
-                None => Vec::new(),
+                Some(s) => s.collect_limited(limit).await.map_err(|e| match e {
+                    ClientError::TooLarge {
+                        what, limit, ..
+                    } => ClientError::TooLarge {
+                        what,
+                        limit,
+                        call: "ExecHandle::output",
+                        instead: "read the output as it comes with ExecHandle::take_stdout / take_stderr",
+                    },
+                    other => other,
+                }),
+                None => Ok(Vec::new()),
             }
         };
-        let (stdout, stderr) = tokio::join!(collect(stdout), collect(stderr));
+        let (stdout, stderr) = tokio::try_join!(collect(stdout), collect(stderr))?;
         let result = self.wait().await?;
         Ok(ExecOutput {
             stdout,
@@ -384,5 +438,27 @@ impl ExecHandle {
             timed_out: result.timed_out,
             duration: Duration::from_micros(result.duration_us),
         })
+    }
+}
+
+impl Drop for ExecHandle {
+    fn drop(&mut self) {
+        // Ended (the outcome arrived, or was taken by `wait`) or the
+        // connection is gone: there is nothing to kill.
+        if !matches!(
+            self.done.try_recv(),
+            Err(oneshot::error::TryRecvError::Empty)
+        ) {
+            return;
+        }
+        tracing::debug!(
+            id = self.id,
+            pid = self.pid,
+            "exec handle dropped early; killing the command"
+        );
+        let _ = self.commands.send(Command::Send(ClientMessage::Signal {
+            id: self.id,
+            signal: SIGKILL,
+        }));
     }
 }

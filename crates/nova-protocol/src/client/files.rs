@@ -7,7 +7,9 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use super::connection::{CloseReason, Command, Route};
-use super::{AgentClient, ClientError, OutputStream, StdinWriter, closed_error};
+use super::{
+    AgentClient, ClientError, DEFAULT_READ_LIMIT, OutputStream, StdinWriter, chunks, closed_error,
+};
 use crate::messages::{ClientMessage, Request, Response, StreamKind};
 use crate::{MAX_CHUNK, STREAM_WINDOW};
 
@@ -42,7 +44,12 @@ pub(crate) async fn upload(
         },
         route,
     )?;
-    let mut writer = StdinWriter::new(id, credit, client.inner.commands.clone());
+    let mut writer = StdinWriter::new(
+        id,
+        credit,
+        client.inner.commands.clone(),
+        client.inner.closed.clone(),
+    );
     let sent = match source {
         Source::Bytes(data) => writer.write(data).await.map(|()| 0),
         Source::Reader(mut reader) => copy(&mut reader, &mut writer).await,
@@ -99,7 +106,7 @@ pub(crate) async fn download(
 ) -> Result<FileDownload, ClientError> {
     let id = client.next_id();
     let (opened_tx, opened_rx) = oneshot::channel();
-    let (data_tx, data_rx) = mpsc::unbounded_channel();
+    let (data_tx, data_rx) = chunks::chunk_queue();
     let (done_tx, done_rx) = oneshot::channel();
     let route = Route {
         started: Some(opened_tx),
@@ -161,11 +168,32 @@ impl FileDownload {
         }
     }
 
-    /// Reads the rest of the file into memory.
-    pub async fn collect(mut self) -> Result<Vec<u8>, ClientError> {
+    /// Reads the rest of the file into memory, up to [`DEFAULT_READ_LIMIT`]
+    /// bytes (see [`FileDownload::collect_limited`]).
+    pub async fn collect(self) -> Result<Vec<u8>, ClientError> {
+        self.collect_limited(DEFAULT_READ_LIMIT).await
+    }
+
+    /// Reads the rest of the file into memory. A file over `limit` bytes
+    /// (by its size when opened, or by what arrives) is
+    /// [`ClientError::TooLarge`] and the transfer is cancelled; stream it
+    /// with [`FileDownload::recv`] instead.
+    pub async fn collect_limited(mut self, limit: u64) -> Result<Vec<u8>, ClientError> {
+        let too_large = || ClientError::TooLarge {
+            what: "the file",
+            limit,
+            call: "read_file_to_vec",
+            instead: "stream it with AgentClient::read_file",
+        };
+        if self.size > limit {
+            return Err(too_large());
+        }
         // The size is only a hint (the file may change); cap the reservation.
         let mut out = Vec::with_capacity(usize::try_from(self.size.min(64 << 20)).unwrap_or(0));
         while let Some(chunk) = self.recv().await? {
+            if out.len() as u64 + chunk.len() as u64 > limit {
+                return Err(too_large());
+            }
             out.extend_from_slice(&chunk);
         }
         Ok(out)

@@ -6,6 +6,22 @@
 //! cheap, cloneable handle that talks to that task through a channel, so it can
 //! be shared between tasks and no lock is held across an `.await`.
 //!
+//! # A hostile agent
+//!
+//! The guest is untrusted, and so is everything the agent sends. The
+//! connection enforces the flow-control window and the request table (see
+//! the `connection` module): an agent that sends past its credit, returns
+//! credit it was not owed, or sends data for a request that is not in flight
+//! gets its connection closed with a [`ProtocolViolation`]. Pending and later
+//! calls then fail with [`ClientError::Disconnected`] carrying
+//! [`ConnectionEnd::Violation`], and [`AgentClient::closed`] resolves with it,
+//! so the owner of the sandbox can mark it failed. Calls that gather a whole
+//! output or file in memory ([`AgentClient::run`], [`ExecHandle::output`],
+//! [`AgentClient::read_file_to_vec`]) stop at a cap
+//! ([`DEFAULT_OUTPUT_LIMIT`], [`DEFAULT_READ_LIMIT`], or one given to their
+//! `_limited` forms) with [`ClientError::TooLarge`]; the streaming calls have
+//! no cap, only the window.
+//!
 //! ```no_run
 //! # async fn demo() -> Result<(), nova_protocol::client::ClientError> {
 //! use std::time::Duration;
@@ -19,6 +35,7 @@
 //! # Ok(()) }
 //! ```
 
+mod chunks;
 mod connection;
 mod error;
 mod exec;
@@ -32,7 +49,7 @@ use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
-pub use error::ClientError;
+pub use error::{ClientError, ConnectionEnd, ProtocolViolation};
 pub use exec::{ExecHandle, ExecOutput, OutputStream, StdinWriter};
 pub use files::FileDownload;
 
@@ -44,6 +61,13 @@ use crate::messages::{ClientMessage, Request, Response, StreamKind};
 use crate::stats::GuestStats;
 use crate::{STREAM_WINDOW, SUPPORTED_VERSIONS};
 use connection::{CloseReason, Command, Route};
+
+/// Default cap of [`AgentClient::run`] and [`ExecHandle::output`]: each of
+/// stdout and stderr may bring this many bytes into memory.
+pub const DEFAULT_OUTPUT_LIMIT: u64 = 64 * 1024 * 1024;
+
+/// Default cap of [`AgentClient::read_file_to_vec`].
+pub const DEFAULT_READ_LIMIT: u64 = 256 * 1024 * 1024;
 
 /// A connection to a guest agent. Cheap to clone; all clones share one stream.
 #[derive(Debug, Clone)]
@@ -78,9 +102,7 @@ impl AgentClient {
             writer.send(&Hello::new()).await?;
             match reader.read_message::<HelloReply>().await? {
                 Some(reply) => Ok(reply),
-                None => Err(ClientError::disconnected(
-                    "the agent closed the connection during the handshake",
-                )),
+                None => Err(ClientError::disconnected(ConnectionEnd::AgentClosed)),
             }
         };
         let reply = tokio::time::timeout(timeout, handshake)
@@ -108,8 +130,7 @@ impl AgentClient {
             });
         }
         let (tx, rx) = mpsc::unbounded_channel();
-        let closed = CloseReason::default();
-        connection::spawn(reader, writer, rx, closed.clone());
+        let closed = connection::spawn(reader, writer, rx);
         let client = Self {
             inner: Arc::new(Inner {
                 commands: tx,
@@ -132,13 +153,29 @@ impl AgentClient {
         self.inner.commands.is_closed()
     }
 
+    /// Why the connection ended, or `None` while it is open.
+    pub fn close_reason(&self) -> Option<ConnectionEnd> {
+        connection::end_of(&self.inner.closed)
+    }
+
+    /// Waits until the connection ends and says why. A
+    /// [`ConnectionEnd::Violation`] means the agent broke the protocol (sent
+    /// past its credit, ...): treat the guest as failed. Cancel-safe; any
+    /// number of callers may wait.
+    pub async fn closed(&self) -> ConnectionEnd {
+        let mut rx = self.inner.closed.clone();
+        // An error means the router was dropped without saying why.
+        let _ = rx.wait_for(Option::is_some).await;
+        connection::end_of(&rx).unwrap_or(ConnectionEnd::TaskGone)
+    }
+
     /// Starts a command. Returns once the process runs in the guest (or with
     /// the error that prevented it, e.g. [`crate::RemoteErrorKind::NotFound`]).
     pub async fn exec(&self, spec: ExecSpec) -> Result<ExecHandle, ClientError> {
         let id = self.next_id();
         let (started_tx, started_rx) = oneshot::channel();
-        let (stdout_tx, stdout_rx) = mpsc::unbounded_channel();
-        let (stderr_tx, stderr_rx) = mpsc::unbounded_channel();
+        let (stdout_tx, stdout_rx) = chunks::chunk_queue();
+        let (stderr_tx, stderr_rx) = chunks::chunk_queue();
         let (done_tx, done_rx) = oneshot::channel();
         let credit = spec
             .stdin
@@ -149,6 +186,7 @@ impl AgentClient {
             stderr: Some(stderr_tx),
             credit: credit.clone(),
             done: Some(done_tx),
+            ..Route::default()
         };
         self.start(id, Request::Exec(spec), route)?;
         let pid = self.await_reply(started_rx).await??;
@@ -158,14 +196,16 @@ impl AgentClient {
             u32::try_from(pid).unwrap_or(u32::MAX),
             OutputStream::new(id, StreamKind::Stdout, stdout_rx, sender.clone()),
             OutputStream::new(id, StreamKind::Stderr, stderr_rx, sender.clone()),
-            credit.map(|c| StdinWriter::new(id, c, sender.clone())),
+            credit.map(|c| StdinWriter::new(id, c, sender.clone(), self.inner.closed.clone())),
             done_rx,
             sender,
             self.inner.closed.clone(),
         ))
     }
 
-    /// Runs a command to completion and collects its output. Stdin is closed.
+    /// Runs a command to completion and collects its output. Stdin is
+    /// closed. Stops with [`ClientError::TooLarge`] (and kills the command)
+    /// when stdout or stderr passes [`DEFAULT_OUTPUT_LIMIT`].
     pub async fn run(&self, spec: ExecSpec) -> Result<ExecOutput, ClientError> {
         self.exec(spec).await?.output().await
     }
@@ -218,9 +258,22 @@ impl AgentClient {
         files::download(self, path).await
     }
 
-    /// Reads the whole of `path` into memory.
+    /// Reads the whole of `path` into memory; a file over
+    /// [`DEFAULT_READ_LIMIT`] is [`ClientError::TooLarge`] (use
+    /// [`AgentClient::read_file`] to stream it).
     pub async fn read_file_to_vec(&self, path: &str) -> Result<Vec<u8>, ClientError> {
-        self.read_file(path).await?.collect().await
+        self.read_file_to_vec_limited(path, DEFAULT_READ_LIMIT)
+            .await
+    }
+
+    /// Reads the whole of `path` into memory, up to `limit` bytes; a larger
+    /// file is [`ClientError::TooLarge`].
+    pub async fn read_file_to_vec_limited(
+        &self,
+        path: &str,
+        limit: u64,
+    ) -> Result<Vec<u8>, ClientError> {
+        self.read_file(path).await?.collect_limited(limit).await
     }
 
     /// Lists a directory.
@@ -370,12 +423,7 @@ pub struct ClockStep {
 
 /// The error for a call on a connection that has ended.
 fn closed_error(closed: &CloseReason) -> ClientError {
-    ClientError::disconnected(
-        closed
-            .get()
-            .cloned()
-            .unwrap_or_else(|| "the connection task ended".to_owned()),
-    )
+    ClientError::disconnected(connection::end_of(closed).unwrap_or(ConnectionEnd::TaskGone))
 }
 
 fn unexpected(call: &str, response: &Response) -> ClientError {
