@@ -4,7 +4,7 @@
 //! it when the request asked for [`ExecRequest::stream_stdin`]).
 //!
 //! A command that cannot start is an error,
-//! [`ExecError::Spawn`](crate::error::ExecError::Spawn), with the kind of
+//! [`ExecError::Spawn`], with the kind of
 //! failure; [`ExitStatus::NotStarted`] is the status to report in its place
 //! where a caller wants one status for every outcome, and
 //! [`ExitStatus::shell_code`] turns it into the shell's 127 / 126.

@@ -73,7 +73,7 @@ pub use stats::GuestStats;
 ///
 /// 2: [`RemoteErrorKind`] gained `IsADirectory`, `NotADirectory`, `NoSpace`,
 /// `ReadOnly` and `DirectoryNotEmpty`, and `Spawn` carries a
-/// [`SpawnErrorKind`](exec::SpawnErrorKind); [`Request::SetClock`] sets the
+/// [`SpawnErrorKind`]; [`Request::SetClock`] sets the
 /// guest's wall clock (a version-1 peer can decode none of these).
 pub const PROTOCOL_VERSION: u32 = 2;
 
