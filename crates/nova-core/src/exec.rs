@@ -64,6 +64,32 @@ pub struct ExecRequest {
     /// [`ExecError::OutputTooLarge`]. A stream (`exec_stream`) has no cap.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_output: Option<u64>,
+    /// Run the command on a pseudo-terminal of this size (stdout then
+    /// carries the terminal; stderr is empty). Resize it with
+    /// [`ExecStream::resize`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pty: Option<TerminalSize>,
+}
+
+/// The size of a command's pseudo-terminal, in character cells.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TerminalSize {
+    /// Rows.
+    pub rows: u16,
+    /// Columns.
+    pub cols: u16,
+}
+
+/// Controls a running command: what a provider attaches to an
+/// [`ExecStream`] so its caller can signal the command or resize its
+/// terminal.
+pub trait ExecControl: Send + Sync + fmt::Debug {
+    /// Sends signal number `signal` to the command's whole process group.
+    fn signal(&self, signal: i32) -> Result<(), ExecError>;
+
+    /// Resizes the command's pseudo-terminal (a command without one ignores
+    /// it).
+    fn resize(&self, size: TerminalSize) -> Result<(), ExecError>;
 }
 
 impl ExecRequest {
@@ -90,6 +116,7 @@ impl ExecRequest {
             stream_stdin: false,
             timeout: None,
             max_output: None,
+            pty: None,
         }
     }
 
@@ -116,6 +143,12 @@ impl ExecRequest {
     /// long the caller keeps stdin open.
     pub fn stream_stdin(mut self) -> Self {
         self.stream_stdin = true;
+        self
+    }
+
+    /// Runs the command on a pseudo-terminal of `rows` x `cols`.
+    pub fn pty(mut self, rows: u16, cols: u16) -> Self {
+        self.pty = Some(TerminalSize { rows, cols });
         self
     }
 
@@ -262,6 +295,7 @@ pub enum ExecEvent {
 pub struct ExecStream {
     events: mpsc::Receiver<ExecEvent>,
     stdin: Option<ExecStdin>,
+    control: Option<Box<dyn ExecControl>>,
 }
 
 impl ExecStream {
@@ -272,6 +306,7 @@ impl ExecStream {
         Self {
             events,
             stdin: None,
+            control: None,
         }
     }
 
@@ -282,7 +317,33 @@ impl ExecStream {
         Self {
             events,
             stdin: Some(stdin),
+            control: None,
         }
+    }
+
+    /// Attaches the provider's control of the command, which
+    /// [`signal`](Self::signal) and [`resize`](Self::resize) use.
+    pub fn with_control(mut self, control: Box<dyn ExecControl>) -> Self {
+        self.control = Some(control);
+        self
+    }
+
+    /// Sends signal number `signal` (15 for `SIGTERM`, 2 for `SIGINT`, ...)
+    /// to the command's whole process group. Fails when the command already
+    /// ended or the provider cannot signal it.
+    pub fn signal(&self, signal: i32) -> Result<(), ExecError> {
+        self.control()?.signal(signal)
+    }
+
+    /// Resizes the command's pseudo-terminal (see [`ExecRequest::pty`]).
+    pub fn resize(&self, rows: u16, cols: u16) -> Result<(), ExecError> {
+        self.control()?.resize(TerminalSize { rows, cols })
+    }
+
+    fn control(&self) -> Result<&dyn ExecControl, ExecError> {
+        self.control.as_deref().ok_or_else(|| {
+            ExecError::Agent("this provider cannot control a running command".into())
+        })
     }
 
     /// The writer of the command's stdin, if the request asked for

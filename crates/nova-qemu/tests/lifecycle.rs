@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::{config, process_exists, setup, wait_until};
 use nova_core::error::{CreateSandboxError, ExecError, FileError};
-use nova_core::exec::{ExecRequest, ExitStatus};
+use nova_core::exec::{ExecEvent, ExecRequest, ExitStatus};
 use nova_core::fs::FileKind;
 use nova_core::hypervisor::Hypervisor;
 use nova_core::state::SandboxState;
@@ -442,5 +442,64 @@ async fn file_operations_list_stat_mkdir_remove_and_stream() {
         "the root is refused"
     );
     assert!(sandbox.list_dir("relative").await.is_err());
+    sandbox.stop(true).await.unwrap();
+}
+
+/// A caller signals a running command through its stream, and runs one on
+/// a pseudo-terminal it resizes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_command_is_signalled_and_its_terminal_resized() {
+    let Some(t) = setup(
+        "a_running_command_is_signalled_and_its_terminal_resized",
+        &["minimal"],
+    ) else {
+        return;
+    };
+    let sandbox = t
+        .hypervisor
+        .create_sandbox(config("minimal"))
+        .await
+        .unwrap();
+    let mut stream = sandbox
+        .exec_stream("echo started; exec sleep 600")
+        .await
+        .unwrap();
+    assert!(matches!(stream.next().await, Some(ExecEvent::Stdout(b)) if b == b"started\n"));
+    stream.signal(15).unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match stream.next().await {
+                Some(ExecEvent::Exited(status)) => return Some(status),
+                Some(_) => {}
+                None => return None,
+            }
+        }
+    })
+    .await
+    .expect("SIGTERM ends sleep");
+    assert_eq!(status, Some(ExitStatus::Signal(15)));
+
+    // On a terminal: the size given, then the size set by resize.
+    let mut stream = sandbox
+        .exec_stream(
+            ExecRequest::shell("stty size; read line; stty size")
+                .pty(30, 100)
+                .stream_stdin(),
+        )
+        .await
+        .unwrap();
+    let mut stdin = stream.take_stdin().unwrap();
+    let mut seen = String::new();
+    while !seen.contains("30 100") {
+        match stream.next().await {
+            Some(ExecEvent::Stdout(b)) => seen.push_str(&String::from_utf8_lossy(&b)),
+            other => panic!("unexpected {other:?} after {seen:?}"),
+        }
+    }
+    stream.resize(50, 132).unwrap();
+    stdin.write(b"go\n".to_vec()).await.unwrap();
+    let out = stream.collect().await.unwrap();
+    let rest = String::from_utf8_lossy(&out.stdout);
+    assert!(rest.contains("50 132"), "{seen:?} then {rest:?}");
     sandbox.stop(true).await.unwrap();
 }

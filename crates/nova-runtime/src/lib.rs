@@ -141,6 +141,7 @@ impl Guest {
             .exec(spec)
             .await
             .map_err(|e| exec_error(program, e))?;
+        let controller = handle.controller();
         let stdout = handle.take_stdout();
         let stderr = handle.take_stderr();
         let mut caller_stdin = None;
@@ -203,10 +204,11 @@ impl Guest {
             }
             drop(ended_tx);
         }));
-        Ok(match caller_stdin {
+        let stream = match caller_stdin {
             Some(stdin) => ExecStream::with_stdin(rx, stdin),
             None => ExecStream::new(rx),
-        })
+        };
+        Ok(stream.with_control(Box::new(Control(controller))))
     }
 
     /// Steps the guest's wall clock to the host's, after anything that
@@ -273,6 +275,10 @@ fn build_spec(base_env: &[(String, String)], request: ExecRequest) -> Result<Exe
     spec.cwd = request.cwd;
     spec.stdin = request.stdin.is_some() || request.stream_stdin;
     spec.timeout_ms = request.timeout.map(|t| t.as_millis().max(1) as u64);
+    spec.pty = request.pty.map(|t| nova_protocol::PtySize {
+        rows: t.rows,
+        cols: t.cols,
+    });
     Ok(spec)
 }
 
@@ -400,6 +406,28 @@ pub(crate) fn file_error(path: &str, e: ClientError) -> FileError {
         | RemoteErrorKind::Protocol
         | RemoteErrorKind::Busy
         | RemoteErrorKind::Io => FileError::Agent { path, source },
+    }
+}
+
+/// The runtime's control of a running command, for its [`ExecStream`].
+#[derive(Debug)]
+struct Control(nova_protocol::client::ExecController);
+
+impl nova_core::exec::ExecControl for Control {
+    fn signal(&self, signal: i32) -> Result<(), ExecError> {
+        self.0
+            .signal(signal)
+            .map_err(|e| ExecError::Agent(Box::new(e)))
+    }
+
+    fn resize(&self, size: nova_core::exec::TerminalSize) -> Result<(), ExecError> {
+        let size = nova_protocol::PtySize {
+            rows: size.rows,
+            cols: size.cols,
+        };
+        self.0
+            .resize(size)
+            .map_err(|e| ExecError::Agent(Box::new(e)))
     }
 }
 

@@ -356,6 +356,17 @@ impl ExecHandle {
         self.stdin.take()
     }
 
+    /// A handle that signals the command and resizes its terminal, and can
+    /// be kept apart from this one (for example while this one is waited
+    /// on). It does not keep the command alive.
+    pub fn controller(&self) -> ExecController {
+        ExecController {
+            id: self.id,
+            commands: self.commands.clone(),
+            closed: self.closed.clone(),
+        }
+    }
+
     /// Sends signal `signal` to the command's whole process group.
     pub fn signal(&self, signal: i32) -> Result<(), ClientError> {
         self.send(ClientMessage::Signal {
@@ -460,5 +471,36 @@ impl Drop for ExecHandle {
             id: self.id,
             signal: SIGKILL,
         }));
+    }
+}
+
+/// Signals a running command and resizes its terminal, apart from its
+/// [`ExecHandle`] (see [`ExecHandle::controller`]). Once the command ended,
+/// the agent answers nothing: a signal to an ended command is dropped.
+#[derive(Clone, Debug)]
+pub struct ExecController {
+    id: u64,
+    commands: mpsc::UnboundedSender<Command>,
+    closed: CloseReason,
+}
+
+impl ExecController {
+    /// Sends signal `signal` to the command's whole process group.
+    pub fn signal(&self, signal: i32) -> Result<(), ClientError> {
+        self.send(ClientMessage::Signal {
+            id: self.id,
+            signal,
+        })
+    }
+
+    /// Changes the window size of the command's pseudo-terminal.
+    pub fn resize(&self, size: PtySize) -> Result<(), ClientError> {
+        self.send(ClientMessage::Resize { id: self.id, size })
+    }
+
+    fn send(&self, msg: ClientMessage) -> Result<(), ClientError> {
+        self.commands
+            .send(Command::Send(msg))
+            .map_err(|_| closed_error(&self.closed))
     }
 }

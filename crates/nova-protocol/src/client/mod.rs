@@ -50,7 +50,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 pub use error::{ClientError, ConnectionEnd, ProtocolViolation};
-pub use exec::{ExecHandle, ExecOutput, OutputStream, StdinWriter};
+pub use exec::{ExecController, ExecHandle, ExecOutput, OutputStream, StdinWriter};
 pub use files::FileDownload;
 
 use crate::exec::ExecSpec;
