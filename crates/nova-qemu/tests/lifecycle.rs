@@ -488,7 +488,7 @@ async fn a_running_command_is_signalled_and_its_terminal_resized() {
         )
         .await
         .unwrap();
-    let mut stdin = stream.take_stdin().unwrap();
+    let stdin = stream.take_stdin().unwrap();
     let mut seen = String::new();
     while !seen.contains("30 100") {
         match stream.next().await {
