@@ -124,21 +124,6 @@ impl SandboxPaths {
         &self.dir
     }
 
-    /// Creates the sandbox directory (and `sandboxes/` above it), readable
-    /// by its owner only: it holds the agent socket, through which anyone
-    /// could run commands in the guest. Fails if it already exists. On error,
-    /// returns the path that could not be made.
-    pub fn create(&self) -> Result<(), (PathBuf, std::io::Error)> {
-        use std::os::unix::fs::DirBuilderExt;
-        if let Some(parent) = self.dir.parent() {
-            std::fs::create_dir_all(parent).map_err(|e| (parent.to_owned(), e))?;
-        }
-        std::fs::DirBuilder::new()
-            .mode(0o700)
-            .create(&self.dir)
-            .map_err(|e| (self.dir.clone(), e))
-    }
-
     /// The VMM's control socket (Firecracker API or QMP).
     pub fn api_socket(&self) -> PathBuf {
         self.dir.join("api.sock")
@@ -220,19 +205,6 @@ mod tests {
             NovaHome::resolve_from(None, false, None, None),
             Err(HomeError::NoHome)
         ));
-    }
-
-    #[test]
-    fn sandbox_dirs_are_private_and_never_reused() {
-        use std::os::unix::fs::PermissionsExt;
-        let root = tempfile::tempdir().unwrap();
-        let paths = NovaHome::at(root.path()).sandbox(&SandboxId::random());
-        paths.create().unwrap();
-        let mode = std::fs::metadata(paths.dir()).unwrap().permissions().mode();
-        assert_eq!(mode & 0o777, 0o700);
-        let (path, e) = paths.create().unwrap_err();
-        assert_eq!(path, paths.dir());
-        assert_eq!(e.kind(), std::io::ErrorKind::AlreadyExists);
     }
 
     #[test]

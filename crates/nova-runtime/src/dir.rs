@@ -101,6 +101,21 @@ impl SandboxDir {
         }
     }
 
+    /// [`persist_or_warn`](Self::persist_or_warn) on the blocking pool, for
+    /// async paths.
+    pub async fn persist_in_background(&self, record: &SandboxRecord) {
+        let path = self.paths.state_json();
+        let record = record.clone();
+        let written = tokio::task::spawn_blocking(move || write_atomic(&path, &record)).await;
+        match written {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(path = %self.paths.state_json().display(), error = %e, "cannot write sandbox state");
+            }
+            Err(e) => tracing::warn!(error = %e, "the state writer did not finish"),
+        }
+    }
+
     /// Removes the directory and everything in it, then lets go of the
     /// lock. Idempotent.
     pub async fn remove(&mut self) -> Result<(), (PathBuf, std::io::Error)> {

@@ -356,7 +356,7 @@ impl<B: Backend> Provider<B> {
             .state
             .transition_to(SandboxState::Running)
             .map_err(|e| CreateSandboxError::Agent(e.into()))?;
-        dir.persist_or_warn(&record);
+        dir.persist_in_background(&record).await;
         let info = record.info.clone();
         tracing::info!(
             parent: &span,

@@ -110,7 +110,7 @@ pub(crate) async fn drive<V: Vm>(
             }
             exit = wait_vmm(&mut task.vmm), if watching => {
                 task.fail(format!("the VMM exited on its own ({exit})")).await;
-                task.publish(&published);
+                publish(&task.dir, &task.record, task.released, &published).await;
             }
             end = agent_closed(&task.guest), if task.guest.is_some() => {
                 let reason = match end.violation() {
@@ -118,13 +118,27 @@ pub(crate) async fn drive<V: Vm>(
                     None => format!("the agent connection ended ({end})"),
                 };
                 task.fail(reason).await;
-                task.publish(&published);
+                publish(&task.dir, &task.record, task.released, &published).await;
             }
         }
     }
     if let Some(registry) = registry.upgrade() {
         registry.retire(&task.record.info.id, task.record.info.clone());
     }
+}
+
+/// Persists `record` (unless the sandbox is stopped or its files are gone)
+/// and publishes it.
+async fn publish(
+    dir: &SandboxDir,
+    record: &SandboxRecord,
+    released: bool,
+    published: &watch::Sender<SandboxInfo>,
+) {
+    if record.info.state != SandboxState::Stopped && !released {
+        dir.persist_in_background(record).await;
+    }
+    published.send_replace(record.info.clone());
 }
 
 /// Why the agent connection ended; pends forever without an agent.
@@ -158,40 +172,32 @@ impl<V: Vm> SandboxTask<V> {
         self.record.info.state
     }
 
-    /// Persists (unless stopped) and publishes the current info.
-    fn publish(&self, published: &watch::Sender<SandboxInfo>) {
-        if self.state() != SandboxState::Stopped && !self.released {
-            self.dir.persist_or_warn(&self.record);
-        }
-        published.send_replace(self.record.info.clone());
-    }
-
     async fn handle(&mut self, action: SandboxAction<V>, published: &watch::Sender<SandboxInfo>) {
         // Each arm publishes before it answers.
         match action {
             SandboxAction::Pause(reply) => {
                 let r = self.pause().await;
-                self.publish(published);
+                publish(&self.dir, &self.record, self.released, published).await;
                 let _ = reply.send(r);
             }
             SandboxAction::Resume(reply) => {
                 let r = self.resume().await;
-                self.publish(published);
+                publish(&self.dir, &self.record, self.released, published).await;
                 let _ = reply.send(r);
             }
             SandboxAction::Stats(reply) => {
                 let r = self.stats().await;
-                self.publish(published);
+                publish(&self.dir, &self.record, self.released, published).await;
                 let _ = reply.send(r);
             }
             SandboxAction::Snapshot { dir, kind, reply } => {
                 let r = self.snapshot(dir, kind).await;
-                self.publish(published);
+                publish(&self.dir, &self.record, self.released, published).await;
                 let _ = reply.send(r);
             }
             SandboxAction::Stop { force, reply } => {
                 let r = self.stop(force).await;
-                self.publish(published);
+                publish(&self.dir, &self.record, self.released, published).await;
                 let _ = reply.send(r);
             }
             SandboxAction::WithVm(op) => {
@@ -212,7 +218,7 @@ impl<V: Vm> SandboxTask<V> {
                     self.fail(format!("the VMM did not answer within {limit:?}"))
                         .await;
                 }
-                self.publish(published);
+                publish(&self.dir, &self.record, self.released, published).await;
             }
         }
     }
