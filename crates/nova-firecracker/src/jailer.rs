@@ -83,8 +83,19 @@ impl JailerConfig {
                 .ok()
                 .map(|b| b.path),
         };
+        if is_dynamically_linked(firecracker) {
+            return Err(format!(
+                "{} is dynamically linked, and its loader and libraries are not in the \
+                 jailer's chroot; use a static (musl) release build to run jailed",
+                firecracker.display()
+            ));
+        }
+        let cgroup_version = host_cgroup_version(Path::new("/sys/fs/cgroup"))?;
         match found {
-            Some(jailer) => Ok(Self::new(jailer, DEFAULT_JAIL_ID, DEFAULT_JAIL_ID)),
+            Some(jailer) => Ok(Self {
+                cgroup_version,
+                ..Self::new(jailer, DEFAULT_JAIL_ID, DEFAULT_JAIL_ID)
+            }),
             None => Err(format!(
                 "no `jailer` binary found (set {JAILER_BIN_ENV}, or install it next to \
                  firecracker); Firecracker runs unjailed as root"
@@ -108,6 +119,77 @@ impl JailerConfig {
             limit_cpu: true,
         }
     }
+}
+
+/// Which cgroup hierarchy under `root` offers the memory and CPU
+/// controllers the jail's limits need: v2 when the unified hierarchy lists
+/// them, else v1 when it has them mounted per controller; an error naming
+/// what is missing otherwise.
+pub fn host_cgroup_version(root: &Path) -> Result<CgroupVersion, String> {
+    let v2 = std::fs::read_to_string(root.join("cgroup.controllers")).unwrap_or_default();
+    let has = |c: &str| v2.split_whitespace().any(|w| w == c);
+    if has("memory") && has("cpu") {
+        return Ok(CgroupVersion::V2);
+    }
+    if root.join("memory").is_dir() && root.join("cpu").exists() {
+        return Ok(CgroupVersion::V1);
+    }
+    Err(format!(
+        "neither cgroup v2 ({}/cgroup.controllers) nor v1 offers the memory and cpu \
+         controllers the jail's limits need",
+        root.display()
+    ))
+}
+
+/// Whether the ELF executable at `path` asks for a program interpreter
+/// (a dynamic loader): its program headers include `PT_INTERP`. Unreadable
+/// or non-ELF files count as static (the jailer then reports its own error).
+pub fn is_dynamically_linked(path: &Path) -> bool {
+    use std::io::Read;
+    const PT_INTERP: u32 = 3;
+    let mut head = Vec::new();
+    let read = std::fs::File::open(path).and_then(|f| f.take(64 * 1024).read_to_end(&mut head));
+    if read.is_err() || head.len() < 64 || &head[..4] != b"\x7fELF" || head[4] != 2 {
+        return false;
+    }
+    let le = head[5] == 1;
+    let u16_at = |o: usize| {
+        let b = [head[o], head[o + 1]];
+        if le {
+            u16::from_le_bytes(b)
+        } else {
+            u16::from_be_bytes(b)
+        }
+    };
+    let u64_at = |o: usize| {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&head[o..o + 8]);
+        if le {
+            u64::from_le_bytes(b)
+        } else {
+            u64::from_be_bytes(b)
+        }
+    };
+    let (phoff, phentsize, phnum) = (
+        u64_at(0x20),
+        usize::from(u16_at(0x36)),
+        usize::from(u16_at(0x38)),
+    );
+    let Ok(phoff) = usize::try_from(phoff) else {
+        return false;
+    };
+    (0..phnum).any(|i| {
+        let at = phoff + i * phentsize;
+        head.get(at..at + 4).is_some_and(|t| {
+            let b = [t[0], t[1], t[2], t[3]];
+            let p_type = if le {
+                u32::from_le_bytes(b)
+            } else {
+                u32::from_be_bytes(b)
+            };
+            p_type == PT_INTERP
+        })
+    })
 }
 
 /// What the cgroup limits are computed from.
@@ -379,5 +461,26 @@ mod tests {
         ));
         assert!(!args.iter().any(|a| a.starts_with("cpu.")), "{args:?}");
         assert!(args.iter().any(|a| a.starts_with("memory.max=")));
+    }
+
+    #[test]
+    fn the_default_jail_checks_the_binary_and_the_cgroup_hierarchy() {
+        // This test binary itself is dynamically linked (glibc).
+        let me = std::env::current_exe().unwrap();
+        assert!(is_dynamically_linked(&me));
+        assert!(!is_dynamically_linked(Path::new("/nonexistent")));
+        let dir = tempfile::tempdir().unwrap();
+        assert!(host_cgroup_version(dir.path()).is_err());
+        std::fs::write(
+            dir.path().join("cgroup.controllers"),
+            "cpuset cpu io memory pids\n",
+        )
+        .unwrap();
+        assert_eq!(host_cgroup_version(dir.path()), Ok(CgroupVersion::V2));
+        let v1 = tempfile::tempdir().unwrap();
+        std::fs::write(v1.path().join("cgroup.controllers"), "hugetlb\n").unwrap();
+        std::fs::create_dir(v1.path().join("memory")).unwrap();
+        std::fs::create_dir(v1.path().join("cpu")).unwrap();
+        assert_eq!(host_cgroup_version(v1.path()), Ok(CgroupVersion::V1));
     }
 }

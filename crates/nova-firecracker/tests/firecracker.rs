@@ -293,6 +293,7 @@ async fn diff_snapshot_merges_into_the_full_one() {
     let home = tempfile::tempdir().unwrap();
     common::install_test_template(home.path(), "fctest");
     let mut options = FirecrackerOptions::new(NovaHome::at(home.path()), fc);
+    options.jailer = None;
     options.wait_for_agent = false;
     options.allow_non_hardware_kvm = true;
     options.track_dirty_pages = true;
@@ -338,6 +339,7 @@ async fn agent_wait_times_out_and_cleans_up() {
     let home = tempfile::tempdir().unwrap();
     common::install_test_template(home.path(), "fctest");
     let mut options = FirecrackerOptions::new(NovaHome::at(home.path()), fc);
+    options.jailer = None;
     options.allow_non_hardware_kvm = true;
     options.scratch_size_mb = 64;
     let hv = FirecrackerHypervisor::new(options);
@@ -353,7 +355,7 @@ async fn agent_wait_times_out_and_cleans_up() {
                 ..
             }
         ),
-        "{err}"
+        "{err:?}"
     );
     assert!(started.elapsed() < Duration::from_secs(10));
     assert!(common::leftovers(home.path()).is_empty());

@@ -45,6 +45,7 @@ pub async fn raw_boot(
         hostname: "raw".into(),
         tsc_khz: crate::cmdline::tcg_tsc_khz(options.accel),
         confinement: crate::confinement::Confinement::for_host(),
+        incoming: false,
     };
     let args = spec.try_qemu_args()?;
     let start = Instant::now();

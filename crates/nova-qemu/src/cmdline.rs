@@ -56,6 +56,9 @@ pub struct VmSpec {
     /// Seccomp and privilege drop (see [`crate::confinement`]); normally
     /// [`Confinement::for_host`].
     pub confinement: Confinement,
+    /// Start paused, waiting for a saved VM state (`-incoming defer`), which
+    /// [`crate::qmp::QmpClient::load_from`] then loads.
+    pub incoming: bool,
 }
 
 impl VmSpec {
@@ -177,6 +180,10 @@ impl VmSpec {
             "virtserialport,chardev=agent,name={}",
             boot::AGENT_SERIAL_PORT
         ));
+        if self.incoming {
+            args.push("-incoming".into());
+            args.push("defer".into());
+        }
         args
     }
 }
@@ -214,6 +221,7 @@ mod tests {
             kernel_args: "reboot=k panic=1 quiet".into(),
             hostname: "sb-1".into(),
             tsc_khz: None,
+            incoming: false,
             confinement: Confinement::decide(
                 &ConfinementPolicy::default(),
                 &HostFacts {
@@ -310,6 +318,7 @@ mod tests {
         assert_eq!(after(&a, "-runas"), ["nobody"]);
         let bare = args(&VmSpec {
             confinement: Confinement::none(),
+            incoming: false,
             ..spec()
         });
         assert!(after(&bare, "-sandbox").is_empty() && after(&bare, "-runas").is_empty());

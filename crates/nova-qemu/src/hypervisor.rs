@@ -187,6 +187,7 @@ impl Backend for Qemu {
             hostname: start.info.id.to_string(),
             tsc_khz: tcg_tsc_khz(self.options.accel),
             confinement: crate::confinement::Confinement::for_host(),
+            incoming: false,
         };
         let kernel_cmdline = spec.kernel_cmdline().map_err(kernel_args_error)?;
         let args = spec.try_qemu_args().map_err(kernel_args_error)?;

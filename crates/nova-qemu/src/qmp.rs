@@ -27,6 +27,7 @@
 //! commands with [`QmpError::Desynchronized`] (reconnect to recover).
 
 use std::collections::VecDeque;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::path::Path;
 use std::time::Duration;
 
@@ -152,6 +153,17 @@ impl QmpClient {
         command: &str,
         arguments: Option<Value>,
     ) -> Result<Value, QmpError> {
+        self.execute_passing(command, arguments, None).await
+    }
+
+    /// [`execute`](Self::execute), sending `fd` along with the request
+    /// (`SCM_RIGHTS`), as `getfd` and `add-fd` expect.
+    async fn execute_passing(
+        &mut self,
+        command: &str,
+        arguments: Option<Value>,
+        fd: Option<BorrowedFd<'_>>,
+    ) -> Result<Value, QmpError> {
         if let Some(earlier) = &self.cut_short {
             return Err(QmpError::Desynchronized(earlier.clone()));
         }
@@ -165,7 +177,7 @@ impl QmpClient {
             serde_json::to_vec(&request).map_err(|e| QmpError::Protocol(e.to_string()))?;
         line.push(b'\n');
         let timeout = self.timeout;
-        tokio::time::timeout(timeout, self.exchange(command, id, &line))
+        tokio::time::timeout(timeout, self.exchange(command, id, &line, fd))
             .await
             .map_err(|_| QmpError::Timeout(command.to_owned()))?
     }
@@ -176,11 +188,15 @@ impl QmpClient {
         command: &str,
         id: u64,
         request: &[u8],
+        fd: Option<BorrowedFd<'_>>,
     ) -> Result<Value, QmpError> {
         // Cleared only once the whole request is out: if this future is
         // dropped mid-write, the mark stays and poisons the connection.
         self.cut_short = Some(command.to_owned());
-        self.writer.write_all(request).await?;
+        match fd {
+            None => self.writer.write_all(request).await?,
+            Some(fd) => send_with_fd(self.writer.as_ref(), request, fd).await?,
+        }
         self.cut_short = None;
         loop {
             let line = self.reader.next_line().await?;
@@ -244,6 +260,73 @@ impl QmpClient {
         serde_json::from_value(value).map_err(|e| QmpError::Protocol(e.to_string()))
     }
 
+    /// Hands QEMU the file descriptor `fd` under `name` (`getfd`), for a
+    /// later `fd:NAME` URI. QEMU keeps its own copy.
+    pub async fn getfd(&mut self, name: &str, fd: BorrowedFd<'_>) -> Result<(), QmpError> {
+        self.execute_passing("getfd", Some(json!({ "fdname": name })), Some(fd))
+            .await
+            .map(drop)
+    }
+
+    /// Writes the paused VM's whole state (devices and memory) to `file`:
+    /// outgoing migration to an `fd:` (no helper process, no path QEMU must
+    /// be able to open), at full speed, polled until it completes. The VM is
+    /// left paused (`postmigrate`); `cont` resumes it.
+    pub async fn save_to(&mut self, file: &std::fs::File) -> Result<(), QmpError> {
+        self.execute(
+            "migrate-set-parameters",
+            Some(json!({ "max-bandwidth": MIGRATION_BANDWIDTH })),
+        )
+        .await?;
+        self.getfd(MIGRATION_FD, file.as_fd()).await?;
+        self.execute(
+            "migrate",
+            Some(json!({ "uri": format!("fd:{MIGRATION_FD}") })),
+        )
+        .await?;
+        self.wait_for_migration("migrate").await
+    }
+
+    /// Loads a VM state written by [`save_to`](Self::save_to) from `file`
+    /// into this QEMU, which was started with `-incoming defer`, and waits
+    /// until it is loaded. The VM is then paused; `cont` runs it.
+    pub async fn load_from(&mut self, file: &std::fs::File) -> Result<(), QmpError> {
+        self.getfd(MIGRATION_FD, file.as_fd()).await?;
+        self.execute(
+            "migrate-incoming",
+            Some(json!({ "uri": format!("fd:{MIGRATION_FD}") })),
+        )
+        .await?;
+        self.wait_for_migration("migrate-incoming").await
+    }
+
+    /// Polls `query-migrate` until the migration completed or failed.
+    /// Unbounded here: the caller bounds it (a snapshot's or a boot's
+    /// deadline).
+    async fn wait_for_migration(&mut self, command: &str) -> Result<(), QmpError> {
+        let mut delay = Duration::from_micros(500);
+        loop {
+            let info = self.execute("query-migrate", None).await?;
+            match info["status"].as_str().unwrap_or("") {
+                "completed" => return Ok(()),
+                "failed" | "cancelled" => {
+                    return Err(QmpError::Command {
+                        command: command.to_owned(),
+                        class: "MigrationFailed".into(),
+                        desc: info["error-desc"]
+                            .as_str()
+                            .unwrap_or("no reason given")
+                            .to_owned(),
+                    });
+                }
+                _ => {
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_millis(10));
+                }
+            }
+        }
+    }
+
     /// Block device statistics (`query-blockstats`): the bytes read and
     /// written, summed over every device.
     pub async fn block_bytes(&mut self) -> Result<(u64, u64), QmpError> {
@@ -257,6 +340,52 @@ impl QmpClient {
         }
         Ok((read, written))
     }
+}
+
+/// Name under which the migration file descriptor is handed to QEMU.
+const MIGRATION_FD: &str = "nova-migration";
+/// Migration bandwidth cap in bytes per second: a file is no network link,
+/// so effectively none (QEMU's default is 128 MiB/s).
+const MIGRATION_BANDWIDTH: u64 = 64 << 30;
+
+/// Writes all of `bytes` to `stream`, passing `fd` with the first byte
+/// (`SCM_RIGHTS`); QEMU takes the descriptor with the message it came with.
+async fn send_with_fd(
+    stream: &UnixStream,
+    bytes: &[u8],
+    fd: BorrowedFd<'_>,
+) -> std::io::Result<()> {
+    use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
+    let mut sent = 0;
+    while sent < bytes.len() {
+        stream.writable().await?;
+        let rest = &bytes[sent..];
+        let first = sent == 0;
+        let result = stream.try_io(tokio::io::Interest::WRITABLE, || {
+            let iov = [std::io::IoSlice::new(rest)];
+            if first {
+                let fds = [fd];
+                let mut space =
+                    [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+                let mut control = SendAncillaryBuffer::new(&mut space);
+                control.push(SendAncillaryMessage::ScmRights(&fds));
+                Ok(rustix::net::sendmsg(
+                    stream,
+                    &iov,
+                    &mut control,
+                    SendFlags::NOSIGNAL,
+                )?)
+            } else {
+                Ok(rustix::net::send(stream, rest, SendFlags::NOSIGNAL)?)
+            }
+        });
+        match result {
+            Ok(n) => sent += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// The `return` of an answer to `command`, or its `error` as a typed error.

@@ -338,10 +338,12 @@ impl<B: Backend> Provider<B> {
         }
         // Ready counts from here: the clock is right when the caller gets
         // the sandbox.
-        let ready = Instant::now();
-        let spawned = spawned_at.unwrap_or(ready);
+        let now = Instant::now();
+        let spawned = spawned_at.unwrap_or(now);
         let vmm_ready = vmm_ready_at.unwrap_or(spawned);
         let started = started_at.unwrap_or(vmm_ready);
+        // Without an agent the sandbox is ready once the guest started.
+        let ready = if guest.is_some() { now } else { started };
         record.info.boot = Some(BootTimings {
             boot_time_ms: BootTimings::ms(ready - spawned),
             prepare_ms: BootTimings::ms(prepare),
