@@ -82,6 +82,15 @@ impl Outbox {
 }
 
 /// Serves one connection until it closes.
+///
+/// A `Hello` in the middle of a session starts a new one on the same stream:
+/// after a snapshot restore the guest may still think it serves the host
+/// that took the snapshot (a virtio-serial port is one byte stream, and the
+/// port-closed event can race the new host's first bytes), while a new host
+/// is speaking. That host's `Hello` ends the old session (its requests are
+/// abandoned, as when a host disconnects) and is answered at once. A `Hello`
+/// can never be mistaken for a request: a request frame starts with a small
+/// variant index, a `Hello` with [`HELLO_MAGIC`].
 pub(crate) async fn serve<S>(stream: S, agent: Arc<Agent>, peer: String)
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
@@ -89,28 +98,51 @@ where
     let (read_half, write_half) = tokio::io::split(stream);
     let mut reader = FrameReader::new(read_half);
     let mut writer = FrameWriter::new(write_half);
+    let mut hello = None;
+    loop {
+        let version = match handshake(&mut reader, &mut writer, &agent, hello.take()).await {
+            Some(version) => version,
+            None => return,
+        };
+        tracing::info!(%peer, version, "host connected");
 
-    let version = match handshake(&mut reader, &mut writer, &agent).await {
-        Some(version) => version,
-        None => return,
-    };
-    tracing::info!(%peer, version, "host connected");
+        let (out_tx, out_rx) = mpsc::channel(OUT_QUEUE);
+        let writer_task = tokio::spawn(write_loop(writer, out_rx));
+        let mut session = Session {
+            agent: agent.clone(),
+            out: Outbox(out_tx),
+            inboxes: HashMap::new(),
+            finished: mpsc::unbounded_channel(),
+        };
+        let ended = session.run(&mut reader).await;
+        // Dropping the inboxes tells every request task the host is gone.
+        session.inboxes.clear();
+        session.out.flush().await;
+        drop(session);
+        writer = match writer_task.await {
+            Ok(Some(writer)) => writer,
+            _ => return,
+        };
+        match ended {
+            Ended::Closed(reason) => {
+                tracing::info!(%peer, %reason, "host disconnected");
+                let _ = writer.shutdown().await;
+                return;
+            }
+            Ended::NewHost(payload) => {
+                tracing::info!(%peer, "a new host said hello; starting a new session");
+                hello = Some(payload);
+            }
+        }
+    }
+}
 
-    let (out_tx, out_rx) = mpsc::channel(OUT_QUEUE);
-    let writer_task = tokio::spawn(write_loop(writer, out_rx));
-    let mut session = Session {
-        agent,
-        out: Outbox(out_tx),
-        inboxes: HashMap::new(),
-        finished: mpsc::unbounded_channel(),
-    };
-    let reason = session.run(&mut reader).await;
-    tracing::info!(%peer, %reason, "host disconnected");
-    // Dropping the inboxes tells every request task the host is gone.
-    session.inboxes.clear();
-    session.out.flush().await;
-    drop(session);
-    let _ = writer_task.await;
+/// How a session ended.
+enum Ended {
+    /// The connection closed or broke; why.
+    Closed(String),
+    /// A new host sent this `Hello` frame on the same stream.
+    NewHost(Vec<u8>),
 }
 
 /// Reads the `Hello` and answers it; returns the chosen version.
@@ -118,12 +150,17 @@ async fn handshake<R, W>(
     reader: &mut FrameReader<R>,
     writer: &mut FrameWriter<W>,
     agent: &Agent,
+    first: Option<Vec<u8>>,
 ) -> Option<u32>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let refusal = match reader.read_frame().await {
+    let frame = match first {
+        Some(payload) => Ok(Some(payload)),
+        None => reader.read_frame().await.map(|f| f.map(|p| p.to_vec())),
+    };
+    let refusal = match frame {
         Ok(Some(payload)) => match decode::<Hello>(&payload) {
             Ok(hello) if hello.magic == HELLO_MAGIC => {
                 match negotiate(SUPPORTED_VERSIONS, &hello.versions) {
@@ -164,10 +201,12 @@ where
     None
 }
 
+/// Writes what the session sends until it is dropped, then hands the
+/// writer back (`None` if writing failed).
 async fn write_loop<W: AsyncWrite + Unpin>(
     mut writer: FrameWriter<W>,
     mut rx: mpsc::Receiver<Outgoing>,
-) {
+) -> Option<FrameWriter<W>> {
     let mut acks = Vec::new();
     while let Some(first) = rx.recv().await {
         let mut next = Some(first);
@@ -198,13 +237,13 @@ async fn write_loop<W: AsyncWrite + Unpin>(
         }
         if let Err(e) = writer.flush().await {
             tracing::debug!(error = %e, "writing to the host failed");
-            return;
+            return None;
         }
         for ack in acks.drain(..) {
             let _ = ack.send(());
         }
     }
-    let _ = writer.shutdown().await;
+    Some(writer)
 }
 
 struct Session {
@@ -217,8 +256,8 @@ struct Session {
 }
 
 impl Session {
-    /// Runs until the connection ends; returns why.
-    async fn run<R: AsyncRead + Unpin>(&mut self, reader: &mut FrameReader<R>) -> String {
+    /// Runs until the connection ends or a new host says hello.
+    async fn run<R: AsyncRead + Unpin>(&mut self, reader: &mut FrameReader<R>) -> Ended {
         loop {
             tokio::select! {
                 biased;
@@ -228,10 +267,17 @@ impl Session {
                 frame = reader.read_frame() => {
                     let payload = match frame {
                         Ok(Some(payload)) => payload,
-                        Ok(None) => return "end of stream".to_owned(),
-                        Err(FrameError::Io(e)) => return format!("read failed: {e}"),
-                        Err(e) => return self.protocol_error(format!("malformed frame: {e}")).await,
+                        Ok(None) => return Ended::Closed("end of stream".to_owned()),
+                        Err(FrameError::Io(e)) => return Ended::Closed(format!("read failed: {e}")),
+                        Err(e) => {
+                            return Ended::Closed(
+                                self.protocol_error(format!("malformed frame: {e}")).await,
+                            );
+                        }
                     };
+                    if payload.starts_with(&HELLO_MAGIC) {
+                        return Ended::NewHost(payload.to_vec());
+                    }
                     let msg = match nova_protocol::zero_copy::decode_client_message(payload.clone()) {
                         Ok(msg) => msg,
                         Err(e) => {
@@ -239,13 +285,13 @@ impl Session {
                                 Some(&tag) if tag > 6 => format!("unknown message type {tag}: {e}"),
                                 _ => format!("malformed message: {e}"),
                             };
-                            return self.protocol_error(what).await;
+                            return Ended::Closed(self.protocol_error(what).await);
                         }
                     };
                     match self.dispatch(msg).await {
                         Ok(Flow::Continue) => {}
-                        Ok(Flow::Stop(reason)) => return reason,
-                        Err(reason) => return self.protocol_error(reason).await,
+                        Ok(Flow::Stop(reason)) => return Ended::Closed(reason),
+                        Err(reason) => return Ended::Closed(self.protocol_error(reason).await),
                     }
                 }
             }

@@ -630,3 +630,33 @@ async fn version_mismatch_is_refused_clearly() {
     let (client, _) = agent.connect().await;
     client.ping().await.unwrap();
 }
+
+/// After a snapshot restore the guest may still be in the session of the
+/// host that took the snapshot when a new host says hello on the same
+/// stream: the agent ends the old session and answers the new host.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hello_in_the_middle_of_a_session_starts_a_new_one() {
+    use nova_protocol::frame::{FrameReader, FrameWriter};
+    use nova_protocol::{ClientMessage, Hello, HelloReply, Request};
+
+    let agent = TestAgent::start().await;
+    let stream = agent.raw().await;
+    let (read, write) = stream.into_split();
+    let mut reader = FrameReader::new(read);
+    let mut writer = FrameWriter::new(write);
+    for round in 0..2 {
+        writer.send(&Hello::new()).await.unwrap();
+        let reply: HelloReply = reader.read_message().await.unwrap().unwrap();
+        assert!(matches!(reply, HelloReply::Welcome(_)), "round {round}: {reply:?}");
+        // A request in flight that the next host never sees answered.
+        writer
+            .send(&ClientMessage::Request {
+                id: 1,
+                request: Request::Ping,
+            })
+            .await
+            .unwrap();
+        let answer: nova_protocol::AgentMessage = reader.read_message().await.unwrap().unwrap();
+        assert_eq!(answer.request_id(), Some(1));
+    }
+}

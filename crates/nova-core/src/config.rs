@@ -126,6 +126,24 @@ pub struct SandboxConfig {
     pub read_only_rootfs: bool,
     /// Environment variables set for every command run in the sandbox.
     pub env: BTreeMap<String, String>,
+    /// Restore the template's snapshot or boot the kernel (see
+    /// [`StartMode`]).
+    pub start: StartMode,
+}
+
+/// How a sandbox starts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StartMode {
+    /// Restore the template's snapshot when there is one that fits the
+    /// config (same VMM and template build, memory, vCPUs, disks, kernel
+    /// arguments), else boot the kernel.
+    #[default]
+    Auto,
+    /// Restore the template's snapshot, or fail saying why it cannot.
+    Snapshot,
+    /// Always boot the kernel.
+    Cold,
 }
 
 impl Default for SandboxConfig {
@@ -144,6 +162,7 @@ impl Default for SandboxConfig {
             labels: BTreeMap::new(),
             read_only_rootfs: false,
             env: BTreeMap::new(),
+            start: StartMode::Auto,
         }
     }
 }
@@ -494,6 +513,12 @@ impl SandboxConfigBuilder {
     /// Boots without a writable overlay.
     pub fn read_only_rootfs(mut self, read_only: bool) -> Self {
         self.config.read_only_rootfs = read_only;
+        self
+    }
+
+    /// Sets how the sandbox starts (snapshot or cold boot).
+    pub fn start(mut self, start: StartMode) -> Self {
+        self.config.start = start;
         self
     }
 

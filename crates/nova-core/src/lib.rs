@@ -53,7 +53,7 @@ pub mod state;
 pub mod stats;
 pub mod template;
 
-pub use config::{ConfigError, DriveConfig, SandboxConfig, SandboxConfigBuilder};
+pub use config::{ConfigError, DriveConfig, SandboxConfig, SandboxConfigBuilder, StartMode};
 pub use error::{CreateSandboxError, ExecError, FileError, SandboxError};
 pub use exec::{ExecEvent, ExecOutput, ExecRequest, ExecStream, ExitStatus};
 pub use home::NovaHome;

@@ -149,7 +149,7 @@ pub(crate) async fn start(
     };
     let track_dirty_pages = match start.source {
         BootSource::Restore(s) => s.manifest.track_dirty_pages,
-        BootSource::Cold { .. } => options.track_dirty_pages,
+        BootSource::Cold => options.track_dirty_pages,
     };
     let mut machine = MachineSpec {
         kernel: String::new(),
@@ -174,11 +174,9 @@ pub(crate) async fn start(
     };
     let mut load = None;
     match start.source {
-        BootSource::Cold {
-            kernel,
-            rootfs,
-            extra_drives,
-        } => {
+        BootSource::Cold => {
+            let image = start.image;
+            let (kernel, rootfs, extra_drives) = (&image.kernel, &image.rootfs, &image.extra_drives);
             machine.kernel = import(&workdir, jailed, kernel, "vmlinux")
                 .await
                 .map_err(prepare_err(kernel))?;

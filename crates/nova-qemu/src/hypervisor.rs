@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use nova_core::error::CreateSandboxError;
+use nova_core::snapshot::SnapshotError;
 use nova_core::home::NovaHome;
 use nova_core::hypervisor::HypervisorKind;
 use nova_runtime::Provider;
@@ -16,7 +17,7 @@ use nova_runtime::vmm::VmmCommand;
 
 use crate::cmdline::{VmSpec, tcg_tsc_khz};
 use crate::qmp::QmpClient;
-use crate::vm::QemuVm;
+use crate::vm::{QemuVm, SNAPSHOT_STATE};
 
 /// Longest Unix socket path (`sun_path` is 108 bytes with its NUL).
 const MAX_SOCKET_PATH: usize = 107;
@@ -138,11 +139,7 @@ impl Backend for Qemu {
     }
 
     fn snapshot_support(&self) -> Result<(), String> {
-        Err(
-            "QEMU snapshots (migration to a file) are not built yet; use the Firecracker \
-             provider for snapshots"
-                .into(),
-        )
+        Ok(())
     }
 
     async fn start(
@@ -150,16 +147,11 @@ impl Backend for Qemu {
         start: VmStart<'_>,
         launch: &mut Launch<'_>,
     ) -> Result<QemuVm, CreateSandboxError> {
-        let BootSource::Cold {
-            kernel,
-            rootfs,
-            extra_drives,
-        } = start.source
-        else {
-            return Err(CreateSandboxError::Unsupported {
-                reason: "QEMU sandboxes cannot be restored from a snapshot yet".into(),
-            });
+        let restore = match start.source {
+            BootSource::Cold => None,
+            BootSource::Restore(snapshot) => Some(snapshot),
         };
+        let image = start.image;
         let paths = start.paths;
         for socket in [paths.api_socket(), paths.vsock_socket()] {
             if socket.as_os_str().len() > MAX_SOCKET_PATH {
@@ -173,21 +165,31 @@ impl Backend for Qemu {
             }
         }
         let config = &start.info.config;
+        // A restored VM gets the very command line of the one its snapshot
+        // was taken of (the guest kernel already runs; only the devices must
+        // match); the agent then gives it its own identity.
+        let (hostname, kernel_args) = match restore {
+            Some(snapshot) => (
+                snapshot.manifest.source.to_string(),
+                snapshot.manifest.config.kernel_args.clone(),
+            ),
+            None => (start.info.id.to_string(), config.kernel_args.clone()),
+        };
         let spec = VmSpec {
-            kernel: kernel.clone(),
-            rootfs: rootfs.clone(),
+            kernel: image.kernel.clone(),
+            rootfs: image.rootfs.clone(),
             scratch: start.scratch.map(ToOwned::to_owned),
-            extra_drives: extra_drives.clone(),
+            extra_drives: image.extra_drives.clone(),
             memory_mb: config.memory_mb,
             vcpus: config.vcpus,
             accel: self.options.accel,
             qmp_socket: paths.api_socket(),
             agent_socket: paths.vsock_socket(),
-            kernel_args: config.kernel_args.clone(),
-            hostname: start.info.id.to_string(),
+            kernel_args,
+            hostname,
             tsc_khz: tcg_tsc_khz(self.options.accel),
             confinement: crate::confinement::Confinement::for_host(),
-            incoming: false,
+            incoming: restore.is_some(),
         };
         let kernel_cmdline = spec.kernel_cmdline().map_err(kernel_args_error)?;
         let args = spec.try_qemu_args().map_err(kernel_args_error)?;
@@ -201,16 +203,33 @@ impl Backend for Qemu {
         })?;
         // QMP answers once QEMU has parsed its configuration and created its
         // sockets; QEMU takes its whole configuration on the command line, so
-        // the guest is running from then on.
+        // a cold guest is running from then on.
         let deadline = launch.deadline();
         let qmp_socket = spec.qmp_socket.clone();
-        let qmp = launch
+        let mut qmp = launch
             .step("answer on QMP", async move {
                 let stream = connect_unix(&qmp_socket, deadline).await?;
                 QmpClient::handshake(stream, QMP_TIMEOUT).await
             })
             .await?;
         launch.vmm_ready();
+        if let Some(snapshot) = restore {
+            // QEMU waits (-incoming defer) for the saved state, handed to it
+            // as an open file: it needs no access to the path.
+            let path = snapshot.dir.join(SNAPSHOT_STATE);
+            let file = match tokio::fs::File::open(&path).await {
+                Ok(file) => file.into_std().await,
+                Err(source) => {
+                    return Err(SnapshotError::Io { path, source }.into());
+                }
+            };
+            launch
+                .step("load the snapshot", qmp.load_from(&file))
+                .await?;
+            launch
+                .step("resume the restored guest", qmp.cont())
+                .await?;
+        }
         launch.guest_started();
         Ok(QemuVm::new(qmp, spec.agent_socket.clone(), kernel_cmdline))
     }

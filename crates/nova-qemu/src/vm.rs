@@ -4,11 +4,16 @@
 use std::path::{Path, PathBuf};
 
 use nova_core::error::BoxError;
+use nova_core::hypervisor::HypervisorKind;
 use nova_core::snapshot::{SnapshotError, SnapshotKind};
 use nova_runtime::backend::{AgentConnector, ConnectError, Vm, VmmCounters};
 use tokio::net::UnixStream;
 
 use crate::qmp::QmpClient;
+
+/// Name of the saved VM state (QEMU's migration stream) in a snapshot
+/// directory.
+pub const SNAPSHOT_STATE: &str = "vmstate";
 
 /// A running QEMU VM.
 #[derive(Debug)]
@@ -72,11 +77,36 @@ impl Vm for QemuVm {
         Ok(self.qmp.system_reset().await?)
     }
 
-    async fn snapshot(&mut self, _dir: &Path, _kind: SnapshotKind) -> Result<(), SnapshotError> {
-        Err(SnapshotError::Unsupported {
-            vmm: nova_core::hypervisor::HypervisorKind::Qemu,
-            reason: "QEMU snapshots are not built yet".into(),
-        })
+    async fn snapshot(&mut self, dir: &Path, kind: SnapshotKind) -> Result<(), SnapshotError> {
+        if kind == SnapshotKind::Diff {
+            return Err(SnapshotError::Unsupported {
+                vmm: HypervisorKind::Qemu,
+                reason: "QEMU writes full snapshots only; take a full one".into(),
+            });
+        }
+        // The whole VM state (devices and memory, zero pages skipped) goes
+        // to one file, handed to QEMU as an open descriptor.
+        let path = dir.join(SNAPSHOT_STATE);
+        let file = tokio::fs::File::create(&path)
+            .await
+            .map_err(|source| SnapshotError::Io {
+                path: path.clone(),
+                source,
+            })?
+            .into_std()
+            .await;
+        self.qmp
+            .save_to(&file)
+            .await
+            .map_err(|e| SnapshotError::Vmm {
+                vmm: HypervisorKind::Qemu,
+                action: "save the VM state (migrate to a file)".into(),
+                source: Box::new(e),
+            })?;
+        tokio::fs::File::from_std(file)
+            .sync_all()
+            .await
+            .map_err(|source| SnapshotError::Io { path, source })
     }
 
     fn kernel_cmdline(&self) -> String {

@@ -32,20 +32,24 @@ use tokio::net::UnixStream;
 use crate::dir::{SandboxDir, SandboxRecord};
 use crate::vmm::{VmmCommand, VmmExit, VmmProcess, VmmSpawnError};
 
-/// What to boot.
+/// The guest's kernel and disks, as the template (and config) give them.
+#[derive(Clone, Debug)]
+pub struct GuestImage {
+    /// The guest kernel.
+    pub kernel: PathBuf,
+    /// The root filesystem image (attached read-only).
+    pub rootfs: PathBuf,
+    /// More disks, in order.
+    pub extra_drives: Vec<DriveConfig>,
+}
+
+/// How to start the guest.
 #[derive(Clone, Debug)]
 pub enum BootSource {
-    /// A cold boot of a kernel and root filesystem.
-    Cold {
-        /// The guest kernel.
-        kernel: PathBuf,
-        /// The root filesystem image (attached read-only unless the config
-        /// says otherwise).
-        rootfs: PathBuf,
-        /// More disks, in order.
-        extra_drives: Vec<DriveConfig>,
-    },
-    /// A restore of a snapshot this backend wrote.
+    /// Boot the kernel.
+    Cold,
+    /// Restore a snapshot this backend wrote; the VM has the same devices
+    /// as the one the snapshot was taken of.
     Restore(Box<Snapshot>),
 }
 
@@ -56,6 +60,8 @@ pub struct VmStart<'a> {
     pub info: &'a SandboxInfo,
     /// Its file names.
     pub paths: &'a SandboxPaths,
+    /// Its kernel and disks.
+    pub image: &'a GuestImage,
     /// Cold boot or restore.
     pub source: &'a BootSource,
     /// The sandbox's scratch disk, prepared by the runtime (a clone of an

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use nova_core::config::SandboxConfig;
+use nova_core::config::{SandboxConfig, StartMode};
 use nova_core::error::{CreateSandboxError, ExecError, FileError, SandboxError};
 use nova_core::exec::{ExecRequest, ExecStream};
 use nova_core::fs::{DirListing, FileDownload, FileStat};
@@ -17,14 +17,14 @@ use nova_core::sandbox::Sandbox;
 use nova_core::snapshot::{Snapshot, SnapshotError, SnapshotKind, TemplateIdentity};
 use nova_core::state::SandboxState;
 use nova_core::stats::SandboxStats;
-use nova_core::template::TemplateManager;
+use nova_core::template::{Template, TemplateManager};
 use nova_protocol::client::AgentClient;
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::Instrument;
 
 use crate::Guest;
 use crate::action::{SandboxAction, VmOperation};
-use crate::backend::{Backend, BootSource, ConnectError, Launch, Vm, VmStart};
+use crate::backend::{Backend, BootSource, ConnectError, GuestImage, Launch, Vm, VmStart};
 use crate::dir::{SandboxDir, SandboxRecord};
 use crate::registry::{Entry, SandboxRegistry};
 use crate::retry::{RetryError, retry_until};
@@ -178,10 +178,54 @@ impl<B: Backend> Provider<B> {
             .unwrap_or(Err(SnapshotError::NotPaused(SandboxState::Stopped)))
     }
 
+    /// The template's snapshot, when `config` asks for one (or leaves it to
+    /// us) and it fits; `None` to boot the kernel. With
+    /// [`StartMode::Snapshot`] an unusable snapshot is an error that says
+    /// why; with [`StartMode::Auto`] it is logged and the kernel booted.
+    async fn template_snapshot(
+        &self,
+        template: &Template,
+        config: &SandboxConfig,
+    ) -> Result<Option<Snapshot>, CreateSandboxError> {
+        let mode = config.start;
+        if mode == StartMode::Cold {
+            return Ok(None);
+        }
+        let dir = template.snapshot_dir();
+        let usable = async {
+            self.check_snapshot_support()?;
+            let snapshot = crate::snapshot::read(&dir).await?;
+            let (checked, kind, templates) = (
+                snapshot.clone(),
+                self.inner.backend.kind(),
+                self.inner.templates.clone(),
+            );
+            tokio::task::spawn_blocking(move || {
+                crate::snapshot::check_restorable(&checked, kind, &templates)
+            })
+            .await
+            .map_err(|e| SnapshotError::Io {
+                path: dir.clone(),
+                source: std::io::Error::other(e),
+            })??;
+            crate::snapshot::fits(&snapshot, config)?;
+            Ok::<_, SnapshotError>(snapshot)
+        };
+        match (usable.await, mode) {
+            (Ok(snapshot), _) => Ok(Some(snapshot)),
+            (Err(e), StartMode::Snapshot) => Err(e.into()),
+            (Err(e), _) => {
+                tracing::debug!(template = template.id(), reason = %e, "booting the kernel, not the template's snapshot");
+                Ok(None)
+            }
+        }
+    }
+
     /// Lays out, boots and registers one sandbox; see the crate docs.
     async fn launch(
         &self,
         config: SandboxConfig,
+        image: GuestImage,
         source: BootSource,
         template: Option<TemplateIdentity>,
     ) -> Result<Sandbox, CreateSandboxError> {
@@ -202,8 +246,8 @@ impl<B: Backend> Provider<B> {
                 .map_err(|(path, source)| CreateSandboxError::Prepare { path, source })?
         };
         let scratch = match &source {
-            BootSource::Cold { .. } if config.read_only_rootfs => None,
-            BootSource::Cold { .. } => {
+            BootSource::Cold if config.read_only_rootfs => None,
+            BootSource::Cold => {
                 self.inner
                     .scratch
                     .create_disk(&paths.scratch_disk(), backend.scratch_size_mb())
@@ -257,6 +301,7 @@ impl<B: Backend> Provider<B> {
         let start = VmStart {
             info: &creating,
             paths: &paths,
+            image: &image,
             source: &source,
             scratch: scratch.as_deref(),
         };
@@ -396,6 +441,18 @@ impl<B: Backend> Provider<B> {
     }
 }
 
+/// The kernel and disks `config` boots from `template`.
+fn guest_image(template: &Template, config: &SandboxConfig) -> GuestImage {
+    GuestImage {
+        kernel: template.kernel_path(),
+        rootfs: config
+            .rootfs_path
+            .clone()
+            .unwrap_or_else(|| template.rootfs_path()),
+        extra_drives: config.extra_drives.clone(),
+    }
+}
+
 /// The VMM's name in error messages.
 fn vmm_name(kind: HypervisorKind) -> &'static str {
     match kind {
@@ -429,15 +486,12 @@ impl<B: Backend> Hypervisor for Provider<B> {
             Some(_) => None,
             None => crate::snapshot::template_identity(&template).ok(),
         };
-        let source = BootSource::Cold {
-            kernel: template.kernel_path(),
-            rootfs: config
-                .rootfs_path
-                .clone()
-                .unwrap_or_else(|| template.rootfs_path()),
-            extra_drives: config.extra_drives.clone(),
+        let image = guest_image(&template, &config);
+        let source = match self.template_snapshot(&template, &config).await? {
+            Some(snapshot) => BootSource::Restore(Box::new(snapshot)),
+            None => BootSource::Cold,
         };
-        self.launch(config, source, identity).await
+        self.launch(config, image, source, identity).await
     }
 
     async fn create_sandbox_from_snapshot(
@@ -469,9 +523,16 @@ impl<B: Backend> Hypervisor for Provider<B> {
             );
         }
         let config = snapshot.manifest.config.clone();
-        let template = snapshot.manifest.template.clone();
-        self.launch(config, BootSource::Restore(Box::new(snapshot)), template)
-            .await
+        let identity = snapshot.manifest.template.clone();
+        let template = self.inner.templates.load(&config.template_id)?;
+        let image = guest_image(&template, &config);
+        self.launch(
+            config,
+            image,
+            BootSource::Restore(Box::new(snapshot)),
+            identity,
+        )
+        .await
     }
 
     async fn snapshot_sandbox(

@@ -9,6 +9,7 @@
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
+use nova_core::config::SandboxConfig;
 use nova_core::hypervisor::HypervisorKind;
 use nova_core::snapshot::{
     SNAPSHOT_FORMAT, SNAPSHOT_MANIFEST, Snapshot, SnapshotError, SnapshotManifest, TemplateIdentity,
@@ -95,6 +96,44 @@ pub fn check_restorable(
                 short(&now)
             )));
         }
+    }
+    Ok(())
+}
+
+/// Refuses a snapshot whose VM differs from what `config` asks for: the
+/// restored guest keeps the snapshot's memory, vCPUs, disks and kernel
+/// command line, so those must be the same.
+pub fn fits(snapshot: &Snapshot, config: &SandboxConfig) -> Result<(), SnapshotError> {
+    let made = &snapshot.manifest.config;
+    let differs = |what: &str, then: String, now: String| SnapshotError::Invalid {
+        dir: snapshot.dir.clone(),
+        reason: format!(
+            "it was made with {what} = {then}, and this sandbox asks for {now}; make a \
+             snapshot with the same {what}, or start with start = \"cold\""
+        ),
+    };
+    if made.memory_mb != config.memory_mb {
+        return Err(differs("memory_mb", made.memory_mb.to_string(), config.memory_mb.to_string()));
+    }
+    if made.vcpus != config.vcpus {
+        return Err(differs("vcpus", made.vcpus.to_string(), config.vcpus.to_string()));
+    }
+    if made.read_only_rootfs != config.read_only_rootfs {
+        return Err(differs(
+            "read_only_rootfs",
+            made.read_only_rootfs.to_string(),
+            config.read_only_rootfs.to_string(),
+        ));
+    }
+    if made.kernel_args != config.kernel_args {
+        return Err(differs("kernel_args", format!("{:?}", made.kernel_args), format!("{:?}", config.kernel_args)));
+    }
+    if made.rootfs_path != config.rootfs_path || made.extra_drives != config.extra_drives {
+        return Err(differs(
+            "disks (rootfs_path, extra_drives)",
+            format!("{:?} {:?}", made.rootfs_path, made.extra_drives),
+            format!("{:?} {:?}", config.rootfs_path, config.extra_drives),
+        ));
     }
     Ok(())
 }
