@@ -647,7 +647,10 @@ async fn a_hello_in_the_middle_of_a_session_starts_a_new_one() {
     for round in 0..2 {
         writer.send(&Hello::new()).await.unwrap();
         let reply: HelloReply = reader.read_message().await.unwrap().unwrap();
-        assert!(matches!(reply, HelloReply::Welcome(_)), "round {round}: {reply:?}");
+        assert!(
+            matches!(reply, HelloReply::Welcome(_)),
+            "round {round}: {reply:?}"
+        );
         // A request in flight that the next host never sees answered.
         writer
             .send(&ClientMessage::Request {

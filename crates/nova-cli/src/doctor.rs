@@ -279,7 +279,8 @@ mod tests {
         );
         assert!(
             out.contains(
-                "[ ok ] qemu privilege drop: QEMU opens its files as root, then runs as nobody"
+                "[ ok ] qemu privilege drop: QEMU opens its files as root, then runs as a uid \
+                 and gid of its own per sandbox"
             ),
             "{out}"
         );

@@ -176,7 +176,8 @@ pub(crate) async fn start(
     match start.source {
         BootSource::Cold => {
             let image = start.image;
-            let (kernel, rootfs, extra_drives) = (&image.kernel, &image.rootfs, &image.extra_drives);
+            let (kernel, rootfs, extra_drives) =
+                (&image.kernel, &image.rootfs, &image.extra_drives);
             machine.kernel = import(&workdir, jailed, kernel, "vmlinux")
                 .await
                 .map_err(prepare_err(kernel))?;

@@ -46,6 +46,7 @@ pub async fn raw_boot(
         tsc_khz: crate::cmdline::tcg_tsc_khz(options.accel),
         confinement: crate::confinement::Confinement::for_host(),
         incoming: false,
+        run_as_ids: None,
     };
     let args = spec.try_qemu_args()?;
     let start = Instant::now();

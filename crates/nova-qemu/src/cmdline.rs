@@ -56,6 +56,9 @@ pub struct VmSpec {
     /// Seccomp and privilege drop (see [`crate::confinement`]); normally
     /// [`Confinement::for_host`].
     pub confinement: Confinement,
+    /// The sandbox's own uid and gid, when the confinement drops QEMU to one
+    /// per sandbox.
+    pub run_as_ids: Option<(u32, u32)>,
     /// Start paused, waiting for a saved VM state (`-incoming defer`), which
     /// [`crate::qmp::QmpClient::load_from`] then loads.
     pub incoming: bool,
@@ -108,7 +111,7 @@ impl VmSpec {
         push("-no-user-config");
         push("-nographic");
         push("-no-reboot");
-        args.extend(self.confinement.qemu_args());
+        args.extend(self.confinement.qemu_args(self.run_as_ids));
         let mut push = |a: &str| args.push(a.into());
         match self.accel {
             Accel::Kvm => {
@@ -222,6 +225,7 @@ mod tests {
             hostname: "sb-1".into(),
             tsc_khz: None,
             incoming: false,
+            run_as_ids: None,
             confinement: Confinement::decide(
                 &ConfinementPolicy::default(),
                 &HostFacts {
@@ -315,10 +319,16 @@ mod tests {
             after(&a, "-sandbox"),
             ["on,obsolete=deny,elevateprivileges=allow,spawn=deny,resourcecontrol=deny"]
         );
-        assert_eq!(after(&a, "-runas"), ["nobody"]);
+        assert_eq!(after(&a, "-runas"), [] as [&str; 0], "no ids given");
+        let own = args(&VmSpec {
+            run_as_ids: Some((3_000_000_001, 3_000_000_001)),
+            ..spec()
+        });
+        assert_eq!(after(&own, "-runas"), ["3000000001:3000000001"]);
         let bare = args(&VmSpec {
             confinement: Confinement::none(),
             incoming: false,
+            run_as_ids: None,
             ..spec()
         });
         assert!(after(&bare, "-sandbox").is_empty() && after(&bare, "-runas").is_empty());

@@ -63,7 +63,7 @@ impl Default for ConfinementPolicy {
     fn default() -> Self {
         Self {
             seccomp: true,
-            run_as: Some(RunAs::User(DEFAULT_RUNAS_USER.to_owned())),
+            run_as: Some(RunAs::PerSandbox),
             ignored: Vec::new(),
         }
     }
@@ -120,11 +120,22 @@ pub enum RunAs {
         /// Group id.
         gid: u32,
     },
+    /// A uid and gid of its own for each sandbox (from
+    /// [`PER_SANDBOX_IDS`]), which owns that sandbox's writable disk: no
+    /// sandbox's QEMU can open, trace or signal another's. The default.
+    PerSandbox,
 }
 
+/// The range per-sandbox uids and gids are drawn from: high, unnamed ids
+/// that no account on the host uses.
+pub const PER_SANDBOX_IDS: std::ops::Range<u32> = 3_000_000_000..3_016_777_216;
+
 impl RunAs {
-    /// `UID:GID` when both are numbers, else a user name.
+    /// `UID:GID` when both are numbers, `per-sandbox`, else a user name.
     pub fn parse(value: &str) -> Self {
+        if value == "per-sandbox" {
+            return Self::PerSandbox;
+        }
         if let Some((uid, gid)) = value.split_once(':')
             && let (Ok(uid), Ok(gid)) = (uid.parse(), gid.parse())
         {
@@ -138,6 +149,7 @@ impl RunAs {
         match self {
             Self::User(name) => name.clone(),
             Self::Ids { uid, gid } => format!("{uid}:{gid}"),
+            Self::PerSandbox => "per-sandbox".into(),
         }
     }
 }
@@ -147,6 +159,11 @@ impl std::fmt::Display for RunAs {
         match self {
             Self::User(name) => f.write_str(name),
             Self::Ids { uid, gid } => write!(f, "uid {uid}, gid {gid}"),
+            Self::PerSandbox => write!(
+                f,
+                "a uid and gid of its own per sandbox ({}..{})",
+                PER_SANDBOX_IDS.start, PER_SANDBOX_IDS.end
+            ),
         }
     }
 }
@@ -197,8 +214,11 @@ pub struct Protection {
 pub struct Confinement {
     /// The `-sandbox` option's value; `None` without a filter.
     seccomp: Option<&'static str>,
-    /// The `-runas` option's value; `None` to keep nova's user.
+    /// The `-runas` option's value; `None` to keep nova's user (or to run
+    /// each sandbox as its own, with `per_sandbox`).
     run_as: Option<String>,
+    /// Drop to a uid and gid of each sandbox's own (given per VM).
+    per_sandbox: bool,
     protections: Vec<Protection>,
 }
 
@@ -228,6 +248,17 @@ impl Confinement {
                 });
                 None
             }
+            (Some(RunAs::PerSandbox), true) => {
+                protections.push(Protection {
+                    name: "privilege drop",
+                    applies: true,
+                    detail: format!(
+                        "QEMU opens its files as root, then runs as {} (-runas)",
+                        RunAs::PerSandbox
+                    ),
+                });
+                None
+            }
             (Some(user), true) => match resolve(user, host) {
                 Ok(()) => {
                     protections.push(Protection {
@@ -252,14 +283,15 @@ impl Confinement {
                 }
             },
         };
+        let per_sandbox = host.is_root && policy.run_as == Some(RunAs::PerSandbox);
         let seccomp = if policy.seccomp {
-            let options = if run_as.is_some() {
+            let options = if run_as.is_some() || per_sandbox {
                 SECCOMP_WITH_RUNAS
             } else {
                 SECCOMP_ALONE
             };
             let mut detail = format!("-sandbox {options}");
-            if run_as.is_some() {
+            if run_as.is_some() || per_sandbox {
                 detail.push_str(
                     " (set*id calls stay allowed: QEMU 7.2 filters before it drops privileges, \
                      and once it has they cannot raise them)",
@@ -291,6 +323,7 @@ impl Confinement {
         Self {
             seccomp,
             run_as,
+            per_sandbox,
             protections,
         }
     }
@@ -320,6 +353,7 @@ impl Confinement {
         Self {
             seccomp: None,
             run_as: None,
+            per_sandbox: false,
             protections: Vec::new(),
         }
     }
@@ -334,19 +368,32 @@ impl Confinement {
         self.run_as.as_deref()
     }
 
+    /// Whether each sandbox's QEMU drops to a uid and gid of its own, which
+    /// the launcher then gives to [`qemu_args`](Self::qemu_args).
+    pub fn per_sandbox(&self) -> bool {
+        self.per_sandbox
+    }
+
     /// Whether QEMU runs under its seccomp filter.
     pub fn has_seccomp(&self) -> bool {
         self.seccomp.is_some()
     }
 
-    /// QEMU's arguments for this confinement.
-    pub fn qemu_args(&self) -> Vec<OsString> {
+    /// QEMU's arguments for this confinement; `ids` is the sandbox's own
+    /// uid and gid when [`per_sandbox`](Self::per_sandbox) (ignored
+    /// otherwise).
+    pub fn qemu_args(&self, ids: Option<(u32, u32)>) -> Vec<OsString> {
         let mut args = Vec::new();
         if let Some(options) = self.seccomp {
             args.push("-sandbox".into());
             args.push(options.into());
         }
-        if let Some(user) = &self.run_as {
+        let user = match (&self.run_as, ids) {
+            (Some(user), _) => Some(user.clone()),
+            (None, Some((uid, gid))) if self.per_sandbox => Some(format!("{uid}:{gid}")),
+            _ => None,
+        };
+        if let Some(user) = user {
             args.push("-runas".into());
             args.push(user.into());
         }
@@ -358,6 +405,7 @@ impl Confinement {
 fn resolve(user: &RunAs, host: &HostFacts) -> Result<(), String> {
     let uid = match user {
         RunAs::Ids { uid, .. } => *uid,
+        RunAs::PerSandbox => return Ok(()),
         RunAs::User(name) => match host.uid_of(name) {
             Some(uid) => uid,
             None if host.passwd.is_none() => {
@@ -410,7 +458,7 @@ mod tests {
     }
 
     fn args(c: &Confinement) -> Vec<String> {
-        c.qemu_args()
+        c.qemu_args(Some((3_000_000_007, 3_000_000_007)))
             .into_iter()
             .map(|a| a.into_string().unwrap())
             .collect()
@@ -424,7 +472,7 @@ mod tests {
     }
 
     #[test]
-    fn as_root_by_default_qemu_is_filtered_and_runs_as_nobody() {
+    fn as_root_by_default_qemu_is_filtered_and_runs_as_its_own_user() {
         let c = Confinement::decide(&ConfinementPolicy::default(), &root());
         assert_eq!(
             args(&c),
@@ -432,12 +480,19 @@ mod tests {
                 "-sandbox",
                 "on,obsolete=deny,elevateprivileges=allow,spawn=deny,resourcecontrol=deny",
                 "-runas",
-                "nobody"
+                "3000000007:3000000007"
             ]
         );
         assert!(protection(&c, "privilege drop").applies);
         assert!(protection(&c, "seccomp filter").applies);
+        assert!(c.per_sandbox());
+        assert_eq!(c.run_as(), None);
+        // A named user is still honoured.
+        let policy = ConfinementPolicy::from_values(None, Some("nobody"));
+        let c = Confinement::decide(&policy, &root());
         assert_eq!(c.run_as(), Some("nobody"));
+        assert!(!c.per_sandbox());
+        assert_eq!(args(&c)[3], "nobody");
     }
 
     #[test]
@@ -482,7 +537,8 @@ mod tests {
             is_root: true,
             passwd: None,
         };
-        let c = Confinement::decide(&ConfinementPolicy::default(), &unreadable);
+        let policy = ConfinementPolicy::from_values(None, Some("nobody"));
+        let c = Confinement::decide(&policy, &unreadable);
         assert!(
             protection(&c, "privilege drop")
                 .detail

@@ -5,9 +5,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use nova_core::error::CreateSandboxError;
-use nova_core::snapshot::SnapshotError;
 use nova_core::home::NovaHome;
 use nova_core::hypervisor::HypervisorKind;
+use nova_core::snapshot::SnapshotError;
 use nova_runtime::Provider;
 use nova_runtime::backend::{Backend, BootSource, Launch, VmStart, kernel_args_error};
 use nova_runtime::console::DEFAULT_LOG_CAP;
@@ -175,6 +175,37 @@ impl Backend for Qemu {
             ),
             None => (start.info.id.to_string(), config.kernel_args.clone()),
         };
+        // With a uid per sandbox, QEMU must be able to reopen its writable
+        // disk after dropping root (it does when a snapshot hands the disk
+        // over): the disk becomes the sandbox uid's, and the directory
+        // traversable (its sockets stay root's, so no one else can connect).
+        let confinement = crate::confinement::Confinement::for_host();
+        let lease = if confinement.per_sandbox() {
+            let lease =
+                crate::ids::IdLease::take().map_err(|source| CreateSandboxError::Prepare {
+                    path: paths.dir().to_owned(),
+                    source,
+                })?;
+            let id = lease.id();
+            if let Some(scratch) = start.scratch {
+                std::os::unix::fs::chown(scratch, Some(id), Some(id)).map_err(|source| {
+                    CreateSandboxError::Prepare {
+                        path: scratch.to_owned(),
+                        source,
+                    }
+                })?;
+            }
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(paths.dir(), std::fs::Permissions::from_mode(0o711)).map_err(
+                |source| CreateSandboxError::Prepare {
+                    path: paths.dir().to_owned(),
+                    source,
+                },
+            )?;
+            Some(lease)
+        } else {
+            None
+        };
         let spec = VmSpec {
             kernel: image.kernel.clone(),
             rootfs: image.rootfs.clone(),
@@ -188,8 +219,9 @@ impl Backend for Qemu {
             kernel_args,
             hostname,
             tsc_khz: tcg_tsc_khz(self.options.accel),
-            confinement: crate::confinement::Confinement::for_host(),
+            confinement,
             incoming: restore.is_some(),
+            run_as_ids: lease.as_ref().map(|l| (l.id(), l.id())),
         };
         let kernel_cmdline = spec.kernel_cmdline().map_err(kernel_args_error)?;
         let args = spec.try_qemu_args().map_err(kernel_args_error)?;
@@ -226,11 +258,14 @@ impl Backend for Qemu {
             launch
                 .step("load the snapshot", qmp.load_from(&file))
                 .await?;
-            launch
-                .step("resume the restored guest", qmp.cont())
-                .await?;
+            launch.step("resume the restored guest", qmp.cont()).await?;
         }
         launch.guest_started();
-        Ok(QemuVm::new(qmp, spec.agent_socket.clone(), kernel_cmdline))
+        Ok(QemuVm::new(
+            qmp,
+            spec.agent_socket.clone(),
+            kernel_cmdline,
+            lease,
+        ))
     }
 }

@@ -20,6 +20,7 @@ pub mod baseline;
 pub mod cmdline;
 pub mod confinement;
 mod hypervisor;
+mod ids;
 pub mod qmp;
 pub mod vm;
 

@@ -21,14 +21,22 @@ pub struct QemuVm {
     qmp: QmpClient,
     agent_socket: PathBuf,
     kernel_cmdline: String,
+    /// The sandbox's own uid, held while the VM lives.
+    _ids: Option<crate::ids::IdLease>,
 }
 
 impl QemuVm {
-    pub(crate) fn new(qmp: QmpClient, agent_socket: PathBuf, kernel_cmdline: String) -> Self {
+    pub(crate) fn new(
+        qmp: QmpClient,
+        agent_socket: PathBuf,
+        kernel_cmdline: String,
+        ids: Option<crate::ids::IdLease>,
+    ) -> Self {
         Self {
             qmp,
             agent_socket,
             kernel_cmdline,
+            _ids: ids,
         }
     }
 }

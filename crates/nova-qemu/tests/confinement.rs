@@ -55,12 +55,20 @@ async fn qemu_runs_under_seccomp_and_as_an_unprivileged_user() {
         .split_whitespace()
         .map(|u| u.parse().unwrap())
         .collect();
-    match confinement.run_as() {
-        Some(_) => {
+    match (confinement.run_as(), confinement.per_sandbox()) {
+        (_, true) => {
+            let range = nova_qemu::confinement::PER_SANDBOX_IDS;
+            assert!(
+                uids.iter().all(|u| range.contains(u)),
+                "QEMU runs as its sandbox's own uid: Uid {uids:?}"
+            );
+            eprintln!("QEMU runs as uid {uids:?}, its sandbox's own");
+        }
+        (Some(_), false) => {
             assert!(uids.iter().all(|&u| u != 0), "QEMU kept root: Uid {uids:?}");
             eprintln!("QEMU runs as uid {uids:?}");
         }
-        None => {
+        (None, false) => {
             let own = rustix::process::geteuid().as_raw();
             assert_eq!(uids[1], own, "QEMU runs as nova's user");
             eprintln!("SKIP privilege-drop check: this test does not run as root (or it is off)");

@@ -19,7 +19,11 @@ async fn a_snapshot_restores_into_a_new_sandbox_with_its_files() {
     ) else {
         return;
     };
-    let source = t.hypervisor.create_sandbox(config("minimal")).await.unwrap();
+    let source = t
+        .hypervisor
+        .create_sandbox(config("minimal"))
+        .await
+        .unwrap();
     source
         .execute_command("echo before-snapshot > /root/mark && sync")
         .await
@@ -36,9 +40,14 @@ async fn a_snapshot_restores_into_a_new_sandbox_with_its_files() {
     let snapshot = match t.hypervisor.snapshot_sandbox(source.id(), &dir).await {
         Ok(s) => s,
         Err(e) => {
-            let log = std::fs::read_to_string(source.info().dir.join("vmm.log")).unwrap_or_default();
-            let console = std::fs::read_to_string(source.info().dir.join("console.log")).unwrap_or_default();
-            panic!("{e:?}\nvmm.log: {log}\nconsole tail: {}", &console[console.len().saturating_sub(500)..]);
+            let log =
+                std::fs::read_to_string(source.info().dir.join("vmm.log")).unwrap_or_default();
+            let console =
+                std::fs::read_to_string(source.info().dir.join("console.log")).unwrap_or_default();
+            panic!(
+                "{e:?}\nvmm.log: {log}\nconsole tail: {}",
+                &console[console.len().saturating_sub(500)..]
+            );
         }
     };
     eprintln!("snapshot written in {:?}", started.elapsed());
@@ -51,7 +60,11 @@ async fn a_snapshot_restores_into_a_new_sandbox_with_its_files() {
     let out = source.execute_command("cat /root/mark").await.unwrap();
     assert_eq!(out.stdout_lossy(), "before-snapshot\n");
 
-    let restored = t.hypervisor.create_sandbox_from_snapshot(&dir).await.unwrap();
+    let restored = t
+        .hypervisor
+        .create_sandbox_from_snapshot(&dir)
+        .await
+        .unwrap();
     let boot = restored.info().boot.clone().unwrap();
     eprintln!("restored: {boot:?}");
     assert!(boot.from_snapshot);

@@ -22,9 +22,12 @@ const TAIL_LINES: usize = 30;
 /// written, then writes one line saying so and discards the rest until
 /// `from` ends. I/O errors on the file stop the copying, never the reading.
 pub async fn pump(mut from: impl AsyncRead + Unpin, path: PathBuf, cap: u64) {
+    // Owner-only: the guest's console may hold secrets, and with a uid per
+    // sandbox the directory is traversable by other users.
     let mut file = match tokio::fs::OpenOptions::new()
         .create(true)
         .append(true)
+        .mode(0o600)
         .open(&path)
         .await
     {

@@ -113,10 +113,18 @@ pub fn fits(snapshot: &Snapshot, config: &SandboxConfig) -> Result<(), SnapshotE
         ),
     };
     if made.memory_mb != config.memory_mb {
-        return Err(differs("memory_mb", made.memory_mb.to_string(), config.memory_mb.to_string()));
+        return Err(differs(
+            "memory_mb",
+            made.memory_mb.to_string(),
+            config.memory_mb.to_string(),
+        ));
     }
     if made.vcpus != config.vcpus {
-        return Err(differs("vcpus", made.vcpus.to_string(), config.vcpus.to_string()));
+        return Err(differs(
+            "vcpus",
+            made.vcpus.to_string(),
+            config.vcpus.to_string(),
+        ));
     }
     if made.read_only_rootfs != config.read_only_rootfs {
         return Err(differs(
@@ -126,7 +134,11 @@ pub fn fits(snapshot: &Snapshot, config: &SandboxConfig) -> Result<(), SnapshotE
         ));
     }
     if made.kernel_args != config.kernel_args {
-        return Err(differs("kernel_args", format!("{:?}", made.kernel_args), format!("{:?}", config.kernel_args)));
+        return Err(differs(
+            "kernel_args",
+            format!("{:?}", made.kernel_args),
+            format!("{:?}", config.kernel_args),
+        ));
     }
     if made.rootfs_path != config.rootfs_path || made.extra_drives != config.extra_drives {
         return Err(differs(
