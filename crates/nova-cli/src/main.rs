@@ -48,6 +48,8 @@ enum TemplateCommand {
     List,
     /// Build a template (kernel, rootfs, manifest) and install it.
     Build(template::BuildArgs),
+    /// Boot a template and save a snapshot that later creates restore from.
+    Snapshot(template::SnapshotArgs),
 }
 
 fn main() -> ExitCode {
@@ -71,6 +73,9 @@ fn main() -> ExitCode {
             Commands::Template(TemplateCommand::List) => list_templates(),
             Commands::Template(TemplateCommand::Build(args)) => {
                 template::build(&args).await.map(|()| ExitCode::SUCCESS)
+            }
+            Commands::Template(TemplateCommand::Snapshot(args)) => {
+                template::snapshot(&args).await.map(|()| ExitCode::SUCCESS)
             }
         }
     });

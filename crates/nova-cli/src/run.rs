@@ -340,6 +340,16 @@ async fn interrupted() -> &'static str {
 fn print_boot(sandbox: &Sandbox, console: &Console) {
     let info = sandbox.info();
     let line = match &info.boot {
+        Some(b) if b.from_snapshot => format!(
+            "nova: sandbox {} ({}) restored from the template's snapshot in {:.1} ms [spawn {:.1} ms, load {:.1} ms, agent {:.1} ms; prepare {:.1} ms before]",
+            info.id,
+            info.hypervisor,
+            b.boot_time_ms,
+            b.spawn_ms,
+            b.configure_ms,
+            b.guest_ms,
+            b.prepare_ms,
+        ),
         Some(b) => format!(
             "nova: sandbox {} ({}) booted in {:.1} ms [spawn {:.1} ms, configure {:.1} ms, guest {:.1} ms{}; prepare {:.1} ms before]",
             info.id,

@@ -82,3 +82,81 @@ pub(crate) async fn build(args: &BuildArgs) -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// Arguments of `nova template snapshot`.
+#[derive(clap::Args, Debug)]
+pub(crate) struct SnapshotArgs {
+    /// The installed template to snapshot.
+    id: String,
+    /// Guest memory of the snapshot, in MiB; sandboxes restore from it when
+    /// they ask for the same (default: a sandbox's default).
+    #[arg(long)]
+    memory: Option<u32>,
+    /// vCPUs of the snapshot (default: a sandbox's default).
+    #[arg(long)]
+    vcpus: Option<u8>,
+}
+
+/// Runs `nova template snapshot`: boots the template, pauses it, saves it
+/// into `templates/<id>/snapshot/` (replacing an older one only once the new
+/// one is whole), and stops it. Later creates with the same memory and vCPUs
+/// restore from it instead of booting.
+pub(crate) async fn snapshot(args: &SnapshotArgs) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    use novasandbox::core::{SandboxConfig, StartMode};
+
+    let home = NovaHome::resolve()?;
+    let template_dir = home.template_dir(&args.id);
+    let mut builder = SandboxConfig::builder()
+        .template_id(args.id.clone())
+        .start(StartMode::Cold)
+        .enable_network(false);
+    if let Some(memory) = args.memory {
+        builder = builder.memory_mb(memory);
+    }
+    if let Some(vcpus) = args.vcpus {
+        builder = builder.vcpus(vcpus);
+    }
+    let config = builder.build()?;
+    let hypervisor = novasandbox::detect_in(home)?;
+    let sandbox = hypervisor
+        .create_sandbox(config)
+        .await
+        .with_context(|| format!("cannot boot template {}", args.id))?;
+    println!(
+        "booted {} ({} MiB, {} vCPUs) in {} ms",
+        args.id,
+        sandbox.info().config.memory_mb,
+        sandbox.info().config.vcpus,
+        sandbox.boot_time_ms()
+    );
+    let staging = template_dir.join(".snapshot.new");
+    let _ = tokio::fs::remove_dir_all(&staging).await;
+    let result = async {
+        sandbox.pause().await?;
+        let started = std::time::Instant::now();
+        hypervisor.snapshot_sandbox(sandbox.id(), &staging).await?;
+        anyhow::Ok(started.elapsed())
+    }
+    .await;
+    sandbox.stop(true).await?;
+    let elapsed = match result {
+        Ok(elapsed) => elapsed,
+        Err(e) => {
+            let _ = tokio::fs::remove_dir_all(&staging).await;
+            return Err(e.context(format!("cannot snapshot template {}", args.id)));
+        }
+    };
+    let target = template_dir.join(novasandbox::core::template::SNAPSHOT_DIR);
+    let _ = tokio::fs::remove_dir_all(&target).await;
+    tokio::fs::rename(&staging, &target)
+        .await
+        .with_context(|| format!("cannot install the snapshot at {}", target.display()))?;
+    println!(
+        "snapshot of {} written in {} ms to {}",
+        args.id,
+        elapsed.as_millis(),
+        target.display()
+    );
+    Ok(())
+}
