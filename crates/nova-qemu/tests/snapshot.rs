@@ -81,3 +81,70 @@ async fn a_snapshot_restores_into_a_new_sandbox_with_its_files() {
     source.stop(false).await.unwrap();
     assert!(t.sandbox_dirs().is_empty());
 }
+
+/// A template with a snapshot: creates that fit restore from it, others boot
+/// the kernel (`auto`), `snapshot` refuses what does not fit with the
+/// reason, `cold` always boots.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn creates_restore_from_the_template_snapshot_when_it_fits() {
+    use nova_core::config::StartMode;
+    use nova_core::error::CreateSandboxError;
+
+    let Some(t) = setup(
+        "creates_restore_from_the_template_snapshot_when_it_fits",
+        &["minimal"],
+    ) else {
+        return;
+    };
+    // A private copy of the template: its snapshot goes inside it.
+    let templates = t.dir.path().join("templates");
+    let shared = std::fs::read_link(&templates).unwrap();
+    std::fs::remove_file(&templates).unwrap();
+    let own = templates.join("minimal");
+    std::fs::create_dir_all(&own).unwrap();
+    for entry in std::fs::read_dir(shared.join("minimal")).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_type().unwrap().is_file() {
+            std::fs::copy(entry.path(), own.join(entry.file_name())).unwrap();
+        }
+    }
+
+    let mut cold = config("minimal");
+    cold.start = StartMode::Cold;
+    let source = t.hypervisor.create_sandbox(cold.clone()).await.unwrap();
+    source.pause().await.unwrap();
+    t.hypervisor
+        .snapshot_sandbox(source.id(), &own.join("snapshot"))
+        .await
+        .unwrap();
+    source.stop(true).await.unwrap();
+
+    let restored = t
+        .hypervisor
+        .create_sandbox(config("minimal"))
+        .await
+        .unwrap();
+    assert!(restored.info().boot.as_ref().unwrap().from_snapshot);
+    let out = restored.execute_command("echo ok").await.unwrap();
+    assert_eq!(out.stdout_lossy(), "ok\n");
+    restored.stop(true).await.unwrap();
+
+    let booted = t.hypervisor.create_sandbox(cold).await.unwrap();
+    assert!(!booted.info().boot.as_ref().unwrap().from_snapshot);
+    booted.stop(true).await.unwrap();
+
+    let mut bigger = config("minimal");
+    bigger.memory_mb = 384;
+    let booted = t.hypervisor.create_sandbox(bigger.clone()).await.unwrap();
+    assert!(
+        !booted.info().boot.as_ref().unwrap().from_snapshot,
+        "auto boots what the snapshot does not fit"
+    );
+    booted.stop(true).await.unwrap();
+    bigger.start = StartMode::Snapshot;
+    let e = t.hypervisor.create_sandbox(bigger).await.unwrap_err();
+    assert!(matches!(e, CreateSandboxError::Snapshot(_)), "{e:?}");
+    let why = std::error::Error::source(&e).unwrap().to_string();
+    assert!(why.contains("memory_mb = 256"), "{why}");
+    assert!(t.sandbox_dirs().is_empty());
+}

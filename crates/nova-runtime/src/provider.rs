@@ -364,8 +364,12 @@ impl<B: Backend> Provider<B> {
             ..
         } = launch;
         let mut guest_kernel_ms = None;
+        let restored = matches!(source, BootSource::Restore(_));
         let guest = guest.map(|(client, hello)| {
-            guest_kernel_ms = Some(hello.agent_started_us as f64 / 1000.0);
+            // A restored guest reports its original boot, not this start.
+            if !restored {
+                guest_kernel_ms = Some(hello.agent_started_us as f64 / 1000.0);
+            }
             record.info.agent_version = Some(hello.agent_version.clone());
             record.info.kernel_release = Some(hello.kernel_release.clone());
             Guest::new(client, record.info.config.env.clone())
