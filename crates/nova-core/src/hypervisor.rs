@@ -184,6 +184,25 @@ pub trait Hypervisor: Send + Sync + fmt::Debug {
         Err(unsupported_file_op(path))
     }
 
+    /// Forks the running sandbox `id` into `n` new sandboxes that start
+    /// where it is now: it is paused while its state is saved (a snapshot),
+    /// then resumes with its connections and processes, and each child is
+    /// restored from that state as a distinct machine (its own id, disk,
+    /// hostname). Backends that cannot snapshot answer
+    /// [`SnapshotError::Unsupported`].
+    async fn fork_sandbox(
+        &self,
+        id: &SandboxId,
+        n: usize,
+    ) -> Result<Vec<Sandbox>, CreateSandboxError> {
+        let _ = (id, n);
+        Err(SnapshotError::Unsupported {
+            vmm: self.kind(),
+            reason: "this provider does not implement snapshots".into(),
+        }
+        .into())
+    }
+
     /// Writes a full snapshot of the paused sandbox `id` into `dir` (created
     /// if needed); the sandbox stays paused. Backends that cannot answer
     /// [`SnapshotError::Unsupported`].

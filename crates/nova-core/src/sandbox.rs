@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use crate::error::{ExecError, FileError, SandboxError};
+use crate::error::{CreateSandboxError, ExecError, FileError, SandboxError};
 use crate::exec::{ExecOutput, ExecRequest, ExecStream};
 use crate::fs::{DirListing, FileDownload, FileStat};
 use crate::hypervisor::Hypervisor;
@@ -157,6 +157,12 @@ impl Sandbox {
             .get(self.id())
             .await
             .is_some_and(|info| info.state.is_running())
+    }
+
+    /// Forks this running sandbox into `n` new ones (see
+    /// [`Hypervisor::fork_sandbox`]).
+    pub async fn fork(&self, n: usize) -> Result<Vec<Sandbox>, CreateSandboxError> {
+        self.hypervisor.fork_sandbox(self.id(), n).await
     }
 
     /// Milliseconds since the sandbox was created.

@@ -148,3 +148,63 @@ async fn creates_restore_from_the_template_snapshot_when_it_fits() {
     assert!(why.contains("memory_mb = 256"), "{why}");
     assert!(t.sandbox_dirs().is_empty());
 }
+
+/// Fork: every child starts with what the parent had written, a write in
+/// one child is invisible to the others, and the parent goes on with the
+/// processes it had.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fork_copies_the_running_sandbox_into_independent_children() {
+    let Some(t) = setup(
+        "a_fork_copies_the_running_sandbox_into_independent_children",
+        &["minimal"],
+    ) else {
+        return;
+    };
+    let parent = t
+        .hypervisor
+        .create_sandbox(config("minimal"))
+        .await
+        .unwrap();
+    let out = parent
+        .execute_command("echo parent > /root/file; sleep 600 >/dev/null 2>&1 & echo $!")
+        .await
+        .unwrap();
+    let pid = out.stdout_lossy().trim().to_owned();
+    let started = std::time::Instant::now();
+    let children = parent.fork(2).await.unwrap();
+    eprintln!("fork of 2 took {:?}", started.elapsed());
+    assert_eq!(children.len(), 2);
+    for child in &children {
+        assert_ne!(child.id(), parent.id());
+        let out = child.execute_command("cat /root/file").await.unwrap();
+        assert_eq!(out.stdout_lossy(), "parent\n");
+    }
+    children[0]
+        .execute_command("echo child0 > /root/file")
+        .await
+        .unwrap();
+    let out = children[1].execute_command("cat /root/file").await.unwrap();
+    assert_eq!(out.stdout_lossy(), "parent\n", "children are independent");
+    let out = parent.execute_command("cat /root/file").await.unwrap();
+    assert_eq!(out.stdout_lossy(), "parent\n");
+    let out = parent
+        .execute_command(format!("kill -0 {pid} && echo alive"))
+        .await
+        .unwrap();
+    assert_eq!(
+        out.stdout_lossy(),
+        "alive\n",
+        "the parent's process survived the fork"
+    );
+    for child in children {
+        child.stop(true).await.unwrap();
+    }
+    parent.stop(true).await.unwrap();
+    assert!(t.sandbox_dirs().is_empty());
+    assert!(
+        std::fs::read_dir(t.home().cache_dir().join("forks"))
+            .map(|mut d| d.next().is_none())
+            .unwrap_or(true),
+        "the fork's snapshot is gone"
+    );
+}

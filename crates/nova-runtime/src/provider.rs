@@ -539,6 +539,90 @@ impl<B: Backend> Hypervisor for Provider<B> {
         .await
     }
 
+    async fn fork_sandbox(
+        &self,
+        id: &SandboxId,
+        n: usize,
+    ) -> Result<Vec<Sandbox>, CreateSandboxError> {
+        const MAX_FORKS: usize = 64;
+        if n == 0 || n > MAX_FORKS {
+            return Err(CreateSandboxError::Unsupported {
+                reason: format!("cannot fork into {n} sandboxes: ask for 1..={MAX_FORKS}"),
+            });
+        }
+        self.check_snapshot_support()?;
+        let state = self
+            .get(id)
+            .await
+            .ok_or_else(|| SnapshotError::NotFound(id.clone()))?
+            .state;
+        if state != SandboxState::Running {
+            return Err(SnapshotError::Invalid {
+                dir: self.inner.backend.home().sandboxes_dir(),
+                reason: format!("only a running sandbox can be forked, and {id} is {state}"),
+            }
+            .into());
+        }
+        // The fork's state lives only until the children are restored.
+        let dir = self
+            .inner
+            .backend
+            .home()
+            .cache_dir()
+            .join("forks")
+            .join(format!("{id}-{}", SandboxId::random()));
+        let paused = std::time::Instant::now();
+        let snapshot = async {
+            let vmm_error = |action: &str, e: SandboxError| CreateSandboxError::Vmm {
+                vmm: vmm_name(self.inner.backend.kind()),
+                action: action.to_owned(),
+                source: Box::new(e),
+            };
+            self.pause_sandbox(id)
+                .await
+                .map_err(|e| vmm_error("pause the sandbox to fork it", e))?;
+            let saved = self.snapshot_sandbox(id, &dir).await;
+            let resumed = self.resume_sandbox(id).await;
+            let saved = saved?;
+            resumed.map_err(|e| vmm_error("resume the forked sandbox", e))?;
+            Ok::<_, CreateSandboxError>(saved)
+        }
+        .await;
+        tracing::info!(sandbox = %id, paused_ms = paused.elapsed().as_millis() as u64, "forked state saved");
+        let children = match snapshot {
+            Ok(_) => {
+                let mut children = Vec::with_capacity(n);
+                let mut failed = None;
+                for _ in 0..n {
+                    match self.create_sandbox_from_snapshot(&dir).await {
+                        Ok(child) => children.push(child),
+                        Err(e) => {
+                            failed = Some(e);
+                            break;
+                        }
+                    }
+                }
+                match failed {
+                    None => Ok(children),
+                    Some(e) => {
+                        // All or nothing: the children made so far go too.
+                        for child in children {
+                            let _ = child.stop(true).await;
+                        }
+                        Err(e)
+                    }
+                }
+            }
+            Err(e) => Err(e),
+        };
+        if let Err(e) = tokio::fs::remove_dir_all(&dir).await
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot remove a fork's snapshot");
+        }
+        children
+    }
+
     async fn snapshot_sandbox(
         &self,
         id: &SandboxId,
