@@ -5,6 +5,11 @@
 //! QEMU by hand, interleaved so that both see the same machine load, and
 //! prints p50 / p99 of each, NovaSandbox's boot breakdown, and the overhead
 //! (NovaSandbox's p50 over the hand-driven p50).
+//!
+//! `nova bench start` creates N sandboxes each way, cold boot and restore
+//! from a snapshot, interleaved, and prints p50 / p99 of each and their
+//! ratio; then it keeps a number of idle sandboxes of each kind and reports
+//! their VMMs' memory (RSS and PSS, from `/proc/PID/smaps_rollup`).
 
 use std::time::{Duration, Instant};
 
@@ -17,6 +22,29 @@ use novasandbox::providers::{QemuHypervisor, QemuOptions};
 pub(crate) enum BenchCommand {
     /// Cold-boot latency: create -> ready through NovaSandbox vs QEMU by hand.
     Boot(BootArgs),
+    /// Create latency, cold boot vs restore from a snapshot, and idle memory.
+    Start(StartArgs),
+}
+
+/// Arguments of `nova bench start`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct StartArgs {
+    /// Template to start.
+    #[arg(long, short = 't', default_value = "minimal")]
+    template: String,
+    /// Creates of each kind.
+    #[arg(long, short = 'n', default_value_t = 10)]
+    iterations: usize,
+    /// Idle sandboxes of each kind kept at once for the memory figures (0
+    /// skips them).
+    #[arg(long, default_value_t = 10)]
+    idle: usize,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 256)]
+    memory: u32,
+    /// vCPUs.
+    #[arg(long, default_value_t = 1)]
+    vcpus: u8,
 }
 
 /// Arguments of `nova bench boot`.
@@ -40,7 +68,145 @@ pub(crate) struct BootArgs {
 pub(crate) async fn run(command: BenchCommand) -> anyhow::Result<()> {
     match command {
         BenchCommand::Boot(args) => boot(args).await,
+        BenchCommand::Start(args) => start(args).await,
     }
+}
+
+async fn start(args: StartArgs) -> anyhow::Result<()> {
+    use novasandbox::core::StartMode;
+    anyhow::ensure!(args.iterations > 0, "--iterations must be at least 1");
+    let home = NovaHome::resolve()?;
+    let hypervisor = novasandbox::detect_in(home.clone())?;
+    let config = SandboxConfig::builder()
+        .template_id(&args.template)
+        .memory_mb(args.memory)
+        .vcpus(args.vcpus)
+        .boot_timeout_ms(120_000)
+        .enable_network(false)
+        .start(StartMode::Cold)
+        .build()?;
+    // A private snapshot, so the template's own is left alone.
+    let workdir = tempfile::Builder::new()
+        .prefix("nova-bench-start-")
+        .tempdir_in(home.root())?;
+    let snapshot = workdir.path().join("snapshot");
+    let source = hypervisor.create_sandbox(config.clone()).await?;
+    source.pause().await?;
+    let saved = Instant::now();
+    let taken = hypervisor.snapshot_sandbox(source.id(), &snapshot).await;
+    let saved = saved.elapsed();
+    source.stop(true).await?;
+    taken.context("cannot take the snapshot to restore from")?;
+    eprintln!(
+        "nova bench start: {} backend, template {}, {} MiB, {} vCPU, {} creates each way \
+         (interleaved); snapshot written in {:.1} ms",
+        hypervisor.kind(),
+        args.template,
+        args.memory,
+        args.vcpus,
+        args.iterations,
+        ms(saved)
+    );
+    let (mut cold, mut restored) = (Samples::default(), Samples::default());
+    let (mut cold_ready, mut restored_ready) = (Samples::default(), Samples::default());
+    for i in 0..args.iterations {
+        let started = Instant::now();
+        let sandbox = hypervisor.create_sandbox(config.clone()).await?;
+        cold.push(started.elapsed());
+        cold_ready.push_ms(
+            sandbox
+                .info()
+                .boot
+                .as_ref()
+                .map_or(f64::NAN, |b| b.boot_time_ms),
+        );
+        sandbox.stop(true).await?;
+        let started = Instant::now();
+        let sandbox = hypervisor.create_sandbox_from_snapshot(&snapshot).await?;
+        restored.push(started.elapsed());
+        restored_ready.push_ms(
+            sandbox
+                .info()
+                .boot
+                .as_ref()
+                .map_or(f64::NAN, |b| b.boot_time_ms),
+        );
+        sandbox.stop(true).await?;
+        eprintln!(
+            "  round {:>3}: cold {:>8.1} ms   restore {:>8.1} ms",
+            i + 1,
+            cold.0[i],
+            restored.0[i]
+        );
+    }
+    println!("{:<40} {:>10} {:>10}", "", "p50 ms", "p99 ms");
+    for (name, s) in [
+        ("cold boot: create_sandbox() call", &cold),
+        ("  spawn -> agent ready", &cold_ready),
+        ("restore: create_sandbox_from_snapshot()", &restored),
+        ("  spawn -> agent ready", &restored_ready),
+    ] {
+        println!(
+            "{name:<40} {:>10.1} {:>10.1}",
+            s.percentile(50.0),
+            s.percentile(99.0)
+        );
+    }
+    println!(
+        "restore / cold boot at p50: {:.3} (1/{:.1})",
+        restored.percentile(50.0) / cold.percentile(50.0),
+        cold.percentile(50.0) / restored.percentile(50.0)
+    );
+    if args.idle > 0 {
+        let mut kept = Vec::new();
+        let mut figures = Vec::new();
+        for restore in [false, true] {
+            let mut pids = Vec::new();
+            for _ in 0..args.idle {
+                let sandbox = if restore {
+                    hypervisor.create_sandbox_from_snapshot(&snapshot).await?
+                } else {
+                    hypervisor.create_sandbox(config.clone()).await?
+                };
+                pids.extend(sandbox.info().vmm_pid);
+                kept.push(sandbox);
+            }
+            // Let the guests settle into idleness.
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let (rss, pss) = pids
+                .iter()
+                .filter_map(|pid| memory_kib(*pid))
+                .fold((0u64, 0u64), |(r, p), (r2, p2)| (r + r2, p + p2));
+            figures.push((restore, pids.len(), rss, pss));
+        }
+        for sandbox in kept {
+            sandbox.stop(true).await?;
+        }
+        for (restore, n, rss, pss) in figures {
+            println!(
+                "{:<10} {n} idle sandboxes: VMM RSS {:.1} MiB in all ({:.1} each), PSS {:.1} MiB in all ({:.1} each)",
+                if restore { "restored:" } else { "cold:" },
+                rss as f64 / 1024.0,
+                rss as f64 / 1024.0 / n.max(1) as f64,
+                pss as f64 / 1024.0,
+                pss as f64 / 1024.0 / n.max(1) as f64,
+            );
+        }
+    }
+    Ok(())
+}
+
+/// A process's resident and proportional set sizes in KiB, from
+/// `/proc/PID/smaps_rollup`.
+fn memory_kib(pid: u32) -> Option<(u64, u64)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse::<u64>().ok())
+    };
+    Some((field("Rss:")?, field("Pss:")?))
 }
 
 async fn boot(args: BootArgs) -> anyhow::Result<()> {
@@ -54,6 +220,8 @@ async fn boot(args: BootArgs) -> anyhow::Result<()> {
         .vcpus(args.vcpus)
         .boot_timeout_ms(120_000)
         .enable_network(false)
+        // A cold boot, even when the template has a snapshot that fits.
+        .start(novasandbox::core::StartMode::Cold)
         .build()?;
     let hypervisor = QemuHypervisor::new(options.clone());
     let workdir = tempfile::Builder::new()
