@@ -31,6 +31,10 @@ pub(crate) struct BuildArgs {
     /// Do not boot the new template under QEMU to measure its boot time.
     #[arg(long)]
     no_boot_check: bool,
+    /// Do not take the template's snapshot (which creates restore from
+    /// instead of booting) after the build.
+    #[arg(long)]
+    no_snapshot: bool,
 }
 
 /// Runs `nova template build`.
@@ -80,7 +84,45 @@ pub(crate) async fn build(args: &BuildArgs) -> anyhow::Result<()> {
         m.boot_time_ms,
         report.elapsed.as_secs_f64(),
     );
+    if !args.no_snapshot {
+        if snapshot_is_current(&home, &args.id).await {
+            println!("template {} snapshot up to date", args.id);
+        } else if let Err(e) = snapshot(&SnapshotArgs {
+            id: args.id.clone(),
+            memory: None,
+            vcpus: None,
+        })
+        .await
+        {
+            // The template works without one; creates then boot the kernel.
+            eprintln!(
+                "warning: no snapshot of template {} (creates will boot the kernel): {e:#}",
+                args.id
+            );
+        }
+    }
     Ok(())
+}
+
+/// Whether `templates/<id>/snapshot` was made by this host's backend for the
+/// template as it is now.
+async fn snapshot_is_current(home: &NovaHome, id: &str) -> bool {
+    let Ok(hypervisor) = novasandbox::detect_in(home.clone()) else {
+        return false;
+    };
+    let templates = novasandbox::core::TemplateManager::new(home.templates_dir());
+    let dir = home
+        .template_dir(id)
+        .join(novasandbox::core::template::SNAPSHOT_DIR);
+    match novasandbox::runtime::snapshot::read(&dir).await {
+        Ok(snapshot) => novasandbox::runtime::snapshot::check_restorable(
+            &snapshot,
+            hypervisor.kind(),
+            &templates,
+        )
+        .is_ok(),
+        Err(_) => false,
+    }
 }
 
 /// Arguments of `nova template snapshot`.
