@@ -74,6 +74,7 @@ pub mod pool;
 mod sandbox;
 pub mod spec;
 pub mod tap;
+pub mod testing;
 
 pub use error::{
     CountersError, CreateNetworkError, HostError, LeftoverError, OpenTapError, SpecError,

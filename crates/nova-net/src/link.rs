@@ -33,6 +33,7 @@ pub(crate) fn is_errno(e: &rtnetlink::Error, errno: i32) -> bool {
 /// What leftover cleaning and tests need to know about a link.
 #[derive(Clone, Debug)]
 pub(crate) struct LinkSummary {
+    pub(crate) index: u32,
     pub(crate) name: String,
     pub(crate) alias: Option<String>,
     pub(crate) kind: Option<InfoKind>,
@@ -40,6 +41,7 @@ pub(crate) struct LinkSummary {
 
 fn summarize(msg: &LinkMessage) -> LinkSummary {
     let mut s = LinkSummary {
+        index: msg.header.index,
         name: String::new(),
         alias: None,
         kind: None,
@@ -199,6 +201,26 @@ pub(crate) async fn ipv4_addresses(handle: &Handle) -> Result<Vec<Ipv4Addr>, Hos
     }
     out.sort();
     out.dedup();
+    Ok(out)
+}
+
+/// Every IPv4 address of the namespace with its prefix, by link index.
+pub(crate) async fn ipv4_addresses_by_link(
+    handle: &Handle,
+) -> Result<Vec<(u32, Ipv4Addr, u8)>, HostError> {
+    let mut addrs = handle.address().get().execute();
+    let mut out = Vec::new();
+    while let Some(msg) = addrs
+        .try_next()
+        .await
+        .map_err(|e| HostError::netlink("listing addresses", e))?
+    {
+        for attr in &msg.attributes {
+            if let AddressAttribute::Address(IpAddr::V4(a)) = attr {
+                out.push((msg.header.index, *a, msg.header.prefix_len));
+            }
+        }
+    }
     Ok(out)
 }
 

@@ -224,7 +224,12 @@ impl SandboxNetwork {
         };
         match net.build(&host, &options).await {
             Ok(()) => {
-                info!(sandbox = %id, netns = %name, veth = %net.objects.host_veth, host_addr = %net.host_addr, "sandbox network up");
+                let subnet = net
+                    .lease
+                    .as_ref()
+                    .map(|l| l.subnet().to_string())
+                    .unwrap_or_default();
+                info!(sandbox = %id, netns = %name, veth = %net.objects.host_veth, %subnet, "sandbox network up");
                 Ok(net)
             }
             Err(e) => {
