@@ -46,6 +46,29 @@
 //! sandboxes (the whole pool), the host's own addresses and
 //! [`METADATA_ADDR`].
 //!
+//! # Example
+//!
+//! ```no_run
+//! use nova_net::{AddressPool, EgressPolicy, NetworkSpec, PortMapping, SandboxNetwork};
+//!
+//! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+//! let pool = AddressPool::default(); // 10.200.0.0/16, shared by all sandboxes
+//! let spec = NetworkSpec {
+//!     ports: vec![PortMapping::tcp(8080, 80)],
+//!     egress: EgressPolicy::parse::<&str, &str>(false, &[], &["10.0.0.0/8"])?,
+//!     dns_servers: nova_net::host_resolvers(),
+//! };
+//! let id = nova_core::SandboxId::random();
+//! let mut net = SandboxNetwork::create(&id, &spec, &pool).await?;
+//! let tap = net.open_tap(true).await?; // QEMU: -netdev tap,id=net0,fd=N
+//! # drop(tap);
+//! net.update_egress(EgressPolicy::block_all()).await?;
+//! println!("{:?}", net.counters().await?);
+//! net.teardown().await?;
+//! # Ok(())
+//! # }
+//! ```
+//!
 //! # What is not here yet
 //!
 //! * Domain-name egress rules are validated but not enforced: that needs a

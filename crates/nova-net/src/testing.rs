@@ -5,13 +5,14 @@
 //! with a `/30` (host `.1`, test host `.2`) and **no default route**: it can
 //! answer what reaches it and send nothing anywhere else. Tests send traffic
 //! only to loopback and to such hosts, never off the machine.
-//! [`serve_http`] answers every request with a fixed body; [`http_get`] is a
-//! client that runs inside a namespace (a sandbox's guest, a test host).
+//! [`serve_http`] answers every request with a fixed body, [`serve_udp_echo`]
+//! sends datagrams back; [`http_get`] is a client that runs inside a
+//! namespace (a sandbox's guest, a test host).
 //! [`Namespace`] is a bare namespace removed on drop (the guest of a
 //! [`GuestLink::Veth`](crate::GuestLink::Veth) sandbox).
 
 use std::io::{self, Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -254,6 +255,59 @@ fn answer(mut stream: TcpStream, body: &[u8]) -> io::Result<()> {
     )?;
     stream.write_all(body)?;
     stream.flush()
+}
+
+/// A UDP server that sends every datagram back, until dropped.
+#[derive(Debug)]
+pub struct UdpEcho {
+    addr: SocketAddrV4,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl UdpEcho {
+    /// Where it listens.
+    pub fn addr(&self) -> SocketAddrV4 {
+        self.addr
+    }
+}
+
+impl Drop for UdpEcho {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Echoes UDP datagrams on `addr`, bound inside the namespace at `netns`.
+pub async fn serve_udp_echo(netns: &Path, addr: SocketAddrV4) -> Result<UdpEcho, HostError> {
+    let socket = netns::run_in(netns, "binding a UDP echo server", move || {
+        let s =
+            UdpSocket::bind(addr).map_err(|e| HostError::io(format!("binding udp {addr}"), e))?;
+        s.set_read_timeout(Some(Duration::from_millis(20)))
+            .map_err(|e| HostError::io("set_read_timeout", e))?;
+        Ok(s)
+    })
+    .await?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let thread = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok((n, peer)) = socket.recv_from(&mut buf) {
+                    let _ = socket.send_to(&buf[..n], peer);
+                }
+            }
+        })
+    };
+    Ok(UdpEcho {
+        addr,
+        stop,
+        thread: Some(thread),
+    })
 }
 
 /// `GET /` from inside the namespace at `netns` (`None`: the host's), with

@@ -255,8 +255,12 @@ async fn published_port_reaches_the_guest_from_host_loopback_and_from_outside() 
         return;
     };
     let host_port = free_port();
+    let udp_port = free_port();
     let spec = NetworkSpec {
-        ports: vec![PortMapping::tcp(host_port, 80)],
+        ports: vec![
+            PortMapping::tcp(host_port, 80),
+            PortMapping::udp(udp_port, 53),
+        ],
         ..NetworkSpec::default()
     };
     let (guest, mut net) = veth_sandbox("ports", &spec).await;
@@ -273,6 +277,22 @@ async fn published_port_reaches_the_guest_from_host_loopback_and_from_outside() 
         .await
         .expect("127.0.0.1:host_port reaches the guest");
     assert_eq!(got, b"hello from the guest");
+
+    // UDP too.
+    let echo = testing::serve_udp_echo(guest.path(), SocketAddrV4::new(GUEST_ADDR, 53))
+        .await
+        .expect("guest UDP echo");
+    let client = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp client");
+    client.set_read_timeout(Some(OK)).expect("timeout");
+    client
+        .send_to(b"ping over udp", ("127.0.0.1", udp_port))
+        .expect("send");
+    let mut buf = [0u8; 64];
+    let (n, _) = client
+        .recv_from(&mut buf)
+        .expect("the guest echoes over UDP");
+    assert_eq!(&buf[..n], b"ping over udp");
+    drop(echo);
 
     // The port is held: nothing else can bind it while the sandbox lives.
     assert!(TcpListener::bind(("127.0.0.1", host_port)).is_err());
@@ -480,6 +500,7 @@ async fn twenty_create_teardown_cycles_leave_nothing() {
     };
     let before = census().await;
     let leased = POOL.leased();
+    let (mut create_ms, mut teardown_ms) = (Vec::new(), Vec::new());
     for i in 0..20 {
         let spec = NetworkSpec {
             ports: vec![
@@ -494,15 +515,26 @@ async fn twenty_create_teardown_cycles_leave_nothing() {
             .expect("policy"),
             ..NetworkSpec::default()
         };
+        let started = std::time::Instant::now();
         let mut net = SandboxNetwork::create(&id(&format!("cycle{i}")), &spec, &POOL)
             .await
             .expect("create");
+        create_ms.push(started.elapsed().as_secs_f64() * 1000.0);
         let during = census().await;
         assert_eq!(during.netns, before.netns + 1);
         assert_eq!(during.veths, before.veths + 1);
         assert_eq!(during.tables, before.tables + 1);
+        let started = std::time::Instant::now();
         net.teardown().await.expect("teardown");
+        teardown_ms.push(started.elapsed().as_secs_f64() * 1000.0);
     }
+    create_ms.sort_by(f64::total_cmp);
+    teardown_ms.sort_by(f64::total_cmp);
+    // A figure for the report, not an assertion (timings are benchmarks).
+    println!(
+        "create p50 {:.1} ms (max {:.1}), teardown p50 {:.1} ms (max {:.1})",
+        create_ms[10], create_ms[19], teardown_ms[10], teardown_ms[19]
+    );
     let after = census().await;
     println!("census before {before:?}, after {after:?}");
     assert_eq!(after, before, "20 cycles left objects behind");
