@@ -233,7 +233,7 @@ impl SandboxNetwork {
                 Ok(net)
             }
             Err(e) => {
-                let failures = teardown_objects(net.objects.clone(), true).await;
+                let failures = teardown_objects(net.objects.clone()).await;
                 for f in &failures {
                     warn!(sandbox = %id, error = %f, "undoing a failed network set-up left something behind");
                 }
@@ -388,7 +388,7 @@ impl SandboxNetwork {
         if self.torn_down {
             return Ok(());
         }
-        let failures = teardown_objects(self.objects.clone(), false).await;
+        let failures = teardown_objects(self.objects.clone()).await;
         self.finish_teardown();
         if failures.is_empty() {
             info!(sandbox = %self.id, "sandbox network removed");
@@ -481,7 +481,7 @@ impl Drop for SandboxNetwork {
                     .enable_all()
                     .build()
                 {
-                    Ok(rt) => rt.block_on(teardown_objects(objects, false)),
+                    Ok(rt) => rt.block_on(teardown_objects(objects)),
                     Err(e) => vec![HostError::io("building a runtime for teardown", e)],
                 }
             })
@@ -576,12 +576,12 @@ async fn configure_veth_guest() -> Result<(), HostError> {
     link::add_default_route(&h, GATEWAY_ADDR).await
 }
 
-/// Removes the objects; with `only_created`, only those this process made
-/// (undoing a failed create must not remove a namesake it collided with).
-/// Returns what failed.
-async fn teardown_objects(o: Objects, only_created: bool) -> Vec<HostError> {
+/// Removes the objects this process made (undoing a failed or cancelled
+/// create must not remove a namesake it collided with); absent ones are not
+/// errors. Returns what failed.
+async fn teardown_objects(o: Objects) -> Vec<HostError> {
     let mut failures = Vec::new();
-    if o.table_created || !only_created {
+    if o.table_created {
         let table = o.table.clone();
         let deleted = tokio::task::spawn_blocking(move || {
             firewall::apply(&firewall::delete_table(&table), "deleting the host table")
@@ -597,7 +597,7 @@ async fn teardown_objects(o: Objects, only_created: bool) -> Vec<HostError> {
             _ => {}
         }
     }
-    if (o.netns_created || !only_created) && o.netns_path.exists() {
+    if o.netns_created && o.netns_path.exists() {
         let dev = o.guest_dev;
         let deleted = netns::run_in_async(
             &o.netns_path,
@@ -612,7 +612,7 @@ async fn teardown_objects(o: Objects, only_created: bool) -> Vec<HostError> {
             failures.push(e);
         }
     }
-    if o.veth_created || !only_created {
+    if o.veth_created {
         match link::connect() {
             Ok(h) => {
                 if let Err(e) = link::delete(&h, &o.host_veth).await {
@@ -622,7 +622,7 @@ async fn teardown_objects(o: Objects, only_created: bool) -> Vec<HostError> {
             Err(e) => failures.push(e),
         }
     }
-    if o.netns_created || !only_created {
+    if o.netns_created {
         let name = o.netns_name.clone();
         let deleted = tokio::task::spawn_blocking(move || netns::delete(&name))
             .await
