@@ -16,10 +16,11 @@ NOVA := target/debug/nova
 TEMPLATES ?= minimal python
 
 # Host packages: QEMU (TCG fallback and tests), the kernel source and its build
-# tools, debootstrap, busybox-static and e2fsprogs for the rootfs images.
+# tools, debootstrap, busybox-static and e2fsprogs for the rootfs images, and
+# nftables (the `nft` binary nova-net applies its rules with).
 DEPS_PACKAGES := qemu-system-x86 linux-source-6.1 debootstrap debian-archive-keyring \
 	busybox-static e2fsprogs bc flex bison libelf-dev libssl-dev build-essential \
-	xz-utils fakeroot
+	xz-utils fakeroot nftables
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
 .PHONY: deps agent nova images bench-boot demo test lint examples

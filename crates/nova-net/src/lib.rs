@@ -1,0 +1,157 @@
+//! Host-side networking of NovaSandbox: one network namespace per sandbox, a
+//! veth to the host, a tap for the VMM, NAT, published ports and an egress
+//! policy.
+//!
+//! # Design
+//!
+//! Every guest sees the same addresses inside its own namespace — itself at
+//! [`GUEST_ADDR`]`/30`, its gateway at [`GATEWAY_ADDR`] on the tap — so a
+//! snapshot restores in any sandbox unchanged. What differs per sandbox is
+//! on the host side: a namespace `nova-<id>` (bind-mounted at
+//! `/run/netns/nova-<id>`, so `ip netns` sees it), a veth whose host end
+//! (`nova<hash>`) gets a unique `/30` from an [`AddressPool`], and an nft
+//! table `inet nova-<id>` holding all of the sandbox's host rules, so that
+//! teardown is one `delete table`.
+//!
+//! ```text
+//! runtime                       nova-net                              kernel
+//! -------                       --------                              ------
+//! NetworkSpec::validate() ----> field-named SpecError
+//! SandboxNetwork::create() ---> hold host ports (bind), lease a /30
+//!                               netns::create   (thread: unshare + bind mount)
+//!                               link::add_veth  (rtnetlink, peer born in netns)
+//!                               run_in_async(netns): lo, veth0, route, tap0,
+//!                                   forwarding, nft table "nova"   (rtnetlink, ioctl, nft)
+//!                               firewall::apply(host table)        (nft -j -f -)
+//! backend: open_tap() --------> fd for QEMU -netdev tap,fd=N
+//!          open_netns() ------> setns for Firecracker (opens tap0 by name)
+//! update_egress() ------------> flush sets + egress chain, one batch
+//! counters() -----------------> veth Stats64 (rtnetlink)
+//! teardown() / Drop ----------> delete table, tap, veth, netns
+//! clean_leftovers(keep) ------> same, for names no live sandbox owns
+//! ```
+//!
+//! Netlink work is [`rtnetlink`]; the one thing netlink cannot do, creating
+//! a tap, is the tun driver's ioctls ([`tap`]); nftables rules are typed JSON
+//! from the [`nftables`] crate, applied by its helper, which pipes them to
+//! `nft -j -f -` (the library's documented path; the `nft` binary from the
+//! `nftables` package must be installed). Nothing runs `ip` or `iptables`.
+//!
+//! Work inside a namespace happens on a short-lived thread that entered it
+//! ([`netns::run_in_async`]); no thread of the caller's runtime ever changes
+//! namespace, and there is no `fork()`.
+//!
+//! See [`firewall`] for the rules, and [`EgressPolicy`] for the order in
+//! which egress rules apply. Always denied unless explicitly allowed: other
+//! sandboxes (the whole pool), the host's own addresses and
+//! [`METADATA_ADDR`].
+//!
+//! # Example
+//!
+//! ```no_run
+//! use nova_net::{AddressPool, EgressPolicy, NetworkSpec, PortMapping, SandboxNetwork};
+//!
+//! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+//! let pool = AddressPool::default(); // 10.200.0.0/16, shared by all sandboxes
+//! let spec = NetworkSpec {
+//!     ports: vec![PortMapping::tcp(8080, 80)],
+//!     egress: EgressPolicy::parse::<&str, &str>(false, &[], &["10.0.0.0/8"])?,
+//!     dns_servers: nova_net::host_resolvers(),
+//! };
+//! let id = nova_core::SandboxId::random();
+//! let mut net = SandboxNetwork::create(&id, &spec, &pool).await?;
+//! let tap = net.open_tap(true).await?; // QEMU: -netdev tap,id=net0,fd=N
+//! # drop(tap);
+//! net.update_egress(EgressPolicy::block_all()).await?;
+//! println!("{:?}", net.counters().await?);
+//! net.teardown().await?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # What is not here yet
+//!
+//! * Domain-name egress rules are validated but not enforced: that needs a
+//!   per-sandbox resolver feeding nft sets (see [`spec`]).
+//! * IPv6 is not given to guests; the host drops IPv6 from sandboxes.
+//! * The host's forward policy is not changed: an accept in the sandbox's
+//!   table does not override a drop in another table (e.g. Docker's
+//!   `DOCKER-USER`), so on such hosts forwarding for the pool must be allowed
+//!   there too.
+//! * No user-mode (rootless) network: that is `passt`, chosen by the runtime.
+//!
+//! # Requirements
+//!
+//! Root (or CAP_NET_ADMIN and CAP_SYS_ADMIN), `/dev/net/tun`, kernel
+//! nf_tables with NAT, and `nft` on `PATH`. [`SandboxNetwork::create`] turns
+//! on `net.ipv4.ip_forward` if it is off.
+
+use std::net::Ipv4Addr;
+
+pub mod error;
+pub mod firewall;
+mod leftovers;
+mod link;
+pub mod netns;
+pub mod pool;
+mod sandbox;
+pub mod spec;
+pub mod tap;
+pub mod testing;
+
+pub use error::{
+    CountersError, CreateNetworkError, HostError, LeftoverError, OpenTapError, SpecError,
+    TeardownError, UpdateEgressError,
+};
+pub use leftovers::{LeftoverReport, clean_leftovers};
+pub use pool::{AddressPool, DEFAULT_POOL, PoolTooSmall};
+pub use sandbox::{CreateOptions, GuestLink, NetCounters, SandboxNetwork, host_veth_name};
+pub use spec::{
+    DomainName, EgressPolicy, EgressRule, Ipv4Cidr, NetworkSpec, PortMapping, Protocol,
+};
+pub use tap::TapOwner;
+
+/// The guest's address, the same in every sandbox.
+pub const GUEST_ADDR: Ipv4Addr = Ipv4Addr::new(169, 254, 0, 21);
+/// The guest's gateway, on the tap in the namespace.
+pub const GATEWAY_ADDR: Ipv4Addr = Ipv4Addr::new(169, 254, 0, 22);
+/// Prefix length of the guest link.
+pub const GUEST_PREFIX: u8 = 30;
+/// The cloud metadata address, always denied unless explicitly allowed.
+pub const METADATA_ADDR: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 254);
+/// The tap's name inside every sandbox namespace.
+pub const TAP_NAME: &str = "tap0";
+/// The namespace end of the veth, inside every sandbox namespace.
+pub const NETNS_VETH: &str = "veth0";
+/// The guest-side device in the namespace with [`GuestLink::Veth`].
+pub const VETH_GUEST_NAME: &str = "guest0";
+/// Prefix of namespace and nft table names: `nova-<id>`.
+pub const NAME_PREFIX: &str = "nova-";
+/// Prefix of the alias that labels a host veth with its sandbox id.
+pub const ALIAS_PREFIX: &str = "nova-net:";
+
+/// The host's IPv4 resolvers, for guests whose spec names none: the
+/// `nameserver` lines of `/etc/resolv.conf`, or of systemd-resolved's
+/// upstream list when that file only points at a loopback stub (a guest
+/// cannot reach the host's loopback).
+pub fn host_resolvers() -> Vec<Ipv4Addr> {
+    let parse = |path: &str| -> Vec<Ipv4Addr> {
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("nameserver"))
+            .filter_map(|rest| rest.trim().parse::<Ipv4Addr>().ok())
+            .collect()
+    };
+    let mut servers: Vec<Ipv4Addr> = parse("/etc/resolv.conf")
+        .into_iter()
+        .filter(|a| !a.is_loopback())
+        .collect();
+    if servers.is_empty() {
+        servers = parse("/run/systemd/resolve/resolv.conf")
+            .into_iter()
+            .filter(|a| !a.is_loopback())
+            .collect();
+    }
+    servers
+}
