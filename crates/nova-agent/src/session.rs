@@ -27,6 +27,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::Agent;
+use crate::refresh::{self, Refresh};
 use crate::{clock, exec, files, stats};
 
 /// Most requests in flight on one connection.
@@ -330,6 +331,18 @@ impl Session {
                 out.done(id, result)
                     .await
                     .map_err(|_| "writer gone".to_owned())?;
+            }
+            Request::Refresh {
+                hostname,
+                entropy,
+                unix_ns,
+            } => {
+                let refresh = Refresh {
+                    hostname,
+                    entropy,
+                    unix_ns,
+                };
+                tokio::spawn(refresh::run(id, refresh, agent, out));
             }
             Request::Ping => {
                 out.done(id, Ok(Response::Pong))

@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use common::{TestAgent, process_gone, pseudo_random, wait_until};
@@ -11,7 +11,8 @@ use nova_protocol::client::ClientError;
 use nova_protocol::frame::{self, FrameReader};
 use nova_protocol::{
     AgentMessage, ClientMessage, ExecSpec, ExitStatus, FileKind, Hello, HelloReply, PtySize,
-    RemoteErrorKind, Request, SUPPORTED_VERSIONS, SpawnErrorKind,
+    REFRESH_ENTROPY_MAX, REFRESH_ENTROPY_MIN, RemoteErrorKind, Request, SUPPORTED_VERSIONS,
+    SpawnErrorKind,
 };
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -133,6 +134,145 @@ async fn set_clock_reports_the_offset_and_leaves_a_host_clock_alone() {
         .await
         .unwrap();
     assert!((step.offset_ns + hour_ns).abs() < minute_ns, "{step:?}");
+}
+
+/// Writes an image's identity files into the agent's `--etc` directory.
+fn write_image_identity(agent: &TestAgent) {
+    let etc = agent.etc();
+    std::fs::write(etc.join("hostname"), "nova\n").unwrap();
+    std::fs::write(etc.join("machine-id"), format!("{}\n", "0".repeat(32))).unwrap();
+    std::fs::write(
+        etc.join("hosts"),
+        "127.0.0.1\tlocalhost\n127.0.1.1\tnova\n10.0.0.5 registry\n",
+    )
+    .unwrap();
+}
+
+fn read_etc(agent: &TestAgent, name: &str) -> String {
+    std::fs::read_to_string(agent.etc().join(name)).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refresh_gives_a_new_hostname_and_machine_id_and_reports_them() {
+    let agent = TestAgent::start().await;
+    write_image_identity(&agent);
+    let host_name = rustix::system::uname().nodename().to_owned();
+    let (client, _) = agent.connect().await;
+    let hour = Duration::from_secs(3600);
+    let entropy = pseudo_random(64, 7);
+
+    let first = client
+        .refresh("sb-restored-1", &entropy, SystemTime::now() + hour)
+        .await
+        .unwrap();
+    assert_eq!(first.machine_id.len(), 32, "{first:?}");
+    assert!(
+        first
+            .machine_id
+            .bytes()
+            .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c)),
+        "{first:?}"
+    );
+    assert_eq!(
+        read_etc(&agent, "machine-id"),
+        format!("{}\n", first.machine_id)
+    );
+    assert_eq!(read_etc(&agent, "hostname"), "sb-restored-1\n");
+    let hosts = read_etc(&agent, "hosts");
+    assert!(hosts.contains("127.0.1.1\tsb-restored-1\n"), "{hosts}");
+    assert!(hosts.contains("127.0.0.1\tlocalhost\n"), "{hosts}");
+    assert!(hosts.contains("10.0.0.5 registry\n"), "{hosts}");
+    assert!(!hosts.contains("\tnova\n"), "{hosts}");
+    // Not PID 1: the host's random generator and clock are not the agent's
+    // to change; the clock offset is only measured.
+    assert!(!first.reseeded);
+    assert!(!first.clock.stepped);
+    let hour_ns = i64::try_from(hour.as_nanos()).unwrap();
+    assert!(
+        (first.clock.offset_ns - hour_ns).abs() < 60 * 1_000_000_000,
+        "{first:?}"
+    );
+
+    // A second restore of the same snapshot, with the same entropy even:
+    // another machine id.
+    let second = client
+        .refresh("sb-restored-2", &entropy, SystemTime::now())
+        .await
+        .unwrap();
+    assert_ne!(second.machine_id, first.machine_id);
+    assert_eq!(
+        read_etc(&agent, "machine-id"),
+        format!("{}\n", second.machine_id)
+    );
+    assert_eq!(read_etc(&agent, "hostname"), "sb-restored-2\n");
+    let hosts = read_etc(&agent, "hosts");
+    assert!(hosts.contains("127.0.1.1\tsb-restored-2\n"), "{hosts}");
+    assert!(!hosts.contains("sb-restored-1"), "{hosts}");
+    // The agent is not PID 1: the host's own hostname is untouched.
+    assert_eq!(rustix::system::uname().nodename(), host_name.as_c_str());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refresh_refuses_too_much_or_too_little_entropy_and_changes_nothing() {
+    let agent = TestAgent::start().await;
+    write_image_identity(&agent);
+    let (client, _) = agent.connect().await;
+    for size in [
+        REFRESH_ENTROPY_MAX + 1,
+        1024 * 1024,
+        REFRESH_ENTROPY_MIN - 1,
+        0,
+    ] {
+        let err = client
+            .refresh("sb-1", &vec![1; size], SystemTime::now())
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.remote_kind(),
+            Some(RemoteErrorKind::InvalidInput),
+            "{size} bytes: {err}"
+        );
+        assert!(err.to_string().contains("entropy"), "{err}");
+    }
+    assert_eq!(read_etc(&agent, "hostname"), "nova\n");
+    assert_eq!(
+        read_etc(&agent, "machine-id"),
+        format!("{}\n", "0".repeat(32))
+    );
+    // The bounds themselves are fine.
+    for size in [REFRESH_ENTROPY_MIN, REFRESH_ENTROPY_MAX] {
+        client
+            .refresh("sb-1", &vec![1; size], SystemTime::now())
+            .await
+            .unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refresh_refuses_a_bad_hostname_with_invalid_input() {
+    let agent = TestAgent::start().await;
+    write_image_identity(&agent);
+    let (client, _) = agent.connect().await;
+    let long = "x".repeat(65);
+    for name in ["", "two words", "-lead", ".lead", "a/b", "ü", "a\nb", &long] {
+        let err = client
+            .refresh(name, &[7; 32], SystemTime::now())
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.remote_kind(),
+            Some(RemoteErrorKind::InvalidInput),
+            "{name:?}: {err}"
+        );
+        assert!(err.to_string().contains("invalid hostname"), "{err}");
+    }
+    assert_eq!(read_etc(&agent, "hostname"), "nova\n");
+    assert_eq!(
+        read_etc(&agent, "machine-id"),
+        format!("{}\n", "0".repeat(32))
+    );
+    // The connection lives on.
+    client.ping().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -41,9 +41,12 @@ impl TestAgent {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("agent.sock");
         let log = std::fs::File::create(dir.path().join("agent.log")).unwrap();
+        std::fs::create_dir(dir.path().join("etc")).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_nova-agent"))
             .arg("--listen")
             .arg(format!("unix:{}", socket.display()))
+            .arg("--etc")
+            .arg(dir.path().join("etc"))
             .env("NOVA_AGENT_LOG", "debug")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -84,6 +87,12 @@ impl TestAgent {
     /// A scratch directory for the test.
     pub fn dir(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// The directory the agent writes its identity files into on a
+    /// refresh (`--etc`), in place of `/etc`.
+    pub fn etc(&self) -> PathBuf {
+        self.dir.path().join("etc")
     }
 
     /// Whether the agent process is still running.
