@@ -11,11 +11,22 @@
 //! payload, an unknown message type, anything but a `Hello` first) is answered
 //! with an error frame — [`HelloReply::Refused`] before the handshake,
 //! [`AgentMessage::ProtocolError`] after — and the connection is closed; the
-//! agent keeps serving other connections. When a connection ends, every
-//! command it started is killed (its whole process group).
+//! agent keeps serving other connections.
+//!
+//! When a connection ends, every command it started is killed (its whole
+//! process group) and every transfer stops: the session drops the request
+//! inboxes, and a request task that finds its inbox or the writer queue
+//! closed ends its request. When the host went away (end of stream, a failed
+//! read), the writer is stopped at once, whatever it still holds: over
+//! virtio-serial a write to a port without a host waits for the next host
+//! and would reach it ahead of its handshake. A session the agent ends itself
+//! (shutdown, protocol error) has written its last word already and gives
+//! the writer a bounded time for what else is queued. Either way the stream
+//! is closed when [`serve`] returns.
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use nova_protocol::frame::{FrameError, FrameReader, FrameWriter, decode};
 use nova_protocol::handshake::negotiate;
@@ -37,6 +48,9 @@ const MAX_IN_FLIGHT: usize = 4096;
 const OUT_QUEUE: usize = 512;
 /// The writer batches up to this many bytes into one write.
 const WRITE_BATCH: usize = 512 * 1024;
+/// How long a session that the agent ends (shutdown, protocol error) waits
+/// for its last words to be written before it closes the stream anyway.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// What the writer task is asked to do.
 #[derive(Debug)]
@@ -73,11 +87,18 @@ impl Outbox {
         self.send(AgentMessage::Done { id, result }).await
     }
 
-    /// Waits until everything queued before has been written.
+    /// Waits until everything queued before has been written, at most
+    /// [`DRAIN_TIMEOUT`] (a host that stopped reading must not hold the
+    /// session, nor a shutdown).
     async fn flush(&self) {
-        let (tx, rx) = oneshot::channel();
-        if self.0.send(Outgoing::Flush(tx)).await.is_ok() {
-            let _ = rx.await;
+        let flushed = async {
+            let (tx, rx) = oneshot::channel();
+            if self.0.send(Outgoing::Flush(tx)).await.is_ok() {
+                let _ = rx.await;
+            }
+        };
+        if tokio::time::timeout(DRAIN_TIMEOUT, flushed).await.is_err() {
+            tracing::debug!("the host does not take what is queued for it");
         }
     }
 }
@@ -98,19 +119,38 @@ where
     tracing::info!(%peer, version, "host connected");
 
     let (out_tx, out_rx) = mpsc::channel(OUT_QUEUE);
-    let writer_task = tokio::spawn(write_loop(writer, out_rx));
+    let mut writer_task = tokio::spawn(write_loop(writer, out_rx));
     let mut session = Session {
         agent,
         out: Outbox(out_tx),
         inboxes: HashMap::new(),
         finished: mpsc::unbounded_channel(),
     };
-    let reason = session.run(&mut reader).await;
-    tracing::info!(%peer, %reason, "host disconnected");
-    // Dropping the inboxes tells every request task the host is gone.
+    let end = session.run(&mut reader).await;
+    tracing::info!(%peer, reason = %end.reason, "host disconnected");
+    // Dropping the inboxes tells every request task the host is gone: a
+    // command's process group is killed, a transfer stops.
     session.inboxes.clear();
-    session.out.flush().await;
     drop(session);
+    if end.host_gone {
+        // Nobody reads any more. Over virtio-serial a write would not fail
+        // but wait for the port's *next* host (after a snapshot restore, a
+        // new one) and reach it ahead of its handshake; so nothing more is
+        // written. Request tasks blocked on a full queue see it closed and
+        // stop (commands are killed).
+        writer_task.abort();
+    } else if tokio::time::timeout(DRAIN_TIMEOUT, &mut writer_task)
+        .await
+        .is_err()
+    {
+        // What is queued (replies of requests that finished as the session
+        // ended) goes out if the host takes it; a host that stopped reading
+        // does not hold the session (nor, over virtio-serial, the port).
+        tracing::debug!(%peer, "the host does not take the last replies; dropping them");
+        writer_task.abort();
+    }
+    // Once the writer task is gone, so is the write half: the stream is
+    // closed when this function returns, and a serial port can be reopened.
     let _ = writer_task.await;
 }
 
@@ -219,7 +259,7 @@ struct Session {
 
 impl Session {
     /// Runs until the connection ends; returns why.
-    async fn run<R: AsyncRead + Unpin>(&mut self, reader: &mut FrameReader<R>) -> String {
+    async fn run<R: AsyncRead + Unpin>(&mut self, reader: &mut FrameReader<R>) -> End {
         loop {
             tokio::select! {
                 biased;
@@ -229,8 +269,8 @@ impl Session {
                 frame = reader.read_frame() => {
                     let payload = match frame {
                         Ok(Some(payload)) => payload,
-                        Ok(None) => return "end of stream".to_owned(),
-                        Err(FrameError::Io(e)) => return format!("read failed: {e}"),
+                        Ok(None) => return End::host_gone("end of stream".to_owned()),
+                        Err(FrameError::Io(e)) => return End::host_gone(format!("read failed: {e}")),
                         Err(e) => return self.protocol_error(format!("malformed frame: {e}")).await,
                     };
                     let msg = match nova_protocol::zero_copy::decode_client_message(payload.clone()) {
@@ -245,7 +285,7 @@ impl Session {
                     };
                     match self.dispatch(msg).await {
                         Ok(Flow::Continue) => {}
-                        Ok(Flow::Stop(reason)) => return reason,
+                        Ok(Flow::Stop(reason)) => return End::closed(reason),
                         Err(reason) => return self.protocol_error(reason).await,
                     }
                 }
@@ -253,7 +293,7 @@ impl Session {
         }
     }
 
-    async fn protocol_error(&self, message: String) -> String {
+    async fn protocol_error(&self, message: String) -> End {
         tracing::warn!(%message, "protocol error from the host; closing the connection");
         let _ = self
             .out
@@ -262,7 +302,7 @@ impl Session {
             })
             .await;
         self.out.flush().await;
-        message
+        End::closed(message)
     }
 
     async fn dispatch(&mut self, msg: ClientMessage) -> Result<Flow, String> {
@@ -381,4 +421,30 @@ impl Session {
 enum Flow {
     Continue,
     Stop(String),
+}
+
+/// Why a session ended.
+struct End {
+    /// In words, for the log.
+    reason: String,
+    /// The host went away (end of stream, a failed read): nothing more can
+    /// reach it. Otherwise the agent ended the session, and its last replies
+    /// may still be written.
+    host_gone: bool,
+}
+
+impl End {
+    fn host_gone(reason: String) -> Self {
+        Self {
+            reason,
+            host_gone: true,
+        }
+    }
+
+    fn closed(reason: String) -> Self {
+        Self {
+            reason,
+            host_gone: false,
+        }
+    }
 }

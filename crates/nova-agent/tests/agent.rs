@@ -15,7 +15,7 @@ use nova_protocol::{
     SpawnErrorKind,
 };
 use sha2::{Digest, Sha256};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn handshake_reports_versions_and_guest_timing() {
@@ -581,6 +581,70 @@ async fn closing_the_connection_kills_its_commands() {
         "command {pid} outlived its connection"
     );
     // The agent takes new connections.
+    let (client, _) = agent.connect().await;
+    client.ping().await.unwrap();
+}
+
+/// A host that vanishes (its side of the stream closed for writing) while
+/// output is queued for it and it reads nothing more: the agent must still
+/// end the session, kill the command, and close its side. It used to wait
+/// for the host to take the queued output first, which over virtio-serial
+/// meant waiting for the port's next host and writing the old session's
+/// output to it ahead of its handshake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_that_vanishes_with_output_pending_is_let_go() {
+    let agent = TestAgent::start().await;
+    let (read, mut write) = agent.raw().await.into_split();
+    let mut reader = FrameReader::new(read);
+    write
+        .write_all(&frame::encode(&Hello::new()).unwrap())
+        .await
+        .unwrap();
+    let reply: HelloReply = reader.read_message().await.unwrap().unwrap();
+    assert!(matches!(reply, HelloReply::Welcome(_)), "{reply:?}");
+    let exec = ClientMessage::Request {
+        id: 1,
+        request: Request::Exec(ExecSpec::shell("exec cat /dev/zero")),
+    };
+    write
+        .write_all(&frame::encode(&exec).unwrap())
+        .await
+        .unwrap();
+    let started: AgentMessage = reader.read_message().await.unwrap().unwrap();
+    let AgentMessage::Started { pid, .. } = started else {
+        panic!("expected Started, got {started:?}");
+    };
+    // Let the output pile up in the socket until the agent's writer waits.
+    let read = reader.into_inner();
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            rustix::io::ioctl_fionread(read.as_ref()).unwrap_or(0) >= 128 * 1024
+        })
+        .await,
+        "no output piled up"
+    );
+    // The host goes away: end of stream for the agent; nothing more is read.
+    write.shutdown().await.unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || process_gone(pid)).await,
+        "command {pid} outlived its host"
+    );
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let ready = read.ready(Interest::READABLE).await.unwrap();
+            if ready.is_read_closed() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(
+        closed.is_ok(),
+        "the agent kept its side open for a host that is gone; log:\n{}",
+        agent.log()
+    );
+    // And serves the next host.
     let (client, _) = agent.connect().await;
     client.ping().await.unwrap();
 }

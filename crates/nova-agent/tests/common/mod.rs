@@ -74,9 +74,21 @@ impl TestAgent {
 
     /// A raw connection, before any handshake.
     pub async fn raw(&self) -> tokio::net::UnixStream {
-        tokio::net::UnixStream::connect(&self.socket)
-            .await
-            .expect("connect")
+        // The socket file appears at bind(), a moment before listen(); a
+        // connect in between is refused.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match tokio::net::UnixStream::connect(&self.socket).await {
+                Ok(stream) => return stream,
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::ConnectionRefused
+                        && Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Err(e) => panic!("connect: {e}"),
+            }
+        }
     }
 
     /// The agent's pid.
