@@ -13,7 +13,7 @@
 //! [`AgentMessage::ProtocolError`] after — and the connection is closed; the
 //! agent keeps serving other connections.
 //!
-//! When a connection ends, every command it started is killed (its whole
+//! When a session ends, every command it started is killed (its whole
 //! process group) and every transfer stops: the session drops the request
 //! inboxes, and a request task that finds its inbox or the writer queue
 //! closed ends its request. When the host went away (end of stream, a failed
@@ -21,13 +21,18 @@
 //! virtio-serial a write to a port without a host waits for the next host
 //! and would reach it ahead of its handshake. A session the agent ends itself
 //! (shutdown, protocol error) has written its last word already and gives
-//! the writer a bounded time for what else is queued. Either way the stream
-//! is closed when [`serve`] returns.
+//! the writer a bounded time for what else is queued. Then the stream is
+//! closed, except in one case: a new host's `Hello` in the middle of a
+//! session (virtio-serial, a host that reconnected before the guest saw it
+//! leave; see [`End::NewHost`]) ends the old session the same way and is
+//! answered on the same stream, as long as nothing of the old session's
+//! output was on its way out.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use nova_protocol::frame::{FrameError, FrameReader, FrameWriter, decode};
 use nova_protocol::handshake::negotiate;
 use nova_protocol::{
@@ -104,6 +109,10 @@ impl Outbox {
 }
 
 /// Serves one connection until it closes.
+///
+/// Normally one host session; but when a new host's `Hello` arrives in the
+/// middle of a session (see [`End::NewHost`]), the old session is ended and
+/// the new one starts on the same stream.
 pub(crate) async fn serve<S>(stream: S, agent: Arc<Agent>, peer: String)
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
@@ -111,60 +120,108 @@ where
     let (read_half, write_half) = tokio::io::split(stream);
     let mut reader = FrameReader::new(read_half);
     let mut writer = FrameWriter::new(write_half);
+    let mut hello = None;
+    loop {
+        let Some(version) = handshake(&mut reader, &mut writer, &agent, hello.take()).await else {
+            return;
+        };
+        tracing::info!(%peer, version, "host connected");
+        match session(&mut reader, writer, &agent, &peer).await {
+            Some((same_writer, next_hello)) => {
+                writer = same_writer;
+                hello = Some(next_hello);
+            }
+            // The stream is closed as both halves are dropped.
+            None => return,
+        }
+    }
+}
 
-    let version = match handshake(&mut reader, &mut writer, &agent).await {
-        Some(version) => version,
-        None => return,
-    };
-    tracing::info!(%peer, version, "host connected");
-
+/// Runs one host session after its handshake. Returns the writer and the
+/// new host's `Hello` when a new host took the stream over, so that it can
+/// be answered on the same stream.
+async fn session<R, W>(
+    reader: &mut FrameReader<R>,
+    writer: FrameWriter<W>,
+    agent: &Arc<Agent>,
+    peer: &str,
+) -> Option<(FrameWriter<W>, Bytes)>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
     let (out_tx, out_rx) = mpsc::channel(OUT_QUEUE);
-    let mut writer_task = tokio::spawn(write_loop(writer, out_rx));
+    // Held until the writer task is done (dropping it does not stop it).
+    let (stop_tx, stop_rx) = oneshot::channel();
+    let mut writer_task = tokio::spawn(write_loop(writer, out_rx, stop_rx));
     let mut session = Session {
-        agent,
+        agent: agent.clone(),
         out: Outbox(out_tx),
         inboxes: HashMap::new(),
         finished: mpsc::unbounded_channel(),
     };
-    let end = session.run(&mut reader).await;
-    tracing::info!(%peer, reason = %end.reason, "host disconnected");
+    let end = session.run(reader).await;
+    match &end {
+        End::HostGone(reason) | End::Closed(reason) => {
+            tracing::info!(%peer, %reason, "host disconnected");
+        }
+        End::NewHost(_) => {
+            tracing::info!(%peer, "a new host took the stream over; ending the previous session");
+        }
+    }
     // Dropping the inboxes tells every request task the host is gone: a
     // command's process group is killed, a transfer stops.
     session.inboxes.clear();
     drop(session);
-    if end.host_gone {
-        // Nobody reads any more. Over virtio-serial a write would not fail
-        // but wait for the port's *next* host (after a snapshot restore, a
-        // new one) and reach it ahead of its handshake; so nothing more is
-        // written. Request tasks blocked on a full queue see it closed and
-        // stop (commands are killed).
-        writer_task.abort();
-    } else if tokio::time::timeout(DRAIN_TIMEOUT, &mut writer_task)
-        .await
-        .is_err()
-    {
+    let drained = match end {
         // What is queued (replies of requests that finished as the session
-        // ended) goes out if the host takes it; a host that stopped reading
-        // does not hold the session (nor, over virtio-serial, the port).
-        tracing::debug!(%peer, "the host does not take the last replies; dropping them");
-        writer_task.abort();
+        // ended) goes out if the host takes it in time.
+        End::Closed(_) => tokio::time::timeout(DRAIN_TIMEOUT, &mut writer_task)
+            .await
+            .ok(),
+        // Nothing more is written for the old host: it is gone, and over
+        // virtio-serial a write would not fail but wait for the port's
+        // next host (after a snapshot restore, a new one) and reach it
+        // ahead of its handshake. Request tasks blocked on a full queue see
+        // it closed and stop (commands are killed).
+        End::HostGone(_) | End::NewHost(_) => None,
+    };
+    let writer = match drained {
+        Some(finished) => finished.ok().flatten(),
+        None => {
+            let _ = stop_tx.send(());
+            writer_task.await.ok().flatten()
+        }
+    };
+    let End::NewHost(hello) = end else {
+        return None;
+    };
+    if writer.is_none() {
+        // Output for the old host was being written when the new one came:
+        // the new host may have part of it, ahead of anything the agent
+        // could answer now. Close the stream; the host connects again.
+        tracing::warn!(%peer, "a new host came while output for the previous one was being written; closing the stream");
     }
-    // Once the writer task is gone, so is the write half: the stream is
-    // closed when this function returns, and a serial port can be reopened.
-    let _ = writer_task.await;
+    writer.map(|writer| (writer, hello))
 }
 
-/// Reads the `Hello` and answers it; returns the chosen version.
+/// Reads the `Hello` (unless the session already read it: `first`) and
+/// answers it; returns the chosen version.
 async fn handshake<R, W>(
     reader: &mut FrameReader<R>,
     writer: &mut FrameWriter<W>,
     agent: &Agent,
+    first: Option<Bytes>,
 ) -> Option<u32>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let refusal = match reader.read_frame().await {
+    let frame = match first {
+        Some(payload) => Ok(Some(payload)),
+        None => reader.read_frame().await,
+    };
+    let refusal = match frame {
         Ok(Some(payload)) => match decode::<Hello>(&payload) {
             Ok(hello) if hello.magic == HELLO_MAGIC => {
                 match negotiate(SUPPORTED_VERSIONS, &hello.versions) {
@@ -205,12 +262,25 @@ where
     None
 }
 
+/// Writes what the session's tasks queue, batching frames, until every
+/// sender is gone (then shuts the stream down) or `stop` fires. Returns the
+/// writer when it stopped between batches, with nothing of a frame left
+/// half-written, so that the stream can serve a new host; `None` otherwise.
 async fn write_loop<W: AsyncWrite + Unpin>(
     mut writer: FrameWriter<W>,
     mut rx: mpsc::Receiver<Outgoing>,
-) {
+    mut stop: oneshot::Receiver<()>,
+) -> Option<FrameWriter<W>> {
     let mut acks = Vec::new();
-    while let Some(first) = rx.recv().await {
+    loop {
+        let first = tokio::select! {
+            biased;
+            _ = &mut stop => return Some(writer),
+            item = rx.recv() => match item {
+                Some(item) => item,
+                None => break,
+            },
+        };
         let mut next = Some(first);
         while let Some(item) = next.take() {
             match item {
@@ -237,15 +307,23 @@ async fn write_loop<W: AsyncWrite + Unpin>(
                 next = rx.try_recv().ok();
             }
         }
-        if let Err(e) = writer.flush().await {
-            tracing::debug!(error = %e, "writing to the host failed");
-            return;
+        tokio::select! {
+            biased;
+            // Part of the batch may be out: the stream is of no further use.
+            _ = &mut stop => return None,
+            written = writer.flush() => {
+                if let Err(e) = written {
+                    tracing::debug!(error = %e, "writing to the host failed");
+                    return None;
+                }
+            }
         }
         for ack in acks.drain(..) {
             let _ = ack.send(());
         }
     }
     let _ = writer.shutdown().await;
+    None
 }
 
 struct Session {
@@ -269,12 +347,13 @@ impl Session {
                 frame = reader.read_frame() => {
                     let payload = match frame {
                         Ok(Some(payload)) => payload,
-                        Ok(None) => return End::host_gone("end of stream".to_owned()),
-                        Err(FrameError::Io(e)) => return End::host_gone(format!("read failed: {e}")),
+                        Ok(None) => return End::HostGone("end of stream".to_owned()),
+                        Err(FrameError::Io(e)) => return End::HostGone(format!("read failed: {e}")),
                         Err(e) => return self.protocol_error(format!("malformed frame: {e}")).await,
                     };
                     let msg = match nova_protocol::zero_copy::decode_client_message(payload.clone()) {
                         Ok(msg) => msg,
+                        Err(_) if is_hello(&payload) => return End::NewHost(payload),
                         Err(e) => {
                             let what = match payload.first() {
                                 Some(&tag) if tag > 6 => format!("unknown message type {tag}: {e}"),
@@ -285,7 +364,7 @@ impl Session {
                     };
                     match self.dispatch(msg).await {
                         Ok(Flow::Continue) => {}
-                        Ok(Flow::Stop(reason)) => return End::closed(reason),
+                        Ok(Flow::Stop(reason)) => return End::Closed(reason),
                         Err(reason) => return self.protocol_error(reason).await,
                     }
                 }
@@ -302,7 +381,7 @@ impl Session {
             })
             .await;
         self.out.flush().await;
-        End::closed(message)
+        End::Closed(message)
     }
 
     async fn dispatch(&mut self, msg: ClientMessage) -> Result<Flow, String> {
@@ -423,28 +502,26 @@ enum Flow {
     Stop(String),
 }
 
-/// Why a session ended.
-struct End {
-    /// In words, for the log.
-    reason: String,
-    /// The host went away (end of stream, a failed read): nothing more can
-    /// reach it. Otherwise the agent ended the session, and its last replies
-    /// may still be written.
-    host_gone: bool,
+/// Whether `payload` is a host's `Hello` (see [`End::NewHost`]).
+fn is_hello(payload: &[u8]) -> bool {
+    payload.starts_with(&HELLO_MAGIC) && decode::<Hello>(payload).is_ok()
 }
 
-impl End {
-    fn host_gone(reason: String) -> Self {
-        Self {
-            reason,
-            host_gone: true,
-        }
-    }
-
-    fn closed(reason: String) -> Self {
-        Self {
-            reason,
-            host_gone: false,
-        }
-    }
+/// Why a session ended.
+enum End {
+    /// The host went away (end of stream, a failed read): nothing more can
+    /// reach it.
+    HostGone(String),
+    /// The agent ended the session (shutdown, protocol error); its last
+    /// replies may still be written.
+    Closed(String),
+    /// A new host's `Hello` (this payload) came instead of a message.
+    ///
+    /// Over virtio-serial the guest sees a host leave only as a port event,
+    /// and a host that reconnects at once (or a snapshot restored with a
+    /// session open, whose new VMM's host connects before the guest sees the
+    /// old one gone) may send its `Hello` into the old session. A `Hello`
+    /// starts with [`HELLO_MAGIC`], which no [`ClientMessage`] does (its
+    /// first byte is the variant index, 0 to 6), so it cannot be mistaken.
+    NewHost(Bytes),
 }

@@ -11,8 +11,8 @@ use nova_protocol::client::ClientError;
 use nova_protocol::frame::{self, FrameReader};
 use nova_protocol::{
     AgentMessage, ClientMessage, ExecSpec, ExitStatus, FileKind, Hello, HelloReply, PtySize,
-    REFRESH_ENTROPY_MAX, REFRESH_ENTROPY_MIN, RemoteErrorKind, Request, SUPPORTED_VERSIONS,
-    SpawnErrorKind,
+    REFRESH_ENTROPY_MAX, REFRESH_ENTROPY_MIN, RemoteErrorKind, Request, Response,
+    SUPPORTED_VERSIONS, SpawnErrorKind,
 };
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
@@ -210,6 +210,7 @@ async fn refresh_gives_a_new_hostname_and_machine_id_and_reports_them() {
     assert!(!hosts.contains("sb-restored-1"), "{hosts}");
     // The agent is not PID 1: the host's own hostname is untouched.
     assert_eq!(rustix::system::uname().nodename(), host_name.as_c_str());
+    agent.assert_no_panic();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -273,6 +274,7 @@ async fn refresh_refuses_a_bad_hostname_with_invalid_input() {
     );
     // The connection lives on.
     client.ping().await.unwrap();
+    agent.assert_no_panic();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -647,6 +649,66 @@ async fn a_host_that_vanishes_with_output_pending_is_let_go() {
     // And serves the next host.
     let (client, _) = agent.connect().await;
     client.ping().await.unwrap();
+    agent.assert_no_panic();
+}
+
+/// Over virtio-serial a host that reconnects at once (or the host of a
+/// guest restored from a snapshot taken with a session open) may send its
+/// `Hello` before the guest saw the old host leave: it arrives in the old
+/// session. The agent ends that session (its commands die) and answers the
+/// `Hello` on the same stream; it used to call it a protocol error, which the
+/// new host read in place of its handshake reply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hello_in_a_session_starts_a_new_one_on_the_same_stream() {
+    let agent = TestAgent::start().await;
+    let (read, mut write) = agent.raw().await.into_split();
+    let mut reader = FrameReader::new(read);
+    let hello = frame::encode(&Hello::new()).unwrap();
+    write.write_all(&hello).await.unwrap();
+    let reply: HelloReply = reader.read_message().await.unwrap().unwrap();
+    assert!(matches!(reply, HelloReply::Welcome(_)), "{reply:?}");
+    let exec = ClientMessage::Request {
+        id: 1,
+        request: Request::Exec(ExecSpec::shell("exec sleep 100")),
+    };
+    write
+        .write_all(&frame::encode(&exec).unwrap())
+        .await
+        .unwrap();
+    let started: AgentMessage = reader.read_message().await.unwrap().unwrap();
+    let AgentMessage::Started { pid, .. } = started else {
+        panic!("expected Started, got {started:?}");
+    };
+
+    // The next host, on the same stream.
+    write.write_all(&hello).await.unwrap();
+    let reply: HelloReply = reader.read_message().await.unwrap().unwrap();
+    assert!(matches!(reply, HelloReply::Welcome(_)), "{reply:?}");
+    assert!(
+        wait_until(Duration::from_secs(10), || process_gone(pid)).await,
+        "command {pid} of the previous host's session lives on"
+    );
+    // A fresh session: request ids start over.
+    let ping = ClientMessage::Request {
+        id: 1,
+        request: Request::Ping,
+    };
+    write
+        .write_all(&frame::encode(&ping).unwrap())
+        .await
+        .unwrap();
+    let done: AgentMessage = reader.read_message().await.unwrap().unwrap();
+    assert!(
+        matches!(
+            done,
+            AgentMessage::Done {
+                id: 1,
+                result: Ok(Response::Pong)
+            }
+        ),
+        "{done:?}"
+    );
+    agent.assert_no_panic();
 }
 
 /// Reads whole lines from `stdout` until there are `n`; each is a pid.
@@ -696,6 +758,7 @@ async fn shutdown_makes_the_agent_exit() {
     assert_eq!(agent.try_exit_code(), Some(Some(0)));
     let err = client.ping().await.unwrap_err();
     assert!(matches!(err, ClientError::Disconnected { .. }), "{err}");
+    agent.assert_no_panic();
 }
 
 /// Sends `bytes` raw and returns the agent's answer frame (if any) and
@@ -815,6 +878,7 @@ async fn malformed_frames_are_answered_and_the_agent_lives_on() {
         let (client, _) = agent.connect().await;
         client.ping().await.unwrap();
     }
+    agent.assert_no_panic();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

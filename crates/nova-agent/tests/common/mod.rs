@@ -126,6 +126,14 @@ impl TestAgent {
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
     }
+
+    /// Fails if the agent logged a panic. A panic in one of its tasks does
+    /// not end a test build of the agent (tokio catches it), but the guest
+    /// build aborts on panic: as PID 1, that is a kernel panic.
+    pub fn assert_no_panic(&self) {
+        let log = self.log();
+        assert!(!log.contains("panicked"), "the agent panicked; log:\n{log}");
+    }
 }
 
 impl Drop for TestAgent {
