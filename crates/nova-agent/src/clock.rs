@@ -5,7 +5,8 @@
 //! A paused VM's clocks stop with it (and a restored snapshot wakes up with
 //! the time it was taken at), so after a resume the guest's wall clock is
 //! behind by as long as it was stopped. The host sends its own time in a
-//! [`nova_protocol::Request::SetClock`]; [`set_from_host`] steps
+//! [`nova_protocol::Request::SetClock`] (or, after a snapshot restore, a
+//! [`nova_protocol::Request::Refresh`]); [`step_to_host`] steps
 //! `CLOCK_REALTIME` to it. Monotonic clocks are left alone: they measure the
 //! guest's own running time, which did stop.
 
@@ -25,10 +26,25 @@ pub(crate) fn boottime_us() -> u64 {
         + u64::try_from(ts.tv_nsec).unwrap_or(0) / 1_000
 }
 
-/// Answers [`nova_protocol::Request::SetClock`]: measures how far the wall
-/// clock is behind `host_unix_ns` and, when `step` (the agent is PID 1, so
-/// the clock is the guest's own) and the offset is noticeable, steps it.
+/// What [`step_to_host`] found and did.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Step {
+    /// How far the guest's clock was behind the host's (negative: ahead).
+    pub(crate) offset_ns: i64,
+    /// Whether the clock was stepped.
+    pub(crate) stepped: bool,
+}
+
+/// Answers [`nova_protocol::Request::SetClock`] (see [`step_to_host`]).
 pub(crate) fn set_from_host(host_unix_ns: u64, step: bool) -> Result<Response, RemoteError> {
+    let Step { offset_ns, stepped } = step_to_host(host_unix_ns, step)?;
+    Ok(Response::ClockSet { offset_ns, stepped })
+}
+
+/// Measures how far the wall clock is behind `host_unix_ns` and, when
+/// `step` (the agent is PID 1, so the clock is the guest's own) and the
+/// offset is noticeable, steps it.
+pub(crate) fn step_to_host(host_unix_ns: u64, step: bool) -> Result<Step, RemoteError> {
     let host = i128::from(host_unix_ns);
     let now = clock_gettime(ClockId::Realtime);
     let guest = i128::from(now.tv_sec) * i128::from(NANOS_PER_SEC) + i128::from(now.tv_nsec);
@@ -48,7 +64,7 @@ pub(crate) fn set_from_host(host_unix_ns: u64, step: bool) -> Result<Response, R
             "wall clock stepped to the host's time"
         );
     }
-    Ok(Response::ClockSet { offset_ns, stepped })
+    Ok(Step { offset_ns, stepped })
 }
 
 #[cfg(test)]

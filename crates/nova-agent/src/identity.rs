@@ -3,32 +3,55 @@
 //! loopback address), and `/etc/machine-id` (new for every sandbox).
 //!
 //! The template's files were written when the image was built and name no
-//! sandbox, so [`apply`] rewrites them at boot:
+//! sandbox, so [`apply`] rewrites them at boot, and [`refresh`] again in a
+//! guest restored from a snapshot (whose files name the snapshot's guest):
 //!
 //! * on a writable root (the overlay), in place;
 //! * on a read-only root (`read_only_rootfs`), the three files are written to
 //!   a tmpfs (`/run/nova/etc`) and stacked over `/etc` with a read-only
 //!   overlay (`lowerdir=/run/nova/etc:/etc`): `/etc` shows the sandbox's
 //!   files, and stays read-only. Unlike bind mounts over single files, this
-//!   also works when the image has no `/etc/machine-id` to mount over.
+//!   also works when the image has no `/etc/machine-id` to mount over. A
+//!   refresh does not touch the lower directory of the mounted overlay (the
+//!   kernel leaves changes to a mounted overlay's layers undefined): it
+//!   prepares the files in the other of two directories, detaches the old
+//!   overlay and mounts a new one from them.
 //!
 //! `/etc/hosts` keeps the image's own entries; only the loopback lines are
 //! rewritten: `127.0.0.1 localhost`, `127.0.1.1 <hostname>` (Debian's
 //! convention for the machine's own name) and `::1 localhost ...`.
+//!
+//! Only PID 1 touches the machine's identity ([`Target::System`]); an agent
+//! on a host (tests) writes the three files into a directory of its own
+//! ([`Target::Dir`]) and never sets the host's hostname.
 
 use std::ffi::CString;
 use std::hash::{Hash, Hasher};
 use std::io::{self, Read};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, PoisonError};
 
-use rustix::mount::{MountFlags, mount};
+use rustix::mount::{MountFlags, UnmountFlags, mount, unmount};
 
 /// Hostname used when the kernel command line gives none, or an invalid one.
 pub(crate) const DEFAULT_HOSTNAME: &str = "nova";
 /// Longest hostname the kernel accepts.
 const HOSTNAME_MAX: usize = 64;
-/// Where the files are prepared on a read-only root.
-const RUN_ETC: &str = "/run/nova/etc";
+/// Where the files are prepared on a read-only root: the first at boot, then
+/// each refresh takes the one the mounted overlay does not use.
+const RUN_ETC: [&str; 2] = ["/run/nova/etc", "/run/nova/etc.1"];
+
+/// One identity change at a time (a refresh on two connections at once).
+static WRITING: Mutex<()> = Mutex::new(());
+
+/// Where an identity is written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Target {
+    /// The machine's own: the kernel's hostname and `/etc` (PID 1 only).
+    System,
+    /// Only the three files, into this directory (`--etc`, for host tests).
+    Dir(PathBuf),
+}
 
 /// What [`apply`] did, for the log.
 #[derive(Debug, Default)]
@@ -41,8 +64,8 @@ pub(crate) struct IdentityReport {
     pub(crate) overlaid: bool,
 }
 
-/// Sets the hostname and writes the identity files (see the module docs).
-/// `requested` is `nova.hostname=` from the kernel command line.
+/// Sets the hostname and writes the identity files at boot (see the module
+/// docs). `requested` is `nova.hostname=` from the kernel command line.
 pub(crate) fn apply(requested: Option<&str>) -> io::Result<IdentityReport> {
     let hostname = match requested {
         Some(name) if valid_hostname(name) => name.to_owned(),
@@ -55,37 +78,8 @@ pub(crate) fn apply(requested: Option<&str>) -> io::Result<IdentityReport> {
         }
         None => DEFAULT_HOSTNAME.to_owned(),
     };
-    rustix::system::sethostname(hostname.as_bytes())
-        .map_err(|e| io::Error::other(format!("sethostname {hostname}: {e}")))?;
-    let machine_id = new_machine_id(&hostname);
-    let existing_hosts = std::fs::read_to_string("/etc/hosts").unwrap_or_default();
-    let files = [
-        ("hostname", format!("{hostname}\n")),
-        ("hosts", render_hosts(&existing_hosts, &hostname)),
-        ("machine-id", format!("{machine_id}\n")),
-    ];
-    let overlaid = is_read_only(Path::new("/etc"));
-    if overlaid {
-        std::fs::create_dir_all(RUN_ETC)
-            .map_err(|e| io::Error::new(e.kind(), format!("mkdir {RUN_ETC}: {e}")))?;
-        for (name, content) in &files {
-            write_replacing(&Path::new(RUN_ETC).join(name), content.as_bytes())?;
-        }
-        let options = CString::new(format!("lowerdir={RUN_ETC}:/etc"))
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))?;
-        mount(
-            "overlay",
-            "/etc",
-            "overlay",
-            MountFlags::RDONLY,
-            Some(options.as_c_str()),
-        )
-        .map_err(|e| io::Error::other(format!("overlay {RUN_ETC} on /etc: {e}")))?;
-    } else {
-        for (name, content) in &files {
-            write_replacing(&Path::new("/etc").join(name), content.as_bytes())?;
-        }
-    }
+    let machine_id = new_machine_id(&hostname, &[]);
+    let overlaid = write(&Target::System, &hostname, &machine_id)?;
     Ok(IdentityReport {
         hostname,
         machine_id,
@@ -93,9 +87,122 @@ pub(crate) fn apply(requested: Option<&str>) -> io::Result<IdentityReport> {
     })
 }
 
+/// Gives the machine a new identity after a snapshot restore: `hostname`
+/// (already checked with [`valid_hostname`]) and a new machine id, drawn
+/// after the host's `entropy` was mixed into the kernel's pool and mixed
+/// with it too (so it is new even if that did not take). With no `target`
+/// nothing is written. Returns the machine id.
+pub(crate) fn refresh(
+    target: Option<&Target>,
+    hostname: &str,
+    entropy: &[u8],
+) -> io::Result<String> {
+    let machine_id = new_machine_id(hostname, entropy);
+    if let Some(target) = target {
+        let overlaid = write(target, hostname, &machine_id)?;
+        tracing::info!(hostname, machine_id, overlaid, "identity refreshed");
+    }
+    Ok(machine_id)
+}
+
+/// Sets the hostname (for [`Target::System`]) and writes the three files.
+/// Returns whether they went into an overlay over a read-only `/etc`.
+fn write(target: &Target, hostname: &str, machine_id: &str) -> io::Result<bool> {
+    let _writing = WRITING.lock().unwrap_or_else(PoisonError::into_inner);
+    let etc = match target {
+        Target::System => {
+            rustix::system::sethostname(hostname.as_bytes())
+                .map_err(|e| io::Error::other(format!("sethostname {hostname}: {e}")))?;
+            Path::new("/etc")
+        }
+        Target::Dir(dir) => dir.as_path(),
+    };
+    let existing_hosts = std::fs::read_to_string(etc.join("hosts")).unwrap_or_default();
+    let files = [
+        ("hostname", format!("{hostname}\n")),
+        ("hosts", render_hosts(&existing_hosts, hostname)),
+        ("machine-id", format!("{machine_id}\n")),
+    ];
+    if *target == Target::System && is_read_only(etc) {
+        overlay_etc(&files)?;
+        return Ok(true);
+    }
+    for (name, content) in &files {
+        write_replacing(&etc.join(name), content.as_bytes())?;
+    }
+    Ok(false)
+}
+
+/// Shows `files` in the read-only `/etc` through an overlay (see the module
+/// docs): mounts one, or replaces the one an earlier call mounted.
+fn overlay_etc(files: &[(&str, String)]) -> io::Result<()> {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let current = etc_overlay_lower(&mountinfo).filter(|dir| RUN_ETC.contains(&dir.as_str()));
+    let next = if current.as_deref() == Some(RUN_ETC[0]) {
+        RUN_ETC[1]
+    } else {
+        RUN_ETC[0]
+    };
+    std::fs::create_dir_all(next)
+        .map_err(|e| io::Error::new(e.kind(), format!("mkdir {next}: {e}")))?;
+    for (name, content) in files {
+        write_replacing(&Path::new(next).join(name), content.as_bytes())?;
+    }
+    let options = CString::new(format!("lowerdir={next}:/etc"))
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))?;
+    if current.is_some() {
+        // From here until the mount below, `/etc` shows the image's files.
+        // Processes that hold files of the old overlay keep them.
+        unmount("/etc", UnmountFlags::DETACH)
+            .map_err(|e| io::Error::other(format!("detach the overlay on /etc: {e}")))?;
+    }
+    mount(
+        "overlay",
+        "/etc",
+        "overlay",
+        MountFlags::RDONLY,
+        Some(options.as_c_str()),
+    )
+    .map_err(|e| io::Error::other(format!("overlay {next} on /etc: {e}")))?;
+    if let Some(old) = current
+        && let Err(e) = std::fs::remove_dir_all(&old)
+    {
+        tracing::debug!(error = %e, dir = old, "cannot remove the old identity files");
+    }
+    Ok(())
+}
+
+/// The first lower directory of the overlay on `/etc`, when the top-most
+/// mount there is an overlay; from the text of `/proc/self/mountinfo`.
+fn etc_overlay_lower(mountinfo: &str) -> Option<String> {
+    let mut lower = None;
+    // Later lines are later mounts, on top of the earlier ones.
+    for line in mountinfo.lines() {
+        let Some((mount, fs)) = line.split_once(" - ") else {
+            continue;
+        };
+        if mount.split(' ').nth(4) != Some("/etc") {
+            continue;
+        }
+        let mut fs = fs.split(' ');
+        let fstype = fs.next();
+        let options = fs.nth(1).unwrap_or_default();
+        lower = if fstype == Some("overlay") {
+            options
+                .split(',')
+                .find_map(|o| o.strip_prefix("lowerdir="))
+                .and_then(|dirs| dirs.split(':').next())
+                .map(str::to_owned)
+        } else {
+            None
+        };
+    }
+    lower
+}
+
 /// Whether `name` is a hostname the kernel and resolvers accept: 1 to 64
 /// characters, letters, digits, `-` and `.`, not starting with `-` or `.`.
-fn valid_hostname(name: &str) -> bool {
+pub(crate) fn valid_hostname(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= HOSTNAME_MAX
         && !name.starts_with(['-', '.'])
@@ -136,7 +243,7 @@ fn render_hosts(existing: &str, hostname: &str) -> String {
         }
     }
     let mut out = format!(
-        "# Written by nova-agent at boot for this sandbox.\n127.0.0.1\t{}\n127.0.1.1\t{hostname}\n::1\t\t{}\n",
+        "# Written by nova-agent for this sandbox.\n127.0.0.1\t{}\n127.0.1.1\t{hostname}\n::1\t\t{}\n",
         v4.join(" "),
         v6.join(" ")
     );
@@ -148,10 +255,11 @@ fn render_hosts(existing: &str, hostname: &str) -> String {
 }
 
 /// A new machine id: 32 lowercase hex digits, from the kernel's random
-/// source mixed with the hostname (the sandbox id) and the boot clock, so it
-/// differs between sandboxes even if the random source were predictable
-/// this early.
-fn new_machine_id(hostname: &str) -> String {
+/// source mixed with the hostname (the sandbox id), `extra` (the host's
+/// entropy after a restore) and the clocks, so it differs between sandboxes
+/// even if the random source were predictable this early, or (in a restored
+/// guest) still shared with the snapshot's other guests.
+fn new_machine_id(hostname: &str, extra: &[u8]) -> String {
     let mut random = [0u8; 16];
     if let Err(e) = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut random))
     {
@@ -166,6 +274,7 @@ fn new_machine_id(hostname: &str) -> String {
             half,
             hostname,
             random,
+            extra,
             boottime,
             realtime.tv_sec,
             realtime.tv_nsec,
@@ -208,7 +317,7 @@ mod tests {
         let hosts = render_hosts(image, "sb-1");
         assert_eq!(
             hosts,
-            "# Written by nova-agent at boot for this sandbox.\n127.0.0.1\tlocalhost\n\
+            "# Written by nova-agent for this sandbox.\n127.0.0.1\tlocalhost\n\
              127.0.1.1\tsb-1\n::1\t\tlocalhost ip6-localhost ip6-loopback\n"
         );
         let image =
@@ -227,8 +336,8 @@ mod tests {
 
     #[test]
     fn machine_ids_are_32_hex_digits_and_differ() {
-        let a = new_machine_id("sb-1");
-        let b = new_machine_id("sb-1");
+        let a = new_machine_id("sb-1", &[]);
+        let b = new_machine_id("sb-1", &[]);
         assert_eq!(a.len(), 32);
         assert!(
             a.bytes()
@@ -236,7 +345,8 @@ mod tests {
             "{a}"
         );
         assert_ne!(a, b);
-        assert_ne!(new_machine_id("sb-2"), a);
+        assert_ne!(new_machine_id("sb-2", &[]), a);
+        assert_ne!(new_machine_id("sb-1", &[1; 32]), a);
     }
 
     #[test]
@@ -246,6 +356,56 @@ mod tests {
         for bad in ["", "-x", ".x", "a b", "a/b", &"x".repeat(65)] {
             assert!(!valid_hostname(bad), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn the_overlay_on_etc_is_found_in_mountinfo() {
+        let root = "22 1 254:0 / / ro,relatime - ext4 /dev/root ro\n";
+        let ours =
+            "30 22 0:25 / /etc ro,relatime - overlay overlay ro,lowerdir=/run/nova/etc:/etc\n";
+        let again = "31 22 0:26 / /etc ro,relatime - overlay overlay ro,lowerdir=/run/nova/etc.1:/etc,redirect_dir=nofollow\n";
+        let tmpfs = "32 22 0:27 / /etc rw - tmpfs tmpfs rw\n";
+        let other = "33 22 0:28 / /etcx ro - overlay overlay ro,lowerdir=/x:/y\n";
+        assert_eq!(etc_overlay_lower(root), None);
+        assert_eq!(
+            etc_overlay_lower(&format!("{root}{ours}")).as_deref(),
+            Some("/run/nova/etc")
+        );
+        // The top-most mount counts.
+        assert_eq!(
+            etc_overlay_lower(&format!("{root}{ours}{again}{other}")).as_deref(),
+            Some("/run/nova/etc.1")
+        );
+        assert_eq!(etc_overlay_lower(&format!("{root}{ours}{tmpfs}")), None);
+        assert_eq!(etc_overlay_lower("garbage\n\n - \n"), None);
+    }
+
+    #[test]
+    fn refresh_into_a_directory_rewrites_the_three_files() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("hosts"),
+            "127.0.0.1 localhost\n127.0.1.1 old\n10.0.0.5 registry\n",
+        )
+        .unwrap();
+        let target = Target::Dir(dir.path().to_owned());
+        let id = refresh(Some(&target), "sb-new", &[9; 32]).unwrap();
+        let read = |name: &str| std::fs::read_to_string(dir.path().join(name)).unwrap();
+        assert_eq!(read("hostname"), "sb-new\n");
+        assert_eq!(read("machine-id"), format!("{id}\n"));
+        let hosts = read("hosts");
+        assert!(hosts.contains("127.0.1.1\tsb-new\n"), "{hosts}");
+        assert!(
+            hosts.contains("10.0.0.5 registry\n") && !hosts.contains("old"),
+            "{hosts}"
+        );
+        let again = refresh(Some(&target), "sb-new", &[9; 32]).unwrap();
+        assert_ne!(again, id);
+        assert_eq!(read("machine-id"), format!("{again}\n"));
+        // No target: a new id, nothing written.
+        let unwritten = refresh(None, "sb-other", &[9; 32]).unwrap();
+        assert_eq!(read("machine-id"), format!("{again}\n"));
+        assert_eq!(unwritten.len(), 32);
     }
 
     #[test]

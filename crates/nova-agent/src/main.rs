@@ -11,17 +11,22 @@
 //!    `org.nova.agent`, whichever exist). One failing listener is logged; the
 //!    agent only gives up when none works;
 //! 3. a [`session`] per host connection: handshake, then requests
-//!    ([`exec`], [`files`], [`stats`]);
+//!    ([`exec`], [`files`], [`stats`], [`refresh`] after a snapshot restore);
 //! 4. on a shutdown request: `sync`, then power off (as PID 1) or exit.
 //!
 //! ```text
-//! nova-agent [--listen unix:PATH | --listen vsock:PORT | --listen serial:NAME]...
+//! nova-agent [--listen unix:PATH | --listen vsock:PORT | --listen serial:NAME]... [--etc DIR]
 //! ```
+//!
+//! `--etc DIR` is for host tests: an agent that is not PID 1 writes the
+//! identity files of a [`nova_protocol::Request::Refresh`] there (and
+//! nowhere without it); as PID 1 they are always `/etc`'s.
 //!
 //! Logs go to stderr (the VM console as PID 1); `NOVA_AGENT_LOG` sets the
 //! filter (default `info`).
 
 mod clock;
+mod entropy;
 mod exec;
 mod fdio;
 mod files;
@@ -30,6 +35,7 @@ mod init;
 mod listen;
 mod netdev;
 mod reaper;
+mod refresh;
 mod session;
 mod spawn_error;
 mod stats;
@@ -55,7 +61,12 @@ pub(crate) struct Agent {
     /// (host tests), `Some` replaces it (PID 1, whose environment is the
     /// kernel's).
     pub(crate) base_env: Option<Vec<(String, String)>>,
-    pid1: bool,
+    /// Whether the agent is the guest's PID 1: only then is the machine its
+    /// own (clock, hostname, random generator, power).
+    pub(crate) pid1: bool,
+    /// Where a refresh writes the guest's identity: the system as PID 1, the
+    /// `--etc` directory otherwise, or nowhere.
+    pub(crate) identity: Option<identity::Target>,
     started_us: u64,
     ready_us: std::sync::OnceLock<u64>,
     shutdown: mpsc::Sender<()>,
@@ -85,6 +96,7 @@ impl Agent {
 #[derive(Debug, Default)]
 struct Args {
     listen: Vec<ListenAddr>,
+    etc: Option<std::path::PathBuf>,
 }
 
 fn parse_args() -> anyhow::Result<Option<Args>> {
@@ -99,14 +111,19 @@ fn parse_args() -> anyhow::Result<Option<Args>> {
             s if s.starts_with("--listen=") => {
                 args.listen.push(s["--listen=".len()..].parse()?);
             }
+            "--etc" => {
+                args.etc = Some(it.next().context("--etc needs a directory")?.into());
+            }
             "--version" | "-V" => {
                 eprintln!("nova-agent {}", env!("CARGO_PKG_VERSION"));
                 return Ok(None);
             }
             "--help" | "-h" => {
                 eprintln!(
-                    "usage: nova-agent [--listen unix:PATH | --listen vsock:PORT | --listen serial:NAME]...\n\
-                     As PID 1 without --listen it listens on vsock:{} and serial:{}.",
+                    "usage: nova-agent [--listen unix:PATH | --listen vsock:PORT | --listen serial:NAME]... [--etc DIR]\n\
+                     As PID 1 without --listen it listens on vsock:{} and serial:{}.\n\
+                     --etc DIR: where an agent that is not PID 1 (host tests) writes the hostname,\n\
+                     hosts and machine-id files a refresh rewrites (as PID 1: /etc, always).",
                     boot::AGENT_VSOCK_PORT,
                     boot::AGENT_SERIAL_PORT
                 );
@@ -184,7 +201,15 @@ fn real_main(started_us: u64, pid1: bool) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(serve(listen, base_env, started_us, pid1))?;
+    let identity = if pid1 {
+        if args.etc.is_some() {
+            tracing::warn!("ignoring --etc: as PID 1 the identity files are /etc's");
+        }
+        Some(identity::Target::System)
+    } else {
+        args.etc.map(identity::Target::Dir)
+    };
+    runtime.block_on(serve(listen, base_env, identity, started_us, pid1))?;
     // Do not wait for blocked tasks (a file read on a hung device).
     runtime.shutdown_background();
     power_off(pid1);
@@ -194,6 +219,7 @@ fn real_main(started_us: u64, pid1: bool) -> anyhow::Result<()> {
 async fn serve(
     listen: Vec<ListenAddr>,
     base_env: Option<Vec<(String, String)>>,
+    identity: Option<identity::Target>,
     started_us: u64,
     pid1: bool,
 ) -> anyhow::Result<()> {
@@ -210,6 +236,7 @@ async fn serve(
         reaper,
         base_env,
         pid1,
+        identity,
         started_us,
         ready_us: std::sync::OnceLock::new(),
         shutdown: shutdown_tx,

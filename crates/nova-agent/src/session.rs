@@ -11,12 +11,28 @@
 //! payload, an unknown message type, anything but a `Hello` first) is answered
 //! with an error frame — [`HelloReply::Refused`] before the handshake,
 //! [`AgentMessage::ProtocolError`] after — and the connection is closed; the
-//! agent keeps serving other connections. When a connection ends, every
-//! command it started is killed (its whole process group).
+//! agent keeps serving other connections.
+//!
+//! When a session ends, every command it started is killed (its whole
+//! process group) and every transfer stops: the session drops the request
+//! inboxes, and a request task that finds its inbox or the writer queue
+//! closed ends its request. When the host went away (end of stream, a failed
+//! read), the writer is stopped at once, whatever it still holds: over
+//! virtio-serial a write to a port without a host waits for the next host
+//! and would reach it ahead of its handshake. A session the agent ends itself
+//! (shutdown, protocol error) has written its last word already and gives
+//! the writer a bounded time for what else is queued. Then the stream is
+//! closed, except in one case: a new host's `Hello` in the middle of a
+//! session (virtio-serial, a host that reconnected before the guest saw it
+//! leave; see [`End::NewHost`]) ends the old session the same way and is
+//! answered on the same stream, as long as nothing of the old session's
+//! output was on its way out.
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
+use bytes::Bytes;
 use nova_protocol::frame::{FrameError, FrameReader, FrameWriter, decode};
 use nova_protocol::handshake::negotiate;
 use nova_protocol::{
@@ -27,6 +43,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::Agent;
+use crate::refresh::{self, Refresh};
 use crate::{clock, exec, files, stats};
 
 /// Most requests in flight on one connection.
@@ -36,6 +53,9 @@ const MAX_IN_FLIGHT: usize = 4096;
 const OUT_QUEUE: usize = 512;
 /// The writer batches up to this many bytes into one write.
 const WRITE_BATCH: usize = 512 * 1024;
+/// How long a session that the agent ends (shutdown, protocol error) waits
+/// for its last words to be written before it closes the stream anyway.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// What the writer task is asked to do.
 #[derive(Debug)]
@@ -72,25 +92,27 @@ impl Outbox {
         self.send(AgentMessage::Done { id, result }).await
     }
 
-    /// Waits until everything queued before has been written.
+    /// Waits until everything queued before has been written, at most
+    /// [`DRAIN_TIMEOUT`] (a host that stopped reading must not hold the
+    /// session, nor a shutdown).
     async fn flush(&self) {
-        let (tx, rx) = oneshot::channel();
-        if self.0.send(Outgoing::Flush(tx)).await.is_ok() {
-            let _ = rx.await;
+        let flushed = async {
+            let (tx, rx) = oneshot::channel();
+            if self.0.send(Outgoing::Flush(tx)).await.is_ok() {
+                let _ = rx.await;
+            }
+        };
+        if tokio::time::timeout(DRAIN_TIMEOUT, flushed).await.is_err() {
+            tracing::debug!("the host does not take what is queued for it");
         }
     }
 }
 
 /// Serves one connection until it closes.
 ///
-/// A `Hello` in the middle of a session starts a new one on the same stream:
-/// after a snapshot restore the guest may still think it serves the host
-/// that took the snapshot (a virtio-serial port is one byte stream, and the
-/// port-closed event can race the new host's first bytes), while a new host
-/// is speaking. That host's `Hello` ends the old session (its requests are
-/// abandoned, as when a host disconnects) and is answered at once. A `Hello`
-/// can never be mistaken for a request: a request frame starts with a small
-/// variant index, a `Hello` with [`HELLO_MAGIC`].
+/// Normally one host session; but when a new host's `Hello` arrives in the
+/// middle of a session (see [`End::NewHost`]), the old session is ended and
+/// the new one starts on the same stream.
 pub(crate) async fn serve<S>(stream: S, agent: Arc<Agent>, peer: String)
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
@@ -100,57 +122,96 @@ where
     let mut writer = FrameWriter::new(write_half);
     let mut hello = None;
     loop {
-        let version = match handshake(&mut reader, &mut writer, &agent, hello.take()).await {
-            Some(version) => version,
-            None => return,
+        let Some(version) = handshake(&mut reader, &mut writer, &agent, hello.take()).await else {
+            return;
         };
         tracing::info!(%peer, version, "host connected");
-
-        let (out_tx, out_rx) = mpsc::channel(OUT_QUEUE);
-        let writer_task = tokio::spawn(write_loop(writer, out_rx));
-        let mut session = Session {
-            agent: agent.clone(),
-            out: Outbox(out_tx),
-            inboxes: HashMap::new(),
-            finished: mpsc::unbounded_channel(),
-        };
-        let ended = session.run(&mut reader).await;
-        // Dropping the inboxes tells every request task the host is gone.
-        session.inboxes.clear();
-        session.out.flush().await;
-        drop(session);
-        writer = match writer_task.await {
-            Ok(Some(writer)) => writer,
-            _ => return,
-        };
-        match ended {
-            Ended::Closed(reason) => {
-                tracing::info!(%peer, %reason, "host disconnected");
-                let _ = writer.shutdown().await;
-                return;
+        match session(&mut reader, writer, &agent, &peer).await {
+            Some((same_writer, next_hello)) => {
+                writer = same_writer;
+                hello = Some(next_hello);
             }
-            Ended::NewHost(payload) => {
-                tracing::info!(%peer, "a new host said hello; starting a new session");
-                hello = Some(payload);
-            }
+            // The stream is closed as both halves are dropped.
+            None => return,
         }
     }
 }
 
-/// How a session ended.
-enum Ended {
-    /// The connection closed or broke; why.
-    Closed(String),
-    /// A new host sent this `Hello` frame on the same stream.
-    NewHost(Vec<u8>),
+/// Runs one host session after its handshake. Returns the writer and the
+/// new host's `Hello` when a new host took the stream over, so that it can
+/// be answered on the same stream.
+async fn session<R, W>(
+    reader: &mut FrameReader<R>,
+    writer: FrameWriter<W>,
+    agent: &Arc<Agent>,
+    peer: &str,
+) -> Option<(FrameWriter<W>, Bytes)>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let (out_tx, out_rx) = mpsc::channel(OUT_QUEUE);
+    // Held until the writer task is done (dropping it does not stop it).
+    let (stop_tx, stop_rx) = oneshot::channel();
+    let mut writer_task = tokio::spawn(write_loop(writer, out_rx, stop_rx));
+    let mut session = Session {
+        agent: agent.clone(),
+        out: Outbox(out_tx),
+        inboxes: HashMap::new(),
+        finished: mpsc::unbounded_channel(),
+    };
+    let end = session.run(reader).await;
+    match &end {
+        End::HostGone(reason) | End::Closed(reason) => {
+            tracing::info!(%peer, %reason, "host disconnected");
+        }
+        End::NewHost(_) => {
+            tracing::info!(%peer, "a new host took the stream over; ending the previous session");
+        }
+    }
+    // Dropping the inboxes tells every request task the host is gone: a
+    // command's process group is killed, a transfer stops.
+    session.inboxes.clear();
+    drop(session);
+    let drained = match end {
+        // What is queued (replies of requests that finished as the session
+        // ended) goes out if the host takes it in time.
+        End::Closed(_) => tokio::time::timeout(DRAIN_TIMEOUT, &mut writer_task)
+            .await
+            .ok(),
+        // Nothing more is written for the old host: it is gone, and over
+        // virtio-serial a write would not fail but wait for the port's
+        // next host (after a snapshot restore, a new one) and reach it
+        // ahead of its handshake. Request tasks blocked on a full queue see
+        // it closed and stop (commands are killed).
+        End::HostGone(_) | End::NewHost(_) => None,
+    };
+    let writer = match drained {
+        Some(finished) => finished.ok().flatten(),
+        None => {
+            let _ = stop_tx.send(());
+            writer_task.await.ok().flatten()
+        }
+    };
+    let End::NewHost(hello) = end else {
+        return None;
+    };
+    if writer.is_none() {
+        // Output for the old host was being written when the new one came:
+        // the new host may have part of it, ahead of anything the agent
+        // could answer now. Close the stream; the host connects again.
+        tracing::warn!(%peer, "a new host came while output for the previous one was being written; closing the stream");
+    }
+    writer.map(|writer| (writer, hello))
 }
 
-/// Reads the `Hello` and answers it; returns the chosen version.
+/// Reads the `Hello` (unless the session already read it: `first`) and
+/// answers it; returns the chosen version.
 async fn handshake<R, W>(
     reader: &mut FrameReader<R>,
     writer: &mut FrameWriter<W>,
     agent: &Agent,
-    first: Option<Vec<u8>>,
+    first: Option<Bytes>,
 ) -> Option<u32>
 where
     R: AsyncRead + Unpin,
@@ -158,7 +219,7 @@ where
 {
     let frame = match first {
         Some(payload) => Ok(Some(payload)),
-        None => reader.read_frame().await.map(|f| f.map(|p| p.to_vec())),
+        None => reader.read_frame().await,
     };
     let refusal = match frame {
         Ok(Some(payload)) => match decode::<Hello>(&payload) {
@@ -201,14 +262,25 @@ where
     None
 }
 
-/// Writes what the session sends until it is dropped, then hands the
-/// writer back (`None` if writing failed).
+/// Writes what the session's tasks queue, batching frames, until every
+/// sender is gone (then shuts the stream down) or `stop` fires. Returns the
+/// writer when it stopped between batches, with nothing of a frame left
+/// half-written, so that the stream can serve a new host; `None` otherwise.
 async fn write_loop<W: AsyncWrite + Unpin>(
     mut writer: FrameWriter<W>,
     mut rx: mpsc::Receiver<Outgoing>,
+    mut stop: oneshot::Receiver<()>,
 ) -> Option<FrameWriter<W>> {
     let mut acks = Vec::new();
-    while let Some(first) = rx.recv().await {
+    loop {
+        let first = tokio::select! {
+            biased;
+            _ = &mut stop => return Some(writer),
+            item = rx.recv() => match item {
+                Some(item) => item,
+                None => break,
+            },
+        };
         let mut next = Some(first);
         while let Some(item) = next.take() {
             match item {
@@ -235,15 +307,23 @@ async fn write_loop<W: AsyncWrite + Unpin>(
                 next = rx.try_recv().ok();
             }
         }
-        if let Err(e) = writer.flush().await {
-            tracing::debug!(error = %e, "writing to the host failed");
-            return None;
+        tokio::select! {
+            biased;
+            // Part of the batch may be out: the stream is of no further use.
+            _ = &mut stop => return None,
+            written = writer.flush() => {
+                if let Err(e) = written {
+                    tracing::debug!(error = %e, "writing to the host failed");
+                    return None;
+                }
+            }
         }
         for ack in acks.drain(..) {
             let _ = ack.send(());
         }
     }
-    Some(writer)
+    let _ = writer.shutdown().await;
+    None
 }
 
 struct Session {
@@ -256,8 +336,8 @@ struct Session {
 }
 
 impl Session {
-    /// Runs until the connection ends or a new host says hello.
-    async fn run<R: AsyncRead + Unpin>(&mut self, reader: &mut FrameReader<R>) -> Ended {
+    /// Runs until the connection ends; returns why.
+    async fn run<R: AsyncRead + Unpin>(&mut self, reader: &mut FrameReader<R>) -> End {
         loop {
             tokio::select! {
                 biased;
@@ -267,38 +347,32 @@ impl Session {
                 frame = reader.read_frame() => {
                     let payload = match frame {
                         Ok(Some(payload)) => payload,
-                        Ok(None) => return Ended::Closed("end of stream".to_owned()),
-                        Err(FrameError::Io(e)) => return Ended::Closed(format!("read failed: {e}")),
-                        Err(e) => {
-                            return Ended::Closed(
-                                self.protocol_error(format!("malformed frame: {e}")).await,
-                            );
-                        }
+                        Ok(None) => return End::HostGone("end of stream".to_owned()),
+                        Err(FrameError::Io(e)) => return End::HostGone(format!("read failed: {e}")),
+                        Err(e) => return self.protocol_error(format!("malformed frame: {e}")).await,
                     };
-                    if payload.starts_with(&HELLO_MAGIC) {
-                        return Ended::NewHost(payload.to_vec());
-                    }
                     let msg = match nova_protocol::zero_copy::decode_client_message(payload.clone()) {
                         Ok(msg) => msg,
+                        Err(_) if is_hello(&payload) => return End::NewHost(payload),
                         Err(e) => {
                             let what = match payload.first() {
                                 Some(&tag) if tag > 6 => format!("unknown message type {tag}: {e}"),
                                 _ => format!("malformed message: {e}"),
                             };
-                            return Ended::Closed(self.protocol_error(what).await);
+                            return self.protocol_error(what).await;
                         }
                     };
                     match self.dispatch(msg).await {
                         Ok(Flow::Continue) => {}
-                        Ok(Flow::Stop(reason)) => return Ended::Closed(reason),
-                        Err(reason) => return Ended::Closed(self.protocol_error(reason).await),
+                        Ok(Flow::Stop(reason)) => return End::Closed(reason),
+                        Err(reason) => return self.protocol_error(reason).await,
                     }
                 }
             }
         }
     }
 
-    async fn protocol_error(&self, message: String) -> String {
+    async fn protocol_error(&self, message: String) -> End {
         tracing::warn!(%message, "protocol error from the host; closing the connection");
         let _ = self
             .out
@@ -307,7 +381,7 @@ impl Session {
             })
             .await;
         self.out.flush().await;
-        message
+        End::Closed(message)
     }
 
     async fn dispatch(&mut self, msg: ClientMessage) -> Result<Flow, String> {
@@ -377,6 +451,18 @@ impl Session {
                     .await
                     .map_err(|_| "writer gone".to_owned())?;
             }
+            Request::Refresh {
+                hostname,
+                entropy,
+                unix_ns,
+            } => {
+                let refresh = Refresh {
+                    hostname,
+                    entropy,
+                    unix_ns,
+                };
+                tokio::spawn(refresh::run(id, refresh, agent, out));
+            }
             Request::Ping => {
                 out.done(id, Ok(Response::Pong))
                     .await
@@ -414,4 +500,28 @@ impl Session {
 enum Flow {
     Continue,
     Stop(String),
+}
+
+/// Whether `payload` is a host's `Hello` (see [`End::NewHost`]).
+fn is_hello(payload: &[u8]) -> bool {
+    payload.starts_with(&HELLO_MAGIC) && decode::<Hello>(payload).is_ok()
+}
+
+/// Why a session ended.
+enum End {
+    /// The host went away (end of stream, a failed read): nothing more can
+    /// reach it.
+    HostGone(String),
+    /// The agent ended the session (shutdown, protocol error); its last
+    /// replies may still be written.
+    Closed(String),
+    /// A new host's `Hello` (this payload) came instead of a message.
+    ///
+    /// Over virtio-serial the guest sees a host leave only as a port event,
+    /// and a host that reconnects at once (or a snapshot restored with a
+    /// session open, whose new VMM's host connects before the guest sees the
+    /// old one gone) may send its `Hello` into the old session. A `Hello`
+    /// starts with [`HELLO_MAGIC`], which no [`ClientMessage`] does (its
+    /// first byte is the variant index, 0 to 6), so it cannot be mistaken.
+    NewHost(Bytes),
 }

@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use common::{TestAgent, process_gone, pseudo_random, wait_until};
@@ -11,10 +11,11 @@ use nova_protocol::client::ClientError;
 use nova_protocol::frame::{self, FrameReader};
 use nova_protocol::{
     AgentMessage, ClientMessage, ExecSpec, ExitStatus, FileKind, Hello, HelloReply, PtySize,
-    RemoteErrorKind, Request, SUPPORTED_VERSIONS, SpawnErrorKind,
+    REFRESH_ENTROPY_MAX, REFRESH_ENTROPY_MIN, RemoteErrorKind, Request, Response,
+    SUPPORTED_VERSIONS, SpawnErrorKind,
 };
 use sha2::{Digest, Sha256};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn handshake_reports_versions_and_guest_timing() {
@@ -133,6 +134,147 @@ async fn set_clock_reports_the_offset_and_leaves_a_host_clock_alone() {
         .await
         .unwrap();
     assert!((step.offset_ns + hour_ns).abs() < minute_ns, "{step:?}");
+}
+
+/// Writes an image's identity files into the agent's `--etc` directory.
+fn write_image_identity(agent: &TestAgent) {
+    let etc = agent.etc();
+    std::fs::write(etc.join("hostname"), "nova\n").unwrap();
+    std::fs::write(etc.join("machine-id"), format!("{}\n", "0".repeat(32))).unwrap();
+    std::fs::write(
+        etc.join("hosts"),
+        "127.0.0.1\tlocalhost\n127.0.1.1\tnova\n10.0.0.5 registry\n",
+    )
+    .unwrap();
+}
+
+fn read_etc(agent: &TestAgent, name: &str) -> String {
+    std::fs::read_to_string(agent.etc().join(name)).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refresh_gives_a_new_hostname_and_machine_id_and_reports_them() {
+    let agent = TestAgent::start().await;
+    write_image_identity(&agent);
+    let host_name = rustix::system::uname().nodename().to_owned();
+    let (client, _) = agent.connect().await;
+    let hour = Duration::from_secs(3600);
+    let entropy = pseudo_random(64, 7);
+
+    let first = client
+        .refresh("sb-restored-1", &entropy, SystemTime::now() + hour)
+        .await
+        .unwrap();
+    assert_eq!(first.machine_id.len(), 32, "{first:?}");
+    assert!(
+        first
+            .machine_id
+            .bytes()
+            .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c)),
+        "{first:?}"
+    );
+    assert_eq!(
+        read_etc(&agent, "machine-id"),
+        format!("{}\n", first.machine_id)
+    );
+    assert_eq!(read_etc(&agent, "hostname"), "sb-restored-1\n");
+    let hosts = read_etc(&agent, "hosts");
+    assert!(hosts.contains("127.0.1.1\tsb-restored-1\n"), "{hosts}");
+    assert!(hosts.contains("127.0.0.1\tlocalhost\n"), "{hosts}");
+    assert!(hosts.contains("10.0.0.5 registry\n"), "{hosts}");
+    assert!(!hosts.contains("\tnova\n"), "{hosts}");
+    // Not PID 1: the host's random generator and clock are not the agent's
+    // to change; the clock offset is only measured.
+    assert!(!first.reseeded);
+    assert!(!first.clock.stepped);
+    let hour_ns = i64::try_from(hour.as_nanos()).unwrap();
+    assert!(
+        (first.clock.offset_ns - hour_ns).abs() < 60 * 1_000_000_000,
+        "{first:?}"
+    );
+
+    // A second restore of the same snapshot, with the same entropy even:
+    // another machine id.
+    let second = client
+        .refresh("sb-restored-2", &entropy, SystemTime::now())
+        .await
+        .unwrap();
+    assert_ne!(second.machine_id, first.machine_id);
+    assert_eq!(
+        read_etc(&agent, "machine-id"),
+        format!("{}\n", second.machine_id)
+    );
+    assert_eq!(read_etc(&agent, "hostname"), "sb-restored-2\n");
+    let hosts = read_etc(&agent, "hosts");
+    assert!(hosts.contains("127.0.1.1\tsb-restored-2\n"), "{hosts}");
+    assert!(!hosts.contains("sb-restored-1"), "{hosts}");
+    // The agent is not PID 1: the host's own hostname is untouched.
+    assert_eq!(rustix::system::uname().nodename(), host_name.as_c_str());
+    agent.assert_no_panic();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refresh_refuses_too_much_or_too_little_entropy_and_changes_nothing() {
+    let agent = TestAgent::start().await;
+    write_image_identity(&agent);
+    let (client, _) = agent.connect().await;
+    for size in [
+        REFRESH_ENTROPY_MAX + 1,
+        1024 * 1024,
+        REFRESH_ENTROPY_MIN - 1,
+        0,
+    ] {
+        let err = client
+            .refresh("sb-1", &vec![1; size], SystemTime::now())
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.remote_kind(),
+            Some(RemoteErrorKind::InvalidInput),
+            "{size} bytes: {err}"
+        );
+        assert!(err.to_string().contains("entropy"), "{err}");
+    }
+    assert_eq!(read_etc(&agent, "hostname"), "nova\n");
+    assert_eq!(
+        read_etc(&agent, "machine-id"),
+        format!("{}\n", "0".repeat(32))
+    );
+    // The bounds themselves are fine.
+    for size in [REFRESH_ENTROPY_MIN, REFRESH_ENTROPY_MAX] {
+        client
+            .refresh("sb-1", &vec![1; size], SystemTime::now())
+            .await
+            .unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refresh_refuses_a_bad_hostname_with_invalid_input() {
+    let agent = TestAgent::start().await;
+    write_image_identity(&agent);
+    let (client, _) = agent.connect().await;
+    let long = "x".repeat(65);
+    for name in ["", "two words", "-lead", ".lead", "a/b", "ü", "a\nb", &long] {
+        let err = client
+            .refresh(name, &[7; 32], SystemTime::now())
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.remote_kind(),
+            Some(RemoteErrorKind::InvalidInput),
+            "{name:?}: {err}"
+        );
+        assert!(err.to_string().contains("invalid hostname"), "{err}");
+    }
+    assert_eq!(read_etc(&agent, "hostname"), "nova\n");
+    assert_eq!(
+        read_etc(&agent, "machine-id"),
+        format!("{}\n", "0".repeat(32))
+    );
+    // The connection lives on.
+    client.ping().await.unwrap();
+    agent.assert_no_panic();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -445,6 +587,130 @@ async fn closing_the_connection_kills_its_commands() {
     client.ping().await.unwrap();
 }
 
+/// A host that vanishes (its side of the stream closed for writing) while
+/// output is queued for it and it reads nothing more: the agent must still
+/// end the session, kill the command, and close its side. It used to wait
+/// for the host to take the queued output first, which over virtio-serial
+/// meant waiting for the port's next host and writing the old session's
+/// output to it ahead of its handshake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_that_vanishes_with_output_pending_is_let_go() {
+    let agent = TestAgent::start().await;
+    let (read, mut write) = agent.raw().await.into_split();
+    let mut reader = FrameReader::new(read);
+    write
+        .write_all(&frame::encode(&Hello::new()).unwrap())
+        .await
+        .unwrap();
+    let reply: HelloReply = reader.read_message().await.unwrap().unwrap();
+    assert!(matches!(reply, HelloReply::Welcome(_)), "{reply:?}");
+    let exec = ClientMessage::Request {
+        id: 1,
+        request: Request::Exec(ExecSpec::shell("exec cat /dev/zero")),
+    };
+    write
+        .write_all(&frame::encode(&exec).unwrap())
+        .await
+        .unwrap();
+    let started: AgentMessage = reader.read_message().await.unwrap().unwrap();
+    let AgentMessage::Started { pid, .. } = started else {
+        panic!("expected Started, got {started:?}");
+    };
+    // Let the output pile up in the socket until the agent's writer waits.
+    let read = reader.into_inner();
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            rustix::io::ioctl_fionread(read.as_ref()).unwrap_or(0) >= 128 * 1024
+        })
+        .await,
+        "no output piled up"
+    );
+    // The host goes away: end of stream for the agent; nothing more is read.
+    write.shutdown().await.unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || process_gone(pid)).await,
+        "command {pid} outlived its host"
+    );
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let ready = read.ready(Interest::READABLE).await.unwrap();
+            if ready.is_read_closed() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(
+        closed.is_ok(),
+        "the agent kept its side open for a host that is gone; log:\n{}",
+        agent.log()
+    );
+    // And serves the next host.
+    let (client, _) = agent.connect().await;
+    client.ping().await.unwrap();
+    agent.assert_no_panic();
+}
+
+/// Over virtio-serial a host that reconnects at once (or the host of a
+/// guest restored from a snapshot taken with a session open) may send its
+/// `Hello` before the guest saw the old host leave: it arrives in the old
+/// session. The agent ends that session (its commands die) and answers the
+/// `Hello` on the same stream; it used to call it a protocol error, which the
+/// new host read in place of its handshake reply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hello_in_a_session_starts_a_new_one_on_the_same_stream() {
+    let agent = TestAgent::start().await;
+    let (read, mut write) = agent.raw().await.into_split();
+    let mut reader = FrameReader::new(read);
+    let hello = frame::encode(&Hello::new()).unwrap();
+    write.write_all(&hello).await.unwrap();
+    let reply: HelloReply = reader.read_message().await.unwrap().unwrap();
+    assert!(matches!(reply, HelloReply::Welcome(_)), "{reply:?}");
+    let exec = ClientMessage::Request {
+        id: 1,
+        request: Request::Exec(ExecSpec::shell("exec sleep 100")),
+    };
+    write
+        .write_all(&frame::encode(&exec).unwrap())
+        .await
+        .unwrap();
+    let started: AgentMessage = reader.read_message().await.unwrap().unwrap();
+    let AgentMessage::Started { pid, .. } = started else {
+        panic!("expected Started, got {started:?}");
+    };
+
+    // The next host, on the same stream.
+    write.write_all(&hello).await.unwrap();
+    let reply: HelloReply = reader.read_message().await.unwrap().unwrap();
+    assert!(matches!(reply, HelloReply::Welcome(_)), "{reply:?}");
+    assert!(
+        wait_until(Duration::from_secs(10), || process_gone(pid)).await,
+        "command {pid} of the previous host's session lives on"
+    );
+    // A fresh session: request ids start over.
+    let ping = ClientMessage::Request {
+        id: 1,
+        request: Request::Ping,
+    };
+    write
+        .write_all(&frame::encode(&ping).unwrap())
+        .await
+        .unwrap();
+    let done: AgentMessage = reader.read_message().await.unwrap().unwrap();
+    assert!(
+        matches!(
+            done,
+            AgentMessage::Done {
+                id: 1,
+                result: Ok(Response::Pong)
+            }
+        ),
+        "{done:?}"
+    );
+    agent.assert_no_panic();
+}
+
 /// Reads whole lines from `stdout` until there are `n`; each is a pid.
 async fn read_pids(stdout: &mut nova_protocol::client::OutputStream, n: usize) -> Vec<u32> {
     let mut text = String::new();
@@ -492,6 +758,7 @@ async fn shutdown_makes_the_agent_exit() {
     assert_eq!(agent.try_exit_code(), Some(Some(0)));
     let err = client.ping().await.unwrap_err();
     assert!(matches!(err, ClientError::Disconnected { .. }), "{err}");
+    agent.assert_no_panic();
 }
 
 /// Sends `bytes` raw and returns the agent's answer frame (if any) and
@@ -611,6 +878,7 @@ async fn malformed_frames_are_answered_and_the_agent_lives_on() {
         let (client, _) = agent.connect().await;
         client.ping().await.unwrap();
     }
+    agent.assert_no_panic();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -629,37 +897,4 @@ async fn version_mismatch_is_refused_clearly() {
     assert!(agent.is_alive());
     let (client, _) = agent.connect().await;
     client.ping().await.unwrap();
-}
-
-/// After a snapshot restore the guest may still be in the session of the
-/// host that took the snapshot when a new host says hello on the same
-/// stream: the agent ends the old session and answers the new host.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_hello_in_the_middle_of_a_session_starts_a_new_one() {
-    use nova_protocol::frame::{FrameReader, FrameWriter};
-    use nova_protocol::{ClientMessage, Hello, HelloReply, Request};
-
-    let agent = TestAgent::start().await;
-    let stream = agent.raw().await;
-    let (read, write) = stream.into_split();
-    let mut reader = FrameReader::new(read);
-    let mut writer = FrameWriter::new(write);
-    for round in 0..2 {
-        writer.send(&Hello::new()).await.unwrap();
-        let reply: HelloReply = reader.read_message().await.unwrap().unwrap();
-        assert!(
-            matches!(reply, HelloReply::Welcome(_)),
-            "round {round}: {reply:?}"
-        );
-        // A request in flight that the next host never sees answered.
-        writer
-            .send(&ClientMessage::Request {
-                id: 1,
-                request: Request::Ping,
-            })
-            .await
-            .unwrap();
-        let answer: nova_protocol::AgentMessage = reader.read_message().await.unwrap().unwrap();
-        assert_eq!(answer.request_id(), Some(1));
-    }
 }

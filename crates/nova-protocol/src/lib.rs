@@ -75,7 +75,11 @@ pub use stats::GuestStats;
 /// `ReadOnly` and `DirectoryNotEmpty`, and `Spawn` carries a
 /// [`SpawnErrorKind`]; [`Request::SetClock`] sets the
 /// guest's wall clock (a version-1 peer can decode none of these).
-pub const PROTOCOL_VERSION: u32 = 2;
+///
+/// 3: [`Request::Refresh`] and [`Response::Refreshed`] make a guest restored
+/// from a snapshot distinct (hostname, machine id, a reseeded random
+/// generator, the wall clock).
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// All protocol versions this build can speak, lowest first.
 pub const SUPPORTED_VERSIONS: &[u32] = &[PROTOCOL_VERSION];
@@ -91,6 +95,17 @@ pub const MAX_CHUNK: usize = 1024 * 1024;
 /// Largest frame payload either side accepts (1 MiB plus room for headers).
 /// Larger length prefixes are rejected before anything is allocated.
 pub const MAX_FRAME_SIZE: usize = 1024 * 1024 + 64 * 1024;
+
+/// Fewest bytes of host entropy a [`Request::Refresh`] may carry (128 bits):
+/// without fresh entropy, guests restored from one snapshot would keep
+/// drawing the same random numbers, which is what the request is there to
+/// prevent.
+pub const REFRESH_ENTROPY_MIN: usize = 16;
+
+/// Most bytes of host entropy a [`Request::Refresh`] may carry; the agent
+/// refuses more ([`RemoteErrorKind::InvalidInput`]). 64 bytes is plenty to
+/// reseed the kernel's generator; the bound only keeps the request small.
+pub const REFRESH_ENTROPY_MAX: usize = 4096;
 
 /// Bytes a sender may have in flight on one stream before it must wait for
 /// credit. The receiver's buffering per stream is bounded by this.

@@ -17,7 +17,7 @@
 //!   [`ClientMessage::Eof`]; `Done` carries [`Response::Written`].
 //! * `read_file`: the agent sends [`AgentMessage::Opened`], then
 //!   [`AgentMessage::Data`] chunks ([`StreamKind::File`]), then `Done`.
-//! * everything else (including `set_clock`): just `Done`.
+//! * everything else (including `set_clock` and `refresh`): just `Done`.
 //!
 //! **Credit.** Each byte stream starts with [`crate::STREAM_WINDOW`] bytes of
 //! credit for its sender. The receiver returns credit as its consumer takes
@@ -109,6 +109,42 @@ pub enum Request {
         /// since the Unix epoch.
         unix_ns: u64,
     },
+    /// Make a guest restored from a snapshot a machine of its own.
+    ///
+    /// Every guest restored from one snapshot wakes up with the same
+    /// hostname, machine id, random-generator state and (stale) wall clock.
+    /// The host sends this first on its connection to a restored guest; the
+    /// agent, in this order:
+    ///
+    /// 1. checks the request (a bad `hostname` or an `entropy` outside
+    ///    [`crate::REFRESH_ENTROPY_MIN`]..=[`crate::REFRESH_ENTROPY_MAX`]
+    ///    bytes is refused with [`crate::RemoteErrorKind::InvalidInput`],
+    ///    and nothing is changed);
+    /// 2. writes `entropy` to `/dev/urandom` (mixed into the kernel's input
+    ///    pool, not credited) and forces the kernel's generator to reseed
+    ///    from that pool (`RNDRESEEDCRNG`), so that this guest's random
+    ///    numbers part from its siblings' at once;
+    /// 3. steps the wall clock to `unix_ns`, as [`Request::SetClock`] does;
+    /// 4. sets the hostname and rewrites `/etc/hostname`, `/etc/hosts` and a
+    ///    new random `/etc/machine-id` (also on a read-only root), as at boot.
+    ///
+    /// An agent that is not PID 1 (host tests) leaves the machine it runs on
+    /// alone: it mixes the entropy in (harmless to any machine) but does not
+    /// reseed, step the clock or set the hostname, and writes the identity
+    /// files only into the directory given by its `--etc` option, if any. It
+    /// still answers with the new machine id. If a later step fails, the
+    /// earlier ones stay done; the request may be sent again.
+    Refresh {
+        /// The new hostname: 1 to 64 letters, digits, `-` and `.`, not
+        /// starting with `-` or `.`.
+        hostname: String,
+        /// Random bytes from the host.
+        #[serde(with = "serde_bytes")]
+        entropy: Vec<u8>,
+        /// The host's wall clock when it sent the request, in nanoseconds
+        /// since the Unix epoch (as in [`Request::SetClock`]).
+        unix_ns: u64,
+    },
 }
 
 /// The successful outcome of a request, carried by [`AgentMessage::Done`].
@@ -147,6 +183,22 @@ pub enum Response {
         offset_ns: i64,
         /// Whether the agent stepped the clock (only as PID 1).
         stepped: bool,
+    },
+    /// Answer to [`Request::Refresh`]: the guest is a machine of its own.
+    Refreshed {
+        /// The guest's new machine id, as now in `/etc/machine-id`: 32
+        /// lowercase hex digits.
+        machine_id: String,
+        /// Whether the kernel's random generator was reseeded with the host's
+        /// entropy mixed in (only as PID 1; false also when the kernel
+        /// refused, which the agent logs).
+        reseeded: bool,
+        /// How far the guest's clock was behind the host's, in nanoseconds
+        /// (negative: ahead), before the request (as in
+        /// [`Response::ClockSet`]).
+        clock_offset_ns: i64,
+        /// Whether the agent stepped the clock (only as PID 1).
+        clock_stepped: bool,
     },
 }
 

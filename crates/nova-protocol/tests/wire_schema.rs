@@ -29,6 +29,7 @@ fn client_name(msg: &ClientMessage) -> String {
                 Request::Ping => "Ping",
                 Request::Shutdown => "Shutdown",
                 Request::SetClock { .. } => "SetClock",
+                Request::Refresh { .. } => "Refresh",
             }
         ),
         ClientMessage::Data { .. } => "ClientMessage::Data".into(),
@@ -82,6 +83,7 @@ fn agent_name(msg: &AgentMessage) -> String {
                 Ok(Response::Pong) => "Pong",
                 Ok(Response::ShuttingDown) => "ShuttingDown",
                 Ok(Response::ClockSet { .. }) => "ClockSet",
+                Ok(Response::Refreshed { .. }) => "Refreshed",
             }
         ),
     }
@@ -119,6 +121,11 @@ fn client_samples() -> Vec<ClientMessage> {
         Request::Ping,
         Request::Shutdown,
         Request::SetClock {
+            unix_ns: 1_700_000_000_123_456_789,
+        },
+        Request::Refresh {
+            hostname: "sb-2".into(),
+            entropy: vec![0, 1, 0xfe, 0xff],
             unix_ns: 1_700_000_000_123_456_789,
         },
     ];
@@ -214,6 +221,12 @@ fn agent_samples() -> Vec<AgentMessage> {
         Response::ClockSet {
             offset_ns: -1_500_000_000,
             stepped: true,
+        },
+        Response::Refreshed {
+            machine_id: "0123456789abcdef0123456789abcdef".into(),
+            reseeded: true,
+            clock_offset_ns: 2_000_000_000,
+            clock_stepped: false,
         },
     ];
     let mut out = vec![
@@ -367,7 +380,7 @@ fn every_variant_has_a_sample() {
         .collect();
     assert_eq!(
         names.len(),
-        17 + 16 + 14,
+        18 + 17 + 14,
         "one sample per variant and error kind: {names:?}"
     );
 }

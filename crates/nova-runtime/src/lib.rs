@@ -211,6 +211,25 @@ impl Guest {
         Ok(stream.with_control(Box::new(Control(controller))))
     }
 
+    /// Makes a guest restored from a snapshot a machine of its own: its
+    /// hostname becomes `hostname` (with `/etc/hostname`, `/etc/hosts` and a
+    /// new machine-id), the host's fresh random bytes are mixed into its
+    /// kernel's pool (which is reseeded), and its clock is set from the
+    /// host's. Returns the new machine-id.
+    pub async fn refresh(&self, hostname: &str) -> Result<String, ClientError> {
+        let mut entropy = [0u8; 64];
+        getrandom::fill(&mut entropy)
+            .map_err(|e| ClientError::Io(format!("no host randomness: {e}")))?;
+        let refreshed = self
+            .client
+            .refresh(hostname, &entropy, std::time::SystemTime::now())
+            .await?;
+        if !refreshed.reseeded {
+            tracing::warn!("the guest kernel did not reseed its random number generator");
+        }
+        Ok(refreshed.machine_id)
+    }
+
     /// Steps the guest's wall clock to the host's, after anything that
     /// stopped the guest (a resume from pause, a snapshot restore): a
     /// stopped VM's clock stops with it. Bounded by [`CLOCK_SYNC_TIMEOUT`].

@@ -376,9 +376,27 @@ impl<B: Backend> Provider<B> {
         });
         // A cold guest read the hardware clock to whole seconds, and a
         // restored one kept the time of its snapshot: set it from the host's.
+        // A restored guest is first made a machine of its own (hostname,
+        // machine-id, random pool, clock): two restores of one snapshot must
+        // not share them. A refresh that fails fails the create.
         if let Some(guest) = &guest {
             let limit = self.inner.timeouts.agent;
-            if tokio::time::timeout(limit, guest.sync_clock())
+            if restored {
+                let refreshed = tokio::time::timeout(limit, guest.refresh(id.as_str())).await;
+                let failure: Option<nova_core::error::BoxError> = match refreshed {
+                    Ok(Ok(_)) => None,
+                    Ok(Err(e)) => Some(Box::new(e)),
+                    Err(_) => Some(format!("no answer within {limit:?}").into()),
+                };
+                if let Some(source) = failure {
+                    drop(vmm);
+                    let mut dir = dir;
+                    if let Err((path, e)) = dir.remove().await {
+                        tracing::warn!(path = %path.display(), error = %e, "cannot remove a failed sandbox's files");
+                    }
+                    return Err(CreateSandboxError::Agent(source));
+                }
+            } else if tokio::time::timeout(limit, guest.sync_clock())
                 .await
                 .is_err()
             {

@@ -41,9 +41,12 @@ impl TestAgent {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("agent.sock");
         let log = std::fs::File::create(dir.path().join("agent.log")).unwrap();
+        std::fs::create_dir(dir.path().join("etc")).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_nova-agent"))
             .arg("--listen")
             .arg(format!("unix:{}", socket.display()))
+            .arg("--etc")
+            .arg(dir.path().join("etc"))
             .env("NOVA_AGENT_LOG", "debug")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -71,9 +74,21 @@ impl TestAgent {
 
     /// A raw connection, before any handshake.
     pub async fn raw(&self) -> tokio::net::UnixStream {
-        tokio::net::UnixStream::connect(&self.socket)
-            .await
-            .expect("connect")
+        // The socket file appears at bind(), a moment before listen(); a
+        // connect in between is refused.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match tokio::net::UnixStream::connect(&self.socket).await {
+                Ok(stream) => return stream,
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::ConnectionRefused
+                        && Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Err(e) => panic!("connect: {e}"),
+            }
+        }
     }
 
     /// The agent's pid.
@@ -84,6 +99,12 @@ impl TestAgent {
     /// A scratch directory for the test.
     pub fn dir(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// The directory the agent writes its identity files into on a
+    /// refresh (`--etc`), in place of `/etc`.
+    pub fn etc(&self) -> PathBuf {
+        self.dir.path().join("etc")
     }
 
     /// Whether the agent process is still running.
@@ -104,6 +125,14 @@ impl TestAgent {
     /// The agent's log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
+    }
+
+    /// Fails if the agent logged a panic. A panic in one of its tasks does
+    /// not end a test build of the agent (tokio catches it), but the guest
+    /// build aborts on panic: as PID 1, that is a kernel panic.
+    pub fn assert_no_panic(&self) {
+        let log = self.log();
+        assert!(!log.contains("panicked"), "the agent panicked; log:\n{log}");
     }
 }
 

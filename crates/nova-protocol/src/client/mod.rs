@@ -43,7 +43,7 @@ mod files;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -351,17 +351,51 @@ impl AgentClient {
     /// after a resume from pause. Returns how far the guest was behind
     /// (negative: ahead) and whether the agent stepped its clock (only an
     /// agent running as PID 1 does).
-    pub async fn set_clock(&self, now: std::time::SystemTime) -> Result<ClockStep, ClientError> {
-        let unix_ns = now
-            .duration_since(std::time::UNIX_EPOCH)
-            .ok()
-            .and_then(|d| u64::try_from(d.as_nanos()).ok())
-            .ok_or_else(|| {
-                ClientError::Protocol("the host clock is outside what the protocol carries".into())
-            })?;
+    pub async fn set_clock(&self, now: SystemTime) -> Result<ClockStep, ClientError> {
+        let unix_ns = unix_ns(now)?;
         match self.request(Request::SetClock { unix_ns }).await? {
             Response::ClockSet { offset_ns, stepped } => Ok(ClockStep { offset_ns, stepped }),
             other => Err(unexpected("set_clock", &other)),
+        }
+    }
+
+    /// Makes a guest restored from a snapshot a machine of its own (see
+    /// [`Request::Refresh`]): mixes `entropy` (fresh random bytes from the
+    /// host, [`crate::REFRESH_ENTROPY_MIN`] to [`crate::REFRESH_ENTROPY_MAX`]
+    /// of them; 64 is plenty) into the guest kernel's random pool and
+    /// reseeds it, steps the wall clock to `now` (the host's wall clock), and
+    /// gives the guest `hostname` and a new machine id. Send it before
+    /// anything else on the first connection after a restore.
+    ///
+    /// A bad hostname or an entropy size out of bounds is
+    /// [`ClientError::Remote`] with [`crate::RemoteErrorKind::InvalidInput`],
+    /// and the guest is left as it was.
+    pub async fn refresh(
+        &self,
+        hostname: &str,
+        entropy: &[u8],
+        now: SystemTime,
+    ) -> Result<Refreshed, ClientError> {
+        let request = Request::Refresh {
+            hostname: hostname.to_owned(),
+            entropy: entropy.to_vec(),
+            unix_ns: unix_ns(now)?,
+        };
+        match self.request(request).await? {
+            Response::Refreshed {
+                machine_id,
+                reseeded,
+                clock_offset_ns,
+                clock_stepped,
+            } => Ok(Refreshed {
+                machine_id,
+                reseeded,
+                clock: ClockStep {
+                    offset_ns: clock_offset_ns,
+                    stepped: clock_stepped,
+                },
+            }),
+            other => Err(unexpected("refresh", &other)),
         }
     }
 
@@ -419,6 +453,28 @@ pub struct ClockStep {
     pub offset_ns: i64,
     /// Whether the agent stepped the clock.
     pub stepped: bool,
+}
+
+/// What [`AgentClient::refresh`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refreshed {
+    /// The guest's new machine id (32 lowercase hex digits).
+    pub machine_id: String,
+    /// Whether the guest kernel's random generator was reseeded (only an
+    /// agent running as PID 1 does; false also when the kernel refused).
+    pub reseeded: bool,
+    /// The wall-clock correction, as [`AgentClient::set_clock`] reports it.
+    pub clock: ClockStep,
+}
+
+/// `now` in nanoseconds since the Unix epoch, as the protocol carries it.
+fn unix_ns(now: SystemTime) -> Result<u64, ClientError> {
+    now.duration_since(std::time::UNIX_EPOCH)
+        .ok()
+        .and_then(|d| u64::try_from(d.as_nanos()).ok())
+        .ok_or_else(|| {
+            ClientError::Protocol("the host clock is outside what the protocol carries".into())
+        })
 }
 
 /// The error for a call on a connection that has ended.
