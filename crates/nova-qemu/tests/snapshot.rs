@@ -208,3 +208,52 @@ async fn a_fork_copies_the_running_sandbox_into_independent_children() {
         "the fork's snapshot is gone"
     );
 }
+
+/// Two sandboxes restored from one snapshot are distinct machines: their
+/// own hostnames, machine-ids and random bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restored_sandboxes_are_distinct_machines() {
+    let Some(t) = setup("restored_sandboxes_are_distinct_machines", &["minimal"]) else {
+        return;
+    };
+    let source = t
+        .hypervisor
+        .create_sandbox(config("minimal"))
+        .await
+        .unwrap();
+    source.pause().await.unwrap();
+    let dir = t.dir.path().join("snap");
+    t.hypervisor
+        .snapshot_sandbox(source.id(), &dir)
+        .await
+        .unwrap();
+    source.stop(true).await.unwrap();
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        let sandbox = t
+            .hypervisor
+            .create_sandbox_from_snapshot(&dir)
+            .await
+            .unwrap();
+        let out = sandbox
+            .execute_command(
+                "hostname; cat /etc/machine-id; head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'",
+            )
+            .await
+            .unwrap();
+        let text = out.stdout_lossy();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 3, "{text:?}");
+        assert_eq!(lines[0], sandbox.id().as_str(), "its hostname is its id");
+        let resolved = sandbox
+            .execute_command("grep -w \"$(hostname)\" /etc/hosts")
+            .await
+            .unwrap();
+        assert!(resolved.success(), "/etc/hosts names it");
+        seen.push((lines[1].to_owned(), lines[2].to_owned()));
+        sandbox.stop(true).await.unwrap();
+    }
+    assert_ne!(seen[0].0, seen[1].0, "machine-ids differ");
+    assert_ne!(seen[0].1, seen[1].1, "random bytes differ");
+    assert!(t.sandbox_dirs().is_empty());
+}
