@@ -159,6 +159,9 @@ fn init_tracing() {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_target(false)
+        // The guest console ends up in the host's console.log, where escape
+        // codes are noise.
+        .with_ansi(false)
         .init();
 }
 

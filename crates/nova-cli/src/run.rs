@@ -84,6 +84,12 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn run_with(args: RunArgs, console: &Console) -> anyhow::Result<ExitCode> {
+    // A program with no name cannot run: refused before booting, as a shell
+    // refuses it.
+    if !args.sh && args.command.first().is_some_and(String::is_empty) {
+        console.line("nova: '': command not found");
+        return Ok(ExitCode::from(127));
+    }
     let config = SandboxConfig::builder()
         .template_id(&args.template)
         .memory_mb(args.memory)
@@ -133,6 +139,20 @@ async fn run_with(args: RunArgs, console: &Console) -> anyhow::Result<ExitCode> 
         }
     };
     let stopped = sandbox.stop(force).await;
+    // A reader that went away (`nova run … | head`) ends the run quietly,
+    // with the status a shell gives a process killed by SIGPIPE.
+    let outcome = match outcome {
+        Err(e)
+            if e.chain().any(|cause| {
+                cause
+                    .downcast_ref::<std::io::Error>()
+                    .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            }) =>
+        {
+            Ok(128 + 13)
+        }
+        other => other,
+    };
     let code = outcome?;
     stopped.context("cannot stop the sandbox")?;
     Ok(ExitCode::from(

@@ -306,7 +306,7 @@ pub enum FileError {
         source: BoxError,
     },
     /// A component of the path is not a directory (`ENOTDIR`).
-    #[error("a parent of {path} is not a directory in the guest")]
+    #[error("{path}, or a directory on the way to it, is not a directory in the guest")]
     NotADirectory {
         /// The guest path.
         path: String,

@@ -465,6 +465,7 @@ async fn a_running_command_is_signalled_and_its_terminal_resized() {
         .await
         .unwrap();
     assert!(matches!(stream.next().await, Some(ExecEvent::Stdout(b)) if b == b"started\n"));
+    assert!(stream.signal(0).is_err() && stream.signal(999).is_err());
     stream.signal(15).unwrap();
     let status = tokio::time::timeout(Duration::from_secs(30), async {
         loop {
@@ -478,6 +479,9 @@ async fn a_running_command_is_signalled_and_its_terminal_resized() {
     .await
     .expect("SIGTERM ends sleep");
     assert_eq!(status, Some(ExitStatus::Signal(15)));
+    // Nothing left to signal, no terminal to resize, no such signal.
+    assert!(stream.signal(15).is_err(), "the command already ended");
+    assert!(stream.resize(10, 10).is_err(), "it had no terminal");
 
     // On a terminal: the size given, then the size set by resize.
     let mut stream = sandbox

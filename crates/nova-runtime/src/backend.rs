@@ -366,11 +366,15 @@ impl<'a> Launch<'a> {
 
     async fn failure(&mut self, action: &str, failure: StepFailure) -> CreateSandboxError {
         let failure = match failure {
+            // A step that gave up at the deadline is a boot timeout, said
+            // at once.
+            StepFailure::Failed(_) if tokio::time::Instant::now() >= self.deadline => {
+                StepFailure::TimedOut
+            }
             // A control socket closing usually means the VMM is exiting:
             // report that rather than the socket error.
             StepFailure::Failed(e) => match self.exited_soon().await {
                 Some(exit) => StepFailure::Exited(exit),
-                None if tokio::time::Instant::now() >= self.deadline => StepFailure::TimedOut,
                 None => StepFailure::Failed(e),
             },
             other => other,

@@ -71,6 +71,8 @@ pub use backend::Backend;
 pub use provider::Provider;
 pub use task::Timeouts;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use nova_core::error::{ExecError, FileError, SpawnError, SpawnErrorKind};
@@ -131,6 +133,7 @@ impl Guest {
     pub async fn exec_stream(&self, request: ExecRequest) -> Result<ExecStream, ExecError> {
         let stdin = request.stdin.clone();
         let stream_stdin = request.stream_stdin;
+        let request_pty = request.pty.is_some();
         let program = match &request.command {
             Command::Argv(argv) => argv.first().cloned().unwrap_or_default(),
             Command::Shell(_) => "/bin/sh".to_owned(),
@@ -141,7 +144,12 @@ impl Guest {
             .exec(spec)
             .await
             .map_err(|e| exec_error(program, e))?;
-        let controller = handle.controller();
+        let control = Control {
+            command: handle.controller(),
+            ended: Arc::new(AtomicBool::new(false)),
+            has_pty: request_pty,
+        };
+        let exited = control.ended.clone();
         let stdout = handle.take_stdout();
         let stderr = handle.take_stderr();
         let mut caller_stdin = None;
@@ -186,7 +194,10 @@ impl Guest {
             let out = forward(stdout, tx.clone(), ExecEvent::Stdout);
             let err = forward(stderr, tx.clone(), ExecEvent::Stderr);
             tokio::join!(out, err);
-            match handle.wait().await {
+            let result = handle.wait().await;
+            // From here on there is no command to signal.
+            exited.store(true, Ordering::SeqCst);
+            match result {
                 Ok(result) => {
                     let status = if result.timed_out {
                         ExitStatus::TimedOut
@@ -208,7 +219,7 @@ impl Guest {
             Some(stdin) => ExecStream::with_stdin(rx, stdin),
             None => ExecStream::new(rx),
         };
-        Ok(stream.with_control(Box::new(Control(controller))))
+        Ok(stream.with_control(Box::new(control)))
     }
 
     /// Makes a guest restored from a snapshot a machine of its own: its
@@ -430,21 +441,53 @@ pub(crate) fn file_error(path: &str, e: ClientError) -> FileError {
 
 /// The runtime's control of a running command, for its [`ExecStream`].
 #[derive(Debug)]
-struct Control(nova_protocol::client::ExecController);
+struct Control {
+    command: nova_protocol::client::ExecController,
+    /// Set once the command's exit status is known.
+    ended: Arc<AtomicBool>,
+    /// Whether the command runs on a pseudo-terminal.
+    has_pty: bool,
+}
+
+/// The highest signal number Linux has (`SIGRTMAX`).
+const MAX_SIGNAL: i32 = 64;
+
+impl Control {
+    fn check_running(&self) -> Result<(), ExecError> {
+        if self.ended.load(Ordering::SeqCst) {
+            return Err(ExecError::Invalid(
+                "the command already ended; there is nothing to signal or resize".into(),
+            ));
+        }
+        Ok(())
+    }
+}
 
 impl nova_core::exec::ExecControl for Control {
     fn signal(&self, signal: i32) -> Result<(), ExecError> {
-        self.0
+        if !(1..=MAX_SIGNAL).contains(&signal) {
+            return Err(ExecError::Invalid(format!(
+                "signal {signal} does not exist: use 1..={MAX_SIGNAL} (15 is SIGTERM, 9 SIGKILL)"
+            )));
+        }
+        self.check_running()?;
+        self.command
             .signal(signal)
             .map_err(|e| ExecError::Agent(Box::new(e)))
     }
 
     fn resize(&self, size: nova_core::exec::TerminalSize) -> Result<(), ExecError> {
+        if !self.has_pty {
+            return Err(ExecError::Invalid(
+                "the command has no terminal to resize; run it with ExecRequest::pty".into(),
+            ));
+        }
+        self.check_running()?;
         let size = nova_protocol::PtySize {
             rows: size.rows,
             cols: size.cols,
         };
-        self.0
+        self.command
             .resize(size)
             .map_err(|e| ExecError::Agent(Box::new(e)))
     }
