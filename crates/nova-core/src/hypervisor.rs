@@ -27,6 +27,7 @@ use crate::sandbox::Sandbox;
 use crate::snapshot::{Snapshot, SnapshotError};
 use crate::state::{InvalidTransition, SandboxState};
 use crate::stats::SandboxStats;
+use crate::template::Template;
 
 /// Which VMM a provider drives.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -201,6 +202,25 @@ pub trait Hypervisor: Send + Sync + fmt::Debug {
             reason: "this provider does not implement snapshots".into(),
         }
         .into())
+    }
+
+    /// Turns sandbox `id` (running or paused) into a new template `name`:
+    /// its kernel and root filesystem are the sandbox's template's, and its
+    /// snapshot holds the sandbox as it is now (memory and disk), so later
+    /// creates of `name` with the same resources start where the sandbox
+    /// was. The sandbox is paused while its state is saved, then left as it
+    /// was. Backends that cannot snapshot answer
+    /// [`SnapshotError::Unsupported`].
+    async fn snapshot_as_template(
+        &self,
+        id: &SandboxId,
+        name: &str,
+    ) -> Result<Template, SnapshotError> {
+        let _ = (id, name);
+        Err(SnapshotError::Unsupported {
+            vmm: self.kind(),
+            reason: "this provider does not implement snapshots".into(),
+        })
     }
 
     /// Writes a full snapshot of the paused sandbox `id` into `dir` (created

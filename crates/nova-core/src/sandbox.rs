@@ -165,6 +165,15 @@ impl Sandbox {
         self.hypervisor.fork_sandbox(self.id(), n).await
     }
 
+    /// Turns this sandbox into a new template `name` that later creates start
+    /// from (see [`Hypervisor::snapshot_as_template`]).
+    pub async fn snapshot_as_template(
+        &self,
+        name: &str,
+    ) -> Result<crate::template::Template, crate::snapshot::SnapshotError> {
+        self.hypervisor.snapshot_as_template(self.id(), name).await
+    }
+
     /// Milliseconds since the sandbox was created.
     pub fn get_uptime_ms(&self) -> u64 {
         self.info.age_ms()

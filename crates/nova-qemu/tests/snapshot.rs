@@ -146,6 +146,24 @@ async fn creates_restore_from_the_template_snapshot_when_it_fits() {
     assert!(matches!(e, CreateSandboxError::Snapshot(_)), "{e:?}");
     let why = std::error::Error::source(&e).unwrap().to_string();
     assert!(why.contains("memory_mb = 256"), "{why}");
+
+    // Rebuild the template (a new rootfs file): its snapshot is refused.
+    let rootfs = own.join("rootfs.ext4");
+    let copy = own.join("rootfs.new");
+    std::fs::copy(&rootfs, &copy).unwrap();
+    std::fs::rename(&copy, &rootfs).unwrap();
+    let mut strict = config("minimal");
+    strict.start = StartMode::Snapshot;
+    let e = t.hypervisor.create_sandbox(strict).await.unwrap_err();
+    let why = std::error::Error::source(&e).unwrap().to_string();
+    assert!(why.contains("another build of template `minimal`"), "{why}");
+    let booted = t
+        .hypervisor
+        .create_sandbox(config("minimal"))
+        .await
+        .unwrap();
+    assert!(!booted.info().boot.as_ref().unwrap().from_snapshot);
+    booted.stop(true).await.unwrap();
     assert!(t.sandbox_dirs().is_empty());
 }
 
@@ -255,5 +273,61 @@ async fn restored_sandboxes_are_distinct_machines() {
     }
     assert_ne!(seen[0].0, seen[1].0, "machine-ids differ");
     assert_ne!(seen[0].1, seen[1].1, "random bytes differ");
+    assert!(t.sandbox_dirs().is_empty());
+}
+
+/// A sandbox turned into a template: creates of the new template start
+/// where the sandbox was, each a machine of its own; a name in use is
+/// refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sandbox_becomes_a_template_that_creates_start_from() {
+    let Some(t) = setup(
+        "a_sandbox_becomes_a_template_that_creates_start_from",
+        &["minimal"],
+    ) else {
+        return;
+    };
+    // A private templates directory: the new template goes into it.
+    let templates = t.dir.path().join("templates");
+    let shared = std::fs::read_link(&templates).unwrap();
+    std::fs::remove_file(&templates).unwrap();
+    let own = templates.join("minimal");
+    std::fs::create_dir_all(&own).unwrap();
+    for entry in std::fs::read_dir(shared.join("minimal")).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_type().unwrap().is_file() {
+            std::fs::copy(entry.path(), own.join(entry.file_name())).unwrap();
+        }
+    }
+    let sandbox = t
+        .hypervisor
+        .create_sandbox(config("minimal"))
+        .await
+        .unwrap();
+    sandbox
+        .execute_command("echo prepared > /root/state")
+        .await
+        .unwrap();
+    let template = sandbox.snapshot_as_template("prepared").await.unwrap();
+    assert_eq!(template.id(), "prepared");
+    assert!(sandbox.is_running().await, "the sandbox goes on");
+    let e = sandbox.snapshot_as_template("prepared").await.unwrap_err();
+    assert!(e.to_string().contains("exists already"), "{e}");
+    sandbox.stop(true).await.unwrap();
+
+    let mut from_template = config("prepared");
+    from_template.start = nova_core::config::StartMode::Snapshot;
+    let child = t.hypervisor.create_sandbox(from_template).await.unwrap();
+    assert!(child.info().boot.as_ref().unwrap().from_snapshot);
+    let out = child
+        .execute_command("cat /root/state; hostname")
+        .await
+        .unwrap();
+    assert_eq!(
+        out.stdout_lossy(),
+        format!("prepared\n{}\n", child.id()),
+        "the sandbox's state, under its own name"
+    );
+    child.stop(true).await.unwrap();
     assert!(t.sandbox_dirs().is_empty());
 }

@@ -641,6 +641,123 @@ impl<B: Backend> Hypervisor for Provider<B> {
         children
     }
 
+    async fn snapshot_as_template(
+        &self,
+        id: &SandboxId,
+        name: &str,
+    ) -> Result<Template, SnapshotError> {
+        self.check_snapshot_support()?;
+        let templates = &self.inner.templates;
+        let target = templates.dir().join(name);
+        let invalid = |reason: String| SnapshotError::Invalid {
+            dir: target.clone(),
+            reason,
+        };
+        match templates.load(name) {
+            Err(nova_core::template::TemplateError::NotFound { .. }) => {}
+            Err(nova_core::template::TemplateError::InvalidId(_)) => {
+                return Err(invalid(format!(
+                    "{name:?} is not a template id: use a-z, 0-9, '.', '_' or '-'"
+                )));
+            }
+            _ => {
+                return Err(invalid(format!(
+                    "template {name} exists already; pick another name or remove it first"
+                )));
+            }
+        }
+        let info = self
+            .get(id)
+            .await
+            .ok_or_else(|| SnapshotError::NotFound(id.clone()))?;
+        if info.config.rootfs_path.is_some() || !info.config.extra_drives.is_empty() {
+            return Err(invalid(
+                "the sandbox boots its own root filesystem or extra drives, which a template \
+                 cannot carry"
+                    .into(),
+            ));
+        }
+        let source = templates
+            .load(&info.config.template_id)
+            .map_err(|e| invalid(format!("its template cannot be loaded: {e}")))?;
+        let was_running = match info.state {
+            SandboxState::Running => true,
+            SandboxState::Paused => false,
+            other => return Err(SnapshotError::NotPaused(other)),
+        };
+        // Built aside and renamed into place, so a half-made template is
+        // never seen.
+        let staging = templates
+            .dir()
+            .join(format!(".{name}.new-{}", SandboxId::random()));
+        let io = |path: &Path| {
+            let path = path.to_owned();
+            move |source| SnapshotError::Io { path, source }
+        };
+        let build = async {
+            tokio::fs::create_dir_all(&staging)
+                .await
+                .map_err(io(&staging))?;
+            for (from, file) in [
+                (source.kernel_path(), nova_core::template::KERNEL_FILE),
+                (source.rootfs_path(), nova_core::template::ROOTFS_FILE),
+            ] {
+                let to = staging.join(file);
+                if tokio::fs::hard_link(&from, &to).await.is_err() {
+                    crate::scratch::clone_disk_image(&from, &to)
+                        .await
+                        .map_err(io(&to))?;
+                }
+            }
+            let mut manifest = source.manifest.clone();
+            manifest.template_id = name.to_owned();
+            manifest.name = format!("{name} (from sandbox {id} of {})", source.id());
+            manifest.memory_mb = info.config.memory_mb;
+            manifest.vcpus = info.config.vcpus;
+            let written = staging.clone();
+            tokio::task::spawn_blocking(move || {
+                TemplateManager::write_manifest(&written, &manifest)
+            })
+            .await
+            .map_err(std::io::Error::other)
+            .and_then(|r| r)
+            .map_err(io(&staging))?;
+            if was_running {
+                self.pause_sandbox(id)
+                    .await
+                    .map_err(|e| SnapshotError::Vmm {
+                        vmm: self.inner.backend.kind(),
+                        action: "pause the sandbox".into(),
+                        source: Box::new(e),
+                    })?;
+            }
+            let saved = self
+                .snapshot_sandbox(id, &staging.join(nova_core::template::SNAPSHOT_DIR))
+                .await;
+            if was_running && let Err(e) = self.resume_sandbox(id).await {
+                tracing::warn!(sandbox = %id, error = %e, "cannot resume the sandbox after saving it");
+            }
+            let mut snapshot = saved?;
+            tokio::fs::rename(&staging, &target)
+                .await
+                .map_err(io(&target))?;
+            // The snapshot belongs to the new template now.
+            let template = templates
+                .load(name)
+                .map_err(|e| invalid(format!("the new template cannot be loaded: {e}")))?;
+            snapshot.dir = template.snapshot_dir();
+            snapshot.manifest.template =
+                Some(crate::snapshot::template_identity(&template).map_err(io(&template.dir))?);
+            crate::snapshot::write_manifest(&snapshot).await?;
+            Ok(template)
+        };
+        let result = build.await;
+        if result.is_err() {
+            let _ = tokio::fs::remove_dir_all(&staging).await;
+        }
+        result
+    }
+
     async fn snapshot_sandbox(
         &self,
         id: &SandboxId,
