@@ -71,3 +71,5 @@ test: deps images lint
 	@echo "--- tests gated on NOVA_FIRECRACKER_BIN / NOVA_TEST_KVM=1 (SKIP lines mean they did not run here):"
 	@$(CARGO) test -q -p nova-firecracker --test firecracker -- --nocapture 2>&1 | grep -E '^(SKIP|test result)' || true
 	$(MAKE) examples
+	@echo "--- the seed's benchmark table, small N (figures printed, not asserted):"
+	$(NOVA) bench seed -n 3

@@ -116,7 +116,10 @@ fn finish(mut child: Child) -> Finished {
 fn lines_after_boot(stderr: &str) -> Vec<&str> {
     stderr
         .lines()
-        .filter(|l| !(l.starts_with("nova: sandbox ") && l.contains(" booted")))
+        .filter(|l| {
+            !(l.starts_with("nova: sandbox ")
+                && (l.contains(" booted") || l.contains(" restored from")))
+        })
         .collect()
 }
 
