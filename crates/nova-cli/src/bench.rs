@@ -32,18 +32,11 @@ pub(crate) enum BenchCommand {
 /// Arguments of `nova bench seed`.
 #[derive(Debug, clap::Args)]
 pub(crate) struct SeedArgs {
-    /// Template to boot.
-    #[arg(long, short = 't', default_value = "minimal")]
-    template: String,
+    #[command(flatten)]
+    guest: GuestArgs,
     /// Samples of each row (config creation takes 1000 times as many).
     #[arg(long, short = 'n', default_value_t = 10)]
     iterations: usize,
-    /// Guest memory in MiB.
-    #[arg(long, default_value_t = 256)]
-    memory: u32,
-    /// vCPUs.
-    #[arg(long, default_value_t = 1)]
-    vcpus: u8,
     /// Print the table as JSON instead.
     #[arg(long)]
     json: bool,
@@ -52,9 +45,8 @@ pub(crate) struct SeedArgs {
 /// Arguments of `nova bench start`.
 #[derive(Debug, clap::Args)]
 pub(crate) struct StartArgs {
-    /// Template to start.
-    #[arg(long, short = 't', default_value = "minimal")]
-    template: String,
+    #[command(flatten)]
+    guest: GuestArgs,
     /// Creates of each kind.
     #[arg(long, short = 'n', default_value_t = 10)]
     iterations: usize,
@@ -62,6 +54,14 @@ pub(crate) struct StartArgs {
     /// skips them).
     #[arg(long, default_value_t = 10)]
     idle: usize,
+}
+
+/// The guest every `nova bench` measures.
+#[derive(Debug, clap::Args)]
+pub(crate) struct GuestArgs {
+    /// Template to boot.
+    #[arg(long, short = 't', default_value = "minimal")]
+    template: String,
     /// Guest memory in MiB.
     #[arg(long, default_value_t = 256)]
     memory: u32,
@@ -73,18 +73,11 @@ pub(crate) struct StartArgs {
 /// Arguments of `nova bench boot`.
 #[derive(Debug, clap::Args)]
 pub(crate) struct BootArgs {
-    /// Template to boot.
-    #[arg(long, short = 't', default_value = "minimal")]
-    template: String,
+    #[command(flatten)]
+    guest: GuestArgs,
     /// Boots of each kind.
     #[arg(long, short = 'n', default_value_t = 10)]
     iterations: usize,
-    /// Guest memory in MiB.
-    #[arg(long, default_value_t = 256)]
-    memory: u32,
-    /// vCPUs.
-    #[arg(long, default_value_t = 1)]
-    vcpus: u8,
 }
 
 /// Runs `nova bench`.
@@ -124,9 +117,9 @@ async fn seed(args: SeedArgs) -> anyhow::Result<()> {
     let (boot_target, pause_target) = if vz { (200.0, 150.0) } else { (150.0, 100.0) };
     let build_config = |start: StartMode| {
         SandboxConfig::builder()
-            .template_id(&args.template)
-            .memory_mb(args.memory)
-            .vcpus(args.vcpus)
+            .template_id(&args.guest.template)
+            .memory_mb(args.guest.memory)
+            .vcpus(args.guest.vcpus)
             .boot_timeout_ms(120_000)
             .enable_network(false)
             .start(start)
@@ -232,9 +225,9 @@ async fn seed(args: SeedArgs) -> anyhow::Result<()> {
         let report = serde_json::json!({
             "backend": kind.to_string(),
             "accel": accel,
-            "template": args.template,
-            "memory_mb": args.memory,
-            "vcpus": args.vcpus,
+            "template": args.guest.template,
+            "memory_mb": args.guest.memory,
+            "vcpus": args.guest.vcpus,
             "rows": rows,
         });
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -242,9 +235,9 @@ async fn seed(args: SeedArgs) -> anyhow::Result<()> {
     }
     println!(
         "nova bench seed: {kind} backend, accel {accel}, template {}, {} MiB, {} vCPU, {} samples a row{}",
-        args.template,
-        args.memory,
-        args.vcpus,
+        args.guest.template,
+        args.guest.memory,
+        args.guest.vcpus,
         args.iterations,
         if emulated {
             " (TCG emulation: boots are expected to miss targets set for hardware KVM)"
@@ -288,9 +281,9 @@ async fn start(args: StartArgs) -> anyhow::Result<()> {
     let home = NovaHome::resolve()?;
     let hypervisor = novasandbox::detect_in(home.clone())?;
     let config = SandboxConfig::builder()
-        .template_id(&args.template)
-        .memory_mb(args.memory)
-        .vcpus(args.vcpus)
+        .template_id(&args.guest.template)
+        .memory_mb(args.guest.memory)
+        .vcpus(args.guest.vcpus)
         .boot_timeout_ms(120_000)
         .enable_network(false)
         .start(StartMode::Cold)
@@ -311,9 +304,9 @@ async fn start(args: StartArgs) -> anyhow::Result<()> {
         "nova bench start: {} backend, template {}, {} MiB, {} vCPU, {} creates each way \
          (interleaved); snapshot written in {:.1} ms",
         hypervisor.kind(),
-        args.template,
-        args.memory,
-        args.vcpus,
+        args.guest.template,
+        args.guest.memory,
+        args.guest.vcpus,
         args.iterations,
         ms(saved)
     );
@@ -423,11 +416,11 @@ async fn boot(args: BootArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.iterations > 0, "--iterations must be at least 1");
     let options = QemuOptions::detect()?;
     let home = options.home.clone();
-    let template = TemplateManager::new(home.templates_dir()).load(&args.template)?;
+    let template = TemplateManager::new(home.templates_dir()).load(&args.guest.template)?;
     let config = SandboxConfig::builder()
-        .template_id(&args.template)
-        .memory_mb(args.memory)
-        .vcpus(args.vcpus)
+        .template_id(&args.guest.template)
+        .memory_mb(args.guest.memory)
+        .vcpus(args.guest.vcpus)
         .boot_timeout_ms(120_000)
         .enable_network(false)
         // A cold boot, even when the template has a snapshot that fits.
@@ -440,7 +433,7 @@ async fn boot(args: BootArgs) -> anyhow::Result<()> {
 
     eprintln!(
         "nova bench boot: template {}, {} MiB, {} vCPU, accel {}, {} boots each (interleaved)",
-        args.template, args.memory, args.vcpus, options.accel, args.iterations
+        args.guest.template, args.guest.memory, args.guest.vcpus, options.accel, args.iterations
     );
     let mut nova = Samples::default();
     let mut create = Samples::default();

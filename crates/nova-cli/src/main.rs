@@ -147,3 +147,17 @@ fn init_logging(filter: Option<&str>) {
         .with_ansi(std::io::stderr().is_terminal())
         .init();
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    /// Every subcommand's arguments are consistent (unique names, valid
+    /// defaults): clap checks them only when a command is used.
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+}

@@ -134,6 +134,24 @@ impl<B: Backend> Provider<B> {
             .await
     }
 
+    /// [`crate::snapshot::check_restorable`] for this provider, on the
+    /// blocking pool (it reads the template's files).
+    async fn check_restorable(&self, snapshot: &Snapshot) -> Result<(), SnapshotError> {
+        let (checked, kind, templates) = (
+            snapshot.clone(),
+            self.inner.backend.kind(),
+            self.inner.templates.clone(),
+        );
+        tokio::task::spawn_blocking(move || {
+            crate::snapshot::check_restorable(&checked, kind, &templates)
+        })
+        .await
+        .map_err(|e| SnapshotError::Io {
+            path: snapshot.dir.clone(),
+            source: std::io::Error::other(e),
+        })?
+    }
+
     /// Refuses snapshots on a backend that cannot take or load them.
     fn check_snapshot_support(&self) -> Result<(), SnapshotError> {
         let backend = &self.inner.backend;
@@ -195,19 +213,7 @@ impl<B: Backend> Provider<B> {
         let usable = async {
             self.check_snapshot_support()?;
             let snapshot = crate::snapshot::read(&dir).await?;
-            let (checked, kind, templates) = (
-                snapshot.clone(),
-                self.inner.backend.kind(),
-                self.inner.templates.clone(),
-            );
-            tokio::task::spawn_blocking(move || {
-                crate::snapshot::check_restorable(&checked, kind, &templates)
-            })
-            .await
-            .map_err(|e| SnapshotError::Io {
-                path: dir.clone(),
-                source: std::io::Error::other(e),
-            })??;
+            self.check_restorable(&snapshot).await?;
             crate::snapshot::fits(&snapshot, config)?;
             Ok::<_, SnapshotError>(snapshot)
         };
@@ -523,19 +529,7 @@ impl<B: Backend> Hypervisor for Provider<B> {
         self.check_snapshot_support()?;
         let backend = &self.inner.backend;
         let snapshot = crate::snapshot::read(dir).await?;
-        {
-            let snapshot = snapshot.clone();
-            let kind = backend.kind();
-            let templates = self.inner.templates.clone();
-            tokio::task::spawn_blocking(move || {
-                crate::snapshot::check_restorable(&snapshot, kind, &templates)
-            })
-            .await
-            .map_err(|e| SnapshotError::Io {
-                path: dir.to_owned(),
-                source: std::io::Error::other(e),
-            })??;
-        }
+        self.check_restorable(&snapshot).await?;
         backend.check_host()?;
         if snapshot.manifest.vmm_version != backend.vmm_version() {
             tracing::warn!(
