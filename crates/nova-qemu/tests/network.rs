@@ -239,3 +239,36 @@ async fn without_network_the_guest_has_only_lo_and_the_host_nothing() {
     assert_eq!(stats.vmm.net_rx_bytes, None);
     sandbox.stop(false).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_port_in_use_fails_the_create_and_leaves_nothing() {
+    let test = "a_host_port_in_use_fails_the_create_and_leaves_nothing";
+    if skip(test) {
+        return;
+    }
+    let Some(t) = setup(test, &["minimal"]) else {
+        return;
+    };
+    let taken = TcpListener::bind("0.0.0.0:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let before = testing::namespaces().unwrap();
+    let err = t
+        .hypervisor
+        .create_sandbox(networked("minimal", port, 80))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, nova_core::error::CreateSandboxError::Network(_)),
+        "{err:?}"
+    );
+    let chain = format!("{:?}", err);
+    assert!(chain.contains(&port.to_string()), "names the port: {chain}");
+    let after = testing::namespaces().unwrap();
+    assert!(
+        after
+            .iter()
+            .all(|n| before.contains(n) || !n.starts_with(nova_net::NAME_PREFIX)),
+        "{before:?} -> {after:?}"
+    );
+    assert!(t.sandbox_dirs().is_empty());
+}
