@@ -62,10 +62,8 @@ pub(crate) fn configure(name: &str, net: &GuestNet) -> io::Result<()> {
         ifr.ifr_ifru.ifru_mtu = libc::c_int::from(mtu);
         // SAFETY: `sock` is open for the call; `ifr` is an initialized
         // `ifreq` holding the name and the MTU, which SIOCSIFMTU only reads.
-        step(
-            "set the MTU",
-            ioctl_result(unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFMTU, &ifr) }),
-        )?;
+        let rc = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFMTU, &ifr) };
+        step("set the MTU", ioctl_result(rc))?;
     }
     step("bring up", bring_up(name))?;
     step(

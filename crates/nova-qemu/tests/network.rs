@@ -26,7 +26,7 @@ use nova_net::{Ipv4Cidr, testing};
 fn skip(test: &str) -> bool {
     match nova_runtime::network::unsupported_reason() {
         Some(why) => {
-            println!("SKIP {test}: {why}");
+            eprintln!("SKIP {test}: {why}");
             true
         }
         None => false,
