@@ -17,6 +17,10 @@
 //!   prepares the files in the other of two directories, detaches the old
 //!   overlay and mounts a new one from them.
 //!
+//! With a network (`nova.net=`), `/etc/resolv.conf` is one more such file
+//! ([`set_resolv_conf`], once at boot): every write, refreshes included,
+//! carries it, so a new overlay never drops it.
+//!
 //! `/etc/hosts` keeps the image's own entries; only the loopback lines are
 //! rewritten: `127.0.0.1 localhost`, `127.0.1.1 <hostname>` (Debian's
 //! convention for the machine's own name) and `::1 localhost ...`.
@@ -29,7 +33,7 @@ use std::ffi::CString;
 use std::hash::{Hash, Hasher};
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Mutex, OnceLock, PoisonError};
 
 use rustix::mount::{MountFlags, UnmountFlags, mount, unmount};
 
@@ -43,6 +47,17 @@ const RUN_ETC: [&str; 2] = ["/run/nova/etc", "/run/nova/etc.1"];
 
 /// One identity change at a time (a refresh on two connections at once).
 static WRITING: Mutex<()> = Mutex::new(());
+
+/// `/etc/resolv.conf`, when the guest has a network.
+static RESOLV_CONF: OnceLock<String> = OnceLock::new();
+
+/// Makes every identity write (from the next one on) include
+/// `/etc/resolv.conf` with `content`. Set once, at boot, before [`apply`].
+pub(crate) fn set_resolv_conf(content: String) {
+    if RESOLV_CONF.set(content).is_err() {
+        tracing::warn!("resolv.conf was already set; keeping the first");
+    }
+}
 
 /// Where an identity is written.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -118,11 +133,14 @@ fn write(target: &Target, hostname: &str, machine_id: &str) -> io::Result<bool> 
         Target::Dir(dir) => dir.as_path(),
     };
     let existing_hosts = std::fs::read_to_string(etc.join("hosts")).unwrap_or_default();
-    let files = [
+    let mut files = vec![
         ("hostname", format!("{hostname}\n")),
         ("hosts", render_hosts(&existing_hosts, hostname)),
         ("machine-id", format!("{machine_id}\n")),
     ];
+    if let Some(resolv) = RESOLV_CONF.get() {
+        files.push(("resolv.conf", resolv.clone()));
+    }
     if *target == Target::System && is_read_only(etc) {
         overlay_etc(&files)?;
         return Ok(true);

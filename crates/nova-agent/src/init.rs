@@ -15,7 +15,9 @@
 //!    `/sys/fs/cgroup`;
 //! 4. the guest's identity ([`identity`]): the hostname (`nova.hostname=`,
 //!    default `nova`), `/etc/hostname`, `/etc/hosts` and a new
-//!    `/etc/machine-id`, also on a read-only root; then bring up `lo`.
+//!    `/etc/machine-id`, also on a read-only root (and `/etc/resolv.conf`
+//!    with `nova.net=`); then bring up `lo`;
+//! 5. with `nova.net=`: configure the NIC ([`netdev::configure`]).
 //!
 //! A step that fails is logged and skipped: a guest with a missing mount
 //! point is still more useful with a reachable agent than without one.
@@ -44,6 +46,7 @@ pub(crate) struct InitReport {
     pub(crate) overlay: Option<String>,
     pub(crate) hostname: String,
     pub(crate) machine_id: String,
+    pub(crate) net: Option<String>,
     pub(crate) failures: Vec<String>,
 }
 
@@ -140,6 +143,9 @@ pub(crate) fn setup() -> (NovaParams, InitReport) {
         ),
     );
 
+    if let Some(net) = &cmdline.net {
+        identity::set_resolv_conf(net.resolv_conf());
+    }
     match identity::apply(Some(cmdline.hostname_or_default())) {
         Ok(identity) => {
             if identity.overlaid {
@@ -151,6 +157,11 @@ pub(crate) fn setup() -> (NovaParams, InitReport) {
         Err(e) => attempt("set the guest identity", Err(e)),
     }
     attempt("bring up lo", netdev::bring_up("lo"));
+    if let Some(net) = &cmdline.net {
+        let device = nova_protocol::boot::GUEST_NET_DEVICE;
+        attempt("configure the network", netdev::configure(device, net));
+        report.net = Some(format!("{device} {net}"));
+    }
     report.failures = failures;
     (cmdline, report)
 }

@@ -176,6 +176,7 @@ fn real_main(started_us: u64, pid1: bool) -> anyhow::Result<()> {
             hostname = %report.hostname,
             machine_id = %report.machine_id,
             overlay = ?report.overlay,
+            net = ?report.net,
             failures = report.failures.len(),
             "init done"
         );

@@ -34,6 +34,10 @@ pub enum CreateSandboxError {
         /// What is missing and what to do about it.
         reason: String,
     },
+    /// The sandbox's network (namespace, veth, tap, NAT, published ports)
+    /// could not be set up; nothing of it was left behind.
+    #[error("cannot set up the sandbox's network")]
+    Network(#[source] BoxError),
     /// The sandbox directory or one of its files could not be made.
     #[error("cannot prepare {path}")]
     Prepare {

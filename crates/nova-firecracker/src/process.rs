@@ -163,6 +163,7 @@ pub fn command(spec: &SpawnSpec<'_>) -> Result<VmmCommand, SpawnError> {
         stdout: spec.output.to_owned(),
         stderr: spec.output.to_owned(),
         log_cap: DEFAULT_LOG_CAP,
+        fds: Vec::new(),
     })
 }
 

@@ -21,6 +21,7 @@
 //! | `nova.overlay=/dev/vdX` | scratch disk (ext4) for the writable overlay over the read-only root |
 //! | `nova.env.KEY=VALUE` | extra default environment variable for every command (repeatable) |
 //! | `nova.listen=ADDR` | where the agent listens (`vsock:PORT`, `serial:NAME`, `unix:PATH`); repeatable, replaces the defaults |
+//! | `nova.net=ADDR/PREFIX,gw=GATEWAY[,mtu=N][,dns=IP+IP...]` | configure [`GUEST_NET_DEVICE`] (address, default route, MTU) and write `/etc/resolv.conf` ([`GuestNet`]); absent: no network |
 //!
 //! An assembled command line looks like this (QEMU, with a scratch disk):
 //!
@@ -30,6 +31,7 @@
 //! ```
 
 use std::fmt;
+use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::str::FromStr;
 
@@ -47,6 +49,8 @@ pub const ROOT_FS_TYPE: &str = "ext4";
 pub const SCRATCH_DEVICE: &str = "/dev/vdb";
 /// The serial console backends log the guest on.
 pub const SERIAL_CONSOLE: &str = "ttyS0";
+/// The guest's network interface that `nova.net=` configures.
+pub const GUEST_NET_DEVICE: &str = "eth0";
 /// The guest's hostname when the command line names none.
 pub const DEFAULT_HOSTNAME: &str = "nova";
 /// Longest command line [`KernelCmdline::assemble`] produces. The kernel
@@ -64,6 +68,8 @@ pub mod param {
     pub const LISTEN: &str = "nova.listen";
     /// `nova.env.KEY=VALUE`.
     pub const ENV_PREFIX: &str = "nova.env.";
+    /// `nova.net=ADDR/PREFIX,gw=GATEWAY[,mtu=N][,dns=IP+IP]`.
+    pub const NET: &str = "nova.net";
 }
 
 /// Where the agent listens.
@@ -137,6 +143,136 @@ pub struct NovaParams {
     pub env: Vec<(String, String)>,
     /// `nova.listen`: where the agent listens; the defaults when empty.
     pub listen: Vec<ListenAddr>,
+    /// `nova.net`: the guest's network; none (only `lo`) when `None`.
+    pub net: Option<GuestNet>,
+}
+
+/// Most DNS servers `nova.net=` carries (glibc reads three).
+pub const MAX_DNS_SERVERS: usize = 3;
+
+/// The guest's IPv4 network, as `nova.net=` gives it to the agent:
+/// [`GUEST_NET_DEVICE`] gets `addr/prefix` and `mtu`, a default route via
+/// `gateway`, and `/etc/resolv.conf` lists `dns`.
+///
+/// ```
+/// use nova_protocol::boot::GuestNet;
+/// let net: GuestNet = "169.254.0.21/30,gw=169.254.0.22,mtu=1500,dns=10.0.0.2+10.0.0.3"
+///     .parse()
+///     .unwrap();
+/// assert_eq!(net.prefix, 30);
+/// assert_eq!(net.to_string(), "169.254.0.21/30,gw=169.254.0.22,mtu=1500,dns=10.0.0.2+10.0.0.3");
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestNet {
+    /// The guest's address.
+    pub addr: Ipv4Addr,
+    /// Its prefix length (1..=30).
+    pub prefix: u8,
+    /// The default gateway, inside `addr/prefix`.
+    pub gateway: Ipv4Addr,
+    /// The interface MTU; the driver's default when `None`.
+    pub mtu: Option<u16>,
+    /// Resolvers for `/etc/resolv.conf`, at most [`MAX_DNS_SERVERS`].
+    pub dns: Vec<Ipv4Addr>,
+}
+
+impl GuestNet {
+    /// The netmask of `prefix`.
+    pub fn netmask(&self) -> Ipv4Addr {
+        Ipv4Addr::from(
+            u32::MAX
+                .checked_shl(32 - u32::from(self.prefix))
+                .unwrap_or(0),
+        )
+    }
+
+    /// `/etc/resolv.conf` for [`GuestNet::dns`].
+    pub fn resolv_conf(&self) -> String {
+        let mut out = String::from("# written by nova-agent from nova.net=\n");
+        for server in &self.dns {
+            out.push_str(&format!("nameserver {server}\n"));
+        }
+        out
+    }
+
+    fn check(&self) -> Result<(), &'static str> {
+        if !(1..=30).contains(&self.prefix) {
+            return Err("the prefix must be 1..=30");
+        }
+        let mask = u32::from(self.netmask());
+        if u32::from(self.addr) & mask != u32::from(self.gateway) & mask {
+            return Err("the gateway must be inside the guest's subnet");
+        }
+        if self.addr == self.gateway {
+            return Err("the gateway must differ from the guest's address");
+        }
+        if self.mtu.is_some_and(|m| m < 68) {
+            return Err("the MTU must be at least 68");
+        }
+        if self.dns.len() > MAX_DNS_SERVERS {
+            return Err("at most 3 dns servers");
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Display for GuestNet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{},gw={}", self.addr, self.prefix, self.gateway)?;
+        if let Some(mtu) = self.mtu {
+            write!(f, ",mtu={mtu}")?;
+        }
+        if !self.dns.is_empty() {
+            let dns: Vec<String> = self.dns.iter().map(ToString::to_string).collect();
+            write!(f, ",dns={}", dns.join("+"))?;
+        }
+        Ok(())
+    }
+}
+
+impl FromStr for GuestNet {
+    type Err = BootParamError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = |reason| invalid(param::NET, s, reason);
+        let mut parts = s.split(',');
+        let (addr, prefix) = parts
+            .next()
+            .and_then(|p| p.split_once('/'))
+            .ok_or_else(|| bad("it must start with ADDR/PREFIX"))?;
+        let addr = addr.parse().map_err(|_| bad("the address is not IPv4"))?;
+        let prefix = prefix
+            .parse()
+            .map_err(|_| bad("the prefix is not a number"))?;
+        let (mut gateway, mut mtu, mut dns) = (None, None, Vec::new());
+        for part in parts {
+            match part.split_once('=') {
+                Some(("gw", v)) if gateway.is_none() => {
+                    gateway = Some(v.parse().map_err(|_| bad("gw is not IPv4"))?);
+                }
+                Some(("mtu", v)) if mtu.is_none() => {
+                    mtu = Some(v.parse().map_err(|_| bad("mtu is not a number"))?);
+                }
+                Some(("dns", v)) if dns.is_empty() => {
+                    dns = v
+                        .split('+')
+                        .map(str::parse)
+                        .collect::<Result<_, _>>()
+                        .map_err(|_| bad("a dns server is not IPv4"))?;
+                }
+                _ => return Err(bad("unknown or repeated field (gw=, mtu=, dns= once each)")),
+            }
+        }
+        let net = Self {
+            addr,
+            prefix,
+            gateway: gateway.ok_or_else(|| bad("gw= is missing"))?,
+            mtu,
+            dns,
+        };
+        net.check().map_err(bad)?;
+        Ok(net)
+    }
 }
 
 /// A `nova.*` parameter that cannot be formatted or parsed.
@@ -201,6 +337,12 @@ impl NovaParams {
             check_word(param::LISTEN, &value)?;
             words.push(format!("{}={value}", param::LISTEN));
         }
+        if let Some(net) = &self.net {
+            let value = net.to_string();
+            net.check()
+                .map_err(|reason| invalid(param::NET, &value, reason))?;
+            words.push(format!("{}={value}", param::NET));
+        }
         Ok(words)
     }
 
@@ -229,6 +371,17 @@ impl NovaParams {
                     set_once(&mut out.overlay, param::OVERLAY, value)?;
                 }
                 param::LISTEN => out.listen.push(value.parse()?),
+                param::NET => {
+                    let net: GuestNet = value.parse()?;
+                    if let Some(first) = &out.net {
+                        return Err(BootParamError::Duplicate {
+                            param: param::NET,
+                            first: first.to_string(),
+                            second: value.to_owned(),
+                        });
+                    }
+                    out.net = Some(net);
+                }
                 _ => match key.strip_prefix(param::ENV_PREFIX) {
                     Some(name) => {
                         check_env(name, value)?;
@@ -592,6 +745,13 @@ mod tests {
                 ListenAddr::Vsock(AGENT_VSOCK_PORT),
                 ListenAddr::Serial(AGENT_SERIAL_PORT.into()),
             ],
+            net: Some(GuestNet {
+                addr: Ipv4Addr::new(169, 254, 0, 21),
+                prefix: 30,
+                gateway: Ipv4Addr::new(169, 254, 0, 22),
+                mtu: Some(1500),
+                dns: vec![Ipv4Addr::new(10, 0, 0, 2), Ipv4Addr::new(10, 0, 0, 3)],
+            }),
         }
     }
 
@@ -607,11 +767,28 @@ mod tests {
                 "nova.env.EMPTY=",
                 "nova.listen=vsock:1024",
                 "nova.listen=serial:org.nova.agent",
+                "nova.net=169.254.0.21/30,gw=169.254.0.22,mtu=1500,dns=10.0.0.2+10.0.0.3",
             ]
         );
         let line = format!("console=ttyS0 quiet {} panic=1", words.join(" "));
         assert_eq!(NovaParams::parse(&line).unwrap(), params());
         assert_eq!(NovaParams::parse("").unwrap(), NovaParams::default());
+    }
+
+    #[test]
+    fn guest_net_round_trips_without_optional_fields() {
+        let net: GuestNet = "10.1.2.5/24,gw=10.1.2.1".parse().unwrap();
+        assert_eq!(net.mtu, None);
+        assert!(net.dns.is_empty());
+        assert_eq!(net.netmask(), Ipv4Addr::new(255, 255, 255, 0));
+        assert_eq!(net.to_string(), "10.1.2.5/24,gw=10.1.2.1");
+        assert_eq!(
+            net.resolv_conf()
+                .lines()
+                .filter(|l| l.starts_with("nameserver"))
+                .count(),
+            0
+        );
     }
 
     #[test]
@@ -649,6 +826,23 @@ mod tests {
             ("nova.env.1A=x", "InvalidValue"),
             ("nova.listen=tcp:1", "Listen"),
             ("nova.hostname=a nova.hostname=b", "Duplicate"),
+            ("nova.net=10.0.0.1", "InvalidValue"),
+            ("nova.net=10.0.0.1/30", "InvalidValue"),
+            ("nova.net=10.0.0.1/30,gw=10.0.1.2", "InvalidValue"),
+            ("nova.net=10.0.0.1/31,gw=10.0.0.0", "InvalidValue"),
+            ("nova.net=10.0.0.1/30,gw=10.0.0.2,mtu=x", "InvalidValue"),
+            (
+                "nova.net=10.0.0.1/30,gw=10.0.0.2,gw=10.0.0.2",
+                "InvalidValue",
+            ),
+            (
+                "nova.net=10.0.0.1/30,gw=10.0.0.2,dns=1.1.1.1+2.2.2.2+3.3.3.3+4.4.4.4",
+                "InvalidValue",
+            ),
+            (
+                "nova.net=10.0.0.1/30,gw=10.0.0.2 nova.net=10.0.0.1/30,gw=10.0.0.2",
+                "Duplicate",
+            ),
         ] {
             let err = NovaParams::parse(line).unwrap_err();
             let got = match err {

@@ -47,6 +47,7 @@ pub async fn raw_boot(
         confinement: crate::confinement::Confinement::for_host(),
         incoming: false,
         run_as_ids: None,
+        net: None,
     };
     let args = spec.try_qemu_args()?;
     let start = Instant::now();

@@ -11,15 +11,21 @@
 //! Unix socket QEMU listens on. The guest kernel command line is assembled
 //! by the boot contract ([`nova_protocol::boot`]) with a serial console
 //! (QEMU writes it to its stdout, which the runtime caps into the
-//! sandbox's `console.log`). QEMU runs confined ([`Confinement`]: seccomp,
+//! sandbox's `console.log`). With a network, the guest's NIC is a
+//! virtio-net device on the sandbox's tap, which QEMU inherits as an open
+//! descriptor (`-netdev tap,fd=N`: it needs no privilege to attach it), and
+//! the guest learns its addresses from `nova.net=`. QEMU runs confined ([`Confinement`]: seccomp,
 //! and a privilege drop when nova is root), which works because every file
 //! and socket a sandbox uses is named here and opened by QEMU at startup.
 
 use std::ffi::OsString;
+use std::os::fd::RawFd;
 use std::path::PathBuf;
 
 use nova_core::config::DriveConfig;
-use nova_protocol::boot::{self, GuestConsole, KernelArgsError, KernelCmdline, NovaParams};
+use nova_protocol::boot::{
+    self, GuestConsole, GuestNet, KernelArgsError, KernelCmdline, NovaParams,
+};
 use nova_runtime::host::Accel;
 
 use crate::confinement::Confinement;
@@ -62,6 +68,21 @@ pub struct VmSpec {
     /// Start paused, waiting for a saved VM state (`-incoming defer`), which
     /// [`crate::qmp::QmpClient::load_from`] then loads.
     pub incoming: bool,
+    /// The guest's network, if it has one.
+    pub net: Option<VmNet>,
+}
+
+/// The MAC address of every guest's NIC: each guest is alone on its link
+/// (in its own network namespace), so they need not differ.
+pub const GUEST_MAC: &str = "52:54:00:4e:4f:56";
+
+/// A guest NIC on a tap QEMU inherits.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VmNet {
+    /// The tap's descriptor number in QEMU.
+    pub tap_fd: RawFd,
+    /// What the guest configures (`nova.net=`).
+    pub guest: GuestNet,
 }
 
 impl VmSpec {
@@ -77,6 +98,7 @@ impl VmSpec {
                     .scratch
                     .as_ref()
                     .map(|_| boot::SCRATCH_DEVICE.to_owned()),
+                net: self.net.as_ref().map(|n| n.guest.clone()),
                 ..NovaParams::default()
             },
             extra: self
@@ -183,6 +205,13 @@ impl VmSpec {
             "virtserialport,chardev=agent,name={}",
             boot::AGENT_SERIAL_PORT
         ));
+        // The NIC last, so the devices before it keep their places.
+        if let Some(net) = &self.net {
+            push("-netdev");
+            push(&format!("tap,id=net0,fd={}", net.tap_fd));
+            push("-device");
+            push(&format!("virtio-net-device,netdev=net0,mac={GUEST_MAC}"));
+        }
         if self.incoming {
             args.push("-incoming".into());
             args.push("defer".into());
@@ -226,6 +255,7 @@ mod tests {
             tsc_khz: None,
             incoming: false,
             run_as_ids: None,
+            net: None,
             confinement: Confinement::decide(
                 &ConfinementPolicy::default(),
                 &HostFacts {
@@ -288,6 +318,36 @@ mod tests {
             params
                 .listen_or_default()
                 .contains(&boot::ListenAddr::Serial(port.to_owned()))
+        );
+    }
+
+    #[test]
+    fn a_network_is_a_nic_on_the_inherited_tap_and_nova_net_for_the_agent() {
+        let guest: GuestNet = "169.254.0.21/30,gw=169.254.0.22,mtu=1500,dns=10.0.0.2"
+            .parse()
+            .unwrap();
+        let a = args(&VmSpec {
+            net: Some(VmNet {
+                tap_fd: 3,
+                guest: guest.clone(),
+            }),
+            ..spec()
+        });
+        assert_eq!(after(&a, "-netdev"), ["tap,id=net0,fd=3"]);
+        let devices = after(&a, "-device");
+        assert_eq!(
+            devices.last().copied(),
+            Some(format!("virtio-net-device,netdev=net0,mac={GUEST_MAC}").as_str()),
+            "the NIC comes after every other device"
+        );
+        let params = NovaParams::parse(after(&a, "-append")[0]).unwrap();
+        assert_eq!(params.net, Some(guest));
+
+        let none = args(&spec());
+        assert!(after(&none, "-netdev").is_empty());
+        assert_eq!(
+            NovaParams::parse(after(&none, "-append")[0]).unwrap().net,
+            None
         );
     }
 

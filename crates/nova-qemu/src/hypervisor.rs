@@ -2,6 +2,7 @@
 //! [`QemuHypervisor`], the provider on it.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use nova_core::error::CreateSandboxError;
@@ -13,9 +14,9 @@ use nova_runtime::backend::{Backend, BootSource, Launch, VmStart, kernel_args_er
 use nova_runtime::console::DEFAULT_LOG_CAP;
 use nova_runtime::host::{Accel, BackendChoice, HostReport};
 use nova_runtime::retry::connect_unix;
-use nova_runtime::vmm::VmmCommand;
+use nova_runtime::vmm::{FIRST_INHERITED_FD, InheritedFd, VmmCommand};
 
-use crate::cmdline::{VmSpec, tcg_tsc_khz};
+use crate::cmdline::{VmNet, VmSpec, tcg_tsc_khz};
 use crate::qmp::QmpClient;
 use crate::vm::{QemuVm, SNAPSHOT_STATE};
 
@@ -138,6 +139,10 @@ impl Backend for Qemu {
         self.options.scratch_size_mb
     }
 
+    fn attaches_network(&self) -> bool {
+        true
+    }
+
     fn snapshot_support(&self) -> Result<(), String> {
         Ok(())
     }
@@ -206,6 +211,26 @@ impl Backend for Qemu {
         } else {
             None
         };
+        // The tap, opened here (as root) and inherited by QEMU, which then
+        // needs no privilege to use it.
+        let (net, tap) = match start.network {
+            Some(network) => {
+                let tap = network
+                    .open_tap(true)
+                    .await
+                    .map_err(|e| CreateSandboxError::Network(Box::new(e)))?;
+                let net = VmNet {
+                    tap_fd: FIRST_INHERITED_FD,
+                    guest: nova_runtime::network::guest_net(network),
+                };
+                let tap = InheritedFd {
+                    fd: Arc::new(tap),
+                    child_fd: FIRST_INHERITED_FD,
+                };
+                (Some(net), Some(tap))
+            }
+            None => (None, None),
+        };
         let spec = VmSpec {
             kernel: image.kernel.clone(),
             rootfs: image.rootfs.clone(),
@@ -222,6 +247,7 @@ impl Backend for Qemu {
             confinement,
             incoming: restore.is_some(),
             run_as_ids: lease.as_ref().map(|l| (l.id(), l.id())),
+            net,
         };
         let kernel_cmdline = spec.kernel_cmdline().map_err(kernel_args_error)?;
         let args = spec.try_qemu_args().map_err(kernel_args_error)?;
@@ -232,6 +258,7 @@ impl Backend for Qemu {
             stdout: paths.console_log(),
             stderr: paths.vmm_log(),
             log_cap: DEFAULT_LOG_CAP,
+            fds: tap.into_iter().collect(),
         })?;
         // QMP answers once QEMU has parsed its configuration and created its
         // sockets; QEMU takes its whole configuration on the command line, so

@@ -27,6 +27,7 @@ use nova_core::home::{NovaHome, SandboxPaths};
 use nova_core::hypervisor::HypervisorKind;
 use nova_core::metadata::SandboxInfo;
 use nova_core::snapshot::{Snapshot, SnapshotError, SnapshotKind};
+use nova_net::SandboxNetwork;
 use tokio::net::UnixStream;
 
 use crate::dir::{SandboxDir, SandboxRecord};
@@ -67,6 +68,13 @@ pub struct VmStart<'a> {
     /// The sandbox's scratch disk, prepared by the runtime (a clone of an
     /// empty image, or of the snapshot's); `None` with a read-only root.
     pub scratch: Option<&'a Path>,
+    /// The sandbox's network, made by the runtime ([`crate::network`]);
+    /// `None` without one. The backend attaches the VM to its tap
+    /// ([`SandboxNetwork::open_tap`] for a VMM that takes a descriptor, or
+    /// [`SandboxNetwork::open_netns`] to start the VMM inside the namespace)
+    /// and gives the guest [`crate::network::guest_net`] on its kernel
+    /// command line; the runtime tears it down.
+    pub network: Option<&'a SandboxNetwork>,
 }
 
 /// The config's `kernel_args` break the boot contract: a config error, to
@@ -171,6 +179,14 @@ pub trait Backend: Send + Sync + fmt::Debug + Sized + 'static {
     /// (no KVM, ...), saying what to do.
     fn check_host(&self) -> Result<(), CreateSandboxError> {
         Ok(())
+    }
+
+    /// Whether this backend attaches a sandbox's network
+    /// ([`VmStart::network`]). Where it does not, the runtime makes no
+    /// network: a config that publishes a port is refused, and otherwise
+    /// the sandbox runs without one (with a warning).
+    fn attaches_network(&self) -> bool {
+        false
     }
 
     /// Why this backend cannot write or load snapshots, if it cannot.

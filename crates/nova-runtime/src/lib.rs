@@ -38,6 +38,10 @@
 //! the VMM's exit), the runtime opens the agent channel ([`retry`]) and
 //! completes the handshake, and the sandbox's task takes over ([`task`]).
 //!
+//! With `enable_network`, the sandbox's network ([`network`]: namespace,
+//! tap, NAT, published port) is made before the VMM starts and torn down
+//! with the sandbox.
+//!
 //! Also here: the VMM process type ([`vmm`]), capped console logs
 //! ([`console`]), snapshot bookkeeping ([`snapshot`]), leftovers of dead
 //! providers ([`leftovers`]), and host probing ([`host`]: KVM, binaries,
@@ -59,6 +63,7 @@ pub mod dir;
 mod files;
 pub mod host;
 pub mod leftovers;
+pub mod network;
 mod provider;
 pub mod registry;
 pub mod retry;

@@ -57,6 +57,8 @@ struct Inner<B: Backend> {
     timeouts: Timeouts,
     scratch: ScratchCache,
     sandboxes: Arc<SandboxRegistry<B::Vm>>,
+    /// The host ends of the sandboxes' veths.
+    pool: nova_net::AddressPool,
 }
 
 impl<B: Backend> Provider<B> {
@@ -90,6 +92,7 @@ impl<B: Backend> Provider<B> {
                 timeouts,
                 scratch,
                 sandboxes: Arc::new(SandboxRegistry::default()),
+                pool: nova_net::AddressPool::default(),
             }),
         }
     }
@@ -272,6 +275,11 @@ impl<B: Backend> Provider<B> {
             }
             BootSource::Restore(_) => None,
         };
+        // The network, when asked for, before the VMM: it needs the tap.
+        let network =
+            crate::network::create(&id, &config, &self.inner.pool, backend.attaches_network())
+                .instrument(span.clone())
+                .await?;
         let record = SandboxRecord {
             info: SandboxInfo {
                 id: id.clone(),
@@ -310,6 +318,7 @@ impl<B: Backend> Provider<B> {
             image: &image,
             source: &source,
             scratch: scratch.as_deref(),
+            network: network.as_ref(),
         };
         let booted = async {
             let vm = backend.start(start, &mut launch).await?;
@@ -354,6 +363,7 @@ impl<B: Backend> Provider<B> {
             Err(e) => {
                 // `launch` kills the VMM when dropped; `dir` removes the files.
                 drop(launch);
+                crate::network::teardown(network).await;
                 let mut dir = dir;
                 if let Err((path, e)) = dir.remove().await {
                     tracing::warn!(parent: &span, path = %path.display(), error = %e, "cannot remove a failed sandbox's files");
@@ -396,6 +406,7 @@ impl<B: Backend> Provider<B> {
                 };
                 if let Some(source) = failure {
                     drop(vmm);
+                    crate::network::teardown(network).await;
                     let mut dir = dir;
                     if let Err((path, e)) = dir.remove().await {
                         tracing::warn!(path = %path.display(), error = %e, "cannot remove a failed sandbox's files");
@@ -449,6 +460,7 @@ impl<B: Backend> Provider<B> {
             vmm_name: vmm_name(kind),
             vmm_version: backend.vmm_version(),
             template,
+            network,
             released: false,
         };
         let (commands, rx) = mpsc::channel(ACTION_QUEUE);
@@ -500,11 +512,12 @@ impl<B: Backend> Hypervisor for Provider<B> {
 
     async fn create_sandbox(&self, config: SandboxConfig) -> Result<Sandbox, CreateSandboxError> {
         config.validate()?;
-        if let Some(port) = config.host_port {
+        if let (Some(port), false) = (config.host_port, self.inner.backend.attaches_network()) {
             return Err(CreateSandboxError::Unsupported {
                 reason: format!(
-                    "host_port = {port} asks for a published port, and sandboxes have no \
-                     network yet; leave host_port unset"
+                    "host_port = {port} asks for a published port, and the {} backend does not \
+                     attach sandbox networks yet; leave host_port unset or use QEMU",
+                    self.inner.backend.kind()
                 ),
             });
         }
@@ -538,7 +551,16 @@ impl<B: Backend> Hypervisor for Provider<B> {
                 "the snapshot was written by another version of the VMM; loading may fail"
             );
         }
-        let config = snapshot.manifest.config.clone();
+        let mut config = snapshot.manifest.config.clone();
+        // A snapshot's VM is restored with its devices: a network device only
+        // if it had one (snapshots from before networking have none).
+        if config.enable_network
+            && !crate::network::snapshot_has_network(&snapshot.manifest.kernel_cmdline)
+        {
+            tracing::warn!(dir = %dir.display(), "the snapshot's VM had no network device; the restored sandbox has no network");
+            config.enable_network = false;
+            config.host_port = None;
+        }
         let identity = snapshot.manifest.template.clone();
         let template = self.inner.templates.load(&config.template_id)?;
         let image = guest_image(&template, &config);

@@ -126,6 +126,16 @@ pub fn fits(snapshot: &Snapshot, config: &SandboxConfig) -> Result<(), SnapshotE
             config.vcpus.to_string(),
         ));
     }
+    // The restored VM must have the devices of the one the snapshot was
+    // taken of; whether that had a network is on its command line.
+    let had_network = crate::network::snapshot_has_network(&snapshot.manifest.kernel_cmdline);
+    if had_network != config.enable_network {
+        return Err(differs(
+            "a network device (enable_network)",
+            had_network.to_string(),
+            config.enable_network.to_string(),
+        ));
+    }
     if made.read_only_rootfs != config.read_only_rootfs {
         return Err(differs(
             "read_only_rootfs",

@@ -80,6 +80,8 @@ pub(crate) struct SandboxTask<V> {
     pub(crate) vmm_name: &'static str,
     pub(crate) vmm_version: String,
     pub(crate) template: Option<TemplateIdentity>,
+    /// The sandbox's network, torn down on release.
+    pub(crate) network: Option<nova_net::SandboxNetwork>,
     /// Whether the VM and the sandbox's files are gone.
     pub(crate) released: bool,
 }
@@ -307,6 +309,17 @@ impl<V: Vm> SandboxTask<V> {
             vmm.net_rx_bytes = counters.net_rx_bytes;
             vmm.net_tx_bytes = counters.net_tx_bytes;
         }
+        // The sandbox's veth counts everything the guest sent and received.
+        if let Some(net) = &self.network {
+            match bounded(self.timeouts.vmm, net.counters()).await {
+                Ok(Ok(c)) => {
+                    vmm.net_rx_bytes = Some(c.rx_bytes);
+                    vmm.net_tx_bytes = Some(c.tx_bytes);
+                }
+                Ok(Err(e)) => tracing::debug!(error = %e, "network counters unavailable"),
+                Err(limit) => tracing::debug!(?limit, "network counters did not come in time"),
+            }
+        }
         // A paused guest cannot answer; report the host's view only.
         let guest = match (&self.guest, self.state()) {
             (Some(guest), SandboxState::Running) => match guest.stats(self.timeouts.agent).await {
@@ -454,8 +467,8 @@ impl<V: Vm> SandboxTask<V> {
         );
     }
 
-    /// Kills the VMM (bounded), releases what the backend made, removes the
-    /// sandbox directory. Idempotent.
+    /// Kills the VMM (bounded), releases what the backend made, tears the
+    /// network down, removes the sandbox directory. Idempotent.
     pub(crate) async fn release(&mut self) -> Result<(), (PathBuf, std::io::Error)> {
         self.guest = None;
         if let Some(mut vmm) = self.vmm.take()
@@ -469,6 +482,7 @@ impl<V: Vm> SandboxTask<V> {
             return Ok(());
         }
         self.vm.release().await?;
+        crate::network::teardown(self.network.take()).await;
         self.dir.remove().await?;
         self.released = true;
         Ok(())

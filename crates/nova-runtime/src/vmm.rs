@@ -12,6 +12,12 @@
 //!   child is reaped by tokio's orphan queue; [`VmmProcess::kill`] kills and
 //!   waits.
 //!
+//! - it inherits exactly the descriptors its [`VmmCommand::fds`] name (a
+//!   tap for QEMU's `-netdev tap,fd=N`), at the numbers given there: they
+//!   are duplicated onto those numbers, without `FD_CLOEXEC`, in the child
+//!   only (the `command-fds` crate's `pre_exec` hook), so no other child
+//!   of this process ever sees them.
+//!
 //! A process this one did not fork (Firecracker forked by the jailer into a
 //! new PID namespace) is [adopted](VmmProcess::adopt) by PID: watched and
 //! killed through a pidfd the same way, but its exit status is not ours to
@@ -19,9 +25,12 @@
 
 use std::ffi::OsString;
 use std::fmt;
-use std::os::fd::OwnedFd;
+use std::os::fd::{OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::process::Stdio;
+use std::sync::Arc;
+
+use command_fds::{CommandFdExt, FdMapping};
 
 use rustix::process::{Pid, PidfdFlags, Signal};
 use tokio::io::Interest;
@@ -78,7 +87,23 @@ pub struct VmmCommand {
     pub stderr: PathBuf,
     /// Most bytes written to each of those files.
     pub log_cap: u64,
+    /// Descriptors the process inherits (everything else of ours is
+    /// close-on-exec).
+    pub fds: Vec<InheritedFd>,
 }
+
+/// A descriptor a VMM inherits, and the number it has in the VMM.
+#[derive(Clone, Debug)]
+pub struct InheritedFd {
+    /// Our descriptor (shared: a [`VmmCommand`] may be spawned again).
+    pub fd: Arc<OwnedFd>,
+    /// Its number in the child, which the VMM's arguments name; 3 or more,
+    /// each number once.
+    pub child_fd: RawFd,
+}
+
+/// The first descriptor number after stdin, stdout and stderr.
+pub const FIRST_INHERITED_FD: RawFd = 3;
 
 /// A VMM process could not be started.
 #[derive(Debug, thiserror::Error)]
@@ -98,6 +123,16 @@ pub enum VmmSpawnError {
     Output {
         /// The file.
         path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A descriptor to inherit could not be prepared (duplicated, or two
+    /// of them want the same number).
+    #[error("cannot pass descriptor {child_fd} to the VMM")]
+    Fds {
+        /// The number it was to have in the VMM.
+        child_fd: RawFd,
         /// Why.
         #[source]
         source: std::io::Error,
@@ -184,6 +219,28 @@ impl VmmProcess {
             .process_group(0);
         if let Some(cwd) = &command.cwd {
             cmd.current_dir(cwd);
+        }
+        if !command.fds.is_empty() {
+            let mut mappings = Vec::with_capacity(command.fds.len());
+            for inherited in &command.fds {
+                let child_fd = inherited.child_fd;
+                let fds_err = |source| VmmSpawnError::Fds { child_fd, source };
+                if child_fd < FIRST_INHERITED_FD {
+                    return Err(fds_err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidInput,
+                        "0, 1 and 2 are the VMM's standard streams",
+                    )));
+                }
+                mappings.push(FdMapping {
+                    parent_fd: inherited.fd.try_clone().map_err(fds_err)?,
+                    child_fd,
+                });
+            }
+            let first = mappings.first().map_or(FIRST_INHERITED_FD, |m| m.child_fd);
+            cmd.fd_mappings(mappings).map_err(|e| VmmSpawnError::Fds {
+                child_fd: first,
+                source: std::io::Error::new(std::io::ErrorKind::InvalidInput, e),
+            })?;
         }
         let child = cmd.spawn().map_err(|source| VmmSpawnError::Exec {
             program: command.program.clone(),
@@ -341,7 +398,44 @@ mod tests {
             stdout: dir.join("out.log"),
             stderr: dir.join("out.log"),
             log_cap: 1024,
+            fds: Vec::new(),
         }
+    }
+
+    #[tokio::test]
+    async fn named_descriptors_are_inherited_at_their_numbers_and_no_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let (reader, writer) = std::io::pipe().unwrap();
+        let mut command = sleep_command(dir.path());
+        command.program = "sh".into();
+        // The child writes into descriptor 7, which is our pipe's write end.
+        command.args = vec!["-c".into(), "echo through-7 >&7".into()];
+        command.fds = vec![InheritedFd {
+            fd: Arc::new(OwnedFd::from(writer)),
+            child_fd: 7,
+        }];
+        let mut vmm = VmmProcess::spawn(&command).unwrap();
+        assert_eq!(vmm.wait().await, VmmExit::Code(0));
+        drop(command);
+        let mut got = String::new();
+        std::io::Read::read_to_string(&mut { reader }, &mut got).unwrap();
+        assert_eq!(got, "through-7\n");
+
+        // Without a mapping the same number is closed in the child.
+        let mut command = sleep_command(dir.path());
+        command.program = "sh".into();
+        command.args = vec!["-c".into(), "echo x >&7".into()];
+        let mut vmm = VmmProcess::spawn(&command).unwrap();
+        assert_ne!(vmm.wait().await, VmmExit::Code(0));
+
+        command.fds = vec![InheritedFd {
+            fd: Arc::new(OwnedFd::from(std::io::pipe().unwrap().1)),
+            child_fd: 2,
+        }];
+        assert!(matches!(
+            VmmProcess::spawn(&command).unwrap_err(),
+            VmmSpawnError::Fds { child_fd: 2, .. }
+        ));
     }
 
     #[test]

@@ -139,6 +139,7 @@ impl Backend for Double {
             stdout: paths.console_log(),
             stderr: paths.vmm_log(),
             log_cap: 4096,
+            fds: Vec::new(),
         })?;
         let json = std::fs::read(paths.state_json()).unwrap();
         let state: serde_json::Value = serde_json::from_slice(&json).unwrap();

@@ -1,0 +1,164 @@
+//! A sandbox's network, for every backend: the runtime makes it with
+//! `nova-net` before the VMM starts, hands it to the backend in
+//! [`VmStart::network`](crate::backend::VmStart::network), tears it down
+//! when the sandbox is released (and on every failed create), and reads its
+//! counters for stats.
+//!
+//! With `enable_network = true` (the default) a sandbox gets its own
+//! network namespace, NAT out through the host, and the config's
+//! `host_port` -> `guest_port` as one published TCP port (reachable at
+//! `127.0.0.1:host_port` too). The guest sees [`nova_net::GUEST_ADDR`] on
+//! `eth0` with [`nova_net::GATEWAY_ADDR`] as its gateway, and the host's
+//! resolvers ([`nova_net::host_resolvers`]), through the boot contract's
+//! `nova.net=` ([`guest_net`]).
+//!
+//! This needs root (CAP_NET_ADMIN and CAP_SYS_ADMIN), `/dev/net/tun` and
+//! `nft`. Where one is missing, create fails with
+//! [`CreateSandboxError::Unsupported`] naming it and saying to set
+//! `enable_network = false`: a sandbox never silently lacks the network its
+//! config asked for. (A user-mode network, passt, is the planned rootless
+//! fallback.)
+
+use std::path::Path;
+
+use nova_core::config::SandboxConfig;
+use nova_core::error::CreateSandboxError;
+use nova_core::id::SandboxId;
+use nova_net::{AddressPool, NetworkSpec, PortMapping, SandboxNetwork};
+use nova_protocol::boot::{GuestNet, MAX_DNS_SERVERS};
+
+/// The guest's MTU: the tap's and the veth's default.
+pub const GUEST_MTU: u16 = 1500;
+
+/// Why this host cannot give sandboxes a network, if it cannot: what is
+/// missing, and what to do.
+pub fn unsupported_reason() -> Option<String> {
+    let missing = if !rustix::process::geteuid().is_root() {
+        Some("root (CAP_NET_ADMIN and CAP_SYS_ADMIN)".to_owned())
+    } else if !Path::new("/dev/net/tun").exists() {
+        Some("/dev/net/tun (the tun module)".to_owned())
+    } else if !on_path("nft") {
+        Some("`nft` on PATH (apt-get install nftables)".to_owned())
+    } else {
+        None
+    };
+    missing.map(|what| {
+        format!(
+            "sandbox networking needs {what}; set enable_network = false to run without a \
+             network"
+        )
+    })
+}
+
+fn on_path(program: &str) -> bool {
+    std::env::var_os("PATH").is_some_and(|path| {
+        std::env::split_paths(&path).any(|dir| {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::metadata(dir.join(program))
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+    })
+}
+
+/// What `config` asks of the network: its published port, and the host's
+/// resolvers.
+pub fn spec(config: &SandboxConfig) -> NetworkSpec {
+    NetworkSpec {
+        ports: config
+            .host_port
+            .map(|host| PortMapping::tcp(host, config.guest_port))
+            .into_iter()
+            .collect(),
+        egress: Default::default(),
+        dns_servers: nova_net::host_resolvers(),
+    }
+}
+
+/// Makes the network of sandbox `id` when `config` asks for one and the
+/// backend `attaches` it (a backend that does not yet, Firecracker, runs the
+/// sandbox without one, with a warning; the provider refused a published
+/// port there already).
+pub(crate) async fn create(
+    id: &SandboxId,
+    config: &SandboxConfig,
+    pool: &AddressPool,
+    attaches: bool,
+) -> Result<Option<SandboxNetwork>, CreateSandboxError> {
+    if !config.enable_network {
+        return Ok(None);
+    }
+    if !attaches {
+        tracing::warn!("this backend does not attach sandbox networks yet; the sandbox has none");
+        return Ok(None);
+    }
+    if let Some(reason) = unsupported_reason() {
+        return Err(CreateSandboxError::Unsupported { reason });
+    }
+    let started = std::time::Instant::now();
+    let net = SandboxNetwork::create(id, &spec(config), pool)
+        .await
+        .map_err(|e| CreateSandboxError::Network(Box::new(e)))?;
+    tracing::debug!(
+        elapsed_us = started.elapsed().as_micros() as u64,
+        netns = net.netns_name(),
+        host_veth = net.host_veth(),
+        "sandbox network ready"
+    );
+    Ok(Some(net))
+}
+
+/// Tears `net` down, logging what could not be removed.
+pub(crate) async fn teardown(net: Option<SandboxNetwork>) {
+    if let Some(mut net) = net
+        && let Err(e) = net.teardown().await
+    {
+        tracing::warn!(error = %e, netns = net.netns_name(), "the sandbox network was not fully removed");
+    }
+}
+
+/// The boot contract's `nova.net=` for the guest of `net`.
+pub fn guest_net(net: &SandboxNetwork) -> GuestNet {
+    let (addr, prefix) = net.guest_addr();
+    GuestNet {
+        addr,
+        prefix,
+        gateway: net.gateway(),
+        mtu: Some(GUEST_MTU),
+        dns: net
+            .spec()
+            .dns_servers
+            .iter()
+            .copied()
+            .take(MAX_DNS_SERVERS)
+            .collect(),
+    }
+}
+
+/// Whether the VM a snapshot was taken of had a network device: its kernel
+/// command line carried `nova.net=`. A VM is restored only with the same
+/// devices.
+pub fn snapshot_has_network(kernel_cmdline: &str) -> bool {
+    nova_protocol::boot::NovaParams::parse(kernel_cmdline).is_ok_and(|p| p.net.is_some())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_seed_port_pair_is_one_published_tcp_port() {
+        let mut config = SandboxConfig::default();
+        assert!(spec(&config).ports.is_empty());
+        config.host_port = Some(18080);
+        config.guest_port = 80;
+        assert_eq!(spec(&config).ports, vec![PortMapping::tcp(18080, 80)]);
+    }
+
+    #[test]
+    fn a_snapshot_has_a_network_when_its_command_line_says_so() {
+        assert!(snapshot_has_network(
+            "console=ttyS0 nova.net=169.254.0.21/30,gw=169.254.0.22"
+        ));
+        assert!(!snapshot_has_network("console=ttyS0 nova.hostname=a"));
+    }
+}
