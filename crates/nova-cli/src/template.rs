@@ -149,22 +149,41 @@ pub(crate) async fn snapshot(args: &SnapshotArgs) -> anyhow::Result<()> {
 
     let home = NovaHome::resolve()?;
     let template_dir = home.template_dir(&args.id);
-    let mut builder = SandboxConfig::builder()
-        .template_id(args.id.clone())
-        .start(StartMode::Cold)
-        .enable_network(false);
-    if let Some(memory) = args.memory {
-        builder = builder.memory_mb(memory);
-    }
-    if let Some(vcpus) = args.vcpus {
-        builder = builder.vcpus(vcpus);
-    }
-    let config = builder.build()?;
+    let config = |network: bool| {
+        let mut builder = SandboxConfig::builder()
+            .template_id(args.id.clone())
+            .start(StartMode::Cold)
+            .enable_network(network);
+        if let Some(memory) = args.memory {
+            builder = builder.memory_mb(memory);
+        }
+        if let Some(vcpus) = args.vcpus {
+            builder = builder.vcpus(vcpus);
+        }
+        builder.build()
+    };
     let hypervisor = novasandbox::detect_in(home)?;
-    let sandbox = hypervisor
-        .create_sandbox(config)
-        .await
-        .with_context(|| format!("cannot boot template {}", args.id))?;
+    // With a network, as a default config has it, so that default creates
+    // restore from the snapshot; without one where this host cannot give
+    // sandboxes a network (not root, no nft).
+    let sandbox = match hypervisor.create_sandbox(config(true)?).await {
+        Ok(sandbox) => sandbox,
+        Err(
+            e @ (novasandbox::core::CreateSandboxError::Unsupported { .. }
+            | novasandbox::core::CreateSandboxError::Network(_)),
+        ) => {
+            eprintln!(
+                "note: snapshotting {} without a network ({e}); only creates with \
+                 enable_network = false will restore from it",
+                args.id
+            );
+            hypervisor
+                .create_sandbox(config(false)?)
+                .await
+                .with_context(|| format!("cannot boot template {}", args.id))?
+        }
+        Err(e) => return Err(e).with_context(|| format!("cannot boot template {}", args.id)),
+    };
     println!(
         "booted {} ({} MiB, {} vCPUs) in {} ms",
         args.id,

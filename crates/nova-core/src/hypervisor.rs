@@ -189,7 +189,7 @@ pub trait Hypervisor: Send + Sync + fmt::Debug {
     /// where it is now: it is paused while its state is saved (a snapshot),
     /// then resumes with its connections and processes, and each child is
     /// restored from that state as a distinct machine (its own id, disk,
-    /// hostname). Backends that cannot snapshot answer
+    /// hostname, network; a published host port stays the parent's). Backends that cannot snapshot answer
     /// [`SnapshotError::Unsupported`].
     async fn fork_sandbox(
         &self,

@@ -24,8 +24,10 @@ use crate::state::SandboxState;
 /// File name of the manifest inside a snapshot directory.
 pub const SNAPSHOT_MANIFEST: &str = "snapshot.json";
 
-/// The manifest format this build writes and reads.
-pub const SNAPSHOT_FORMAT: u32 = 1;
+/// The manifest format this build writes and reads. 2: the guest's network
+/// gateway has a fixed hardware address, so a snapshot's ARP cache stays
+/// right wherever it is restored (format 1 snapshots have a stale one).
+pub const SNAPSHOT_FORMAT: u32 = 2;
 
 /// Whether a snapshot holds all guest memory or only what changed since the
 /// previous snapshot in the same directory.

@@ -115,6 +115,12 @@ pub use tap::TapOwner;
 pub const GUEST_ADDR: Ipv4Addr = Ipv4Addr::new(169, 254, 0, 21);
 /// The guest's gateway, on the tap in the namespace.
 pub const GATEWAY_ADDR: Ipv4Addr = Ipv4Addr::new(169, 254, 0, 22);
+
+/// The hardware address of the gateway (the tap) in every sandbox: fixed, so
+/// that a guest restored from a snapshot, whose ARP cache names it, reaches
+/// the gateway of whichever namespace it is restored into. Locally
+/// administered, unicast.
+pub const GATEWAY_MAC: [u8; 6] = [0x02, 0x4e, 0x4f, 0x56, 0x41, 0x01];
 /// Prefix length of the guest link.
 pub const GUEST_PREFIX: u8 = 30;
 /// The cloud metadata address, always denied unless explicitly allowed.

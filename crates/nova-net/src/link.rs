@@ -130,6 +130,25 @@ pub(crate) async fn add_veth(
     Ok(index)
 }
 
+/// Sets a link's hardware address.
+pub(crate) async fn set_address(
+    handle: &Handle,
+    index: u32,
+    name: &str,
+    mac: [u8; 6],
+) -> Result<(), HostError> {
+    handle
+        .link()
+        .set(
+            LinkUnspec::new_with_index(index)
+                .address(mac.to_vec())
+                .build(),
+        )
+        .execute()
+        .await
+        .map_err(|e| HostError::netlink(format!("setting the address of {name}"), e))
+}
+
 /// Sets a link up.
 pub(crate) async fn up(handle: &Handle, index: u32, name: &str) -> Result<(), HostError> {
     handle

@@ -39,8 +39,8 @@ use crate::pool::{AddressPool, SubnetLease};
 use crate::spec::{EgressPolicy, Ipv4Cidr, NetworkSpec, PortReservation, reserve_ports};
 use crate::tap::{self, TapOwner};
 use crate::{
-    ALIAS_PREFIX, GATEWAY_ADDR, GUEST_ADDR, GUEST_PREFIX, NAME_PREFIX, NETNS_VETH, TAP_NAME,
-    VETH_GUEST_NAME,
+    ALIAS_PREFIX, GATEWAY_ADDR, GATEWAY_MAC, GUEST_ADDR, GUEST_PREFIX, NAME_PREFIX, NETNS_VETH,
+    TAP_NAME, VETH_GUEST_NAME,
 };
 
 /// How the guest is attached inside the namespace.
@@ -556,6 +556,12 @@ impl InsideSetup {
             }
         };
         let dev = link::index(&h, guest_dev).await?;
+        if matches!(self.guest_link, GuestLink::Tap) {
+            // The same gateway hardware address in every sandbox: a guest
+            // restored from a snapshot keeps its ARP entry for the gateway,
+            // which must stay right in the namespace it lands in.
+            link::set_address(&h, dev, guest_dev, GATEWAY_MAC).await?;
+        }
         link::add_address(&h, dev, guest_dev, GATEWAY_ADDR, GUEST_PREFIX).await?;
         link::up(&h, dev, guest_dev).await?;
 

@@ -213,6 +213,28 @@ async fn guest_reaches_a_test_host_through_nat_and_serves_a_published_port() {
     );
     assert!(stats.vmm.net_tx_bytes.unwrap() > 0, "{:?}", stats.vmm);
 
+    // A fork restores into a network of its own, with the same guest
+    // addressing: the child reaches the test host too.
+    let child = sandbox.fork(1).await.unwrap().pop().unwrap();
+    let child_id = child.id().to_string();
+    assert_eq!(leftovers_of(&child_id).await.len(), 3);
+    sh(
+        &child,
+        &format!(
+            "rm -f /tmp/body; wget -O /tmp/body http://{}/",
+            server.addr()
+        ),
+    )
+    .await;
+    let got = child.read_file("/tmp/body").await.unwrap();
+    assert!(
+        got == body,
+        "the restored child's NAT works ({} bytes)",
+        got.len()
+    );
+    child.stop(true).await.unwrap();
+    assert_eq!(leftovers_of(&child_id).await, Vec::<String>::new());
+
     sandbox.stop(false).await.unwrap();
     assert_eq!(leftovers_of(&id).await, Vec::<String>::new());
     assert!(t.sandbox_dirs().is_empty());

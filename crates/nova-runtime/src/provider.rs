@@ -137,6 +137,47 @@ impl<B: Backend> Provider<B> {
             .await
     }
 
+    /// Restores the snapshot in `dir` into a new sandbox; `keep_ports`
+    /// false drops the published port of its config (a fork's children:
+    /// the parent keeps it).
+    async fn restore(&self, dir: &Path, keep_ports: bool) -> Result<Sandbox, CreateSandboxError> {
+        self.check_snapshot_support()?;
+        let backend = &self.inner.backend;
+        let snapshot = crate::snapshot::read(dir).await?;
+        self.check_restorable(&snapshot).await?;
+        backend.check_host()?;
+        if snapshot.manifest.vmm_version != backend.vmm_version() {
+            tracing::warn!(
+                snapshot = %snapshot.manifest.vmm_version,
+                vmm = %backend.vmm_version(),
+                "the snapshot was written by another version of the VMM; loading may fail"
+            );
+        }
+        let mut config = snapshot.manifest.config.clone();
+        if !keep_ports {
+            config.host_port = None;
+        }
+        // A snapshot's VM is restored with its devices: a network device only
+        // if it had one (snapshots from before networking have none).
+        if config.enable_network
+            && !crate::network::snapshot_has_network(&snapshot.manifest.kernel_cmdline)
+        {
+            tracing::warn!(dir = %dir.display(), "the snapshot's VM had no network device; the restored sandbox has no network");
+            config.enable_network = false;
+            config.host_port = None;
+        }
+        let identity = snapshot.manifest.template.clone();
+        let template = self.inner.templates.load(&config.template_id)?;
+        let image = guest_image(&template, &config);
+        self.launch(
+            config,
+            image,
+            BootSource::Restore(Box::new(snapshot)),
+            identity,
+        )
+        .await
+    }
+
     /// [`crate::snapshot::check_restorable`] for this provider, on the
     /// blocking pool (it reads the template's files).
     async fn check_restorable(&self, snapshot: &Snapshot) -> Result<(), SnapshotError> {
@@ -539,38 +580,7 @@ impl<B: Backend> Hypervisor for Provider<B> {
         &self,
         dir: &Path,
     ) -> Result<Sandbox, CreateSandboxError> {
-        self.check_snapshot_support()?;
-        let backend = &self.inner.backend;
-        let snapshot = crate::snapshot::read(dir).await?;
-        self.check_restorable(&snapshot).await?;
-        backend.check_host()?;
-        if snapshot.manifest.vmm_version != backend.vmm_version() {
-            tracing::warn!(
-                snapshot = %snapshot.manifest.vmm_version,
-                vmm = %backend.vmm_version(),
-                "the snapshot was written by another version of the VMM; loading may fail"
-            );
-        }
-        let mut config = snapshot.manifest.config.clone();
-        // A snapshot's VM is restored with its devices: a network device only
-        // if it had one (snapshots from before networking have none).
-        if config.enable_network
-            && !crate::network::snapshot_has_network(&snapshot.manifest.kernel_cmdline)
-        {
-            tracing::warn!(dir = %dir.display(), "the snapshot's VM had no network device; the restored sandbox has no network");
-            config.enable_network = false;
-            config.host_port = None;
-        }
-        let identity = snapshot.manifest.template.clone();
-        let template = self.inner.templates.load(&config.template_id)?;
-        let image = guest_image(&template, &config);
-        self.launch(
-            config,
-            image,
-            BootSource::Restore(Box::new(snapshot)),
-            identity,
-        )
-        .await
+        self.restore(dir, true).await
     }
 
     async fn fork_sandbox(
@@ -628,7 +638,7 @@ impl<B: Backend> Hypervisor for Provider<B> {
                 let mut children = Vec::with_capacity(n);
                 let mut failed = None;
                 for _ in 0..n {
-                    match self.create_sandbox_from_snapshot(&dir).await {
+                    match self.restore(&dir, false).await {
                         Ok(child) => children.push(child),
                         Err(e) => {
                             failed = Some(e);
