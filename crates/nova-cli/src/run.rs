@@ -54,6 +54,9 @@ pub(crate) struct RunArgs {
     /// Boot without the writable overlay.
     #[arg(long)]
     read_only: bool,
+    /// Give the sandbox no network interface (only loopback).
+    #[arg(long)]
+    no_network: bool,
     /// Send this process's stdin to the command, as it arrives.
     #[arg(long, short = 'i')]
     interactive: bool,
@@ -96,6 +99,7 @@ async fn run_with(args: RunArgs, console: &Console) -> anyhow::Result<ExitCode> 
         .vcpus(args.vcpus)
         .boot_timeout_ms(args.boot_timeout_ms)
         .read_only_rootfs(args.read_only)
+        .enable_network(!args.no_network)
         .build()?;
     let mut request = if args.sh {
         ExecRequest::shell(args.command.join(" "))

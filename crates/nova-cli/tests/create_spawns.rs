@@ -1,5 +1,7 @@
 //! Creating a sandbox spawns no process but the VMM: no `mkfs` per sandbox,
-//! no `cp` for disks, no helper tools. Checked by running `nova run` with a
+//! no `cp` for disks, no helper tools. Without a network, that is: a
+//! sandbox's network is set up with `nft` (two runs per create), which this
+//! test keeps out with `--no-network`. Checked by running `nova run` with a
 //! `PATH` holding only a logging wrapper around QEMU, so any program the
 //! create path started by name would be missing (and fail the run), and the
 //! wrapper's log shows every QEMU start.
@@ -23,6 +25,7 @@ fn nova_run(home: &Path, path_env: &str, qemu: &Path) -> std::process::Output {
             "256",
             "--vcpus",
             "1",
+            "--no-network",
             "--",
             "true",
         ])
