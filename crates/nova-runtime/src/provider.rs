@@ -31,6 +31,10 @@ use crate::retry::{RetryError, retry_until};
 use crate::scratch::ScratchCache;
 use crate::task::{SandboxTask, Timeouts};
 
+/// How long one handshake with a restored guest's agent may take before it
+/// is tried again on a new connection.
+const RESTORED_HANDSHAKE_ATTEMPT: Duration = Duration::from_secs(3);
+
 /// How many actions may wait for one sandbox's task.
 const ACTION_QUEUE: usize = 8;
 
@@ -367,31 +371,57 @@ impl<B: Backend> Provider<B> {
             let guest = if backend.waits_for_agent() {
                 let connector = vm.agent_connector();
                 let deadline = launch.deadline();
-                let stream = launch
-                    .step("open the agent channel", async {
-                        retry_until(deadline, &connector, |e: &ConnectError| e.transient)
-                            .await
-                            .map_err(|e| match e {
-                                RetryError::Failed(e) => e.source,
-                                RetryError::TimedOut(last) => last.map_or_else(
-                                    || "the agent channel did not open in time".into(),
-                                    |e| e.source,
-                                ),
-                            })
-                    })
-                    .await?;
-                let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
-                let (client, hello) = launch
-                    .step(
-                        "answer the agent handshake",
-                        AgentClient::connect(stream, remaining),
-                    )
-                    .await
-                    .map_err(|e| match e {
-                        CreateSandboxError::Vmm { source, .. } => CreateSandboxError::Agent(source),
-                        other => other,
-                    })?;
-                Some((client, hello))
+                // A restored guest's agent may still be in the session of the
+                // host that took the snapshot, or blocked writing to it; a
+                // handshake that gets no answer soon is tried again on a new
+                // connection (whose `Hello` starts a new session). A cold
+                // guest's agent answers once it is up: one attempt, up to the
+                // deadline.
+                let restored = matches!(source, BootSource::Restore(_));
+                let mut attempt = 0u32;
+                loop {
+                    attempt += 1;
+                    let stream = launch
+                        .step("open the agent channel", async {
+                            retry_until(deadline, &connector, |e: &ConnectError| e.transient)
+                                .await
+                                .map_err(|e| match e {
+                                    RetryError::Failed(e) => e.source,
+                                    RetryError::TimedOut(last) => last.map_or_else(
+                                        || "the agent channel did not open in time".into(),
+                                        |e| e.source,
+                                    ),
+                                })
+                        })
+                        .await?;
+                    let remaining =
+                        deadline.saturating_duration_since(tokio::time::Instant::now());
+                    let limit = if restored {
+                        remaining.min(RESTORED_HANDSHAKE_ATTEMPT)
+                    } else {
+                        remaining
+                    };
+                    let answered = launch
+                        .step(
+                            "answer the agent handshake",
+                            AgentClient::connect(stream, limit),
+                        )
+                        .await;
+                    match answered {
+                        Ok(pair) => break Some(pair),
+                        Err(CreateSandboxError::Vmm { source, .. })
+                            if restored
+                                && tokio::time::Instant::now() + Duration::from_millis(50)
+                                    < deadline =>
+                        {
+                            tracing::debug!(attempt, error = %source, "the restored agent did not answer; trying a new connection");
+                        }
+                        Err(CreateSandboxError::Vmm { source, .. }) => {
+                            return Err(CreateSandboxError::Agent(source));
+                        }
+                        Err(other) => return Err(other),
+                    }
+                }
             } else {
                 None
             };
