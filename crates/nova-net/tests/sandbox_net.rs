@@ -475,16 +475,24 @@ struct Census {
 }
 
 async fn census() -> Census {
+    // Only this test process's objects (ids `t<pid>-…`), so networks other
+    // nova processes make on the host meanwhile do not count.
+    let ours = format!("t{}-", std::process::id());
     let netns = testing::namespaces()
         .expect("namespaces")
         .iter()
-        .filter(|n| n.starts_with("nova-"))
+        .filter(|n| n.starts_with(&format!("nova-{ours}")))
         .count();
-    let veths = testing::sandbox_veths().await.expect("veths").len();
+    let veths = testing::sandbox_veths()
+        .await
+        .expect("veths")
+        .iter()
+        .filter(|(_, alias)| alias.contains(&ours))
+        .count();
     let tables = testing::host_nft_tables()
         .expect("tables")
         .iter()
-        .filter(|t| t.starts_with("nova-"))
+        .filter(|t| t.starts_with(&format!("nova-{ours}")))
         .count();
     Census {
         netns,
