@@ -32,9 +32,15 @@ pub(crate) fn run(args: &DoctorArgs) -> anyhow::Result<ExitCode> {
             qemu_confinement::seccomp_supported(&q.path),
         )
     });
+    // Whether sandboxes can have a network here (root, /dev/net/tun, nft).
+    let network = novasandbox::runtime::network::unsupported_reason();
     if args.json {
         let value = serde_json::json!({
             "host": report,
+            "sandbox_network": match &network {
+                None => serde_json::json!({"available": true}),
+                Some(why) => serde_json::json!({"available": false, "reason": why}),
+            },
             "nova_home": home.as_ref().map(|h| h.root().display().to_string()).ok(),
             "backend": choice.as_ref().ok().map(|(c, why)| serde_json::json!({"choice": c, "reason": why})),
             "no_backend": choice.as_ref().err().map(|e| e.reasons.clone()),
@@ -52,6 +58,18 @@ pub(crate) fn run(args: &DoctorArgs) -> anyhow::Result<ExitCode> {
         if let Some((c, seccomp)) = &confinement {
             render_confinement(&mut out, c, seccomp.as_ref().err().map(String::as_str));
         }
+        let _ = match &network {
+            None => writeln!(
+                out,
+                "[ ok ] sandbox network: a namespace, veth, tap and nftables rules per \
+                 sandbox (QEMU)"
+            ),
+            Some(why) => writeln!(
+                out,
+                "[warn] sandbox network: unavailable ({why}); create sandboxes with \
+                 enable_network = false"
+            ),
+        };
         if let Err(e) = &home {
             let _ = writeln!(out, "[fail] data directory: {e}");
         }

@@ -22,6 +22,10 @@ use nova_core::hypervisor::Hypervisor;
 use nova_core::sandbox::Sandbox;
 use nova_net::{Ipv4Cidr, testing};
 
+/// The tests of this file one at a time: some check that no network object
+/// appeared, which another test's sandbox would break.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Why sandbox networking cannot run here, printed as a SKIP line.
 fn skip(test: &str) -> bool {
     match nova_runtime::network::unsupported_reason() {
@@ -119,6 +123,7 @@ async fn guest_reaches_a_test_host_through_nat_and_serves_a_published_port() {
     if skip(test) {
         return;
     }
+    let _serial = SERIAL.lock().await;
     let Some(t) = setup(test, &["minimal"]) else {
         return;
     };
@@ -268,6 +273,7 @@ async fn a_host_port_in_use_fails_the_create_and_leaves_nothing() {
     if skip(test) {
         return;
     }
+    let _serial = SERIAL.lock().await;
     let Some(t) = setup(test, &["minimal"]) else {
         return;
     };
