@@ -41,6 +41,18 @@ pub enum HypervisorKind {
     AppleVz,
 }
 
+impl HypervisorKind {
+    /// The VMM's name in error messages (`firecracker`, `qemu`,
+    /// `Virtualization.framework`).
+    pub fn vmm_name(self) -> &'static str {
+        match self {
+            Self::Firecracker => "firecracker",
+            Self::Qemu => "qemu",
+            Self::AppleVz => "Virtualization.framework",
+        }
+    }
+}
+
 impl fmt::Display for HypervisorKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {

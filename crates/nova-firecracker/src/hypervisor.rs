@@ -204,7 +204,7 @@ pub trait FirecrackerSandboxes {
 
 fn sandbox_vmm_error(action: &str, e: impl Into<nova_core::error::BoxError>) -> SandboxError {
     SandboxError::Vmm {
-        vmm: "firecracker",
+        vmm: HypervisorKind::Firecracker.vmm_name(),
         action: action.to_owned(),
         source: e.into(),
     }

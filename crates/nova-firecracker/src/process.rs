@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use nova_core::error::CreateSandboxError;
+use nova_core::hypervisor::HypervisorKind;
 use nova_runtime::backend::Launch;
 use nova_runtime::console::DEFAULT_LOG_CAP;
 use nova_runtime::retry::{RetryError, retry_until, socket_not_ready};
@@ -31,8 +32,7 @@ use crate::jailer::{Jail, JailLimits};
 
 /// Name of the API socket in the VMM's working directory.
 pub const API_SOCKET: &str = "api.sock";
-/// Longest Unix socket path (`sun_path` is 108 bytes with its NUL).
-pub const MAX_SOCKET_PATH: usize = 107;
+pub use nova_runtime::dir::MAX_SOCKET_PATH;
 /// How long the jailer may take to set up a jail and fork.
 const JAILER_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -204,7 +204,7 @@ pub async fn spawn(
 
 fn start_error(e: SpawnError) -> CreateSandboxError {
     CreateSandboxError::Vmm {
-        vmm: "firecracker",
+        vmm: HypervisorKind::Firecracker.vmm_name(),
         action: "start".into(),
         source: Box::new(e),
     }

@@ -12,6 +12,7 @@ use nova_core::snapshot::SnapshotError;
 use nova_runtime::Provider;
 use nova_runtime::backend::{Backend, BootSource, Launch, VmStart, kernel_args_error};
 use nova_runtime::console::DEFAULT_LOG_CAP;
+use nova_runtime::dir::check_socket_path;
 use nova_runtime::host::{Accel, BackendChoice, HostReport};
 use nova_runtime::retry::connect_unix;
 use nova_runtime::vmm::{FIRST_INHERITED_FD, InheritedFd, VmmCommand};
@@ -19,9 +20,6 @@ use nova_runtime::vmm::{FIRST_INHERITED_FD, InheritedFd, VmmCommand};
 use crate::cmdline::{VmNet, VmSpec, tcg_tsc_khz};
 use crate::qmp::QmpClient;
 use crate::vm::{QemuVm, SNAPSHOT_STATE};
-
-/// Longest Unix socket path (`sun_path` is 108 bytes with its NUL).
-const MAX_SOCKET_PATH: usize = 107;
 
 /// Default size of each sandbox's scratch disk (sparse: only what the guest
 /// writes takes space).
@@ -159,15 +157,8 @@ impl Backend for Qemu {
         let image = start.image;
         let paths = start.paths;
         for socket in [paths.api_socket(), paths.vsock_socket()] {
-            if socket.as_os_str().len() > MAX_SOCKET_PATH {
-                return Err(CreateSandboxError::Unsupported {
-                    reason: format!(
-                        "socket path {} is longer than {MAX_SOCKET_PATH} bytes; use a shorter \
-                         NOVA_HOME",
-                        socket.display()
-                    ),
-                });
-            }
+            check_socket_path(&socket)
+                .map_err(|reason| CreateSandboxError::Unsupported { reason })?;
         }
         let config = &start.info.config;
         // A restored VM gets the very command line of the one its snapshot

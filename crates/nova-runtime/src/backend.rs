@@ -263,7 +263,6 @@ pub struct Launch<'a> {
     pub(crate) dir: &'a SandboxDir,
     pub(crate) record: SandboxRecord,
     pub(crate) vmm: Option<VmmProcess>,
-    pub(crate) vmm_name: &'static str,
     pub(crate) timeout: Duration,
     pub(crate) deadline: tokio::time::Instant,
     pub(crate) spawned_at: Option<Instant>,
@@ -304,7 +303,7 @@ impl<'a> Launch<'a> {
         self.record.vmm_start_ticks = vmm.start_ticks();
         self.vmm = Some(vmm);
         self.dir.persist_or_warn(&self.record);
-        tracing::debug!(pid = ?self.record.info.vmm_pid, vmm = self.vmm_name, "VMM spawned");
+        tracing::debug!(pid = ?self.record.info.vmm_pid, vmm = %self.record.info.hypervisor, "VMM spawned");
     }
 
     fn spawn_error(&self, e: VmmSpawnError) -> CreateSandboxError {
@@ -314,7 +313,7 @@ impl<'a> Launch<'a> {
             }
             VmmSpawnError::Output { path, source } => CreateSandboxError::Prepare { path, source },
             other => CreateSandboxError::Vmm {
-                vmm: self.vmm_name,
+                vmm: self.record.info.hypervisor.vmm_name(),
                 action: "start".into(),
                 source: Box::new(other),
             },
@@ -405,7 +404,7 @@ impl<'a> Launch<'a> {
                 console_tail: self.console_tail(),
             },
             StepFailure::Failed(source) => CreateSandboxError::Vmm {
-                vmm: self.vmm_name,
+                vmm: self.record.info.hypervisor.vmm_name(),
                 action: action.to_owned(),
                 source,
             },

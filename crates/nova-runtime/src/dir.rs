@@ -24,6 +24,21 @@ use nova_core::metadata::SandboxInfo;
 use rustix::fs::FlockOperation;
 use serde::{Deserialize, Serialize};
 
+/// Longest Unix socket path a VMM can bind or a client connect to
+/// (`sun_path` is 108 bytes with its NUL).
+pub const MAX_SOCKET_PATH: usize = 107;
+
+/// Refuses a socket path longer than [`MAX_SOCKET_PATH`], saying what to do.
+pub fn check_socket_path(path: &Path) -> Result<(), String> {
+    if path.as_os_str().len() > MAX_SOCKET_PATH {
+        return Err(format!(
+            "socket path {} is longer than {MAX_SOCKET_PATH} bytes; use a shorter NOVA_HOME",
+            path.display()
+        ));
+    }
+    Ok(())
+}
+
 /// A sandbox's persisted record: its info plus what identifies its VMM
 /// process beyond the PID.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

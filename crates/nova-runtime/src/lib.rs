@@ -321,12 +321,7 @@ impl Guest {
     /// Writes a whole file.
     pub async fn write_file(&self, path: &str, data: Vec<u8>, mode: u32) -> Result<(), FileError> {
         FileError::check_path(path)?;
-        if mode > 0o7777 {
-            return Err(FileError::InvalidPath {
-                path: path.to_owned(),
-                reason: "mode is above 0o7777",
-            });
-        }
+        files::check_mode(path, mode)?;
         self.client
             .write_file(path, data, mode)
             .await

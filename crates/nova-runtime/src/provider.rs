@@ -1,6 +1,7 @@
 //! [`Provider`]: the [`Hypervisor`] trait, implemented once for every
 //! backend.
 
+use std::future::Future;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -347,7 +348,6 @@ impl<B: Backend> Provider<B> {
             dir: &dir,
             record,
             vmm: None,
-            vmm_name: vmm_name(kind),
             timeout,
             // The boot deadline runs from here; the boot clock from the spawn.
             deadline: tokio::time::Instant::now() + timeout,
@@ -432,13 +432,9 @@ impl<B: Backend> Provider<B> {
         let (vm, guest) = match booted {
             Ok(booted) => booted,
             Err(e) => {
-                // `launch` kills the VMM when dropped; `dir` removes the files.
+                // `launch` kills the VMM when dropped.
                 drop(launch);
-                crate::network::teardown(network).await;
-                let mut dir = dir;
-                if let Err((path, e)) = dir.remove().await {
-                    tracing::warn!(parent: &span, path = %path.display(), error = %e, "cannot remove a failed sandbox's files");
-                }
+                abandon(dir, network).await;
                 return Err(e);
             }
         };
@@ -477,11 +473,7 @@ impl<B: Backend> Provider<B> {
                 };
                 if let Some(source) = failure {
                     drop(vmm);
-                    crate::network::teardown(network).await;
-                    let mut dir = dir;
-                    if let Err((path, e)) = dir.remove().await {
-                        tracing::warn!(path = %path.display(), error = %e, "cannot remove a failed sandbox's files");
-                    }
+                    abandon(dir, network).await;
                     return Err(CreateSandboxError::Agent(source));
                 }
             } else if tokio::time::timeout(limit, guest.sync_clock())
@@ -506,7 +498,7 @@ impl<B: Backend> Provider<B> {
             configure_ms: BootTimings::ms(started - vmm_ready),
             guest_ms: BootTimings::ms(ready - started),
             guest_kernel_ms,
-            from_snapshot: matches!(source, BootSource::Restore(_)),
+            from_snapshot: restored,
         });
         record
             .info
@@ -518,7 +510,7 @@ impl<B: Backend> Provider<B> {
         tracing::info!(
             parent: &span,
             boot_ms = info.boot_time_ms(),
-            from_snapshot = matches!(source, BootSource::Restore(_)),
+            from_snapshot = restored,
             "sandbox ready"
         );
         let task = SandboxTask {
@@ -528,7 +520,6 @@ impl<B: Backend> Provider<B> {
             record,
             guest: guest.clone(),
             timeouts: self.inner.timeouts,
-            vmm_name: vmm_name(kind),
             vmm_version: backend.vmm_version(),
             template,
             network,
@@ -552,6 +543,15 @@ impl<B: Backend> Provider<B> {
     }
 }
 
+/// Removes what a create that failed had made: its network and its
+/// directory (its VMM is already gone).
+async fn abandon(mut dir: SandboxDir, network: Option<nova_net::SandboxNetwork>) {
+    crate::network::teardown(network).await;
+    if let Err((path, e)) = dir.remove().await {
+        tracing::warn!(path = %path.display(), error = %e, "cannot remove a failed sandbox's files");
+    }
+}
+
 /// The kernel and disks `config` boots from `template`.
 fn guest_image(template: &Template, config: &SandboxConfig) -> GuestImage {
     GuestImage {
@@ -563,17 +563,6 @@ fn guest_image(template: &Template, config: &SandboxConfig) -> GuestImage {
         extra_drives: config.extra_drives.clone(),
     }
 }
-
-/// The VMM's name in error messages.
-fn vmm_name(kind: HypervisorKind) -> &'static str {
-    match kind {
-        HypervisorKind::Firecracker => "firecracker",
-        HypervisorKind::Qemu => "qemu",
-        HypervisorKind::AppleVz => "Virtualization.framework",
-    }
-}
-
-use std::future::Future;
 
 #[async_trait]
 impl<B: Backend> Hypervisor for Provider<B> {
@@ -648,7 +637,7 @@ impl<B: Backend> Hypervisor for Provider<B> {
         let paused = std::time::Instant::now();
         let snapshot = async {
             let vmm_error = |action: &str, e: SandboxError| CreateSandboxError::Vmm {
-                vmm: vmm_name(self.inner.backend.kind()),
+                vmm: self.inner.backend.kind().vmm_name(),
                 action: action.to_owned(),
                 source: Box::new(e),
             };
@@ -869,11 +858,19 @@ impl<B: Backend> Hypervisor for Provider<B> {
         data: Vec<u8>,
         mode: u32,
     ) -> Result<(), FileError> {
-        self.inner.sandboxes.write_file(id, path, data, mode).await
+        self.inner
+            .sandboxes
+            .file_guest(id, path)?
+            .write_file(path, data, mode)
+            .await
     }
 
     async fn read_file(&self, id: &SandboxId, path: &str) -> Result<Vec<u8>, FileError> {
-        self.inner.sandboxes.read_file(id, path).await
+        self.inner
+            .sandboxes
+            .file_guest(id, path)?
+            .read_file(path)
+            .await
     }
 
     async fn list_dir(&self, id: &SandboxId, path: &str) -> Result<DirListing, FileError> {

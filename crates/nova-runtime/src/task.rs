@@ -18,6 +18,7 @@
 //!   sandbox from the registry itself, so a caller that gave up waiting on
 //!   `stop` leaks nothing.
 
+use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Weak;
 use std::time::Duration;
@@ -77,7 +78,6 @@ pub(crate) struct SandboxTask<V> {
     pub(crate) record: SandboxRecord,
     pub(crate) guest: Option<Guest>,
     pub(crate) timeouts: Timeouts,
-    pub(crate) vmm_name: &'static str,
     pub(crate) vmm_version: String,
     pub(crate) template: Option<TemplateIdentity>,
     /// The sandbox's network, torn down on release.
@@ -163,8 +163,6 @@ async fn bounded<T>(limit: Duration, fut: impl Future<Output = T>) -> Result<T, 
     tokio::time::timeout(limit, fut).await.map_err(|_| limit)
 }
 
-use std::future::Future;
-
 impl<V: Vm> SandboxTask<V> {
     fn info(&self) -> &SandboxInfo {
         &self.record.info
@@ -236,7 +234,7 @@ impl<V: Vm> SandboxTask<V> {
         match bounded(limit, request(&mut self.vm)).await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(source)) => Err(SandboxError::Vmm {
-                vmm: self.vmm_name,
+                vmm: self.info().hypervisor.vmm_name(),
                 action: action.to_owned(),
                 source,
             }),
@@ -244,7 +242,7 @@ impl<V: Vm> SandboxTask<V> {
                 let reason = format!("the VMM did not {action} within {limit:?}");
                 self.fail(reason.clone()).await;
                 Err(SandboxError::Vmm {
-                    vmm: self.vmm_name,
+                    vmm: self.info().hypervisor.vmm_name(),
                     action: action.to_owned(),
                     source: reason.into(),
                 })

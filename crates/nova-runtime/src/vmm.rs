@@ -169,7 +169,7 @@ fn pidfd(pid: u32) -> Result<AsyncFd<OwnedFd>, VmmSpawnError> {
     let raw = i32::try_from(pid)
         .ok()
         .and_then(Pid::from_raw)
-        .ok_or_else(|| err(std::io::Error::from_raw_os_error(libc_esrch())))?;
+        .ok_or_else(|| err(rustix::io::Errno::SRCH.into()))?;
     let fd = rustix::process::pidfd_open(raw, PidfdFlags::NONBLOCK).map_err(|e| err(e.into()))?;
     #[allow(
         unsafe_code,
@@ -181,10 +181,6 @@ fn pidfd(pid: u32) -> Result<AsyncFd<OwnedFd>, VmmSpawnError> {
     // `OwnedFd` always returns that same descriptor.
     let registered = unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) };
     registered.map_err(|e| err(e.into()))
-}
-
-fn libc_esrch() -> i32 {
-    rustix::io::Errno::SRCH.raw_os_error()
 }
 
 impl VmmProcess {
