@@ -127,12 +127,35 @@ fn a_killed_nova_run_leaves_an_orphan_that_the_next_provider_cleans() {
 
     let mut options = QemuOptions::detect().unwrap();
     options.home = NovaHome::at(home.path());
-    let _provider = QemuHypervisor::new(options);
+    let provider = QemuHypervisor::new(options);
     assert!(
         wait_until(Duration::from_secs(10), || !alive(qemu)),
         "the orphaned QEMU {qemu} survived"
     );
     assert!(!dir.exists(), "{} survived", dir.display());
+
+    // Its network (as root, where sandboxes have one) goes before the next
+    // create: a published port of its could catch the new one's traffic.
+    let id = dir.file_name().unwrap().to_string_lossy().into_owned();
+    let netns = Path::new("/run/netns").join(format!("nova-{id}"));
+    if !netns.exists() {
+        eprintln!("note: the orphan had no network here; its cleanup was not exercised");
+        return;
+    }
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        use novasandbox::core::{Hypervisor, SandboxConfig};
+        let config = SandboxConfig::builder()
+            .template_id("minimal")
+            .memory_mb(256)
+            .vcpus(1)
+            .enable_network(false)
+            .build()
+            .unwrap();
+        let sandbox = provider.create_sandbox(config).await.unwrap();
+        sandbox.stop(true).await.unwrap();
+    });
+    assert!(!netns.exists(), "the orphan's network namespace survived");
 }
 
 /// `nova run` stopped with SIGTERM (or Ctrl-C) stops its sandbox: exit code

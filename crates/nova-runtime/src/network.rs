@@ -44,8 +44,8 @@ pub fn unsupported_reason() -> Option<String> {
     };
     missing.map(|what| {
         format!(
-            "sandbox networking needs {what}; set enable_network = false to run without a \
-             network"
+            "sandbox networking needs {what}; set enable_network = false (`nova run \
+             --no-network`) to run without a network"
         )
     })
 }
@@ -105,6 +105,22 @@ pub(crate) async fn create(
         "sandbox network ready"
     );
     Ok(Some(net))
+}
+
+/// Removes the network objects (namespace, veth, nft table) of the
+/// sandboxes `ids`, which a dead provider abandoned; their directories are
+/// already gone. Failures are logged.
+pub(crate) async fn clean_abandoned(ids: Vec<String>) {
+    if ids.is_empty() || unsupported_reason().is_some() {
+        return;
+    }
+    match nova_net::clean_leftovers(|id| !ids.iter().any(|gone| gone == id)).await {
+        Ok(report) if !report.is_empty() => {
+            tracing::info!(?report, "removed the networks of abandoned sandboxes");
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot remove the networks of abandoned sandboxes"),
+    }
 }
 
 /// Tears `net` down, logging what could not be removed.

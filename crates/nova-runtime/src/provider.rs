@@ -19,7 +19,7 @@ use nova_core::snapshot::{Snapshot, SnapshotError, SnapshotKind, TemplateIdentit
 use nova_core::state::SandboxState;
 use nova_core::stats::SandboxStats;
 use nova_core::template::{Template, TemplateManager};
-use nova_protocol::client::AgentClient;
+use nova_protocol::client::{AgentClient, ClientError};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::Instrument;
 
@@ -34,7 +34,7 @@ use crate::task::{SandboxTask, Timeouts};
 
 /// How long one handshake with a restored guest's agent may take before it
 /// is tried again on a new connection.
-const RESTORED_HANDSHAKE_ATTEMPT: Duration = Duration::from_secs(3);
+const RESTORED_HANDSHAKE_ATTEMPT: Duration = Duration::from_secs(1);
 
 /// How many actions may wait for one sandbox's task.
 const ACTION_QUEUE: usize = 8;
@@ -64,6 +64,11 @@ struct Inner<B: Backend> {
     sandboxes: Arc<SandboxRegistry<B::Vm>>,
     /// The host ends of the sandboxes' veths.
     pool: nova_net::AddressPool,
+    /// Ids of the sandboxes a dead provider left under this `$NOVA_HOME`,
+    /// whose networks the first create removes (it is async, `new` is not).
+    abandoned: std::sync::Mutex<Vec<String>>,
+    /// Set once those networks are gone.
+    abandoned_cleaned: tokio::sync::OnceCell<()>,
 }
 
 impl<B: Backend> Provider<B> {
@@ -77,7 +82,13 @@ impl<B: Backend> Provider<B> {
     /// [`new`](Self::new) with other bounds on the sandboxes' waits.
     pub fn with_timeouts(options: B::Options, timeouts: Timeouts) -> Self {
         let backend = B::from_options(options);
-        crate::leftovers::clean_leftovers(&backend.home().sandboxes_dir());
+        let cleaned = crate::leftovers::clean_leftovers(&backend.home().sandboxes_dir());
+        let abandoned = cleaned
+            .removed
+            .iter()
+            .filter_map(|dir| dir.file_name())
+            .map(|name| name.to_string_lossy().into_owned())
+            .collect();
         let templates = TemplateManager::new(backend.home().templates_dir());
         let scratch = ScratchCache::in_home(backend.home());
         // Make the empty scratch image now, off the first create's path,
@@ -98,6 +109,8 @@ impl<B: Backend> Provider<B> {
                 scratch,
                 sandboxes: Arc::new(SandboxRegistry::default()),
                 pool: nova_net::AddressPool::default(),
+                abandoned: std::sync::Mutex::new(abandoned),
+                abandoned_cleaned: tokio::sync::OnceCell::new(),
             }),
         }
     }
@@ -321,6 +334,21 @@ impl<B: Backend> Provider<B> {
             }
             BootSource::Restore(_) => None,
         };
+        // What a dead provider's sandboxes left of their networks goes
+        // first: a published port of theirs would catch this one's traffic.
+        self.inner
+            .abandoned_cleaned
+            .get_or_init(|| {
+                let ids = std::mem::take(
+                    &mut *self
+                        .inner
+                        .abandoned
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner()),
+                );
+                crate::network::clean_abandoned(ids)
+            })
+            .await;
         // The network, when asked for, before the VMM: it needs the tap.
         let network =
             crate::network::create(&id, &config, &self.inner.pool, backend.attaches_network())
@@ -394,32 +422,38 @@ impl<B: Backend> Provider<B> {
                                 })
                         })
                         .await?;
-                    let remaining =
-                        deadline.saturating_duration_since(tokio::time::Instant::now());
+                    let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
                     let limit = if restored {
                         remaining.min(RESTORED_HANDSHAKE_ATTEMPT)
                     } else {
                         remaining
                     };
+                    // An unanswered attempt of a restored guest is not a
+                    // failure of the boot: it ends the step with `None`, so
+                    // no time goes to checking whether the VMM exited.
                     let answered = launch
-                        .step(
-                            "answer the agent handshake",
-                            AgentClient::connect(stream, limit),
-                        )
-                        .await;
+                        .step("answer the agent handshake", async {
+                            match AgentClient::connect(stream, limit).await {
+                                Ok(pair) => Ok(Some(pair)),
+                                Err(ClientError::TimedOut(_)) if restored && limit < remaining => {
+                                    Ok(None)
+                                }
+                                Err(e) => Err(e),
+                            }
+                        })
+                        .await
+                        .map_err(|e| match e {
+                            CreateSandboxError::Vmm { source, .. } => {
+                                CreateSandboxError::Agent(source)
+                            }
+                            other => other,
+                        })?;
                     match answered {
-                        Ok(pair) => break Some(pair),
-                        Err(CreateSandboxError::Vmm { source, .. })
-                            if restored
-                                && tokio::time::Instant::now() + Duration::from_millis(50)
-                                    < deadline =>
-                        {
-                            tracing::debug!(attempt, error = %source, "the restored agent did not answer; trying a new connection");
-                        }
-                        Err(CreateSandboxError::Vmm { source, .. }) => {
-                            return Err(CreateSandboxError::Agent(source));
-                        }
-                        Err(other) => return Err(other),
+                        Some(pair) => break Some(pair),
+                        None => tracing::debug!(
+                            attempt,
+                            "the restored agent did not answer; trying a new connection"
+                        ),
                     }
                 }
             } else {

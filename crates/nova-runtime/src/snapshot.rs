@@ -131,7 +131,7 @@ pub fn fits(snapshot: &Snapshot, config: &SandboxConfig) -> Result<(), SnapshotE
     let had_network = crate::network::snapshot_has_network(&snapshot.manifest.kernel_cmdline);
     if had_network != config.enable_network {
         return Err(differs(
-            "a network device (enable_network)",
+            "enable_network",
             had_network.to_string(),
             config.enable_network.to_string(),
         ));
