@@ -14,6 +14,7 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod doctor;
 mod run;
+mod serve;
 mod template;
 
 /// NovaSandbox: microVM sandboxes for AI agents.
@@ -34,6 +35,9 @@ enum Commands {
     Doctor(doctor::DoctorArgs),
     /// Boot a sandbox, run a command in it, print the boot time, stop it.
     Run(run::RunArgs),
+    /// Run the daemon: an HTTP API on $NOVA_HOME/nova.sock (and optionally
+    /// TCP) that keeps sandboxes for other processes.
+    Serve(serve::ServeArgs),
     /// Measure boot latency and NovaSandbox's overhead on this host.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -69,6 +73,7 @@ fn main() -> ExitCode {
         match cli.command {
             Commands::Doctor(args) => doctor::run(&args),
             Commands::Run(args) => run::run(args).await,
+            Commands::Serve(args) => serve::run(args).await,
             Commands::Bench(cmd) => bench::run(cmd).await.map(|()| ExitCode::SUCCESS),
             Commands::Template(TemplateCommand::List) => list_templates(),
             Commands::Template(TemplateCommand::Build(args)) => {

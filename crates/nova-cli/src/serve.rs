@@ -1,0 +1,83 @@
+//! `nova serve`: runs the daemon in the foreground until SIGINT or SIGTERM.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use nova_server::{ServeOptions, Server};
+use novasandbox::core::NovaHome;
+
+/// Arguments of `nova serve`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct ServeArgs {
+    /// Also listen on this TCP address (e.g. 127.0.0.1:7070), where every
+    /// request needs `Authorization: Bearer <token>`; the token is made at
+    /// the first start in $NOVA_HOME/token (mode 0600).
+    #[arg(long, value_name = "ADDR:PORT")]
+    listen: Option<SocketAddr>,
+    /// The Unix socket to listen on (no token; mode 0600).
+    #[arg(long, value_name = "PATH", default_value = "$NOVA_HOME/nova.sock")]
+    socket: String,
+    /// The operator's policy: limits, allowed templates, volumes, the warm
+    /// pool (see the nova-server crate docs for its keys).
+    #[arg(long, value_name = "PATH", default_value = "$NOVA_HOME/policy.toml")]
+    policy: String,
+    /// Print the OpenAPI document and exit.
+    #[arg(long)]
+    print_openapi: bool,
+}
+
+fn under_home(home: &NovaHome, raw: &str) -> PathBuf {
+    match raw.strip_prefix("$NOVA_HOME/") {
+        Some(rest) => home.root().join(rest),
+        None => PathBuf::from(raw),
+    }
+}
+
+/// Runs `nova serve`.
+pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    if args.print_openapi {
+        print!("{}", nova_server::api::openapi_json());
+        return Ok(ExitCode::SUCCESS);
+    }
+    let home = NovaHome::resolve()?;
+    std::fs::create_dir_all(home.root())
+        .with_context(|| format!("cannot create {}", home.root().display()))?;
+    let hypervisor = novasandbox::detect_in(home.clone())?;
+    let mut options = ServeOptions::new(home.clone());
+    options.socket = under_home(&home, &args.socket);
+    options.policy = under_home(&home, &args.policy);
+    options.tcp = args.listen;
+    let server = Server::bind(hypervisor, options.clone()).await?;
+    eprintln!(
+        "nova serve: listening on {}{} (backend {})",
+        options.socket.display(),
+        server
+            .tcp_addr()
+            .map(|a| format!(
+                " and http://{a} (token in {})",
+                home.root().join(nova_server::auth::TOKEN_FILE).display()
+            ))
+            .unwrap_or_default(),
+        server.daemon().hypervisor().kind(),
+    );
+    server.serve(shutdown_signal()).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        // Without signal handlers the daemon runs until killed.
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    eprintln!("nova serve: shutting down");
+}
