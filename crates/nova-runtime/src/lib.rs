@@ -42,6 +42,15 @@
 //! tap, NAT, published port) is made before the VMM starts and torn down
 //! with the sandbox.
 //!
+//! A [detached](Provider::detached) provider's VMs outlive it (a daemon
+//! that restarts): its VMMs write their logs themselves, and dropping the
+//! provider (or its process dying) leaves VMMs, directories and networks in
+//! place. The next detached provider calls [`Provider::reattach`]
+//! ([`reattach`]): it adopts every live sandbox (VMM by pidfd, directory
+//! lock, network, the backend's control channel, the agent; commands in the
+//! guest keep running and are found with `Hypervisor::list_execs` /
+//! `attach_exec`) and reports the dead ones failed, with the reason.
+//!
 //! Also here: the VMM process type ([`vmm`]), capped console logs
 //! ([`console`]), snapshot bookkeeping ([`snapshot`]), leftovers of dead
 //! providers ([`leftovers`]), and host probing ([`host`]: KVM, binaries,
