@@ -19,6 +19,21 @@
 //! with non-blocking reads until a pipe is empty or closed, then the request
 //! ends: a background process that inherited the pipes does not keep the
 //! request open forever (what it writes later is discarded).
+//!
+//! **Detached commands.** When the host that streams a command goes away
+//! (its session ended: end of stream, a failed read, a new host on the
+//! stream), the command is *not* killed: the task closes its stdin and goes
+//! on reading its output into a buffer of at most
+//! [`DETACHED_OUTPUT_LIMIT`] bytes, then stops reading (the command blocks
+//! on its pipes, as with a host that stops taking output). Nothing is
+//! written to the connection it came from: over virtio-serial a write to a
+//! port without a host would wait for the next host and reach it ahead of
+//! its handshake. A host that comes back attaches
+//! ([`crate::execs::attach`]): the task streams the held output and then
+//! the live output to that request, within its credit. A command that ends
+//! while detached leaves its status and held output in the
+//! [`crate::execs::ExecTable`]. Only an explicit signal (or the timeout)
+//! kills a command.
 
 use std::collections::VecDeque;
 use std::io;
@@ -26,17 +41,20 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes};
 use nova_protocol::{
-    AgentMessage, ClientMessage, ExecCommand, ExecResult, ExecSpec, ExitStatus, MAX_CHUNK, PtySize,
-    RemoteError, RemoteErrorKind, Response, STREAM_WINDOW, StreamKind,
+    AgentMessage, ClientMessage, DETACHED_OUTPUT_LIMIT, ExecCommand, ExecResult, ExecSpec,
+    ExitStatus, MAX_CHUNK, PtySize, RemoteError, RemoteErrorKind, Response, STREAM_WINDOW,
+    StreamKind,
 };
 use rustix::process::{Pid, Signal, kill_process_group};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::Agent;
+use crate::execs::{Attach, LiveView};
 use crate::fdio::{AsyncFdIo, ReadOutcome};
 use crate::session::{Disconnected, Outbox};
 use crate::spawn_error::{self, SpawnAttempt};
@@ -61,7 +79,9 @@ struct SpawnedIo {
     pty: bool,
 }
 
-/// Runs request `id` to completion.
+/// Runs request `id`'s command to its end, streaming to request `id` and,
+/// after that host went away, to whichever host attaches (see the module
+/// docs).
 pub(crate) async fn run(
     id: u64,
     spec: ExecSpec,
@@ -79,28 +99,55 @@ pub(crate) async fn run(
         }
     };
     let pid = spawned.io.pid;
-    tracing::debug!(id, pid, "exec started");
     let pid_u32 = u32::try_from(pid).unwrap_or(0);
     let Spawned { io, exit } = spawned;
-    let mut exec = Exec::new(id, io, out, spec.timeout_ms, started);
+    let mut registration = agent.execs.register(pid_u32, spec.command.clone());
+    let exec_id = registration.exec_id;
+    tracing::debug!(id, pid, exec_id, "exec started");
+    let mut exec = Exec::new(
+        id,
+        io,
+        out,
+        spec.timeout_ms,
+        started,
+        exec_id,
+        registration.view.clone(),
+    );
+    let mut inbox = Some(inbox);
     if exec
-        .out
-        .send(AgentMessage::Started { id, pid: pid_u32 })
+        .send(AgentMessage::Started {
+            id,
+            pid: pid_u32,
+            exec_id,
+        })
         .await
         .is_err()
     {
-        kill_group(pid, Signal::KILL);
-        return;
+        exec.detach(&mut inbox);
     }
-    match exec.run(inbox, exit).await {
-        Ok(result) => {
-            tracing::debug!(id, pid, status = %result.status, "exec finished");
-            let _ = exec.out.done(id, Ok(Response::Exited(result))).await;
-        }
-        Err(Disconnected) => {
-            tracing::debug!(id, pid, "host gone; killing the command's process group");
-            kill_group(pid, Signal::KILL);
-        }
+    let result = exec.run(&mut inbox, exit, &mut registration.attach).await;
+    tracing::debug!(exec_id, pid, status = %result.status, "exec finished");
+    let delivered = match exec.out.clone() {
+        Some(out) => out
+            .done(exec.id, Ok(Response::Exited(result)))
+            .await
+            .is_ok(),
+        None => false,
+    };
+    let held = if delivered {
+        Vec::new()
+    } else {
+        exec.pending.drain(..).collect()
+    };
+    if let Some(finished) = exec.finished.take() {
+        let _ = finished.send(exec.id);
+    }
+    agent.execs.finish(exec_id, result, held);
+    // Attach requests that came as the command ended are answered from the
+    // finished list.
+    registration.attach.close();
+    while let Ok(late) = registration.attach.try_recv() {
+        crate::execs::attach(&agent.execs, exec_id, late).await;
     }
 }
 
@@ -350,8 +397,9 @@ impl Output {
         }
     }
 
-    fn readable(&self) -> bool {
-        self.state != StreamState::Closed && self.credit > 0
+    /// Whether to read now, `room` bytes at most.
+    fn readable(&self, room: usize) -> bool {
+        self.state != StreamState::Closed && room > 0
     }
 
     async fn read(
@@ -375,9 +423,16 @@ impl Output {
 }
 
 struct Exec {
+    /// The request streaming the command (the one that started it, or the
+    /// last attach).
     id: u64,
+    exec_id: u64,
     pid: i32,
-    out: Outbox,
+    /// That request's writer queue; `None` while no host streams it.
+    out: Option<Outbox>,
+    /// Told `id` when an attach request ends.
+    finished: Option<mpsc::UnboundedSender<u64>>,
+    view: Arc<LiveView>,
     stdout: Output,
     stderr: Output,
     stdin: Option<Arc<AsyncFdIo>>,
@@ -386,6 +441,9 @@ struct Exec {
     stdin_queue: VecDeque<Bytes>,
     stdin_queued: usize,
     stdin_eof: bool,
+    /// Output read while no host streamed the command, oldest first.
+    pending: VecDeque<(StreamKind, Bytes)>,
+    pending_len: usize,
     status: Option<ExitStatus>,
     deadline: Option<tokio::time::Instant>,
     timed_out: bool,
@@ -401,11 +459,16 @@ impl Exec {
         out: Outbox,
         timeout_ms: Option<u64>,
         started: Instant,
+        exec_id: u64,
+        view: Arc<LiveView>,
     ) -> Self {
         Self {
             id,
+            exec_id,
             pid: spawned.pid,
-            out,
+            out: Some(out),
+            finished: None,
+            view,
             stdout: Output::new(StreamKind::Stdout, Some(spawned.stdout)),
             stderr: Output::new(StreamKind::Stderr, spawned.stderr),
             stdin: spawned.stdin,
@@ -413,6 +476,8 @@ impl Exec {
             stdin_queue: VecDeque::new(),
             stdin_queued: 0,
             stdin_eof: false,
+            pending: VecDeque::new(),
+            pending_len: 0,
             status: None,
             deadline: timeout_ms.map(|ms| tokio::time::Instant::now() + Duration::from_millis(ms)),
             timed_out: false,
@@ -422,43 +487,154 @@ impl Exec {
         }
     }
 
+    /// Sends `msg` to the streaming host, if there is one.
+    async fn send(&self, msg: AgentMessage) -> Result<(), Disconnected> {
+        match &self.out {
+            Some(out) => out.send(msg).await,
+            None => Err(Disconnected),
+        }
+    }
+
+    /// How many bytes of `kind` may be read now: within the host's credit
+    /// while one streams the command, within the held-output bound
+    /// otherwise.
+    fn room(&self, kind: StreamKind) -> usize {
+        let output = match kind {
+            StreamKind::Stderr => &self.stderr,
+            _ => &self.stdout,
+        };
+        let room = if self.out.is_some() {
+            usize::try_from(output.credit).unwrap_or(usize::MAX)
+        } else {
+            DETACHED_OUTPUT_LIMIT.saturating_sub(self.pending_len)
+        };
+        room.min(MAX_CHUNK)
+    }
+
+    /// The host went away: the command keeps running, without stdin, its
+    /// output held (see the module docs).
+    fn detach(&mut self, inbox: &mut Option<mpsc::UnboundedReceiver<ClientMessage>>) {
+        if self.out.take().is_some() {
+            tracing::debug!(
+                exec_id = self.exec_id,
+                pid = self.pid,
+                "host gone; the command keeps running, its output held"
+            );
+        }
+        *inbox = None;
+        self.stdin = None;
+        self.stdin_queue.clear();
+        self.stdin_queued = 0;
+        self.stdin_eof = false;
+        if let Some(finished) = self.finished.take() {
+            let _ = finished.send(self.id);
+        }
+        self.view.attached.store(false, Ordering::SeqCst);
+    }
+
+    /// A host attached: it gets `Started`, the held output, then the live
+    /// output.
+    async fn attach(
+        &mut self,
+        attach: Attach,
+        inbox: &mut Option<mpsc::UnboundedReceiver<ClientMessage>>,
+    ) {
+        tracing::debug!(exec_id = self.exec_id, id = attach.id, "a host attached");
+        self.id = attach.id;
+        self.out = Some(attach.out);
+        self.finished = Some(attach.finished);
+        *inbox = Some(attach.inbox);
+        self.stdout.credit = u64::from(STREAM_WINDOW);
+        self.stderr.credit = u64::from(STREAM_WINDOW);
+        self.view.attached.store(true, Ordering::SeqCst);
+        let started = AgentMessage::Started {
+            id: self.id,
+            pid: u32::try_from(self.pid).unwrap_or(0),
+            exec_id: self.exec_id,
+        };
+        if self.send(started).await.is_err() {
+            self.detach(inbox);
+            return;
+        }
+        // What is held fits in the fresh window (it is at most
+        // DETACHED_OUTPUT_LIMIT bytes).
+        while let Some((kind, data)) = self.pending.pop_front() {
+            let len = data.len();
+            let msg = AgentMessage::Data {
+                id: self.id,
+                stream: kind,
+                data: data.clone(),
+            };
+            if self.send(msg).await.is_err() {
+                self.pending.push_front((kind, data));
+                self.detach(inbox);
+                return;
+            }
+            self.pending_len -= len;
+            self.view
+                .buffered
+                .store(self.pending_len as u64, Ordering::SeqCst);
+            let output = match kind {
+                StreamKind::Stderr => &mut self.stderr,
+                _ => &mut self.stdout,
+            };
+            output.credit = output.credit.saturating_sub(len as u64);
+        }
+    }
+
     async fn run(
         &mut self,
-        mut inbox: mpsc::UnboundedReceiver<ClientMessage>,
+        inbox: &mut Option<mpsc::UnboundedReceiver<ClientMessage>>,
         exit: oneshot::Receiver<ExitStatus>,
-    ) -> Result<ExecResult, Disconnected> {
+        attaches: &mut mpsc::Receiver<Attach>,
+    ) -> ExecResult {
         let mut exit = Some(exit);
         loop {
+            if self.status.is_some()
+                && self.out.is_none()
+                && self.pending_len >= DETACHED_OUTPUT_LIMIT
+            {
+                // Nobody will read what a background process still writes
+                // past the bound; the command is over.
+                self.stdout.close();
+                self.stderr.close();
+            }
             if let Some(status) = self.status
                 && self.stdout.state == StreamState::Closed
                 && self.stderr.state == StreamState::Closed
             {
-                return Ok(ExecResult {
+                return ExecResult {
                     status,
                     timed_out: self.timed_out,
                     duration_us: u64::try_from(self.duration.as_micros()).unwrap_or(u64::MAX),
-                });
+                };
             }
-            let stdout_max = self.stdout.credit.min(MAX_CHUNK as u64) as usize;
-            let stderr_max = self.stderr.credit.min(MAX_CHUNK as u64) as usize;
+            let stdout_max = self.room(StreamKind::Stdout);
+            let stderr_max = self.room(StreamKind::Stderr);
             let stdin_front = self.stdin_queue.front().cloned();
             let stdin_io = self.stdin.clone();
             let deadline = self
                 .deadline
                 .filter(|_| !self.timed_out && self.status.is_none());
+            let detached = self.out.is_none();
             tokio::select! {
-                msg = inbox.recv() => match msg {
-                    Some(msg) => self.on_message(msg)?,
-                    None => return Err(Disconnected),
+                msg = recv_inbox(inbox), if inbox.is_some() => match msg {
+                    Some(msg) => self.on_message(msg),
+                    None => self.detach(inbox),
                 },
-                r = Output::read(self.stdout.io.clone(), self.stdout.state, stdout_max), if self.stdout.readable() => {
-                    self.on_output(StreamKind::Stdout, r).await?;
+                attach = attaches.recv(), if detached => {
+                    if let Some(attach) = attach {
+                        self.attach(attach, inbox).await;
+                    }
                 }
-                r = Output::read(self.stderr.io.clone(), self.stderr.state, stderr_max), if self.stderr.readable() => {
-                    self.on_output(StreamKind::Stderr, r).await?;
+                r = Output::read(self.stdout.io.clone(), self.stdout.state, stdout_max), if self.stdout.readable(stdout_max) => {
+                    self.on_output(StreamKind::Stdout, r, inbox).await;
+                }
+                r = Output::read(self.stderr.io.clone(), self.stderr.state, stderr_max), if self.stderr.readable(stderr_max) => {
+                    self.on_output(StreamKind::Stderr, r, inbox).await;
                 }
                 w = write_some(stdin_io, stdin_front), if !self.stdin_queue.is_empty() => {
-                    self.on_stdin_written(w).await?;
+                    self.on_stdin_written(w);
                 }
                 status = wait_exit(&mut exit), if exit.is_some() => {
                     exit = None;
@@ -479,7 +655,7 @@ impl Exec {
         }
     }
 
-    fn on_message(&mut self, msg: ClientMessage) -> Result<(), Disconnected> {
+    fn on_message(&mut self, msg: ClientMessage) {
         match msg {
             ClientMessage::Data { data, .. } => {
                 if self.stdin.is_none() {
@@ -522,27 +698,39 @@ impl Exec {
             ClientMessage::Cancel { .. } => kill_group(self.pid, Signal::KILL),
             ClientMessage::Request { .. } => {}
         }
-        Ok(())
     }
 
     async fn on_output(
         &mut self,
         kind: StreamKind,
         r: io::Result<ReadOutcome>,
-    ) -> Result<(), Disconnected> {
+        inbox: &mut Option<mpsc::UnboundedReceiver<ClientMessage>>,
+    ) {
         let output = match kind {
             StreamKind::Stderr => &mut self.stderr,
             _ => &mut self.stdout,
         };
         match r {
             Ok(ReadOutcome::Data(data)) => {
-                output.credit -= data.len() as u64;
-                let msg = AgentMessage::Data {
-                    id: self.id,
-                    stream: output.kind,
-                    data,
-                };
-                self.out.send(msg).await?;
+                let stream = output.kind;
+                if self.out.is_some() {
+                    output.credit = output.credit.saturating_sub(data.len() as u64);
+                    let msg = AgentMessage::Data {
+                        id: self.id,
+                        stream,
+                        data: data.clone(),
+                    };
+                    if self.send(msg).await.is_ok() {
+                        return;
+                    }
+                    // The host went away: this chunk is the first held.
+                    self.detach(inbox);
+                }
+                self.pending_len += data.len();
+                self.pending.push_back((stream, data));
+                self.view
+                    .buffered
+                    .store(self.pending_len as u64, Ordering::SeqCst);
             }
             Ok(ReadOutcome::Eof) | Ok(ReadOutcome::Empty) => output.close(),
             Err(e) => {
@@ -550,10 +738,9 @@ impl Exec {
                 output.close();
             }
         }
-        Ok(())
     }
 
-    async fn on_stdin_written(&mut self, written: io::Result<usize>) -> Result<(), Disconnected> {
+    fn on_stdin_written(&mut self, written: io::Result<usize>) {
         match written {
             Ok(n) => {
                 if let Some(front) = self.stdin_queue.front_mut() {
@@ -576,7 +763,6 @@ impl Exec {
                 self.credit_stdin(dropped);
             }
         }
-        Ok(())
     }
 
     fn maybe_close_stdin(&mut self) {
@@ -600,7 +786,7 @@ impl Exec {
         if bytes == 0 {
             return;
         }
-        let out = self.out.clone();
+        let Some(out) = self.out.clone() else { return };
         let msg = AgentMessage::Credit {
             id: self.id,
             bytes: u32::try_from(bytes).unwrap_or(u32::MAX),
@@ -615,6 +801,15 @@ async fn write_some(io: Option<Arc<AsyncFdIo>>, data: Option<Bytes>) -> io::Resu
     match (io, data) {
         (Some(io), Some(data)) => io.write(&data).await,
         _ => Err(io::Error::from(io::ErrorKind::BrokenPipe)),
+    }
+}
+
+async fn recv_inbox(
+    inbox: &mut Option<mpsc::UnboundedReceiver<ClientMessage>>,
+) -> Option<ClientMessage> {
+    match inbox {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
     }
 }
 

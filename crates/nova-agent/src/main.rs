@@ -28,6 +28,7 @@
 mod clock;
 mod entropy;
 mod exec;
+mod execs;
 mod fdio;
 mod files;
 mod identity;
@@ -67,6 +68,9 @@ pub(crate) struct Agent {
     /// Where a refresh writes the guest's identity: the system as PID 1, the
     /// `--etc` directory otherwise, or nowhere.
     pub(crate) identity: Option<identity::Target>,
+    /// Every command started on any connection, which outlive the host
+    /// connection that started them.
+    pub(crate) execs: execs::ExecTable,
     started_us: u64,
     ready_us: std::sync::OnceLock<u64>,
     shutdown: mpsc::Sender<()>,
@@ -241,6 +245,7 @@ async fn serve(
         base_env,
         pid1,
         identity,
+        execs: execs::ExecTable::default(),
         started_us,
         ready_us: std::sync::OnceLock::new(),
         shutdown: shutdown_tx,

@@ -13,10 +13,13 @@
 //! [`AgentMessage::ProtocolError`] after — and the connection is closed; the
 //! agent keeps serving other connections.
 //!
-//! When a session ends, every command it started is killed (its whole
-//! process group) and every transfer stops: the session drops the request
-//! inboxes, and a request task that finds its inbox or the writer queue
-//! closed ends its request. When the host went away (end of stream, a failed
+//! When a session ends, every transfer stops, and every command it started
+//! is detached, not killed: the session drops the request inboxes, a file
+//! task that finds its inbox or the writer queue closed ends its request,
+//! and a command task goes on without a host (stdin closed, output held up
+//! to a bound; see [`crate::exec`]) until a later host attaches to it by
+//! its exec id ([`Request::AttachExec`], served by [`crate::execs`]). Only
+//! an explicit signal from a host ends a command. When the host went away (end of stream, a failed
 //! read), the writer is stopped at once, whatever it still holds: over
 //! virtio-serial a write to a port without a host waits for the next host
 //! and would reach it ahead of its handshake. A session the agent ends itself
@@ -170,7 +173,7 @@ where
         }
     }
     // Dropping the inboxes tells every request task the host is gone: a
-    // command's process group is killed, a transfer stops.
+    // command is detached (it keeps running), a transfer stops.
     session.inboxes.clear();
     drop(session);
     let drained = match end {
@@ -183,7 +186,7 @@ where
         // virtio-serial a write would not fail but wait for the port's
         // next host (after a snapshot restore, a new one) and reach it
         // ahead of its handshake. Request tasks blocked on a full queue see
-        // it closed and stop (commands are killed).
+        // it closed and stop (commands detach and hold their output).
         End::HostGone(_) | End::NewHost(_) => None,
     };
     let writer = match drained {
@@ -462,6 +465,22 @@ impl Session {
                     unix_ns,
                 };
                 tokio::spawn(refresh::run(id, refresh, agent, out));
+            }
+            Request::ListExecs => {
+                out.done(id, Ok(Response::Execs(self.agent.execs.list())))
+                    .await
+                    .map_err(|_| "writer gone".to_owned())?;
+            }
+            Request::AttachExec { exec_id } => {
+                let attach = crate::execs::Attach {
+                    id,
+                    out,
+                    inbox: self.open_inbox(id),
+                    finished: self.finished.0.clone(),
+                };
+                tokio::spawn(
+                    async move { crate::execs::attach(&agent.execs, exec_id, attach).await },
+                );
             }
             Request::Ping => {
                 out.done(id, Ok(Response::Pong))

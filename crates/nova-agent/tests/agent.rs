@@ -10,9 +10,9 @@ use common::{TestAgent, process_gone, pseudo_random, wait_until};
 use nova_protocol::client::ClientError;
 use nova_protocol::frame::{self, FrameReader};
 use nova_protocol::{
-    AgentMessage, ClientMessage, ExecSpec, ExitStatus, FileKind, Hello, HelloReply, PtySize,
-    REFRESH_ENTROPY_MAX, REFRESH_ENTROPY_MIN, RemoteErrorKind, Request, Response,
-    SUPPORTED_VERSIONS, SpawnErrorKind,
+    AgentMessage, ClientMessage, DETACHED_OUTPUT_LIMIT, ExecSpec, ExecState, ExitStatus, FileKind,
+    Hello, HelloReply, PtySize, REFRESH_ENTROPY_MAX, REFRESH_ENTROPY_MIN, RemoteErrorKind, Request,
+    Response, SUPPORTED_VERSIONS, SpawnErrorKind,
 };
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
@@ -562,40 +562,17 @@ async fn pty_has_a_terminal_of_the_requested_size() {
     assert!(text.contains("got:hello"), "{text:?}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn closing_the_connection_kills_its_commands() {
-    let agent = TestAgent::start().await;
-    let (client, _) = agent.connect().await;
-    let mut handle = client
-        .exec(ExecSpec::shell("echo $$; exec sleep 100"))
-        .await
-        .unwrap();
-    let mut stdout = handle.take_stdout().unwrap();
-    let pid: u32 = std::str::from_utf8(&stdout.recv().await.unwrap())
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    assert!(!process_gone(pid));
-    drop((client, handle, stdout));
-    assert!(
-        wait_until(Duration::from_secs(5), || process_gone(pid)).await,
-        "command {pid} outlived its connection"
-    );
-    // The agent takes new connections.
-    let (client, _) = agent.connect().await;
-    client.ping().await.unwrap();
-}
-
-/// A host that vanishes (its side of the stream closed for writing) while
-/// output is queued for it and it reads nothing more: the agent must still
-/// end the session, kill the command, and close its side. It used to wait
-/// for the host to take the queued output first, which over virtio-serial
-/// meant waiting for the port's next host and writing the old session's
-/// output to it ahead of its handshake.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_host_that_vanishes_with_output_pending_is_let_go() {
-    let agent = TestAgent::start().await;
+/// Starts `spec` on a raw connection (handshake, request 1), returns the
+/// stream halves and the `Started` message's pid and exec id.
+async fn raw_exec(
+    agent: &TestAgent,
+    spec: ExecSpec,
+) -> (
+    FrameReader<tokio::net::unix::OwnedReadHalf>,
+    tokio::net::unix::OwnedWriteHalf,
+    u32,
+    u64,
+) {
     let (read, mut write) = agent.raw().await.into_split();
     let mut reader = FrameReader::new(read);
     write
@@ -606,16 +583,108 @@ async fn a_host_that_vanishes_with_output_pending_is_let_go() {
     assert!(matches!(reply, HelloReply::Welcome(_)), "{reply:?}");
     let exec = ClientMessage::Request {
         id: 1,
-        request: Request::Exec(ExecSpec::shell("exec cat /dev/zero")),
+        request: Request::Exec(spec),
     };
     write
         .write_all(&frame::encode(&exec).unwrap())
         .await
         .unwrap();
     let started: AgentMessage = reader.read_message().await.unwrap().unwrap();
-    let AgentMessage::Started { pid, .. } = started else {
+    let AgentMessage::Started { pid, exec_id, .. } = started else {
         panic!("expected Started, got {started:?}");
     };
+    (reader, write, pid, exec_id)
+}
+
+/// The host that started a command goes away (end of stream, no kill): the
+/// command keeps running, a new host finds it in the list, attaches, reads
+/// the rest of its output and its exit code; a later attach gets the status
+/// only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_outlives_its_host_and_a_new_host_attaches_to_it() {
+    let agent = TestAgent::start().await;
+    let spec = ExecSpec::shell("echo start; sleep 1; echo done; echo err >&2; exit 7");
+    let (reader, write, pid, exec_id) = raw_exec(&agent, spec).await;
+    drop((reader, write));
+    let (client, _) = agent.connect().await;
+    let listed = client.list_execs().await.unwrap();
+    let me = listed.iter().find(|e| e.exec_id == exec_id).unwrap();
+    assert_eq!(me.pid, pid);
+    assert_eq!(me.state, ExecState::Running, "{listed:?}");
+    assert!(!process_gone(pid), "the command died with its host");
+    let handle = client.attach_exec(exec_id).await.unwrap();
+    assert_eq!(handle.exec_id(), exec_id);
+    assert_eq!(handle.pid(), pid);
+    let out = handle.output().await.unwrap();
+    assert_eq!(out.code(), Some(7));
+    assert!(out.stdout_lossy().ends_with("done\n"), "{out:?}");
+    assert_eq!(out.stderr_lossy(), "err\n");
+    let listed = client.list_execs().await.unwrap();
+    let me = listed.iter().find(|e| e.exec_id == exec_id).unwrap();
+    assert!(
+        matches!(me.state, ExecState::Ended(r) if r.status == ExitStatus::Exited(7)),
+        "{me:?}"
+    );
+    // Attaching to it again: its status, no output left.
+    let out = client
+        .attach_exec(exec_id)
+        .await
+        .unwrap()
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.code(), Some(7));
+    assert!(out.stdout.is_empty() && out.stderr.is_empty(), "{out:?}");
+    // An unknown id.
+    let e = client.attach_exec(exec_id + 1000).await.unwrap_err();
+    assert_eq!(e.remote_kind(), Some(RemoteErrorKind::NotFound), "{e}");
+    agent.assert_no_panic();
+}
+
+/// A command that ends while no host is connected leaves its output and
+/// exit code for the next one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_that_ends_without_a_host_keeps_its_output_and_code() {
+    let agent = TestAgent::start().await;
+    let (reader, write, _, exec_id) =
+        raw_exec(&agent, ExecSpec::shell("sleep 0.3; echo late; exit 3")).await;
+    drop((reader, write));
+    let (client, _) = agent.connect().await;
+    let mut ended = false;
+    for _ in 0..500 {
+        let listed = client.list_execs().await.unwrap();
+        let me = listed.iter().find(|e| e.exec_id == exec_id).unwrap();
+        if matches!(me.state, ExecState::Ended(_)) {
+            assert_eq!(me.buffered_bytes, 5, "{me:?}");
+            ended = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(ended, "the command did not end");
+    let out = client
+        .attach_exec(exec_id)
+        .await
+        .unwrap()
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.code(), Some(3));
+    assert_eq!(out.stdout_lossy(), "late\n");
+}
+
+/// A host that vanishes (its side of the stream closed for writing) while
+/// output is queued for it and it reads nothing more: the agent must still
+/// end the session and close its side. It used to wait for the host to take
+/// the queued output first, which over virtio-serial meant waiting for the
+/// port's next host and writing the old session's output to it ahead of its
+/// handshake. The command lives on, and what it writes meanwhile is held up
+/// to the bound (then it blocks): never unbounded memory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_that_vanishes_with_output_pending_is_let_go() {
+    let agent = TestAgent::start().await;
+    let (reader, mut write, pid, exec_id) =
+        raw_exec(&agent, ExecSpec::shell("exec cat /dev/zero")).await;
     // Let the output pile up in the socket until the agent's writer waits.
     let read = reader.into_inner();
     assert!(
@@ -627,10 +696,6 @@ async fn a_host_that_vanishes_with_output_pending_is_let_go() {
     );
     // The host goes away: end of stream for the agent; nothing more is read.
     write.shutdown().await.unwrap();
-    assert!(
-        wait_until(Duration::from_secs(10), || process_gone(pid)).await,
-        "command {pid} outlived its host"
-    );
     let closed = tokio::time::timeout(Duration::from_secs(10), async {
         loop {
             let ready = read.ready(Interest::READABLE).await.unwrap();
@@ -646,68 +711,101 @@ async fn a_host_that_vanishes_with_output_pending_is_let_go() {
         "the agent kept its side open for a host that is gone; log:\n{}",
         agent.log()
     );
-    // And serves the next host.
+    // The next host finds the command alive, its held output at the bound.
     let (client, _) = agent.connect().await;
-    client.ping().await.unwrap();
+    let mut held = 0;
+    for _ in 0..500 {
+        let listed = client.list_execs().await.unwrap();
+        let me = listed.iter().find(|e| e.exec_id == exec_id).unwrap();
+        assert_eq!(me.state, ExecState::Running);
+        assert!(!me.attached);
+        held = me.buffered_bytes;
+        if held == DETACHED_OUTPUT_LIMIT as u64 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(held, DETACHED_OUTPUT_LIMIT as u64, "held output is bounded");
+    assert!(!process_gone(pid));
+    let peak_before = agent.peak_rss_kib();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        agent.peak_rss_kib() <= peak_before + 1024,
+        "the agent kept reading a blocked command's output"
+    );
+    // Attach, take some output, and kill it explicitly.
+    let mut handle = client.attach_exec(exec_id).await.unwrap();
+    let mut stdout = handle.take_stdout().unwrap();
+    let first = stdout.recv().await.unwrap();
+    assert!(first.iter().all(|&b| b == 0));
+    handle.kill().unwrap();
+    drop(stdout);
+    let result = handle.wait().await.unwrap();
+    assert_eq!(result.status, ExitStatus::Signaled(9));
+    assert!(wait_until(Duration::from_secs(10), || process_gone(pid)).await);
     agent.assert_no_panic();
 }
 
 /// Over virtio-serial a host that reconnects at once (or the host of a
 /// guest restored from a snapshot taken with a session open) may send its
 /// `Hello` before the guest saw the old host leave: it arrives in the old
-/// session. The agent ends that session (its commands die) and answers the
-/// `Hello` on the same stream; it used to call it a protocol error, which the
-/// new host read in place of its handshake reply.
+/// session. The agent ends that session (its commands are detached, not
+/// killed) and answers the `Hello` on the same stream; it used to call it a
+/// protocol error, which the new host read in place of its handshake reply.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hello_in_a_session_starts_a_new_one_on_the_same_stream() {
     let agent = TestAgent::start().await;
-    let (read, mut write) = agent.raw().await.into_split();
-    let mut reader = FrameReader::new(read);
+    let (mut reader, mut write, pid, exec_id) =
+        raw_exec(&agent, ExecSpec::shell("exec sleep 100")).await;
+
+    // The next host, on the same stream.
     let hello = frame::encode(&Hello::new()).unwrap();
     write.write_all(&hello).await.unwrap();
     let reply: HelloReply = reader.read_message().await.unwrap().unwrap();
     assert!(matches!(reply, HelloReply::Welcome(_)), "{reply:?}");
-    let exec = ClientMessage::Request {
+    // A fresh session: request ids start over. The previous session's
+    // command lives on; the new host finds it and ends it.
+    let list = ClientMessage::Request {
         id: 1,
-        request: Request::Exec(ExecSpec::shell("exec sleep 100")),
+        request: Request::ListExecs,
     };
     write
-        .write_all(&frame::encode(&exec).unwrap())
-        .await
-        .unwrap();
-    let started: AgentMessage = reader.read_message().await.unwrap().unwrap();
-    let AgentMessage::Started { pid, .. } = started else {
-        panic!("expected Started, got {started:?}");
-    };
-
-    // The next host, on the same stream.
-    write.write_all(&hello).await.unwrap();
-    let reply: HelloReply = reader.read_message().await.unwrap().unwrap();
-    assert!(matches!(reply, HelloReply::Welcome(_)), "{reply:?}");
-    assert!(
-        wait_until(Duration::from_secs(10), || process_gone(pid)).await,
-        "command {pid} of the previous host's session lives on"
-    );
-    // A fresh session: request ids start over.
-    let ping = ClientMessage::Request {
-        id: 1,
-        request: Request::Ping,
-    };
-    write
-        .write_all(&frame::encode(&ping).unwrap())
+        .write_all(&frame::encode(&list).unwrap())
         .await
         .unwrap();
     let done: AgentMessage = reader.read_message().await.unwrap().unwrap();
-    assert!(
-        matches!(
-            done,
-            AgentMessage::Done {
-                id: 1,
-                result: Ok(Response::Pong)
-            }
-        ),
-        "{done:?}"
-    );
+    let AgentMessage::Done {
+        id: 1,
+        result: Ok(Response::Execs(execs)),
+    } = done
+    else {
+        panic!("{done:?}")
+    };
+    assert!(execs.iter().any(|e| e.exec_id == exec_id && e.pid == pid));
+    assert!(!process_gone(pid));
+    for msg in [
+        ClientMessage::Request {
+            id: 2,
+            request: Request::AttachExec { exec_id },
+        },
+        ClientMessage::Signal { id: 2, signal: 9 },
+    ] {
+        write
+            .write_all(&frame::encode(&msg).unwrap())
+            .await
+            .unwrap();
+    }
+    loop {
+        let msg: AgentMessage = reader.read_message().await.unwrap().unwrap();
+        if let AgentMessage::Done { id: 2, result } = msg {
+            let Ok(Response::Exited(r)) = result else {
+                panic!("{result:?}")
+            };
+            assert_eq!(r.status, ExitStatus::Signaled(9));
+            break;
+        }
+    }
+    assert!(wait_until(Duration::from_secs(10), || process_gone(pid)).await);
     agent.assert_no_panic();
 }
 

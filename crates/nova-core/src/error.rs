@@ -173,6 +173,22 @@ pub enum ExecError {
         /// The cap, in bytes.
         limit: u64,
     },
+    /// No command with this exec id in the sandbox (never started, or
+    /// forgotten: the agent keeps the last 256 that ended).
+    #[error("no command with exec id {exec_id} in the sandbox")]
+    NoSuchExec {
+        /// The exec id asked for.
+        exec_id: u64,
+    },
+    /// Another stream already follows this command; only one may.
+    #[error("command {exec_id} is already streamed by another caller")]
+    ExecBusy {
+        /// The exec id asked for.
+        exec_id: u64,
+    },
+    /// This provider cannot do that with commands.
+    #[error("{0}")]
+    Unsupported(String),
 }
 
 impl ExecError {

@@ -177,6 +177,37 @@ impl From<String> for ExecRequest {
     }
 }
 
+/// Where a command the sandbox knows stands ([`ExecInfo::state`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExecState {
+    /// It runs (or its output is still being read).
+    Running,
+    /// It ended so.
+    Exited(ExitStatus),
+}
+
+/// A command a sandbox's agent knows: a running one (whichever caller
+/// started it, including one whose caller is gone) or one of the last that
+/// ended. See [`Hypervisor::list_execs`](crate::hypervisor::Hypervisor::list_execs).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecInfo {
+    /// Its id in the sandbox ([`ExecStream::exec_id`]).
+    pub exec_id: u64,
+    /// Its main process id in the guest.
+    pub pid: u32,
+    /// What it runs.
+    pub command: Command,
+    /// Running, or how it ended.
+    pub state: ExecState,
+    /// Whether a stream follows it now.
+    pub attached: bool,
+    /// Output the sandbox holds for the next
+    /// [`attach_exec`](crate::hypervisor::Hypervisor::attach_exec) (bounded:
+    /// past the bound the command blocks on its output).
+    pub buffered_bytes: u64,
+}
+
 /// How a command ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -296,6 +327,7 @@ pub struct ExecStream {
     events: mpsc::Receiver<ExecEvent>,
     stdin: Option<ExecStdin>,
     control: Option<Box<dyn ExecControl>>,
+    exec_id: Option<u64>,
 }
 
 impl ExecStream {
@@ -307,6 +339,7 @@ impl ExecStream {
             events,
             stdin: None,
             control: None,
+            exec_id: None,
         }
     }
 
@@ -318,6 +351,7 @@ impl ExecStream {
             events,
             stdin: Some(stdin),
             control: None,
+            exec_id: None,
         }
     }
 
@@ -326,6 +360,21 @@ impl ExecStream {
     pub fn with_control(mut self, control: Box<dyn ExecControl>) -> Self {
         self.control = Some(control);
         self
+    }
+
+    /// Records the command's exec id (see [`ExecStream::exec_id`]).
+    pub fn with_exec_id(mut self, exec_id: u64) -> Self {
+        self.exec_id = Some(exec_id);
+        self
+    }
+
+    /// The command's id in the sandbox, where the provider has one: a
+    /// caller that loses this stream without it killing the command (its
+    /// process died) finds the command again with
+    /// [`Hypervisor::attach_exec`](crate::hypervisor::Hypervisor::attach_exec)
+    /// and [`Hypervisor::list_execs`](crate::hypervisor::Hypervisor::list_execs).
+    pub fn exec_id(&self) -> Option<u64> {
+        self.exec_id
     }
 
     /// Sends signal number `signal` (15 for `SIGTERM`, 2 for `SIGINT`, ...)

@@ -19,7 +19,7 @@ use tokio::io::AsyncRead;
 
 use crate::config::SandboxConfig;
 use crate::error::{CreateSandboxError, ExecError, FileError, SandboxError};
-use crate::exec::{ExecOutput, ExecRequest, ExecStream};
+use crate::exec::{ExecInfo, ExecOutput, ExecRequest, ExecStream};
 use crate::fs::{DirListing, FileDownload, FileStat};
 use crate::id::SandboxId;
 use crate::metadata::SandboxInfo;
@@ -118,6 +118,30 @@ pub trait Hypervisor: Send + Sync + fmt::Debug {
         id: &SandboxId,
         request: ExecRequest,
     ) -> Result<ExecStream, ExecError>;
+
+    /// The commands sandbox `id`'s agent knows, oldest first: the running
+    /// ones (including those whose caller went away without killing them,
+    /// e.g. a daemon that restarted) and the last that ended.
+    async fn list_execs(&self, id: &SandboxId) -> Result<Vec<ExecInfo>, ExecError> {
+        let _ = id;
+        Err(ExecError::Unsupported(
+            "this provider does not keep commands across callers".into(),
+        ))
+    }
+
+    /// Follows command `exec_id` of sandbox `id` (from
+    /// [`ExecStream::exec_id`] or [`Hypervisor::list_execs`]): the output
+    /// held for it while nobody read it, its further output, and its exit
+    /// status; a command that already ended yields what is left of its
+    /// output and its status at once. The stream has no stdin. Dropping it
+    /// before the command ended kills the command, as for
+    /// [`Hypervisor::exec_stream`].
+    async fn attach_exec(&self, id: &SandboxId, exec_id: u64) -> Result<ExecStream, ExecError> {
+        let _ = (id, exec_id);
+        Err(ExecError::Unsupported(
+            "this provider does not keep commands across callers".into(),
+        ))
+    }
 
     /// Runs a command to completion and returns all its output, up to the
     /// request's `max_output` (default

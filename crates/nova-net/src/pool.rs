@@ -90,6 +90,30 @@ impl AddressPool {
     }
 }
 
+impl AddressPool {
+    /// Leases the /30 whose host end is `host_addr` (a network a dead
+    /// owner left, taken over); `None` if it is outside the pool or leased.
+    pub(crate) fn lease_at(&self, host_addr: Ipv4Addr) -> Option<SubnetLease> {
+        let range = self.inner.range;
+        if !range.contains(host_addr) {
+            return None;
+        }
+        let slot = (u32::from(host_addr) - u32::from(range.addr())) / 4;
+        let mut used = self
+            .inner
+            .used
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if !used.insert(slot) {
+            return None;
+        }
+        Some(SubnetLease {
+            pool: self.clone(),
+            slot,
+        })
+    }
+}
+
 impl Default for AddressPool {
     fn default() -> Self {
         Self::new(DEFAULT_POOL).expect("the default pool is a /16")

@@ -398,6 +398,61 @@ impl SandboxNetwork {
         }
     }
 
+    /// Takes over the network a dead owner left for sandbox `id`, made with
+    /// `spec` and whose veth's host end is `host_addr` (as
+    /// [`host_addr`](Self::host_addr) reported it then): its namespace,
+    /// veth and nft table are this value's again, removed by
+    /// [`teardown`](Self::teardown) or drop. Checks that the namespace
+    /// exists; the published host ports are not reserved again (their nft
+    /// rules stand), so a clash with a later sandbox's port is found when
+    /// that one is made.
+    pub fn adopt(
+        id: &SandboxId,
+        spec: &NetworkSpec,
+        pool: &AddressPool,
+        host_addr: Ipv4Addr,
+    ) -> Result<Self, CreateNetworkError> {
+        let name = format!("{NAME_PREFIX}{id}");
+        let netns_path = netns::netns_path(&name);
+        if !netns_path.exists() {
+            return Err(HostError::io(
+                format!("finding the namespace {name} of a sandbox to re-attach"),
+                std::io::Error::from(std::io::ErrorKind::NotFound),
+            )
+            .into());
+        }
+        let lease = pool
+            .lease_at(host_addr)
+            .ok_or(CreateNetworkError::PoolExhausted { pool: pool.range() })?;
+        Ok(SandboxNetwork {
+            id: id.clone(),
+            objects: Objects {
+                netns_path,
+                netns_name: name.clone(),
+                table: name,
+                host_veth: host_veth_name(id.as_str()),
+                guest_dev: TAP_NAME,
+                netns_created: true,
+                veth_created: true,
+                table_created: true,
+            },
+            guest_link: GuestLink::Tap,
+            host_addr: lease.host_addr(),
+            netns_addr: lease.netns_addr(),
+            lease: Some(lease),
+            pool_range: pool.range(),
+            spec: spec.clone(),
+            _ports: None,
+            torn_down: false,
+        })
+    }
+
+    /// Lets go of the network without removing it (its VM outlives this
+    /// process; a later owner takes it over with [`adopt`](Self::adopt)).
+    pub fn forget(mut self) {
+        self.finish_teardown();
+    }
+
     fn finish_teardown(&mut self) {
         self.torn_down = true;
         self._ports = None;

@@ -163,6 +163,36 @@ pub struct ExecResult {
     pub duration_us: u64,
 }
 
+/// Where a command the agent keeps in its table stands
+/// ([`crate::Request::ListExecs`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ExecState {
+    /// Its main process runs (or its output is still being read).
+    Running,
+    /// It ended.
+    Ended(ExecResult),
+}
+
+/// One command in the agent's table: every command started on any host
+/// connection, running or among the last finished ones.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecInfo {
+    /// Its id, unique for the agent's lifetime (also in
+    /// [`crate::AgentMessage::Started`]).
+    pub exec_id: u64,
+    /// Its main process id in the guest.
+    pub pid: u32,
+    /// What it runs.
+    pub command: ExecCommand,
+    /// Running or ended.
+    pub state: ExecState,
+    /// Whether a host connection streams its output now.
+    pub attached: bool,
+    /// Output bytes the agent holds for the next host that attaches (at
+    /// most [`crate::DETACHED_OUTPUT_LIMIT`] while it runs).
+    pub buffered_bytes: u64,
+}
+
 /// Why a command could not start, as the agent diagnosed it.
 ///
 /// Travels inside [`crate::RemoteErrorKind::Spawn`]; the error's message names

@@ -60,7 +60,9 @@ pub mod remote_error;
 pub mod stats;
 pub mod zero_copy;
 
-pub use exec::{ExecCommand, ExecResult, ExecSpec, ExitStatus, PtySize, SpawnErrorKind};
+pub use exec::{
+    ExecCommand, ExecInfo, ExecResult, ExecSpec, ExecState, ExitStatus, PtySize, SpawnErrorKind,
+};
 pub use frame::{FrameError, FrameReader, FrameWriter};
 pub use fs::{DirEntry, DirListing, FileKind, FileStat};
 pub use handshake::{Hello, HelloInfo, HelloReply};
@@ -79,7 +81,13 @@ pub use stats::GuestStats;
 /// 3: [`Request::Refresh`] and [`Response::Refreshed`] make a guest restored
 /// from a snapshot distinct (hostname, machine id, a reseeded random
 /// generator, the wall clock).
-pub const PROTOCOL_VERSION: u32 = 3;
+///
+/// 4: commands outlive the host connection that started them. `Started`
+/// carries the command's [`exec_id`](AgentMessage::Started) (stable for the
+/// agent's lifetime); [`Request::ListExecs`] lists the agent's commands
+/// ([`Response::Execs`]), and [`Request::AttachExec`] streams a command's
+/// buffered and further output and its exit status to a host that came back.
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// All protocol versions this build can speak, lowest first.
 pub const SUPPORTED_VERSIONS: &[u32] = &[PROTOCOL_VERSION];
@@ -110,3 +118,18 @@ pub const REFRESH_ENTROPY_MAX: usize = 4096;
 /// Bytes a sender may have in flight on one stream before it must wait for
 /// credit. The receiver's buffering per stream is bounded by this.
 pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
+
+/// Most output bytes (stdout and stderr together) the agent holds for one
+/// command whose host went away; past it the agent stops reading the
+/// command's pipes, so the command blocks on them until a host attaches.
+/// Smaller than [`STREAM_WINDOW`], so a host that attaches can take it all
+/// at once.
+pub const DETACHED_OUTPUT_LIMIT: usize = 1024 * 1024;
+
+/// How many ended commands the agent remembers ([`Request::ListExecs`],
+/// [`Request::AttachExec`]); the oldest is forgotten first.
+pub const FINISHED_EXECS_KEPT: usize = 256;
+
+/// Most output bytes the agent holds for all ended commands together; the
+/// output of the oldest is dropped first (their exit status is kept).
+pub const FINISHED_OUTPUT_LIMIT: usize = 16 * 1024 * 1024;

@@ -17,7 +17,22 @@
 //!   [`ClientMessage::Eof`]; `Done` carries [`Response::Written`].
 //! * `read_file`: the agent sends [`AgentMessage::Opened`], then
 //!   [`AgentMessage::Data`] chunks ([`StreamKind::File`]), then `Done`.
-//! * everything else (including `set_clock` and `refresh`): just `Done`.
+//! * `attach_exec`: like `exec` for a command already started (on this or
+//!   an earlier connection): `Started`, then the output the agent held for
+//!   it, then its further output, then `Done` with [`Response::Exited`]; a
+//!   command that already ended gets `Started`, what is left of its output
+//!   and `Done` at once. Signals and resizes work as for `exec`; stdin was
+//!   closed when the host that started the command went away.
+//! * everything else (including `set_clock`, `refresh` and `list_execs`):
+//!   just `Done`.
+//!
+//! **Commands outlive their connection.** When the host goes away (end of
+//! stream, a failed read), the commands it started keep running: their
+//! stdin is closed, and their output is held in the agent, up to
+//! [`crate::DETACHED_OUTPUT_LIMIT`] bytes per command (then the agent stops
+//! reading their pipes, so they block, as with a host that stops taking
+//! output). Only an explicit [`ClientMessage::Signal`] (or the timeout)
+//! ends a command.
 //!
 //! **Credit.** Each byte stream starts with [`crate::STREAM_WINDOW`] bytes of
 //! credit for its sender. The receiver returns credit as its consumer takes
@@ -32,7 +47,7 @@
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use crate::exec::{ExecResult, ExecSpec, PtySize};
+use crate::exec::{ExecInfo, ExecResult, ExecSpec, PtySize};
 use crate::fs::{DirListing, FileStat};
 use crate::remote_error::RemoteError;
 use crate::stats::GuestStats;
@@ -145,6 +160,17 @@ pub enum Request {
         /// since the Unix epoch (as in [`Request::SetClock`]).
         unix_ns: u64,
     },
+    /// List the commands the agent knows: the running ones and the last
+    /// [`crate::FINISHED_EXECS_KEPT`] that ended.
+    ListExecs,
+    /// Stream command `exec_id`'s held and further output and its end to
+    /// this request (see the module docs); refused with
+    /// [`crate::RemoteErrorKind::NotFound`] for an unknown id and
+    /// [`crate::RemoteErrorKind::Busy`] while another request streams it.
+    AttachExec {
+        /// The command, as [`AgentMessage::Started`] named it.
+        exec_id: u64,
+    },
 }
 
 /// The successful outcome of a request, carried by [`AgentMessage::Done`].
@@ -200,6 +226,8 @@ pub enum Response {
         /// Whether the agent stepped the clock (only as PID 1).
         clock_stepped: bool,
     },
+    /// Answer to [`Request::ListExecs`], oldest command first.
+    Execs(Vec<ExecInfo>),
 }
 
 /// A frame from the host to the agent.
@@ -259,12 +287,15 @@ pub enum ClientMessage {
 /// A frame from the agent to the host.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum AgentMessage {
-    /// The command of request `id` is running.
+    /// The command of request `id` is running (or, for an attach, known).
     Started {
         /// Request id.
         id: u64,
         /// Its process id in the guest.
         pid: u32,
+        /// The command's id in the agent's table, for
+        /// [`Request::AttachExec`] on a later connection.
+        exec_id: u64,
     },
     /// The file of request `id` is open; its contents follow.
     Opened {

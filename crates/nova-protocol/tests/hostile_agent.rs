@@ -117,7 +117,13 @@ async fn an_agent_sending_past_its_credit_is_cut_off_with_a_credit_overrun() {
         }
     });
     let (id, _) = agent.request().await;
-    agent.send(AgentMessage::Started { id, pid: 7 }).await;
+    agent
+        .send(AgentMessage::Started {
+            id,
+            pid: 7,
+            exec_id: 1,
+        })
+        .await;
     let chunks = STREAM_WINDOW as usize / MAX_CHUNK + 1;
     for _ in 0..chunks {
         if !agent
@@ -170,7 +176,13 @@ async fn an_agent_that_waits_for_credit_may_send_any_amount() {
         async move { client.run(ExecSpec::shell("cat big")).await.unwrap() }
     });
     let (id, _) = agent.request().await;
-    agent.send(AgentMessage::Started { id, pid: 7 }).await;
+    agent
+        .send(AgentMessage::Started {
+            id,
+            pid: 7,
+            exec_id: 1,
+        })
+        .await;
     let mut outstanding = 0usize;
     let mut sent = 0usize;
     while sent < total {
@@ -222,7 +234,13 @@ async fn a_window_of_one_byte_chunks_is_accepted_and_delivered_in_order() {
         async move { client.run(ExecSpec::shell("trickle")).await.unwrap() }
     });
     let (id, _) = agent.request().await;
-    agent.send(AgentMessage::Started { id, pid: 7 }).await;
+    agent
+        .send(AgentMessage::Started {
+            id,
+            pid: 7,
+            exec_id: 1,
+        })
+        .await;
     for i in 0..count {
         let msg = AgentMessage::Data {
             id,
@@ -262,7 +280,13 @@ async fn credit_the_agent_was_never_owed_is_a_violation_not_a_semaphore_overflow
         }
     });
     let (id, _) = agent.request().await;
-    agent.send(AgentMessage::Started { id, pid: 7 }).await;
+    agent
+        .send(AgentMessage::Started {
+            id,
+            pid: 7,
+            exec_id: 1,
+        })
+        .await;
     // Wait for the 5 stdin bytes, credit them back, then credit far more.
     loop {
         if let Some(ClientMessage::Data { data, .. }) = agent.next().await {
@@ -380,7 +404,13 @@ async fn output_past_its_cap_is_too_large_and_the_command_is_killed() {
         }
     });
     let (id, _) = agent.request().await;
-    agent.send(AgentMessage::Started { id, pid: 7 }).await;
+    agent
+        .send(AgentMessage::Started {
+            id,
+            pid: 7,
+            exec_id: 1,
+        })
+        .await;
     for _ in 0..3 {
         agent.send(data(id, StreamKind::Stdout, 1024)).await;
     }

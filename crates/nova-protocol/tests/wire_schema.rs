@@ -30,6 +30,8 @@ fn client_name(msg: &ClientMessage) -> String {
                 Request::Shutdown => "Shutdown",
                 Request::SetClock { .. } => "SetClock",
                 Request::Refresh { .. } => "Refresh",
+                Request::ListExecs => "ListExecs",
+                Request::AttachExec { .. } => "AttachExec",
             }
         ),
         ClientMessage::Data { .. } => "ClientMessage::Data".into(),
@@ -84,6 +86,7 @@ fn agent_name(msg: &AgentMessage) -> String {
                 Ok(Response::ShuttingDown) => "ShuttingDown",
                 Ok(Response::ClockSet { .. }) => "ClockSet",
                 Ok(Response::Refreshed { .. }) => "Refreshed",
+                Ok(Response::Execs(_)) => "Execs",
             }
         ),
     }
@@ -128,6 +131,8 @@ fn client_samples() -> Vec<ClientMessage> {
             entropy: vec![0, 1, 0xfe, 0xff],
             unix_ns: 1_700_000_000_123_456_789,
         },
+        Request::ListExecs,
+        Request::AttachExec { exec_id: 9 },
     ];
     let mut out: Vec<ClientMessage> = requests
         .into_iter()
@@ -228,9 +233,35 @@ fn agent_samples() -> Vec<AgentMessage> {
             clock_offset_ns: 2_000_000_000,
             clock_stepped: false,
         },
+        Response::Execs(vec![
+            ExecInfo {
+                exec_id: 1,
+                pid: 42,
+                command: ExecCommand::Shell("sleep 3; exit 7".into()),
+                state: ExecState::Running,
+                attached: false,
+                buffered_bytes: 5,
+            },
+            ExecInfo {
+                exec_id: 2,
+                pid: 43,
+                command: ExecCommand::Argv(vec!["true".into()]),
+                state: ExecState::Ended(ExecResult {
+                    status: ExitStatus::Exited(7),
+                    timed_out: false,
+                    duration_us: 3_000_000,
+                }),
+                attached: true,
+                buffered_bytes: 0,
+            },
+        ]),
     ];
     let mut out = vec![
-        AgentMessage::Started { id: 1, pid: 42 },
+        AgentMessage::Started {
+            id: 1,
+            pid: 42,
+            exec_id: 7,
+        },
         AgentMessage::Opened { id: 2, size: 99 },
         AgentMessage::Data {
             id: 1,
@@ -380,7 +411,7 @@ fn every_variant_has_a_sample() {
         .collect();
     assert_eq!(
         names.len(),
-        18 + 17 + 14,
+        20 + 18 + 14,
         "one sample per variant and error kind: {names:?}"
     );
 }

@@ -5,12 +5,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use nova_core::error::BoxError;
 use nova_core::error::CreateSandboxError;
 use nova_core::home::NovaHome;
 use nova_core::hypervisor::HypervisorKind;
 use nova_core::snapshot::SnapshotError;
 use nova_runtime::Provider;
-use nova_runtime::backend::{Backend, BootSource, Launch, VmStart, kernel_args_error};
+use nova_runtime::backend::{Backend, BootSource, Launch, ReattachVm, VmStart, kernel_args_error};
 use nova_runtime::console::DEFAULT_LOG_CAP;
 use nova_runtime::dir::check_socket_path;
 use nova_runtime::host::{Accel, BackendChoice, HostReport};
@@ -104,6 +105,27 @@ pub struct Qemu {
 /// last clone kills every VM it still runs and removes their directories.
 pub type QemuHypervisor = Provider<Qemu>;
 
+/// The real uid of process `pid` (`/proc/PID/status`).
+fn process_uid(pid: u32) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// The guest kernel command line QEMU `pid` was started with (its
+/// `-append` argument).
+fn appended_cmdline(pid: u32) -> Option<String> {
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let mut args = raw.split(|&b| b == 0);
+    args.by_ref().find(|a| *a == b"-append")?;
+    args.next().map(|a| String::from_utf8_lossy(a).into_owned())
+}
+
 /// How long a QMP command may take.
 const QMP_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -143,6 +165,25 @@ impl Backend for Qemu {
 
     fn snapshot_support(&self) -> Result<(), String> {
         Ok(())
+    }
+
+    async fn reattach(&self, reattach: ReattachVm<'_>) -> Result<QemuVm, BoxError> {
+        let stream = connect_unix(&reattach.paths.api_socket(), reattach.deadline).await?;
+        let qmp = QmpClient::handshake(stream, QMP_TIMEOUT).await?;
+        // The per-sandbox uid QEMU runs as is this sandbox's again.
+        let lease = match process_uid(reattach.vmm_pid) {
+            Some(uid) if crate::confinement::PER_SANDBOX_IDS.contains(&uid) => {
+                Some(crate::ids::IdLease::claim(uid)?)
+            }
+            _ => None,
+        };
+        let kernel_cmdline = appended_cmdline(reattach.vmm_pid).unwrap_or_default();
+        Ok(QemuVm::new(
+            qmp,
+            reattach.paths.vsock_socket(),
+            kernel_cmdline,
+            lease,
+        ))
     }
 
     async fn start(

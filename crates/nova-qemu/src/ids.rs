@@ -38,6 +38,18 @@ impl IdLease {
         ))
     }
 
+    /// Takes `id` again for a sandbox whose QEMU runs as it already (a
+    /// re-attached sandbox); fails if this process leased it to another.
+    pub(crate) fn claim(id: u32) -> std::io::Result<Self> {
+        let mut taken = TAKEN.lock().unwrap_or_else(|p| p.into_inner());
+        if !taken.insert(id) {
+            return Err(std::io::Error::other(format!(
+                "per-sandbox uid {id} is leased to another sandbox"
+            )));
+        }
+        Ok(Self(id))
+    }
+
     /// The uid (also used as the gid).
     pub(crate) fn id(&self) -> u32 {
         self.0

@@ -14,6 +14,14 @@
 //! Every wait during a start goes through [`Launch::step`], which bounds it
 //! by the boot deadline and races it against the VMM's exit, so a backend
 //! cannot wedge a create.
+//!
+//! A backend that supports re-attaching ([`Backend::reattach`]) rebuilds its
+//! [`Vm`] around a VMM that a dead provider left running: it reconnects the
+//! VMM's control channel and re-takes what it leases per sandbox; the
+//! runtime adopts the process, the directory and the network, and opens the
+//! agent channel itself. [`Vm::leave`] is the other half: a detached
+//! provider that goes away leaves its VMs running, and the backend forgets
+//! (without removing) what it would remove on drop.
 
 use std::fmt;
 use std::future::Future;
@@ -31,7 +39,7 @@ use nova_net::SandboxNetwork;
 use tokio::net::UnixStream;
 
 use crate::dir::{SandboxDir, SandboxRecord};
-use crate::vmm::{VmmCommand, VmmExit, VmmProcess, VmmSpawnError};
+use crate::vmm::{SpawnMode, VmmCommand, VmmExit, VmmProcess, VmmSpawnError};
 
 /// The guest's kernel and disks, as the template (and config) give them.
 #[derive(Clone, Debug)]
@@ -75,6 +83,22 @@ pub struct VmStart<'a> {
     /// and gives the guest [`crate::network::guest_net`] on its kernel
     /// command line; the runtime tears it down.
     pub network: Option<&'a SandboxNetwork>,
+}
+
+/// What the runtime hands a backend to re-attach to a running VM
+/// ([`Backend::reattach`]).
+#[derive(Debug)]
+pub struct ReattachVm<'a> {
+    /// The sandbox as its dead provider last recorded it.
+    pub info: &'a SandboxInfo,
+    /// Its file names (sockets, logs).
+    pub paths: &'a SandboxPaths,
+    /// The VMM's PID, checked to be the recorded process.
+    pub vmm_pid: u32,
+    /// The sandbox's network, when it has one (taken over by the runtime).
+    pub network: Option<&'a SandboxNetwork>,
+    /// When to give up.
+    pub deadline: tokio::time::Instant,
 }
 
 /// The config's `kernel_args` break the boot contract: a config error, to
@@ -194,6 +218,19 @@ pub trait Backend: Send + Sync + fmt::Debug + Sized + 'static {
         Err("this VMM's snapshots are not supported yet".into())
     }
 
+    /// Rebuilds the VM of a sandbox whose provider died and whose VMM
+    /// (`reattach.vmm_pid`, verified by the runtime) still runs: reconnect
+    /// the VMM's control channel (QMP, the API socket) and re-take any
+    /// per-sandbox lease, within `reattach.deadline`. The runtime kills the
+    /// VMM and releases the sandbox on error. Unsupported by default.
+    fn reattach(
+        &self,
+        reattach: ReattachVm<'_>,
+    ) -> impl Future<Output = Result<Self::Vm, BoxError>> + Send {
+        let _ = reattach;
+        async { Err("this backend cannot re-attach to a running VM".into()) }
+    }
+
     /// Spawns the VMM through `launch`, configures it and starts the guest
     /// (or restores it). Every wait goes through [`Launch::step`]. On error
     /// the runtime kills the VMM and removes the sandbox directory.
@@ -249,6 +286,12 @@ pub trait Vm: Send + fmt::Debug + 'static {
         Vec::new()
     }
 
+    /// The provider goes away and the VM keeps running (a detached
+    /// provider): forget, without removing, whatever this value would
+    /// remove when dropped (a jail), so that a later provider can
+    /// re-attach. Nothing to do by default.
+    fn leave(&mut self) {}
+
     /// Removes what the backend made outside the sandbox directory (a jail),
     /// after the VMM is gone; on error, the path that could not be removed.
     fn release(&mut self) -> impl Future<Output = Result<(), (PathBuf, std::io::Error)>> + Send {
@@ -269,6 +312,8 @@ pub struct Launch<'a> {
     pub(crate) vmm_ready_at: Option<Instant>,
     pub(crate) started_at: Option<Instant>,
     pub(crate) extra_logs: Vec<(&'static str, PathBuf)>,
+    /// Whether the VMM is to outlive its provider.
+    pub(crate) mode: SpawnMode,
 }
 
 /// How a [`Launch::step`] ended badly, before it is turned into a
@@ -284,7 +329,7 @@ impl<'a> Launch<'a> {
     /// start time in `state.json` at once, before the boot goes on. The boot
     /// clock (`boot_time_ms`) starts here.
     pub fn spawn(&mut self, command: &VmmCommand) -> Result<(), CreateSandboxError> {
-        let vmm = VmmProcess::spawn(command).map_err(|e| self.spawn_error(e))?;
+        let vmm = VmmProcess::spawn_with(command, self.mode).map_err(|e| self.spawn_error(e))?;
         self.spawned_at.get_or_insert_with(Instant::now);
         self.set_vmm(vmm);
         Ok(())
@@ -301,6 +346,7 @@ impl<'a> Launch<'a> {
     fn set_vmm(&mut self, vmm: VmmProcess) {
         self.record.info.vmm_pid = vmm.pid();
         self.record.vmm_start_ticks = vmm.start_ticks();
+        self.record.detached = self.mode == SpawnMode::Detached;
         self.vmm = Some(vmm);
         self.dir.persist_or_warn(&self.record);
         tracing::debug!(pid = ?self.record.info.vmm_pid, vmm = %self.record.info.hypervisor, "VMM spawned");
@@ -335,6 +381,13 @@ impl<'a> Launch<'a> {
         let now = Instant::now();
         self.vmm_ready_at.get_or_insert(now);
         self.started_at = Some(now);
+    }
+
+    /// Whether the VMM is to outlive its provider ([`SpawnMode::Detached`]:
+    /// a backend must then make nothing the VMM depends on live in this
+    /// process).
+    pub fn spawn_mode(&self) -> SpawnMode {
+        self.mode
     }
 
     /// The boot deadline.

@@ -50,6 +50,25 @@ pub struct SandboxRecord {
     /// never taken for the VMM.
     #[serde(default)]
     pub vmm_start_ticks: Option<u64>,
+    /// Whether the VMM was started to outlive its provider (a detached
+    /// provider: its output goes to files, not through the provider), so
+    /// that a later provider may re-attach it. Absent in older records:
+    /// false.
+    #[serde(default)]
+    pub detached: bool,
+    /// The sandbox network's host-side addresses, so that a provider that
+    /// re-attaches the sandbox can own its network again. Absent without a
+    /// network (and in older records).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<NetworkRecord>,
+}
+
+/// What identifies a sandbox's network beyond its id (from which the
+/// namespace, veth and nft table names derive).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkRecord {
+    /// The host end of the veth (`.1` of the sandbox's /30).
+    pub host_addr: std::net::Ipv4Addr,
 }
 
 /// A sandbox directory this process owns (see the module docs). Dropping it
@@ -91,6 +110,22 @@ impl SandboxDir {
             Err(e) => return Err((dir, e)),
         }
         Ok(this)
+    }
+
+    /// Takes over the existing directory of a sandbox whose owner died,
+    /// with its lock, which the caller took ([`try_lock`]).
+    pub fn adopt(paths: SandboxPaths, lock: File) -> Self {
+        Self {
+            paths,
+            lock: Some(lock),
+        }
+    }
+
+    /// Lets go of the directory without removing it (its VM outlives this
+    /// provider): the lock is released, so a later provider can take the
+    /// directory over.
+    pub fn leave(&mut self) {
+        self.lock = None;
     }
 
     /// The sandbox's file names.
@@ -216,6 +251,8 @@ pub(crate) mod tests {
                 failure: None,
             },
             vmm_start_ticks: Some(99),
+            detached: false,
+            network: None,
         }
     }
 

@@ -12,9 +12,14 @@
 //! like, and is never touched; a directory is locked from the moment it is
 //! made, so a boot in progress is safe too.
 //!
-//! Re-attaching to a leftover VM (rather than cleaning it) is not supported
-//! yet: the agent connection and VMM control socket would have to be taken
-//! over, which the daemon's restart support will add.
+//! A VM started by a *detached* provider (see
+//! [`Provider::detached`](crate::Provider::detached)) is meant to outlive
+//! its provider and be re-attached ([`crate::reattach`]): a detached
+//! provider does not clean leftovers when it is made (its
+//! [`reattach`](crate::Provider::reattach) adopts the live ones and cleans
+//! the dead), and a provider that is not detached leaves such a VM alone
+//! while it runs ([`clean_leftovers_sparing`]): it is another daemon's to
+//! take over.
 
 use std::path::{Path, PathBuf};
 
@@ -35,6 +40,12 @@ pub struct Cleaned {
 /// starting. Blocking (it reads directories); call it where blocking is
 /// allowed.
 pub fn clean_leftovers(sandboxes_dir: &Path) -> Cleaned {
+    clean_leftovers_sparing(sandboxes_dir, false)
+}
+
+/// [`clean_leftovers`], sparing (with `spare_detached`) the sandboxes a
+/// detached provider left whose VMM still runs.
+pub fn clean_leftovers_sparing(sandboxes_dir: &Path, spare_detached: bool) -> Cleaned {
     let mut cleaned = Cleaned::default();
     let Ok(entries) = std::fs::read_dir(sandboxes_dir) else {
         return cleaned;
@@ -56,6 +67,14 @@ pub fn clean_leftovers(sandboxes_dir: &Path) -> Cleaned {
         };
         match read_record(&dir.join("state.json")) {
             Ok(record) => {
+                let alive = record
+                    .info
+                    .vmm_pid
+                    .is_some_and(|pid| is_same_process(pid, record.vmm_start_ticks));
+                if spare_detached && record.detached && alive {
+                    tracing::info!(dir = %dir.display(), "leaving a detached provider's running sandbox for a daemon to re-attach");
+                    continue;
+                }
                 if let Some(pid) = record.info.vmm_pid
                     && is_same_process(pid, record.vmm_start_ticks)
                 {
@@ -89,7 +108,11 @@ pub fn clean_leftovers(sandboxes_dir: &Path) -> Cleaned {
 }
 
 /// Whether `pid` runs and started at `start_ticks` (when recorded).
-fn is_same_process(pid: u32, start_ticks: Option<u64>) -> bool {
+/// A zombie (exited, not yet reaped by its new parent) does not run.
+pub(crate) fn is_same_process(pid: u32, start_ticks: Option<u64>) -> bool {
+    if crate::vmm::process_exited(pid) {
+        return false;
+    }
     match (process_start_ticks(pid), start_ticks) {
         (Some(now), Some(recorded)) => now == recorded,
         // No recorded start time (an older record): refuse to guess.
@@ -98,7 +121,7 @@ fn is_same_process(pid: u32, start_ticks: Option<u64>) -> bool {
     }
 }
 
-fn kill(pid: u32) -> rustix::io::Result<()> {
+pub(crate) fn kill(pid: u32) -> rustix::io::Result<()> {
     let pid = i32::try_from(pid)
         .ok()
         .and_then(rustix::process::Pid::from_raw)

@@ -42,6 +42,15 @@
 //! tap, NAT, published port) is made before the VMM starts and torn down
 //! with the sandbox.
 //!
+//! A [detached](Provider::detached) provider's VMs outlive it (a daemon
+//! that restarts): its VMMs write their logs themselves, and dropping the
+//! provider (or its process dying) leaves VMMs, directories and networks in
+//! place. The next detached provider calls [`Provider::reattach`]
+//! ([`reattach`]): it adopts every live sandbox (VMM by pidfd, directory
+//! lock, network, the backend's control channel, the agent; commands in the
+//! guest keep running and are found with `Hypervisor::list_execs` /
+//! `attach_exec`) and reports the dead ones failed, with the reason.
+//!
 //! Also here: the VMM process type ([`vmm`]), capped console logs
 //! ([`console`]), snapshot bookkeeping ([`snapshot`]), leftovers of dead
 //! providers ([`leftovers`]), and host probing ([`host`]: KVM, binaries,
@@ -65,6 +74,7 @@ pub mod host;
 pub mod leftovers;
 pub mod network;
 mod provider;
+pub mod reattach;
 pub mod registry;
 pub mod retry;
 pub mod scratch;
@@ -74,6 +84,7 @@ pub mod vmm;
 
 pub use backend::Backend;
 pub use provider::Provider;
+pub use reattach::{ReattachError, ReattachFailure, ReattachReport};
 pub use task::Timeouts;
 
 use std::sync::Arc;
@@ -81,7 +92,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use nova_core::error::{ExecError, FileError, SpawnError, SpawnErrorKind};
-use nova_core::exec::{Command, ExecEvent, ExecRequest, ExecStdin, ExecStream, ExitStatus};
+use nova_core::exec::{
+    Command, ExecEvent, ExecInfo, ExecRequest, ExecState, ExecStdin, ExecStream, ExitStatus,
+};
 use nova_core::stats::GuestStats;
 use nova_protocol::client::{
     AgentClient, ClientError, ClockStep, DEFAULT_READ_LIMIT, FileDownload, OutputStream,
@@ -144,89 +157,154 @@ impl Guest {
             Command::Shell(_) => "/bin/sh".to_owned(),
         };
         let spec = self.spec(request)?;
-        let mut handle = self
+        let handle = self
             .client
             .exec(spec)
             .await
             .map_err(|e| exec_error(program, e))?;
-        let control = Control {
-            command: handle.controller(),
-            ended: Arc::new(AtomicBool::new(false)),
-            has_pty: request_pty,
-        };
-        let exited = control.ended.clone();
-        let stdout = handle.take_stdout();
-        let stderr = handle.take_stderr();
-        let mut caller_stdin = None;
-        // Dropped when the command ended: the stdin task then stops waiting
-        // for the caller, so the caller's next write fails.
-        let (ended_tx, mut ended) = tokio::sync::oneshot::channel::<()>();
-        if let Some(mut writer) = handle.take_stdin() {
-            let more = stream_stdin.then(|| {
-                let (tx, rx) = mpsc::channel(STDIN_BUFFER);
-                caller_stdin = Some(ExecStdin::new(tx));
-                rx
-            });
-            tokio::spawn(async move {
-                // A command that exits without reading its stdin makes these
-                // writes fail; that is the command's business, not an error
-                // here. Dropping `more` then fails the caller's writes.
-                if let Some(bytes) = stdin
-                    && let Err(e) = writer.write(bytes).await
-                {
-                    tracing::debug!(error = %e, "stdin not fully delivered");
-                    return;
-                }
-                if let Some(mut more) = more {
-                    loop {
-                        let chunk = tokio::select! {
-                            chunk = more.recv() => chunk,
-                            _ = &mut ended => return,
-                        };
-                        let Some(chunk) = chunk else { break };
-                        if let Err(e) = writer.write(chunk).await {
-                            tracing::debug!(error = %e, "stdin not fully delivered");
-                            return;
-                        }
-                    }
-                }
-                writer.close();
-            });
-        }
-        let (tx, rx) = mpsc::channel(EVENT_BUFFER);
-        let consumer = tx.clone();
-        tokio::spawn(kill_when_abandoned(consumer, async move {
-            let out = forward(stdout, tx.clone(), ExecEvent::Stdout);
-            let err = forward(stderr, tx.clone(), ExecEvent::Stderr);
-            tokio::join!(out, err);
-            let result = handle.wait().await;
-            // From here on there is no command to signal.
-            exited.store(true, Ordering::SeqCst);
-            match result {
-                Ok(result) => {
-                    let status = if result.timed_out {
-                        ExitStatus::TimedOut
-                    } else {
-                        match result.status {
-                            nova_protocol::ExitStatus::Exited(code) => ExitStatus::Code(code),
-                            nova_protocol::ExitStatus::Signaled(sig) => ExitStatus::Signal(sig),
-                        }
-                    };
-                    let _ = tx.send(ExecEvent::Exited(status)).await;
-                }
-                // The stream then ends without an exit status, which the
-                // consumer reports as the agent going away.
-                Err(e) => tracing::warn!(error = %e, "lost a command's exit status"),
-            }
-            drop(ended_tx);
-        }));
-        let stream = match caller_stdin {
-            Some(stdin) => ExecStream::with_stdin(rx, stdin),
-            None => ExecStream::new(rx),
-        };
-        Ok(stream.with_control(Box::new(control)))
+        Ok(stream_command(handle, stdin, stream_stdin, request_pty))
     }
 
+    /// The commands the guest's agent knows, oldest first (see
+    /// [`Hypervisor::list_execs`](nova_core::hypervisor::Hypervisor::list_execs)).
+    pub async fn list_execs(&self) -> Result<Vec<ExecInfo>, ExecError> {
+        let execs = self
+            .client
+            .list_execs()
+            .await
+            .map_err(|e| ExecError::Agent(Box::new(e)))?;
+        Ok(execs.into_iter().map(exec_info).collect())
+    }
+
+    /// Follows command `exec_id` (see
+    /// [`Hypervisor::attach_exec`](nova_core::hypervisor::Hypervisor::attach_exec)).
+    pub async fn attach_exec(&self, exec_id: u64) -> Result<ExecStream, ExecError> {
+        let handle = self
+            .client
+            .attach_exec(exec_id)
+            .await
+            .map_err(|e| match e.remote_kind() {
+                Some(RemoteErrorKind::NotFound) => ExecError::NoSuchExec { exec_id },
+                Some(RemoteErrorKind::Busy) => ExecError::ExecBusy { exec_id },
+                _ => ExecError::Agent(Box::new(e)),
+            })?;
+        // The agent knows whether the command runs on a terminal; allow a
+        // resize, which it ignores otherwise.
+        Ok(stream_command(handle, None, false, true))
+    }
+}
+
+/// Maps the agent's view of a command onto core's.
+fn exec_info(e: nova_protocol::ExecInfo) -> ExecInfo {
+    ExecInfo {
+        exec_id: e.exec_id,
+        pid: e.pid,
+        command: match e.command {
+            nova_protocol::ExecCommand::Argv(argv) => Command::Argv(argv),
+            nova_protocol::ExecCommand::Shell(line) => Command::Shell(line),
+        },
+        state: match e.state {
+            nova_protocol::ExecState::Running => ExecState::Running,
+            nova_protocol::ExecState::Ended(result) => ExecState::Exited(exit_status(result)),
+        },
+        attached: e.attached,
+        buffered_bytes: e.buffered_bytes,
+    }
+}
+
+fn exit_status(result: nova_protocol::ExecResult) -> ExitStatus {
+    if result.timed_out {
+        ExitStatus::TimedOut
+    } else {
+        match result.status {
+            nova_protocol::ExitStatus::Exited(code) => ExitStatus::Code(code),
+            nova_protocol::ExitStatus::Signaled(sig) => ExitStatus::Signal(sig),
+        }
+    }
+}
+
+/// Turns a started command's handle into the [`ExecStream`] its caller
+/// reads: output forwarded with back-pressure, stdin fed from `stdin` and
+/// (with `stream_stdin`) the caller's writer, the command killed when the
+/// stream is dropped early.
+fn stream_command(
+    mut handle: nova_protocol::client::ExecHandle,
+    stdin: Option<Vec<u8>>,
+    stream_stdin: bool,
+    request_pty: bool,
+) -> ExecStream {
+    let exec_id = handle.exec_id();
+    let control = Control {
+        command: handle.controller(),
+        ended: Arc::new(AtomicBool::new(false)),
+        has_pty: request_pty,
+    };
+    let exited = control.ended.clone();
+    let stdout = handle.take_stdout();
+    let stderr = handle.take_stderr();
+    let mut caller_stdin = None;
+    // Dropped when the command ended: the stdin task then stops waiting
+    // for the caller, so the caller's next write fails.
+    let (ended_tx, mut ended) = tokio::sync::oneshot::channel::<()>();
+    if let Some(mut writer) = handle.take_stdin() {
+        let more = stream_stdin.then(|| {
+            let (tx, rx) = mpsc::channel(STDIN_BUFFER);
+            caller_stdin = Some(ExecStdin::new(tx));
+            rx
+        });
+        tokio::spawn(async move {
+            // A command that exits without reading its stdin makes these
+            // writes fail; that is the command's business, not an error
+            // here. Dropping `more` then fails the caller's writes.
+            if let Some(bytes) = stdin
+                && let Err(e) = writer.write(bytes).await
+            {
+                tracing::debug!(error = %e, "stdin not fully delivered");
+                return;
+            }
+            if let Some(mut more) = more {
+                loop {
+                    let chunk = tokio::select! {
+                        chunk = more.recv() => chunk,
+                        _ = &mut ended => return,
+                    };
+                    let Some(chunk) = chunk else { break };
+                    if let Err(e) = writer.write(chunk).await {
+                        tracing::debug!(error = %e, "stdin not fully delivered");
+                        return;
+                    }
+                }
+            }
+            writer.close();
+        });
+    }
+    let (tx, rx) = mpsc::channel(EVENT_BUFFER);
+    let consumer = tx.clone();
+    tokio::spawn(kill_when_abandoned(consumer, async move {
+        let out = forward(stdout, tx.clone(), ExecEvent::Stdout);
+        let err = forward(stderr, tx.clone(), ExecEvent::Stderr);
+        tokio::join!(out, err);
+        let result = handle.wait().await;
+        // From here on there is no command to signal.
+        exited.store(true, Ordering::SeqCst);
+        match result {
+            Ok(result) => {
+                let _ = tx.send(ExecEvent::Exited(exit_status(result))).await;
+            }
+            // The stream then ends without an exit status, which the
+            // consumer reports as the agent going away.
+            Err(e) => tracing::warn!(error = %e, "lost a command's exit status"),
+        }
+        drop(ended_tx);
+    }));
+    let stream = match caller_stdin {
+        Some(stdin) => ExecStream::with_stdin(rx, stdin),
+        None => ExecStream::new(rx),
+    };
+    stream.with_control(Box::new(control)).with_exec_id(exec_id)
+}
+
+impl Guest {
     /// Makes a guest restored from a snapshot a machine of its own: its
     /// hostname becomes `hostname` (with `/etc/hostname`, `/etc/hosts` and a
     /// new machine-id), the host's fresh random bytes are mixed into its

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use nova_core::config::{SandboxConfig, StartMode};
 use nova_core::error::{CreateSandboxError, ExecError, FileError, SandboxError};
-use nova_core::exec::{ExecRequest, ExecStream};
+use nova_core::exec::{ExecInfo, ExecRequest, ExecStream};
 use nova_core::fs::{DirListing, FileDownload, FileStat};
 use nova_core::hypervisor::{Hypervisor, HypervisorKind};
 use nova_core::id::SandboxId;
@@ -41,10 +41,13 @@ const ACTION_QUEUE: usize = 8;
 
 /// Runs sandboxes on backend `B`. Cheap to clone; clones share the same
 /// sandboxes. Dropping the last clone kills every VM it still runs and
-/// removes their directories.
+/// removes their directories, unless the provider is
+/// [detached](Provider::detached): then its VMs outlive it (and its
+/// process), for a later detached provider to
+/// [re-attach](Provider::reattach).
 #[derive(Debug)]
 pub struct Provider<B: Backend> {
-    inner: Arc<Inner<B>>,
+    pub(crate) inner: Arc<Inner<B>>,
 }
 
 impl<B: Backend> Clone for Provider<B> {
@@ -56,14 +59,16 @@ impl<B: Backend> Clone for Provider<B> {
 }
 
 #[derive(Debug)]
-struct Inner<B: Backend> {
-    backend: B,
+pub(crate) struct Inner<B: Backend> {
+    pub(crate) backend: B,
     templates: TemplateManager,
-    timeouts: Timeouts,
+    pub(crate) timeouts: Timeouts,
     scratch: ScratchCache,
-    sandboxes: Arc<SandboxRegistry<B::Vm>>,
+    pub(crate) sandboxes: Arc<SandboxRegistry<B::Vm>>,
     /// The host ends of the sandboxes' veths.
-    pool: nova_net::AddressPool,
+    pub(crate) pool: nova_net::AddressPool,
+    /// Whether the VMs outlive the provider (see [`Provider::detached`]).
+    pub(crate) detached: bool,
     /// Ids of the sandboxes a dead provider left under this `$NOVA_HOME`,
     /// whose networks the first create removes (it is async, `new` is not).
     abandoned: std::sync::Mutex<Vec<String>>,
@@ -81,8 +86,40 @@ impl<B: Backend> Provider<B> {
 
     /// [`new`](Self::new) with other bounds on the sandboxes' waits.
     pub fn with_timeouts(options: B::Options, timeouts: Timeouts) -> Self {
+        Self::build(options, timeouts, false)
+    }
+
+    /// A provider whose VMs outlive it: a daemon that may be restarted (or
+    /// killed) without its sandboxes going down. Its VMMs write their
+    /// output to their files themselves (uncapped: see [`crate::vmm`]);
+    /// dropping the provider, or its process dying, leaves them running,
+    /// with their directories and networks. Nothing is cleaned when it is
+    /// made: call [`reattach`](Self::reattach) first, which takes over the
+    /// sandboxes a dead detached provider left and cleans the rest.
+    pub fn detached(options: B::Options) -> Self {
+        Self::detached_with_timeouts(options, Timeouts::default())
+    }
+
+    /// [`detached`](Self::detached) with other bounds on the sandboxes'
+    /// waits.
+    pub fn detached_with_timeouts(options: B::Options, timeouts: Timeouts) -> Self {
+        Self::build(options, timeouts, true)
+    }
+
+    /// Whether this provider's VMs outlive it.
+    pub fn is_detached(&self) -> bool {
+        self.inner.detached
+    }
+
+    fn build(options: B::Options, timeouts: Timeouts, detached: bool) -> Self {
         let backend = B::from_options(options);
-        let cleaned = crate::leftovers::clean_leftovers(&backend.home().sandboxes_dir());
+        // A detached provider cleans in `reattach`; one that is not leaves
+        // a detached provider's running VMs to a daemon that re-attaches.
+        let cleaned = if detached {
+            crate::leftovers::Cleaned::default()
+        } else {
+            crate::leftovers::clean_leftovers_sparing(&backend.home().sandboxes_dir(), true)
+        };
         let abandoned = cleaned
             .removed
             .iter()
@@ -109,6 +146,7 @@ impl<B: Backend> Provider<B> {
                 scratch,
                 sandboxes: Arc::new(SandboxRegistry::default()),
                 pool: nova_net::AddressPool::default(),
+                detached,
                 abandoned: std::sync::Mutex::new(abandoned),
                 abandoned_cleaned: tokio::sync::OnceCell::new(),
             }),
@@ -369,6 +407,10 @@ impl<B: Backend> Provider<B> {
                 config: config.clone(),
             },
             vmm_start_ticks: None,
+            detached: false,
+            network: network.as_ref().map(|net| crate::dir::NetworkRecord {
+                host_addr: net.host_addr(),
+            }),
         };
         let timeout = Duration::from_millis(config.boot_timeout_ms);
         let prepare = prepare_start.elapsed();
@@ -383,6 +425,11 @@ impl<B: Backend> Provider<B> {
             vmm_ready_at: None,
             started_at: None,
             extra_logs: Vec::new(),
+            mode: if self.inner.detached {
+                crate::vmm::SpawnMode::Detached
+            } else {
+                crate::vmm::SpawnMode::Owned
+            },
         };
         let creating = launch.record.info.clone();
         let start = VmStart {
@@ -547,6 +594,12 @@ impl<B: Backend> Provider<B> {
             from_snapshot = restored,
             "sandbox ready"
         );
+        let mut vmm = vmm;
+        if self.inner.detached
+            && let Some(vmm) = vmm.as_mut()
+        {
+            vmm.set_kill_on_drop(false);
+        }
         let task = SandboxTask {
             vm,
             vmm,
@@ -558,6 +611,7 @@ impl<B: Backend> Provider<B> {
             template,
             network,
             released: false,
+            detached: self.inner.detached,
         };
         let (commands, rx) = mpsc::channel(ACTION_QUEUE);
         let (published, watcher) = watch::channel(info.clone());
@@ -883,6 +937,18 @@ impl<B: Backend> Hypervisor for Provider<B> {
         request: ExecRequest,
     ) -> Result<ExecStream, ExecError> {
         self.inner.sandboxes.exec_stream(id, request).await
+    }
+
+    async fn list_execs(&self, id: &SandboxId) -> Result<Vec<ExecInfo>, ExecError> {
+        self.inner.sandboxes.exec_guest(id)?.list_execs().await
+    }
+
+    async fn attach_exec(&self, id: &SandboxId, exec_id: u64) -> Result<ExecStream, ExecError> {
+        self.inner
+            .sandboxes
+            .exec_guest(id)?
+            .attach_exec(exec_id)
+            .await
     }
 
     async fn write_file(

@@ -185,6 +185,16 @@ impl<V> SandboxRegistry<V> {
         }
     }
 
+    /// The agent of the running sandbox `id`, for a command operation (list,
+    /// attach); the error says why there is none.
+    pub fn exec_guest(&self, id: &SandboxId) -> Result<Guest, ExecError> {
+        self.guest(id).map_err(|e| match e {
+            Unavailable::NotFound => ExecError::NotFound(id.clone()),
+            Unavailable::NotRunning(state) => ExecError::NotRunning(state),
+            Unavailable::NoAgent => ExecError::Agent(no_agent()),
+        })
+    }
+
     /// The agent of the running sandbox `id`, for a file operation on
     /// `path`; the error says why there is none.
     pub fn file_guest(&self, id: &SandboxId, path: &str) -> Result<Guest, FileError> {

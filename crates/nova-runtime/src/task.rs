@@ -13,7 +13,10 @@
 //!   connection that ends outside a stop (the agent died, or the guest broke
 //!   the protocol: sent past its flow-control credit, ...);
 //! - when every action sender is gone (the provider was dropped), the VM is
-//!   released: nothing outlives its provider;
+//!   released: nothing outlives its provider; except with a detached
+//!   provider, whose task then leaves the VM running (VMM, directory,
+//!   network left in place, the directory's lock let go) for a later
+//!   provider to re-attach;
 //! - when the task ends (stopped, or its provider gone) it retires the
 //!   sandbox from the registry itself, so a caller that gave up waiting on
 //!   `stop` leaks nothing.
@@ -71,7 +74,7 @@ impl Default for Timeouts {
 
 /// A booted sandbox, as its task owns it.
 #[derive(Debug)]
-pub(crate) struct SandboxTask<V> {
+pub(crate) struct SandboxTask<V: Vm> {
     pub(crate) vm: V,
     pub(crate) vmm: Option<VmmProcess>,
     pub(crate) dir: SandboxDir,
@@ -84,6 +87,8 @@ pub(crate) struct SandboxTask<V> {
     pub(crate) network: Option<nova_net::SandboxNetwork>,
     /// Whether the VM and the sandbox's files are gone.
     pub(crate) released: bool,
+    /// Whether the VM outlives the provider (see the module docs).
+    pub(crate) detached: bool,
 }
 
 /// Runs `task` until it is stopped or its provider is dropped; see the
@@ -99,6 +104,11 @@ pub(crate) async fn drive<V: Vm>(
         tokio::select! {
             action = actions.recv() => {
                 let Some(action) = action else {
+                    if task.detached {
+                        tracing::debug!("provider dropped; leaving the VM running");
+                        task.leave();
+                        break;
+                    }
                     tracing::debug!("provider dropped; releasing the VM");
                     if let Err((path, e)) = task.release().await {
                         tracing::warn!(path = %path.display(), error = %e, "cannot remove the sandbox's files");
@@ -465,6 +475,22 @@ impl<V: Vm> SandboxTask<V> {
         );
     }
 
+    /// Lets the VM run on without this provider: the VMM is not killed,
+    /// the directory, network and backend state stay in place, and the
+    /// directory's lock is let go (see the module docs).
+    pub(crate) fn leave(&mut self) {
+        self.guest = None;
+        if let Some(mut vmm) = self.vmm.take() {
+            vmm.set_kill_on_drop(false);
+        }
+        self.vm.leave();
+        if let Some(net) = self.network.take() {
+            net.forget();
+        }
+        self.dir.leave();
+        self.released = true;
+    }
+
     /// Kills the VMM (bounded), releases what the backend made, tears the
     /// network down, removes the sandbox directory. Idempotent.
     pub(crate) async fn release(&mut self) -> Result<(), (PathBuf, std::io::Error)> {
@@ -498,6 +524,16 @@ impl<V: Vm> SandboxTask<V> {
         self.record.info.failure = Some(reason);
         if let Err((path, e)) = self.release().await {
             tracing::warn!(path = %path.display(), error = %e, "cannot remove the sandbox's files");
+        }
+    }
+}
+
+impl<V: Vm> Drop for SandboxTask<V> {
+    /// A detached sandbox's task dropped without ending (its runtime shut
+    /// down as the process exits) leaves the VM running too.
+    fn drop(&mut self) {
+        if self.detached && !self.released {
+            self.leave();
         }
     }
 }

@@ -19,9 +19,18 @@
 //!   of this process ever sees them.
 //!
 //! A process this one did not fork (Firecracker forked by the jailer into a
-//! new PID namespace) is [adopted](VmmProcess::adopt) by PID: watched and
-//! killed through a pidfd the same way, but its exit status is not ours to
-//! read.
+//! new PID namespace, or a VMM a dead provider left running) is
+//! [adopted](VmmProcess::adopt) by PID: watched and killed through a pidfd
+//! the same way, but its exit status is not ours to read.
+//!
+//! **Detached VMMs** ([`SpawnMode::Detached`]) are for a provider whose VMs
+//! must outlive it (a daemon that restarts): their stdout and stderr go
+//! straight to their files (appended, not through pipes this process pumps,
+//! which would die with it: a VMM writing to a pipe without a reader gets
+//! `EPIPE`, or blocks), so the size cap of [`crate::console`] does not
+//! apply to them. Such a process is still killed when dropped until
+//! [`VmmProcess::set_kill_on_drop`] turns that off (once its sandbox is
+//! registered), so a failed boot leaves nothing.
 
 use std::ffi::OsString;
 use std::fmt;
@@ -102,6 +111,18 @@ pub struct InheritedFd {
     pub child_fd: RawFd,
 }
 
+/// Whether a VMM's life and output depend on this process.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SpawnMode {
+    /// Output pumped into capped files by this process; the VMM is killed
+    /// with its [`VmmProcess`] (the default).
+    #[default]
+    Owned,
+    /// Output written by the VMM to its files directly (no cap); the VMM
+    /// can outlive this process (see the module docs).
+    Detached,
+}
+
 /// The first descriptor number after stdin, stdout and stderr.
 pub const FIRST_INHERITED_FD: RawFd = 3;
 
@@ -162,6 +183,8 @@ pub struct VmmProcess {
     /// a later reader of `state.json` can tell this process from a PID reuse.
     start_ticks: Option<u64>,
     exit: Option<VmmExit>,
+    /// Whether dropping it kills the VMM.
+    kill_on_drop: bool,
 }
 
 fn pidfd(pid: u32) -> Result<AsyncFd<OwnedFd>, VmmSpawnError> {
@@ -188,6 +211,15 @@ impl VmmProcess {
     /// `/dev/null`, and opens a pidfd on it. Must be called inside a tokio
     /// runtime.
     pub fn spawn(command: &VmmCommand) -> Result<Self, VmmSpawnError> {
+        Self::spawn_with(command, SpawnMode::Owned)
+    }
+
+    /// [`spawn`](Self::spawn), detached from this process when `mode` says
+    /// so (see the module docs).
+    pub fn spawn_with(command: &VmmCommand, mode: SpawnMode) -> Result<Self, VmmSpawnError> {
+        if mode == SpawnMode::Detached {
+            return Self::spawn_detached(command);
+        }
         let output_err = |path: &PathBuf| {
             let path = path.clone();
             move |source| VmmSpawnError::Output { path, source }
@@ -216,28 +248,7 @@ impl VmmProcess {
         if let Some(cwd) = &command.cwd {
             cmd.current_dir(cwd);
         }
-        if !command.fds.is_empty() {
-            let mut mappings = Vec::with_capacity(command.fds.len());
-            for inherited in &command.fds {
-                let child_fd = inherited.child_fd;
-                let fds_err = |source| VmmSpawnError::Fds { child_fd, source };
-                if child_fd < FIRST_INHERITED_FD {
-                    return Err(fds_err(std::io::Error::new(
-                        std::io::ErrorKind::InvalidInput,
-                        "0, 1 and 2 are the VMM's standard streams",
-                    )));
-                }
-                mappings.push(FdMapping {
-                    parent_fd: inherited.fd.try_clone().map_err(fds_err)?,
-                    child_fd,
-                });
-            }
-            let first = mappings.first().map_or(FIRST_INHERITED_FD, |m| m.child_fd);
-            cmd.fd_mappings(mappings).map_err(|e| VmmSpawnError::Fds {
-                child_fd: first,
-                source: std::io::Error::new(std::io::ErrorKind::InvalidInput, e),
-            })?;
-        }
+        inherit_fds(&mut cmd, &command.fds)?;
         let child = cmd.spawn().map_err(|source| VmmSpawnError::Exec {
             program: command.program.clone(),
             source,
@@ -266,11 +277,64 @@ impl VmmProcess {
             pidfd,
             start_ticks: process_start_ticks(pid),
             exit: None,
+            kill_on_drop: true,
+        })
+    }
+
+    fn spawn_detached(command: &VmmCommand) -> Result<Self, VmmSpawnError> {
+        let open = |path: &PathBuf| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|source| VmmSpawnError::Output {
+                    path: path.clone(),
+                    source,
+                })
+        };
+        let stdout = open(&command.stdout)?;
+        let stderr = if command.stderr == command.stdout {
+            stdout.try_clone().map_err(|source| VmmSpawnError::Output {
+                path: command.stderr.clone(),
+                source,
+            })?
+        } else {
+            open(&command.stderr)?
+        };
+        let mut cmd = Command::new(&command.program);
+        cmd.args(&command.args)
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr)
+            .kill_on_drop(false)
+            .process_group(0);
+        if let Some(cwd) = &command.cwd {
+            cmd.current_dir(cwd);
+        }
+        inherit_fds(&mut cmd, &command.fds)?;
+        let child = cmd.spawn().map_err(|source| VmmSpawnError::Exec {
+            program: command.program.clone(),
+            source,
+        })?;
+        drop(cmd);
+        let pid = child
+            .id()
+            .expect("a child that was just spawned and not waited for has a PID");
+        let pidfd = pidfd(pid)?;
+        Ok(Self {
+            child: Some(child),
+            pid,
+            group: i32::try_from(pid).ok().and_then(Pid::from_raw),
+            pidfd,
+            start_ticks: process_start_ticks(pid),
+            exit: None,
+            kill_on_drop: true,
         })
     }
 
     /// Watches a VMM this process did not fork (it is not our child), by
-    /// PID.
+    /// PID. Killed when dropped, unless [`set_kill_on_drop`](Self::set_kill_on_drop)
+    /// says otherwise.
     pub fn adopt(pid: u32) -> Result<Self, VmmSpawnError> {
         let pidfd = pidfd(pid)?;
         Ok(Self {
@@ -280,7 +344,39 @@ impl VmmProcess {
             pidfd,
             start_ticks: process_start_ticks(pid),
             exit: None,
+            kill_on_drop: true,
         })
+    }
+
+    /// Adopts the VMM `pid` that a dead provider left running, if it is
+    /// still the process that started at `start_ticks` (a reused PID is
+    /// never taken for it). The pidfd is opened first and the start time
+    /// checked after, so the pidfd cannot name a newer process. Its process
+    /// group is killed with it, as the group it was spawned in.
+    pub fn adopt_verified(pid: u32, start_ticks: u64) -> Result<Self, VmmSpawnError> {
+        let mut vmm = Self::adopt(pid)?;
+        if vmm.start_ticks != Some(start_ticks) || process_exited(pid) {
+            vmm.kill_on_drop = false;
+            return Err(VmmSpawnError::Pidfd {
+                pid,
+                source: std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "the process with this PID is not the VMM that was recorded (its start \
+                     time differs): the VMM exited",
+                ),
+            });
+        }
+        // Spawned with `process_group(0)`: its group id is its PID, and the
+        // group cannot be another's while the leader lives.
+        vmm.group = i32::try_from(pid).ok().and_then(Pid::from_raw);
+        Ok(vmm)
+    }
+
+    /// Whether dropping this kills the VMM (it does by default). A detached
+    /// provider turns it off for a VMM whose sandbox is registered, so that
+    /// the VMM outlives the provider.
+    pub fn set_kill_on_drop(&mut self, kill: bool) {
+        self.kill_on_drop = kill;
     }
 
     /// Its PID, while it runs.
@@ -360,9 +456,39 @@ impl VmmProcess {
 
 impl Drop for VmmProcess {
     fn drop(&mut self) {
-        // A child is also killed by `kill_on_drop`, and reaped by tokio.
-        self.start_kill();
+        // A child is also killed by `kill_on_drop` (unless detached), and
+        // reaped by tokio.
+        if self.kill_on_drop {
+            self.start_kill();
+        }
     }
+}
+
+/// Has `cmd` inherit `fds` at their numbers (see the module docs).
+fn inherit_fds(cmd: &mut Command, fds: &[InheritedFd]) -> Result<(), VmmSpawnError> {
+    if !fds.is_empty() {
+        let mut mappings = Vec::with_capacity(fds.len());
+        for inherited in fds {
+            let child_fd = inherited.child_fd;
+            let fds_err = |source| VmmSpawnError::Fds { child_fd, source };
+            if child_fd < FIRST_INHERITED_FD {
+                return Err(fds_err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "0, 1 and 2 are the VMM's standard streams",
+                )));
+            }
+            mappings.push(FdMapping {
+                parent_fd: inherited.fd.try_clone().map_err(fds_err)?,
+                child_fd,
+            });
+        }
+        let first = mappings.first().map_or(FIRST_INHERITED_FD, |m| m.child_fd);
+        cmd.fd_mappings(mappings).map_err(|e| VmmSpawnError::Fds {
+            child_fd: first,
+            source: std::io::Error::new(std::io::ErrorKind::InvalidInput, e),
+        })?;
+    }
+    Ok(())
 }
 
 /// The start time of process `pid` in clock ticks since boot, from
@@ -370,6 +496,17 @@ impl Drop for VmmProcess {
 pub fn process_start_ticks(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     parse_start_ticks(&stat)
+}
+
+/// Whether process `pid` has exited but is not reaped yet (a zombie: its
+/// `/proc/PID/stat` state is `Z` or `X`), or is gone.
+pub fn process_exited(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return true;
+    };
+    stat.rfind(')')
+        .and_then(|i| stat[i + 1..].trim_start().chars().next())
+        .is_none_or(|state| matches!(state, 'Z' | 'X'))
 }
 
 /// Field 22 (`starttime`) of a `/proc/PID/stat` line; the command name

@@ -58,9 +58,9 @@ pub(crate) enum Command {
 /// Where the agent's messages for one request go, and its credit ledger.
 #[derive(Debug, Default)]
 pub(crate) struct Route {
-    /// Receives the pid of `Started` or the size of `Opened` (or the error
-    /// when the request fails before either).
-    pub(crate) started: Option<oneshot::Sender<Result<u64, ClientError>>>,
+    /// Receives the pid and exec id of `Started`, or the size of `Opened`
+    /// (exec id 0), or the error when the request fails before either.
+    pub(crate) started: Option<oneshot::Sender<Result<(u64, u64), ClientError>>>,
     /// Receives stdout chunks (or file chunks).
     pub(crate) stdout: Option<ChunkSender>,
     /// Receives stderr chunks.
@@ -255,9 +255,11 @@ impl Router {
 
     fn message(&mut self, msg: AgentMessage) -> Result<(), ConnectionEnd> {
         match msg {
-            AgentMessage::Started { id, pid } => self.started(id, u64::from(pid)),
+            AgentMessage::Started { id, pid, exec_id } => {
+                self.started(id, (u64::from(pid), exec_id))
+            }
 
-            AgentMessage::Opened { id, size } => self.started(id, size),
+            AgentMessage::Opened { id, size } => self.started(id, (size, 0)),
 
             AgentMessage::Data { id, stream, data } => {
                 let Some(route) = self.routes.get_mut(&id) else {
@@ -336,7 +338,7 @@ impl Router {
         Ok(())
     }
 
-    fn started(&mut self, id: u64, value: u64) {
+    fn started(&mut self, id: u64, value: (u64, u64)) {
         if let Some(tx) = self.routes.get_mut(&id).and_then(|r| r.started.take()) {
             let _ = tx.send(Ok(value));
         }

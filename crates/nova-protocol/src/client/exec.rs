@@ -304,6 +304,7 @@ impl ExecOutput {
 pub struct ExecHandle {
     id: u64,
     pid: u32,
+    exec_id: u64,
     stdout: Option<OutputStream>,
     stderr: Option<OutputStream>,
     stdin: Option<StdinWriter>,
@@ -317,6 +318,7 @@ impl ExecHandle {
     pub(crate) fn new(
         id: u64,
         pid: u32,
+        exec_id: u64,
         stdout: OutputStream,
         stderr: OutputStream,
         stdin: Option<StdinWriter>,
@@ -327,6 +329,7 @@ impl ExecHandle {
         Self {
             id,
             pid,
+            exec_id,
             stdout: Some(stdout),
             stderr: Some(stderr),
             stdin,
@@ -339,6 +342,13 @@ impl ExecHandle {
     /// The command's process id in the guest (also its process group id).
     pub fn pid(&self) -> u32 {
         self.pid
+    }
+
+    /// The command's id in the agent's table: what
+    /// [`AgentClient::attach_exec`](super::AgentClient::attach_exec) takes
+    /// on a later connection to find it again.
+    pub fn exec_id(&self) -> u64 {
+        self.exec_id
     }
 
     /// Takes the stdout stream (`None` if already taken).

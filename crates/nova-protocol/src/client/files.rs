@@ -121,7 +121,7 @@ pub(crate) async fn download(
         },
         route,
     )?;
-    let size = client.await_reply(opened_rx).await??;
+    let (size, _) = client.await_reply(opened_rx).await??;
     let commands = client.inner.commands.clone();
     Ok(FileDownload {
         id,

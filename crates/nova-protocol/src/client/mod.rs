@@ -53,7 +53,7 @@ pub use error::{ClientError, ConnectionEnd, ProtocolViolation};
 pub use exec::{ExecController, ExecHandle, ExecOutput, OutputStream, StdinWriter};
 pub use files::FileDownload;
 
-use crate::exec::ExecSpec;
+use crate::exec::{ExecInfo, ExecSpec};
 use crate::frame::{FrameReader, FrameWriter};
 use crate::fs::{DirListing, FileStat};
 use crate::handshake::{Hello, HelloInfo, HelloReply};
@@ -171,15 +171,51 @@ impl AgentClient {
 
     /// Starts a command. Returns once the process runs in the guest (or with
     /// the error that prevented it, e.g. [`crate::RemoteErrorKind::NotFound`]).
+    ///
+    /// The command outlives this connection if the connection ends without
+    /// the handle killing it (the host process died): a later connection
+    /// finds it by [`ExecHandle::exec_id`] ([`AgentClient::attach_exec`]).
     pub async fn exec(&self, spec: ExecSpec) -> Result<ExecHandle, ClientError> {
+        let stdin = spec.stdin;
+        self.stream_command(Request::Exec(spec), stdin).await
+    }
+
+    /// Streams command `exec_id` (started on this or an earlier connection):
+    /// the output the agent held for it while no host read it, its further
+    /// output, and its exit status. A command that already ended yields
+    /// what is left of its output and its status at once. The handle has no
+    /// stdin (the agent closed it when the starting host went away); like
+    /// any [`ExecHandle`], dropping it before the end kills the command.
+    ///
+    /// An unknown id is [`crate::RemoteErrorKind::NotFound`]; a command
+    /// another request streams is [`crate::RemoteErrorKind::Busy`].
+    pub async fn attach_exec(&self, exec_id: u64) -> Result<ExecHandle, ClientError> {
+        self.stream_command(Request::AttachExec { exec_id }, false)
+            .await
+    }
+
+    /// Every command the agent knows: running ones (whichever connection
+    /// started them) and the last [`crate::FINISHED_EXECS_KEPT`] that ended,
+    /// oldest first.
+    pub async fn list_execs(&self) -> Result<Vec<ExecInfo>, ClientError> {
+        match self.request(Request::ListExecs).await? {
+            Response::Execs(execs) => Ok(execs),
+            other => Err(unexpected("list_execs", &other)),
+        }
+    }
+
+    /// Starts `request` (an exec or an attach) with a route for its output.
+    async fn stream_command(
+        &self,
+        request: Request,
+        stdin: bool,
+    ) -> Result<ExecHandle, ClientError> {
         let id = self.next_id();
         let (started_tx, started_rx) = oneshot::channel();
         let (stdout_tx, stdout_rx) = chunks::chunk_queue();
         let (stderr_tx, stderr_rx) = chunks::chunk_queue();
         let (done_tx, done_rx) = oneshot::channel();
-        let credit = spec
-            .stdin
-            .then(|| Arc::new(Semaphore::new(STREAM_WINDOW as usize)));
+        let credit = stdin.then(|| Arc::new(Semaphore::new(STREAM_WINDOW as usize)));
         let route = Route {
             started: Some(started_tx),
             stdout: Some(stdout_tx),
@@ -188,12 +224,13 @@ impl AgentClient {
             done: Some(done_tx),
             ..Route::default()
         };
-        self.start(id, Request::Exec(spec), route)?;
-        let pid = self.await_reply(started_rx).await??;
+        self.start(id, request, route)?;
+        let (pid, exec_id) = self.await_reply(started_rx).await??;
         let sender = self.inner.commands.clone();
         Ok(ExecHandle::new(
             id,
             u32::try_from(pid).unwrap_or(u32::MAX),
+            exec_id,
             OutputStream::new(id, StreamKind::Stdout, stdout_rx, sender.clone()),
             OutputStream::new(id, StreamKind::Stderr, stderr_rx, sender.clone()),
             credit.map(|c| StdinWriter::new(id, c, sender.clone(), self.inner.closed.clone())),
