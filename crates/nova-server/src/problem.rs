@@ -52,6 +52,8 @@ pub enum ProblemCode {
     /// The guest path exists, is a directory, is not a directory, is not
     /// empty, or its file system refuses the change (409).
     FileConflict,
+    /// Another stream already follows this command (409).
+    ExecBusy,
     /// The guest denied access to the path (403).
     PermissionDenied,
     /// The body, or a whole-file read, is larger than allowed (413).
@@ -87,7 +89,7 @@ impl ProblemCode {
                 StatusCode::NOT_FOUND
             }
             MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            NotRunning | FileConflict => StatusCode::CONFLICT,
+            NotRunning | FileConflict | ExecBusy => StatusCode::CONFLICT,
             PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             QuotaExceeded | Busy => StatusCode::TOO_MANY_REQUESTS,
@@ -115,6 +117,7 @@ impl ProblemCode {
             MethodNotAllowed => "method_not_allowed",
             NotRunning => "not_running",
             FileConflict => "file_conflict",
+            ExecBusy => "exec_busy",
             PermissionDenied => "permission_denied",
             PayloadTooLarge => "payload_too_large",
             UnsupportedMediaType => "unsupported_media_type",
@@ -202,6 +205,7 @@ fn title(code: ProblemCode) -> &'static str {
         MethodNotAllowed => "Method not allowed",
         NotRunning => "Sandbox not in the right state",
         FileConflict => "Guest file conflict",
+        ExecBusy => "Command already attached",
         PermissionDenied => "Permission denied in the guest",
         PayloadTooLarge => "Payload too large",
         UnsupportedMediaType => "Unsupported media type",
@@ -314,6 +318,9 @@ impl From<ExecError> for Problem {
             ExecError::NotRunning(_) => ProblemCode::NotRunning,
             ExecError::Invalid(_) => ProblemCode::InvalidRequest,
             ExecError::OutputTooLarge { .. } => ProblemCode::PayloadTooLarge,
+            ExecError::NoSuchExec { .. } => ProblemCode::ExecNotFound,
+            ExecError::ExecBusy { .. } => ProblemCode::ExecBusy,
+            ExecError::Unsupported(_) => ProblemCode::Unsupported,
             ExecError::Agent(_) => ProblemCode::AgentError,
             // A command that cannot start is an exit status, not an error;
             // callers map it before it gets here.

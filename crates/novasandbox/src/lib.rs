@@ -59,6 +59,9 @@ pub enum DetectError {
     /// No data directory could be chosen.
     #[error(transparent)]
     Home(#[from] nova_core::home::HomeError),
+    /// The sandboxes of a previous daemon could not be looked for.
+    #[error("cannot re-attach the sandboxes of a previous daemon")]
+    Reattach(#[source] Box<nova_runtime::reattach::ReattachError>),
 }
 
 /// Picks the best backend this host can run, in DESIGN.md's order:
@@ -74,6 +77,56 @@ pub fn detect() -> Result<Arc<dyn Hypervisor>, DetectError> {
 
 /// [`detect`] with an explicit data directory.
 pub fn detect_in(home: NovaHome) -> Result<Arc<dyn Hypervisor>, DetectError> {
+    Ok(match choose(home)? {
+        Chosen::Firecracker(options) => Arc::new(providers::FirecrackerHypervisor::new(options)),
+        Chosen::Qemu(options) => Arc::new(providers::QemuHypervisor::new(options)),
+    })
+}
+
+/// What a daemon runs on: the provider [`detect_in`] would pick, made so its
+/// VMs outlive the daemon where the backend allows it, and what it took
+/// over from a previous daemon.
+#[derive(Debug)]
+pub struct DaemonProvider {
+    /// The provider.
+    pub hypervisor: Arc<dyn Hypervisor>,
+    /// The live sandboxes of a previous daemon it re-attached, and those it
+    /// could not (reported failed with the reason); `None` where the
+    /// backend cannot leave its VMs running (Firecracker, for now: its VMs
+    /// stop with the daemon).
+    pub reattached: Option<nova_runtime::reattach::ReattachReport>,
+}
+
+/// [`detect_in`] for a daemon (`nova serve`): with QEMU, a detached
+/// provider (its VMs keep running when the daemon dies) that has
+/// re-attached every live sandbox a previous daemon left.
+pub async fn detect_for_daemon(home: NovaHome) -> Result<DaemonProvider, DetectError> {
+    Ok(match choose(home)? {
+        Chosen::Firecracker(options) => DaemonProvider {
+            hypervisor: Arc::new(providers::FirecrackerHypervisor::new(options)),
+            reattached: None,
+        },
+        Chosen::Qemu(options) => {
+            let provider = providers::QemuHypervisor::detached(options);
+            let report = provider
+                .reattach()
+                .await
+                .map_err(|e| DetectError::Reattach(Box::new(e)))?;
+            DaemonProvider {
+                hypervisor: Arc::new(provider),
+                reattached: Some(report),
+            }
+        }
+    })
+}
+
+/// The backend [`choose`] picked, with its options.
+enum Chosen {
+    Firecracker(providers::FirecrackerOptions),
+    Qemu(providers::QemuOptions),
+}
+
+fn choose(home: NovaHome) -> Result<Chosen, DetectError> {
     let report = HostReport::probe();
     let (choice, why) = report.choose_backend()?;
     tracing::debug!(?choice, %why, "backend chosen");
@@ -91,7 +144,7 @@ pub fn detect_in(home: NovaHome) -> Result<Arc<dyn Hypervisor>, DetectError> {
             ) {
                 Ok(firecracker) => {
                     let options = providers::FirecrackerOptions::new(home, firecracker);
-                    return Ok(Arc::new(providers::FirecrackerHypervisor::new(options)));
+                    return Ok(Chosen::Firecracker(options));
                 }
                 Err(e) => match &report.qemu {
                     Ok(qemu) => {
@@ -128,5 +181,5 @@ pub fn detect_in(home: NovaHome) -> Result<Arc<dyn Hypervisor>, DetectError> {
     }
     let options = providers::QemuOptions::from_choice(home, &choice)
         .expect("the choice was narrowed to QEMU above");
-    Ok(Arc::new(providers::QemuHypervisor::new(options)))
+    Ok(Chosen::Qemu(options))
 }

@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! client -> text   {ExecBody as JSON}                 first message: what to run
-//! server -> text   {"event":"started"}
+//! server -> text   {"event":"started","exec_id":7}
 //! server -> binary [1] ++ bytes                        stdout (the terminal, with a tty)
 //! server -> binary [2] ++ bytes                        stderr
 //! client -> binary bytes                               stdin (with "interactive": true)
@@ -30,7 +30,10 @@ use axum::extract::ws::{
 };
 use axum::response::Response;
 use nova_core::error::ExecError;
-use nova_core::exec::{Command, ExecEvent, ExecOutput, ExecRequest, ExitStatus, TerminalSize};
+use nova_core::exec::{
+    Command, ExecEvent, ExecInfo, ExecOutput, ExecRequest, ExecState, ExecStream, ExitStatus,
+    TerminalSize,
+};
 use nova_core::id::SandboxId;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -194,8 +197,13 @@ pub enum ClientControl {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum ServerEvent {
-    /// The command started.
-    Started,
+    /// The command started (or a stream attached to it); `exec_id` names
+    /// it for `GET .../execs/{exec_id}` later.
+    Started {
+        /// The command's id in the sandbox, where the backend keeps one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        exec_id: Option<u64>,
+    },
     /// The command ended; the server closes the socket next.
     Exit(ExecExit),
     /// The command could not be run; the server closes the socket next.
@@ -361,12 +369,12 @@ async fn run_socket(daemon: Arc<Daemon>, id: SandboxId, mut socket: WebSocket) {
         Ok(request) => request,
         Err(problem) => return fail(socket, problem).await,
     };
-    let mut stream = match daemon.hypervisor().exec_stream(&id, request).await {
+    let stream = match daemon.hypervisor().exec_stream(&id, request).await {
         Ok(stream) => stream,
         Err(ExecError::Spawn(e)) => {
             daemon.metrics().exec_done(true);
             let exit = ExecExit::new(e.exit_status(), Some(e.message.clone()));
-            let _ = send_event(&mut socket, &ServerEvent::Started).await;
+            let _ = send_event(&mut socket, &ServerEvent::Started { exec_id: None }).await;
             let _ = send_event(&mut socket, &ServerEvent::Exit(exit)).await;
             let _ = socket.send(Message::Close(None)).await;
             return;
@@ -376,7 +384,16 @@ async fn run_socket(daemon: Arc<Daemon>, id: SandboxId, mut socket: WebSocket) {
             return fail(socket, e.into()).await;
         }
     };
-    if !send_event(&mut socket, &ServerEvent::Started).await {
+    pump(daemon, stream, socket).await;
+}
+
+/// Forwards a command's output to the socket and the socket's stdin,
+/// signals and resizes to the command, until it ends or the client leaves.
+async fn pump(daemon: Arc<Daemon>, mut stream: ExecStream, mut socket: WebSocket) {
+    let started = ServerEvent::Started {
+        exec_id: stream.exec_id(),
+    };
+    if !send_event(&mut socket, &started).await {
         return;
     }
     // Stdin goes through its own task, so a command that is slow to read its
@@ -473,6 +490,115 @@ async fn send_output(socket: &mut WebSocket, tag: u8, bytes: Vec<u8>) -> bool {
     frame.push(tag);
     frame.extend_from_slice(&bytes);
     socket.send(Message::Binary(frame.into())).await.is_ok()
+}
+
+/// A command the sandbox knows: running (whoever started it, even a caller
+/// or a daemon that is gone) or one of the last that ended.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ExecInfoView {
+    /// Its id in the sandbox.
+    pub exec_id: u64,
+    /// Its main process id in the guest.
+    pub pid: u32,
+    /// What it runs, as an argv (a shell script as `/bin/sh -c SCRIPT`).
+    pub command: Vec<String>,
+    /// Whether it still runs.
+    pub running: bool,
+    /// How it ended, once it has.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit: Option<ExecExit>,
+    /// Whether a stream follows it now.
+    pub attached: bool,
+    /// Output held for the next attach, bytes.
+    pub buffered_bytes: u64,
+}
+
+impl From<ExecInfo> for ExecInfoView {
+    fn from(info: ExecInfo) -> Self {
+        let command = match info.command {
+            Command::Argv(argv) => argv,
+            Command::Shell(script) => vec!["/bin/sh".into(), "-c".into(), script],
+        };
+        let (running, exit) = match info.state {
+            ExecState::Running => (true, None),
+            ExecState::Exited(status) => (false, Some(ExecExit::new(status, None))),
+        };
+        Self {
+            exec_id: info.exec_id,
+            pid: info.pid,
+            command,
+            running,
+            exit,
+            attached: info.attached,
+            buffered_bytes: info.buffered_bytes,
+        }
+    }
+}
+
+/// The commands a sandbox knows: running ones and the last that ended.
+#[utoipa::path(get, path = "/v1/sandboxes/{id}/execs", tag = "exec",
+    operation_id = "list_execs",
+    params(("id" = String, Path, description = "Sandbox id")),
+    responses(
+        (status = 200, description = "The commands", body = [ExecInfoView]),
+        (status = "4XX", description = "No such sandbox, or not running", body = Problem, content_type = "application/problem+json"),
+        (status = "5XX", description = "The guest agent failed, or the backend keeps no commands", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn list_execs(
+    State(daemon): State<Arc<Daemon>>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<axum::Json<Vec<ExecInfoView>>, Problem> {
+    let sid = daemon.known(&id).await?;
+    let execs = daemon.hypervisor().list_execs(&sid).await?;
+    Ok(axum::Json(execs.into_iter().map(Into::into).collect()))
+}
+
+/// One command: whether it runs, and its exit once it ended (also for a
+/// command started before a daemon restart).
+#[utoipa::path(get, path = "/v1/sandboxes/{id}/execs/{exec_id}", tag = "exec",
+    operation_id = "get_exec",
+    params(("id" = String, Path, description = "Sandbox id"), ("exec_id" = u64, Path, description = "Exec id")),
+    responses(
+        (status = 200, description = "The command", body = ExecInfoView),
+        (status = "4XX", description = "No such sandbox or exec", body = Problem, content_type = "application/problem+json"),
+        (status = "5XX", description = "The guest agent failed", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn get_exec(
+    State(daemon): State<Arc<Daemon>>,
+    ApiPath((id, exec_id)): ApiPath<(String, u64)>,
+) -> Result<axum::Json<ExecInfoView>, Problem> {
+    let sid = daemon.known(&id).await?;
+    let execs = daemon.hypervisor().list_execs(&sid).await?;
+    execs
+        .into_iter()
+        .find(|e| e.exec_id == exec_id)
+        .map(|e| axum::Json(e.into()))
+        .ok_or_else(|| ExecError::NoSuchExec { exec_id }.into())
+}
+
+/// Attaches a WebSocket to a command (same frames as `exec/stream`, without
+/// the first message): the output it holds, then live output, then its
+/// exit. Stdin is closed for an attached command.
+#[utoipa::path(get, path = "/v1/sandboxes/{id}/execs/{exec_id}/stream", tag = "exec",
+    operation_id = "attach_exec",
+    params(("id" = String, Path, description = "Sandbox id"), ("exec_id" = u64, Path, description = "Exec id")),
+    responses(
+        (status = 101, description = "Switching to the WebSocket protocol"),
+        (status = "4XX", description = "Not a WebSocket upgrade, no such sandbox or exec, or already attached", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn attach_exec(
+    State(daemon): State<Arc<Daemon>>,
+    ApiPath((id, exec_id)): ApiPath<(String, u64)>,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Result<Response, Problem> {
+    let sid = daemon.known(&id).await?;
+    let upgrade = upgrade.map_err(|e| {
+        Problem::invalid_request(format!(
+            "{e}: this endpoint speaks WebSocket (send Connection: upgrade, Upgrade: websocket)"
+        ))
+    })?;
+    let stream = daemon.hypervisor().attach_exec(&sid, exec_id).await?;
+    Ok(upgrade.on_upgrade(move |socket| pump(daemon, stream, socket)))
 }
 
 #[cfg(test)]

@@ -13,6 +13,8 @@
 //! GET    /v1/sandboxes/{id}/logs             get_logs
 //! POST   /v1/sandboxes/{id}/exec             execute_command (to completion)
 //! GET    /v1/sandboxes/{id}/exec/stream      exec_stream (WebSocket)
+//! GET    /v1/sandboxes/{id}/execs[/{exec_id}] list_execs, get_exec (survive restarts)
+//! GET    /v1/sandboxes/{id}/execs/{exec_id}/stream  attach_exec (WebSocket)
 //! GET|PUT|DELETE /v1/sandboxes/{id}/files?path=   download, upload, remove
 //! GET    /v1/sandboxes/{id}/files/list|stat?path= list_dir, stat
 //! POST   /v1/sandboxes/{id}/files/mkdir      mkdir
@@ -57,7 +59,8 @@ pub const MAX_JSON_BODY: usize = 1024 * 1024;
         sandboxes::delete_sandbox, sandboxes::stop_sandbox, sandboxes::pause_sandbox,
         sandboxes::resume_sandbox, sandboxes::set_timeout, sandboxes::get_stats,
         sandboxes::get_logs,
-        exec::execute_command, exec::exec_stream,
+        exec::execute_command, exec::exec_stream, exec::list_execs, exec::get_exec,
+        exec::attach_exec,
         files::download_file, files::upload_file, files::list_dir, files::stat,
         files::mkdir, files::remove,
         system::health, system::list_templates, system::openapi_json, system::metrics,
@@ -138,6 +141,12 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .route(&format!("{sandbox}/logs"), get(sandboxes::get_logs))
         .route(&format!("{sandbox}/exec"), post(exec::execute_command))
         .route(&format!("{sandbox}/exec/stream"), get(exec::exec_stream))
+        .route(&format!("{sandbox}/execs"), get(exec::list_execs))
+        .route(&format!("{sandbox}/execs/{{exec_id}}"), get(exec::get_exec))
+        .route(
+            &format!("{sandbox}/execs/{{exec_id}}/stream"),
+            get(exec::attach_exec),
+        )
         .route(&format!("{sandbox}/files/list"), get(files::list_dir))
         .route(&format!("{sandbox}/files/stat"), get(files::stat))
         .route(&format!("{sandbox}/files/mkdir"), post(files::mkdir))

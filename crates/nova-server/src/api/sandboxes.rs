@@ -379,7 +379,7 @@ fn parse_selector(raw: &str) -> Result<Vec<(String, Option<String>)>, Problem> {
         .map(str::trim)
         .filter(|part| !part.is_empty())
         .map(|part| match part.split_once('=') {
-            Some((k, _)) if k.is_empty() => Err(Problem::invalid_request(format!(
+            Some(("", _)) => Err(Problem::invalid_request(format!(
                 "label selector {part:?} has no key: use key=value"
             ))),
             Some((k, v)) => Ok((k.to_owned(), Some(v.to_owned()))),
