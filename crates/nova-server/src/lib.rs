@@ -26,6 +26,7 @@
 pub mod api;
 pub mod auth;
 pub mod daemon;
+pub mod mcp;
 pub mod metrics;
 pub mod policy;
 pub mod pool;

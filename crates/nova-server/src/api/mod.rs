@@ -22,6 +22,7 @@
 //! GET    /v1/health                          health
 //! GET    /v1/openapi.json                    this document
 //! GET    /metrics                            Prometheus text format
+//! POST|GET|DELETE /mcp                       MCP, streamable HTTP (crate::mcp)
 //! ```
 
 pub mod exec;
@@ -156,6 +157,7 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .route("/metrics", get(system::metrics))
         .layer(DefaultBodyLimit::max(MAX_JSON_BODY))
         .merge(files)
+        .nest_service("/mcp", crate::mcp::http_service(daemon.clone()))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(
