@@ -13,6 +13,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod doctor;
+mod mcp;
 mod run;
 mod serve;
 mod template;
@@ -38,6 +39,9 @@ enum Commands {
     /// Run the daemon: an HTTP API on $NOVA_HOME/nova.sock (and optionally
     /// TCP) that keeps sandboxes for other processes.
     Serve(serve::ServeArgs),
+    /// Serve MCP (Model Context Protocol) on stdin/stdout: sandbox tools for
+    /// an agent, in-process (no daemon needed); register as `nova mcp`.
+    Mcp(mcp::McpArgs),
     /// Measure boot latency and NovaSandbox's overhead on this host.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -74,6 +78,7 @@ fn main() -> ExitCode {
             Commands::Doctor(args) => doctor::run(&args),
             Commands::Run(args) => run::run(args).await,
             Commands::Serve(args) => serve::run(args).await,
+            Commands::Mcp(args) => mcp::run(args).await,
             Commands::Bench(cmd) => bench::run(cmd).await.map(|()| ExitCode::SUCCESS),
             Commands::Template(TemplateCommand::List) => list_templates(),
             Commands::Template(TemplateCommand::Build(args)) => {

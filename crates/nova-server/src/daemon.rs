@@ -91,7 +91,21 @@ impl Daemon {
         home: NovaHome,
         policy: Policy,
     ) -> std::io::Result<Arc<Self>> {
-        let records = Records::open(&home.root().join("server").join("sandboxes"))?;
+        let records = home.root().join("server").join("sandboxes");
+        Self::with_records(hv, home, policy, &records)
+    }
+
+    /// A daemon over `hv` keeping its records in `records` instead: for a
+    /// process with a provider of its own beside `nova serve` on the same
+    /// `$NOVA_HOME` (`nova mcp`), whose records must not mix with the
+    /// daemon's.
+    pub fn with_records(
+        hv: Arc<dyn Hypervisor>,
+        home: NovaHome,
+        policy: Policy,
+        records: &Path,
+    ) -> std::io::Result<Arc<Self>> {
+        let records = Records::open(records)?;
         let pool = Pool::new(&policy);
         let slots = Semaphore::new(policy.limits.max_concurrent_creates);
         Ok(Arc::new(Self {

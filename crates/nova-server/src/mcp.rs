@@ -130,6 +130,13 @@ async fn stop_all(daemon: &Daemon, ids: Vec<String>) {
     futures_util::future::join_all(stops).await;
 }
 
+/// Stops (force) and forgets every sandbox `daemon` shows: what a process
+/// whose VMs cannot outlive it does at exit (`nova mcp`).
+pub async fn stop_every_sandbox(daemon: &Daemon) {
+    let ids = daemon.list().await.into_iter().map(|v| v.id).collect();
+    stop_all(daemon, ids).await;
+}
+
 impl Drop for SessionSandboxes {
     fn drop(&mut self) {
         let ids = self.take_all();
