@@ -6,6 +6,7 @@
 #                 a second run is a cache hit and takes seconds)
 #   make bench-boot   boot our kernel and Debian's cloud kernel, print time to init
 #   make demo     boot a sandbox, run python3 in it, print the boot time (README's first command)
+#   make mcp-test a real MCP client (PyPI `mcp`, in a venv cached under target/) drives `nova mcp`
 #   make test     everything CI runs: deps, images, fmt, clippy, tests, examples (README's second)
 
 SHELL := /bin/bash
@@ -23,7 +24,7 @@ DEPS_PACKAGES := qemu-system-x86 linux-source-6.1 debootstrap debian-archive-key
 	xz-utils fakeroot nftables
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: deps agent nova images bench-boot demo test lint examples
+.PHONY: deps agent nova images bench-boot demo test lint examples mcp-test
 
 deps:
 	@missing=$$(for p in $(DEPS_PACKAGES); do \
@@ -64,6 +65,19 @@ examples: images
 	NOVA_EXAMPLE_TEMPLATE=minimal $(CARGO) run --quiet -p novasandbox --example parallel
 	NOVA_EXAMPLE_TEMPLATE=python $(CARGO) run --quiet -p novasandbox --example monitor
 
+# The MCP round trip over stdio with the official Python client. The venv is
+# cached (a second run reuses it); the templates are the ones `images` built.
+MCP_VENV ?= target/mcp-venv
+MCP_PACKAGE := mcp>=2.3,<3
+mcp-test: images
+	@if ! $(MCP_VENV)/bin/python -c 'import mcp' 2>/dev/null; then \
+		echo "mcp-test: making $(MCP_VENV) with $(MCP_PACKAGE)"; \
+		python3 -m venv $(MCP_VENV) || { echo "mcp-test: python3 -m venv failed: apt-get install python3-venv"; exit 1; }; \
+		$(MCP_VENV)/bin/pip install --quiet --disable-pip-version-check '$(MCP_PACKAGE)' || exit 1; \
+	fi
+	@templates="$${NOVA_TEMPLATES_DIR:-$$($(NOVA) mcp --print-templates-dir)}"; \
+		$(MCP_VENV)/bin/python tests/mcp/stdio_roundtrip.py $(NOVA) "$$templates"
+
 # The README's test command, and what CI runs: installs what the tests need,
 # builds the images (cached), then runs every test and example.
 test: deps images lint
@@ -71,5 +85,6 @@ test: deps images lint
 	@echo "--- tests gated on NOVA_FIRECRACKER_BIN / NOVA_TEST_KVM=1 (SKIP lines mean they did not run here):"
 	@$(CARGO) test -q -p nova-firecracker --test firecracker -- --nocapture 2>&1 | grep -E '^(SKIP|test result)' || true
 	$(MAKE) examples
+	$(MAKE) mcp-test
 	@echo "--- the seed's benchmark table, small N (figures printed, not asserted):"
 	$(NOVA) bench seed -n 3

@@ -30,11 +30,18 @@ pub(crate) struct McpArgs {
     /// `nova serve`.
     #[arg(long, value_name = "PATH", default_value = "$NOVA_HOME/policy.toml")]
     policy: String,
+    /// Print the templates directory this would use and exit (for scripts).
+    #[arg(long, hide = true)]
+    print_templates_dir: bool,
 }
 
 /// Runs `nova mcp` until the client closes stdin or a signal comes.
 pub(crate) async fn run(args: McpArgs) -> anyhow::Result<ExitCode> {
     let home = NovaHome::resolve()?;
+    if args.print_templates_dir {
+        println!("{}", home.templates_dir().display());
+        return Ok(ExitCode::SUCCESS);
+    }
     std::fs::create_dir_all(home.root())
         .with_context(|| format!("cannot create {}", home.root().display()))?;
     let policy_path = match args.policy.strip_prefix("$NOVA_HOME/") {
