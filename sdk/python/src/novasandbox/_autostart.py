@@ -78,6 +78,11 @@ async def start_daemon(home: Path, socket: Path) -> int:
             f"no NovaSandbox daemon answers on unix:{socket}, and no `nova` binary was found "
             "to start one: set NOVA_BIN to it, put it on PATH, or run `nova serve`"
         )
+    if not _executable(binary):
+        raise DaemonUnavailable(
+            f"no NovaSandbox daemon answers on unix:{socket}, and cannot start one: "
+            f"{binary} (NOVA_BIN) is not an executable file"
+        )
     log = home / SERVE_LOG_FILE
     try:
         pid = await asyncio.to_thread(_launch, binary, home, log)
@@ -114,6 +119,10 @@ async def start_daemon(home: Path, socket: Path) -> int:
             log,
         )
     return pid
+
+
+def _executable(path: str) -> bool:
+    return os.path.isfile(path) and os.access(path, os.X_OK)
 
 
 def _launch(binary: str, home: Path, log: Path) -> int:
