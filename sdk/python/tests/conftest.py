@@ -17,6 +17,7 @@ import os
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -49,8 +50,19 @@ def templates_dir() -> Path:
 
 
 def make_home(root: Path) -> Path:
-    """A NOVA_HOME whose templates are the installed ones."""
+    """A NOVA_HOME whose templates are the installed ones.
+
+    Every directory above it must be traversable by QEMU's unprivileged
+    `-runas` user, or snapshot restores fail with "Permission denied" (QEMU
+    re-opens its drives by path on `cont` after the drop): pytest's and
+    mkdtemp's 0700 directories are opened up here.
+    """
     root.mkdir(parents=True, exist_ok=True)
+    for parent in (root, *root.parents):
+        if parent == Path("/tmp") or parent == Path(tempfile.gettempdir()):
+            break
+        if parent.stat().st_uid == os.getuid():
+            parent.chmod(parent.stat().st_mode | 0o755)
     link = root / "templates"
     if not link.exists():
         link.symlink_to(templates_dir())
