@@ -16,6 +16,7 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -126,6 +127,12 @@ def shutdown_home(home: Path, pid: int | None) -> list[int]:
     return leaked
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def _alive(pid: int) -> bool:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -149,12 +156,20 @@ def daemon_home(nova_binary: str, tmp_path_factory: pytest.TempPathFactory) -> I
     """A running `nova serve` on a temporary NOVA_HOME, which the SDK uses
     (NOVA_HOME set, NOVA_URL unset, auto-start off)."""
     home = make_home(tmp_path_factory.mktemp("home"))
-    saved = {k: os.environ.get(k) for k in ("NOVA_HOME", "NOVA_URL", "NOVA_AUTOSTART")}
+    saved = {k: os.environ.get(k) for k in ("NOVA_HOME", "NOVA_URL", "NOVA_AUTOSTART", "NOVA_TEST_TCP")}
     env = dict(os.environ, NOVA_HOME=str(home))
     env.pop("NOVA_URL", None)
     log = (home / "nova-serve.log").open("ab")
+    port = free_port()
     proc = subprocess.Popen(
-        [nova_binary, "serve", "--socket", str(home / "nova.sock")],
+        [
+            nova_binary,
+            "serve",
+            "--socket",
+            str(home / "nova.sock"),
+            "--listen",
+            f"127.0.0.1:{port}",
+        ],
         env=env,
         stdin=subprocess.DEVNULL,
         stdout=log,
@@ -166,6 +181,7 @@ def daemon_home(nova_binary: str, tmp_path_factory: pytest.TempPathFactory) -> I
         if proc.poll() is not None:
             pytest.fail(f"nova serve exited: {(home / 'nova-serve.log').read_text()[-2000:]}")
         os.environ["NOVA_HOME"] = str(home)
+        os.environ["NOVA_TEST_TCP"] = f"http://127.0.0.1:{port}"
         os.environ.pop("NOVA_URL", None)
         os.environ["NOVA_AUTOSTART"] = "0"
         yield home
