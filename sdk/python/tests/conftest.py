@@ -156,7 +156,9 @@ def daemon_home(nova_binary: str, tmp_path_factory: pytest.TempPathFactory) -> I
     """A running `nova serve` on a temporary NOVA_HOME, which the SDK uses
     (NOVA_HOME set, NOVA_URL unset, auto-start off)."""
     home = make_home(tmp_path_factory.mktemp("home"))
-    saved = {k: os.environ.get(k) for k in ("NOVA_HOME", "NOVA_URL", "NOVA_AUTOSTART", "NOVA_TEST_TCP")}
+    saved = {
+        k: os.environ.get(k) for k in ("NOVA_HOME", "NOVA_URL", "NOVA_AUTOSTART", "NOVA_TEST_TCP")
+    }
     env = dict(os.environ, NOVA_HOME=str(home))
     env.pop("NOVA_URL", None)
     log = (home / "nova-serve.log").open("ab")
