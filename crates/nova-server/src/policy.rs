@@ -20,6 +20,7 @@
 //! max_pending_creates = 64      # creates waiting beyond this get 429
 //! max_concurrent_creates = 8    # creates booting at once
 //! max_upload_bytes = 1073741824
+//! boot_timeout_ms = 30000       # VMM spawn to agent ready, per create
 //!
 //! [templates]
 //! allowed = []                  # empty: every installed template
@@ -40,7 +41,10 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use nova_core::config::{DEFAULT_TEMPLATE, DriveConfig, SandboxConfig, StartMode};
+use nova_core::config::{
+    DEFAULT_TEMPLATE, DriveConfig, MAX_BOOT_TIMEOUT_MS, MIN_BOOT_TIMEOUT_MS, SandboxConfig,
+    StartMode,
+};
 use serde::Deserialize;
 
 use crate::api::sandboxes::CreateSandboxRequest;
@@ -90,6 +94,10 @@ pub struct Limits {
     pub max_concurrent_creates: usize,
     /// Largest file upload, bytes.
     pub max_upload_bytes: u64,
+    /// How long a create may take from VMM spawn to the agent's `ready`,
+    /// milliseconds (generous by default: under emulation, or on a loaded
+    /// host, a boot takes seconds).
+    pub boot_timeout_ms: u64,
 }
 
 impl Default for Limits {
@@ -105,6 +113,7 @@ impl Default for Limits {
             max_pending_creates: 64,
             max_concurrent_creates: 8,
             max_upload_bytes: 1 << 30,
+            boot_timeout_ms: 30_000,
         }
     }
 }
@@ -263,6 +272,12 @@ impl Policy {
 
     fn check(&self) -> Result<(), String> {
         let l = &self.limits;
+        if !(MIN_BOOT_TIMEOUT_MS..=MAX_BOOT_TIMEOUT_MS).contains(&l.boot_timeout_ms) {
+            return Err(format!(
+                "limits.boot_timeout_ms = {} is out of range: use {MIN_BOOT_TIMEOUT_MS}..={MAX_BOOT_TIMEOUT_MS}",
+                l.boot_timeout_ms
+            ));
+        }
         if l.max_concurrent_creates == 0 {
             return Err("limits.max_concurrent_creates must be at least 1".into());
         }
@@ -325,6 +340,7 @@ impl Policy {
         }
         let mut config = SandboxConfig {
             template_id: template,
+            boot_timeout_ms: l.boot_timeout_ms,
             ..SandboxConfig::default()
         };
         if let Some((memory_mb, vcpus)) = template_defaults {
