@@ -78,7 +78,7 @@ async fn sample(
     for (id, result) in ids.iter().zip(results) {
         match result {
             Ok(stats) => out.push((id.clone(), stats)),
-            Err(e) if named => return Err(anyhow::Error::from(e).context(format!("{id}"))),
+            Err(e) if named => return Err(anyhow::Error::from(e).context(id.clone())),
             Err(_) => {}
         }
     }
