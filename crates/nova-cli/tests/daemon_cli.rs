@@ -113,7 +113,14 @@ impl Daemon {
     /// `nova ARGS`, which must succeed; its stdout.
     fn ok(&self, args: &[&str]) -> String {
         let out = self.nova(args).output().unwrap();
-        assert!(out.status.success(), "nova {args:?} failed: {}", text(&out));
+        assert!(
+            out.status.success(),
+            "nova {args:?} failed: {}\n$NOVA_HOME {} exists: {}; daemon log: {}",
+            text(&out),
+            self.home().display(),
+            self.home().exists(),
+            self.log()
+        );
         String::from_utf8(out.stdout).unwrap()
     }
 }
@@ -315,6 +322,24 @@ fn the_client_commands_drive_one_sandbox_through_its_life() {
         "{}",
         text(&out)
     );
+
+    // Ctrl-C (SIGINT) without -t is forwarded to the command, as docker does.
+    let mut child = d
+        .nova(&["exec", &id, "--", "sh", "-c", "echo ready; exec sleep 60"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
+    assert_eq!(line, "ready\n");
+    Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130), "{}", text(&out));
 
     // cp both ways, byte for byte, with a directory as the destination.
     let work = tempfile::tempdir().unwrap();
