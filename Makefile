@@ -8,6 +8,7 @@
 #   make demo     boot a sandbox, run python3 in it, print the boot time (README's first command)
 #   make mcp-test a real MCP client (PyPI `mcp`, in a venv cached under target/) drives `nova mcp`
 #   make test     everything CI runs: deps, images, fmt, clippy, tests, examples (README's second)
+#   make sdk-test the Python SDK: ruff, mypy, pytest against a real daemon, its examples
 
 SHELL := /bin/bash
 CARGO ?= cargo
@@ -24,7 +25,7 @@ DEPS_PACKAGES := qemu-system-x86 linux-source-6.1 debootstrap debian-archive-key
 	xz-utils fakeroot nftables
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: deps agent nova images bench-boot demo test lint examples mcp-test
+.PHONY: deps agent nova images bench-boot demo test lint examples sdk-test sdk-venv mcp-test
 
 deps:
 	@missing=$$(for p in $(DEPS_PACKAGES); do \
@@ -65,18 +66,40 @@ examples: images
 	NOVA_EXAMPLE_TEMPLATE=minimal $(CARGO) run --quiet -p novasandbox --example parallel
 	NOVA_EXAMPLE_TEMPLATE=python $(CARGO) run --quiet -p novasandbox --example monitor
 
+# The Python SDK (sdk/python): a cached venv with the package and pinned
+# tools, then lint, types, the pytest suite against a real `nova serve` on a
+# temporary NOVA_HOME, and the seed's examples (which start their own daemon).
+SDK_VENV ?= target/sdk-venv
+SDK_NOVA := $(abspath $(or $(CARGO_TARGET_DIR),target))/debug/nova
+SDK_TOOLS := ruff==0.17.6 mypy==2.4.1
+SDK_SOURCES := sdk/python/pyproject.toml $(shell find sdk/python/src -name '*.py' -o -name py.typed 2>/dev/null)
+
+$(SDK_VENV)/.installed: $(SDK_SOURCES)
+	@test -x $(SDK_VENV)/bin/python || python3 -m venv $(SDK_VENV)
+	$(SDK_VENV)/bin/pip install --quiet --disable-pip-version-check "./sdk/python[test]" $(SDK_TOOLS)
+	@touch $@
+
+sdk-venv: $(SDK_VENV)/.installed
+
+sdk-test: nova sdk-venv
+	cd sdk/python && ../../$(SDK_VENV)/bin/ruff check . && ../../$(SDK_VENV)/bin/ruff format --check .
+	cd sdk/python && ../../$(SDK_VENV)/bin/mypy
+	cd sdk/python && NOVA_BIN=$(SDK_NOVA) ../../$(SDK_VENV)/bin/python -m pytest -q -p no:cacheprovider
+	cd sdk/python && NOVA_BIN=$(SDK_NOVA) ../../$(SDK_VENV)/bin/python tests/run_examples.py
+
 # The MCP round trip over stdio with the official Python client. The venv is
 # cached (a second run reuses it); the templates are the ones `images` built.
 MCP_VENV ?= target/mcp-venv
 MCP_PACKAGE := mcp>=2.3,<3
-mcp-test: images
+MCP_NOVA := $(abspath $(or $(CARGO_TARGET_DIR),target))/debug/nova
+mcp-test: nova images
 	@if ! $(MCP_VENV)/bin/python -c 'import mcp' 2>/dev/null; then \
 		echo "mcp-test: making $(MCP_VENV) with $(MCP_PACKAGE)"; \
 		python3 -m venv $(MCP_VENV) || { echo "mcp-test: python3 -m venv failed: apt-get install python3-venv"; exit 1; }; \
 		$(MCP_VENV)/bin/pip install --quiet --disable-pip-version-check '$(MCP_PACKAGE)' || exit 1; \
 	fi
-	@templates="$${NOVA_TEMPLATES_DIR:-$$($(NOVA) mcp --print-templates-dir)}"; \
-		$(MCP_VENV)/bin/python tests/mcp/stdio_roundtrip.py $(NOVA) "$$templates"
+	@templates="$${NOVA_TEMPLATES_DIR:-$$($(MCP_NOVA) mcp --print-templates-dir)}"; \
+		$(MCP_VENV)/bin/python tests/mcp/stdio_roundtrip.py $(MCP_NOVA) "$$templates"
 
 # The README's test command, and what CI runs: installs what the tests need,
 # builds the images (cached), then runs every test and example.
@@ -85,6 +108,7 @@ test: deps images lint
 	@echo "--- tests gated on NOVA_FIRECRACKER_BIN / NOVA_TEST_KVM=1 (SKIP lines mean they did not run here):"
 	@$(CARGO) test -q -p nova-firecracker --test firecracker -- --nocapture 2>&1 | grep -E '^(SKIP|test result)' || true
 	$(MAKE) examples
+	$(MAKE) sdk-test
 	$(MAKE) mcp-test
 	@echo "--- the seed's benchmark table, small N (figures printed, not asserted):"
 	$(NOVA) bench seed -n 3

@@ -1,6 +1,7 @@
 //! `nova`: the NovaSandbox command-line tool.
 //!
-//! Each subcommand lives in its own module; `main` parses arguments, sets up
+//! Each subcommand lives in its own module (the daemon's client commands
+//! under [`commands`], over the typed [`client`]); `main` parses arguments, sets up
 //! logging, runs the command and prints the error chain on failure (the
 //! only place `anyhow` is used).
 
@@ -10,13 +11,17 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use commands::lifecycle::Action;
 
 mod bench;
+mod client;
+mod commands;
 mod doctor;
 mod mcp;
 mod run;
 mod serve;
 mod template;
+mod terminal;
 
 /// NovaSandbox: microVM sandboxes for AI agents.
 #[derive(Debug, Parser)]
@@ -48,6 +53,31 @@ enum Commands {
     /// Build and list templates.
     #[command(subcommand)]
     Template(TemplateCommand),
+    /// Create a sandbox in the daemon and print its id.
+    Create(commands::create::CreateArgs),
+    /// List the daemon's sandboxes (live ones; -a for all).
+    #[command(visible_alias = "ps")]
+    Ls(commands::list::ListArgs),
+    /// Run a command in a sandbox; its exit code is nova's.
+    Exec(commands::exec::ExecArgs),
+    /// Follow a command started earlier (its output and exit code).
+    Attach(commands::exec::AttachArgs),
+    /// Copy a file between the host and a sandbox: ID:/guest/path on one side.
+    Cp(commands::cp::CpArgs),
+    /// Show sandboxes' CPU, memory and processes.
+    Stats(commands::stats::StatsArgs),
+    /// Pause sandboxes' vCPUs.
+    Pause(commands::lifecycle::IdsArgs),
+    /// Resume paused sandboxes.
+    Resume(commands::lifecycle::IdsArgs),
+    /// Stop sandboxes (they stay listed with `ls -a` until `rm`).
+    Stop(commands::lifecycle::ForceArgs),
+    /// Remove sandboxes (a live one only with -f, which kills it).
+    Rm(commands::lifecycle::ForceArgs),
+    /// Print a sandbox's console log.
+    Logs(commands::lifecycle::LogsArgs),
+    /// Print sandboxes' details as JSON.
+    Inspect(commands::lifecycle::IdsArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -87,6 +117,22 @@ fn main() -> ExitCode {
             Commands::Template(TemplateCommand::Snapshot(args)) => {
                 template::snapshot(&args).await.map(|()| ExitCode::SUCCESS)
             }
+            Commands::Create(args) => commands::create::run(&args).await,
+            Commands::Ls(args) => commands::list::run(&args).await,
+            Commands::Exec(args) => commands::exec::run(&args).await,
+            Commands::Attach(args) => commands::exec::attach(&args).await,
+            Commands::Cp(args) => commands::cp::run(&args).await,
+            Commands::Stats(args) => commands::stats::run(&args).await,
+            Commands::Pause(args) => commands::lifecycle::ids(Action::Pause, &args).await,
+            Commands::Resume(args) => commands::lifecycle::ids(Action::Resume, &args).await,
+            Commands::Stop(args) => {
+                commands::lifecycle::forced(|force| Action::Stop { force }, &args).await
+            }
+            Commands::Rm(args) => {
+                commands::lifecycle::forced(|force| Action::Remove { force }, &args).await
+            }
+            Commands::Logs(args) => commands::lifecycle::logs(&args).await,
+            Commands::Inspect(args) => commands::lifecycle::inspect(&args).await,
         }
     });
     match result {

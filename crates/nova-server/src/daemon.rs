@@ -106,7 +106,8 @@ impl Daemon {
         records: &Path,
     ) -> std::io::Result<Arc<Self>> {
         let records = Records::open(records)?;
-        let pool = Pool::new(&policy);
+        let templates = TemplateManager::new(home.templates_dir());
+        let pool = Pool::new(&policy, |id| template_size(&templates, id));
         let slots = Semaphore::new(policy.limits.max_concurrent_creates);
         Ok(Arc::new(Self {
             hv,
@@ -237,7 +238,13 @@ impl Daemon {
         self: &Arc<Self>,
         request: CreateSandboxRequest,
     ) -> Result<SandboxView, Problem> {
-        let admitted = self.policy.admit(&request)?;
+        let template = request
+            .template
+            .as_deref()
+            .unwrap_or(&self.policy.templates.default);
+        let manager = TemplateManager::new(self.home.templates_dir());
+        let defaults = template_size(&manager, template);
+        let admitted = self.policy.admit(&request, defaults)?;
         let this = self.clone();
         tokio::spawn(async move { this.create_admitted(admitted).await })
             .await
@@ -608,6 +615,15 @@ impl Daemon {
             }
         }
     }
+}
+
+/// The recommended memory (MiB) and vCPUs of template `id`, if it is
+/// installed.
+fn template_size(manager: &TemplateManager, id: &str) -> Option<(u32, u8)> {
+    manager
+        .load(id)
+        .ok()
+        .map(|t| (t.manifest.memory_mb, t.manifest.vcpus))
 }
 
 /// The last `n` bytes of `path`, as text; empty when it cannot be read.

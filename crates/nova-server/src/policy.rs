@@ -20,6 +20,7 @@
 //! max_pending_creates = 64      # creates waiting beyond this get 429
 //! max_concurrent_creates = 8    # creates booting at once
 //! max_upload_bytes = 1073741824
+//! boot_timeout_ms = 30000       # VMM spawn to agent ready, per create
 //!
 //! [templates]
 //! allowed = []                  # empty: every installed template
@@ -40,7 +41,10 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use nova_core::config::{DEFAULT_TEMPLATE, DriveConfig, SandboxConfig, StartMode};
+use nova_core::config::{
+    DEFAULT_TEMPLATE, DriveConfig, MAX_BOOT_TIMEOUT_MS, MIN_BOOT_TIMEOUT_MS, SandboxConfig,
+    StartMode,
+};
 use serde::Deserialize;
 
 use crate::api::sandboxes::CreateSandboxRequest;
@@ -90,6 +94,10 @@ pub struct Limits {
     pub max_concurrent_creates: usize,
     /// Largest file upload, bytes.
     pub max_upload_bytes: u64,
+    /// How long a create may take from VMM spawn to the agent's `ready`,
+    /// milliseconds (generous by default: under emulation, or on a loaded
+    /// host, a boot takes seconds).
+    pub boot_timeout_ms: u64,
 }
 
 impl Default for Limits {
@@ -105,6 +113,7 @@ impl Default for Limits {
             max_pending_creates: 64,
             max_concurrent_creates: 8,
             max_upload_bytes: 1 << 30,
+            boot_timeout_ms: 30_000,
         }
     }
 }
@@ -263,6 +272,12 @@ impl Policy {
 
     fn check(&self) -> Result<(), String> {
         let l = &self.limits;
+        if !(MIN_BOOT_TIMEOUT_MS..=MAX_BOOT_TIMEOUT_MS).contains(&l.boot_timeout_ms) {
+            return Err(format!(
+                "limits.boot_timeout_ms = {} is out of range: use {MIN_BOOT_TIMEOUT_MS}..={MAX_BOOT_TIMEOUT_MS}",
+                l.boot_timeout_ms
+            ));
+        }
         if l.max_concurrent_creates == 0 {
             return Err("limits.max_concurrent_creates must be at least 1".into());
         }
@@ -297,9 +312,18 @@ impl Policy {
 
     /// Checks a caller's create and builds the config to boot.
     ///
+    /// Memory and vCPUs the caller leaves out are `template_defaults` (the
+    /// template's recommended size, which its snapshot was taken with, so
+    /// the create restores rather than boots) when given and within the
+    /// limits, else the runtime's defaults, capped by the limits.
+    ///
     /// Errors: `invalid_config` for values out of range (naming the limit),
     /// `forbidden` for a template or volume the policy does not allow.
-    pub fn admit(&self, request: &CreateSandboxRequest) -> Result<Admitted, Problem> {
+    pub fn admit(
+        &self,
+        request: &CreateSandboxRequest,
+        template_defaults: Option<(u32, u8)>,
+    ) -> Result<Admitted, Problem> {
         let l = &self.limits;
         let template = request
             .template
@@ -316,8 +340,17 @@ impl Policy {
         }
         let mut config = SandboxConfig {
             template_id: template,
+            boot_timeout_ms: l.boot_timeout_ms,
             ..SandboxConfig::default()
         };
+        if let Some((memory_mb, vcpus)) = template_defaults {
+            if memory_mb <= l.max_memory_mb {
+                config.memory_mb = memory_mb;
+            }
+            if vcpus <= l.max_vcpus {
+                config.vcpus = vcpus;
+            }
+        }
         if let Some(memory_mb) = request.memory_mb {
             if memory_mb > l.max_memory_mb {
                 return Err(Problem::invalid_config(format!(
@@ -479,11 +512,26 @@ mod tests {
     #[test]
     fn an_empty_create_gets_the_defaults() {
         let policy = Policy::default();
-        let admitted = policy.admit(&request()).unwrap();
+        let admitted = policy.admit(&request(), None).unwrap();
         assert_eq!(admitted.config.template_id, DEFAULT_TEMPLATE);
         assert_eq!(admitted.timeout_secs, 300);
         assert!(admitted.config.enable_network);
         assert!(admitted.config.extra_drives.is_empty());
+    }
+
+    #[test]
+    fn a_template_s_recommended_size_is_the_default_within_the_limits() {
+        let policy: Policy = toml::from_str("[limits]\nmax_memory_mb = 1024\n").unwrap();
+        let admitted = policy.admit(&request(), Some((256, 1))).unwrap();
+        assert_eq!((admitted.config.memory_mb, admitted.config.vcpus), (256, 1));
+        let admitted = policy.admit(&request(), Some((2048, 1))).unwrap();
+        assert_eq!(admitted.config.memory_mb, 512);
+        let mut r = request();
+        r.memory_mb = Some(768);
+        assert_eq!(
+            policy.admit(&r, Some((256, 1))).unwrap().config.memory_mb,
+            768
+        );
     }
 
     #[test]
@@ -494,14 +542,17 @@ mod tests {
         .unwrap();
         let mut r = request();
         r.memory_mb = Some(2048);
-        let e = policy.admit(&r).unwrap_err();
+        let e = policy.admit(&r, None).unwrap_err();
         assert_eq!(e.code, ProblemCode::InvalidConfig);
         assert!(e.detail.contains("1024 MiB"), "{}", e.detail);
         let mut r = request();
         r.template = Some("python".into());
-        assert_eq!(policy.admit(&r).unwrap_err().code, ProblemCode::Forbidden);
         assert_eq!(
-            policy.admit(&request()).unwrap().config.template_id,
+            policy.admit(&r, None).unwrap_err().code,
+            ProblemCode::Forbidden
+        );
+        assert_eq!(
+            policy.admit(&request(), None).unwrap().config.template_id,
             "minimal"
         );
     }
@@ -521,7 +572,7 @@ mod tests {
             name: "data".into(),
             read_only: false,
         }];
-        let admitted = policy.admit(&r).unwrap();
+        let admitted = policy.admit(&r, None).unwrap();
         assert_eq!(admitted.config.extra_drives[0].path, image);
         assert!(admitted.config.extra_drives[0].read_only);
     }
@@ -534,11 +585,14 @@ mod tests {
             name: "etc".into(),
             read_only: false,
         }];
-        assert_eq!(policy.admit(&r).unwrap_err().code, ProblemCode::Forbidden);
+        assert_eq!(
+            policy.admit(&r, None).unwrap_err().code,
+            ProblemCode::Forbidden
+        );
         let mut r = request();
         r.labels.insert("nova.pool".into(), "x".into());
         assert_eq!(
-            policy.admit(&r).unwrap_err().code,
+            policy.admit(&r, None).unwrap_err().code,
             ProblemCode::InvalidConfig
         );
         let mut r = request();
@@ -553,7 +607,7 @@ mod tests {
             },
         ];
         assert_eq!(
-            policy.admit(&r).unwrap_err().code,
+            policy.admit(&r, None).unwrap_err().code,
             ProblemCode::InvalidConfig
         );
     }

@@ -29,9 +29,10 @@ pub struct Pool {
 }
 
 impl Pool {
-    /// The pool `policy` asks for. A template the policy itself would refuse
-    /// is logged and left out.
-    pub fn new(policy: &Policy) -> Self {
+    /// The pool `policy` asks for, each template's sandboxes made with the
+    /// size `defaults` gives for it (see [`Policy::admit`]). A template the
+    /// policy itself would refuse is logged and left out.
+    pub fn new(policy: &Policy, defaults: impl Fn(&str) -> Option<(u32, u8)>) -> Self {
         let mut wanted = BTreeMap::new();
         for (template, &size) in &policy.pool {
             if size == 0 {
@@ -41,7 +42,7 @@ impl Pool {
                 template: Some(template.clone()),
                 ..CreateSandboxRequest::default()
             };
-            match policy.admit(&request) {
+            match policy.admit(&request, defaults(template)) {
                 Ok(admitted) => {
                     wanted.insert(template.clone(), (size, admitted.config));
                 }
@@ -129,7 +130,7 @@ mod tests {
     #[test]
     fn only_a_create_made_exactly_like_the_pool_claims_from_it() {
         let policy: Policy = toml::from_str("[pool]\nminimal = 2\n").unwrap();
-        let pool = Pool::new(&policy);
+        let pool = Pool::new(&policy, |_| None);
         assert_eq!(pool.short().len(), 1);
         let (_, config) = pool.short().remove(0);
         let id = SandboxId::random();

@@ -31,11 +31,13 @@ pub struct CreateSandboxRequest {
     /// Template id (`GET /v1/templates`); the policy's default when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub template: Option<String>,
-    /// Guest memory in MiB (128 up to the policy's per-sandbox limit).
+    /// Guest memory in MiB (128 up to the policy's per-sandbox limit); the
+    /// template's recommended size when absent (which its snapshot fits).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(minimum = 128)]
     pub memory_mb: Option<u32>,
-    /// vCPUs (1 up to the policy's per-sandbox limit).
+    /// vCPUs (1 up to the policy's per-sandbox limit); the template's
+    /// recommended count when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(minimum = 1)]
     pub vcpus: Option<u8>,

@@ -10,6 +10,12 @@
 //! from a snapshot, interleaved, and prints p50 / p99 of each and their
 //! ratio; then it keeps a number of idle sandboxes of each kind and reports
 //! their VMMs' memory (RSS and PSS, from `/proc/PID/smaps_rollup`).
+//!
+//! `nova bench api` measures the daemon's HTTP API against the library
+//! in-process: create -> first exec, exec round trips, concurrent execs and
+//! warm pool claims ([`api`]).
+
+mod api;
 
 use std::time::{Duration, Instant};
 
@@ -27,6 +33,9 @@ pub(crate) enum BenchCommand {
     /// The seed's benchmark table: boot (cold and restored), config
     /// creation, pause, resume and stats against the seed's targets.
     Seed(SeedArgs),
+    /// The daemon's API against the library in-process: create -> first
+    /// exec, exec round trip, concurrent execs, warm pool claims.
+    Api(api::ApiArgs),
 }
 
 /// Arguments of `nova bench seed`.
@@ -86,6 +95,7 @@ pub(crate) async fn run(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Boot(args) => boot(args).await,
         BenchCommand::Start(args) => start(args).await,
         BenchCommand::Seed(args) => seed(args).await,
+        BenchCommand::Api(args) => api::run(args).await,
     }
 }
 
