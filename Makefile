@@ -22,7 +22,7 @@ TEMPLATES ?= minimal python
 # nftables (the `nft` binary nova-net applies its rules with).
 DEPS_PACKAGES := qemu-system-x86 linux-source-6.1 debootstrap debian-archive-keyring \
 	busybox-static e2fsprogs bc flex bison libelf-dev libssl-dev build-essential \
-	xz-utils fakeroot nftables
+	xz-utils fakeroot nftables python3 python3-venv
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
 .PHONY: deps agent nova images bench-boot demo test lint examples sdk-test sdk-venv mcp-test
