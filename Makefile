@@ -7,6 +7,9 @@
 #   make bench-boot   boot our kernel and Debian's cloud kernel, print time to init
 #   make demo     boot a sandbox, run python3 in it, print the boot time (README's first command)
 #   make test     everything CI runs: deps, images, fmt, clippy, tests, examples (README's second)
+#   make api-fuzz Schemathesis against a real `nova serve` from the checked-in OpenAPI document
+#                 (~2-3 minutes; part of `make test`). The daemon's end-to-end API tests alone:
+#                 cargo test -p nova-cli --test api   (each test boots its own daemon and 1-3 VMs)
 
 SHELL := /bin/bash
 CARGO ?= cargo
@@ -20,10 +23,10 @@ TEMPLATES ?= minimal python
 # nftables (the `nft` binary nova-net applies its rules with).
 DEPS_PACKAGES := qemu-system-x86 linux-source-6.1 debootstrap debian-archive-keyring \
 	busybox-static e2fsprogs bc flex bison libelf-dev libssl-dev build-essential \
-	xz-utils fakeroot nftables
+	xz-utils fakeroot nftables python3-venv curl
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: deps agent nova images bench-boot demo test lint examples
+.PHONY: deps agent nova images bench-boot demo test lint examples api-fuzz
 
 deps:
 	@missing=$$(for p in $(DEPS_PACKAGES); do \
@@ -64,10 +67,16 @@ examples: images
 	NOVA_EXAMPLE_TEMPLATE=minimal $(CARGO) run --quiet -p novasandbox --example parallel
 	NOVA_EXAMPLE_TEMPLATE=python $(CARGO) run --quiet -p novasandbox --example monitor
 
+# The daemon's HTTP API fuzzed by Schemathesis from crates/nova-server/openapi.json: no 5xx,
+# every response as documented. See scripts/api-fuzz.sh (venv, policy, cleanup).
+api-fuzz: nova
+	NOVA=$(NOVA) scripts/api-fuzz.sh
+
 # The README's test command, and what CI runs: installs what the tests need,
 # builds the images (cached), then runs every test and example.
 test: deps images lint
 	$(CARGO) test --workspace
+	$(MAKE) api-fuzz
 	@echo "--- tests gated on NOVA_FIRECRACKER_BIN / NOVA_TEST_KVM=1 (SKIP lines mean they did not run here):"
 	@$(CARGO) test -q -p nova-firecracker --test firecracker -- --nocapture 2>&1 | grep -E '^(SKIP|test result)' || true
 	$(MAKE) examples
