@@ -15,7 +15,7 @@
 #
 #   NOVA=target/debug/nova  NOVA_FUZZ_VENV=/tmp/nova-api-fuzz-venv
 #   NOVA_FUZZ_TEMPLATES=/var/lib/nova/templates
-#   NOVA_FUZZ_MAX_EXAMPLES=8  NOVA_FUZZ_MAX_TIME=120 (seconds)
+#   NOVA_FUZZ_MAX_EXAMPLES=8  NOVA_FUZZ_MAX_TIME=100 (seconds)
 #   NOVA_FUZZ_REPORT_DIR=/tmp/nova-api-fuzz-report (a HAR of every request)
 
 set -euo pipefail
@@ -25,8 +25,8 @@ NOVA=${NOVA:-target/debug/nova}
 VENV=${NOVA_FUZZ_VENV:-/tmp/nova-api-fuzz-venv}
 TEMPLATES=${NOVA_FUZZ_TEMPLATES:-/var/lib/nova/templates}
 MAX_EXAMPLES=${NOVA_FUZZ_MAX_EXAMPLES:-8}
-MAX_TIME=${NOVA_FUZZ_MAX_TIME:-120}
-SPEC=crates/nova-server/openapi.json
+MAX_TIME=${NOVA_FUZZ_MAX_TIME:-100}
+SPEC="$PWD/crates/nova-server/openapi.json"
 # Every request and answer of the last run (HAR), for reproducing a failure.
 REPORT_DIR=${NOVA_FUZZ_REPORT_DIR:-/tmp/nova-api-fuzz-report}
 PYTHON=/usr/bin/python3
@@ -105,6 +105,9 @@ TOKEN=$(cat "$HOME_DIR/token")
 
 echo "api-fuzz: schemathesis $SCHEMATHESIS_VERSION against http://127.0.0.1:$PORT" \
 	"(max $MAX_EXAMPLES examples per operation, ${MAX_TIME}s)"
+# From inside the temporary NOVA_HOME: Schemathesis keeps a cache (.schemathesis/)
+# in its working directory, which must not land in the work tree.
+cd "$HOME_DIR"
 "$VENV/bin/schemathesis" --no-color run "$SPEC" \
 	--url "http://127.0.0.1:$PORT" \
 	--header "Authorization: Bearer $TOKEN" \
