@@ -9,6 +9,9 @@
 #   make mcp-test a real MCP client (PyPI `mcp`, in a venv cached under target/) drives `nova mcp`
 #   make test     everything CI runs: deps, images, fmt, clippy, tests, examples (README's second)
 #   make sdk-test the Python SDK: ruff, mypy, pytest against a real daemon, its examples
+#   make api-fuzz Schemathesis against a real `nova serve` from the checked-in OpenAPI document
+#                 (~2-3 minutes; part of `make test`). The daemon's end-to-end API tests alone:
+#                 cargo test -p nova-cli --test api   (each test boots its own daemon and 1-3 VMs)
 
 SHELL := /bin/bash
 CARGO ?= cargo
@@ -22,10 +25,10 @@ TEMPLATES ?= minimal python
 # nftables (the `nft` binary nova-net applies its rules with).
 DEPS_PACKAGES := qemu-system-x86 linux-source-6.1 debootstrap debian-archive-keyring \
 	busybox-static e2fsprogs bc flex bison libelf-dev libssl-dev build-essential \
-	xz-utils fakeroot nftables python3 python3-venv
+	xz-utils fakeroot nftables python3 python3-venv curl
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: deps agent nova images bench-boot demo test lint examples sdk-test sdk-venv mcp-test
+.PHONY: deps agent nova images bench-boot demo test lint examples sdk-test sdk-venv mcp-test api-fuzz
 
 deps:
 	@missing=$$(for p in $(DEPS_PACKAGES); do \
@@ -100,11 +103,16 @@ mcp-test: nova images
 	fi
 	@templates="$${NOVA_TEMPLATES_DIR:-$$($(MCP_NOVA) mcp --print-templates-dir)}"; \
 		$(MCP_VENV)/bin/python tests/mcp/stdio_roundtrip.py $(MCP_NOVA) "$$templates"
+# The daemon's HTTP API fuzzed by Schemathesis from crates/nova-server/openapi.json: no 5xx,
+# every response as documented. See scripts/api-fuzz.sh (venv, policy, cleanup).
+api-fuzz: nova
+	NOVA=$(NOVA) scripts/api-fuzz.sh
 
 # The README's test command, and what CI runs: installs what the tests need,
 # builds the images (cached), then runs every test and example.
 test: deps images lint
 	$(CARGO) test --workspace
+	$(MAKE) api-fuzz
 	@echo "--- tests gated on NOVA_FIRECRACKER_BIN / NOVA_TEST_KVM=1 (SKIP lines mean they did not run here):"
 	@$(CARGO) test -q -p nova-firecracker --test firecracker -- --nocapture 2>&1 | grep -E '^(SKIP|test result)' || true
 	$(MAKE) examples

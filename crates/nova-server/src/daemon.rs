@@ -19,6 +19,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use nova_core::config::SandboxConfig;
+use nova_core::error::SandboxError;
 use nova_core::home::NovaHome;
 use nova_core::hypervisor::Hypervisor;
 use nova_core::id::SandboxId;
@@ -349,6 +350,16 @@ impl Daemon {
     async fn stop_id(&self, id: &SandboxId, force: bool) -> Result<(), Problem> {
         match self.hv.get(id).await {
             Some(info) if info.state == SandboxState::Stopped => Ok(()),
+            // A failed sandbox is stopped to release what is left of it.
+            // One the runtime already released (a re-attach found it dead)
+            // has no task left to ask, and its stop is refused as a state
+            // error: nothing is left, so it is stopped.
+            Some(info) if info.state == SandboxState::Failed => {
+                match self.hv.stop_sandbox(id, force).await {
+                    Ok(()) | Err(SandboxError::State(_)) => Ok(()),
+                    Err(e) => Err(e.into()),
+                }
+            }
             Some(_) => Ok(self.hv.stop_sandbox(id, force).await?),
             None => Err(Problem::sandbox_not_found(id.as_str())),
         }
@@ -540,8 +551,8 @@ impl Daemon {
                 let live = daemon.hv.get(&id).await.is_some_and(|i| i.state.is_live());
                 if live {
                     tracing::info!(sandbox = %id, "lifetime ended; stopping");
-                    if let Err(e) = daemon.hv.stop_sandbox(&id, true).await {
-                        tracing::warn!(sandbox = %id, error = %crate::problem::chain(&e), "cannot stop an expired sandbox");
+                    if let Err(problem) = daemon.stop_id(&id, true).await {
+                        tracing::warn!(sandbox = %id, detail = %problem.detail, "cannot stop an expired sandbox");
                         continue;
                     }
                     daemon.metrics.expired();
