@@ -16,7 +16,8 @@
 
 mod common;
 
-use std::net::{Ipv4Addr, SocketAddrV4, TcpListener};
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream};
 use std::time::Duration;
 
 use common::{config, setup};
@@ -81,15 +82,32 @@ async fn guest_get(sandbox: &Sandbox, to: SocketAddrV4) -> Option<String> {
     out.success().then(|| out.stdout_lossy())
 }
 
-/// `GET /` at `to` from the host, tried every 200 ms for up to 30 s.
+/// `GET /` at `to` from the host over HTTP/1.0 (busybox httpd answers
+/// `HTTP/1.1`), the body; tried every 200 ms for up to 30 s.
 async fn host_get(to: SocketAddrV4) -> Vec<u8> {
+    let get = move || -> std::io::Result<Vec<u8>> {
+        let mut s = TcpStream::connect_timeout(&to.into(), Duration::from_secs(2))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        write!(s, "GET / HTTP/1.0\r\nHost: {to}\r\n\r\n")?;
+        let mut response = Vec::new();
+        s.read_to_end(&mut response)?;
+        match response.windows(4).position(|w| w == b"\r\n\r\n") {
+            Some(end) if response.starts_with(b"HTTP/1.1 200") => Ok(response[end + 4..].to_vec()),
+            _ => Err(std::io::Error::other(format!(
+                "not a 200 answer: {:?}",
+                String::from_utf8_lossy(&response)
+            ))),
+        }
+    };
+    let mut last = None;
     for _ in 0..150 {
-        if let Ok(body) = testing::http_get(None, to, Duration::from_secs(5)).await {
-            return body;
+        match tokio::task::spawn_blocking(get).await.unwrap() {
+            Ok(body) => return body,
+            Err(e) => last = Some(e),
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    panic!("GET http://{to}/ failed for 30 s");
+    panic!("GET http://{to}/ failed for 30 s: {last:?}");
 }
 
 /// Every network object on the host: namespaces, sandbox veths, inet nft
