@@ -19,7 +19,10 @@ use std::time::Duration;
 use anyhow::Context;
 use novasandbox::core::error::ExecError;
 use novasandbox::core::exec::ExecStdin;
-use novasandbox::core::{ExecEvent, ExecRequest, ExitStatus, Sandbox, SandboxConfig};
+use novasandbox::core::{
+    EgressConfig, ExecEvent, ExecRequest, ExitStatus, PortProtocol, PortSpec, Sandbox,
+    SandboxConfig,
+};
 
 /// Bytes read from our stdin per chunk with `-i`.
 const STDIN_CHUNK: usize = 64 * 1024;
@@ -55,8 +58,28 @@ pub(crate) struct RunArgs {
     #[arg(long)]
     read_only: bool,
     /// Give the sandbox no network interface (only loopback).
-    #[arg(long)]
+    #[arg(long, conflicts_with_all = ["publish", "allow_egress", "deny_egress", "block_egress"])]
     no_network: bool,
+    /// Publish a guest port: `HOST:GUEST`, `HOST:GUEST/udp` or
+    /// `IP:HOST:GUEST[/tcp|udp]` (reachable at 127.0.0.1:HOST too unless IP
+    /// is given); repeatable.
+    #[arg(long = "publish", short = 'p', value_parser = parse_publish)]
+    publish: Vec<PortSpec>,
+    /// Let the guest reach only these destinations (and its DNS servers):
+    /// an IPv4 CIDR or address, or a domain name; repeatable. Also opens an
+    /// always-closed range (another sandbox, the host, 169.254.169.254) when
+    /// a CIDR inside it is named. Domain names are checked but not enforced
+    /// yet: an allowed domain stays closed, a denied one open.
+    #[arg(long = "allow-egress", value_name = "CIDR|DOMAIN")]
+    allow_egress: Vec<String>,
+    /// Keep the guest from these destinations (CIDR, address or domain
+    /// name); repeatable. Wins over --allow-egress.
+    #[arg(long = "deny-egress", value_name = "CIDR|DOMAIN")]
+    deny_egress: Vec<String>,
+    /// Block all egress but what --allow-egress names (implied by
+    /// --allow-egress).
+    #[arg(long)]
+    block_egress: bool,
     /// Send this process's stdin to the command, as it arrives.
     #[arg(long, short = 'i')]
     interactive: bool,
@@ -66,6 +89,50 @@ pub(crate) struct RunArgs {
     /// The command and its arguments.
     #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true, num_args = 1..)]
     command: Vec<String>,
+}
+
+/// `[IP:]HOST:GUEST[/tcp|/udp]`, as `docker run -p` spells it.
+fn parse_publish(s: &str) -> Result<PortSpec, String> {
+    let bad = |why: &str| format!("{s:?} is not [IP:]HOST:GUEST[/tcp|/udp]: {why}");
+    let (ports, protocol) = match s.rsplit_once('/') {
+        Some((ports, "tcp")) => (ports, PortProtocol::Tcp),
+        Some((ports, "udp")) => (ports, PortProtocol::Udp),
+        Some(_) => return Err(bad("the protocol is tcp or udp")),
+        None => (s, PortProtocol::Tcp),
+    };
+    let parts: Vec<&str> = ports.split(':').collect();
+    let (host_ip, host, guest) = match parts.as_slice() {
+        [host, guest] => (None, *host, *guest),
+        [ip, host, guest] => (
+            Some(
+                ip.parse::<std::net::Ipv4Addr>()
+                    .map_err(|_| bad("IP is an IPv4 address"))?,
+            ),
+            *host,
+            *guest,
+        ),
+        _ => return Err(bad("give both ports")),
+    };
+    let port = |p: &str| {
+        p.parse::<u16>()
+            .map_err(|_| bad("ports are numbers 1..=65535"))
+    };
+    Ok(PortSpec {
+        host_port: port(host)?,
+        guest_port: port(guest)?,
+        protocol,
+        host_ip,
+    })
+}
+
+/// The egress policy the flags ask for, if any.
+fn egress_from_args(args: &RunArgs) -> Option<EgressConfig> {
+    let block_all = args.block_egress || !args.allow_egress.is_empty();
+    (block_all || !args.deny_egress.is_empty()).then(|| EgressConfig {
+        block_all,
+        allow: args.allow_egress.clone(),
+        deny: args.deny_egress.clone(),
+    })
 }
 
 fn parse_env(s: &str) -> Result<(String, String), String> {
@@ -99,8 +166,16 @@ async fn run_with(args: RunArgs, console: &Console) -> anyhow::Result<ExitCode> 
         .vcpus(args.vcpus)
         .boot_timeout_ms(args.boot_timeout_ms)
         .read_only_rootfs(args.read_only)
-        .enable_network(!args.no_network)
-        .build()?;
+        .enable_network(!args.no_network);
+    let config = args
+        .publish
+        .iter()
+        .fold(config, |config, port| config.port(*port));
+    let config = match egress_from_args(&args) {
+        Some(egress) => config.egress(egress),
+        None => config,
+    }
+    .build()?;
     let mut request = if args.sh {
         ExecRequest::shell(args.command.join(" "))
     } else {
@@ -395,6 +470,52 @@ fn print_boot(sandbox: &Sandbox, console: &Console) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn publish_flags_parse_like_docker() {
+        assert_eq!(parse_publish("8080:80"), Ok(PortSpec::tcp(8080, 80)));
+        assert_eq!(parse_publish("5353:53/udp"), Ok(PortSpec::udp(5353, 53)));
+        assert_eq!(
+            parse_publish("127.0.0.1:8080:80/tcp"),
+            Ok(PortSpec {
+                host_ip: Some(std::net::Ipv4Addr::LOCALHOST),
+                ..PortSpec::tcp(8080, 80)
+            })
+        );
+        for bad in ["8080", "8080:80/sctp", "x:80", "8080:70000", "::1:80:80"] {
+            assert!(parse_publish(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn network_flags_make_the_config() {
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            run: RunArgs,
+        }
+        let cli = Cli::try_parse_from([
+            "nova",
+            "-p",
+            "8080:80",
+            "-p",
+            "9090:90/udp",
+            "--allow-egress",
+            "10.0.0.0/8",
+            "--deny-egress",
+            "example.com",
+            "true",
+        ])
+        .unwrap();
+        assert_eq!(cli.run.publish.len(), 2);
+        let egress = egress_from_args(&cli.run).unwrap();
+        assert!(egress.block_all);
+        assert_eq!(egress.deny, ["example.com"]);
+        let cli = Cli::try_parse_from(["nova", "true"]).unwrap();
+        assert!(egress_from_args(&cli.run).is_none());
+        assert!(Cli::try_parse_from(["nova", "--no-network", "-p", "1:1", "true"]).is_err());
+    }
 
     /// A writer whose bytes the test reads back, shared by stdout and
     /// stderr when they are one file.

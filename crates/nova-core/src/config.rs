@@ -13,6 +13,8 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use crate::network::{EgressConfig, MAX_NETWORK_LIST_LEN, PortProtocol, PortSpec};
+
 /// The template a sandbox boots when the caller names none: a Debian-based
 /// image with python3, curl and wget.
 pub const DEFAULT_TEMPLATE: &str = "python";
@@ -114,6 +116,13 @@ pub struct SandboxConfig {
     pub host_port: Option<u16>,
     /// Guest port that [`host_port`](Self::host_port) forwards to.
     pub guest_port: u16,
+    /// More published ports; with `host_port` they make
+    /// [`published_ports`](Self::published_ports).
+    pub ports: Vec<PortSpec>,
+    /// What the guest may reach; `None`: everything but other sandboxes,
+    /// the host and the metadata address. Changeable while the sandbox runs
+    /// ([`Hypervisor::update_network`](crate::Hypervisor::update_network)).
+    pub egress: Option<EgressConfig>,
     /// Root filesystem image to boot instead of the template's.
     pub rootfs_path: Option<PathBuf>,
     /// Extra block devices, attached in order after the root and scratch disks.
@@ -157,6 +166,8 @@ impl Default for SandboxConfig {
             enable_network: true,
             host_port: None,
             guest_port: DEFAULT_GUEST_PORT,
+            ports: Vec::new(),
+            egress: None,
             rootfs_path: None,
             extra_drives: Vec::new(),
             labels: BTreeMap::new(),
@@ -227,6 +238,58 @@ pub enum ConfigError {
     PortWithoutNetwork {
         /// The requested host port.
         port: u16,
+    },
+    /// A published port in `ports` is 0.
+    #[error("{field} = 0 is invalid: use a port in 1..=65535")]
+    PortZero {
+        /// The field, e.g. `ports[1].host_port`.
+        field: String,
+    },
+    /// Two published ports claim the same host port.
+    #[error("{field} = {port}/{protocol} is already published by {other}: use another host port")]
+    DuplicatePort {
+        /// The later port's field (`host_port` or `ports[N].host_port`).
+        field: String,
+        /// The earlier port's field.
+        other: String,
+        /// The host port.
+        port: u16,
+        /// Its protocol.
+        protocol: PortProtocol,
+    },
+    /// A published port's `host_ip` cannot publish anything.
+    #[error("{field} = {ip} is not a unicast address: use 0.0.0.0, 127.0.0.1 or one of the host's")]
+    HostIp {
+        /// The field, e.g. `ports[0].host_ip`.
+        field: String,
+        /// The rejected address.
+        ip: std::net::Ipv4Addr,
+    },
+    /// An egress entry is neither an IPv4 CIDR nor a domain name.
+    #[error("{field} = {value:?} is invalid: {reason}")]
+    Egress {
+        /// The field, e.g. `egress.allow[2]`.
+        field: String,
+        /// The rejected entry.
+        value: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// A network list is too long.
+    #[error("{field} has {len} entries: at most {max} are supported")]
+    TooMany {
+        /// `ports`, `egress.allow` or `egress.deny`.
+        field: &'static str,
+        /// Its length.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// `ports` or `egress` is set while `enable_network` is false.
+    #[error("{field} needs enable_network = true")]
+    NeedsNetwork {
+        /// `ports` or `egress`.
+        field: &'static str,
     },
     /// `rootfs_path` or a drive path does not exist or is not a file.
     #[error("{field} = {path:?} does not exist or is not a regular file")]
@@ -326,6 +389,7 @@ impl SandboxConfig {
         if let (Some(port), false) = (self.host_port, self.enable_network) {
             return Err(ConfigError::PortWithoutNetwork { port });
         }
+        self.validate_network()?;
         if let Some(path) = &self.rootfs_path {
             check_file("rootfs_path".to_owned(), path)?;
         }
@@ -356,6 +420,94 @@ impl SandboxConfig {
             if value.contains('\0') {
                 return Err(ConfigError::EnvValue { name: name.clone() });
             }
+        }
+        Ok(())
+    }
+}
+
+impl SandboxConfig {
+    /// Every published port: the seed's `host_port` -> `guest_port` (TCP,
+    /// every host address) first, if set, then `ports`. The one place the
+    /// two are merged; [`published_port_field`](Self::published_port_field)
+    /// names an entry's field.
+    pub fn published_ports(&self) -> Vec<PortSpec> {
+        self.host_port
+            .map(|host| PortSpec::tcp(host, self.guest_port))
+            .into_iter()
+            .chain(self.ports.iter().copied())
+            .collect()
+    }
+
+    /// The config field of entry `index` of
+    /// [`published_ports`](Self::published_ports): `host_port` for the
+    /// seed's pair, `ports[N]` otherwise.
+    pub fn published_port_field(&self, index: usize) -> String {
+        match (self.host_port, index) {
+            (Some(_), 0) => "host_port".to_owned(),
+            (Some(_), i) => format!("ports[{}]", i - 1),
+            (None, i) => format!("ports[{i}]"),
+        }
+    }
+
+    fn validate_network(&self) -> Result<(), ConfigError> {
+        if self.ports.len() > MAX_NETWORK_LIST_LEN {
+            return Err(ConfigError::TooMany {
+                field: "ports",
+                len: self.ports.len(),
+                max: MAX_NETWORK_LIST_LEN,
+            });
+        }
+        if !self.enable_network {
+            if !self.ports.is_empty() {
+                return Err(ConfigError::NeedsNetwork { field: "ports" });
+            }
+            if self.egress.is_some() {
+                return Err(ConfigError::NeedsNetwork { field: "egress" });
+            }
+        }
+        let all = self.published_ports();
+        let port_field = |i: usize, what: &str| {
+            let base = self.published_port_field(i);
+            if base == "host_port" {
+                // The seed's pair has its own field names.
+                if what == "host_ip" {
+                    base
+                } else {
+                    what.to_owned()
+                }
+            } else {
+                format!("{base}.{what}")
+            }
+        };
+        for (i, p) in all.iter().enumerate() {
+            if p.host_port == 0 {
+                return Err(ConfigError::PortZero {
+                    field: port_field(i, "host_port"),
+                });
+            }
+            if p.guest_port == 0 {
+                return Err(ConfigError::PortZero {
+                    field: port_field(i, "guest_port"),
+                });
+            }
+            let ip = p.host_addr();
+            if ip.is_multicast() || ip.is_broadcast() {
+                return Err(ConfigError::HostIp {
+                    field: port_field(i, "host_ip"),
+                    ip,
+                });
+            }
+            if let Some(j) = all[..i].iter().position(|q| q.collides_with(p)) {
+                return Err(ConfigError::DuplicatePort {
+                    field: port_field(i, "host_port"),
+                    other: port_field(j, "host_port"),
+                    port: p.host_port,
+                    protocol: p.protocol,
+                });
+            }
+        }
+        if let Some(egress) = &self.egress {
+            egress.validate()?;
         }
         Ok(())
     }
@@ -489,6 +641,18 @@ impl SandboxConfigBuilder {
     pub fn port_forward(mut self, host_port: u16, guest_port: u16) -> Self {
         self.config.host_port = Some(host_port);
         self.config.guest_port = guest_port;
+        self
+    }
+
+    /// Publishes one more port.
+    pub fn port(mut self, port: PortSpec) -> Self {
+        self.config.ports.push(port);
+        self
+    }
+
+    /// Sets the egress policy.
+    pub fn egress(mut self, egress: EgressConfig) -> Self {
+        self.config.egress = Some(egress);
         self
     }
 
@@ -684,6 +848,96 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(err(c), ConfigError::PortWithoutNetwork { port: 80 });
+    }
+
+    #[test]
+    fn ports_merge_with_the_seed_pair_and_are_checked_by_field() {
+        let c = SandboxConfig {
+            host_port: Some(8080),
+            guest_port: 80,
+            ports: vec![PortSpec::tcp(8081, 81), PortSpec::udp(8080, 53)],
+            ..Default::default()
+        };
+        c.validate().unwrap();
+        assert_eq!(c.published_ports()[0], PortSpec::tcp(8080, 80));
+        assert_eq!(c.published_ports().len(), 3);
+        assert_eq!(c.published_port_field(2), "ports[1]");
+
+        let c = SandboxConfig {
+            host_port: Some(8080),
+            ports: vec![PortSpec::tcp(8081, 81), PortSpec::tcp(8080, 82)],
+            ..Default::default()
+        };
+        let e = err(c);
+        assert_eq!(
+            e,
+            ConfigError::DuplicatePort {
+                field: "ports[1].host_port".into(),
+                other: "host_port".into(),
+                port: 8080,
+                protocol: PortProtocol::Tcp,
+            }
+        );
+        assert!(
+            e.to_string().contains("ports[1].host_port = 8080/tcp"),
+            "{e}"
+        );
+
+        let c = SandboxConfig {
+            ports: vec![PortSpec::tcp(1, 0)],
+            ..Default::default()
+        };
+        assert_eq!(
+            err(c),
+            ConfigError::PortZero {
+                field: "ports[0].guest_port".into()
+            }
+        );
+        let c = SandboxConfig {
+            ports: vec![PortSpec {
+                host_ip: Some(std::net::Ipv4Addr::BROADCAST),
+                ..PortSpec::tcp(1, 1)
+            }],
+            ..Default::default()
+        };
+        assert!(matches!(err(c), ConfigError::HostIp { field, .. } if field == "ports[0].host_ip"));
+        let c = SandboxConfig {
+            ports: vec![PortSpec::tcp(1, 1)],
+            enable_network: false,
+            ..Default::default()
+        };
+        assert_eq!(err(c), ConfigError::NeedsNetwork { field: "ports" });
+    }
+
+    #[test]
+    fn egress_entries_are_checked_by_field() {
+        let egress = |allow: &[&str], deny: &[&str]| SandboxConfig {
+            egress: Some(EgressConfig {
+                block_all: true,
+                allow: allow.iter().map(|s| s.to_string()).collect(),
+                deny: deny.iter().map(|s| s.to_string()).collect(),
+            }),
+            ..Default::default()
+        };
+        egress(&["10.0.0.0/8", "1.2.3.4", "*.pypi.org"], &["example.com"])
+            .validate()
+            .unwrap();
+        let e = err(egress(&["10.0.0.0/8"], &["1.1.1.1", "10.0.0.1/8"]));
+        assert!(matches!(&e, ConfigError::Egress { field, .. } if field == "egress.deny[1]"));
+        assert!(
+            e.to_string().starts_with("egress.deny[1] = \"10.0.0.1/8\""),
+            "{e}"
+        );
+        let e = err(egress(&["no_such"], &[]));
+        assert!(matches!(&e, ConfigError::Egress { field, .. } if field == "egress.allow[0]"));
+    }
+
+    #[test]
+    fn old_configs_without_ports_or_egress_still_load() {
+        let c: SandboxConfig =
+            serde_json::from_str(r#"{"template_id":"minimal","host_port":8080}"#).unwrap();
+        assert!(c.ports.is_empty() && c.egress.is_none());
+        assert_eq!(c.published_ports(), vec![PortSpec::tcp(8080, 8080)]);
     }
 
     #[test]

@@ -38,6 +38,26 @@ pub enum CreateSandboxError {
     /// could not be set up; nothing of it was left behind.
     #[error("cannot set up the sandbox's network")]
     Network(#[source] BoxError),
+    /// A published host port cannot be bound: another process (or
+    /// sandbox) holds it, or `host_ip` is not the host's. Nothing was left
+    /// behind.
+    #[error(
+        "{field} = {host_ip}:{port}/{protocol} cannot be published on this host: use another \
+         host port"
+    )]
+    PortUnavailable {
+        /// The config field: `host_port` or `ports[N]`.
+        field: String,
+        /// The host port.
+        port: u16,
+        /// Its protocol.
+        protocol: crate::network::PortProtocol,
+        /// The host address it was to be bound on.
+        host_ip: std::net::Ipv4Addr,
+        /// Why binding failed (`EADDRINUSE`: in use).
+        #[source]
+        source: std::io::Error,
+    },
     /// The sandbox directory or one of its files could not be made.
     #[error("cannot prepare {path}")]
     Prepare {
@@ -138,6 +158,33 @@ pub enum SandboxError {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// Changing a running sandbox's network policy
+/// ([`Hypervisor::update_network`](crate::Hypervisor::update_network)) failed;
+/// the policy in force before stays in force.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum UpdateNetworkError {
+    /// No sandbox has this id.
+    #[error("no sandbox with id {0} in this hypervisor")]
+    NotFound(SandboxId),
+    /// The policy is invalid (the error names the entry).
+    #[error("invalid egress policy")]
+    Config(#[from] ConfigError),
+    /// The sandbox has no network (`enable_network = false`, or a backend
+    /// that does not attach one).
+    #[error("sandbox {0} has no network to change")]
+    NoNetwork(SandboxId),
+    /// The sandbox is not running or paused.
+    #[error("cannot change the network of a sandbox that is {0}")]
+    NotRunning(SandboxState),
+    /// This provider cannot change a network while it runs.
+    #[error("{0}")]
+    Unsupported(String),
+    /// The host refused the change (nftables).
+    #[error("applying the egress policy failed")]
+    Network(#[source] BoxError),
 }
 
 /// Running a command in a sandbox failed (the command itself failing is not

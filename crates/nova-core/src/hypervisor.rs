@@ -18,11 +18,12 @@ use serde::{Deserialize, Serialize};
 use tokio::io::AsyncRead;
 
 use crate::config::SandboxConfig;
-use crate::error::{CreateSandboxError, ExecError, FileError, SandboxError};
+use crate::error::{CreateSandboxError, ExecError, FileError, SandboxError, UpdateNetworkError};
 use crate::exec::{ExecInfo, ExecOutput, ExecRequest, ExecStream};
 use crate::fs::{DirListing, FileDownload, FileStat};
 use crate::id::SandboxId;
 use crate::metadata::SandboxInfo;
+use crate::network::EgressConfig;
 use crate::sandbox::Sandbox;
 use crate::snapshot::{Snapshot, SnapshotError};
 use crate::state::{InvalidTransition, SandboxState};
@@ -287,6 +288,23 @@ pub trait Hypervisor: Send + Sync + fmt::Debug {
             reason: "this provider does not implement snapshots".into(),
         }
         .into())
+    }
+
+    /// Replaces the egress policy of sandbox `id` while it runs (or is
+    /// paused), atomically: on error the old policy stays in force. Open
+    /// connections to what the new policy denies are cut. The config the
+    /// sandbox reports ([`SandboxInfo::config`]) carries the new policy.
+    /// Providers that cannot answer [`UpdateNetworkError::Unsupported`].
+    async fn update_network(
+        &self,
+        id: &SandboxId,
+        egress: EgressConfig,
+    ) -> Result<(), UpdateNetworkError> {
+        let _ = (id, egress);
+        Err(UpdateNetworkError::Unsupported(format!(
+            "the {} provider cannot change a sandbox's network while it runs",
+            self.kind()
+        )))
     }
 
     /// Every sandbox this provider knows, in creation order.

@@ -8,6 +8,7 @@
 //!   transitions are enforced in one place;
 //! - [`id`]: [`SandboxId`], short, unique, URL- and path-safe identifiers;
 //! - [`metadata`]: [`SandboxInfo`] and the boot-time breakdown;
+//! - [`network`]: published ports and the egress policy of a config;
 //! - [`exec`], [`fs`] and [`stats`]: what commands, file operations and
 //!   monitoring return;
 //! - [`hypervisor`]: the object-safe [`Hypervisor`] trait every backend
@@ -47,6 +48,7 @@ pub mod home;
 pub mod hypervisor;
 pub mod id;
 pub mod metadata;
+pub mod network;
 pub mod sandbox;
 pub mod snapshot;
 pub mod state;
@@ -54,12 +56,13 @@ pub mod stats;
 pub mod template;
 
 pub use config::{ConfigError, DriveConfig, SandboxConfig, SandboxConfigBuilder, StartMode};
-pub use error::{CreateSandboxError, ExecError, FileError, SandboxError};
+pub use error::{CreateSandboxError, ExecError, FileError, SandboxError, UpdateNetworkError};
 pub use exec::{ExecEvent, ExecOutput, ExecRequest, ExecStream, ExitStatus};
 pub use home::NovaHome;
 pub use hypervisor::{Hypervisor, HypervisorKind};
 pub use id::SandboxId;
 pub use metadata::{BootTimings, SandboxInfo};
+pub use network::{EgressConfig, PortProtocol, PortSpec};
 pub use sandbox::Sandbox;
 pub use state::{InvalidTransition, SandboxState};
 pub use stats::{GuestStats, SandboxStats, VmmStats};

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use crate::error::{CreateSandboxError, ExecError, FileError, SandboxError};
+use crate::error::{CreateSandboxError, ExecError, FileError, SandboxError, UpdateNetworkError};
 use crate::exec::{ExecOutput, ExecRequest, ExecStream};
 use crate::fs::{DirListing, FileDownload, FileStat};
 use crate::hypervisor::Hypervisor;
@@ -139,6 +139,15 @@ impl Sandbox {
     /// Stops the sandbox (see [`Hypervisor::stop_sandbox`]).
     pub async fn stop(&self, force: bool) -> Result<(), SandboxError> {
         self.hypervisor.stop_sandbox(self.id(), force).await
+    }
+
+    /// Replaces the egress policy while the sandbox runs (see
+    /// [`Hypervisor::update_network`]).
+    pub async fn update_network(
+        &self,
+        egress: crate::network::EgressConfig,
+    ) -> Result<(), UpdateNetworkError> {
+        self.hypervisor.update_network(self.id(), egress).await
     }
 
     /// Pauses the sandbox.

@@ -19,7 +19,7 @@
 
 use std::collections::BTreeSet;
 use std::fmt;
-use std::net::{IpAddr, Ipv4Addr, SocketAddrV4, TcpListener, UdpSocket};
+use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, UdpSocket};
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
@@ -272,10 +272,7 @@ impl FromStr for EgressRule {
     /// A string that starts like an address (a digit, or contains `:` or `/`)
     /// is a CIDR; anything else a domain name.
     fn from_str(s: &str) -> Result<Self, SpecError> {
-        let looks_like_ip = s.contains('/')
-            || s.contains(':')
-            || s.bytes().all(|b| b.is_ascii_digit() || b == b'.');
-        if looks_like_ip {
+        if nova_core::network::looks_like_cidr(s) {
             s.parse().map(EgressRule::Cidr)
         } else {
             s.parse().map(EgressRule::Domain)
@@ -401,32 +398,16 @@ pub(crate) const fn mask(prefix: u8) -> u32 {
 impl FromStr for Ipv4Cidr {
     type Err = SpecError;
 
+    /// The syntax of [`nova_core::network::parse_cidr`], shared with config
+    /// validation.
     fn from_str(s: &str) -> Result<Self, SpecError> {
-        let invalid = |reason| SpecError::InvalidCidr {
-            field: String::new(),
-            value: s.to_owned(),
-            reason,
-        };
-        let (addr, prefix) = match s.split_once('/') {
-            Some((a, p)) => (a, Some(p)),
-            None => (s, None),
-        };
-        let addr: IpAddr = addr
-            .parse()
-            .map_err(|_| invalid("not an IP address (expected a.b.c.d or a.b.c.d/n)"))?;
-        let IpAddr::V4(addr) = addr else {
-            return Err(invalid("IPv6 is not supported: sandboxes have IPv4 only"));
-        };
-        let prefix = match prefix {
-            None => 32,
-            Some(p) => p
-                .parse::<u8>()
-                .map_err(|_| invalid("the prefix length is not a number from 0 to 32"))?,
-        };
-        Ipv4Cidr::new(addr, prefix).map_err(|e| match e {
-            SpecError::InvalidCidr { reason, .. } => invalid(reason),
-            other => other,
-        })
+        nova_core::network::parse_cidr(s)
+            .map(|(addr, prefix)| Self { addr, prefix })
+            .map_err(|reason| SpecError::InvalidCidr {
+                field: String::new(),
+                value: s.to_owned(),
+                reason,
+            })
     }
 }
 
@@ -470,42 +451,16 @@ impl DomainName {
 impl FromStr for DomainName {
     type Err = SpecError;
 
+    /// The syntax of [`nova_core::network::normalize_domain`], shared with
+    /// config validation.
     fn from_str(s: &str) -> Result<Self, SpecError> {
-        let invalid = |reason| SpecError::InvalidDomain {
-            field: String::new(),
-            value: s.to_owned(),
-            reason,
-        };
-        let name = s.strip_suffix('.').unwrap_or(s).to_ascii_lowercase();
-        let bare = name.strip_prefix("*.").unwrap_or(&name);
-        if bare.is_empty() {
-            return Err(invalid("empty name"));
-        }
-        if name.len() > 253 {
-            return Err(invalid("longer than 253 characters"));
-        }
-        for label in bare.split('.') {
-            if label.is_empty() || label.len() > 63 {
-                return Err(invalid("each label must be 1 to 63 characters"));
-            }
-            if !label
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
-            {
-                return Err(invalid(
-                    "use letters, digits and '-' only ('*.' only as the first label)",
-                ));
-            }
-            if label.starts_with('-') || label.ends_with('-') {
-                return Err(invalid("a label may not start or end with '-'"));
-            }
-        }
-        if !bare.contains('.') {
-            return Err(invalid(
-                "a single label is not a domain name (write example.com)",
-            ));
-        }
-        Ok(Self(name))
+        nova_core::network::normalize_domain(s)
+            .map(Self)
+            .map_err(|reason| SpecError::InvalidDomain {
+                field: String::new(),
+                value: s.to_owned(),
+                reason,
+            })
     }
 }
 

@@ -286,7 +286,8 @@ async fn a_host_port_in_use_fails_the_create_and_leaves_nothing() {
         .await
         .unwrap_err();
     assert!(
-        matches!(err, nova_core::error::CreateSandboxError::Network(_)),
+        matches!(&err, nova_core::error::CreateSandboxError::PortUnavailable { field, .. }
+            if field == "host_port"),
         "{err:?}"
     );
     let chain = format!("{:?}", err);

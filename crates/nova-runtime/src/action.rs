@@ -11,8 +11,9 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
 
-use nova_core::error::SandboxError;
+use nova_core::error::{SandboxError, UpdateNetworkError};
 use nova_core::metadata::SandboxInfo;
+use nova_core::network::EgressConfig;
 use nova_core::snapshot::{Snapshot, SnapshotError, SnapshotKind};
 use nova_core::stats::SandboxStats;
 use tokio::sync::oneshot;
@@ -61,6 +62,15 @@ pub enum SandboxAction<V> {
         /// The answer.
         reply: Reply<()>,
     },
+    /// Replace the egress policy in one nft transaction (the old one stays
+    /// on error) and record it in the sandbox's config. Legal when
+    /// `running` or `paused`, for a sandbox with a network.
+    UpdateNetwork {
+        /// The new policy (validated by the caller).
+        egress: EgressConfig,
+        /// The answer.
+        reply: oneshot::Sender<Result<(), UpdateNetworkError>>,
+    },
     /// Run a backend-specific operation on the VM. Legal while the VMM runs
     /// (not `failed`); the operation is told why otherwise.
     WithVm(VmOperation<V>),
@@ -74,6 +84,7 @@ impl<V> fmt::Debug for SandboxAction<V> {
             Self::Stats(_) => "Stats",
             Self::Snapshot { .. } => "Snapshot",
             Self::Stop { .. } => "Stop",
+            Self::UpdateNetwork { .. } => "UpdateNetwork",
             Self::WithVm(_) => "WithVm",
         })
     }

@@ -5,9 +5,14 @@
 //! counters for stats.
 //!
 //! With `enable_network = true` (the default) a sandbox gets its own
-//! network namespace, NAT out through the host, and the config's
-//! `host_port` -> `guest_port` as one published TCP port (reachable at
-//! `127.0.0.1:host_port` too). The guest sees [`nova_net::GUEST_ADDR`] on
+//! network namespace, NAT out through the host, every port of
+//! [`SandboxConfig::published_ports`] (the seed's `host_port` ->
+//! `guest_port` and `ports`) DNATed to the guest (reachable at
+//! `127.0.0.1:host_port` too), and the config's `egress` policy as nftables
+//! sets in the sandbox's host table ([`egress_policy`]); other sandboxes,
+//! the host's own addresses and 169.254.169.254 stay closed unless an
+//! `allow` CIDR names them. [`update`] replaces the policy of a running
+//! sandbox in one nft transaction. The guest sees [`nova_net::GUEST_ADDR`] on
 //! `eth0` with [`nova_net::GATEWAY_ADDR`] as its gateway, and the host's
 //! resolvers ([`nova_net::host_resolvers`]), through the boot contract's
 //! `nova.net=` ([`guest_net`]).
@@ -21,10 +26,14 @@
 
 use std::path::Path;
 
-use nova_core::config::SandboxConfig;
-use nova_core::error::CreateSandboxError;
+use nova_core::config::{ConfigError, SandboxConfig};
+use nova_core::error::{CreateSandboxError, UpdateNetworkError};
 use nova_core::id::SandboxId;
-use nova_net::{AddressPool, NetworkSpec, PortMapping, SandboxNetwork};
+use nova_core::network::{EgressConfig, PortProtocol, PortSpec};
+use nova_net::{
+    AddressPool, CreateNetworkError, EgressPolicy, NetworkSpec, PortMapping, Protocol,
+    SandboxNetwork, SpecError,
+};
 use nova_protocol::boot::{GuestNet, MAX_DNS_SERVERS};
 
 /// The guest's MTU: the tap's and the veth's default.
@@ -60,17 +69,73 @@ fn on_path(program: &str) -> bool {
     })
 }
 
-/// What `config` asks of the network: its published port, and the host's
-/// resolvers.
-pub fn spec(config: &SandboxConfig) -> NetworkSpec {
-    NetworkSpec {
-        ports: config
-            .host_port
-            .map(|host| PortMapping::tcp(host, config.guest_port))
-            .into_iter()
-            .collect(),
-        egress: Default::default(),
+/// What `config` asks of the network: every published port, the egress
+/// policy, and the host's resolvers. `config` must be valid (an invalid
+/// egress entry is answered as the [`ConfigError`] validation gives).
+pub fn spec(config: &SandboxConfig) -> Result<NetworkSpec, ConfigError> {
+    Ok(NetworkSpec {
+        ports: config.published_ports().iter().map(port_mapping).collect(),
+        egress: match &config.egress {
+            Some(egress) => egress_policy(egress)?,
+            None => EgressPolicy::default(),
+        },
         dns_servers: nova_net::host_resolvers(),
+    })
+}
+
+fn port_mapping(p: &PortSpec) -> PortMapping {
+    let mapping = match p.protocol {
+        PortProtocol::Tcp => PortMapping::tcp(p.host_port, p.guest_port),
+        PortProtocol::Udp => PortMapping::udp(p.host_port, p.guest_port),
+    };
+    mapping.on(p.host_addr())
+}
+
+/// The nftables policy of a config's `egress`; the error names the entry.
+pub fn egress_policy(egress: &EgressConfig) -> Result<EgressPolicy, ConfigError> {
+    egress.validate()?;
+    EgressPolicy::parse(egress.block_all, &egress.allow, &egress.deny).map_err(|e| {
+        // Validation accepted every entry with the same parser; this is
+        // only reached if the two ever disagree.
+        ConfigError::Egress {
+            field: e.field().to_owned(),
+            value: String::new(),
+            reason: "refused by the network layer",
+        }
+    })
+}
+
+/// A network error of create, with a host port that cannot be bound told
+/// apart and named by its config field.
+fn create_error(config: &SandboxConfig, e: CreateNetworkError) -> CreateSandboxError {
+    match e {
+        CreateNetworkError::Spec(SpecError::PortUnavailable {
+            port,
+            protocol,
+            host_ip,
+            source,
+            ..
+        }) => {
+            let protocol = match protocol {
+                Protocol::Udp => PortProtocol::Udp,
+                Protocol::Tcp => PortProtocol::Tcp,
+            };
+            let index = config
+                .published_ports()
+                .iter()
+                .position(|p| {
+                    p.host_port == port && p.protocol == protocol && p.host_addr() == host_ip
+                })
+                .unwrap_or(0);
+            CreateSandboxError::PortUnavailable {
+                field: config.published_port_field(index),
+                port,
+                protocol,
+                host_ip,
+                source,
+            }
+        }
+        other => CreateSandboxError::Network(Box::new(other)),
     }
 }
 
@@ -95,9 +160,9 @@ pub(crate) async fn create(
         return Err(CreateSandboxError::Unsupported { reason });
     }
     let started = std::time::Instant::now();
-    let net = SandboxNetwork::create(id, &spec(config), pool)
+    let net = SandboxNetwork::create(id, &spec(config)?, pool)
         .await
-        .map_err(|e| CreateSandboxError::Network(Box::new(e)))?;
+        .map_err(|e| create_error(config, e))?;
     tracing::debug!(
         elapsed_us = started.elapsed().as_micros() as u64,
         netns = net.netns_name(),
@@ -121,6 +186,18 @@ pub(crate) async fn clean_abandoned(ids: Vec<String>) {
         Ok(_) => {}
         Err(e) => tracing::warn!(error = %e, "cannot remove the networks of abandoned sandboxes"),
     }
+}
+
+/// Replaces the egress policy of `net` with `egress`, in one nft
+/// transaction: on error the old one stays.
+pub(crate) async fn update(
+    net: &mut SandboxNetwork,
+    egress: &EgressConfig,
+) -> Result<(), UpdateNetworkError> {
+    let policy = egress_policy(egress)?;
+    net.update_egress(policy)
+        .await
+        .map_err(|e| UpdateNetworkError::Network(Box::new(e)))
 }
 
 /// Tears `net` down, logging what could not be removed.
@@ -164,10 +241,63 @@ mod tests {
     #[test]
     fn the_seed_port_pair_is_one_published_tcp_port() {
         let mut config = SandboxConfig::default();
-        assert!(spec(&config).ports.is_empty());
+        assert!(spec(&config).unwrap().ports.is_empty());
         config.host_port = Some(18080);
         config.guest_port = 80;
-        assert_eq!(spec(&config).ports, vec![PortMapping::tcp(18080, 80)]);
+        config.ports = vec![PortSpec {
+            host_ip: Some(std::net::Ipv4Addr::LOCALHOST),
+            ..PortSpec::udp(5353, 53)
+        }];
+        assert_eq!(
+            spec(&config).unwrap().ports,
+            vec![
+                PortMapping::tcp(18080, 80),
+                PortMapping::udp(5353, 53).on(std::net::Ipv4Addr::LOCALHOST)
+            ]
+        );
+    }
+
+    #[test]
+    fn egress_becomes_the_nft_policy() {
+        let config = SandboxConfig {
+            egress: Some(EgressConfig {
+                block_all: true,
+                allow: vec!["10.0.0.0/8".into(), "example.com".into()],
+                deny: vec!["10.1.0.0/16".into()],
+            }),
+            ..Default::default()
+        };
+        let policy = spec(&config).unwrap().egress;
+        assert!(policy.block_all);
+        assert_eq!(policy.allow_cidrs().len(), 1);
+        assert_eq!(policy.deny_cidrs().len(), 1);
+        assert!(policy.has_domain_rules());
+    }
+
+    #[test]
+    fn a_port_in_use_is_named_by_its_config_field() {
+        let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = busy.local_addr().unwrap().port();
+        let config = SandboxConfig {
+            host_port: Some(1),
+            ports: vec![PortSpec {
+                host_ip: Some(std::net::Ipv4Addr::LOCALHOST),
+                ..PortSpec::tcp(port, 80)
+            }],
+            ..Default::default()
+        };
+        let err = spec(&config).unwrap().check_ports_free().unwrap_err();
+        let err = create_error(&config, CreateNetworkError::Spec(err));
+        assert!(
+            matches!(&err, CreateSandboxError::PortUnavailable { field, port: p, .. }
+                if field == "ports[0]" && *p == port),
+            "{err:?}"
+        );
+        assert!(
+            err.to_string()
+                .contains(&format!("ports[0] = 127.0.0.1:{port}/tcp")),
+            "{err}"
+        );
     }
 
     #[test]

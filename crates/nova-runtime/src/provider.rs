@@ -8,12 +8,15 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use nova_core::config::{SandboxConfig, StartMode};
-use nova_core::error::{CreateSandboxError, ExecError, FileError, SandboxError};
+use nova_core::error::{
+    CreateSandboxError, ExecError, FileError, SandboxError, UpdateNetworkError,
+};
 use nova_core::exec::{ExecInfo, ExecRequest, ExecStream};
 use nova_core::fs::{DirListing, FileDownload, FileStat};
 use nova_core::hypervisor::{Hypervisor, HypervisorKind};
 use nova_core::id::SandboxId;
 use nova_core::metadata::{BootTimings, SandboxInfo, now_ms};
+use nova_core::network::EgressConfig;
 use nova_core::sandbox::Sandbox;
 use nova_core::snapshot::{Snapshot, SnapshotError, SnapshotKind, TemplateIdentity};
 use nova_core::state::SandboxState;
@@ -212,6 +215,7 @@ impl<B: Backend> Provider<B> {
         let mut config = snapshot.manifest.config.clone();
         if !keep_ports {
             config.host_port = None;
+            config.ports.clear();
         }
         // A snapshot's VM is restored with its devices: a network device only
         // if it had one (snapshots from before networking have none).
@@ -221,6 +225,8 @@ impl<B: Backend> Provider<B> {
             tracing::warn!(dir = %dir.display(), "the snapshot's VM had no network device; the restored sandbox has no network");
             config.enable_network = false;
             config.host_port = None;
+            config.ports.clear();
+            config.egress = None;
         }
         let identity = snapshot.manifest.template.clone();
         let template = self.inner.templates.load(&config.template_id)?;
@@ -660,14 +666,21 @@ impl<B: Backend> Hypervisor for Provider<B> {
 
     async fn create_sandbox(&self, config: SandboxConfig) -> Result<Sandbox, CreateSandboxError> {
         config.validate()?;
-        if let (Some(port), false) = (config.host_port, self.inner.backend.attaches_network()) {
-            return Err(CreateSandboxError::Unsupported {
-                reason: format!(
-                    "host_port = {port} asks for a published port, and the {} backend does not \
-                     attach sandbox networks yet; leave host_port unset or use QEMU",
-                    self.inner.backend.kind()
-                ),
-            });
+        if !self.inner.backend.attaches_network() {
+            let field = if !config.published_ports().is_empty() {
+                Some(config.published_port_field(0))
+            } else {
+                config.egress.as_ref().map(|_| "egress".to_owned())
+            };
+            if let Some(field) = field {
+                return Err(CreateSandboxError::Unsupported {
+                    reason: format!(
+                        "{field} asks for a sandbox network rule, and the {} backend does not \
+                         attach sandbox networks yet; leave it unset or use QEMU",
+                        self.inner.backend.kind()
+                    ),
+                });
+            }
         }
         let template = self.inner.templates.load(&config.template_id)?;
         self.inner.backend.check_host()?;
@@ -908,6 +921,33 @@ impl<B: Backend> Hypervisor for Provider<B> {
                 reply,
             })
             .await
+    }
+
+    async fn update_network(
+        &self,
+        id: &SandboxId,
+        egress: EgressConfig,
+    ) -> Result<(), UpdateNetworkError> {
+        egress.validate()?;
+        let entry = self
+            .inner
+            .sandboxes
+            .entry(id, SandboxState::Running)
+            .map_err(|e| match e {
+                SandboxError::State(t) => UpdateNetworkError::NotRunning(t.from),
+                _ => UpdateNetworkError::NotFound(id.clone()),
+            })?;
+        let (reply, rx) = oneshot::channel();
+        let gone = || UpdateNetworkError::NotRunning(entry.info.borrow().state);
+        if entry
+            .commands
+            .send(SandboxAction::UpdateNetwork { egress, reply })
+            .await
+            .is_err()
+        {
+            return Err(gone());
+        }
+        rx.await.unwrap_or_else(|_| Err(gone()))
     }
 
     async fn pause_sandbox(&self, id: &SandboxId) -> Result<(), SandboxError> {

@@ -277,7 +277,8 @@ impl<B: Backend> Provider<B> {
             (Some(net), true) => Some(
                 nova_net::SandboxNetwork::adopt(
                     &id,
-                    &crate::network::spec(&record.info.config),
+                    &crate::network::spec(&record.info.config)
+                        .map_err(|e| format!("its recorded network config is invalid: {e}"))?,
                     &self.inner.pool,
                     net.host_addr,
                 )

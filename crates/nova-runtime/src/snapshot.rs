@@ -102,7 +102,10 @@ pub fn check_restorable(
 
 /// Refuses a snapshot whose VM differs from what `config` asks for: the
 /// restored guest keeps the snapshot's memory, vCPUs, disks and kernel
-/// command line, so those must be the same.
+/// command line, so those must be the same. Published ports (`host_port`,
+/// `ports`) and the egress policy are not compared: they are host-side
+/// nftables rules the guest never sees (every guest has the same address
+/// and gateway), so a snapshot restores under any of them.
 pub fn fits(snapshot: &Snapshot, config: &SandboxConfig) -> Result<(), SnapshotError> {
     let made = &snapshot.manifest.config;
     let differs = |what: &str, then: String, now: String| SnapshotError::Invalid {

@@ -26,8 +26,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Weak;
 use std::time::Duration;
 
-use nova_core::error::{BoxError, SandboxError};
+use nova_core::error::{BoxError, SandboxError, UpdateNetworkError};
 use nova_core::metadata::{SandboxInfo, now_ms};
+use nova_core::network::EgressConfig;
 use nova_core::snapshot::{
     SNAPSHOT_FORMAT, Snapshot, SnapshotError, SnapshotKind, SnapshotManifest, TemplateIdentity,
 };
@@ -210,6 +211,11 @@ impl<V: Vm> SandboxTask<V> {
                 publish(&self.dir, &self.record, self.released, published).await;
                 let _ = reply.send(r);
             }
+            SandboxAction::UpdateNetwork { egress, reply } => {
+                let r = self.update_network(egress).await;
+                publish(&self.dir, &self.record, self.released, published).await;
+                let _ = reply.send(r);
+            }
             SandboxAction::WithVm(op) => {
                 let limit = self.timeouts.vmm;
                 let timed_out = if self.vmm.is_some() && self.state() != SandboxState::Failed {
@@ -230,6 +236,31 @@ impl<V: Vm> SandboxTask<V> {
                 }
                 publish(&self.dir, &self.record, self.released, published).await;
             }
+        }
+    }
+
+    /// Replaces the egress policy of the sandbox's network, bounded by the
+    /// VMM request timeout (an nft transaction takes milliseconds).
+    async fn update_network(&mut self, egress: EgressConfig) -> Result<(), UpdateNetworkError> {
+        let state = self.state();
+        if !matches!(state, SandboxState::Running | SandboxState::Paused) {
+            return Err(UpdateNetworkError::NotRunning(state));
+        }
+        let id = self.info().id.clone();
+        let limit = self.timeouts.vmm;
+        let Some(net) = self.network.as_mut() else {
+            return Err(UpdateNetworkError::NoNetwork(id));
+        };
+        match bounded(limit, crate::network::update(net, &egress)).await {
+            Ok(Ok(())) => {
+                tracing::info!("egress policy updated");
+                self.record.info.config.egress = Some(egress);
+                Ok(())
+            }
+            Ok(Err(e)) => Err(e),
+            Err(limit) => Err(UpdateNetworkError::Network(
+                format!("nft did not apply the policy within {limit:?}").into(),
+            )),
         }
     }
 
