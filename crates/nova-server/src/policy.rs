@@ -45,6 +45,7 @@ use nova_core::config::{
     DEFAULT_TEMPLATE, DriveConfig, MAX_BOOT_TIMEOUT_MS, MIN_BOOT_TIMEOUT_MS, SandboxConfig,
     StartMode,
 };
+use nova_core::network::PortSpec;
 use serde::Deserialize;
 
 use crate::api::sandboxes::CreateSandboxRequest;
@@ -379,23 +380,28 @@ impl Policy {
             ));
         }
         config.enable_network = network;
-        match request.ports.as_slice() {
-            [] => {}
-            [port] => {
-                if !network {
-                    return Err(Problem::invalid_config(
-                        "ports need a network: drop \"network\": false",
-                    ));
-                }
-                config.host_port = Some(port.host_port);
-                config.guest_port = port.guest_port;
+        if !request.ports.is_empty() && !network {
+            return Err(Problem::invalid_config(
+                "ports need a network: drop \"network\": false",
+            ));
+        }
+        config.ports = request
+            .ports
+            .iter()
+            .map(|p| PortSpec {
+                host_port: p.host_port,
+                guest_port: p.guest_port,
+                protocol: p.protocol.into(),
+                host_ip: None,
+            })
+            .collect();
+        if let Some(egress) = &request.egress {
+            if !network {
+                return Err(Problem::invalid_config(
+                    "egress rules need a network: drop \"network\": false",
+                ));
             }
-            more => {
-                return Err(Problem::invalid_config(format!(
-                    "ports has {} entries: one published port per sandbox is supported",
-                    more.len()
-                )));
-            }
+            config.egress = Some(egress.clone().into());
         }
         for mount in &request.volumes {
             let Some(volume) = self.volumes.get(&mount.name) else {
@@ -578,7 +584,7 @@ mod tests {
     }
 
     #[test]
-    fn unknown_volumes_reserved_labels_and_many_ports_are_refused() {
+    fn unknown_volumes_reserved_labels_and_duplicate_ports_are_refused() {
         let policy = Policy::default();
         let mut r = request();
         r.volumes = vec![VolumeMount {
@@ -600,16 +606,17 @@ mod tests {
             PortMapping {
                 host_port: 8080,
                 guest_port: 80,
+                protocol: Default::default(),
             },
             PortMapping {
-                host_port: 8081,
+                host_port: 8080,
                 guest_port: 81,
+                protocol: Default::default(),
             },
         ];
-        assert_eq!(
-            policy.admit(&r, None).unwrap_err().code,
-            ProblemCode::InvalidConfig
-        );
+        let e = policy.admit(&r, None).unwrap_err();
+        assert_eq!(e.code, ProblemCode::InvalidConfig);
+        assert!(e.detail.contains("ports[1]"), "{}", e.detail);
     }
 
     #[test]

@@ -9,7 +9,9 @@
 
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use nova_core::error::{CreateSandboxError, ExecError, FileError, SandboxError};
+use nova_core::error::{
+    CreateSandboxError, ExecError, FileError, SandboxError, UpdateNetworkError,
+};
 use nova_core::id::SandboxId;
 use nova_core::snapshot::SnapshotError;
 use nova_core::template::TemplateError;
@@ -54,6 +56,10 @@ pub enum ProblemCode {
     FileConflict,
     /// Another stream already follows this command (409).
     ExecBusy,
+    /// A host port to publish is in use on the host (409).
+    PortInUse,
+    /// The sandbox has no network (409).
+    NoNetwork,
     /// The guest denied access to the path (403).
     PermissionDenied,
     /// The body, or a whole-file read, is larger than allowed (413).
@@ -89,7 +95,7 @@ impl ProblemCode {
                 StatusCode::NOT_FOUND
             }
             MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            NotRunning | FileConflict | ExecBusy => StatusCode::CONFLICT,
+            NotRunning | FileConflict | ExecBusy | PortInUse | NoNetwork => StatusCode::CONFLICT,
             PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             QuotaExceeded | Busy => StatusCode::TOO_MANY_REQUESTS,
@@ -118,6 +124,8 @@ impl ProblemCode {
             NotRunning => "not_running",
             FileConflict => "file_conflict",
             ExecBusy => "exec_busy",
+            PortInUse => "port_in_use",
+            NoNetwork => "no_network",
             PermissionDenied => "permission_denied",
             PayloadTooLarge => "payload_too_large",
             UnsupportedMediaType => "unsupported_media_type",
@@ -206,6 +214,8 @@ fn title(code: ProblemCode) -> &'static str {
         NotRunning => "Sandbox not in the right state",
         FileConflict => "Guest file conflict",
         ExecBusy => "Command already attached",
+        PortInUse => "Host port in use",
+        NoNetwork => "No network",
         PermissionDenied => "Permission denied in the guest",
         PayloadTooLarge => "Payload too large",
         UnsupportedMediaType => "Unsupported media type",
@@ -266,6 +276,7 @@ impl From<CreateSandboxError> for Problem {
             }
             CreateSandboxError::Template(TemplateError::InvalidId(_)) => ProblemCode::InvalidConfig,
             CreateSandboxError::Unsupported { .. } => ProblemCode::Unsupported,
+            CreateSandboxError::PortUnavailable { .. } => ProblemCode::PortInUse,
             CreateSandboxError::BootTimeout { .. } => ProblemCode::BootTimeout,
             CreateSandboxError::Agent(_) => ProblemCode::AgentError,
             CreateSandboxError::Vmm { .. } | CreateSandboxError::VmmExited { .. } => {
@@ -325,6 +336,20 @@ impl From<ExecError> for Problem {
             // A command that cannot start is an exit status, not an error;
             // callers map it before it gets here.
             _ => ProblemCode::AgentError,
+        };
+        Self::new(code, chain(&e))
+    }
+}
+
+impl From<UpdateNetworkError> for Problem {
+    fn from(e: UpdateNetworkError) -> Self {
+        let code = match &e {
+            UpdateNetworkError::NotFound(id) => return Self::sandbox_not_found(id.as_str()),
+            UpdateNetworkError::Config(_) => ProblemCode::InvalidConfig,
+            UpdateNetworkError::NoNetwork(_) => ProblemCode::NoNetwork,
+            UpdateNetworkError::NotRunning(_) => ProblemCode::NotRunning,
+            UpdateNetworkError::Unsupported(_) => ProblemCode::Unsupported,
+            _ => ProblemCode::HostError,
         };
         Self::new(code, chain(&e))
     }

@@ -10,6 +10,7 @@
 //! POST   /v1/sandboxes/{id}/pause | /resume  pause, resume
 //! POST   /v1/sandboxes/{id}/timeout          set_timeout
 //! GET    /v1/sandboxes/{id}/stats            get_stats
+//! POST   /v1/sandboxes/{id}/network          update_network (egress rules, live)
 //! GET    /v1/sandboxes/{id}/logs             get_logs
 //! POST   /v1/sandboxes/{id}/exec             execute_command (to completion)
 //! GET    /v1/sandboxes/{id}/exec/stream      exec_stream (WebSocket)
@@ -59,7 +60,7 @@ pub const MAX_JSON_BODY: usize = 1024 * 1024;
         sandboxes::create_sandbox, sandboxes::list_sandboxes, sandboxes::get_sandbox,
         sandboxes::delete_sandbox, sandboxes::stop_sandbox, sandboxes::pause_sandbox,
         sandboxes::resume_sandbox, sandboxes::set_timeout, sandboxes::get_stats,
-        sandboxes::get_logs,
+        sandboxes::get_logs, sandboxes::update_network,
         exec::execute_command, exec::exec_stream, exec::list_execs, exec::get_exec,
         exec::attach_exec,
         files::download_file, files::upload_file, files::list_dir, files::stat,
@@ -139,6 +140,10 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         )
         .route(&format!("{sandbox}/timeout"), post(sandboxes::set_timeout))
         .route(&format!("{sandbox}/stats"), get(sandboxes::get_stats))
+        .route(
+            &format!("{sandbox}/network"),
+            post(sandboxes::update_network),
+        )
         .route(&format!("{sandbox}/logs"), get(sandboxes::get_logs))
         .route(&format!("{sandbox}/exec"), post(exec::execute_command))
         .route(&format!("{sandbox}/exec/stream"), get(exec::exec_stream))

@@ -13,6 +13,7 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use nova_core::metadata::SandboxInfo;
+use nova_core::network::{EgressConfig, PortProtocol};
 use nova_core::state::SandboxState;
 use nova_core::stats::SandboxStats;
 use serde::{Deserialize, Serialize};
@@ -45,10 +46,15 @@ pub struct CreateSandboxRequest {
     /// when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<bool>,
-    /// Published ports (at most one): `host_port` on the host forwards to
-    /// `guest_port` in the guest.
+    /// Published ports: `host_port` on the host (all addresses, and
+    /// 127.0.0.1) forwards to `guest_port` in the guest. A host port in use
+    /// is refused with 409 `port_in_use`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ports: Vec<PortMapping>,
+    /// What the sandbox may reach outside (needs a network); everything
+    /// but the always-denied ranges when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress: Option<EgressView>,
     /// Labels for finding the sandbox, with Kubernetes label syntax; keys
     /// starting with `nova.` are the daemon's.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -82,6 +88,76 @@ pub struct PortMapping {
     /// Port in the guest.
     #[schema(minimum = 1, maximum = 65535)]
     pub guest_port: u16,
+    /// `tcp` (the default) or `udp`.
+    #[serde(default)]
+    pub protocol: PortProtocolView,
+}
+
+/// A published port's protocol.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum PortProtocolView {
+    /// TCP.
+    #[default]
+    Tcp,
+    /// UDP.
+    Udp,
+}
+
+impl From<PortProtocolView> for PortProtocol {
+    fn from(p: PortProtocolView) -> Self {
+        match p {
+            PortProtocolView::Tcp => Self::Tcp,
+            PortProtocolView::Udp => Self::Udp,
+        }
+    }
+}
+
+impl From<PortProtocol> for PortProtocolView {
+    fn from(p: PortProtocol) -> Self {
+        match p {
+            PortProtocol::Udp => Self::Udp,
+            _ => Self::Tcp,
+        }
+    }
+}
+
+/// What a sandbox may reach outside: rules the host enforces (nftables),
+/// whatever the guest does. Other sandboxes, the host's own addresses and
+/// 169.254.169.254 are always denied unless allowed explicitly.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EgressView {
+    /// Deny everything not in `allow`.
+    #[serde(default)]
+    pub block_all: bool,
+    /// Allowed IPv4 CIDRs (`10.0.0.0/8`, `192.0.2.7`). Domain names are
+    /// checked but not yet enforced.
+    #[serde(default)]
+    pub allow: Vec<String>,
+    /// Denied IPv4 CIDRs; a deny wins over an allow.
+    #[serde(default)]
+    pub deny: Vec<String>,
+}
+
+impl From<EgressView> for EgressConfig {
+    fn from(e: EgressView) -> Self {
+        Self {
+            block_all: e.block_all,
+            allow: e.allow,
+            deny: e.deny,
+        }
+    }
+}
+
+impl From<&EgressConfig> for EgressView {
+    fn from(e: &EgressConfig) -> Self {
+        Self {
+            block_all: e.block_all,
+            allow: e.allow.clone(),
+            deny: e.deny.clone(),
+        }
+    }
 }
 
 /// A named volume to attach.
@@ -172,6 +248,9 @@ pub struct SandboxView {
     pub network: bool,
     /// Its published ports.
     pub ports: Vec<PortMapping>,
+    /// Its egress rules, when it has any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress: Option<EgressView>,
     /// The caller's labels.
     pub labels: BTreeMap<String, String>,
     /// Creation time, milliseconds since the Unix epoch.
@@ -209,13 +288,15 @@ impl SandboxView {
             vcpus: config.vcpus,
             network: config.enable_network,
             ports: config
-                .host_port
-                .map(|host_port| PortMapping {
-                    host_port,
-                    guest_port: config.guest_port,
-                })
+                .published_ports()
                 .into_iter()
+                .map(|p| PortMapping {
+                    host_port: p.host_port,
+                    guest_port: p.guest_port,
+                    protocol: p.protocol.into(),
+                })
                 .collect(),
+            egress: config.egress.as_ref().map(EgressView::from),
             labels: record.map(|r| r.labels.clone()).unwrap_or_default(),
             created_at_ms: info.created_at_ms,
             expires_at_ms: record
@@ -494,6 +575,37 @@ pub async fn set_timeout(
     Ok(axum::Json(
         daemon.set_timeout(&id, request.timeout_secs).await?,
     ))
+}
+
+/// New egress rules for a sandbox.
+#[derive(Clone, Debug, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkUpdate {
+    /// The rules that replace the sandbox's, at once.
+    pub egress: EgressView,
+}
+
+/// Replaces a running (or paused) sandbox's egress rules without a restart.
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/network", tag = "sandboxes",
+    operation_id = "update_network",
+    params(("id" = String, Path, description = "Sandbox id")),
+    request_body = NetworkUpdate,
+    responses(
+        (status = 200, description = "The rules are in force", body = SandboxView),
+        (status = "4XX", description = "No such sandbox, no network, bad rules, not running", body = Problem, content_type = "application/problem+json"),
+        (status = "5XX", description = "The host's firewall failed", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn update_network(
+    State(daemon): State<Arc<Daemon>>,
+    ApiPath(id): ApiPath<String>,
+    ApiJson(update): ApiJson<NetworkUpdate>,
+) -> Result<axum::Json<SandboxView>, Problem> {
+    let sid = daemon.known(&id).await?;
+    daemon
+        .hypervisor()
+        .update_network(&sid, update.egress.into())
+        .await?;
+    Ok(axum::Json(daemon.view(&id).await?))
 }
 
 /// Resource usage: the VMM's, the host's and the guest's view.
