@@ -26,6 +26,7 @@
 pub mod api;
 pub mod auth;
 pub mod daemon;
+pub mod e2b;
 pub mod metrics;
 pub mod policy;
 pub mod pool;
@@ -57,6 +58,9 @@ pub struct ServeOptions {
     pub socket: PathBuf,
     /// Also listen on this TCP address, with a bearer token.
     pub tcp: Option<SocketAddr>,
+    /// Also serve E2B's API (both planes, [`e2b`]) on this TCP address,
+    /// with the token as its API key.
+    pub e2b: Option<SocketAddr>,
     /// The policy file (default `$NOVA_HOME/policy.toml`; missing means the
     /// defaults).
     pub policy: PathBuf,
@@ -69,6 +73,7 @@ impl ServeOptions {
             socket: home.root().join(SOCKET_FILE),
             policy: home.root().join(POLICY_FILE),
             tcp: None,
+            e2b: None,
             home,
         }
     }
@@ -110,12 +115,28 @@ fn io_err(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> S
     }
 }
 
+/// Binds `addr` (if any) with the daemon's token (made at the first use).
+async fn bind_tcp(
+    root: &Path,
+    addr: Option<SocketAddr>,
+) -> Result<Option<(tokio::net::TcpListener, auth::Token)>, ServeError> {
+    let Some(addr) = addr else { return Ok(None) };
+    let token_path = root.join(auth::TOKEN_FILE);
+    let token = auth::Token::load_or_create(&token_path)
+        .map_err(io_err("read or create the token", &token_path))?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(io_err("listen on", Path::new(&addr.to_string())))?;
+    Ok(Some((listener, token)))
+}
+
 /// A daemon bound to its sockets, ready to serve.
 #[derive(Debug)]
 pub struct Server {
     daemon: Arc<Daemon>,
     unix: tokio::net::UnixListener,
     tcp: Option<(tokio::net::TcpListener, auth::Token)>,
+    e2b: Option<(tokio::net::TcpListener, auth::Token)>,
     _lock: std::fs::File,
     socket: PathBuf,
 }
@@ -155,25 +176,21 @@ impl Server {
             .map_err(io_err("listen on", &options.socket))?;
         std::fs::set_permissions(&options.socket, std::fs::Permissions::from_mode(0o600))
             .map_err(io_err("restrict", &options.socket))?;
-        let tcp = match options.tcp {
-            Some(addr) => {
-                let token_path = root.join(auth::TOKEN_FILE);
-                let token = auth::Token::load_or_create(&token_path)
-                    .map_err(io_err("read or create the token", &token_path))?;
-                let listener = tokio::net::TcpListener::bind(addr)
-                    .await
-                    .map_err(io_err("listen on", Path::new(&addr.to_string())))?;
-                Some((listener, token))
-            }
-            None => None,
-        };
+        let tcp = bind_tcp(&root, options.tcp).await?;
+        let e2b = bind_tcp(&root, options.e2b).await?;
         Ok(Self {
             daemon,
             unix,
             tcp,
+            e2b,
             _lock: lock,
             socket: options.socket,
         })
+    }
+
+    /// The E2B API's address, when serving it.
+    pub fn e2b_addr(&self) -> Option<SocketAddr> {
+        self.e2b.as_ref().and_then(|(l, _)| l.local_addr().ok())
     }
 
     /// The daemon.
@@ -197,6 +214,7 @@ impl Server {
             daemon,
             unix,
             tcp,
+            e2b,
             _lock,
             socket,
         } = self;
@@ -223,10 +241,23 @@ impl Server {
                     .await
             })
         });
+        let e2b_task = e2b.map(|(listener, token)| {
+            let domain = listener
+                .local_addr()
+                .map(|a| format!("localhost:{}", a.port()))
+                .unwrap_or_else(|_| "localhost".into());
+            let router = e2b::router(e2b::E2b::new(daemon.clone(), token, domain));
+            let stop = stopped(stop_rx.clone());
+            tokio::spawn(async move {
+                axum::serve(listener, router)
+                    .with_graceful_shutdown(stop)
+                    .await
+            })
+        });
         let unix_result = axum::serve(unix, router)
             .with_graceful_shutdown(stopped(stop_rx))
             .await;
-        if let Some(task) = tcp_task {
+        for task in [tcp_task, e2b_task].into_iter().flatten() {
             let _ = task.await;
         }
         let _ = std::fs::remove_file(&socket);

@@ -1,0 +1,473 @@
+//! E2B's API on the daemon, so the unmodified `e2b` SDKs (and the tools
+//! built on them) run on NovaSandbox.
+//!
+//! It is served on its own TCP listener (`nova serve --e2b-listen ADDR`),
+//! which carries both of E2B's planes; a request is for the sandbox plane
+//! when it names a sandbox, as the SDK does when `E2B_SANDBOX_URL` is set
+//! (`E2b-Sandbox-Id` / `E2b-Sandbox-Port` headers) or by a
+//! `<port>-<sandbox id>.<domain>` Host:
+//!
+//! ```text
+//! request --(E2b-Sandbox-Id or <port>-<id>.* Host?)--+-- no --> control::router   X-API-Key = daemon token
+//!                                                     |           /sandboxes, /v2/sandboxes ...
+//!                                                     +-- yes -> envd (port 49983 only)  X-Access-Token
+//!                                                                 GET  /health
+//!                                                                 GET|POST /files             files.rs
+//!                                                                 POST /process.Process/*     process.rs  (Connect, connect.rs)
+//!                                                                 POST /filesystem.Filesystem/* filesystem.rs
+//! ```
+//!
+//! envd runs in E2B's guests; here it is served by the daemon on the host,
+//! over the same [`Daemon`] calls as `/v1`, so the operator's policy applies
+//! identically. A sandbox's `envdAccessToken` is derived from the daemon's
+//! token and the sandbox id (SHA-256), so it needs no state and only the
+//! daemon can mint it. Requests for other guest ports are answered 502
+//! (port forwarding through this listener is not served).
+
+pub mod connect;
+pub mod control;
+pub mod files;
+pub mod filesystem;
+pub mod process;
+pub mod wire;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{HeaderMap, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use nova_core::id::SandboxId;
+use sha2::{Digest, Sha256};
+use tower::ServiceExt;
+
+use crate::auth::Token;
+use crate::daemon::Daemon;
+use connect::{Code, ConnectError, Framing};
+
+/// The port envd listens on in E2B's guests (what the SDK asks for).
+pub const ENVD_PORT: u16 = 49983;
+
+/// The E2B API's state.
+#[derive(Debug)]
+pub struct E2b {
+    daemon: Arc<Daemon>,
+    token: Token,
+    domain: String,
+    processes: Arc<process::Processes>,
+}
+
+impl E2b {
+    /// The E2B API over `daemon`, with `token` as the API key; `domain` is
+    /// what sandboxes report as theirs (`<port>-<id>.<domain>` hosts).
+    pub fn new(daemon: Arc<Daemon>, token: Token, domain: String) -> Arc<Self> {
+        Arc::new(Self {
+            daemon,
+            token,
+            domain,
+            processes: Arc::new(process::Processes::default()),
+        })
+    }
+
+    /// The `envdAccessToken` of sandbox `id`.
+    pub fn access_token(&self, id: &str) -> String {
+        let mut h = Sha256::new();
+        h.update(b"nova-e2b-envd\0");
+        h.update(self.token.as_str().as_bytes());
+        h.update(b"\0");
+        h.update(id.as_bytes());
+        h.finalize()
+            .iter()
+            .take(20)
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+
+    fn access_token_matches(&self, id: &str, presented: &str) -> bool {
+        use subtle::ConstantTimeEq;
+        self.access_token(id)
+            .as_bytes()
+            .ct_eq(presented.as_bytes())
+            .into()
+    }
+}
+
+/// The sandbox and port a sandbox-plane request is for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Target {
+    /// The sandbox id as given.
+    pub sandbox: String,
+    /// The guest port.
+    pub port: u16,
+}
+
+/// The target a request names, if it is for the sandbox plane.
+pub fn target(headers: &HeaderMap) -> Option<Target> {
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+    };
+    if let Some(sandbox) = header("e2b-sandbox-id").filter(|s| !s.is_empty()) {
+        let port = header("e2b-sandbox-port")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(ENVD_PORT);
+        return Some(Target {
+            sandbox: sandbox.to_owned(),
+            port,
+        });
+    }
+    // <port>-<id>.<domain>[:port]
+    let host = header("host")?;
+    let first = host.split('.').next()?;
+    let (port, sandbox) = first.split_once('-')?;
+    let port: u16 = port.parse().ok()?;
+    sandbox.parse::<SandboxId>().ok()?;
+    Some(Target {
+        sandbox: sandbox.to_owned(),
+        port,
+    })
+}
+
+/// The E2B listener's router: both planes.
+pub fn router(e2b: Arc<E2b>) -> Router {
+    let control = control::router(e2b.clone());
+    let envd = envd_router(e2b);
+    Router::new().fallback(move |mut request: Request| {
+        let control = control.clone();
+        let envd = envd.clone();
+        async move {
+            let result = match target(request.headers()) {
+                Some(t) => {
+                    request.extensions_mut().insert(t);
+                    envd.oneshot(request).await
+                }
+                None => control.oneshot(request).await,
+            };
+            match result {
+                Ok(response) => response,
+                Err(never) => match never {},
+            }
+        }
+    })
+}
+
+fn envd_router(e2b: Arc<E2b>) -> Router {
+    Router::new()
+        .route("/health", axum::routing::get(health))
+        .route("/files", axum::routing::get(files_get).post(files_post))
+        .route("/{service}/{method}", axum::routing::post(rpc))
+        .fallback(envd_unserved)
+        .with_state(e2b)
+}
+
+/// Why a sandbox-plane request cannot be served, as (status, message).
+#[derive(Debug)]
+struct Refused(StatusCode, String);
+
+impl IntoResponse for Refused {
+    fn into_response(self) -> Response {
+        let body = serde_json::json!({ "code": self.0.as_u16(), "message": self.1 });
+        (self.0, axum::Json(body)).into_response()
+    }
+}
+
+impl From<Refused> for ConnectError {
+    fn from(r: Refused) -> Self {
+        let code = match r.0 {
+            StatusCode::UNAUTHORIZED => Code::Unauthenticated,
+            StatusCode::BAD_GATEWAY => Code::Unavailable,
+            StatusCode::NOT_IMPLEMENTED => Code::Unimplemented,
+            _ => Code::InvalidArgument,
+        };
+        ConnectError::new(code, r.1)
+    }
+}
+
+/// Checks the target is envd's port, the token is the sandbox's, and the
+/// sandbox is live; returns its id.
+async fn admit(
+    e2b: &E2b,
+    request_target: Option<&Target>,
+    headers: &HeaderMap,
+    need_token: bool,
+) -> Result<SandboxId, Refused> {
+    let Some(t) = request_target else {
+        return Err(Refused(
+            StatusCode::BAD_REQUEST,
+            "no sandbox named (E2b-Sandbox-Id)".into(),
+        ));
+    };
+    if t.port != ENVD_PORT {
+        return Err(Refused(
+            StatusCode::BAD_GATEWAY,
+            format!(
+                "port {} of sandbox {}: reaching guest ports through the E2B API is not served by NovaSandbox (publish the port with the /v1 API instead); the port is not open here",
+                t.port, t.sandbox
+            ),
+        ));
+    }
+    if need_token {
+        let presented = headers
+            .get("x-access-token")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        if !e2b.access_token_matches(&t.sandbox, presented) {
+            return Err(Refused(
+                StatusCode::UNAUTHORIZED,
+                "missing or wrong X-Access-Token for this sandbox".into(),
+            ));
+        }
+    }
+    let sandbox_gone = || {
+        Refused(
+            StatusCode::BAD_GATEWAY,
+            format!("The sandbox {} was not found", t.sandbox),
+        )
+    };
+    let id = e2b
+        .daemon
+        .known(&t.sandbox)
+        .await
+        .map_err(|_| sandbox_gone())?;
+    match e2b.daemon.hypervisor().get(&id).await {
+        Some(info) if info.state.is_live() => Ok(id),
+        _ => Err(sandbox_gone()),
+    }
+}
+
+async fn health(State(e2b): State<Arc<E2b>>, request: Request) -> Response {
+    match admit(
+        &e2b,
+        request.extensions().get::<Target>(),
+        request.headers(),
+        false,
+    )
+    .await
+    {
+        Ok(_) => StatusCode::NO_CONTENT.into_response(),
+        Err(r) => r.into_response(),
+    }
+}
+
+async fn files_get(
+    State(e2b): State<Arc<E2b>>,
+    Query(q): Query<files::FilesQuery>,
+    request: Request,
+) -> Response {
+    let id = match admit(
+        &e2b,
+        request.extensions().get::<Target>(),
+        request.headers(),
+        true,
+    )
+    .await
+    {
+        Ok(id) => id,
+        Err(r) => return r.into_response(),
+    };
+    files::download(&e2b.daemon, &id, q)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn files_post(
+    State(e2b): State<Arc<E2b>>,
+    Query(q): Query<files::FilesQuery>,
+    request: Request,
+) -> Response {
+    let id = match admit(
+        &e2b,
+        request.extensions().get::<Target>(),
+        request.headers(),
+        true,
+    )
+    .await
+    {
+        Ok(id) => id,
+        Err(r) => return r.into_response(),
+    };
+    let (parts, body) = request.into_parts();
+    files::upload(&e2b.daemon, &id, q, &parts.headers, body)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn envd_unserved(request: Request) -> Response {
+    let (status, what) = if request.method() == Method::POST {
+        (
+            StatusCode::NOT_IMPLEMENTED,
+            format!("RPC {}", request.uri().path()),
+        )
+    } else {
+        (
+            StatusCode::NOT_FOUND,
+            format!("{} {}", request.method(), request.uri().path()),
+        )
+    };
+    let e = ConnectError::unimplemented(&what);
+    let body = serde_json::json!({ "code": e.code.as_str(), "message": e.message });
+    (
+        status,
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+/// A Connect call: unary or server-streaming by method.
+async fn rpc(
+    State(e2b): State<Arc<E2b>>,
+    Path((service, method)): Path<(String, String)>,
+    request: Request,
+) -> Response {
+    let streaming = matches!(
+        (service.as_str(), method.as_str()),
+        ("process.Process", "Start" | "Connect") | ("filesystem.Filesystem", "WatchDir")
+    );
+    let fail = |e: ConnectError| {
+        if streaming {
+            connect::stream_error(e)
+        } else {
+            e.into_response()
+        }
+    };
+    let framing = if streaming {
+        Framing::Stream
+    } else {
+        Framing::Unary
+    };
+    if let Err(e) = connect::check_content_type(request.headers(), framing) {
+        return fail(e);
+    }
+    let id = match admit(
+        &e2b,
+        request.extensions().get::<Target>(),
+        request.headers(),
+        true,
+    )
+    .await
+    {
+        Ok(id) => id,
+        Err(r) => return fail(r.into()),
+    };
+    let (parts, body) = request.into_parts();
+    let body: Bytes = match axum::body::to_bytes(Body::new(body), connect::MAX_MESSAGE + 5).await {
+        Ok(b) => b,
+        Err(_) => {
+            return fail(ConnectError::new(
+                Code::ResourceExhausted,
+                "request message too large",
+            ));
+        }
+    };
+    let result = if streaming {
+        stream_call(&e2b, &id, &parts.headers, &service, &method, &body).await
+    } else {
+        unary_call(&e2b, &id, &service, &method, &body).await
+    };
+    result.unwrap_or_else(fail)
+}
+
+async fn stream_call(
+    e2b: &Arc<E2b>,
+    id: &SandboxId,
+    headers: &HeaderMap,
+    service: &str,
+    method: &str,
+    body: &[u8],
+) -> Result<Response, ConnectError> {
+    match (service, method) {
+        ("process.Process", "Start") => {
+            let r = connect::decode_stream_request(body)?;
+            process::start(&e2b.daemon, &e2b.processes, id, headers, r).await
+        }
+        ("process.Process", "Connect") => {
+            let r = connect::decode_stream_request(body)?;
+            process::connect(&e2b.daemon, &e2b.processes, id, headers, r).await
+        }
+        _ => Err(ConnectError::unimplemented(&format!(
+            "{service}/{method} (watching directories)"
+        ))),
+    }
+}
+
+async fn unary_call(
+    e2b: &Arc<E2b>,
+    id: &SandboxId,
+    service: &str,
+    method: &str,
+    body: &[u8],
+) -> Result<Response, ConnectError> {
+    use connect::{decode_unary as d, unary_response as ok};
+    let (daemon, procs) = (&e2b.daemon, &e2b.processes);
+    Ok(match (service, method) {
+        ("process.Process", "List") => ok(&process::list(daemon, procs, id).await?),
+        ("process.Process", "SendSignal") => {
+            ok(&process::send_signal(daemon, procs, id, d(body)?).await?)
+        }
+        ("process.Process", "SendInput") => ok(&process::send_input(procs, id, d(body)?).await?),
+        ("process.Process", "CloseStdin") => ok(&process::close_stdin(procs, id, d(body)?)?),
+        ("process.Process", "Update") => ok(&process::update(daemon, procs, id, d(body)?).await?),
+        ("filesystem.Filesystem", "Stat") => ok(&filesystem::stat(daemon, id, d(body)?).await?),
+        ("filesystem.Filesystem", "ListDir") => {
+            ok(&filesystem::list_dir(daemon, id, d(body)?).await?)
+        }
+        ("filesystem.Filesystem", "MakeDir") => {
+            ok(&filesystem::make_dir(daemon, id, d(body)?).await?)
+        }
+        ("filesystem.Filesystem", "Move") => {
+            ok(&filesystem::move_entry(daemon, id, d(body)?).await?)
+        }
+        ("filesystem.Filesystem", "Remove") => {
+            filesystem::remove(daemon, id, d(body)?).await?;
+            ok(&wire::Empty {})
+        }
+        ("process.Process", "StreamInput") => {
+            return Err(ConnectError::unimplemented(
+                "process.Process/StreamInput (client streaming; use SendInput)",
+            ));
+        }
+        ("filesystem.Filesystem", m @ ("CreateWatcher" | "GetWatcherEvents" | "RemoveWatcher")) => {
+            return Err(ConnectError::unimplemented(&format!(
+                "filesystem.Filesystem/{m} (watching directories)"
+            )));
+        }
+        _ => return Err(ConnectError::unimplemented(&format!("{service}/{method}"))),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+
+    #[test]
+    fn requests_name_their_sandbox_by_header_or_host() {
+        let mut h = HeaderMap::new();
+        h.insert("host", HeaderValue::from_static("127.0.0.1:3000"));
+        assert_eq!(target(&h), None);
+        h.insert(
+            "host",
+            HeaderValue::from_static("8080-sb-abcdefghjkmnp.localhost:3000"),
+        );
+        assert_eq!(
+            target(&h),
+            Some(Target {
+                sandbox: "sb-abcdefghjkmnp".into(),
+                port: 8080
+            })
+        );
+        h.insert("e2b-sandbox-id", HeaderValue::from_static("sb-x"));
+        h.insert("e2b-sandbox-port", HeaderValue::from_static("49983"));
+        assert_eq!(
+            target(&h),
+            Some(Target {
+                sandbox: "sb-x".into(),
+                port: ENVD_PORT
+            })
+        );
+    }
+}
