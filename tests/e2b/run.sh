@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# The unmodified `e2b` Python SDK (pinned below, from PyPI) against a
+# `nova serve --e2b-listen` on loopback with a private NOVA_HOME (templates
+# symlinked from $NOVA_TEMPLATES, default /var/lib/nova/templates; network
+# off). Prints each step's time; exits non-zero on the first failure.
+#
+#   tests/e2b/run.sh            (make e2b-test builds nova first)
+#
+# Env: NOVA (the nova binary), E2B_VENV (venv cache, default target/e2b-venv),
+# E2B_TEST_TEMPLATE (default minimal).
+set -euo pipefail
+
+E2B_VERSION=2.63.0
+root=$(cd "$(dirname "$0")/../.." && pwd)
+target=${CARGO_TARGET_DIR:-$root/target}
+nova=${NOVA:-$target/debug/nova}
+venv=${E2B_VENV:-$target/e2b-venv}
+templates=${NOVA_TEMPLATES:-/var/lib/nova/templates}
+
+[ -x "$nova" ] || { echo "e2b-test: no nova binary at $nova (cargo build -p nova-cli)"; exit 1; }
+if [ ! -f "$templates/minimal/minimal.json" ]; then
+    echo "SKIP e2b-test: no templates in $templates (make images)"
+    exit 0
+fi
+
+if ! "$venv/bin/python" -c "import e2b, importlib.metadata as m; assert m.version('e2b') == '$E2B_VERSION'" 2>/dev/null; then
+    echo "e2b-test: installing e2b==$E2B_VERSION into $venv"
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install --quiet "e2b==$E2B_VERSION"
+fi
+
+home=$(mktemp -d /tmp/nova-e2b-test.XXXXXX)
+daemon_pid=
+cleanup() {
+    if [ -n "$daemon_pid" ]; then
+        # The daemon we started, and its process group (setsid below).
+        kill -TERM -- "-$daemon_pid" 2>/dev/null || true
+        for _ in $(seq 50); do kill -0 "$daemon_pid" 2>/dev/null || break; sleep 0.1; done
+        kill -KILL -- "-$daemon_pid" 2>/dev/null || true
+    fi
+    rm -rf "$home"
+}
+trap cleanup EXIT
+
+ln -s "$templates" "$home/templates"
+cat > "$home/policy.toml" <<TOML
+[templates]
+default = "minimal"
+
+[network]
+default = false
+TOML
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+NOVA_HOME=$home setsid "$nova" serve --e2b-listen "127.0.0.1:$port" > "$home/daemon.log" 2>&1 &
+daemon_pid=$!
+
+for _ in $(seq 300); do
+    [ -s "$home/token" ] && (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
+    kill -0 "$daemon_pid" 2>/dev/null || { cat "$home/daemon.log"; echo "e2b-test: the daemon exited"; exit 1; }
+    sleep 0.1
+done
+
+export E2B_API_URL="http://127.0.0.1:$port"
+export E2B_SANDBOX_URL="http://127.0.0.1:$port"
+export E2B_API_KEY=$(cat "$home/token")
+export E2B_TEST_TEMPLATE=${E2B_TEST_TEMPLATE:-minimal}
+if ! "$venv/bin/python" "$root/tests/e2b/test_sdk.py"; then
+    echo "--- daemon log (tail):"
+    tail -n 40 "$home/daemon.log"
+    exit 1
+fi

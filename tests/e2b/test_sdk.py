@@ -1,0 +1,186 @@
+"""The unmodified `e2b` Python SDK against NovaSandbox's E2B API.
+
+Run by tests/e2b/run.sh, which starts `nova serve --e2b-listen` with a
+private NOVA_HOME and sets E2B_API_URL, E2B_SANDBOX_URL and E2B_API_KEY.
+Every sandbox made here is killed before the script ends, pass or fail.
+"""
+
+import asyncio
+import os
+import sys
+import time
+
+from e2b import AsyncSandbox, CommandExitException, Sandbox
+from e2b.exceptions import NotFoundException
+
+TEMPLATE = os.environ.get("E2B_TEST_TEMPLATE", "minimal")
+STEPS = []
+
+
+def step(name, started):
+    took = time.monotonic() - started
+    STEPS.append((name, took))
+    print(f"ok  {name:<42} {took * 1000:8.0f} ms", flush=True)
+
+
+def check_sync():
+    t = time.monotonic()
+    sbx = Sandbox.create(template=TEMPLATE, timeout=120, metadata={"suite": "e2b-compat"})
+    step("sync: Sandbox.create", t)
+    try:
+        t = time.monotonic()
+        r = sbx.commands.run("echo hi")
+        assert r.exit_code == 0, r
+        assert r.stdout == "hi\n", repr(r.stdout)
+        step("sync: commands.run('echo hi')", t)
+
+        t = time.monotonic()
+        r = sbx.commands.run("echo $FOO; pwd", envs={"FOO": "bar"}, cwd="/tmp")
+        assert r.stdout == "bar\n/tmp\n", repr(r.stdout)
+        step("sync: run with envs and cwd", t)
+
+        t = time.monotonic()
+        try:
+            sbx.commands.run("echo oops >&2; exit 3")
+            raise AssertionError("a failing command did not raise")
+        except CommandExitException as e:
+            assert e.exit_code == 3, e.exit_code
+            assert e.stderr == "oops\n", repr(e.stderr)
+        step("sync: failing command raises CommandExitException", t)
+
+        t = time.monotonic()
+        h = sbx.commands.run(
+            "i=0; while true; do echo tick $i; i=$((i+1)); sleep 0.2; done",
+            background=True,
+        )
+        assert h.pid > 0, h.pid
+        listed = [p.pid for p in sbx.commands.list()]
+        assert h.pid in listed, (h.pid, listed)
+        # The sync handle reads its stream as it is iterated.
+        seen = []
+        for stdout, _, _ in h:
+            if stdout:
+                seen.append(stdout)
+            if len(seen) >= 2:
+                break
+        assert seen[0].startswith("tick 0"), seen
+        assert h.kill() is True
+        try:
+            h.wait()
+            raise AssertionError("a killed command exited 0")
+        except CommandExitException as e:
+            assert e.exit_code != 0, e.exit_code
+        assert h.pid not in [p.pid for p in sbx.commands.list()]
+        step("sync: background command streams, kill()", t)
+
+        t = time.monotonic()
+        h = sbx.commands.run("read line; echo got $line", background=True, stdin=True)
+        sbx.commands.send_stdin(h.pid, "hello\n")
+        r = h.wait()
+        assert r.stdout == "got hello\n", repr(r.stdout)
+        step("sync: stdin to a background command", t)
+
+        t = time.monotonic()
+        info = sbx.files.write("/tmp/e2b/hello.txt", "hello world\n")
+        assert info.path == "/tmp/e2b/hello.txt", info
+        assert sbx.files.read("/tmp/e2b/hello.txt") == "hello world\n"
+        names = [e.name for e in sbx.files.list("/tmp/e2b")]
+        assert names == ["hello.txt"], names
+        assert sbx.files.exists("/tmp/e2b/hello.txt")
+        sbx.files.make_dir("/tmp/e2b/sub")
+        sbx.files.rename("/tmp/e2b/hello.txt", "/tmp/e2b/sub/moved.txt")
+        assert sbx.files.read("/tmp/e2b/sub/moved.txt") == "hello world\n"
+        sbx.files.remove("/tmp/e2b/sub/moved.txt")
+        assert not sbx.files.exists("/tmp/e2b/sub/moved.txt")
+        try:
+            sbx.files.read("/tmp/e2b/nope")
+            raise AssertionError("reading a missing file did not raise")
+        except NotFoundException:
+            pass
+        step("sync: files write/read/list/rename/remove", t)
+
+        t = time.monotonic()
+        sbx.set_timeout(60)
+        info = sbx.get_info()
+        assert info.sandbox_id == sbx.sandbox_id
+        assert info.metadata.get("suite") == "e2b-compat", info.metadata
+        assert sbx.sandbox_id in [s.sandbox_id for s in Sandbox.list().next_items()]
+        step("sync: set_timeout, get_info, list", t)
+
+        t = time.monotonic()
+        assert sbx.is_running()
+        n = 20
+        for _ in range(n):
+            sbx.commands.run("true")
+        per = (time.monotonic() - t) / n
+        STEPS.append(("bench: commands.run('true') round trip", per))
+        print(f"    bench: commands.run('true') {per * 1000:.1f} ms per call (n={n})", flush=True)
+    finally:
+        t = time.monotonic()
+        assert sbx.kill() is True
+        step("sync: kill", t)
+    assert not sbx.is_running()
+    assert Sandbox.kill(sbx.sandbox_id) is False
+
+
+async def check_async():
+    t = time.monotonic()
+    sbx = await AsyncSandbox.create(template=TEMPLATE, timeout=120)
+    step("async: AsyncSandbox.create", t)
+    try:
+        t = time.monotonic()
+        r = await sbx.commands.run("echo hi")
+        assert (r.exit_code, r.stdout) == (0, "hi\n"), r
+        try:
+            await sbx.commands.run("echo bad >&2; exit 2")
+            raise AssertionError("a failing command did not raise")
+        except CommandExitException as e:
+            assert (e.exit_code, e.stderr) == (2, "bad\n"), (e.exit_code, e.stderr)
+        step("async: run, failing run", t)
+
+        t = time.monotonic()
+        seen = []
+        h = await sbx.commands.run(
+            "while true; do echo x; sleep 0.2; done",
+            background=True,
+            on_stdout=lambda line: seen.append(line),
+        )
+        deadline = time.monotonic() + 20
+        while len(seen) < 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert len(seen) >= 2, seen
+        assert await h.kill() is True
+        step("async: background command streams, kill()", t)
+
+        t = time.monotonic()
+        await sbx.files.write("/tmp/a.txt", b"bytes\x00here")
+        assert await sbx.files.read("/tmp/a.txt", format="bytes") == b"bytes\x00here"
+        assert "a.txt" in [e.name for e in await sbx.files.list("/tmp")]
+        await sbx.files.remove("/tmp/a.txt")
+        assert not await sbx.files.exists("/tmp/a.txt")
+        step("async: files write/read/list/remove", t)
+
+        t = time.monotonic()
+        await sbx.set_timeout(60)
+        step("async: set_timeout", t)
+    finally:
+        t = time.monotonic()
+        await sbx.kill()
+        step("async: kill", t)
+
+
+def main():
+    started = time.monotonic()
+    check_sync()
+    asyncio.run(check_async())
+    print(f"e2b SDK against NovaSandbox: {len(STEPS)} steps passed in {time.monotonic() - started:.1f} s")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except Exception:
+        import traceback
+
+        traceback.print_exc()
+        sys.exit(1)
