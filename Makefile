@@ -23,7 +23,7 @@ DEPS_PACKAGES := qemu-system-x86 linux-source-6.1 debootstrap debian-archive-key
 	xz-utils fakeroot nftables
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: deps agent nova images bench-boot demo test lint examples
+.PHONY: deps agent nova images bench-boot demo test lint examples e2b-test
 
 deps:
 	@missing=$$(for p in $(DEPS_PACKAGES); do \
@@ -64,6 +64,11 @@ examples: images
 	NOVA_EXAMPLE_TEMPLATE=minimal $(CARGO) run --quiet -p novasandbox --example parallel
 	NOVA_EXAMPLE_TEMPLATE=python $(CARGO) run --quiet -p novasandbox --example monitor
 
+# The unmodified `e2b` Python SDK (from PyPI, pinned in the script) against
+# `nova serve --e2b-listen` on loopback with a private NOVA_HOME.
+e2b-test: nova
+	tests/e2b/run.sh
+
 # The README's test command, and what CI runs: installs what the tests need,
 # builds the images (cached), then runs every test and example.
 test: deps images lint
@@ -71,5 +76,6 @@ test: deps images lint
 	@echo "--- tests gated on NOVA_FIRECRACKER_BIN / NOVA_TEST_KVM=1 (SKIP lines mean they did not run here):"
 	@$(CARGO) test -q -p nova-firecracker --test firecracker -- --nocapture 2>&1 | grep -E '^(SKIP|test result)' || true
 	$(MAKE) examples
+	$(MAKE) e2b-test
 	@echo "--- the seed's benchmark table, small N (figures printed, not asserted):"
 	$(NOVA) bench seed -n 3

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The unmodified `e2b` Python SDK (pinned below, from PyPI) against a
 # `nova serve --e2b-listen` on loopback with a private NOVA_HOME (templates
-# symlinked from $NOVA_TEMPLATES, default /var/lib/nova/templates; network
+# symlinked from $NOVA_TEMPLATES, default $NOVA_HOME/templates; network
 # off). Prints each step's time; exits non-zero on the first failure.
 #
 #   tests/e2b/run.sh            (make e2b-test builds nova first)
@@ -15,7 +15,8 @@ root=$(cd "$(dirname "$0")/../.." && pwd)
 target=${CARGO_TARGET_DIR:-$root/target}
 nova=${NOVA:-$target/debug/nova}
 venv=${E2B_VENV:-$target/e2b-venv}
-templates=${NOVA_TEMPLATES:-/var/lib/nova/templates}
+if [ "$(id -u)" = 0 ]; then default_home=/var/lib/nova; else default_home=$HOME/.local/share/nova; fi
+templates=${NOVA_TEMPLATES:-${NOVA_HOME:-$default_home}/templates}
 
 [ -x "$nova" ] || { echo "e2b-test: no nova binary at $nova (cargo build -p nova-cli)"; exit 1; }
 if [ ! -f "$templates/minimal/minimal.json" ]; then
