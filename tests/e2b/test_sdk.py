@@ -10,7 +10,7 @@ import os
 import sys
 import time
 
-from e2b import AsyncSandbox, CommandExitException, Sandbox
+from e2b import AsyncSandbox, CommandExitException, PtySize, Sandbox
 from e2b.exceptions import NotFoundException
 
 TEMPLATE = os.environ.get("E2B_TEST_TEMPLATE", "minimal")
@@ -81,6 +81,34 @@ def check_sync():
         step("sync: stdin to a background command", t)
 
         t = time.monotonic()
+        h = sbx.commands.run("sleep 0.5; echo reconnected", background=True)
+        h.disconnect()
+        r = sbx.commands.connect(h.pid).wait()
+        assert r.stdout == "reconnected\n", repr(r.stdout)
+        step("sync: disconnect and commands.connect(pid)", t)
+
+        t = time.monotonic()
+        term = sbx.pty.create(PtySize(rows=24, cols=80))
+        sbx.pty.resize(term.pid, PtySize(rows=40, cols=100))
+        sbx.pty.send_stdin(term.pid, b"stty size; echo pty-$((40+2))\n")
+        screen = b""
+        for _, _, pty in term:
+            screen += pty or b""
+            if b"pty-42" in screen:
+                break
+        assert b"40 100" in screen, screen
+        assert sbx.pty.kill(term.pid) is True
+        step("sync: pty create, resize, input, kill", t)
+
+        t = time.monotonic()
+        try:
+            sbx.files.watch_dir("/tmp")
+            raise AssertionError("watch_dir did not fail")
+        except Exception as e:
+            assert "not served" in str(e), repr(e)
+        step("sync: an unserved RPC fails fast, naming itself", t)
+
+        t = time.monotonic()
         info = sbx.files.write("/tmp/e2b/hello.txt", "hello world\n")
         assert info.path == "/tmp/e2b/hello.txt", info
         assert sbx.files.read("/tmp/e2b/hello.txt") == "hello world\n"
@@ -106,6 +134,15 @@ def check_sync():
         assert info.metadata.get("suite") == "e2b-compat", info.metadata
         assert sbx.sandbox_id in [s.sandbox_id for s in Sandbox.list().next_items()]
         step("sync: set_timeout, get_info, list", t)
+
+        t = time.monotonic()
+        metrics = sbx.get_metrics()
+        assert metrics and metrics[0].cpu_count >= 1, metrics
+        assert sbx.pause() is True
+        assert [s.state.value for s in Sandbox.list().next_items() if s.sandbox_id == sbx.sandbox_id] == ["paused"]
+        sbx = Sandbox.connect(sbx.sandbox_id)
+        assert sbx.commands.run("echo back").stdout == "back\n"
+        step("sync: metrics, pause, connect (resume)", t)
 
         t = time.monotonic()
         assert sbx.is_running()

@@ -209,8 +209,9 @@ fn to_request(
     })
 }
 
-/// `/bin/bash [-l] -c SCRIPT` as `/bin/sh -c SCRIPT`, for guests without
-/// bash (the `minimal` template is busybox).
+/// bash as `/bin/sh`, for guests without bash (the `minimal` template is
+/// busybox): `/bin/bash [-l] -c SCRIPT` becomes `/bin/sh -c SCRIPT`, any
+/// other bash command line (`-i -l` for a PTY) runs with `/bin/sh`.
 fn bash_fallback(request: &ExecRequest) -> Option<ExecRequest> {
     let Command::Argv(argv) = &request.command else {
         return None;
@@ -219,14 +220,19 @@ fn bash_fallback(request: &ExecRequest) -> Option<ExecRequest> {
     if cmd != "/bin/bash" && cmd != "bash" {
         return None;
     }
-    let rest: Vec<&String> = rest.iter().filter(|a| *a != "-l").collect();
-    match rest.as_slice() {
-        [c, script] if *c == "-c" => Some(ExecRequest {
-            command: Command::Shell((*script).clone()),
-            ..request.clone()
-        }),
-        _ => None,
-    }
+    let without_login: Vec<&String> = rest.iter().filter(|a| *a != "-l").collect();
+    let command = match without_login.as_slice() {
+        [c, script] if *c == "-c" => Command::Shell((*script).clone()),
+        _ => {
+            let mut sh = vec!["/bin/sh".to_owned()];
+            sh.extend(rest.iter().cloned());
+            Command::Argv(sh)
+        }
+    };
+    Some(ExecRequest {
+        command,
+        ..request.clone()
+    })
 }
 
 /// Starts `request` in `id`, falling back to `/bin/sh` when bash is absent.
@@ -756,6 +762,16 @@ mod tests {
         );
         let fallback = bash_fallback(&request).unwrap();
         assert_eq!(fallback.command, Command::Shell("echo hi".into()));
+        let pty = ProcessConfig {
+            cmd: "/bin/bash".into(),
+            args: vec!["-i".into(), "-l".into()],
+            ..ProcessConfig::default()
+        };
+        let request = to_request(&pty, &Default::default(), None, false).unwrap();
+        assert_eq!(
+            bash_fallback(&request).unwrap().command,
+            Command::Argv(vec!["/bin/sh".into(), "-i".into(), "-l".into()])
+        );
         let other = ProcessConfig {
             cmd: "/usr/bin/python3".into(),
             ..ProcessConfig::default()
