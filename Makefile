@@ -64,7 +64,7 @@ examples: images
 	NOVA_EXAMPLE_TEMPLATE=minimal $(CARGO) run --quiet -p novasandbox --example parallel
 	NOVA_EXAMPLE_TEMPLATE=python $(CARGO) run --quiet -p novasandbox --example monitor
 
-# The unmodified `e2b` Python SDK (from PyPI, pinned in the script) against
+# The unmodified `e2b` SDKs (PyPI and npm, pinned in the script) against
 # `nova serve --e2b-listen` on loopback with a private NOVA_HOME.
 e2b-test: nova
 	tests/e2b/run.sh

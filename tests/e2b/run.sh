@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The unmodified `e2b` Python SDK (pinned below, from PyPI) against a
+# The unmodified `e2b` Python SDK (PyPI) and JS SDK (npm), both pinned below, against a
 # `nova serve --e2b-listen` on loopback with a private NOVA_HOME (templates
 # symlinked from $NOVA_TEMPLATES, default $NOVA_HOME/templates; network
 # off). Prints each step's time; exits non-zero on the first failure.
@@ -7,14 +7,16 @@
 #   tests/e2b/run.sh            (make e2b-test builds nova first)
 #
 # Env: NOVA (the nova binary), E2B_VENV (venv cache, default target/e2b-venv),
-# E2B_TEST_TEMPLATE (default minimal).
+# E2B_NODE_DIR (npm cache, default target/e2b-node), E2B_TEST_TEMPLATE (default minimal).
 set -euo pipefail
 
 E2B_VERSION=2.63.0
+E2B_JS_VERSION=2.51.0
 root=$(cd "$(dirname "$0")/../.." && pwd)
 target=${CARGO_TARGET_DIR:-$root/target}
 nova=${NOVA:-$target/debug/nova}
 venv=${E2B_VENV:-$target/e2b-venv}
+node_dir=${E2B_NODE_DIR:-$target/e2b-node}
 if [ "$(id -u)" = 0 ]; then default_home=/var/lib/nova; else default_home=$HOME/.local/share/nova; fi
 templates=${NOVA_TEMPLATES:-${NOVA_HOME:-$default_home}/templates}
 
@@ -66,6 +68,23 @@ export E2B_SANDBOX_URL="http://127.0.0.1:$port"
 export E2B_API_KEY=$(cat "$home/token")
 export E2B_TEST_TEMPLATE=${E2B_TEST_TEMPLATE:-minimal}
 if ! "$venv/bin/python" "$root/tests/e2b/test_sdk.py"; then
+    echo "--- daemon log (tail):"
+    tail -n 40 "$home/daemon.log"
+    exit 1
+fi
+
+# The npm package: create, run, files (Node 18+ needed).
+if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+    echo "SKIP e2b-test (JS): no node/npm on this host"
+    exit 0
+fi
+if [ "$(node -p "try { require('$node_dir/node_modules/e2b/package.json').version } catch { '' }")" != "$E2B_JS_VERSION" ]; then
+    echo "e2b-test: installing npm e2b@$E2B_JS_VERSION into $node_dir"
+    mkdir -p "$node_dir"
+    [ -f "$node_dir/package.json" ] || echo '{"name":"nova-e2b-test","private":true}' > "$node_dir/package.json"
+    (cd "$node_dir" && npm install --silent --no-audit --no-fund "e2b@$E2B_JS_VERSION")
+fi
+if ! E2B_NODE_MODULES="$node_dir/node_modules" node "$root/tests/e2b/test_sdk.mjs"; then
     echo "--- daemon log (tail):"
     tail -n 40 "$home/daemon.log"
     exit 1
