@@ -9,6 +9,8 @@ import asyncio
 import os
 import sys
 import time
+import urllib.error
+import urllib.request
 
 from e2b import AsyncSandbox, CommandExitException, PtySize, Sandbox
 from e2b.exceptions import NotFoundException
@@ -134,6 +136,37 @@ def check_sync():
         assert info.metadata.get("suite") == "e2b-compat", info.metadata
         assert sbx.sandbox_id in [s.sandbox_id for s in Sandbox.list().next_items()]
         step("sync: set_timeout, get_info, list", t)
+
+        t = time.monotonic()
+        sbx.commands.run(
+            "mkdir -p /tmp/www && echo served > /tmp/www/index.html && "
+            "if command -v busybox >/dev/null; then busybox httpd -p 8000 -h /tmp/www; "
+            "else cd /tmp/www && exec python3 -m http.server 8000; fi",
+            background=True,
+        )
+        host = sbx.get_host(8000)
+        assert host.startswith(f"8000-{sbx.sandbox_id}."), host
+        body = None
+        deadline = time.monotonic() + 20
+        while body is None and time.monotonic() < deadline:
+            try:
+                req = urllib.request.Request(os.environ["E2B_API_URL"] + "/index.html", headers={"Host": host})
+                body = urllib.request.urlopen(req, timeout=5).read()
+            except Exception:
+                time.sleep(0.2)
+        assert body == b"served\n", body
+        req = urllib.request.Request(
+            os.environ["E2B_API_URL"] + "/index.html",
+            headers={"E2b-Sandbox-Id": sbx.sandbox_id, "E2b-Sandbox-Port": "8000"},
+        )
+        assert urllib.request.urlopen(req, timeout=5).read() == b"served\n"
+        try:
+            req = urllib.request.Request(os.environ["E2B_API_URL"] + "/", headers={"Host": sbx.get_host(8001)})
+            urllib.request.urlopen(req, timeout=10)
+            raise AssertionError("a closed port answered")
+        except urllib.error.HTTPError as e:
+            assert e.code == 502 and b"port is not open" in e.read(), e
+        step("sync: a guest port through get_host", t)
 
         t = time.monotonic()
         metrics = sbx.get_metrics()

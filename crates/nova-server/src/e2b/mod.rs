@@ -10,7 +10,8 @@
 //! ```text
 //! request --(E2b-Sandbox-Id or <port>-<id>.* Host?)--+-- no --> control::router   X-API-Key = daemon token
 //!                                                     |           /sandboxes, /v2/sandboxes ...
-//!                                                     +-- yes -> envd (port 49983 only)  X-Access-Token
+//!                                                     +-- yes, another port -> ports::proxy (into the guest)
+//!                                                     +-- yes, 49983 -> envd             X-Access-Token
 //!                                                                 GET  /health
 //!                                                                 GET|POST /files             files.rs
 //!                                                                 POST /process.Process/*     process.rs  (Connect, connect.rs)
@@ -21,13 +22,14 @@
 //! over the same [`Daemon`] calls as `/v1`, so the operator's policy applies
 //! identically. A sandbox's `envdAccessToken` is derived from the daemon's
 //! token and the sandbox id (SHA-256), so it needs no state and only the
-//! daemon can mint it. Requests for other guest ports are answered 502
-//! (port forwarding through this listener is not served).
+//! daemon can mint it. Requests for other guest ports are proxied to them
+//! in the guest ([`ports`]).
 
 pub mod connect;
 pub mod control;
 pub mod files;
 pub mod filesystem;
+pub mod ports;
 pub mod process;
 pub mod wire;
 
@@ -134,12 +136,14 @@ pub fn target(headers: &HeaderMap) -> Option<Target> {
 /// The E2B listener's router: both planes.
 pub fn router(e2b: Arc<E2b>) -> Router {
     let control = control::router(e2b.clone());
-    let envd = envd_router(e2b);
+    let envd = envd_router(e2b.clone());
     Router::new().fallback(move |mut request: Request| {
         let control = control.clone();
         let envd = envd.clone();
+        let e2b = e2b.clone();
         async move {
             let result = match target(request.headers()) {
+                Some(t) if t.port != ENVD_PORT => Ok(guest_port(&e2b, &t, request).await),
                 Some(t) => {
                     request.extensions_mut().insert(t);
                     envd.oneshot(request).await
@@ -200,15 +204,7 @@ async fn admit(
             "no sandbox named (E2b-Sandbox-Id)".into(),
         ));
     };
-    if t.port != ENVD_PORT {
-        return Err(Refused(
-            StatusCode::BAD_GATEWAY,
-            format!(
-                "port {} of sandbox {}: reaching guest ports through the E2B API is not served by NovaSandbox (publish the port with the /v1 API instead); the port is not open here",
-                t.port, t.sandbox
-            ),
-        ));
-    }
+    debug_assert_eq!(t.port, ENVD_PORT, "other ports are proxied before this");
     if need_token {
         let presented = headers
             .get("x-access-token")
@@ -235,6 +231,25 @@ async fn admit(
     match e2b.daemon.hypervisor().get(&id).await {
         Some(info) if info.state.is_live() => Ok(id),
         _ => Err(sandbox_gone()),
+    }
+}
+
+/// A request for another guest port: proxied into the guest ([`ports`]).
+async fn guest_port(e2b: &E2b, t: &Target, request: Request) -> Response {
+    let gone = || {
+        Refused(
+            StatusCode::BAD_GATEWAY,
+            format!("The sandbox {} was not found", t.sandbox),
+        )
+    };
+    let Ok(id) = e2b.daemon.known(&t.sandbox).await else {
+        return gone().into_response();
+    };
+    match e2b.daemon.hypervisor().get(&id).await {
+        Some(info) if info.state == nova_core::state::SandboxState::Running => {
+            ports::proxy(&e2b.daemon, &id, t.port, request).await
+        }
+        _ => gone().into_response(),
     }
 }
 
