@@ -25,6 +25,43 @@ def step(name, started):
     print(f"ok  {name:<42} {took * 1000:8.0f} ms", flush=True)
 
 
+def check_protobuf_codec(sbx):
+    """The SDK's generated Connect stubs with their default codec (binary
+    protobuf), which the SDK itself does not use: the field numbers."""
+    from protobuf import Oneof
+    from e2b.envd.filesystem import filesystem_connect, filesystem_pb
+    from e2b.envd.process import process_connect, process_pb
+
+    url = os.environ["E2B_SANDBOX_URL"]
+    headers = {
+        "E2b-Sandbox-Id": sbx.sandbox_id,
+        "E2b-Sandbox-Port": "49983",
+        "X-Access-Token": sbx._envd_access_token,
+    }
+    procs = process_connect.ProcessClientSync(url, send_compression=None, accept_compression=())
+    config = process_pb.ProcessConfig(cmd="/bin/sh", args=["-c", "echo $X; echo e >&2; exit 4"], envs={"X": "proto"})
+    events = [r.event.event for r in procs.start(process_pb.StartRequest(process=config), headers=headers)]
+    match events[0]:
+        case Oneof(field="start", value=start):
+            assert start.pid > 0, start
+        case other:
+            raise AssertionError(other)
+    out = b"".join(e.value.output.value for e in events if e.field == "data" and e.value.output.field == "stdout")
+    assert out == b"proto\n", events
+    match events[-1]:
+        case Oneof(field="end", value=end):
+            assert (end.exit_code, end.exited) == (4, True), end
+        case other:
+            raise AssertionError(other)
+    procs.list(process_pb.ListRequest(), headers=headers)
+    fs = filesystem_connect.FilesystemClientSync(url, send_compression=None, accept_compression=())
+    entry = fs.stat(filesystem_pb.StatRequest(path="/tmp"), headers=headers).entry
+    assert int(entry.type) == 2 and entry.name == "tmp", entry  # FILE_TYPE_DIRECTORY
+    assert entry.modified_time.seconds > 0, entry
+    names = [e.name for e in fs.list_dir(filesystem_pb.ListDirRequest(path="/", depth=1), headers=headers).entries]
+    assert "tmp" in names, names
+
+
 def check_sync():
     t = time.monotonic()
     sbx = Sandbox.create(template=TEMPLATE, timeout=120, metadata={"suite": "e2b-compat"})
@@ -109,6 +146,10 @@ def check_sync():
         except Exception as e:
             assert "not served" in str(e), repr(e)
         step("sync: an unserved RPC fails fast, naming itself", t)
+
+        t = time.monotonic()
+        check_protobuf_codec(sbx)
+        step("sync: the binary protobuf codec (SDK's own stubs)", t)
 
         t = time.monotonic()
         info = sbx.files.write("/tmp/e2b/hello.txt", "hello world\n")

@@ -17,10 +17,12 @@
 //!   flags 0x01  compressed (never sent; refused when received)
 //! ```
 //!
-//! The binary protobuf codec (`application/proto`, `application/connect+proto`)
-//! is not served: every E2B SDK sends JSON (the Python SDK's `ENVD_JSON_CODEC`,
-//! the JS SDK's `useBinaryFormat: false`). A protobuf request is answered with
-//! a Connect `unimplemented` error that says so, never a hang.
+//! Both codecs are served, chosen by the request's content type: JSON
+//! (`application/json`, `application/connect+json`; what E2B's SDKs send: the
+//! Python SDK's `ENVD_JSON_CODEC`, the JS SDK's `useBinaryFormat: false`)
+//! and binary protobuf (`application/proto`, `application/connect+proto`;
+//! [`super::proto`]). Errors and end-of-stream messages are JSON whatever
+//! the codec, as the protocol says.
 
 use axum::body::Body;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -29,6 +31,8 @@ use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::Stream;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+
+use crate::e2b::proto::{Decode, Encode};
 
 /// Largest request message accepted, bytes.
 pub const MAX_MESSAGE: usize = 4 * 1024 * 1024;
@@ -186,8 +190,37 @@ pub enum Framing {
     Stream,
 }
 
-/// Checks the request's `Content-Type` is the JSON codec with `framing`.
-pub fn check_content_type(headers: &HeaderMap, framing: Framing) -> Result<(), ConnectError> {
+/// A message codec.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Codec {
+    /// proto3 JSON.
+    Json,
+    /// Binary protobuf.
+    Proto,
+}
+
+impl Codec {
+    /// The content type of a message with this codec and `framing`.
+    pub fn content_type(self, framing: Framing) -> &'static str {
+        match (self, framing) {
+            (Codec::Json, Framing::Unary) => "application/json",
+            (Codec::Proto, Framing::Unary) => "application/proto",
+            (Codec::Json, Framing::Stream) => "application/connect+json",
+            (Codec::Proto, Framing::Stream) => "application/connect+proto",
+        }
+    }
+}
+
+/// A message both codecs can write.
+pub trait Message: Serialize + Encode {}
+impl<T: Serialize + Encode> Message for T {}
+
+/// A message both codecs can read.
+pub trait Request: DeserializeOwned + Decode {}
+impl<T: DeserializeOwned + Decode> Request for T {}
+
+/// The codec of a request with `framing`, from its `Content-Type`.
+pub fn codec_of(headers: &HeaderMap, framing: Framing) -> Result<Codec, ConnectError> {
     let raw = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -198,37 +231,52 @@ pub fn check_content_type(headers: &HeaderMap, framing: Framing) -> Result<(), C
         .unwrap_or("")
         .trim()
         .to_ascii_lowercase();
-    let (json, proto) = match framing {
-        Framing::Unary => ("application/json", "application/proto"),
-        Framing::Stream => ("application/connect+json", "application/connect+proto"),
-    };
-    if media == json {
-        Ok(())
-    } else if media == proto {
-        Err(ConnectError::unimplemented(
-            "the binary protobuf codec (use the JSON codec, as E2B's SDKs do)",
-        ))
-    } else {
-        Err(ConnectError::new(
-            Code::InvalidArgument,
-            format!("content type {raw:?} is not {json:?}"),
-        ))
+    for codec in [Codec::Json, Codec::Proto] {
+        if media == codec.content_type(framing) {
+            return Ok(codec);
+        }
     }
+    Err(ConnectError::new(
+        Code::InvalidArgument,
+        format!(
+            "content type {raw:?} is neither {:?} nor {:?}",
+            Codec::Json.content_type(framing),
+            Codec::Proto.content_type(framing)
+        ),
+    ))
 }
 
 /// Decodes a unary request body.
-pub fn decode_unary<T: DeserializeOwned>(body: &[u8]) -> Result<T, ConnectError> {
-    let body = if body.is_empty() {
-        b"{}".as_slice()
-    } else {
-        body
-    };
-    serde_json::from_slice(body)
-        .map_err(|e| ConnectError::new(Code::InvalidArgument, format!("bad request message: {e}")))
+pub fn decode_unary<T: Request>(codec: Codec, body: &[u8]) -> Result<T, ConnectError> {
+    match codec {
+        Codec::Json => {
+            let body = if body.is_empty() {
+                b"{}".as_slice()
+            } else {
+                body
+            };
+            serde_json::from_slice(body).map_err(|e| {
+                ConnectError::new(Code::InvalidArgument, format!("bad request message: {e}"))
+            })
+        }
+        Codec::Proto => {
+            T::decode(body).map_err(|e| ConnectError::new(Code::InvalidArgument, e.to_string()))
+        }
+    }
+}
+
+/// A message's bytes in `codec`.
+pub fn encode<T: Message>(codec: Codec, message: &T) -> Vec<u8> {
+    match codec {
+        // Serializing our own wire types cannot fail (string keys, no
+        // non-finite floats).
+        Codec::Json => serde_json::to_vec(message).unwrap_or_else(|_| b"{}".to_vec()),
+        Codec::Proto => message.to_bytes(),
+    }
 }
 
 /// Decodes the single enveloped message of a server-streaming request.
-pub fn decode_stream_request<T: DeserializeOwned>(body: &[u8]) -> Result<T, ConnectError> {
+pub fn decode_stream_request<T: Request>(codec: Codec, body: &[u8]) -> Result<T, ConnectError> {
     let (flags, payload, rest) = split_envelope(body)?;
     if flags & FLAG_COMPRESSED != 0 {
         return Err(ConnectError::unimplemented("compressed Connect messages"));
@@ -239,7 +287,7 @@ pub fn decode_stream_request<T: DeserializeOwned>(body: &[u8]) -> Result<T, Conn
             "a server-streaming call takes exactly one request message",
         ));
     }
-    decode_unary(payload)
+    decode_unary(codec, payload)
 }
 
 /// Splits the first envelope off `buf`: its flags, payload and what follows.
@@ -275,11 +323,8 @@ pub fn envelope(flags: u8, payload: &[u8]) -> Bytes {
 }
 
 /// The envelope of one streamed message.
-pub fn message_frame<T: Serialize>(message: &T) -> Bytes {
-    // Serializing our own wire types cannot fail (string keys, no
-    // non-finite floats).
-    let payload = serde_json::to_vec(message).unwrap_or_else(|_| b"{}".to_vec());
-    envelope(0, &payload)
+pub fn message_frame<T: Message>(codec: Codec, message: &T) -> Bytes {
+    envelope(0, &encode(codec, message))
 }
 
 /// The end-of-stream envelope, carrying `error` if the call failed.
@@ -292,25 +337,21 @@ pub fn end_frame(error: Option<&ConnectError>) -> Bytes {
 }
 
 /// A unary response carrying `message`.
-pub fn unary_response<T: Serialize>(message: &T) -> Response {
-    match serde_json::to_vec(message) {
-        Ok(body) => (
-            StatusCode::OK,
-            [(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/json"),
-            )],
-            body,
-        )
-            .into_response(),
-        Err(e) => ConnectError::new(Code::Internal, format!("cannot encode the response: {e}"))
-            .into_response(),
-    }
+pub fn unary_response<T: Message>(codec: Codec, message: &T) -> Response {
+    (
+        StatusCode::OK,
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static(codec.content_type(Framing::Unary)),
+        )],
+        encode(codec, message),
+    )
+        .into_response()
 }
 
 /// A streaming response whose body is `frames` (each already enveloped; the
 /// stream's last frame must be an [`end_frame`]).
-pub fn stream_response<S>(frames: S) -> Response
+pub fn stream_response<S>(codec: Codec, frames: S) -> Response
 where
     S: Stream<Item = Bytes> + Send + 'static,
 {
@@ -322,7 +363,7 @@ where
         StatusCode::OK,
         [(
             header::CONTENT_TYPE,
-            HeaderValue::from_static("application/connect+json"),
+            HeaderValue::from_static(codec.content_type(Framing::Stream)),
         )],
         body,
     )
@@ -331,8 +372,8 @@ where
 
 /// A streaming call that failed before its first message: Connect sends
 /// it as a stream holding only the end frame, with status 200.
-pub fn stream_error(error: ConnectError) -> Response {
-    stream_response(futures_util::stream::iter([end_frame(Some(&error))]))
+pub fn stream_error(codec: Codec, error: ConnectError) -> Response {
+    stream_response(codec, futures_util::stream::iter([end_frame(Some(&error))]))
 }
 
 #[cfg(test)]
@@ -359,25 +400,28 @@ mod tests {
     }
 
     #[test]
-    fn a_stream_request_is_one_json_message() {
-        #[derive(serde::Deserialize)]
-        struct M {
-            path: String,
-        }
-        let m: M = decode_stream_request(&envelope(0, br#"{"path":"/x"}"#)).unwrap();
+    fn a_stream_request_is_one_message_in_either_codec() {
+        use crate::e2b::wire::PathRequest;
+        let m: PathRequest =
+            decode_stream_request(Codec::Json, &envelope(0, br#"{"path":"/x"}"#)).unwrap();
         assert_eq!(m.path, "/x");
+        let m: PathRequest =
+            decode_stream_request(Codec::Proto, &envelope(0, &[0x0a, 0x02, b'/', b'y'])).unwrap();
+        assert_eq!(m.path, "/y");
         let mut two = envelope(0, b"{}").to_vec();
         two.extend_from_slice(&envelope(0, b"{}"));
-        assert!(decode_stream_request::<serde_json::Value>(&two).is_err());
+        assert!(decode_stream_request::<PathRequest>(Codec::Json, &two).is_err());
         let compressed = envelope(FLAG_COMPRESSED, b"{}");
-        let e = decode_stream_request::<serde_json::Value>(&compressed).unwrap_err();
+        let e = decode_stream_request::<PathRequest>(Codec::Json, &compressed).unwrap_err();
         assert_eq!(e.code, Code::Unimplemented);
     }
 
     #[test]
     fn an_empty_unary_body_is_the_empty_message() {
-        let v: serde_json::Value = decode_unary(b"").unwrap();
-        assert_eq!(v, serde_json::json!({}));
+        let v: crate::e2b::wire::PathRequest = decode_unary(Codec::Json, b"").unwrap();
+        assert_eq!(v.path, "");
+        let v: crate::e2b::wire::PathRequest = decode_unary(Codec::Proto, b"").unwrap();
+        assert_eq!(v.path, "");
     }
 
     #[test]
@@ -394,21 +438,18 @@ mod tests {
     }
 
     #[test]
-    fn the_protobuf_codec_is_refused_by_name() {
+    fn the_codec_follows_the_content_type() {
         let mut h = HeaderMap::new();
-        h.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/connect+proto"),
-        );
-        let e = check_content_type(&h, Framing::Stream).unwrap_err();
-        assert_eq!(e.code, Code::Unimplemented);
-        assert!(e.message.contains("protobuf"), "{}", e.message);
-        h.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json; charset=utf-8"),
-        );
-        assert!(check_content_type(&h, Framing::Unary).is_ok());
-        assert!(check_content_type(&h, Framing::Stream).is_err());
+        let ct = |v: &'static str| HeaderValue::from_static(v);
+        h.insert(header::CONTENT_TYPE, ct("application/connect+proto"));
+        assert_eq!(codec_of(&h, Framing::Stream).unwrap(), Codec::Proto);
+        assert!(codec_of(&h, Framing::Unary).is_err());
+        h.insert(header::CONTENT_TYPE, ct("application/json; charset=utf-8"));
+        assert_eq!(codec_of(&h, Framing::Unary).unwrap(), Codec::Json);
+        assert!(codec_of(&h, Framing::Stream).is_err());
+        h.insert(header::CONTENT_TYPE, ct("text/plain"));
+        let e = codec_of(&h, Framing::Unary).unwrap_err();
+        assert_eq!(e.code, Code::InvalidArgument);
     }
 
     #[test]

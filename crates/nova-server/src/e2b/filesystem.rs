@@ -19,7 +19,7 @@ use crate::daemon::Daemon;
 use crate::e2b::connect::{Code, ConnectError};
 use crate::e2b::wire::{
     EntryInfo, EntryResponse, FileType, I64, ListDirRequest, ListDirResponse, MoveRequest,
-    PathRequest, permissions, rfc3339_ms,
+    PathRequest, Timestamp, permissions,
 };
 use crate::problem::Problem;
 
@@ -108,7 +108,7 @@ pub fn entry_of(path: &str, stat: &FileStat) -> EntryInfo {
         permissions: permissions(stat.mode, t),
         owner: id_name(stat.uid),
         group: id_name(stat.gid),
-        modified_time: Some(rfc3339_ms(stat.modified_ms)),
+        modified_time: Some(Timestamp(stat.modified_ms)),
         is_symlink: t == FileType::Symlink,
     }
 }

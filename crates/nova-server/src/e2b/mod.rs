@@ -31,6 +31,7 @@ pub mod files;
 pub mod filesystem;
 pub mod ports;
 pub mod process;
+pub mod proto;
 pub mod wire;
 
 use std::sync::Arc;
@@ -46,7 +47,7 @@ use tower::ServiceExt;
 
 use crate::auth::Token;
 use crate::daemon::Daemon;
-use connect::{Code, ConnectError, Framing};
+use connect::{Code, Codec, ConnectError, Framing};
 
 /// The port envd listens on in E2B's guests (what the SDK asks for).
 pub const ENVD_PORT: u16 = 49983;
@@ -342,21 +343,24 @@ async fn rpc(
         (service.as_str(), method.as_str()),
         ("process.Process", "Start" | "Connect") | ("filesystem.Filesystem", "WatchDir")
     );
-    let fail = |e: ConnectError| {
-        if streaming {
-            connect::stream_error(e)
-        } else {
-            e.into_response()
-        }
-    };
     let framing = if streaming {
         Framing::Stream
     } else {
         Framing::Unary
     };
-    if let Err(e) = connect::check_content_type(request.headers(), framing) {
-        return fail(e);
-    }
+    let codec = connect::codec_of(request.headers(), framing);
+    // Errors before the codec is known are written as JSON.
+    let fail = |e: ConnectError| {
+        if streaming {
+            connect::stream_error(*codec.as_ref().unwrap_or(&Codec::Json), e)
+        } else {
+            e.into_response()
+        }
+    };
+    let codec = match &codec {
+        Ok(c) => *c,
+        Err(e) => return fail(e.clone()),
+    };
     let id = match admit(
         &e2b,
         request.extensions().get::<Target>(),
@@ -379,9 +383,9 @@ async fn rpc(
         }
     };
     let result = if streaming {
-        stream_call(&e2b, &id, &parts.headers, &service, &method, &body).await
+        stream_call(&e2b, &id, (codec, &parts.headers), &service, &method, &body).await
     } else {
-        unary_call(&e2b, &id, &service, &method, &body).await
+        unary_call(&e2b, &id, codec, &service, &method, &body).await
     };
     result.unwrap_or_else(fail)
 }
@@ -389,19 +393,19 @@ async fn rpc(
 async fn stream_call(
     e2b: &Arc<E2b>,
     id: &SandboxId,
-    headers: &HeaderMap,
+    (codec, headers): (Codec, &HeaderMap),
     service: &str,
     method: &str,
     body: &[u8],
 ) -> Result<Response, ConnectError> {
     match (service, method) {
         ("process.Process", "Start") => {
-            let r = connect::decode_stream_request(body)?;
-            process::start(&e2b.daemon, &e2b.processes, id, headers, r).await
+            let r = connect::decode_stream_request(codec, body)?;
+            process::start(&e2b.daemon, &e2b.processes, id, (codec, headers), r).await
         }
         ("process.Process", "Connect") => {
-            let r = connect::decode_stream_request(body)?;
-            process::connect(&e2b.daemon, &e2b.processes, id, headers, r).await
+            let r = connect::decode_stream_request(codec, body)?;
+            process::connect(&e2b.daemon, &e2b.processes, id, (codec, headers), r).await
         }
         _ => Err(ConnectError::unimplemented(&format!(
             "{service}/{method} (watching directories)"
@@ -412,33 +416,43 @@ async fn stream_call(
 async fn unary_call(
     e2b: &Arc<E2b>,
     id: &SandboxId,
+    codec: Codec,
     service: &str,
     method: &str,
     body: &[u8],
 ) -> Result<Response, ConnectError> {
-    use connect::{decode_unary as d, unary_response as ok};
+    macro_rules! d {
+        () => {
+            connect::decode_unary(codec, body)?
+        };
+    }
+    macro_rules! ok {
+        ($m:expr) => {
+            connect::unary_response(codec, $m)
+        };
+    }
     let (daemon, procs) = (&e2b.daemon, &e2b.processes);
     Ok(match (service, method) {
-        ("process.Process", "List") => ok(&process::list(daemon, procs, id).await?),
+        ("process.Process", "List") => ok!(&process::list(daemon, procs, id).await?),
         ("process.Process", "SendSignal") => {
-            ok(&process::send_signal(daemon, procs, id, d(body)?).await?)
+            ok!(&process::send_signal(daemon, procs, id, d!()).await?)
         }
-        ("process.Process", "SendInput") => ok(&process::send_input(procs, id, d(body)?).await?),
-        ("process.Process", "CloseStdin") => ok(&process::close_stdin(procs, id, d(body)?)?),
-        ("process.Process", "Update") => ok(&process::update(daemon, procs, id, d(body)?).await?),
-        ("filesystem.Filesystem", "Stat") => ok(&filesystem::stat(daemon, id, d(body)?).await?),
+        ("process.Process", "SendInput") => ok!(&process::send_input(procs, id, d!()).await?),
+        ("process.Process", "CloseStdin") => ok!(&process::close_stdin(procs, id, d!())?),
+        ("process.Process", "Update") => ok!(&process::update(daemon, procs, id, d!()).await?),
+        ("filesystem.Filesystem", "Stat") => ok!(&filesystem::stat(daemon, id, d!()).await?),
         ("filesystem.Filesystem", "ListDir") => {
-            ok(&filesystem::list_dir(daemon, id, d(body)?).await?)
+            ok!(&filesystem::list_dir(daemon, id, d!()).await?)
         }
         ("filesystem.Filesystem", "MakeDir") => {
-            ok(&filesystem::make_dir(daemon, id, d(body)?).await?)
+            ok!(&filesystem::make_dir(daemon, id, d!()).await?)
         }
         ("filesystem.Filesystem", "Move") => {
-            ok(&filesystem::move_entry(daemon, id, d(body)?).await?)
+            ok!(&filesystem::move_entry(daemon, id, d!()).await?)
         }
         ("filesystem.Filesystem", "Remove") => {
-            filesystem::remove(daemon, id, d(body)?).await?;
-            ok(&wire::Empty {})
+            filesystem::remove(daemon, id, d!()).await?;
+            ok!(&wire::Empty {})
         }
         ("process.Process", "StreamInput") => {
             return Err(ConnectError::unimplemented(

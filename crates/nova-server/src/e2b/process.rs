@@ -36,7 +36,7 @@ use nova_core::id::SandboxId;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::daemon::Daemon;
-use crate::e2b::connect::{self, Code, ConnectError, end_frame, message_frame};
+use crate::e2b::connect::{self, Code, Codec, ConnectError, end_frame, message_frame};
 use crate::e2b::wire::{
     B64, DataEvent, Empty, EndEvent, EventResponse, ListResponse, ProcessConfig, ProcessEvent,
     ProcessInfo, ProcessSelector, SelectRequest, SendInputRequest, SendSignalRequest, StartRequest,
@@ -399,6 +399,7 @@ struct StreamState {
 }
 
 fn event_stream(
+    codec: Codec,
     first: Option<ProcessEvent>,
     rx: mpsc::Receiver<ProcessEvent>,
     keepalive: Duration,
@@ -411,19 +412,19 @@ fn event_stream(
         tick,
         done: false,
     };
-    let frames = futures_util::stream::unfold(state, |mut s| async move {
+    let frames = futures_util::stream::unfold(state, move |mut s| async move {
         if s.done {
             return None;
         }
         if let Some(event) = s.first.take() {
             s.tick.reset();
-            return Some((message_frame(&EventResponse { event }), s));
+            return Some((message_frame(codec, &EventResponse { event }), s));
         }
         let frame: Bytes = tokio::select! {
             event = s.rx.recv() => match event {
                 Some(event) => {
                     let end = matches!(event, ProcessEvent::End(_));
-                    let mut frame = message_frame(&EventResponse { event }).to_vec();
+                    let mut frame = message_frame(codec, &EventResponse { event }).to_vec();
                     if end {
                         frame.extend_from_slice(&end_frame(None));
                         s.done = true;
@@ -439,11 +440,11 @@ fn event_stream(
                     )))
                 }
             },
-            _ = s.tick.tick() => message_frame(&EventResponse { event: ProcessEvent::Keepalive {} }),
+            _ = s.tick.tick() => message_frame(codec, &EventResponse { event: ProcessEvent::Keepalive {} }),
         };
         Some((frame, s))
     });
-    connect::stream_response(frames)
+    connect::stream_response(codec, frames)
 }
 
 /// The keepalive interval the client asked for (`Keepalive-Ping-Interval`, seconds).
@@ -462,7 +463,7 @@ pub async fn start(
     daemon: &Arc<Daemon>,
     processes: &Arc<Processes>,
     id: &SandboxId,
-    headers: &HeaderMap,
+    (codec, headers): (Codec, &HeaderMap),
     request: StartRequest,
 ) -> Result<Response, ConnectError> {
     let config = request
@@ -502,6 +503,7 @@ pub async fn start(
     };
     spawn_pump(processes, id, stream, spec, Some(tx));
     Ok(event_stream(
+        codec,
         Some(ProcessEvent::Start { pid }),
         rx,
         keepalive(headers),
@@ -573,7 +575,7 @@ pub async fn connect(
     daemon: &Arc<Daemon>,
     processes: &Arc<Processes>,
     id: &SandboxId,
-    headers: &HeaderMap,
+    (codec, headers): (Codec, &HeaderMap),
     request: SelectRequest,
 ) -> Result<Response, ConnectError> {
     let selector = selector(request.process)?;
@@ -583,6 +585,7 @@ pub async fn connect(
         subscribe(&proc, tx).await?;
     }
     Ok(event_stream(
+        codec,
         Some(ProcessEvent::Start { pid: proc.pid }),
         rx,
         keepalive(headers),

@@ -47,6 +47,17 @@ impl Serialize for I64 {
     }
 }
 
+/// `google.protobuf.Timestamp`, held as milliseconds since the Unix epoch:
+/// RFC 3339 in JSON.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timestamp(pub i64);
+
+impl Serialize for Timestamp {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&rfc3339_ms(self.0))
+    }
+}
+
 /// An enum field: its name, or its number.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(untagged)]
@@ -297,16 +308,16 @@ pub struct MoveRequest {
 pub enum FileType {
     /// Something else.
     #[serde(rename = "FILE_TYPE_UNSPECIFIED")]
-    Unspecified,
+    Unspecified = 0,
     /// A file.
     #[serde(rename = "FILE_TYPE_FILE")]
-    File,
+    File = 1,
     /// A directory.
     #[serde(rename = "FILE_TYPE_DIRECTORY")]
-    Directory,
+    Directory = 2,
     /// A symbolic link.
     #[serde(rename = "FILE_TYPE_SYMLINK")]
-    Symlink,
+    Symlink = 3,
 }
 
 /// `filesystem.EntryInfo`.
@@ -330,9 +341,9 @@ pub struct EntryInfo {
     pub owner: String,
     /// Its group's name (or gid).
     pub group: String,
-    /// Last modification, RFC 3339.
+    /// Last modification.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub modified_time: Option<String>,
+    pub modified_time: Option<Timestamp>,
     /// Whether it is a symbolic link.
     pub is_symlink: bool,
 }
@@ -469,6 +480,10 @@ mod tests {
         assert_eq!(v["type"], "FILE_TYPE_FILE");
         assert_eq!(v["permissions"], "-rw-r--r--");
         assert_eq!(v["isSymlink"], false);
+        assert_eq!(
+            serde_json::to_value(Timestamp(0)).unwrap(),
+            "1970-01-01T00:00:00.000Z"
+        );
     }
 
     #[test]
