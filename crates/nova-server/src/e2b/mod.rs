@@ -472,6 +472,187 @@ async fn unary_call(
 mod tests {
     use super::*;
     use axum::http::HeaderValue;
+    use nova_core::config::SandboxConfig;
+    use nova_core::error::{CreateSandboxError, ExecError, FileError, SandboxError};
+    use nova_core::exec::{ExecRequest, ExecStream};
+    use nova_core::hypervisor::{Hypervisor, HypervisorKind};
+    use nova_core::metadata::SandboxInfo;
+    use nova_core::sandbox::Sandbox;
+    use nova_core::stats::SandboxStats;
+
+    /// A provider with no sandboxes (and that makes none): enough for the
+    /// API's auth and error paths without a VM.
+    #[derive(Debug)]
+    struct NoSandboxes;
+
+    #[async_trait::async_trait]
+    impl Hypervisor for NoSandboxes {
+        fn kind(&self) -> HypervisorKind {
+            HypervisorKind::Qemu
+        }
+        async fn create_sandbox(&self, _: SandboxConfig) -> Result<Sandbox, CreateSandboxError> {
+            Err(CreateSandboxError::Unsupported {
+                reason: "no sandboxes here".into(),
+            })
+        }
+        async fn stop_sandbox(&self, id: &SandboxId, _: bool) -> Result<(), SandboxError> {
+            Err(SandboxError::NotFound(id.clone()))
+        }
+        async fn pause_sandbox(&self, id: &SandboxId) -> Result<(), SandboxError> {
+            Err(SandboxError::NotFound(id.clone()))
+        }
+        async fn resume_sandbox(&self, id: &SandboxId) -> Result<(), SandboxError> {
+            Err(SandboxError::NotFound(id.clone()))
+        }
+        async fn get_sandbox_stats(&self, id: &SandboxId) -> Result<SandboxStats, SandboxError> {
+            Err(SandboxError::NotFound(id.clone()))
+        }
+        async fn exec_stream(
+            &self,
+            id: &SandboxId,
+            _: ExecRequest,
+        ) -> Result<ExecStream, ExecError> {
+            Err(ExecError::NotFound(id.clone()))
+        }
+        async fn write_file(
+            &self,
+            id: &SandboxId,
+            _: &str,
+            _: Vec<u8>,
+            _: u32,
+        ) -> Result<(), FileError> {
+            Err(FileError::NotFound(id.clone()))
+        }
+        async fn read_file(&self, id: &SandboxId, _: &str) -> Result<Vec<u8>, FileError> {
+            Err(FileError::NotFound(id.clone()))
+        }
+        async fn list(&self) -> Vec<SandboxInfo> {
+            Vec::new()
+        }
+        async fn get(&self, _: &SandboxId) -> Option<SandboxInfo> {
+            None
+        }
+    }
+
+    /// The E2B router over a daemon with no sandboxes, and its API key.
+    fn app(dir: &std::path::Path) -> (Router, Arc<E2b>, String) {
+        let home = nova_core::home::NovaHome::at(dir);
+        let daemon = Daemon::new(Arc::new(NoSandboxes), home, crate::Policy::default())
+            .expect("records under a temp dir");
+        let token = Token::load_or_create(&dir.join("token")).expect("a token under a temp dir");
+        let key = token.as_str().to_owned();
+        let e2b = E2b::new(daemon, token, "localhost:3000".into());
+        (router(e2b.clone()), e2b, key)
+    }
+
+    async fn call(
+        app: &Router,
+        request: axum::http::Request<Body>,
+    ) -> (StatusCode, HeaderMap, Vec<u8>) {
+        let response = app.clone().oneshot(request).await.expect("infallible");
+        let (parts, body) = response.into_parts();
+        let bytes = axum::body::to_bytes(body, 1 << 20)
+            .await
+            .expect("a small body");
+        (parts.status, parts.headers, bytes.to_vec())
+    }
+
+    fn get(uri: &str, headers: &[(&str, &str)]) -> axum::http::Request<Body> {
+        let mut b = axum::http::Request::get(uri);
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        b.body(Body::empty()).expect("a valid request")
+    }
+
+    fn post(uri: &str, headers: &[(&str, &str)], body: Vec<u8>) -> axum::http::Request<Body> {
+        let mut b = axum::http::Request::post(uri);
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        b.body(Body::from(body)).expect("a valid request")
+    }
+
+    #[tokio::test]
+    async fn the_control_plane_wants_the_daemons_token_as_api_key() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let (app, _, key) = app(dir.path());
+        let (status, _, body) = call(&app, get("/sandboxes", &[])).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["code"], 401);
+        assert!(v["message"].as_str().unwrap().contains("X-API-Key"), "{v}");
+        let (status, _, _) = call(&app, get("/sandboxes", &[("x-api-key", "wrong")])).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        let (status, _, body) = call(&app, get("/v2/sandboxes", &[("x-api-key", &key)])).await;
+        assert_eq!(
+            (status, body.as_slice()),
+            (StatusCode::OK, b"[]".as_slice())
+        );
+        let (status, _, body) = call(&app, get("/sandboxes/sb-nope", &[("x-api-key", &key)])).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert!(String::from_utf8_lossy(&body).contains("was not found"));
+        let (status, _, body) = call(&app, get("/templates", &[("x-api-key", &key)])).await;
+        assert_eq!(status, StatusCode::NOT_IMPLEMENTED);
+        assert!(String::from_utf8_lossy(&body).contains("GET /templates is not served"));
+    }
+
+    #[tokio::test]
+    async fn the_sandbox_plane_wants_the_sandboxs_access_token() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let (app, e2b, _) = app(dir.path());
+        let json = ("content-type", "application/json");
+        let sandbox = ("e2b-sandbox-id", "sb-nope");
+        let (status, _, body) = call(
+            &app,
+            post("/process.Process/List", &[json, sandbox], b"{}".to_vec()),
+        )
+        .await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["code"], "unauthenticated");
+        // The right token for a sandbox that is not there: unavailable,
+        // with the words the SDK turns into SandboxNotRunningException.
+        let token = e2b.access_token("sb-nope");
+        let headers = [json, sandbox, ("x-access-token", token.as_str())];
+        let (status, _, body) = call(
+            &app,
+            post("/process.Process/List", &headers, b"{}".to_vec()),
+        )
+        .await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["code"], "unavailable");
+        assert!(
+            v["message"].as_str().unwrap().contains("was not found"),
+            "{v}"
+        );
+        // A streaming call fails inside a 200 stream, in its end frame.
+        let stream = [
+            ("content-type", "application/connect+json"),
+            sandbox,
+            ("x-access-token", token.as_str()),
+        ];
+        let (status, headers, body) = call(
+            &app,
+            post(
+                "/process.Process/Start",
+                &stream,
+                connect::envelope(0, b"{}").to_vec(),
+            ),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(
+            headers[axum::http::header::CONTENT_TYPE],
+            "application/connect+json"
+        );
+        let (flags, payload, rest) = connect::split_envelope(&body).unwrap();
+        assert_eq!((flags, rest.is_empty()), (connect::FLAG_END_STREAM, true));
+        let v: serde_json::Value = serde_json::from_slice(payload).unwrap();
+        assert_eq!(v["error"]["code"], "unavailable");
+        assert_ne!(e2b.access_token("sb-nope"), e2b.access_token("sb-other"));
+    }
 
     #[test]
     fn requests_name_their_sandbox_by_header_or_host() {
