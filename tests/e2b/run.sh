@@ -53,8 +53,10 @@ default = "minimal"
 [network]
 default = false
 TOML
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-NOVA_HOME=$home setsid "$nova" serve --e2b-listen "127.0.0.1:$port" > "$home/daemon.log" 2>&1 &
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+port=$(free_port)
+api_port=$(free_port)
+NOVA_HOME=$home setsid "$nova" serve --e2b-listen "127.0.0.1:$port" --listen "127.0.0.1:$api_port" > "$home/daemon.log" 2>&1 &
 daemon_pid=$!
 
 for _ in $(seq 300); do
@@ -67,6 +69,7 @@ export E2B_API_URL="http://127.0.0.1:$port"
 export E2B_SANDBOX_URL="http://127.0.0.1:$port"
 export E2B_API_KEY=$(cat "$home/token")
 export E2B_TEST_TEMPLATE=${E2B_TEST_TEMPLATE:-minimal}
+export NOVA_API_URL="http://127.0.0.1:$api_port"   # the daemon's own API, for the benchmark
 if ! "$venv/bin/python" "$root/tests/e2b/test_sdk.py"; then
     echo "--- daemon log (tail):"
     tail -n 40 "$home/daemon.log"

@@ -248,6 +248,11 @@ impl Server {
                 .unwrap_or_else(|_| "localhost".into());
             let router = e2b::router(e2b::E2b::new(daemon.clone(), token, domain));
             let stop = stopped(stop_rx.clone());
+            // Streamed RPCs write small frames: without TCP_NODELAY each
+            // waits on the client's delayed ACK.
+            let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
             tokio::spawn(async move {
                 axum::serve(listener, router)
                     .with_graceful_shutdown(stop)

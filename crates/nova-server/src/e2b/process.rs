@@ -21,7 +21,7 @@
 //! error saying so. The E2B `user` (Basic auth header) is ignored: commands
 //! run as the guest agent's user.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -80,6 +80,9 @@ impl std::fmt::Debug for Control {
 #[derive(Debug, Default)]
 pub struct Processes {
     table: Mutex<HashMap<SandboxId, HashMap<u32, Arc<Proc>>>>,
+    /// Sandboxes seen without bash: their bash command lines go straight
+    /// to `/bin/sh` (saves a failed spawn per command).
+    no_bash: Mutex<HashSet<SandboxId>>,
 }
 
 impl Processes {
@@ -128,6 +131,12 @@ impl Processes {
     /// Forgets every process of `id` (the sandbox is gone).
     pub fn forget(&self, id: &SandboxId) {
         self.lock().remove(id);
+        self.no_bash_set().remove(id);
+    }
+
+    fn no_bash_set(&self) -> std::sync::MutexGuard<'_, HashSet<SandboxId>> {
+        // Inserts and removes only: a poisoned lock is still whole.
+        self.no_bash.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -238,16 +247,27 @@ fn bash_fallback(request: &ExecRequest) -> Option<ExecRequest> {
 /// Starts `request` in `id`, falling back to `/bin/sh` when bash is absent.
 async fn start_exec(
     daemon: &Daemon,
+    processes: &Processes,
     id: &SandboxId,
     request: ExecRequest,
 ) -> Result<ExecStream, ExecError> {
-    match daemon.hypervisor().exec_stream(id, request.clone()).await {
-        Err(ExecError::Spawn(e)) if bash_fallback(&request).is_some() => {
-            let Some(fallback) = bash_fallback(&request) else {
+    let fallback = bash_fallback(&request);
+    if let Some(fallback) = &fallback
+        && processes.no_bash_set().contains(id)
+    {
+        return daemon.hypervisor().exec_stream(id, fallback.clone()).await;
+    }
+    match daemon.hypervisor().exec_stream(id, request).await {
+        Err(ExecError::Spawn(e)) if fallback.is_some() => {
+            let Some(fallback) = fallback else {
                 return Err(ExecError::Spawn(e));
             };
-            tracing::debug!(sandbox = %id, error = %e.message, "no bash in the guest; running the script with /bin/sh");
-            daemon.hypervisor().exec_stream(id, fallback).await
+            tracing::debug!(sandbox = %id, error = %e.message, "no bash in the guest; running bash command lines with /bin/sh");
+            let result = daemon.hypervisor().exec_stream(id, fallback).await;
+            if result.is_ok() {
+                processes.no_bash_set().insert(id.clone());
+            }
+            result
         }
         other => other,
     }
@@ -479,7 +499,7 @@ pub async fn start(
         pty,
         request.stdin.unwrap_or(false),
     )?;
-    let stream = match start_exec(daemon, id, exec).await {
+    let stream = match start_exec(daemon, processes, id, exec).await {
         Ok(stream) => stream,
         Err(ExecError::Spawn(e)) => {
             // envd reports a command that cannot start as a failed call.
