@@ -16,7 +16,7 @@
 //!
 //! Every request carries `X-API-Key` (or `Authorization: Bearer`) with the
 //! daemon's token, compared in constant time. A create goes through
-//! [`Daemon::create`], so the operator's policy applies exactly as on
+//! [`Daemon::create`](crate::daemon::Daemon::create), so the operator's policy applies exactly as on
 //! `/v1`: `templateID` is a NovaSandbox template id, `timeout` the
 //! lifetime, `envVars` the sandbox's environment, `metadata` its labels
 //! (entries that are not valid label keys/values are dropped, with a
