@@ -254,8 +254,10 @@ def check_sync():
 
 async def check_async():
     t = time.monotonic()
-    sbx = await AsyncSandbox.create(template=TEMPLATE, timeout=120)
-    step("async: AsyncSandbox.create", t)
+    # No template: the SDK asks for E2B's `base`, which is the policy's
+    # default template here (run.sh makes it `minimal`).
+    sbx = await AsyncSandbox.create(timeout=120)
+    step("async: AsyncSandbox.create (default template)", t)
     try:
         t = time.monotonic()
         r = await sbx.commands.run("echo hi")

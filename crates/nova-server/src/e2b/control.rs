@@ -17,7 +17,8 @@
 //! Every request carries `X-API-Key` (or `Authorization: Bearer`) with the
 //! daemon's token, compared in constant time. A create goes through
 //! [`Daemon::create`](crate::daemon::Daemon::create), so the operator's policy applies exactly as on
-//! `/v1`: `templateID` is a NovaSandbox template id, `timeout` the
+//! `/v1`: `templateID` is a NovaSandbox template id (E2B's default `base`
+//! is the policy's default template unless one is named so), `timeout` the
 //! lifetime, `envVars` the sandbox's environment, `metadata` its labels
 //! (entries that are not valid label keys/values are dropped, with a
 //! warning), `allow_internet_access` its network.
@@ -42,6 +43,8 @@ use crate::problem::{Problem, ProblemCode};
 /// The envd version NovaSandbox answers as: recent enough that the SDKs use
 /// stdin, default users and octet-stream uploads.
 pub const ENVD_VERSION: &str = "0.5.7";
+/// The template E2B's SDKs ask for when the caller names none.
+const E2B_DEFAULT_TEMPLATE: &str = "base";
 /// The `clientID` of every sandbox.
 const CLIENT_ID: &str = "novasandbox";
 
@@ -295,7 +298,18 @@ async fn create(
 ) -> Result<Response, ApiError> {
     let new: NewSandbox = serde_json::from_slice(&body)
         .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("bad sandbox request: {e}")))?;
-    let view = e2b.daemon.create(new.to_request()).await?;
+    let mut request = new.to_request();
+    // The SDKs' default template is E2B's `base`: without a NovaSandbox
+    // template of that name, it is the policy's default template.
+    if request.template.as_deref() == Some(E2B_DEFAULT_TEMPLATE)
+        && !e2b
+            .daemon
+            .templates()
+            .is_ok_and(|ts| ts.iter().any(|t| t.id == E2B_DEFAULT_TEMPLATE))
+    {
+        request.template = None;
+    }
+    let view = e2b.daemon.create(request).await?;
     Ok((StatusCode::CREATED, Json(e2b.created(&view))).into_response())
 }
 
