@@ -1,9 +1,9 @@
 //! envd's `/files` endpoints: `GET /files?path=` downloads a file (streamed
 //! from the guest), `POST /files[?path=]` uploads one or more files, as
 //! `application/octet-stream` (streamed to the guest) or as
-//! `multipart/form-data` with one `file` part per file (buffered, up to the
-//! policy's `max_upload_bytes`; the part's filename is the path when the
-//! query has none). Parent directories are created, as envd does.
+//! `multipart/form-data` with one `file` part per file (held in memory, up
+//! to 256 MiB or the policy's `max_upload_bytes`; the part's filename is the
+//! path when the query has none). Parent directories are created, as envd does.
 //! Errors are JSON `{"code": <status>, "message": ...}`, which the SDK maps
 //! to its exceptions by status.
 
@@ -20,6 +20,9 @@ use serde::{Deserialize, Serialize};
 use crate::daemon::Daemon;
 use crate::e2b::connect::{Code, ConnectError};
 use crate::e2b::filesystem::{file_error, resolve};
+
+/// Largest multipart upload (held in memory), bytes.
+const MAX_MULTIPART_BYTES: u64 = 256 * 1024 * 1024;
 
 /// A `/files` error: the status and a message, as JSON.
 #[derive(Debug)]
@@ -166,13 +169,20 @@ pub async fn upload(
                 "multipart/form-data without a boundary".into(),
             )
         })?;
-        let limit_usize = usize::try_from(limit).unwrap_or(usize::MAX);
-        let bytes = axum::body::to_bytes(body, limit_usize).await.map_err(|_| {
-            FilesError(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!("the upload is larger than this daemon's limit of {limit} bytes"),
-            )
-        })?;
+        // A multipart body is held in memory: bounded below the policy's
+        // limit for streamed uploads.
+        let cap = limit.min(MAX_MULTIPART_BYTES);
+        let bytes = axum::body::to_bytes(body, usize::try_from(cap).unwrap_or(usize::MAX))
+            .await
+            .map_err(|_| {
+                FilesError(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!(
+                        "a multipart upload is limited to {cap} bytes here: upload larger files as \
+                         application/octet-stream (the SDK's use_octet_stream=True, or a file object)"
+                    ),
+                )
+            })?;
         let parts = parse_multipart(&bytes, &boundary)
             .map_err(|e| FilesError(StatusCode::BAD_REQUEST, format!("bad multipart body: {e}")))?;
         let files: Vec<&Part<'_>> = parts.iter().filter(|p| p.name == "file").collect();

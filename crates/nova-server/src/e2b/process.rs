@@ -16,7 +16,9 @@
 //! Processes are named by their guest pid (looked up from the exec id with
 //! `list_execs`). A command the table does not hold (started through
 //! `/v1/.../exec`, or before a daemon restart) is adopted with `attach_exec`
-//! on `Connect` or `SendSignal`. One subscriber at a time: a second
+//! on `Connect` or `SendSignal`. A process outlives its `Start` stream (a
+//! client that hangs up or times out leaves it running, as envd does; kill
+//! it with `SendSignal`). One subscriber at a time: a second
 //! `Connect` takes the output over, and the earlier stream ends with an
 //! error saying so. The E2B `user` (Basic auth header) is ignored: commands
 //! run as the guest agent's user.
