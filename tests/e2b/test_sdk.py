@@ -153,12 +153,27 @@ def check_sync():
         step("sync: pty create, resize, input, kill", t)
 
         t = time.monotonic()
+        h = sbx.commands.run("cat", background=True, stdin=True)
         try:
-            sbx.files.watch_dir("/tmp")
-            raise AssertionError("watch_dir did not fail")
+            sbx.commands.stream_input(h.pid, [b"x"])
+            raise AssertionError("stream_input did not fail")
         except Exception as e:
-            assert "not served" in str(e), repr(e)
+            assert "not served" in str(e) and "StreamInput" in str(e), repr(e)
+        assert h.kill()
         step("sync: an unserved RPC fails fast, naming itself", t)
+
+        t = time.monotonic()
+        sbx.files.make_dir("/tmp/watched")
+        watcher = sbx.files.watch_dir("/tmp/watched")
+        sbx.files.write("/tmp/watched/new.txt", "x")
+        events = []
+        deadline = time.monotonic() + 10
+        while not events and time.monotonic() < deadline:
+            time.sleep(0.2)
+            events = watcher.get_new_events()
+        assert [(e.name, e.type.name) for e in events] == [("new.txt", "CREATE")], events
+        watcher.stop()
+        step("sync: watch_dir sees a new file (polling)", t)
 
         t = time.monotonic()
         check_protobuf_codec(sbx)
@@ -290,6 +305,17 @@ async def check_async():
         await sbx.files.remove("/tmp/a.txt")
         assert not await sbx.files.exists("/tmp/a.txt")
         step("async: files write/read/list/remove", t)
+
+        t = time.monotonic()
+        seen = []
+        handle = await sbx.files.watch_dir("/tmp", on_event=lambda e: seen.append((e.name, e.type.name)))
+        await sbx.files.write("/tmp/w.txt", "x")
+        deadline = time.monotonic() + 10
+        while not seen and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        await handle.stop()
+        assert ("w.txt", "CREATE") in seen, seen
+        step("async: watch_dir streams events (polling)", t)
 
         t = time.monotonic()
         await sbx.set_timeout(60)

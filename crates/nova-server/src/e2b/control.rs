@@ -402,6 +402,7 @@ async fn kill(State(e2b): State<Arc<E2b>>, Path(id): Path<String>) -> Result<Sta
     e2b.daemon.delete(&id, true).await?;
     if let Ok(sid) = id.parse() {
         e2b.processes.forget(&sid);
+        e2b.watchers.forget(&sid);
     }
     Ok(StatusCode::NO_CONTENT)
 }

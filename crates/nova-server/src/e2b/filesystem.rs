@@ -2,8 +2,7 @@
 //!
 //! Stat, ListDir, MakeDir and Remove map to the runtime's own file
 //! operations. The runtime has no rename, so Move runs `mv` in the guest
-//! (through the same exec path as commands). WatchDir and the watcher RPCs
-//! are not served: they answer `unimplemented`, naming themselves.
+//! (through the same exec path as commands). Watching is in [`super::watch`].
 //!
 //! Relative paths are relative to the guest user's home, as in E2B; here
 //! that is [`HOME`], the guest agent's working directory.

@@ -15,7 +15,7 @@
 //!                                                                 GET  /health
 //!                                                                 GET|POST /files             files.rs
 //!                                                                 POST /process.Process/*     process.rs  (Connect, connect.rs)
-//!                                                                 POST /filesystem.Filesystem/* filesystem.rs
+//!                                                                 POST /filesystem.Filesystem/* filesystem.rs, watch.rs
 //! ```
 //!
 //! envd runs in E2B's guests; here it is served by the daemon on the host,
@@ -32,6 +32,7 @@ pub mod filesystem;
 pub mod ports;
 pub mod process;
 pub mod proto;
+pub mod watch;
 pub mod wire;
 
 use std::sync::Arc;
@@ -59,6 +60,7 @@ pub struct E2b {
     token: Token,
     domain: String,
     processes: Arc<process::Processes>,
+    watchers: watch::Watchers,
 }
 
 impl E2b {
@@ -70,6 +72,7 @@ impl E2b {
             token,
             domain,
             processes: Arc::new(process::Processes::default()),
+            watchers: watch::Watchers::default(),
         })
     }
 
@@ -341,7 +344,8 @@ async fn rpc(
 ) -> Response {
     let streaming = matches!(
         (service.as_str(), method.as_str()),
-        ("process.Process", "Start" | "Connect") | ("filesystem.Filesystem", "WatchDir")
+        ("process.Process", "Start" | "Connect" | "StreamInput")
+            | ("filesystem.Filesystem", "WatchDir")
     );
     let framing = if streaming {
         Framing::Stream
@@ -361,6 +365,12 @@ async fn rpc(
         Ok(c) => *c,
         Err(e) => return fail(e.clone()),
     };
+    if method == "StreamInput" {
+        // Refused before its (client-streamed) body is read.
+        return fail(ConnectError::unimplemented(
+            "process.Process/StreamInput (client streaming; use SendInput: commands.send_stdin)",
+        ));
+    }
     let id = match admit(
         &e2b,
         request.extensions().get::<Target>(),
@@ -407,9 +417,11 @@ async fn stream_call(
             let r = connect::decode_stream_request(codec, body)?;
             process::connect(&e2b.daemon, &e2b.processes, id, (codec, headers), r).await
         }
-        _ => Err(ConnectError::unimplemented(&format!(
-            "{service}/{method} (watching directories)"
-        ))),
+        ("filesystem.Filesystem", "WatchDir") => {
+            let r = connect::decode_stream_request(codec, body)?;
+            watch::watch_dir(&e2b.daemon, id, (codec, headers), r).await
+        }
+        _ => Err(ConnectError::unimplemented(&format!("{service}/{method}"))),
     }
 }
 
@@ -454,15 +466,13 @@ async fn unary_call(
             filesystem::remove(daemon, id, d!()).await?;
             ok!(&wire::Empty {})
         }
-        ("process.Process", "StreamInput") => {
-            return Err(ConnectError::unimplemented(
-                "process.Process/StreamInput (client streaming; use SendInput)",
-            ));
+        ("filesystem.Filesystem", "CreateWatcher") => {
+            ok!(&e2b.watchers.create(daemon, id, d!()).await?)
         }
-        ("filesystem.Filesystem", m @ ("CreateWatcher" | "GetWatcherEvents" | "RemoveWatcher")) => {
-            return Err(ConnectError::unimplemented(&format!(
-                "filesystem.Filesystem/{m} (watching directories)"
-            )));
+        ("filesystem.Filesystem", "GetWatcherEvents") => ok!(&e2b.watchers.events(id, &d!())?),
+        ("filesystem.Filesystem", "RemoveWatcher") => {
+            e2b.watchers.remove(id, &d!())?;
+            ok!(&wire::Empty {})
         }
         _ => return Err(ConnectError::unimplemented(&format!("{service}/{method}"))),
     })

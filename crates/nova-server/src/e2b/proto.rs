@@ -78,29 +78,29 @@ pub enum Value<'a> {
 }
 
 impl<'a> Value<'a> {
-    fn u64(self) -> Result<u64, DecodeError> {
+    pub(crate) fn u64(self) -> Result<u64, DecodeError> {
         match self {
             Value::Varint(v) => Ok(v),
             _ => Err(DecodeError("expected a varint")),
         }
     }
-    fn u32(self) -> Result<u32, DecodeError> {
+    pub(crate) fn u32(self) -> Result<u32, DecodeError> {
         // Out-of-range varints are truncated, as protobuf does for uint32.
         Ok(self.u64()? as u32)
     }
-    fn bool(self) -> Result<bool, DecodeError> {
+    pub(crate) fn bool(self) -> Result<bool, DecodeError> {
         Ok(self.u64()? != 0)
     }
-    fn bytes(self) -> Result<&'a [u8], DecodeError> {
+    pub(crate) fn bytes(self) -> Result<&'a [u8], DecodeError> {
         match self {
             Value::Bytes(b) => Ok(b),
             _ => Err(DecodeError("expected a length-delimited field")),
         }
     }
-    fn string(self) -> Result<String, DecodeError> {
+    pub(crate) fn string(self) -> Result<String, DecodeError> {
         String::from_utf8(self.bytes()?.to_vec()).map_err(|_| DecodeError("string is not UTF-8"))
     }
-    fn message<M: Decode>(self) -> Result<M, DecodeError> {
+    pub(crate) fn message<M: Decode>(self) -> Result<M, DecodeError> {
         M::decode(self.bytes()?)
     }
 }
@@ -139,7 +139,7 @@ fn put_key(out: &mut Vec<u8>, field: u32, wire: u8) {
     put_varint(out, (u64::from(field) << 3) | u64::from(wire));
 }
 
-fn put_u64(out: &mut Vec<u8>, field: u32, v: u64) {
+pub(crate) fn put_u64(out: &mut Vec<u8>, field: u32, v: u64) {
     if v != 0 {
         put_key(out, field, 0);
         put_varint(out, v);
@@ -156,14 +156,14 @@ fn put_bytes_always(out: &mut Vec<u8>, field: u32, b: &[u8]) {
     out.extend_from_slice(b);
 }
 
-fn put_str(out: &mut Vec<u8>, field: u32, s: &str) {
+pub(crate) fn put_str(out: &mut Vec<u8>, field: u32, s: &str) {
     if !s.is_empty() {
         put_bytes_always(out, field, s.as_bytes());
     }
 }
 
 /// A set message field (written even when empty: presence matters).
-fn put_msg<M: Encode + ?Sized>(out: &mut Vec<u8>, field: u32, m: &M) {
+pub(crate) fn put_msg<M: Encode + ?Sized>(out: &mut Vec<u8>, field: u32, m: &M) {
     put_bytes_always(out, field, &m.to_bytes());
 }
 
