@@ -35,6 +35,20 @@ fi
 home=$(mktemp -d /tmp/nova-e2b-test.XXXXXX)
 daemon_pid=
 cleanup() {
+    if [ -n "$daemon_pid" ] && [ -n "${api_port:-}" ] && [ -s "$home/token" ]; then
+        # Sandboxes outlive `nova serve` (a next daemon re-attaches them):
+        # delete every one this run made, even after a failure.
+        NOVA_API="http://127.0.0.1:$api_port" NOVA_TOKEN=$(cat "$home/token") python3 - <<'PY' || true
+import json, os, urllib.request
+api, auth = os.environ["NOVA_API"], {"Authorization": "Bearer " + os.environ["NOVA_TOKEN"]}
+for sb in json.load(urllib.request.urlopen(urllib.request.Request(api + "/v1/sandboxes", headers=auth), timeout=10)):
+    req = urllib.request.Request(f"{api}/v1/sandboxes/{sb['id']}?force=true", headers=auth, method="DELETE")
+    try:
+        urllib.request.urlopen(req, timeout=30)
+    except Exception as e:
+        print("e2b-test cleanup:", sb["id"], e)
+PY
+    fi
     if [ -n "$daemon_pid" ]; then
         # The daemon we started, and its process group (setsid below).
         kill -TERM -- "-$daemon_pid" 2>/dev/null || true
