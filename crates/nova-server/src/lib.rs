@@ -115,7 +115,8 @@ fn io_err(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> S
     }
 }
 
-/// Binds `addr` (if any) with the daemon's token (made at the first use).
+/// Binds `addr` (if any) with the daemon's token (made at the first use),
+/// for the E2B listener.
 async fn bind_tcp(
     root: &Path,
     addr: Option<SocketAddr>,
@@ -176,7 +177,18 @@ impl Server {
             .map_err(io_err("listen on", &options.socket))?;
         std::fs::set_permissions(&options.socket, std::fs::Permissions::from_mode(0o600))
             .map_err(io_err("restrict", &options.socket))?;
-        let tcp = bind_tcp(&root, options.tcp).await?;
+        let tcp = match options.tcp {
+            Some(addr) => {
+                let token_path = root.join(auth::TOKEN_FILE);
+                let token = auth::Token::load_or_create(&token_path)
+                    .map_err(io_err("read or create the token", &token_path))?;
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(io_err("listen on", Path::new(&addr.to_string())))?;
+                Some((listener, token))
+            }
+            None => None,
+        };
         let e2b = bind_tcp(&root, options.e2b).await?;
         Ok(Self {
             daemon,
@@ -242,27 +254,15 @@ impl Server {
             })
         });
         let e2b_task = e2b.map(|(listener, token)| {
-            let domain = listener
-                .local_addr()
-                .map(|a| format!("localhost:{}", a.port()))
-                .unwrap_or_else(|_| "localhost".into());
-            let router = e2b::router(e2b::E2b::new(daemon.clone(), token, domain));
-            let stop = stopped(stop_rx.clone());
-            // Streamed RPCs write small frames: without TCP_NODELAY each
-            // waits on the client's delayed ACK.
-            let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-                let _ = tcp.set_nodelay(true);
-            });
-            tokio::spawn(async move {
-                axum::serve(listener, router)
-                    .with_graceful_shutdown(stop)
-                    .await
-            })
+            e2b::spawn(daemon.clone(), listener, token, stopped(stop_rx.clone()))
         });
         let unix_result = axum::serve(unix, router)
             .with_graceful_shutdown(stopped(stop_rx))
             .await;
-        for task in [tcp_task, e2b_task].into_iter().flatten() {
+        if let Some(task) = tcp_task {
+            let _ = task.await;
+        }
+        if let Some(task) = e2b_task {
             let _ = task.await;
         }
         let _ = std::fs::remove_file(&socket);

@@ -341,6 +341,7 @@ fn spawn_pump(
         let mut subscriber = subscriber;
         let mut pending: Option<ProcessEvent> = None;
         let mut ended = false;
+        let mut controlled = true;
         loop {
             if pending.is_some() && subscriber.is_none() {
                 // Nobody listens: the output is dropped (as envd does).
@@ -389,12 +390,13 @@ fn spawn_pump(
                         None => subscriber = None,
                     }
                 }
-                control = control_rx.recv() => match control {
+                control = control_rx.recv(), if controlled => match control {
                     Some(Control::Signal(sig, reply)) => { let _ = reply.send(stream.signal(sig)); }
                     Some(Control::Resize(size, reply)) => { let _ = reply.send(stream.resize(size.rows, size.cols)); }
                     Some(Control::Subscribe(tx)) => subscriber = Some(tx),
-                    // The table dropped the process: keep pumping to the end.
-                    None => {}
+                    // The table dropped the process (its sandbox was
+                    // killed): keep pumping to the end, uncontrolled.
+                    None => controlled = false,
                 },
             }
         }
