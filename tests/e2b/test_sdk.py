@@ -13,7 +13,7 @@ import urllib.error
 import urllib.request
 
 from e2b import AsyncSandbox, CommandExitException, PtySize, Sandbox
-from e2b.exceptions import NotFoundException
+from e2b.exceptions import NotFoundException, SandboxNotRunningException
 
 TEMPLATE = os.environ.get("E2B_TEST_TEMPLATE", "minimal")
 STEPS = []
@@ -265,6 +265,23 @@ def check_sync():
         step("sync: kill", t)
     assert not sbx.is_running()
     assert Sandbox.kill(sbx.sandbox_id) is False
+
+    t = time.monotonic()
+    short = Sandbox.create(template=TEMPLATE, timeout=2)
+    try:
+        deadline = time.monotonic() + 20
+        while short.is_running() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not short.is_running()
+        try:
+            short.commands.run("true")
+            raise AssertionError("a command ran in an expired sandbox")
+        except SandboxNotRunningException:
+            pass
+        assert short.sandbox_id not in [s.sandbox_id for s in Sandbox.list().next_items()]
+    finally:
+        short.kill()
+    step("sync: a sandbox past its timeout is gone", t)
 
 
 async def check_async():
