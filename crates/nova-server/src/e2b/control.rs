@@ -87,15 +87,16 @@ pub async fn require_api_key(
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.strip_prefix("Bearer "))
         });
-    match presented {
-        Some(key) if e2b.token.matches(key.trim()) => next.run(request).await,
-        Some(_) => ApiError(StatusCode::UNAUTHORIZED, "invalid API key".into()).into_response(),
+    let refused = match presented {
+        Some(key) if e2b.token.matches(key.trim()) => return next.run(request).await,
+        Some(_) => ApiError(StatusCode::UNAUTHORIZED, "invalid API key".into()),
         None => ApiError(
             StatusCode::UNAUTHORIZED,
             "missing X-API-Key: set E2B_API_KEY to the daemon's token ($NOVA_HOME/token)".into(),
-        )
-        .into_response(),
-    }
+        ),
+    };
+    // Answered before the body is read.
+    crate::e2b::closing(refused.into_response())
 }
 
 /// The control plane's routes.

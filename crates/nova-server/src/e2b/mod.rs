@@ -332,12 +332,24 @@ async fn files_post(
     .await
     {
         Ok(id) => id,
-        Err(r) => return r.into_response(),
+        Err(r) => return closing(r.into_response()),
     };
     let (parts, body) = request.into_parts();
     files::upload(&e2b.daemon, &id, q, &parts.headers, body)
         .await
-        .unwrap_or_else(IntoResponse::into_response)
+        // The body may be unread (or half read) after an error.
+        .unwrap_or_else(|e| closing(e.into_response()))
+}
+
+/// `response` with `Connection: close`: for answers given before the
+/// request's body was read, so the client does not reuse a connection the
+/// server is about to close (it would fail its next request there).
+pub(crate) fn closing(mut response: Response) -> Response {
+    response.headers_mut().insert(
+        axum::http::header::CONNECTION,
+        axum::http::HeaderValue::from_static("close"),
+    );
+    response
 }
 
 async fn envd_unserved(request: Request) -> Response {
@@ -354,12 +366,14 @@ async fn envd_unserved(request: Request) -> Response {
     };
     let e = ConnectError::unimplemented(&what);
     let body = serde_json::json!({ "code": e.code.as_str(), "message": e.message });
-    (
-        status,
-        [(axum::http::header::CONTENT_TYPE, "application/json")],
-        body.to_string(),
+    closing(
+        (
+            status,
+            [(axum::http::header::CONTENT_TYPE, "application/json")],
+            body.to_string(),
+        )
+            .into_response(),
     )
-        .into_response()
 }
 
 /// A Connect call: unary or server-streaming by method.
@@ -389,13 +403,13 @@ async fn rpc(
     };
     let codec = match &codec {
         Ok(c) => *c,
-        Err(e) => return fail(e.clone()),
+        Err(e) => return closing(fail(e.clone())),
     };
     if method == "StreamInput" {
         // Refused before its (client-streamed) body is read.
-        return fail(ConnectError::unimplemented(
+        return closing(fail(ConnectError::unimplemented(
             "process.Process/StreamInput (client streaming; use SendInput: commands.send_stdin)",
-        ));
+        )));
     }
     let id = match admit(
         &e2b,
@@ -406,16 +420,16 @@ async fn rpc(
     .await
     {
         Ok(id) => id,
-        Err(r) => return fail(r.into()),
+        Err(r) => return closing(fail(r.into())),
     };
     let (parts, body) = request.into_parts();
     let body: Bytes = match axum::body::to_bytes(Body::new(body), connect::MAX_MESSAGE + 5).await {
         Ok(b) => b,
         Err(_) => {
-            return fail(ConnectError::new(
+            return closing(fail(ConnectError::new(
                 Code::ResourceExhausted,
                 "request message too large",
-            ));
+            )));
         }
     };
     let result = if streaming {
