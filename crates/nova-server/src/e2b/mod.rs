@@ -627,8 +627,10 @@ mod tests {
     async fn the_control_plane_wants_the_daemons_token_as_api_key() {
         let dir = tempfile::tempdir().expect("a temp dir");
         let (app, _, key) = app(dir.path());
-        let (status, _, body) = call(&app, get("/sandboxes", &[])).await;
+        let (status, headers, body) = call(&app, get("/sandboxes", &[])).await;
         assert_eq!(status, StatusCode::UNAUTHORIZED);
+        // Refused before the body is read: the connection is not reused.
+        assert_eq!(headers[axum::http::header::CONNECTION], "close");
         let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(v["code"], 401);
         assert!(v["message"].as_str().unwrap().contains("X-API-Key"), "{v}");
