@@ -28,7 +28,7 @@ DEPS_PACKAGES := qemu-system-x86 linux-source-6.1 debootstrap debian-archive-key
 	xz-utils fakeroot nftables python3 python3-venv curl
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: deps agent nova images bench-boot demo test lint examples sdk-test sdk-venv mcp-test api-fuzz
+.PHONY: deps agent nova images bench-boot demo test lint examples sdk-test sdk-venv mcp-test api-fuzz e2b-test
 
 deps:
 	@missing=$$(for p in $(DEPS_PACKAGES); do \
@@ -108,6 +108,11 @@ mcp-test: nova images
 api-fuzz: nova
 	NOVA=$(NOVA) scripts/api-fuzz.sh
 
+# The unmodified `e2b` SDKs (PyPI and npm, pinned in the script) against
+# `nova serve --e2b-listen` on loopback with a private NOVA_HOME.
+e2b-test: nova
+	tests/e2b/run.sh
+
 # The README's test command, and what CI runs: installs what the tests need,
 # builds the images (cached), then runs every test and example.
 test: deps images lint
@@ -118,5 +123,6 @@ test: deps images lint
 	$(MAKE) examples
 	$(MAKE) sdk-test
 	$(MAKE) mcp-test
+	$(MAKE) e2b-test
 	@echo "--- the seed's benchmark table, small N (figures printed, not asserted):"
 	$(NOVA) bench seed -n 3

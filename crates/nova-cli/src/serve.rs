@@ -16,6 +16,11 @@ pub(crate) struct ServeArgs {
     /// the first start in $NOVA_HOME/token (mode 0600).
     #[arg(long, value_name = "ADDR:PORT")]
     listen: Option<SocketAddr>,
+    /// Also serve E2B's API on this TCP address (e.g. 127.0.0.1:3000), so
+    /// the unmodified `e2b` SDK works: E2B_API_URL and E2B_SANDBOX_URL
+    /// http://ADDR, E2B_API_KEY the token in $NOVA_HOME/token.
+    #[arg(long, value_name = "ADDR:PORT")]
+    e2b_listen: Option<SocketAddr>,
     /// The Unix socket to listen on (no token; mode 0600).
     #[arg(long, value_name = "PATH", default_value = "$NOVA_HOME/nova.sock")]
     socket: String,
@@ -70,6 +75,7 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     options.socket = under_home(&home, &args.socket);
     options.policy = under_home(&home, &args.policy);
     options.tcp = args.listen;
+    options.e2b = args.e2b_listen;
     let server = Server::bind(hypervisor, options.clone()).await?;
     eprintln!(
         "nova serve: listening on {}{} (backend {})",
@@ -83,6 +89,9 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
             .unwrap_or_default(),
         server.daemon().hypervisor().kind(),
     );
+    if let Some(a) = server.e2b_addr() {
+        eprintln!("nova serve: E2B API on http://{a} (E2B_API_URL and E2B_SANDBOX_URL)");
+    }
     server.serve(shutdown_signal()).await?;
     Ok(ExitCode::SUCCESS)
 }

@@ -26,6 +26,7 @@
 pub mod api;
 pub mod auth;
 pub mod daemon;
+pub mod e2b;
 pub mod mcp;
 pub mod metrics;
 pub mod policy;
@@ -58,6 +59,9 @@ pub struct ServeOptions {
     pub socket: PathBuf,
     /// Also listen on this TCP address, with a bearer token.
     pub tcp: Option<SocketAddr>,
+    /// Also serve E2B's API (both planes, [`e2b`]) on this TCP address,
+    /// with the token as its API key.
+    pub e2b: Option<SocketAddr>,
     /// The policy file (default `$NOVA_HOME/policy.toml`; missing means the
     /// defaults).
     pub policy: PathBuf,
@@ -70,6 +74,7 @@ impl ServeOptions {
             socket: home.root().join(SOCKET_FILE),
             policy: home.root().join(POLICY_FILE),
             tcp: None,
+            e2b: None,
             home,
         }
     }
@@ -111,12 +116,29 @@ fn io_err(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> S
     }
 }
 
+/// Binds `addr` (if any) with the daemon's token (made at the first use),
+/// for the E2B listener.
+async fn bind_tcp(
+    root: &Path,
+    addr: Option<SocketAddr>,
+) -> Result<Option<(tokio::net::TcpListener, auth::Token)>, ServeError> {
+    let Some(addr) = addr else { return Ok(None) };
+    let token_path = root.join(auth::TOKEN_FILE);
+    let token = auth::Token::load_or_create(&token_path)
+        .map_err(io_err("read or create the token", &token_path))?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(io_err("listen on", Path::new(&addr.to_string())))?;
+    Ok(Some((listener, token)))
+}
+
 /// A daemon bound to its sockets, ready to serve.
 #[derive(Debug)]
 pub struct Server {
     daemon: Arc<Daemon>,
     unix: tokio::net::UnixListener,
     tcp: Option<(tokio::net::TcpListener, auth::Token)>,
+    e2b: Option<(tokio::net::TcpListener, auth::Token)>,
     _lock: std::fs::File,
     socket: PathBuf,
 }
@@ -168,13 +190,20 @@ impl Server {
             }
             None => None,
         };
+        let e2b = bind_tcp(&root, options.e2b).await?;
         Ok(Self {
             daemon,
             unix,
             tcp,
+            e2b,
             _lock: lock,
             socket: options.socket,
         })
+    }
+
+    /// The E2B API's address, when serving it.
+    pub fn e2b_addr(&self) -> Option<SocketAddr> {
+        self.e2b.as_ref().and_then(|(l, _)| l.local_addr().ok())
     }
 
     /// The daemon.
@@ -198,6 +227,7 @@ impl Server {
             daemon,
             unix,
             tcp,
+            e2b,
             _lock,
             socket,
         } = self;
@@ -219,15 +249,28 @@ impl Server {
             ));
             let stop = stopped(stop_rx.clone());
             tokio::spawn(async move {
+                // Small frames (streamed output, WebSocket events) go out at
+                // once instead of waiting on the peer's delayed ACK.
+                let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+                    if let Err(e) = tcp.set_nodelay(true) {
+                        tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+                    }
+                });
                 axum::serve(listener, router)
                     .with_graceful_shutdown(stop)
                     .await
             })
         });
+        let e2b_task = e2b.map(|(listener, token)| {
+            e2b::spawn(daemon.clone(), listener, token, stopped(stop_rx.clone()))
+        });
         let unix_result = axum::serve(unix, router)
             .with_graceful_shutdown(stopped(stop_rx))
             .await;
         if let Some(task) = tcp_task {
+            let _ = task.await;
+        }
+        if let Some(task) = e2b_task {
             let _ = task.await;
         }
         let _ = std::fs::remove_file(&socket);

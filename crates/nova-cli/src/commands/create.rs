@@ -3,7 +3,7 @@
 
 use std::process::ExitCode;
 
-use nova_server::api::sandboxes::{CreateSandboxRequest, PortMapping};
+use nova_server::api::sandboxes::{CreateSandboxRequest, PortMapping, PortProtocolView};
 
 use crate::client::Client;
 
@@ -19,8 +19,8 @@ pub(crate) struct CreateArgs {
     /// vCPUs.
     #[arg(long)]
     vcpus: Option<u8>,
-    /// Publish a guest port on the host (127.0.0.1 too): HOST:GUEST.
-    #[arg(long = "publish", short = 'p', value_name = "HOST:GUEST", value_parser = parse_port)]
+    /// Publish a guest port on the host (127.0.0.1 too): HOST:GUEST[/udp]; repeatable.
+    #[arg(long = "publish", short = 'p', value_name = "HOST:GUEST[/udp]", value_parser = parse_port)]
     ports: Vec<PortMapping>,
     /// A label, for `nova ls -l`.
     #[arg(long = "label", short = 'l', value_name = "KEY=VALUE", value_parser = super::key_value)]
@@ -38,12 +38,19 @@ pub(crate) struct CreateArgs {
 }
 
 fn parse_port(raw: &str) -> Result<PortMapping, String> {
-    let bad = || format!("{raw:?} is not HOST:GUEST (two ports, like 8080:80)");
-    let (host, guest) = raw.split_once(':').ok_or_else(bad)?;
+    let bad = || format!("{raw:?} is not HOST:GUEST[/tcp|/udp] (two ports, like 8080:80)");
+    let (ports, protocol) = match raw.rsplit_once('/') {
+        Some((ports, "tcp")) => (ports, PortProtocolView::Tcp),
+        Some((ports, "udp")) => (ports, PortProtocolView::Udp),
+        Some(_) => return Err(bad()),
+        None => (raw, PortProtocolView::Tcp),
+    };
+    let (host, guest) = ports.split_once(':').ok_or_else(bad)?;
     let port = |p: &str| p.parse::<u16>().ok().filter(|&p| p > 0).ok_or_else(bad);
     Ok(PortMapping {
         host_port: port(host)?,
         guest_port: port(guest)?,
+        protocol,
     })
 }
 

@@ -179,6 +179,7 @@ mod tests {
             vcpus: 1,
             network: false,
             ports: vec![],
+            egress: None,
             labels: BTreeMap::from([("team".into(), "a".into())]),
             created_at_ms: 0,
             expires_at_ms: None,
