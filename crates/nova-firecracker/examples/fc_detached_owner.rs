@@ -10,11 +10,16 @@
 //! - `vmm`: no agent is waited for (the test guest of `tests/common`, which
 //!   boots on any KVM), unjailed;
 //! - `vmm-paused`: the same, paused before the lines are printed;
+//! - `vmm-jailed`: `vmm` through the jailer
+//!   ([`JailerConfig::for_host`](nova_firecracker::jailer::JailerConfig::for_host):
+//!   root, a static Firecracker, a `jailer` beside it), its jails under
+//!   `<nova-home>/jails`;
 //! - `agent:<shell command>`: a real template with `nova-agent` (hardware
 //!   KVM), jailed when the host allows it ([`FirecrackerOptions::new`]);
 //!   the command is started and left running.
 
 use std::io::Write;
+use std::path::Path;
 use std::time::Duration;
 
 use nova_core::config::SandboxConfig;
@@ -22,6 +27,7 @@ use nova_core::exec::ExecRequest;
 use nova_core::home::NovaHome;
 use nova_core::hypervisor::Hypervisor;
 use nova_firecracker::binary::FirecrackerBinary;
+use nova_firecracker::jailer::JailerConfig;
 use nova_firecracker::{FirecrackerHypervisor, FirecrackerOptions};
 
 #[tokio::main]
@@ -36,13 +42,20 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 .into(),
         );
     };
-    let mut options =
-        FirecrackerOptions::new(NovaHome::at(home), FirecrackerBinary::at(firecracker)?);
+    let binary = FirecrackerBinary::at(firecracker)?;
+    let mut jailer = JailerConfig::for_host(binary.path());
+    if let Ok(jailer) = &mut jailer {
+        jailer.chroot_base = Path::new(&home).join("jails");
+    }
+    let mut options = FirecrackerOptions::new(NovaHome::at(&home), binary);
     let command = match mode.as_str() {
-        "vmm" | "vmm-paused" => {
+        "vmm" | "vmm-paused" | "vmm-jailed" => {
             options.wait_for_agent = false;
             options.allow_non_hardware_kvm = true;
-            options.jailer = None;
+            options.jailer = match mode.as_str() {
+                "vmm-jailed" => Some(jailer?),
+                _ => None,
+            };
             None
         }
         other => match other.strip_prefix("agent:") {

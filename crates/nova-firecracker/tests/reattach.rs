@@ -3,7 +3,8 @@
 //! provider re-attaches its sandbox (in the state it was in), or reports it
 //! failed when its VMM died meanwhile; a detached provider that is dropped
 //! leaves its VM for the next one, and one that is not detached kills its
-//! VMs. The VMM tests boot the test guest of `common/mod.rs` (any KVM); the
+//! VMs; jailed too, where the host allows a jail (root, a static
+//! Firecracker with a `jailer` beside it). The VMM tests boot the test guest of `common/mod.rs` (any KVM); the
 //! agent test (a command that outlives its owner) needs hardware KVM and a
 //! template: `NOVA_TEST_KVM=1`, `NOVA_TEST_TEMPLATE` (default `minimal`).
 //!
@@ -27,6 +28,7 @@ use nova_core::id::SandboxId;
 use nova_core::state::SandboxState;
 use nova_firecracker::api::InstanceState;
 use nova_firecracker::binary::FirecrackerBinary;
+use nova_firecracker::jailer::JailerConfig;
 use nova_firecracker::{FirecrackerHypervisor, FirecrackerOptions, FirecrackerSandboxes};
 
 /// The owner process; killed (SIGKILL) when dropped.
@@ -305,6 +307,100 @@ async fn a_provider_that_is_not_detached_kills_its_vms_on_drop() {
         home.path()
     )
     .is_empty()));
+}
+
+/// Whether `fc` can run jailed here; prints SKIP for `test` otherwise.
+fn jailable(test: &str, fc: &FirecrackerBinary) -> bool {
+    match JailerConfig::for_host(fc.path()) {
+        Ok(_) => true,
+        Err(reason) => {
+            println!("SKIP {test}: Firecracker cannot run jailed here: {reason}");
+            eprintln!("SKIP {test}: Firecracker cannot run jailed here: {reason}");
+            false
+        }
+    }
+}
+
+/// The jail of sandbox `id` that the owner's `vmm-jailed` mode makes.
+fn jail_dir(home: &Path, fc: &FirecrackerBinary, id: &SandboxId) -> PathBuf {
+    home.join("jails")
+        .join(fc.path().file_name().unwrap())
+        .join(id.as_str())
+}
+
+/// Through the jailer (a new PID namespace): the recorded PID is
+/// Firecracker's, the jail outlives the killed owner, the next provider
+/// re-attaches through the jail's API socket, and a stop removes the jail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jailed_vm_is_reattached_and_its_jail_removed_on_stop() {
+    let test = "a_jailed_vm_is_reattached_and_its_jail_removed_on_stop";
+    let Some(fc) = common::firecracker(test) else {
+        return;
+    };
+    if !jailable(test, &fc) {
+        return;
+    }
+    let home = test_home();
+    let owner = start_owner(home.path(), &fc, "fctest", "vmm-jailed");
+    let (id, vmm) = (owner.sandbox.clone(), owner.vmm);
+    drop(owner);
+    let jail = jail_dir(home.path(), &fc, &id);
+    assert!(common::alive(vmm), "the jailed VMM died with its owner");
+    assert!(
+        jail.join("root/api.sock").exists(),
+        "the jail went with the owner"
+    );
+    let exe = std::fs::read_link(format!("/proc/{vmm}/exe")).unwrap();
+    assert!(
+        exe.to_string_lossy().contains("firecracker"),
+        "the recorded PID is not Firecracker's: {}",
+        exe.display()
+    );
+
+    let mut options = common::vmm_only_options(home.path(), fc);
+    options.jailer = None; // the record, not the options, says where the jail is
+    let provider = FirecrackerHypervisor::detached(options);
+    let report = provider.reattach().await.unwrap();
+    assert_eq!(report.adopted, vec![id.clone()], "{report:?}");
+    assert_eq!(
+        provider.instance_info(&id).await.unwrap().state,
+        InstanceState::Running
+    );
+    provider.stop_sandbox(&id, false).await.unwrap();
+    assert!(wait_until(Duration::from_secs(10), || !common::alive(vmm)));
+    assert!(!jail.exists(), "the jail outlived stop");
+    assert!(common::leftovers(home.path()).is_empty());
+}
+
+/// A jailed VM whose VMM died while no one owned it: reported failed, and
+/// its jail is removed with its directory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_jailed_vm_is_reported_failed_and_its_jail_removed() {
+    let test = "a_dead_jailed_vm_is_reported_failed_and_its_jail_removed";
+    let Some(fc) = common::firecracker(test) else {
+        return;
+    };
+    if !jailable(test, &fc) {
+        return;
+    }
+    let home = test_home();
+    let owner = start_owner(home.path(), &fc, "fctest", "vmm-jailed");
+    let (id, vmm) = (owner.sandbox.clone(), owner.vmm);
+    drop(owner);
+    let jail = jail_dir(home.path(), &fc, &id);
+    assert!(jail.exists());
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(vmm as i32).expect("a pid"),
+        rustix::process::Signal::KILL,
+    )
+    .unwrap();
+    assert!(wait_until(Duration::from_secs(10), || !common::alive(vmm)));
+
+    let provider = detached_vmm_only(home.path(), fc);
+    let report = provider.reattach().await.unwrap();
+    assert_eq!(report.failed.len(), 1, "{report:?}");
+    assert!(!jail.exists(), "a dead sandbox's jail was left");
+    assert!(common::leftovers(home.path()).is_empty());
 }
 
 /// With the agent (hardware KVM and a real template): the owner is killed
