@@ -2,7 +2,9 @@
 //! runtime, and the running VM the sandbox's task drives.
 //!
 //! `start` lays out the jail (if any), makes the VMM see the kernel, disks
-//! and snapshot files, spawns Firecracker through the runtime's `Launch`,
+//! and snapshot files, writes the VM's record for a provider that may
+//! re-attach it (`firecracker.json`, see [`crate::reattach`]), spawns
+//! Firecracker through the runtime's `Launch`,
 //! configures it through the API and starts the guest (`InstanceStart` or
 //! `PUT /snapshot/load`). Every wait is a `Launch::step`, bounded by the boot
 //! deadline and raced against the VMM's exit.
