@@ -50,25 +50,19 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     std::fs::create_dir_all(home.root())
         .with_context(|| format!("cannot create {}", home.root().display()))?;
     let provider = novasandbox::detect_for_daemon(home.clone()).await?;
-    match &provider.reattached {
-        Some(report) => {
-            if !report.adopted.is_empty() {
-                eprintln!(
-                    "nova serve: re-attached {} sandbox(es) of a previous daemon",
-                    report.adopted.len()
-                );
-            }
-            for failed in &report.failed {
-                eprintln!(
-                    "nova serve: sandbox {} is failed: {}",
-                    failed.id, failed.reason
-                );
-            }
+    if let Some(report) = &provider.reattached {
+        if !report.adopted.is_empty() {
+            eprintln!(
+                "nova serve: re-attached {} sandbox(es) of a previous daemon",
+                report.adopted.len()
+            );
         }
-        None => eprintln!(
-            "nova serve: warning: this backend stops its sandboxes with the daemon \
-             (no re-attach after a restart)"
-        ),
+        for failed in &report.failed {
+            eprintln!(
+                "nova serve: sandbox {} is failed: {}",
+                failed.id, failed.reason
+            );
+        }
     }
     let hypervisor = provider.hypervisor;
     let mut options = ServeOptions::new(home.clone());

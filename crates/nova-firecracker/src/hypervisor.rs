@@ -2,13 +2,14 @@
 //! [`FirecrackerHypervisor`], the provider on it.
 
 use std::ffi::OsString;
+use std::path::Path;
 
-use nova_core::error::{CreateSandboxError, SandboxError};
+use nova_core::error::{BoxError, CreateSandboxError, SandboxError};
 use nova_core::home::NovaHome;
 use nova_core::hypervisor::HypervisorKind;
 use nova_core::id::SandboxId;
 use nova_runtime::Provider;
-use nova_runtime::backend::{Backend, Launch, VmStart};
+use nova_runtime::backend::{Backend, Launch, ReattachVm, VmStart};
 use nova_runtime::host::KvmStatus;
 
 use crate::api::{InstanceInfo, LogLevel};
@@ -131,7 +132,10 @@ impl Firecracker {
 /// Runs sandboxes as Firecracker microVMs: the runtime's [`Provider`] over
 /// [`Firecracker`]. Cheap to clone; clones share the same sandboxes.
 /// Dropping the last clone kills every VM it still runs and removes their
-/// directories. Firecracker-only operations are in
+/// directories, except for a [detached](Provider::detached) provider: its
+/// VMs (with their jails) outlive it and its process, and the next detached
+/// provider takes them over ([`Provider::reattach`]; see
+/// [`crate::reattach`]). Firecracker-only operations are in
 /// [`FirecrackerSandboxes`].
 pub type FirecrackerHypervisor = Provider<Firecracker>;
 
@@ -178,6 +182,14 @@ impl Backend for Firecracker {
 
     fn snapshot_support(&self) -> Result<(), String> {
         Ok(())
+    }
+
+    async fn reattach(&self, reattach: ReattachVm<'_>) -> Result<FirecrackerVm, BoxError> {
+        crate::reattach::reattach(reattach).await
+    }
+
+    async fn release_dead(&self, dir: &Path) {
+        crate::reattach::release_dead(dir).await;
     }
 
     async fn start(

@@ -18,6 +18,8 @@
 //! - [`stats`]: Firecracker's flushed metrics, parsed and summed;
 //! - [`vm`]: starting one microVM (cold or from a snapshot) and the running
 //!   VM the runtime drives;
+//! - [`reattach`]: taking a running microVM over from a dead detached
+//!   provider (a daemon that restarts), and removing a dead one's jail;
 //! - [`Firecracker`]: the runtime's `Backend`; [`FirecrackerHypervisor`] is
 //!   the runtime's provider over it, which implements the
 //!   [`Hypervisor`](nova_core::hypervisor::Hypervisor) trait, snapshots
@@ -38,6 +40,7 @@ mod hypervisor;
 pub mod jailer;
 pub mod machine;
 pub mod process;
+pub mod reattach;
 pub mod stats;
 pub mod vm;
 pub mod vsock;

@@ -12,7 +12,13 @@
 //!
 //! Through the jailer with a new PID namespace the jailer forks and exits;
 //! Firecracker's PID then comes from the jailer's pid file and the runtime
-//! adopts it ([`Launch::adopt`]).
+//! adopts it ([`Launch::adopt`]), so the PID in `state.json` is always
+//! Firecracker's. (Without `--new-pid-ns` the jailer execs Firecracker in
+//! place: the spawned PID is Firecracker's.) The jailer's child is PID 1 of
+//! its namespace, stays in the jailer's process group (the jailer is not a
+//! session leader, so it does not `setsid`), and inherits the jailer's
+//! stdout and stderr: the sandbox's `console.log` itself when the provider
+//! is detached, so nothing it writes depends on the provider's process.
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -62,14 +68,16 @@ pub struct SpawnSpec<'a> {
 }
 
 impl SpawnSpec<'_> {
-    /// Firecracker's own arguments.
+    /// Firecracker's own arguments. Through the jailer they leave out
+    /// `--id`: the jailer passes its own `--id` (the jail's, which is the
+    /// sandbox's) ahead of them, and Firecracker refuses an argument given
+    /// twice (exit code 153).
     pub fn firecracker_args(&self) -> Vec<OsString> {
-        let mut args: Vec<OsString> = vec![
-            "--api-sock".into(),
-            API_SOCKET.into(),
-            "--id".into(),
-            self.id.into(),
-        ];
+        let mut args: Vec<OsString> = vec!["--api-sock".into(), API_SOCKET.into()];
+        if self.jail.is_none() {
+            args.push("--id".into());
+            args.push(self.id.into());
+        }
         if self.boot_timer {
             args.push("--boot-timer".into());
         }
@@ -291,6 +299,15 @@ mod tests {
         let c = command(&s).unwrap();
         assert_eq!(c.program, Path::new("/j"));
         assert_eq!(c.cwd, None, "the jailer chroots; it picks the directory");
+        // The jailer gives Firecracker `--id` itself; a second one would
+        // make Firecracker exit with code 153.
+        let ids = c.args.iter().filter(|a| *a == "--id").count();
+        assert_eq!(ids, 1, "{:?}", c.args);
+        let tail = c.args.iter().position(|a| a == "--").unwrap();
+        assert_eq!(
+            c.args[tail + 1..],
+            ["--api-sock", "api.sock", "--boot-timer"].map(OsString::from)
+        );
     }
 
     #[test]

@@ -2,7 +2,9 @@
 //! runtime, and the running VM the sandbox's task drives.
 //!
 //! `start` lays out the jail (if any), makes the VMM see the kernel, disks
-//! and snapshot files, spawns Firecracker through the runtime's `Launch`,
+//! and snapshot files, writes the VM's record for a provider that may
+//! re-attach it (`firecracker.json`, see [`crate::reattach`]), spawns
+//! Firecracker through the runtime's `Launch`,
 //! configures it through the API and starts the guest (`InstanceStart` or
 //! `PUT /snapshot/load`). Every wait is a `Launch::step`, bounded by the boot
 //! deadline and raced against the VMM's exit.
@@ -24,6 +26,7 @@ use crate::hypervisor::FirecrackerOptions;
 use crate::jailer::{Jail, JailLimits};
 use crate::machine::{ExtraDrive, LOG_FILE, METRICS_FILE, MachineSpec, SCRATCH_FILE, VSOCK_SOCKET};
 use crate::process::{API_SOCKET, SpawnSpec};
+use crate::reattach::{JailRecord, VmRecord};
 use crate::stats::MetricsReader;
 use crate::vsock::AGENT_VSOCK_PORT;
 
@@ -34,10 +37,23 @@ pub(crate) const SNAPSHOT_MEMORY: &str = "memory";
 /// How long one vsock `CONNECT` may wait for its answer while booting.
 const CONNECT_ATTEMPT_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(500);
 
-/// A jail directory, removed on drop unless it was handed to a
-/// [`FirecrackerVm`].
+/// A jail directory, removed on drop (a failed start, or a VM dropped
+/// without a release) unless forgotten ([`Vm::leave`]: the VM outlives its
+/// provider).
 #[derive(Debug)]
-struct JailDir(Option<PathBuf>);
+pub(crate) struct JailDir(Option<PathBuf>);
+
+impl JailDir {
+    /// Guards `dir`, if any.
+    pub(crate) fn new(dir: Option<PathBuf>) -> Self {
+        Self(dir)
+    }
+
+    /// Lets go of the directory without removing it.
+    fn forget(&mut self) {
+        self.0 = None;
+    }
+}
 
 impl Drop for JailDir {
     fn drop(&mut self) {
@@ -53,14 +69,15 @@ impl Drop for JailDir {
 /// A running Firecracker microVM.
 #[derive(Debug)]
 pub struct FirecrackerVm {
-    api: ApiClient,
+    pub(crate) api: ApiClient,
     /// The VMM's working directory on the host (the jail root when jailed).
-    workdir: PathBuf,
-    jail_dir: JailDir,
-    jailed: Option<(u32, u32)>,
-    metrics: MetricsReader,
-    track_dirty_pages: bool,
-    kernel_cmdline: String,
+    pub(crate) workdir: PathBuf,
+    pub(crate) jail_dir: JailDir,
+    /// The uid and gid a jailed VMM runs as.
+    pub(crate) jailed: Option<(u32, u32)>,
+    pub(crate) metrics: MetricsReader,
+    pub(crate) track_dirty_pages: bool,
+    pub(crate) kernel_cmdline: String,
 }
 
 impl FirecrackerVm {
@@ -216,6 +233,21 @@ pub(crate) async fn start(
     }
     // Refused before the VMM starts, with the boot contract's reason.
     let kernel_cmdline = machine.kernel_cmdline().map_err(kernel_args_error)?;
+    // What a provider that re-attaches the VM needs to know of it, and
+    // which jail to remove if it dies without one.
+    let record = VmRecord {
+        jail: jail.as_ref().map(|j| JailRecord {
+            dir: j.jail_dir(),
+            uid: j.config().uid,
+            gid: j.config().gid,
+        }),
+        kernel_cmdline: kernel_cmdline.clone(),
+        track_dirty_pages,
+    };
+    record
+        .write(paths.dir())
+        .await
+        .map_err(prepare_err(&paths.dir().join(crate::reattach::RECORD_FILE)))?;
     launch.show_logs(vec![("firecracker log", workdir.join(LOG_FILE))]);
     let id = info.id.to_string();
     let console = paths.console_log();
@@ -405,6 +437,12 @@ impl Vm for FirecrackerVm {
 
     fn extra_logs(&self) -> Vec<(&'static str, PathBuf)> {
         vec![("firecracker log", self.workdir.join(LOG_FILE))]
+    }
+
+    fn leave(&mut self) {
+        // The jail holds the VMM's sockets, log and metrics, and its view
+        // of the disks: it stays for the provider that re-attaches.
+        self.jail_dir.forget();
     }
 
     async fn release(&mut self) -> Result<(), (PathBuf, std::io::Error)> {

@@ -21,7 +21,9 @@
 //! runtime adopts the process, the directory and the network, and opens the
 //! agent channel itself. [`Vm::leave`] is the other half: a detached
 //! provider that goes away leaves its VMs running, and the backend forgets
-//! (without removing) what it would remove on drop.
+//! (without removing) what it would remove on drop. What such a VM had
+//! outside its sandbox directory (a jail) is removed, once its VMM is found
+//! dead, by [`Backend::release_dead`].
 
 use std::fmt;
 use std::future::Future;
@@ -229,6 +231,16 @@ pub trait Backend: Send + Sync + fmt::Debug + Sized + 'static {
     ) -> impl Future<Output = Result<Self::Vm, BoxError>> + Send {
         let _ = reattach;
         async { Err("this backend cannot re-attach to a running VM".into()) }
+    }
+
+    /// Removes what the backend made outside the sandbox directory `dir`
+    /// (a jail) for a sandbox a dead provider left that is being cleaned:
+    /// its VMM is gone or killed, or re-attaching it failed. Reads what it
+    /// needs from `dir`, which the runtime removes afterwards. Best effort
+    /// (failures are logged); nothing to do by default.
+    fn release_dead(&self, dir: &Path) -> impl Future<Output = ()> + Send {
+        let _ = dir;
+        async {}
     }
 
     /// Spawns the VMM through `launch`, configures it and starts the guest

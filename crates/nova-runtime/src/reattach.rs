@@ -16,8 +16,10 @@
 //!       paused again); commands left running in the guest carry on,
 //!       found with Hypervisor::list_execs / attach_exec
 //!     a fresh task (task::drive) in the registry, in its recorded state
-//!   dead: its VMM killed if it somehow runs, its network and directory
-//!     removed (as leftovers are), and a `failed` tombstone with the reason
+//!   dead: its VMM killed if it somehow runs, its network, what the
+//!     backend made outside its directory (Backend::release_dead: a jail)
+//!     and its directory removed (as leftovers are), and a `failed`
+//!     tombstone with the reason
 //!     kept in the registry (Hypervisor::get / list show it)
 //! ```
 //!
@@ -218,6 +220,7 @@ impl<B: Backend> Provider<B> {
                 dead,
             } = found;
             let Some(record) = record else {
+                self.inner.backend.release_dead(&dir).await;
                 remove_dead(&dir, lock).await;
                 continue;
             };
@@ -227,6 +230,7 @@ impl<B: Backend> Provider<B> {
                     if record.network.is_some() {
                         abandoned_networks.push(id.to_string());
                     }
+                    self.inner.backend.release_dead(&dir).await;
                     remove_dead(&dir, lock).await;
                     reason
                 }
@@ -329,6 +333,7 @@ impl<B: Backend> Provider<B> {
             Err(reason) => {
                 let _ = tokio::time::timeout(self.inner.timeouts.kill, vmm.kill()).await;
                 crate::network::teardown(network).await;
+                backend.release_dead(paths.dir()).await;
                 let mut dir = dir;
                 if let Err((path, e)) = dir.remove().await {
                     tracing::warn!(path = %path.display(), error = %e, "cannot remove a failed sandbox's files");

@@ -92,31 +92,35 @@ pub struct DaemonProvider {
     pub hypervisor: Arc<dyn Hypervisor>,
     /// The live sandboxes of a previous daemon it re-attached, and those it
     /// could not (reported failed with the reason); `None` where the
-    /// backend cannot leave its VMs running (Firecracker, for now: its VMs
-    /// stop with the daemon).
+    /// backend cannot leave its VMs running (every backend [`detect_in`]
+    /// picks can now: Firecracker and QEMU).
     pub reattached: Option<nova_runtime::reattach::ReattachReport>,
 }
 
-/// [`detect_in`] for a daemon (`nova serve`): with QEMU, a detached
-/// provider (its VMs keep running when the daemon dies) that has
+/// [`detect_in`] for a daemon (`nova serve`): a detached provider (its VMs
+/// keep running when the daemon dies), Firecracker or QEMU, that has
 /// re-attached every live sandbox a previous daemon left.
 pub async fn detect_for_daemon(home: NovaHome) -> Result<DaemonProvider, DetectError> {
     Ok(match choose(home)? {
-        Chosen::Firecracker(options) => DaemonProvider {
-            hypervisor: Arc::new(providers::FirecrackerHypervisor::new(options)),
-            reattached: None,
-        },
-        Chosen::Qemu(options) => {
-            let provider = providers::QemuHypervisor::detached(options);
-            let report = provider
-                .reattach()
-                .await
-                .map_err(|e| DetectError::Reattach(Box::new(e)))?;
-            DaemonProvider {
-                hypervisor: Arc::new(provider),
-                reattached: Some(report),
-            }
+        Chosen::Firecracker(options) => {
+            reattached(providers::FirecrackerHypervisor::detached(options)).await?
         }
+        Chosen::Qemu(options) => reattached(providers::QemuHypervisor::detached(options)).await?,
+    })
+}
+
+/// `provider`, a detached one, once it re-attached what a previous daemon
+/// left.
+async fn reattached<B: nova_runtime::backend::Backend>(
+    provider: nova_runtime::Provider<B>,
+) -> Result<DaemonProvider, DetectError> {
+    let report = provider
+        .reattach()
+        .await
+        .map_err(|e| DetectError::Reattach(Box::new(e)))?;
+    Ok(DaemonProvider {
+        hypervisor: Arc::new(provider),
+        reattached: Some(report),
     })
 }
 

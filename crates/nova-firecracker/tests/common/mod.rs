@@ -127,6 +127,11 @@ pub fn install_test_template(home: &Path, id: &str) {
 /// A provider in `home` that runs the VMM without waiting for an agent and
 /// accepts a paravirtualized KVM.
 pub fn vmm_only(home: &Path, binary: FirecrackerBinary) -> FirecrackerHypervisor {
+    FirecrackerHypervisor::new(vmm_only_options(home, binary))
+}
+
+/// The options of [`vmm_only`].
+pub fn vmm_only_options(home: &Path, binary: FirecrackerBinary) -> FirecrackerOptions {
     let mut options = FirecrackerOptions::new(NovaHome::at(home), binary);
     options.wait_for_agent = false;
     options.allow_non_hardware_kvm = true;
@@ -134,7 +139,7 @@ pub fn vmm_only(home: &Path, binary: FirecrackerBinary) -> FirecrackerHypervisor
     // Unjailed even as root with a jailer around: these tests are about the
     // VMM's lifecycle, and a jail needs a cgroup set-up of its own.
     options.jailer = None;
-    FirecrackerHypervisor::new(options)
+    options
 }
 
 /// Whether process `pid` still exists (zombies count as gone).
