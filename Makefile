@@ -87,7 +87,7 @@ sdk-venv: $(SDK_VENV)/.installed
 sdk-test: nova sdk-venv
 	cd sdk/python && ../../$(SDK_VENV)/bin/ruff check . && ../../$(SDK_VENV)/bin/ruff format --check .
 	cd sdk/python && ../../$(SDK_VENV)/bin/mypy
-	cd sdk/python && NOVA_BIN=$(SDK_NOVA) ../../$(SDK_VENV)/bin/python -m pytest -q -p no:cacheprovider
+	cd sdk/python && NOVA_BIN=$(SDK_NOVA) ../../$(SDK_VENV)/bin/python -m pytest -q -p no:cacheprovider --benchmark-disable
 	cd sdk/python && NOVA_BIN=$(SDK_NOVA) ../../$(SDK_VENV)/bin/python tests/run_examples.py
 
 # The MCP round trip over stdio with the official Python client. The venv is
