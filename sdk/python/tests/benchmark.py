@@ -5,21 +5,18 @@ session's daemon runs, as for the rest of the suite)::
 
     pytest tests/benchmark.py -v --benchmark-only
 
-Rows and the seed's targets (Firecracker; Apple VZ's in brackets):
+Rows, what each times, and the seed's target (Firecracker; Apple VZ's in
+brackets):
 
-==========================  =========================================  ============
-row                         what is timed                              seed target
-==========================  =========================================  ============
-config creation             ``SandboxConfig()``                        < 1 ms
-boot, restored              ``create_sandbox()`` of the minimal        < 150 ms
-                            template's defaults, which its snapshot     (200 ms)
-                            fits (512 MiB, 2 vCPUs, network on)
-boot, cold                  ``create_sandbox()`` with ``start="cold"``  < 150 ms
-                            (minimal template, network off)             (200 ms)
-pause                       ``Sandbox.pause()``                        < 100 ms (150)
-resume                      ``Sandbox.resume()``                       < 100 ms (150)
-stats                       ``Sandbox.get_stats()``                    < 50 ms
-==========================  =========================================  ============
+- config creation: ``SandboxConfig()``; < 1 ms.
+- boot, restored: ``create_sandbox()`` of the minimal template with the
+  configuration its snapshot was made with (the defaults: 512 MiB, 2 vCPUs,
+  network on) and ``start="snapshot"``; < 150 ms (200 ms).
+- boot, cold: ``create_sandbox()`` of the minimal template, network off,
+  ``start="cold"``; < 150 ms (200 ms).
+- pause: ``Sandbox.pause()``; < 100 ms (150 ms).
+- resume: ``Sandbox.resume()``; < 100 ms (150 ms).
+- stats: ``Sandbox.get_stats()``; < 50 ms.
 
 Each call returns once the daemon has answered (a created sandbox is ready:
 its agent answered). The VM rows run a fixed number of rounds
