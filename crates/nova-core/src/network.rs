@@ -2,8 +2,8 @@
 //! published ports ([`PortSpec`]) and an egress policy ([`EgressConfig`]).
 //!
 //! These are plain data, deserialized from configs, API bodies and
-//! `state.json`, and checked by [`SandboxConfig::validate`]
-//! (crate::SandboxConfig::validate) with errors naming the field
+//! `state.json`, and checked by
+//! [`SandboxConfig::validate`](crate::config::SandboxConfig::validate), with errors naming the field
 //! (`ports[1].host_port`, `egress.allow[0]`). The host side (`nova-net`)
 //! turns them into nftables rules; the parsing of an egress entry
 //! ([`parse_cidr`], [`normalize_domain`], [`looks_like_cidr`]) lives here so

@@ -11,7 +11,7 @@
 //! `127.0.0.1:host_port` too), and the config's `egress` policy as nftables
 //! sets in the sandbox's host table ([`egress_policy`]); other sandboxes,
 //! the host's own addresses and 169.254.169.254 stay closed unless an
-//! `allow` CIDR names them. [`update`] replaces the policy of a running
+//! `allow` CIDR names them. `update` replaces the policy of a running
 //! sandbox in one nft transaction. The guest sees [`nova_net::GUEST_ADDR`] on
 //! `eth0` with [`nova_net::GATEWAY_ADDR`] as its gateway, and the host's
 //! resolvers ([`nova_net::host_resolvers`]), through the boot contract's

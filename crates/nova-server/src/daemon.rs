@@ -24,6 +24,7 @@ use nova_core::home::NovaHome;
 use nova_core::hypervisor::Hypervisor;
 use nova_core::id::SandboxId;
 use nova_core::metadata::{SandboxInfo, now_ms};
+use nova_core::snapshot::{SNAPSHOT_MANIFEST, SnapshotManifest};
 use nova_core::state::SandboxState;
 use nova_core::template::{TemplateError, TemplateManager};
 use tokio::sync::Semaphore;
@@ -628,13 +629,18 @@ impl Daemon {
     }
 }
 
-/// The recommended memory (MiB) and vCPUs of template `id`, if it is
-/// installed.
+/// The memory (MiB) and vCPUs a create of template `id` gets by default:
+/// those its snapshot was taken with, so the create restores it, else the
+/// template's recommendation; `None` when it is not installed.
 fn template_size(manager: &TemplateManager, id: &str) -> Option<(u32, u8)> {
-    manager
-        .load(id)
+    let template = manager.load(id).ok()?;
+    let snapshot = std::fs::read(template.snapshot_dir().join(SNAPSHOT_MANIFEST))
         .ok()
-        .map(|t| (t.manifest.memory_mb, t.manifest.vcpus))
+        .and_then(|bytes| serde_json::from_slice::<SnapshotManifest>(&bytes).ok());
+    Some(match snapshot {
+        Some(s) => (s.config.memory_mb, s.config.vcpus),
+        None => (template.manifest.memory_mb, template.manifest.vcpus),
+    })
 }
 
 /// The last `n` bytes of `path`, as text; empty when it cannot be read.

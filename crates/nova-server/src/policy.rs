@@ -314,9 +314,9 @@ impl Policy {
     /// Checks a caller's create and builds the config to boot.
     ///
     /// Memory and vCPUs the caller leaves out are `template_defaults` (the
-    /// template's recommended size, which its snapshot was taken with, so
-    /// the create restores rather than boots) when given and within the
-    /// limits, else the runtime's defaults, capped by the limits.
+    /// size the template's snapshot was taken with, so the create restores
+    /// rather than boots) when given and within the limits, else the
+    /// runtime's defaults, capped by the limits.
     ///
     /// Errors: `invalid_config` for values out of range (naming the limit),
     /// `forbidden` for a template or volume the policy does not allow.

@@ -32,13 +32,14 @@ pub struct CreateSandboxRequest {
     /// Template id (`GET /v1/templates`); the policy's default when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub template: Option<String>,
-    /// Guest memory in MiB (128 up to the policy's per-sandbox limit); the
-    /// template's recommended size when absent (which its snapshot fits).
+    /// Guest memory in MiB (128 up to the policy's per-sandbox limit); when
+    /// absent, the size the template's snapshot was taken with (so the
+    /// create restores it), else the template's recommended size.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(minimum = 128)]
     pub memory_mb: Option<u32>,
-    /// vCPUs (1 up to the policy's per-sandbox limit); the template's
-    /// recommended count when absent.
+    /// vCPUs (1 up to the policy's per-sandbox limit); when absent, as for
+    /// `memory_mb`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(minimum = 1)]
     pub vcpus: Option<u8>,
