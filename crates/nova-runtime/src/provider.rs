@@ -667,10 +667,13 @@ impl<B: Backend> Hypervisor for Provider<B> {
     async fn create_sandbox(&self, config: SandboxConfig) -> Result<Sandbox, CreateSandboxError> {
         config.validate()?;
         if !self.inner.backend.attaches_network() {
-            let field = if !config.published_ports().is_empty() {
-                Some(config.published_port_field(0))
-            } else {
-                config.egress.as_ref().map(|_| "egress".to_owned())
+            let field = match config.published_ports().first() {
+                Some(port) => Some(format!(
+                    "{} = {}",
+                    config.published_port_field(0),
+                    port.host_port
+                )),
+                None => config.egress.as_ref().map(|_| "egress".to_owned()),
             };
             if let Some(field) = field {
                 return Err(CreateSandboxError::Unsupported {
