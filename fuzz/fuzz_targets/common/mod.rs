@@ -1,0 +1,63 @@
+//! What several targets share: one tokio runtime per process (building one
+//! per input would dominate the run), and a bound on how long an input may
+//! keep a stateful target busy.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+/// How long one input may take before the target calls it a hang. Every
+/// peer in these targets closes its end once its input is spent, so a
+/// client still waiting after this long is stuck (a finding), not slow.
+#[allow(dead_code)]
+pub const HANG: Duration = Duration::from_secs(10);
+
+/// A single-threaded runtime with I/O and timers, built once.
+pub fn runtime() -> &'static tokio::runtime::Runtime {
+    static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a tokio runtime can be built")
+    })
+}
+
+/// A reader that hands out a fuzz input as a byte stream, in reads of a
+/// size the input's first byte chooses (1 to 64 bytes), so that the framing
+/// layer sees frames cut at every boundary.
+#[allow(dead_code)]
+pub struct ChunkedReader {
+    data: Vec<u8>,
+    pos: usize,
+    chunk: usize,
+}
+
+#[allow(dead_code)]
+impl ChunkedReader {
+    pub fn new(input: &[u8]) -> Self {
+        let (chunk, data) = match input.split_first() {
+            Some((&b, rest)) => (usize::from(b % 64) + 1, rest),
+            None => (1, input),
+        };
+        Self {
+            data: data.to_vec(),
+            pos: 0,
+            chunk,
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for ChunkedReader {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let end = (self.pos + self.chunk)
+            .min(self.data.len())
+            .min(self.pos + buf.remaining());
+        buf.put_slice(&self.data[self.pos..end]);
+        self.pos = end;
+        std::task::Poll::Ready(Ok(()))
+    }
+}

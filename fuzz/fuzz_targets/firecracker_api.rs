@@ -1,0 +1,120 @@
+//! What Firecracker sends back, as `nova-firecracker` reads it. The first
+//! input byte picks the channel, the rest is what Firecracker sends on it:
+//!
+//! - 0: the HTTP API socket. The bytes are the raw HTTP response(s) to
+//!   `ApiClient` calls (`GET /`, `/version`, `/machine-config`,
+//!   `/balloon/statistics`, `/balloon`, `PATCH /vm`, `PUT /actions`) on one
+//!   kept-alive connection; a reconnect is accepted and closed at once.
+//! - 1: the metrics file, in two appends (`stats::MetricsReader::read_new`
+//!   after each: whole lines, a line cut at the append, sums).
+//! - 2: the hybrid vsock socket's answer to `CONNECT <port>\n`
+//!   (`vsock::connect`).
+//!
+//! Properties: nothing panics; every call returns once Firecracker closed
+//! its end (no hang).
+#![no_main]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use libfuzzer_sys::fuzz_target;
+use nova_firecracker::api::ApiClient;
+use nova_firecracker::stats::MetricsReader;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixListener;
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&channel, rest)) = data.split_first() else {
+        return;
+    };
+    let rest = rest.to_vec();
+    common::runtime().block_on(async move {
+        let work = async {
+            match channel % 3 {
+                0 => api(rest).await,
+                1 => metrics(&rest),
+                _ => vsock(rest).await,
+            }
+        };
+        tokio::time::timeout(common::HANG, work)
+            .await
+            .expect("a Firecracker client hung after Firecracker closed its end");
+    });
+});
+
+/// A directory for this process's sockets and files.
+fn scratch() -> &'static Path {
+    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+    DIR.get_or_init(|| tempfile::tempdir().expect("a temporary directory"))
+        .path()
+}
+
+/// Listens on `name`; the first connection gets `data` and then the end of
+/// stream, later ones are closed at once.
+fn serve(name: &str, data: Vec<u8>) -> (PathBuf, tokio::task::JoinHandle<()>) {
+    let path = scratch().join(name);
+    let _ = std::fs::remove_file(&path);
+    let listener = UnixListener::bind(&path).expect("bind the fake Firecracker socket");
+    let task = tokio::spawn(async move {
+        let mut data = Some(data);
+        while let Ok((stream, _)) = listener.accept().await {
+            let Some(data) = data.take() else {
+                continue;
+            };
+            let (mut read, mut write) = stream.into_split();
+            tokio::spawn(async move {
+                let _ = write.write_all(&data).await;
+                let _ = write.shutdown().await;
+                let mut sink = vec![0u8; 16 * 1024];
+                while matches!(read.read(&mut sink).await, Ok(n) if n > 0) {}
+            });
+        }
+    });
+    (path, task)
+}
+
+async fn api(data: Vec<u8>) {
+    let (path, server) = serve("api.sock", data);
+    let mut client = ApiClient::new(&path).with_timeout(Duration::from_secs(5));
+    let _ = client.instance_info().await;
+    let _ = client.version().await;
+    let _ = client.machine_config().await;
+    let _ = client.balloon_stats().await;
+    let _ = client.balloon().await;
+    let _ = client.pause().await;
+    let _ = client.instance_start().await;
+    drop(client);
+    server.abort();
+    let _ = server.await;
+}
+
+fn metrics(data: &[u8]) {
+    let path = scratch().join("metrics.json");
+    let half = data.len() / 2;
+    std::fs::write(&path, &data[..half]).expect("write the metrics file");
+    let mut reader = MetricsReader::new(&path);
+    let _ = reader.read_new().map(|t| t.vcpu.exits());
+    let mut file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .expect("open the metrics file");
+    std::io::Write::write_all(&mut file, &data[half..]).expect("append to the metrics file");
+    let _ = reader.read_new().map(|t| t.vcpu.exits());
+    let _ = reader.bad_lines();
+}
+
+async fn vsock(data: Vec<u8>) {
+    let (path, server) = serve("vsock.sock", data);
+    if let Ok((mut stream, _port)) =
+        nova_firecracker::vsock::connect(&path, 1024, Duration::from_secs(5)).await
+    {
+        // What follows the acknowledgement is the guest's, untouched.
+        let mut rest = Vec::new();
+        let _ = stream.read_to_end(&mut rest).await;
+    }
+    server.abort();
+    let _ = server.await;
+}
