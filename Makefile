@@ -99,7 +99,7 @@ sdk-test: nova sdk-venv
 FUZZ_S ?= 60
 FUZZ_CI_S ?= 15
 FUZZ_TARGETS ?= agent_client_frames agent_client_session agent_request_frames qmp_replies \
-	firecracker_api sandbox_config server_requests policy_toml
+	firecracker_api firecracker_metrics sandbox_config server_requests policy_toml
 FUZZ := cargo +nightly fuzz
 FUZZ_BUILD_FLAGS := -s none -a
 FUZZ_RUN_FLAGS := -max_len=65536 -rss_limit_mb=2048 -timeout=30 -print_final_stats=1
@@ -112,13 +112,14 @@ fuzz-build: fuzz-tools
 	$(FUZZ) build $(FUZZ_BUILD_FLAGS)
 
 # $(1): seconds per target; $(2): corpus root (each target's corpus is
-# $(2)/<target>, started from fuzz/seeds/<target>; its log is
-# $(2)/<target>.log).
+# $(2)/<target>, started from fuzz/seeds/<target>, with the dictionary
+# fuzz/dicts/<target>.dict where there is one; its log is $(2)/<target>.log).
 define fuzz_all
 	@failed=""; for t in $(FUZZ_TARGETS); do \
 		mkdir -p $(2)/$$t && cp -n fuzz/seeds/$$t/* $(2)/$$t/ 2>/dev/null; \
 		echo "--- fuzz $$t for $(1) s"; \
-		if $(FUZZ) run $(FUZZ_BUILD_FLAGS) $$t $(2)/$$t -- $(FUZZ_RUN_FLAGS) \
+		dict=; test -f fuzz/dicts/$$t.dict && dict=-dict=fuzz/dicts/$$t.dict; \
+		if $(FUZZ) run $(FUZZ_BUILD_FLAGS) $$t $(2)/$$t -- $(FUZZ_RUN_FLAGS) $$dict \
 			-max_total_time=$(1) >$(2)/$$t.log 2>&1; then \
 			grep -E '^(#[0-9]+[[:space:]]+DONE|Done [0-9]+ runs)' $(2)/$$t.log; \
 		else tail -n 40 $(2)/$$t.log; failed="$$failed $$t"; fi; \

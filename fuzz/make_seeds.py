@@ -103,9 +103,9 @@ def main():
     write("firecracker_api", "api_fault", b"\x00" + api[-1])
     write("firecracker_api", "api_chunked", b"\x00HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n{\"id\"\r\n0\r\n\r\n")
     sample = b'{"utc_timestamp_ms":1,"block":{"read_bytes":512,"write_bytes":4096,"read_count":1,"write_count":2},"net":{"rx_bytes_count":60,"tx_bytes_count":70,"rx_packets_count":1,"tx_packets_count":1},"vcpu":{"exit_io_in":3,"exit_io_out":4,"exit_mmio_read":5,"exit_mmio_write":6,"failures":0}}\n'
-    write("firecracker_api", "metrics", b"\x01" + sample + sample + b'{"block":{}}\nnot json\n' + sample[:40])
-    write("firecracker_api", "vsock_ok", b"\x02OK 1073741824\n\x00\x00\x00\x09NOVA")
-    write("firecracker_api", "vsock_garbage", b"\x02HTTP/1.1 400\n")
+    write("firecracker_metrics", "flushes", sample + sample + b'{"block":{}}\nnot json\n' + sample[:40])
+    write("firecracker_api", "vsock_ok", b"\x01OK 1073741824\n\x00\x00\x00\x09NOVA")
+    write("firecracker_api", "vsock_garbage", b"\x01HTTP/1.1 400\n")
 
     # Configs and request bodies.
     write("sandbox_config", "full", b'{"template_id":"python","memory_mb":512,"vcpus":2,"boot_timeout_ms":30000,"kernel_args":"quiet","enable_network":true,"host_port":8080,"guest_port":80,"rootfs_path":"/srv/r.ext4","extra_drives":[{"path":"/srv/d.ext4","read_only":true}],"labels":{"app":"web","team.io/name":"x"},"read_only_rootfs":false,"env":{"A":"1"},"start":"auto"}')
