@@ -17,8 +17,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use libfuzzer_sys::fuzz_target;
@@ -45,17 +44,10 @@ fuzz_target!(|data: &[u8]| {
     });
 });
 
-/// A directory for this process's sockets and files.
-fn scratch() -> &'static Path {
-    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
-    DIR.get_or_init(|| tempfile::tempdir().expect("a temporary directory"))
-        .path()
-}
-
 /// Listens on `name`; the first connection gets `data` and then the end of
 /// stream, later ones are closed at once.
 fn serve(name: &str, data: Vec<u8>) -> (PathBuf, tokio::task::JoinHandle<()>) {
-    let path = scratch().join(name);
+    let path = common::scratch().join(name);
     let _ = std::fs::remove_file(&path);
     let listener = UnixListener::bind(&path).expect("bind the fake Firecracker socket");
     let task = tokio::spawn(async move {

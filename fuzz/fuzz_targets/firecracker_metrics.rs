@@ -8,14 +8,13 @@
 //! Properties: nothing panics (sums of counters included).
 #![no_main]
 
-use std::path::Path;
-use std::sync::OnceLock;
+mod common;
 
 use libfuzzer_sys::fuzz_target;
 use nova_firecracker::stats::MetricsReader;
 
 fuzz_target!(|data: &[u8]| {
-    let path = scratch().join("metrics.json");
+    let path = common::scratch().join("metrics.json");
     let half = data.len() / 2;
     std::fs::write(&path, &data[..half]).expect("write the metrics file");
     let mut reader = MetricsReader::new(&path);
@@ -28,9 +27,3 @@ fuzz_target!(|data: &[u8]| {
     let _ = reader.read_new().map(|t| t.vcpu.exits());
     let _ = reader.bad_lines();
 });
-
-fn scratch() -> &'static Path {
-    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
-    DIR.get_or_init(|| tempfile::tempdir().expect("a temporary directory"))
-        .path()
-}

@@ -6,8 +6,7 @@
 //! loaded validates.
 #![no_main]
 
-use std::path::Path;
-use std::sync::OnceLock;
+mod common;
 
 use libfuzzer_sys::fuzz_target;
 use nova_server::api::sandboxes::CreateSandboxRequest;
@@ -21,7 +20,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     }
     // `load` also runs the checks a daemon applies before it serves.
-    let path = scratch().join("policy.toml");
+    let path = common::scratch().join("policy.toml");
     std::fs::write(&path, text).expect("write the policy file");
     let Ok(policy) = Policy::load(&path) else {
         return;
@@ -38,9 +37,3 @@ fuzz_target!(|data: &[u8]| {
     }
     let _ = policy.template_allowed("python");
 });
-
-fn scratch() -> &'static Path {
-    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
-    DIR.get_or_init(|| tempfile::tempdir().expect("a temporary directory"))
-        .path()
-}

@@ -2,13 +2,16 @@
 //! per input would dominate the run), and a bound on how long an input may
 //! keep a stateful target busy.
 
+// Each target uses a part of this module.
+#![allow(dead_code)]
+
+use std::path::Path;
 use std::sync::OnceLock;
 use std::time::Duration;
 
 /// How long one input may take before the target calls it a hang. Every
 /// peer in these targets closes its end once its input is spent, so a
 /// client still waiting after this long is stuck (a finding), not slow.
-#[allow(dead_code)]
 pub const HANG: Duration = Duration::from_secs(10);
 
 /// A single-threaded runtime with I/O and timers, built once.
@@ -25,14 +28,12 @@ pub fn runtime() -> &'static tokio::runtime::Runtime {
 /// A reader that hands out a fuzz input as a byte stream, in reads of a
 /// size the input's first byte chooses (1 to 64 bytes), so that the framing
 /// layer sees frames cut at every boundary.
-#[allow(dead_code)]
 pub struct ChunkedReader {
     data: Vec<u8>,
     pos: usize,
     chunk: usize,
 }
 
-#[allow(dead_code)]
 impl ChunkedReader {
     pub fn new(input: &[u8]) -> Self {
         let (chunk, data) = match input.split_first() {
@@ -60,4 +61,18 @@ impl tokio::io::AsyncRead for ChunkedReader {
         self.pos = end;
         std::task::Poll::Ready(Ok(()))
     }
+}
+
+/// A directory for this process's sockets and files, in memory where the
+/// machine has `/dev/shm`: on a disk, rewriting a file per input costs a
+/// writeback each time (ext4 flushes a truncated file on close) and the
+/// target runs a hundred times slower.
+pub fn scratch() -> &'static Path {
+    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+    DIR.get_or_init(|| {
+        tempfile::tempdir_in("/dev/shm")
+            .or_else(|_| tempfile::tempdir())
+            .expect("a temporary directory")
+    })
+    .path()
 }
