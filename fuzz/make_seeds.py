@@ -104,6 +104,9 @@ def main():
     write("firecracker_api", "api_chunked", b"\x00HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n{\"id\"\r\n0\r\n\r\n")
     sample = b'{"utc_timestamp_ms":1,"block":{"read_bytes":512,"write_bytes":4096,"read_count":1,"write_count":2},"net":{"rx_bytes_count":60,"tx_bytes_count":70,"rx_packets_count":1,"tx_packets_count":1},"vcpu":{"exit_io_in":3,"exit_io_out":4,"exit_mmio_read":5,"exit_mmio_write":6,"failures":0}}\n'
     write("firecracker_metrics", "flushes", sample + sample + b'{"block":{}}\nnot json\n' + sample[:40])
+    # Regression inputs: each crashed a target before its fix.
+    huge = b'{"block":{"read_bytes":18446744073709551615},"vcpu":{"exit_io_in":18446744073709551615,"exit_io_out":1}}\n'
+    write("firecracker_metrics", "crash_counter_overflow", huge + huge)
     write("firecracker_api", "vsock_ok", b"\x01OK 1073741824\n\x00\x00\x00\x09NOVA")
     write("firecracker_api", "vsock_garbage", b"\x01HTTP/1.1 400\n")
 
@@ -144,6 +147,8 @@ read_only = true
 python = 2
 """)
     write("policy_toml", "empty", b"")
+    m = b"9223372036854775807"
+    write("policy_toml", "crash_pool_sum_overflow", b"[limits]\nmax_sandboxes = " + m + b"\n[pool]\na = " + m + b"\nb = " + m + b"\nc = " + m + b"\n")
     write("policy_toml", "strict", b'[limits]\nmax_memory_mb = 256\nmax_vcpus = 1\n[templates]\nallowed = ["minimal"]\ndefault = "minimal"\n[network]\ndefault = false\nallowed = false\n')
 
 
