@@ -81,6 +81,7 @@ def main():
     write("qmp_replies", "session", greeting + b"".join(answers))
     write("qmp_replies", "late_answer", greeting + b'{"return": {}, "id": 1}\n{"return": {}, "id": 1}\n' + answers[1])
     write("qmp_replies", "greeting_only", greeting)
+    write("qmp_replies", "crash_blockstats_overflow", greeting + answers[0] + answers[1] + b'{"return": [{"stats": {"rd_bytes": 18446744073709551615}}, {"stats": {"rd_bytes": 1}}], "id": 3}\n')
 
     # Firecracker: API responses, metrics lines, vsock acknowledgements.
     def http(status, body=b"", reason=b"OK"):
