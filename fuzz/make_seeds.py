@@ -100,7 +100,7 @@ def main():
         http(204, reason=b"No Content"),
         http(400, b'{"fault_message":"The requested operation is not supported after starting the microVM."}', b"Bad Request"),
     ]
-    write("firecracker_api", "api_session", b"\x00" + b"".join(api))
+    write("firecracker_api", "api_session", b"\x00" + b"--next--\n".join(api))
     write("firecracker_api", "api_fault", b"\x00" + api[-1])
     write("firecracker_api", "api_chunked", b"\x00HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n{\"id\"\r\n0\r\n\r\n")
     sample = b'{"utc_timestamp_ms":1,"block":{"read_bytes":512,"write_bytes":4096,"read_count":1,"write_count":2},"net":{"rx_bytes_count":60,"tx_bytes_count":70,"rx_packets_count":1,"tx_packets_count":1},"vcpu":{"exit_io_in":3,"exit_io_out":4,"exit_mmio_read":5,"exit_mmio_write":6,"failures":0}}\n'

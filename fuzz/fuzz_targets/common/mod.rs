@@ -1,5 +1,6 @@
 //! What several targets share: one tokio runtime per process (building one
-//! per input would dominate the run), and a bound on how long an input may
+//! per input would dominate the run; it also ignores SIGPIPE, as a Rust
+//! `main` does), and a bound on how long an input may
 //! keep a stateful target busy.
 
 // Each target uses a part of this module.
@@ -18,6 +19,14 @@ pub const HANG: Duration = Duration::from_secs(10);
 pub fn runtime() -> &'static tokio::runtime::Runtime {
     static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
     RT.get_or_init(|| {
+        // A Rust `main` ignores SIGPIPE; libFuzzer's `main` (C++) does not,
+        // so a fake peer writing to a socket the client closed would kill
+        // the process instead of getting EPIPE as the daemon would.
+        // SAFETY: setting a signal's disposition to SIG_IGN installs no
+        // handler code; it runs once, before any socket exists.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+        }
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
