@@ -12,6 +12,8 @@
 #   make api-fuzz Schemathesis against a real `nova serve` from the checked-in OpenAPI document
 #                 (~2-3 minutes; part of `make test`). The daemon's end-to-end API tests alone:
 #                 cargo test -p nova-cli --test api   (each test boots its own daemon and 1-3 VMs)
+#   make fuzz     run every fuzz target FUZZ_S seconds (default 60) on its kept corpus
+#   make fuzz-ci  the short pass `make test` runs: every target FUZZ_CI_S seconds from its seeds
 
 SHELL := /bin/bash
 CARGO ?= cargo
@@ -28,7 +30,8 @@ DEPS_PACKAGES := qemu-system-x86 linux-source-6.1 debootstrap debian-archive-key
 	xz-utils fakeroot nftables python3 python3-venv curl
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: deps agent nova images bench-boot demo test lint examples sdk-test sdk-venv mcp-test api-fuzz e2b-test
+.PHONY: deps agent nova images bench-boot demo test lint examples sdk-test sdk-venv \
+	mcp-test api-fuzz e2b-test fuzz-tools fuzz-build fuzz fuzz-ci
 
 deps:
 	@missing=$$(for p in $(DEPS_PACKAGES); do \
@@ -60,6 +63,7 @@ demo: deps images
 
 lint:
 	$(CARGO) fmt --all --check
+	$(CARGO) fmt --manifest-path fuzz/Cargo.toml --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --workspace --no-deps --quiet
 
@@ -113,11 +117,63 @@ api-fuzz: nova
 e2b-test: nova
 	tests/e2b/run.sh
 
+# Fuzzing (fuzz/, cargo-fuzz on the nightly toolchain; see fuzz/README.md).
+# Builds are release with debug assertions and overflow checks on (-a), and
+# without AddressSanitizer (-s none): the crates fuzzed have no unsafe code
+# of their own, so a panic is what a finding looks like, and the build and
+# the runs are several times faster. A crash leaves its input in
+# fuzz/artifacts/<target>/ and the run fails after trying every target.
+FUZZ_S ?= 60
+FUZZ_CI_S ?= 15
+FUZZ_TARGETS ?= agent_client_frames agent_client_session agent_request_frames qmp_replies \
+	firecracker_api firecracker_metrics sandbox_config server_requests policy_toml
+FUZZ := cargo +nightly fuzz
+# The fuzz build lives outside the clone, beside the other cached artifacts
+# ($NOVA_HOME/cache), so a fresh clone rebuilds only what changed.
+FUZZ_TARGET_DIR ?= $(or $(NOVA_HOME),$(if $(filter 0,$(shell id -u)),/var/lib/nova,$(HOME)/.local/share/nova))/cache/fuzz-target
+FUZZ_BUILD_FLAGS := -s none -a --target-dir $(FUZZ_TARGET_DIR)
+FUZZ_RUN_FLAGS := -max_len=65536 -rss_limit_mb=2048 -timeout=30 -print_final_stats=1
+
+fuzz-tools:
+	@rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
+	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
+
+fuzz-build: fuzz-tools
+	$(FUZZ) build $(FUZZ_BUILD_FLAGS)
+
+# $(1): seconds per target; $(2): corpus root (each target's corpus is
+# $(2)/<target>, started from fuzz/seeds/<target>, with the dictionary
+# fuzz/dicts/<target>.dict where there is one; its log is $(2)/<target>.log).
+define fuzz_all
+	@failed=""; for t in $(FUZZ_TARGETS); do \
+		mkdir -p $(2)/$$t && cp -n fuzz/seeds/$$t/* $(2)/$$t/ 2>/dev/null; \
+		echo "--- fuzz $$t for $(1) s"; \
+		dict=; test -f fuzz/dicts/$$t.dict && dict=-dict=fuzz/dicts/$$t.dict; \
+		if $(FUZZ) run $(FUZZ_BUILD_FLAGS) $$t $(2)/$$t -- $(FUZZ_RUN_FLAGS) $$dict \
+			-max_total_time=$(1) >$(2)/$$t.log 2>&1; then \
+			grep -E '^(#[0-9]+[[:space:]]+DONE|Done [0-9]+ runs)' $(2)/$$t.log; \
+		else tail -n 40 $(2)/$$t.log; failed="$$failed $$t"; fi; \
+	done; \
+	if [ -n "$$failed" ]; then echo "fuzz: crashes in:$$failed (inputs in fuzz/artifacts/)"; exit 1; fi
+endef
+
+# Kept corpora under fuzz/corpus/ (not checked in): each run goes on from the last.
+fuzz: fuzz-build
+	$(call fuzz_all,$(FUZZ_S),fuzz/corpus)
+
+# From the seeds only, in a fresh directory, so CI's pass does not depend on
+# what ran before.
+fuzz-ci: fuzz-build
+	@rm -rf fuzz/corpus-ci
+	$(call fuzz_all,$(FUZZ_CI_S),fuzz/corpus-ci)
+	@rm -rf fuzz/corpus-ci
+
 # The README's test command, and what CI runs: installs what the tests need,
 # builds the images (cached), then runs every test and example.
 test: deps images lint
 	$(CARGO) test --workspace
 	$(MAKE) api-fuzz
+	$(MAKE) fuzz-ci
 	@echo "--- tests gated on NOVA_FIRECRACKER_BIN / NOVA_TEST_KVM=1 (SKIP lines mean they did not run here):"
 	@$(CARGO) test -q -p nova-firecracker --test firecracker -- --nocapture 2>&1 | grep -E '^(SKIP|test result)' || true
 	$(MAKE) examples

@@ -82,9 +82,12 @@ pub struct VcpuMetrics {
 }
 
 impl VcpuMetrics {
-    /// All exits counted here.
+    /// All exits counted here (saturating, like [`MetricsTotals::add`]).
     pub fn exits(&self) -> u64 {
-        self.exit_io_in + self.exit_io_out + self.exit_mmio_read + self.exit_mmio_write
+        self.exit_io_in
+            .saturating_add(self.exit_io_out)
+            .saturating_add(self.exit_mmio_read)
+            .saturating_add(self.exit_mmio_write)
     }
 }
 
@@ -102,25 +105,30 @@ pub struct MetricsTotals {
 }
 
 impl MetricsTotals {
-    /// Adds one flush.
+    /// Adds one flush. Sums saturate at `u64::MAX`: the file is written by
+    /// the VMM but its counters are driven by the guest, and a line with a
+    /// huge value must not wrap the totals around (or panic a debug build).
     pub fn add(&mut self, s: &MetricsSample) {
-        self.flushes += 1;
+        fn sum(total: &mut u64, delta: u64) {
+            *total = total.saturating_add(delta);
+        }
+        sum(&mut self.flushes, 1);
         let b = &mut self.block;
-        b.read_bytes += s.block.read_bytes;
-        b.write_bytes += s.block.write_bytes;
-        b.read_count += s.block.read_count;
-        b.write_count += s.block.write_count;
+        sum(&mut b.read_bytes, s.block.read_bytes);
+        sum(&mut b.write_bytes, s.block.write_bytes);
+        sum(&mut b.read_count, s.block.read_count);
+        sum(&mut b.write_count, s.block.write_count);
         let n = &mut self.net;
-        n.rx_bytes_count += s.net.rx_bytes_count;
-        n.tx_bytes_count += s.net.tx_bytes_count;
-        n.rx_packets_count += s.net.rx_packets_count;
-        n.tx_packets_count += s.net.tx_packets_count;
+        sum(&mut n.rx_bytes_count, s.net.rx_bytes_count);
+        sum(&mut n.tx_bytes_count, s.net.tx_bytes_count);
+        sum(&mut n.rx_packets_count, s.net.rx_packets_count);
+        sum(&mut n.tx_packets_count, s.net.tx_packets_count);
         let v = &mut self.vcpu;
-        v.exit_io_in += s.vcpu.exit_io_in;
-        v.exit_io_out += s.vcpu.exit_io_out;
-        v.exit_mmio_read += s.vcpu.exit_mmio_read;
-        v.exit_mmio_write += s.vcpu.exit_mmio_write;
-        v.failures += s.vcpu.failures;
+        sum(&mut v.exit_io_in, s.vcpu.exit_io_in);
+        sum(&mut v.exit_io_out, s.vcpu.exit_io_out);
+        sum(&mut v.exit_mmio_read, s.vcpu.exit_mmio_read);
+        sum(&mut v.exit_mmio_write, s.vcpu.exit_mmio_write);
+        sum(&mut v.failures, s.vcpu.failures);
     }
 }
 
@@ -248,5 +256,23 @@ mod tests {
         assert_eq!(t.vcpu.exit_io_out, 14);
         assert_eq!(reader.bad_lines(), 1);
         assert_eq!(reader.read_new().unwrap().flushes, 2);
+    }
+
+    /// Found by the `firecracker_metrics` fuzz target: two flushes whose
+    /// counters sum past `u64::MAX`, or one whose exits do, panicked with
+    /// "attempt to add with overflow" (and wrapped in a release build).
+    #[test]
+    fn huge_counters_saturate_instead_of_overflowing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("metrics.json");
+        let huge = r#"{"block":{"read_bytes":18446744073709551615},"vcpu":{"exit_io_in":18446744073709551615,"exit_io_out":1}}"#;
+        std::fs::write(&path, format!("{huge}\n{huge}\n")).unwrap();
+        let mut reader = MetricsReader::new(&path);
+        let t = reader.read_new().unwrap();
+        assert_eq!(t.flushes, 2);
+        assert_eq!(t.block.read_bytes, u64::MAX);
+        assert_eq!(t.vcpu.exit_io_out, 2);
+        assert_eq!(t.vcpu.exits(), u64::MAX);
+        assert_eq!(parse_sample(huge).unwrap().vcpu.exits(), u64::MAX);
     }
 }

@@ -328,15 +328,16 @@ impl QmpClient {
     }
 
     /// Block device statistics (`query-blockstats`): the bytes read and
-    /// written, summed over every device.
+    /// written, summed over every device (saturating at `u64::MAX`: the
+    /// counters are what QEMU says, and a huge one must not wrap the sum).
     pub async fn block_bytes(&mut self) -> Result<(u64, u64), QmpError> {
         let value = self.execute("query-blockstats", None).await?;
-        let mut read = 0;
-        let mut written = 0;
+        let mut read = 0u64;
+        let mut written = 0u64;
         for dev in value.as_array().into_iter().flatten() {
             let stats = &dev["stats"];
-            read += stats["rd_bytes"].as_u64().unwrap_or(0);
-            written += stats["wr_bytes"].as_u64().unwrap_or(0);
+            read = read.saturating_add(stats["rd_bytes"].as_u64().unwrap_or(0));
+            written = written.saturating_add(stats["wr_bytes"].as_u64().unwrap_or(0));
         }
         Ok((read, written))
     }
@@ -524,6 +525,28 @@ mod tests {
             .map(|r| r["execute"].as_str().unwrap())
             .collect();
         assert_eq!(names, ["qmp_capabilities", "stop", "query-status", "cont"]);
+    }
+
+    /// Found with the `qmp_replies` fuzz target: two devices whose
+    /// `rd_bytes` sum past `u64::MAX` panicked `block_bytes` with "attempt
+    /// to add with overflow" (and wrapped in a release build).
+    #[tokio::test]
+    async fn block_bytes_of_huge_counters_saturate_instead_of_overflowing() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let _peer = fake_qemu(b, |req| match req["execute"].as_str().unwrap() {
+            "query-blockstats" => vec![ok(
+                &req,
+                json!([
+                    {"device": "vda", "stats": {"rd_bytes": u64::MAX, "wr_bytes": 7}},
+                    {"device": "vdb", "stats": {"rd_bytes": 1, "wr_bytes": 8}},
+                ]),
+            )],
+            _ => vec![ok(&req, json!({}))],
+        });
+        let mut qmp = QmpClient::handshake(a, Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!(qmp.block_bytes().await.unwrap(), (u64::MAX, 15));
     }
 
     #[tokio::test]

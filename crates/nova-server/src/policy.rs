@@ -296,12 +296,26 @@ impl Policy {
                 ));
             }
         }
-        let pooled: usize = self.pool.values().sum();
-        if pooled > l.max_sandboxes {
-            return Err(format!(
-                "the pool holds {pooled} sandboxes, more than limits.max_sandboxes ({})",
-                l.max_sandboxes
-            ));
+        // Summed checked: sizes near usize::MAX must be refused, not wrap
+        // around to a small total (or panic a debug build).
+        let pooled = self
+            .pool
+            .values()
+            .try_fold(0usize, |total, &n| total.checked_add(n));
+        match pooled {
+            Some(pooled) if pooled <= l.max_sandboxes => {}
+            Some(pooled) => {
+                return Err(format!(
+                    "the pool holds {pooled} sandboxes, more than limits.max_sandboxes ({})",
+                    l.max_sandboxes
+                ));
+            }
+            None => {
+                return Err(format!(
+                    "the pool sizes add up to more than limits.max_sandboxes ({})",
+                    l.max_sandboxes
+                ));
+            }
         }
         Ok(())
     }
@@ -651,5 +665,27 @@ mod tests {
             Policy::load(&dir.path().join("none.toml")).unwrap(),
             Policy::default()
         );
+    }
+
+    /// Found by the `policy_toml` fuzz target: pool sizes whose sum passes
+    /// `usize::MAX` panicked the daemon's start with "attempt to add with
+    /// overflow" (and, in a release build, wrapped to a small total that
+    /// passed the check).
+    #[test]
+    fn pool_sizes_that_overflow_their_sum_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("policy.toml");
+        let max = i64::MAX;
+        std::fs::write(
+            &path,
+            format!("[limits]\nmax_sandboxes = {max}\n[pool]\na = {max}\nb = {max}\nc = {max}\n"),
+        )
+        .unwrap();
+        match Policy::load(&path) {
+            Err(PolicyError::Invalid { reason, .. }) => {
+                assert!(reason.contains("max_sandboxes"), "{reason}");
+            }
+            other => panic!("expected Invalid, got {other:?}"),
+        }
     }
 }
