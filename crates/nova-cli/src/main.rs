@@ -20,6 +20,7 @@ mod doctor;
 mod mcp;
 mod run;
 mod serve;
+mod signals;
 mod template;
 mod terminal;
 

@@ -60,7 +60,7 @@ pub(crate) async fn run(args: McpArgs) -> anyhow::Result<ExitCode> {
 
     let served = tokio::select! {
         result = StdioSession::serve(daemon.clone(), rmcp_stdio()) => result.map_err(anyhow::Error::from),
-        () = shutdown_signal() => Ok(()),
+        () = crate::signals::terminate_or_interrupt() => Ok(()),
     };
     // Whatever ended the session, this process's sandboxes end with it:
     // stop them cleanly rather than leave the provider to kill them.
@@ -75,18 +75,4 @@ pub(crate) async fn run(args: McpArgs) -> anyhow::Result<ExitCode> {
 
 fn rmcp_stdio() -> (tokio::io::Stdin, tokio::io::Stdout) {
     (tokio::io::stdin(), tokio::io::stdout())
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
 }

@@ -316,12 +316,15 @@ pub async fn exec_stream(
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, Problem> {
     let sid = daemon.known(&id).await?;
-    let upgrade = upgrade.map_err(|e| {
-        Problem::invalid_request(format!(
-            "{e}: this endpoint speaks WebSocket (send Connection: upgrade, Upgrade: websocket)"
-        ))
-    })?;
+    let upgrade = upgrade.map_err(not_a_websocket)?;
     Ok(upgrade.on_upgrade(move |socket| run_socket(daemon, sid, socket)))
+}
+
+/// The problem of a request to a WebSocket endpoint that is no upgrade.
+fn not_a_websocket(e: WebSocketUpgradeRejection) -> Problem {
+    Problem::invalid_request(format!(
+        "{e}: this endpoint speaks WebSocket (send Connection: upgrade, Upgrade: websocket)"
+    ))
 }
 
 async fn send_event(socket: &mut WebSocket, event: &ServerEvent) -> bool {
@@ -592,11 +595,7 @@ pub async fn attach_exec(
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, Problem> {
     let sid = daemon.known(&id).await?;
-    let upgrade = upgrade.map_err(|e| {
-        Problem::invalid_request(format!(
-            "{e}: this endpoint speaks WebSocket (send Connection: upgrade, Upgrade: websocket)"
-        ))
-    })?;
+    let upgrade = upgrade.map_err(not_a_websocket)?;
     let stream = daemon.hypervisor().attach_exec(&sid, exec_id).await?;
     Ok(upgrade.on_upgrade(move |socket| pump(daemon, stream, socket)))
 }
