@@ -257,7 +257,7 @@ pub struct SandboxView {
     /// Creation time, milliseconds since the Unix epoch.
     pub created_at_ms: u64,
     /// When its lifetime ends (milliseconds since the Unix epoch), while it
-    /// is live.
+    /// runs or is paused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at_ms: Option<u64>,
     /// How it started, once it is ready.
@@ -301,7 +301,12 @@ impl SandboxView {
             labels: record.map(|r| r.labels.clone()).unwrap_or_default(),
             created_at_ms: info.created_at_ms,
             expires_at_ms: record
-                .filter(|_| info.state.is_live())
+                .filter(|_| {
+                    matches!(
+                        info.state,
+                        SandboxState::Creating | SandboxState::Running | SandboxState::Paused
+                    )
+                })
                 .and_then(|r| r.expires_at_ms),
             boot: info.boot.as_ref().map(|b| BootView {
                 boot_time_ms: b.boot_time_ms,
