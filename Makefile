@@ -182,3 +182,5 @@ test: deps images lint
 	$(MAKE) e2b-test
 	@echo "--- the seed's benchmark table, small N (figures printed, not asserted):"
 	$(NOVA) bench seed -n 3
+	@echo "--- 100 create/exec/file/stop cycles with a leak ledger (fails on a leak):"
+	$(NOVA) bench soak -n 100

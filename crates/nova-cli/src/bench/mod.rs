@@ -16,6 +16,7 @@
 //! warm pool claims ([`api`]).
 
 mod api;
+mod soak;
 
 use std::time::{Duration, Instant};
 
@@ -36,6 +37,10 @@ pub(crate) enum BenchCommand {
     /// The daemon's API against the library in-process: create -> first
     /// exec, exec round trip, concurrent execs, warm pool claims.
     Api(api::ApiArgs),
+    /// Create -> exec -> file write and read -> stop, many times, with a
+    /// leak ledger (processes, directories, network objects, mounts, file
+    /// descriptors, RSS) before, after warm-up and at the end.
+    Soak(soak::SoakArgs),
 }
 
 /// Arguments of `nova bench seed`.
@@ -96,6 +101,7 @@ pub(crate) async fn run(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Start(args) => start(args).await,
         BenchCommand::Seed(args) => seed(args).await,
         BenchCommand::Api(args) => api::run(args).await,
+        BenchCommand::Soak(args) => soak::run(args).await,
     }
 }
 
