@@ -186,7 +186,12 @@ impl Problem {
     pub fn sandbox_not_found(id: &str) -> Self {
         Self::new(
             ProblemCode::SandboxNotFound,
-            format!("no sandbox with id {id}; `GET /v1/sandboxes` lists them"),
+            format!(
+                "no sandbox with id {id}: it was deleted, its lifetime ended (a sandbox is \
+                 stopped timeout_secs after its create, 300 s unless the create or the \
+                 policy says otherwise), or the id is wrong; `nova ls -a` \
+                 (GET /v1/sandboxes) lists them"
+            ),
         )
     }
 

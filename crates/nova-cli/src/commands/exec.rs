@@ -87,7 +87,7 @@ pub(crate) async fn run(args: &ExecArgs) -> anyhow::Result<ExitCode> {
     } else {
         None
     };
-    let code = pump(socket, args.interactive, args.tty).await?;
+    let code = pump(socket, &args.id, args.interactive, args.tty).await?;
     Ok(ExitCode::from(code))
 }
 
@@ -95,7 +95,7 @@ pub(crate) async fn run(args: &ExecArgs) -> anyhow::Result<ExitCode> {
 pub(crate) async fn attach(args: &AttachArgs) -> anyhow::Result<ExitCode> {
     let client = Client::from_env()?;
     let socket = client.attach(&args.id, args.exec_id).await?;
-    Ok(ExitCode::from(pump(socket, false, false).await?))
+    Ok(ExitCode::from(pump(socket, &args.id, false, false).await?))
 }
 
 /// Reads stdin on a thread of its own (a blocked read must never hold up
@@ -122,8 +122,16 @@ fn stdin_chunks() -> tokio::sync::mpsc::Receiver<Vec<u8>> {
 }
 
 /// Drives a streamed exec to its end; the command's exit code, as a shell
-/// reports it (0..=255).
-async fn pump(mut socket: ExecSocket, interactive: bool, tty: bool) -> anyhow::Result<u8> {
+/// reports it (0..=255). When the connection to the daemon breaks after the
+/// command started, the error says how to follow it again (`nova attach`):
+/// the command keeps running in the sandbox.
+async fn pump(
+    mut socket: ExecSocket,
+    sandbox: &str,
+    interactive: bool,
+    tty: bool,
+) -> anyhow::Result<u8> {
+    let mut started = None;
     let mut stdin = interactive.then(stdin_chunks);
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut terminate = signal(SignalKind::terminate())?;
@@ -135,6 +143,7 @@ async fn pump(mut socket: ExecSocket, interactive: bool, tty: bool) -> anyhow::R
             frame = socket.next() => match frame {
                 Ok(Frame::Started { exec_id }) => {
                     tracing::info!(exec_id, "command started");
+                    started = exec_id;
                 }
                 Ok(Frame::Stdout(bytes)) => {
                     stdout.write_all(&bytes).await?;
@@ -175,5 +184,11 @@ async fn pump(mut socket: ExecSocket, interactive: bool, tty: bool) -> anyhow::R
         }
     };
     socket.close().await;
-    result.map_err(|e: ClientError| e.into())
+    result.map_err(|e: ClientError| match started {
+        Some(exec_id) => anyhow::Error::from(e).context(format!(
+            "the connection to the daemon broke; the command keeps running in the \
+             sandbox: `nova attach {sandbox} {exec_id}` follows it and passes its exit code on"
+        )),
+        None => e.into(),
+    })
 }
