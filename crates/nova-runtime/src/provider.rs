@@ -619,8 +619,23 @@ impl<B: Backend> Provider<B> {
             released: false,
             detached: self.inner.detached,
         };
+        self.spawn_task(id, task, info.clone(), guest, span);
+        Ok(Sandbox::new(Arc::new(self.clone()), info))
+    }
+
+    /// Registers sandbox `id` (its `info` and agent) and hands it to its own
+    /// task, which from then on owns it; used by a create and by a
+    /// re-attach.
+    pub(crate) fn spawn_task(
+        &self,
+        id: SandboxId,
+        task: SandboxTask<B::Vm>,
+        info: SandboxInfo,
+        guest: Option<Guest>,
+        span: tracing::Span,
+    ) {
         let (commands, rx) = mpsc::channel(ACTION_QUEUE);
-        let (published, watcher) = watch::channel(info.clone());
+        let (published, watcher) = watch::channel(info);
         let registry = &self.inner.sandboxes;
         registry.insert(
             id,
@@ -633,7 +648,6 @@ impl<B: Backend> Provider<B> {
         tokio::spawn(
             crate::task::drive(task, rx, published, Arc::downgrade(registry)).instrument(span),
         );
-        Ok(Sandbox::new(Arc::new(self.clone()), info))
     }
 }
 

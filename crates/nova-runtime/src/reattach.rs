@@ -28,7 +28,6 @@
 
 use std::fs::File;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use nova_core::error::BoxError;
@@ -37,7 +36,6 @@ use nova_core::id::SandboxId;
 use nova_core::metadata::SandboxInfo;
 use nova_core::state::SandboxState;
 use nova_protocol::client::AgentClient;
-use tokio::sync::{mpsc, watch};
 use tracing::Instrument;
 
 use crate::Guest;
@@ -45,7 +43,6 @@ use crate::backend::{Backend, ReattachVm, Vm};
 use crate::dir::{SandboxDir, SandboxRecord, read_record, try_lock};
 use crate::leftovers::{is_same_process, kill};
 use crate::provider::Provider;
-use crate::registry::Entry;
 use crate::task::SandboxTask;
 use crate::vmm::VmmProcess;
 
@@ -358,20 +355,7 @@ impl<B: Backend> Provider<B> {
             released: false,
             detached: true,
         };
-        let (commands, rx) = mpsc::channel(8);
-        let (published, watcher) = watch::channel(info);
-        let registry = &self.inner.sandboxes;
-        registry.insert(
-            id,
-            Entry {
-                commands,
-                info: watcher,
-                guest,
-            },
-        );
-        tokio::spawn(
-            crate::task::drive(task, rx, published, Arc::downgrade(registry)).instrument(span),
-        );
+        self.spawn_task(id, task, info, guest, span);
         Ok(())
     }
 }

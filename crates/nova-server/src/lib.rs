@@ -117,7 +117,7 @@ fn io_err(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> S
 }
 
 /// Binds `addr` (if any) with the daemon's token (made at the first use),
-/// for the E2B listener.
+/// for the `/v1` TCP listener and the E2B one.
 async fn bind_tcp(
     root: &Path,
     addr: Option<SocketAddr>,
@@ -178,18 +178,7 @@ impl Server {
             .map_err(io_err("listen on", &options.socket))?;
         std::fs::set_permissions(&options.socket, std::fs::Permissions::from_mode(0o600))
             .map_err(io_err("restrict", &options.socket))?;
-        let tcp = match options.tcp {
-            Some(addr) => {
-                let token_path = root.join(auth::TOKEN_FILE);
-                let token = auth::Token::load_or_create(&token_path)
-                    .map_err(io_err("read or create the token", &token_path))?;
-                let listener = tokio::net::TcpListener::bind(addr)
-                    .await
-                    .map_err(io_err("listen on", Path::new(&addr.to_string())))?;
-                Some((listener, token))
-            }
-            None => None,
-        };
+        let tcp = bind_tcp(&root, options.tcp).await?;
         let e2b = bind_tcp(&root, options.e2b).await?;
         Ok(Self {
             daemon,

@@ -72,21 +72,27 @@ impl Ledger {
         }
     }
 
+    /// The counts a leak shows in, by name (the resident set is not one of
+    /// them: it is reported, not judged).
+    fn counts(&self) -> [(&'static str, u64); 7] {
+        [
+            ("VMM processes", self.vmm_processes as u64),
+            ("sandbox directories", self.sandbox_dirs as u64),
+            ("network namespaces", self.netns as u64),
+            ("host links", self.links as u64),
+            ("nftables tables", self.nft_tables as u64),
+            ("mounts", self.mounts as u64),
+            ("file descriptors", self.fds as u64),
+        ]
+    }
+
     /// The counts that differ between `self` (before) and `after`.
     fn leaks(&self, after: &Self) -> Vec<String> {
-        let pairs = [
-            ("VMM processes", self.vmm_processes, after.vmm_processes),
-            ("sandbox directories", self.sandbox_dirs, after.sandbox_dirs),
-            ("network namespaces", self.netns, after.netns),
-            ("host links", self.links, after.links),
-            ("nftables tables", self.nft_tables, after.nft_tables),
-            ("mounts", self.mounts, after.mounts),
-            ("file descriptors", self.fds, after.fds),
-        ];
-        pairs
+        self.counts()
             .iter()
-            .filter(|(_, a, b)| a != b)
-            .map(|(what, a, b)| format!("{what}: {a} before, {b} after"))
+            .zip(after.counts())
+            .filter(|((_, a), (_, b))| a != b)
+            .map(|((what, a), (_, b))| format!("{what}: {a} before, {b} after"))
             .collect()
     }
 }
@@ -248,56 +254,19 @@ fn print_report(r: &Report) {
         "{:<22} {:>10} {:>14} {:>10}",
         "", "before", "after warm-up", "after"
     );
-    let rows: [(&str, u64, u64, u64); 8] = [
-        (
-            "VMM processes",
-            r.before.vmm_processes as u64,
-            r.after_warmup.vmm_processes as u64,
-            r.after.vmm_processes as u64,
-        ),
-        (
-            "sandbox directories",
-            r.before.sandbox_dirs as u64,
-            r.after_warmup.sandbox_dirs as u64,
-            r.after.sandbox_dirs as u64,
-        ),
-        (
-            "network namespaces",
-            r.before.netns as u64,
-            r.after_warmup.netns as u64,
-            r.after.netns as u64,
-        ),
-        (
-            "host links",
-            r.before.links as u64,
-            r.after_warmup.links as u64,
-            r.after.links as u64,
-        ),
-        (
-            "nftables tables",
-            r.before.nft_tables as u64,
-            r.after_warmup.nft_tables as u64,
-            r.after.nft_tables as u64,
-        ),
-        (
-            "mounts",
-            r.before.mounts as u64,
-            r.after_warmup.mounts as u64,
-            r.after.mounts as u64,
-        ),
-        (
-            "file descriptors",
-            r.before.fds as u64,
-            r.after_warmup.fds as u64,
-            r.after.fds as u64,
-        ),
-        (
+    let rows = r
+        .before
+        .counts()
+        .into_iter()
+        .zip(r.after_warmup.counts())
+        .zip(r.after.counts())
+        .map(|(((name, a), (_, b)), (_, c))| (name, a, b, c))
+        .chain([(
             "RSS (KiB)",
             r.before.rss_kib,
             r.after_warmup.rss_kib,
             r.after.rss_kib,
-        ),
-    ];
+        )]);
     for (name, a, b, c) in rows {
         println!("{name:<22} {a:>10} {b:>14} {c:>10}");
     }

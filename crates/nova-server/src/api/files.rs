@@ -16,7 +16,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use futures_util::{StreamExt, TryStreamExt};
 use nova_core::error::FileError;
-use nova_core::fs::{DirListing, FileKind, FileStat};
+use nova_core::fs::{DirListing, FileDownload, FileKind, FileStat};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
@@ -207,13 +207,6 @@ pub async fn download_file(
     let sid = daemon.known(&id).await?;
     let download = daemon.hypervisor().download(&sid, &query.path).await?;
     let size = download.size();
-    let chunks = futures_util::stream::unfold(download, |mut download| async move {
-        match download.next().await {
-            Ok(Some(chunk)) => Some((Ok(bytes::Bytes::from(chunk)), download)),
-            Ok(None) => None,
-            Err(e) => Some((Err(std::io::Error::other(e)), download)),
-        }
-    });
     Ok((
         [
             (header::CONTENT_TYPE, "application/octet-stream".to_owned()),
@@ -222,9 +215,24 @@ pub async fn download_file(
                 size.to_string(),
             ),
         ],
-        Body::from_stream(chunks),
+        download_body(download),
     )
         .into_response())
+}
+
+/// A response body that streams `download` chunk by chunk; an error in the
+/// middle ends the body early (the client sees a short transfer).
+pub(crate) fn download_body(download: FileDownload) -> Body {
+    Body::from_stream(futures_util::stream::unfold(
+        download,
+        |mut download| async move {
+            match download.next().await {
+                Ok(Some(chunk)) => Some((Ok(bytes::Bytes::from(chunk)), download)),
+                Ok(None) => None,
+                Err(e) => Some((Err(std::io::Error::other(e)), download)),
+            }
+        },
+    ))
 }
 
 /// Streams the request body into a guest file (created or replaced).

@@ -106,20 +106,13 @@ pub async fn download(
         .await
         .map_err(from_file)?;
     let size = download.size();
-    let chunks = futures_util::stream::unfold(download, |mut download| async move {
-        match download.next().await {
-            Ok(Some(chunk)) => Some((Ok(bytes::Bytes::from(chunk)), download)),
-            Ok(None) => None,
-            Err(e) => Some((Err(std::io::Error::other(e)), download)),
-        }
-    });
     Ok((
         StatusCode::OK,
         [
             (header::CONTENT_TYPE, "application/octet-stream".to_owned()),
             (header::CONTENT_LENGTH, size.to_string()),
         ],
-        Body::from_stream(chunks),
+        crate::api::files::download_body(download),
     )
         .into_response())
 }
