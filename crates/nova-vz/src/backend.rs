@@ -1,0 +1,431 @@
+//! [`Vz`]: the runtime's [`Backend`] over Apple's Virtualization.framework,
+//! and [`VzHypervisor`], the provider on it.
+//!
+//! Host side, plain Rust (it builds everywhere; it runs VMs only on macOS,
+//! which [`Backend::check_host`] enforces): a start writes the
+//! [`VzMachineSpec`] into the sandbox directory, spawns the helper
+//! `nova-vz-vmm` through the runtime's [`Launch`] (so the helper is the
+//! sandbox's VMM process: own process group, watched, killed on drop),
+//! waits for its control socket, and from then on drives it over
+//! [`crate::control`] and reaches the agent through [`crate::vsock`].
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use nova_core::error::{BoxError, CreateSandboxError};
+use nova_core::home::NovaHome;
+use nova_core::hypervisor::HypervisorKind;
+use nova_core::snapshot::{SnapshotError, SnapshotKind};
+use nova_protocol::boot::AGENT_VSOCK_PORT;
+use nova_runtime::Provider;
+use nova_runtime::backend::{
+    AgentConnector, Backend, BootSource, ConnectError, Launch, Vm, VmStart, VmmCounters,
+    kernel_args_error,
+};
+use nova_runtime::console::DEFAULT_LOG_CAP;
+use nova_runtime::dir::{check_socket_path, write_atomic};
+use nova_runtime::retry::connect_unix;
+use nova_runtime::vmm::VmmCommand;
+
+use crate::control::{ControlClient, ControlError, ControlRequest};
+use crate::spec::{SPEC_FILE, SpecInput, VzLimits, VzMachineSpec, VzSpecError, nat_guest_addr};
+use crate::state::VzState;
+
+/// Default size of each sandbox's sparse scratch disk, MiB.
+pub const DEFAULT_SCRATCH_MB: u64 = 4096;
+
+/// The helper binary's name.
+pub const HELPER_NAME: &str = "nova-vz-vmm";
+
+/// Environment variable naming the helper binary.
+pub const HELPER_ENV: &str = "NOVA_VZ_VMM";
+
+/// The saved machine state in a snapshot directory.
+pub const SNAPSHOT_STATE: &str = "vz.state";
+
+/// The first macOS with `saveMachineStateToURL:` / `restoreMachineStateFromURL:`.
+pub const SAVE_RESTORE_MACOS: u32 = 14;
+
+/// How long one control request may take.
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long one vsock `CONNECT` may wait while the guest boots.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// How the VZ provider runs.
+#[derive(Clone, Debug)]
+pub struct VzOptions {
+    /// Data directory (templates, sandboxes).
+    pub home: NovaHome,
+    /// The `nova-vz-vmm` helper, signed with the virtualization entitlement.
+    pub helper: PathBuf,
+    /// Size of each sandbox's sparse scratch disk, MiB.
+    pub scratch_size_mb: u64,
+}
+
+/// The VZ provider cannot be used on this host.
+#[derive(Debug, thiserror::Error)]
+#[error("Apple Virtualization.framework cannot run here: {reason}")]
+pub struct VzUnavailable {
+    /// Why, and what to do.
+    pub reason: String,
+}
+
+impl VzOptions {
+    /// Options for this host: `$NOVA_HOME` and the helper ([`helper_path`]).
+    ///
+    /// # Errors
+    ///
+    /// [`VzUnavailable`] when `$NOVA_HOME` cannot be resolved.
+    pub fn detect() -> Result<Self, VzUnavailable> {
+        let home = NovaHome::resolve().map_err(|e| VzUnavailable {
+            reason: e.to_string(),
+        })?;
+        Ok(Self::new(home))
+    }
+
+    /// Options with `home` and the helper found by [`helper_path`].
+    pub fn new(home: NovaHome) -> Self {
+        Self {
+            home,
+            helper: helper_path(),
+            scratch_size_mb: DEFAULT_SCRATCH_MB,
+        }
+    }
+}
+
+/// Where the helper is: `$NOVA_VZ_VMM`, else `nova-vz-vmm` next to the
+/// running executable (where `cargo build` and the install put it).
+pub fn helper_path() -> PathBuf {
+    if let Some(path) = std::env::var_os(HELPER_ENV) {
+        return PathBuf::from(path);
+    }
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|dir| dir.join(HELPER_NAME)))
+        .unwrap_or_else(|| PathBuf::from(HELPER_NAME))
+}
+
+/// The major version of a `sw_vers -productVersion` answer (`"14.5"` ->
+/// 14).
+pub fn macos_major(product_version: &str) -> Option<u32> {
+    product_version.trim().split('.').next()?.parse().ok()
+}
+
+/// The VZ backend of the runtime: one `nova-vz-vmm` helper process per
+/// sandbox, driven over its control socket.
+#[derive(Debug)]
+pub struct Vz {
+    options: VzOptions,
+    /// macOS's major version; `None` off macOS or when unknown.
+    macos: Option<u32>,
+    /// VZ's limits; `None` off macOS.
+    limits: Option<VzLimits>,
+}
+
+/// Runs sandboxes as Apple VZ VMs: the runtime's [`Provider`] over [`Vz`].
+pub type VzHypervisor = Provider<Vz>;
+
+impl Vz {
+    fn unsupported(reason: impl Into<String>) -> CreateSandboxError {
+        CreateSandboxError::Unsupported {
+            reason: reason.into(),
+        }
+    }
+}
+
+impl Backend for Vz {
+    type Options = VzOptions;
+    type Vm = VzVm;
+
+    fn from_options(options: VzOptions) -> Self {
+        let macos = if cfg!(target_os = "macos") {
+            std::process::Command::new("sw_vers")
+                .arg("-productVersion")
+                .output()
+                .ok()
+                .and_then(|out| macos_major(&String::from_utf8_lossy(&out.stdout)))
+        } else {
+            None
+        };
+        Self {
+            options,
+            macos,
+            limits: crate::host_limits(),
+        }
+    }
+
+    fn options(&self) -> &VzOptions {
+        &self.options
+    }
+
+    fn kind(&self) -> HypervisorKind {
+        HypervisorKind::AppleVz
+    }
+
+    fn vmm_version(&self) -> String {
+        match self.macos {
+            Some(major) => format!("Virtualization.framework (macOS {major})"),
+            None => "Virtualization.framework (unknown macOS)".to_owned(),
+        }
+    }
+
+    fn home(&self) -> &NovaHome {
+        &self.options.home
+    }
+
+    fn scratch_size_mb(&self) -> u64 {
+        self.options.scratch_size_mb
+    }
+
+    fn check_host(&self) -> Result<(), CreateSandboxError> {
+        if !cfg!(all(target_os = "macos", target_arch = "aarch64")) {
+            return Err(Self::unsupported(
+                "the Apple VZ backend runs on macOS on Apple Silicon only; use QEMU or \
+                 Firecracker on Linux",
+            ));
+        }
+        if !self.options.helper.is_file() {
+            return Err(Self::unsupported(format!(
+                "the VZ helper {} is missing; build it (cargo build -p nova-vz) and sign it \
+                 (make sign-macos), or set {HELPER_ENV}",
+                self.options.helper.display()
+            )));
+        }
+        Ok(())
+    }
+
+    fn snapshot_support(&self) -> Result<(), String> {
+        match self.macos {
+            Some(major) if major >= SAVE_RESTORE_MACOS => Ok(()),
+            _ => Err(format!(
+                "saving a VZ machine state needs macOS {SAVE_RESTORE_MACOS} or later"
+            )),
+        }
+    }
+
+    async fn start(
+        &self,
+        start: VmStart<'_>,
+        launch: &mut Launch<'_>,
+    ) -> Result<VzVm, CreateSandboxError> {
+        let limits = self.limits.ok_or_else(|| {
+            Self::unsupported("Virtualization.framework's limits cannot be read on this host")
+        })?;
+        let paths = start.paths;
+        for socket in [paths.api_socket(), paths.vsock_socket()] {
+            check_socket_path(&socket).map_err(Self::unsupported)?;
+        }
+        let config = &start.info.config;
+        // As with QEMU: a restored VM keeps the command line (and so the
+        // hostname and NAT address) of the VM its snapshot was taken of.
+        let (hostname, kernel_args, restore) = match start.source {
+            BootSource::Cold => (start.info.id.to_string(), config.kernel_args.clone(), None),
+            BootSource::Restore(snapshot) => (
+                snapshot.manifest.source.to_string(),
+                snapshot.manifest.config.kernel_args.clone(),
+                Some(snapshot.dir.join(SNAPSHOT_STATE)),
+            ),
+        };
+        let spec = VzMachineSpec::build(
+            &SpecInput {
+                kernel: &start.image.kernel,
+                rootfs: &start.image.rootfs,
+                scratch: start.scratch,
+                extra_drives: &start.image.extra_drives,
+                memory_mb: config.memory_mb,
+                vcpus: config.vcpus,
+                kernel_args: &kernel_args,
+                hostname: &hostname,
+                network: config.enable_network.then(|| nat_guest_addr(&hostname)),
+                restore: restore.as_deref(),
+            },
+            &limits,
+        )
+        .map_err(|e| match e {
+            VzSpecError::KernelArgs(e) => kernel_args_error(e),
+            other => Self::unsupported(other.to_string()),
+        })?;
+        let spec_path = paths.dir().join(SPEC_FILE);
+        write_atomic(&spec_path, &spec).map_err(|source| CreateSandboxError::Prepare {
+            path: spec_path.clone(),
+            source,
+        })?;
+        launch.spawn(&VmmCommand {
+            program: self.options.helper.clone(),
+            args: helper_args(&spec_path, &paths.api_socket(), &paths.vsock_socket()),
+            cwd: None,
+            // The guest's console is the helper's stdout.
+            stdout: paths.console_log(),
+            stderr: paths.vmm_log(),
+            log_cap: DEFAULT_LOG_CAP,
+            fds: Vec::new(),
+        })?;
+        // The helper makes the VM, starts (or restores and resumes) it, and
+        // only then listens: an answering control socket is a running guest.
+        let deadline = launch.deadline();
+        let api = paths.api_socket();
+        let mut control = launch
+            .step("answer on its control socket", async move {
+                let stream = connect_unix(&api, deadline).await?;
+                Ok::<_, std::io::Error>(ControlClient::new(stream, CONTROL_TIMEOUT))
+            })
+            .await?;
+        launch.vmm_ready();
+        let state = launch
+            .step("report the VM's state", control.call(&ControlRequest::State))
+            .await?;
+        if state != VzState::Running {
+            return Err(CreateSandboxError::Vmm {
+                vmm: HypervisorKind::AppleVz.vmm_name(),
+                action: "start the VM".into(),
+                source: format!("the VM is {state:?} after its start").into(),
+            });
+        }
+        launch.guest_started();
+        Ok(VzVm {
+            control,
+            vsock_socket: paths.vsock_socket(),
+            kernel_cmdline: spec.cmdline,
+        })
+    }
+}
+
+/// The helper's command line.
+pub fn helper_args(spec: &Path, control: &Path, vsock: &Path) -> Vec<std::ffi::OsString> {
+    vec![
+        "--spec".into(),
+        spec.into(),
+        "--control".into(),
+        control.into(),
+        "--vsock".into(),
+        vsock.into(),
+    ]
+}
+
+/// One VZ VM: its helper's control connection and vsock socket.
+#[derive(Debug)]
+pub struct VzVm {
+    control: ControlClient,
+    vsock_socket: PathBuf,
+    kernel_cmdline: String,
+}
+
+impl VzVm {
+    async fn expect(
+        &mut self,
+        request: ControlRequest,
+        want: VzState,
+    ) -> Result<(), ControlError> {
+        let state = self.control.call(&request).await?;
+        if state == want {
+            Ok(())
+        } else {
+            Err(ControlError::Vz(crate::error::VzFailure::helper(format!(
+                "the VM is {state:?}, not {want:?}, after {request:?}"
+            ))))
+        }
+    }
+}
+
+impl Vm for VzVm {
+    fn agent_connector(&self) -> AgentConnector {
+        let socket = self.vsock_socket.clone();
+        Box::new(move || {
+            let socket = socket.clone();
+            Box::pin(async move {
+                crate::vsock::connect(&socket, AGENT_VSOCK_PORT, ATTEMPT_TIMEOUT)
+                    .await
+                    .map_err(|e| {
+                        if e.is_transient() {
+                            ConnectError::transient(e)
+                        } else {
+                            ConnectError::permanent(e)
+                        }
+                    })
+            })
+        })
+    }
+
+    async fn pause(&mut self) -> Result<(), BoxError> {
+        Ok(self.expect(ControlRequest::Pause, VzState::Paused).await?)
+    }
+
+    async fn resume(&mut self) -> Result<(), BoxError> {
+        Ok(self.expect(ControlRequest::Resume, VzState::Running).await?)
+    }
+
+    async fn counters(&mut self) -> VmmCounters {
+        // VZ exposes no device counters.
+        VmmCounters::default()
+    }
+
+    async fn request_power_off(&mut self) -> Result<(), BoxError> {
+        self.control.call(&ControlRequest::RequestStop).await?;
+        Ok(())
+    }
+
+    async fn snapshot(&mut self, dir: &Path, kind: SnapshotKind) -> Result<(), SnapshotError> {
+        if kind == SnapshotKind::Diff {
+            return Err(SnapshotError::Unsupported {
+                vmm: HypervisorKind::AppleVz,
+                reason: "VZ saves whole machine states only; take a full snapshot".into(),
+            });
+        }
+        let path = dir.join(SNAPSHOT_STATE);
+        self.expect(ControlRequest::Save { path }, VzState::Paused)
+            .await
+            .map_err(|e| SnapshotError::Vmm {
+                vmm: HypervisorKind::AppleVz,
+                action: "save the machine state".into(),
+                source: Box::new(e),
+            })
+    }
+
+    fn kernel_cmdline(&self) -> String {
+        self.kernel_cmdline.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn macos_versions_parse_to_their_major() {
+        assert_eq!(macos_major("14.5\n"), Some(14));
+        assert_eq!(macos_major("13"), Some(13));
+        assert_eq!(macos_major("sonoma"), None);
+    }
+
+    #[test]
+    fn the_helper_gets_its_spec_and_sockets() {
+        let args = helper_args(
+            Path::new("/s/vz.json"),
+            Path::new("/s/api.sock"),
+            Path::new("/s/vsock.sock"),
+        );
+        let args: Vec<&str> = args.iter().map(|a| a.to_str().unwrap()).collect();
+        assert_eq!(
+            args,
+            ["--spec", "/s/vz.json", "--control", "/s/api.sock", "--vsock", "/s/vsock.sock"]
+        );
+    }
+
+    #[test]
+    fn off_macos_the_backend_refuses_with_what_to_do() {
+        let home = NovaHome::at("/nonexistent/nova");
+        let vz = Vz::from_options(VzOptions {
+            home,
+            helper: "/nonexistent/nova-vz-vmm".into(),
+            scratch_size_mb: DEFAULT_SCRATCH_MB,
+        });
+        assert_eq!(vz.kind(), HypervisorKind::AppleVz);
+        let e = vz.check_host().unwrap_err();
+        assert!(matches!(e, CreateSandboxError::Unsupported { .. }), "{e:?}");
+        if cfg!(not(target_os = "macos")) {
+            assert!(e.to_string().contains("macOS"), "{e}");
+            assert!(vz.snapshot_support().is_err());
+        }
+    }
+}
