@@ -273,7 +273,10 @@ impl Backend for Vz {
             .await?;
         launch.vmm_ready();
         let state = launch
-            .step("report the VM's state", control.call(&ControlRequest::State))
+            .step(
+                "report the VM's state",
+                control.call(&ControlRequest::State),
+            )
             .await?;
         if state != VzState::Running {
             return Err(CreateSandboxError::Vmm {
@@ -312,11 +315,7 @@ pub struct VzVm {
 }
 
 impl VzVm {
-    async fn expect(
-        &mut self,
-        request: ControlRequest,
-        want: VzState,
-    ) -> Result<(), ControlError> {
+    async fn expect(&mut self, request: ControlRequest, want: VzState) -> Result<(), ControlError> {
         let state = self.control.call(&request).await?;
         if state == want {
             Ok(())
@@ -352,7 +351,9 @@ impl Vm for VzVm {
     }
 
     async fn resume(&mut self) -> Result<(), BoxError> {
-        Ok(self.expect(ControlRequest::Resume, VzState::Running).await?)
+        Ok(self
+            .expect(ControlRequest::Resume, VzState::Running)
+            .await?)
     }
 
     async fn counters(&mut self) -> VmmCounters {
@@ -408,7 +409,14 @@ mod tests {
         let args: Vec<&str> = args.iter().map(|a| a.to_str().unwrap()).collect();
         assert_eq!(
             args,
-            ["--spec", "/s/vz.json", "--control", "/s/api.sock", "--vsock", "/s/vsock.sock"]
+            [
+                "--spec",
+                "/s/vz.json",
+                "--control",
+                "/s/api.sock",
+                "--vsock",
+                "/s/vsock.sock"
+            ]
         );
     }
 

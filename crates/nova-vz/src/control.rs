@@ -20,7 +20,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::io::{
+    AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader,
+};
 use tokio::net::UnixStream;
 
 use crate::error::VzFailure;
@@ -223,7 +225,10 @@ mod tests {
             },
         }));
         let mut client = ControlClient::new(host, Duration::from_secs(10));
-        assert_eq!(client.call(&ControlRequest::Pause).await.unwrap(), VzState::Paused);
+        assert_eq!(
+            client.call(&ControlRequest::Pause).await.unwrap(),
+            VzState::Paused
+        );
         let e = client
             .call(&ControlRequest::Save {
                 path: "/s/vz.state".into(),
@@ -234,7 +239,10 @@ mod tests {
             matches!(&e, ControlError::Vz(f) if f.kind == crate::error::VzErrorKind::Save),
             "{e:?}"
         );
-        assert_eq!(client.call(&ControlRequest::Resume).await.unwrap(), VzState::Running);
+        assert_eq!(
+            client.call(&ControlRequest::Resume).await.unwrap(),
+            VzState::Running
+        );
         drop(client);
         server.await.unwrap();
     }
@@ -245,7 +253,10 @@ mod tests {
         drop(helper);
         let mut client = ControlClient::new(host, Duration::from_secs(10));
         let e = client.call(&ControlRequest::State).await.unwrap_err();
-        assert!(matches!(e, ControlError::Closed | ControlError::Io(_)), "{e:?}");
+        assert!(
+            matches!(e, ControlError::Closed | ControlError::Io(_)),
+            "{e:?}"
+        );
 
         let (host, mut helper) = UnixStream::pair().unwrap();
         let mut client = ControlClient::new(host, Duration::from_secs(10));
@@ -256,7 +267,10 @@ mod tests {
             helper
         };
         let (answer, _helper) = tokio::join!(client.call(&ControlRequest::State), garbage);
-        assert!(matches!(answer, Err(ControlError::Protocol { .. })), "{answer:?}");
+        assert!(
+            matches!(answer, Err(ControlError::Protocol { .. })),
+            "{answer:?}"
+        );
     }
 
     #[tokio::test]

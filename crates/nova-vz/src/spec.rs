@@ -250,6 +250,13 @@ fn boot_cmdline(input: &SpecInput<'_>) -> KernelCmdline {
     }
 }
 
+/// Where the VM's platform identifier is kept next to saved state `state`
+/// (`vz.state` -> `vz.machine-id`): VZ restores a state only into a VM with
+/// the identifier it was saved from.
+pub fn machine_id_path(state: &Path) -> PathBuf {
+    state.with_extension("machine-id")
+}
+
 /// The guest's address on VZ's NAT for sandbox `id`: in the default
 /// shared subnet ([`NAT_SUBNET`]), host part 100..=253 from a hash of the
 /// id (vmnet's DHCP hands out the low addresses first). Two live sandboxes
@@ -367,7 +374,14 @@ mod tests {
         )
         .unwrap_err();
         assert!(
-            matches!(e, VzSpecError::Memory { min_mb: 128, max_mb: 16384, .. }),
+            matches!(
+                e,
+                VzSpecError::Memory {
+                    min_mb: 128,
+                    max_mb: 16384,
+                    ..
+                }
+            ),
             "{e:?}"
         );
         assert!(e.to_string().contains("128..=16384 MiB"), "{e}");
@@ -379,7 +393,17 @@ mod tests {
             &LIMITS,
         )
         .unwrap_err();
-        assert!(matches!(e, VzSpecError::Cpus { vcpus: 9, min: 1, max: 8 }), "{e:?}");
+        assert!(
+            matches!(
+                e,
+                VzSpecError::Cpus {
+                    vcpus: 9,
+                    min: 1,
+                    max: 8
+                }
+            ),
+            "{e:?}"
+        );
     }
 
     #[test]
@@ -392,7 +416,10 @@ mod tests {
             &LIMITS,
         )
         .unwrap_err();
-        assert!(matches!(e, VzSpecError::KernelArgs(KernelArgsError::Reserved { .. })), "{e:?}");
+        assert!(
+            matches!(e, VzSpecError::KernelArgs(KernelArgsError::Reserved { .. })),
+            "{e:?}"
+        );
     }
 
     #[test]
@@ -412,7 +439,10 @@ mod tests {
         assert!((100..=253).contains(&addr.addr.octets()[3]), "{addr:?}");
         let parsed = NovaParams::parse(&spec.cmdline).unwrap();
         let guest = parsed.net.unwrap();
-        assert_eq!((guest.addr, guest.prefix, guest.gateway), (addr.addr, 24, addr.gateway));
+        assert_eq!(
+            (guest.addr, guest.prefix, guest.gateway),
+            (addr.addr, 24, addr.gateway)
+        );
         assert_eq!(guest.dns, [addr.gateway]);
     }
 
@@ -424,6 +454,14 @@ mod tests {
         let first = u8::from_str_radix(&mac[..2], 16).unwrap();
         assert_eq!(first & 0b11, 0b10, "{mac}");
         assert_eq!(mac.len(), 17);
+    }
+
+    #[test]
+    fn the_machine_identifier_sits_next_to_the_state() {
+        assert_eq!(
+            machine_id_path(Path::new("/snap/vz.state")),
+            Path::new("/snap/vz.machine-id")
+        );
     }
 
     #[test]

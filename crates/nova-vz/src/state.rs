@@ -105,10 +105,19 @@ mod tests {
 
     #[test]
     fn transitions_count_as_the_state_they_leave() {
-        assert_eq!(VzState::Pausing.sandbox_state(), Some(SandboxState::Running));
-        assert_eq!(VzState::Resuming.sandbox_state(), Some(SandboxState::Paused));
+        assert_eq!(
+            VzState::Pausing.sandbox_state(),
+            Some(SandboxState::Running)
+        );
+        assert_eq!(
+            VzState::Resuming.sandbox_state(),
+            Some(SandboxState::Paused)
+        );
         assert_eq!(VzState::Saving.sandbox_state(), Some(SandboxState::Paused));
-        assert_eq!(VzState::Restoring.sandbox_state(), Some(SandboxState::Creating));
+        assert_eq!(
+            VzState::Restoring.sandbox_state(),
+            Some(SandboxState::Creating)
+        );
         assert_eq!(VzState::Error.sandbox_state(), Some(SandboxState::Failed));
     }
 

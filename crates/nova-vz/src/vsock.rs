@@ -92,12 +92,13 @@ pub async fn connect(
     port: u32,
     timeout: Duration,
 ) -> Result<UnixStream, VsockConnectError> {
-    let mut stream = UnixStream::connect(uds)
-        .await
-        .map_err(|source| VsockConnectError::Connect {
-            socket: uds.to_owned(),
-            source,
-        })?;
+    let mut stream =
+        UnixStream::connect(uds)
+            .await
+            .map_err(|source| VsockConnectError::Connect {
+                socket: uds.to_owned(),
+                source,
+            })?;
     let handshake = async {
         stream
             .write_all(format!("CONNECT {port}\n").as_bytes())
@@ -212,11 +213,18 @@ mod tests {
     async fn a_guest_not_listening_yet_is_transient() {
         let dir = tempfile::tempdir().unwrap();
         let uds = dir.path().join("vsock.sock");
-        let missing = connect(&uds, 1024, Duration::from_secs(10)).await.unwrap_err();
+        let missing = connect(&uds, 1024, Duration::from_secs(10))
+            .await
+            .unwrap_err();
         assert!(missing.is_transient(), "{missing:?}");
         let server = tokio::spawn(helper(UnixListener::bind(&uds).unwrap(), false));
-        let refused = connect(&uds, 1024, Duration::from_secs(10)).await.unwrap_err();
-        assert!(matches!(refused, VsockConnectError::Refused { port: 1024 }), "{refused:?}");
+        let refused = connect(&uds, 1024, Duration::from_secs(10))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(refused, VsockConnectError::Refused { port: 1024 }),
+            "{refused:?}"
+        );
         assert!(refused.is_transient());
         assert_eq!(server.await.unwrap(), Some(1024));
     }
@@ -226,7 +234,10 @@ mod tests {
         let (mut a, mut b) = UnixStream::pair().unwrap();
         b.write_all(b"CONNECT x\n").await.unwrap();
         let e = read_connect(&mut a).await.unwrap_err();
-        assert!(matches!(&e, VsockConnectError::Garbage { line } if line == "CONNECT x"), "{e:?}");
+        assert!(
+            matches!(&e, VsockConnectError::Garbage { line } if line == "CONNECT x"),
+            "{e:?}"
+        );
         assert!(!e.is_transient());
         b.write_all(&[b'7'; MAX_LINE + 1]).await.unwrap();
         assert!(matches!(
