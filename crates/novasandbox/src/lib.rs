@@ -56,6 +56,8 @@ pub mod providers {
     #[cfg(target_os = "linux")]
     pub use nova_qemu::{QemuHypervisor, QemuOptions};
     #[cfg(target_os = "macos")]
+    pub use nova_vz::backend::helper_path as vz_helper_path;
+    #[cfg(target_os = "macos")]
     pub use nova_vz::{Vz, VzHypervisor, VzOptions, VzUnavailable};
 }
 
