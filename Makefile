@@ -14,7 +14,8 @@
 #                 cargo test -p nova-cli --test api   (each test boots its own daemon and 1-3 VMs)
 #   make fuzz     run every fuzz target FUZZ_S seconds (default 60) on its kept corpus
 #   make fuzz-ci  the short pass `make test` runs: every target FUZZ_CI_S seconds from its seeds
-#   make check-macos  cargo check + clippy of the Apple VZ backend, the facade and the CLI for
+#   make check-macos  cargo check + clippy of the Apple VZ backend, the facade, the CLI (and the
+#                 runtime and nova-net they stand on) for
 #                 aarch64-apple-darwin (SKIP without that target; not part of `make test`)
 #   make sign-macos   on a Mac: build, then sign the VZ helper with contrib/macos/nova.entitlements
 
@@ -126,13 +127,16 @@ e2b-test: nova
 # those crates; CI does not depend on it.
 MACOS_TARGET := aarch64-apple-darwin
 MACOS_CRATES := -p nova-vz -p novasandbox -p nova-cli
+# What they stand on, library only (their tests and examples are Linux's).
+MACOS_LIB_CRATES := -p nova-runtime -p nova-net
 # The target's standard library in the active toolchain (what cargo needs;
 # `rustup target list --installed` can miss a target another rustup added).
 MACOS_STD = $(shell rustc --print sysroot 2>/dev/null)/lib/rustlib/$(MACOS_TARGET)/lib
 check-macos:
 	@if [ -d "$(MACOS_STD)" ]; then \
 		$(CARGO) check --target $(MACOS_TARGET) $(MACOS_CRATES) --all-targets && \
-		$(CARGO) clippy --target $(MACOS_TARGET) $(MACOS_CRATES) --all-targets -- -D warnings; \
+		$(CARGO) clippy --target $(MACOS_TARGET) $(MACOS_CRATES) --all-targets -- -D warnings && \
+		$(CARGO) clippy --target $(MACOS_TARGET) $(MACOS_LIB_CRATES) --lib -- -D warnings; \
 	else \
 		echo "SKIP: check-macos: the $(MACOS_TARGET) target is not installed (rustup target add $(MACOS_TARGET))"; \
 	fi

@@ -8,12 +8,14 @@
 //! object of a sandbox network can exist here.
 
 use std::net::Ipv4Addr;
+use std::os::fd::OwnedFd;
 use std::path::Path;
 
 use nova_core::SandboxId;
 
 use crate::error::{
-    CountersError, CreateNetworkError, HostError, LeftoverError, TeardownError, UpdateEgressError,
+    CountersError, CreateNetworkError, HostError, LeftoverError, OpenTapError, TeardownError,
+    UpdateEgressError,
 };
 use crate::pool::AddressPool;
 use crate::spec::{EgressPolicy, NetworkSpec};
@@ -89,6 +91,17 @@ impl SandboxNetwork {
 
     /// Unreachable: no value exists.
     pub async fn counters(&self) -> Result<NetCounters, CountersError> {
+        match *self {}
+    }
+
+    /// Unreachable: no value exists.
+    pub async fn open_tap(&self, vnet_hdr: bool) -> Result<OwnedFd, OpenTapError> {
+        let _ = vnet_hdr;
+        match *self {}
+    }
+
+    /// Unreachable: no value exists.
+    pub fn open_netns(&self) -> Result<OwnedFd, HostError> {
         match *self {}
     }
 
