@@ -306,6 +306,47 @@ pub fn helper_args(spec: &Path, control: &Path, vsock: &Path) -> Vec<std::ffi::O
     ]
 }
 
+/// The helper's parsed command line ([`helper_args`] read back).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HelperArgs {
+    /// The [`VzMachineSpec`] file.
+    pub spec: PathBuf,
+    /// The control socket to listen on.
+    pub control: PathBuf,
+    /// The vsock socket to listen on.
+    pub vsock: PathBuf,
+}
+
+impl HelperArgs {
+    /// Parses the helper's arguments (without the program name).
+    ///
+    /// # Errors
+    ///
+    /// What is wrong, for the usage message: an unknown flag, a flag
+    /// without its value, a missing flag.
+    pub fn parse(mut args: impl Iterator<Item = std::ffi::OsString>) -> Result<Self, String> {
+        let (mut spec, mut control, mut vsock) = (None, None, None);
+        while let Some(flag) = args.next() {
+            let slot = match flag.to_str() {
+                Some("--spec") => &mut spec,
+                Some("--control") => &mut control,
+                Some("--vsock") => &mut vsock,
+                _ => return Err(format!("unknown argument {flag:?}")),
+            };
+            let value = args
+                .next()
+                .ok_or_else(|| format!("{flag:?} needs a value"))?;
+            *slot = Some(PathBuf::from(value));
+        }
+        let need = |v: Option<PathBuf>, name: &str| v.ok_or_else(|| format!("missing {name}"));
+        Ok(Self {
+            spec: need(spec, "--spec")?,
+            control: need(control, "--control")?,
+            vsock: need(vsock, "--vsock")?,
+        })
+    }
+}
+
 /// One VZ VM: its helper's control connection and vsock socket.
 #[derive(Debug)]
 pub struct VzVm {
@@ -406,9 +447,9 @@ mod tests {
             Path::new("/s/api.sock"),
             Path::new("/s/vsock.sock"),
         );
-        let args: Vec<&str> = args.iter().map(|a| a.to_str().unwrap()).collect();
+        let words: Vec<&str> = args.iter().map(|a| a.to_str().unwrap()).collect();
         assert_eq!(
-            args,
+            words,
             [
                 "--spec",
                 "/s/vz.json",
@@ -417,6 +458,28 @@ mod tests {
                 "--vsock",
                 "/s/vsock.sock"
             ]
+        );
+        assert_eq!(
+            HelperArgs::parse(args.into_iter()).unwrap(),
+            HelperArgs {
+                spec: "/s/vz.json".into(),
+                control: "/s/api.sock".into(),
+                vsock: "/s/vsock.sock".into(),
+            }
+        );
+    }
+
+    #[test]
+    fn bad_helper_arguments_say_what_is_wrong() {
+        let parse = |words: &[&str]| HelperArgs::parse(words.iter().map(|w| (*w).into()));
+        assert_eq!(parse(&["--spec"]).unwrap_err(), "\"--spec\" needs a value");
+        assert_eq!(
+            parse(&["--bogus", "x"]).unwrap_err(),
+            "unknown argument \"--bogus\""
+        );
+        assert_eq!(
+            parse(&["--spec", "a", "--vsock", "b"]).unwrap_err(),
+            "missing --control"
         );
     }
 

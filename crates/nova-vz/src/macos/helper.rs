@@ -30,43 +30,14 @@ use tokio::sync::watch;
 
 use super::machine::{self, VzMachine};
 use super::queue::VmQueue;
+use crate::backend::HelperArgs;
 use crate::control::{ControlRequest, ControlResponse, read_line, write_line};
 use crate::error::VzFailure;
 use crate::spec::{VzMachineSpec, machine_id_path};
 
-/// The helper's arguments.
-#[derive(Debug)]
-struct Args {
-    spec: PathBuf,
-    control: PathBuf,
-    vsock: PathBuf,
-}
-
-fn parse_args(mut args: impl Iterator<Item = std::ffi::OsString>) -> Result<Args, String> {
-    let (mut spec, mut control, mut vsock) = (None, None, None);
-    while let Some(flag) = args.next() {
-        let slot = match flag.to_str() {
-            Some("--spec") => &mut spec,
-            Some("--control") => &mut control,
-            Some("--vsock") => &mut vsock,
-            _ => return Err(format!("unknown argument {flag:?}")),
-        };
-        *slot = Some(PathBuf::from(
-            args.next()
-                .ok_or_else(|| format!("{flag:?} needs a value"))?,
-        ));
-    }
-    let need = |v: Option<PathBuf>, name: &str| v.ok_or_else(|| format!("missing {name}"));
-    Ok(Args {
-        spec: need(spec, "--spec")?,
-        control: need(control, "--control")?,
-        vsock: need(vsock, "--vsock")?,
-    })
-}
-
 /// The helper's entry point.
 pub fn main() -> ExitCode {
-    let args = match parse_args(std::env::args_os().skip(1)) {
+    let args = match HelperArgs::parse(std::env::args_os().skip(1)) {
         Ok(args) => args,
         Err(e) => {
             eprintln!(
@@ -137,7 +108,7 @@ impl StopWatcher {
     }
 }
 
-async fn run(args: Args) -> Result<String, VzFailure> {
+async fn run(args: HelperArgs) -> Result<String, VzFailure> {
     let text = std::fs::read(&args.spec)
         .map_err(|e| VzFailure::helper(format!("cannot read {}: {e}", args.spec.display())))?;
     let spec: VzMachineSpec = serde_json::from_slice(&text)
