@@ -469,6 +469,100 @@ mod tests {
         );
     }
 
+    /// A helper stand-in: answers control requests from `answer`, and
+    /// acknowledges vsock connections and echoes what comes.
+    async fn fake_helper(
+        dir: &Path,
+        answer: impl Fn(&ControlRequest) -> crate::control::ControlResponse + Send + 'static,
+    ) -> VzVm {
+        use crate::control::{read_line, write_line};
+        use tokio::io::BufReader;
+        use tokio::net::UnixListener;
+        let vsock_path = dir.join("vsock.sock");
+        let vsock = UnixListener::bind(&vsock_path).unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = vsock.accept().await {
+                tokio::spawn(async move {
+                    let Ok(Some(port)) = crate::vsock::read_connect(&mut stream).await else {
+                        return;
+                    };
+                    crate::vsock::write_ok(&mut stream, port).await.unwrap();
+                    let (mut r, mut w) = stream.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                });
+            }
+        });
+        let (host, helper) = tokio::net::UnixStream::pair().unwrap();
+        tokio::spawn(async move {
+            let (read, mut write) = helper.into_split();
+            let mut read = BufReader::new(read);
+            while let Ok(Some(request)) = read_line::<_, ControlRequest>(&mut read).await {
+                if write_line(&mut write, &answer(&request)).await.is_err() {
+                    break;
+                }
+            }
+        });
+        VzVm {
+            control: ControlClient::new(host, Duration::from_secs(10)),
+            vsock_socket: vsock_path,
+            kernel_cmdline: "console=hvc0".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn the_vm_drives_its_helper_and_checks_the_state_it_reports() {
+        use crate::control::ControlResponse;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let dir = tempfile::tempdir().unwrap();
+        let mut vm = fake_helper(dir.path(), |request| ControlResponse::Done {
+            state: match request {
+                ControlRequest::Pause | ControlRequest::Save { .. } => VzState::Paused,
+                // A resume VZ did not carry out.
+                _ => VzState::Paused,
+            },
+        })
+        .await;
+        vm.pause().await.unwrap();
+        let e = vm.resume().await.unwrap_err();
+        assert!(e.to_string().contains("not Running"), "{e}");
+        vm.snapshot(dir.path(), SnapshotKind::Full).await.unwrap();
+        let diff = vm
+            .snapshot(dir.path(), SnapshotKind::Diff)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(diff, SnapshotError::Unsupported { .. }),
+            "{diff:?}"
+        );
+        assert_eq!(vm.counters().await, VmmCounters::default());
+        assert_eq!(vm.kernel_cmdline(), "console=hvc0");
+
+        let mut agent = (vm.agent_connector())().await.unwrap();
+        agent.write_all(b"ping").await.unwrap();
+        let mut back = [0u8; 4];
+        agent.read_exact(&mut back).await.unwrap();
+        assert_eq!(&back, b"ping");
+    }
+
+    #[tokio::test]
+    async fn a_refused_save_is_a_snapshot_error_with_vz_s_reason() {
+        use crate::control::ControlResponse;
+        use crate::error::{VZ_ERROR_DOMAIN, VzFailure};
+        let dir = tempfile::tempdir().unwrap();
+        let mut vm = fake_helper(dir.path(), |_| ControlResponse::Failed {
+            failure: VzFailure::from_ns_error_parts(VZ_ERROR_DOMAIN, 10, "Not supported."),
+        })
+        .await;
+        let e = vm
+            .snapshot(dir.path(), SnapshotKind::Full)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, SnapshotError::Vmm { .. }), "{e:?}");
+        let chain = format!("{:?}", std::error::Error::source(&e));
+        assert!(chain.contains("Not supported."), "{chain}");
+        assert!(chain.contains("macOS 14"), "{chain}");
+    }
+
     #[test]
     fn bad_helper_arguments_say_what_is_wrong() {
         let parse = |words: &[&str]| HelperArgs::parse(words.iter().map(|w| (*w).into()));
