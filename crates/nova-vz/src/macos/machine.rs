@@ -13,9 +13,9 @@ use std::os::fd::{BorrowedFd, OwnedFd};
 use std::path::Path;
 
 use block2::RcBlock;
-use objc2::AnyThread;
 use objc2::rc::Retained;
-use objc2_foundation::{NSArray, NSData, NSError, NSFileHandle, NSString, NSURL};
+use objc2::{AnyThread, sel};
+use objc2_foundation::{NSArray, NSData, NSError, NSFileHandle, NSObjectProtocol, NSString, NSURL};
 use objc2_virtualization::{
     VZDiskImageStorageDeviceAttachment, VZEntropyDeviceConfiguration,
     VZFileHandleSerialPortAttachment, VZGenericMachineIdentifier, VZGenericPlatformConfiguration,
@@ -163,12 +163,21 @@ pub fn configuration(
 
         config.validateWithError().map_err(|e| failure(&e))?;
         if spec.restore.is_some() {
+            // The host checks the macOS version first; a macOS 13 VM would
+            // not even know the selector, so say so rather than crash.
+            if !config.respondsToSelector(sel!(validateSaveRestoreSupportWithError:)) {
+                return Err(save_restore_unsupported());
+            }
             config
                 .validateSaveRestoreSupportWithError()
                 .map_err(|e| failure(&e))?;
         }
     }
     Ok(config)
+}
+
+fn save_restore_unsupported() -> VzFailure {
+    VzFailure::helper("saving and restoring a VZ machine state needs macOS 14 or later")
 }
 
 /// The platform identifier of the VM: the one saved next to the state
@@ -316,8 +325,27 @@ impl VzMachine {
             .await
     }
 
+    /// Whether the VM knows `selector` (a method newer than this macOS
+    /// answers no).
+    async fn responds(&self, selector: objc2::runtime::Sel) -> Result<bool, VzFailure> {
+        let vm = self.vm.clone();
+        self.queue
+            .run(move |reply| {
+                // SAFETY: on the queue; `respondsToSelector:` only reads the
+                // class's method table.
+                reply.send(unsafe { vm.get() }.respondsToSelector(selector));
+            })
+            .await
+    }
+
     /// `saveMachineStateToURL:completionHandler:` (paused VM, macOS 14+).
     pub async fn save(&self, path: &Path) -> Result<(), VzFailure> {
+        if !self
+            .responds(sel!(saveMachineStateToURL:completionHandler:))
+            .await?
+        {
+            return Err(save_restore_unsupported());
+        }
         let url = Url(file_url(path));
         // SAFETY: see `start`; the URL is a live file URL.
         self.complete(move |vm, done| unsafe {
@@ -329,6 +357,12 @@ impl VzMachine {
     /// `restoreMachineStateFromURL:completionHandler:` (stopped VM, macOS
     /// 14+); the VM is paused afterwards.
     pub async fn restore(&self, path: &Path) -> Result<(), VzFailure> {
+        if !self
+            .responds(sel!(restoreMachineStateFromURL:completionHandler:))
+            .await?
+        {
+            return Err(save_restore_unsupported());
+        }
         let url = Url(file_url(path));
         // SAFETY: see `start`; the URL is a live file URL.
         self.complete(move |vm, done| unsafe {
