@@ -14,6 +14,10 @@
 #                 cargo test -p nova-cli --test api   (each test boots its own daemon and 1-3 VMs)
 #   make fuzz     run every fuzz target FUZZ_S seconds (default 60) on its kept corpus
 #   make fuzz-ci  the short pass `make test` runs: every target FUZZ_CI_S seconds from its seeds
+#   make check-macos  cargo check + clippy of the Apple VZ backend, the facade, the CLI (and the
+#                 runtime and nova-net they stand on) for
+#                 aarch64-apple-darwin (SKIP without that target; not part of `make test`)
+#   make sign-macos   on a Mac: build, then sign the VZ helper with contrib/macos/nova.entitlements
 
 SHELL := /bin/bash
 CARGO ?= cargo
@@ -31,7 +35,7 @@ DEPS_PACKAGES := qemu-system-x86 linux-source-6.1 debootstrap debian-archive-key
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
 .PHONY: deps agent nova images bench-boot demo test lint examples sdk-test sdk-venv \
-	mcp-test api-fuzz e2b-test fuzz-tools fuzz-build fuzz fuzz-ci
+	mcp-test api-fuzz e2b-test fuzz-tools fuzz-build fuzz fuzz-ci check-macos sign-macos
 
 deps:
 	@missing=$$(for p in $(DEPS_PACKAGES); do \
@@ -116,6 +120,34 @@ api-fuzz: nova
 # `nova serve --e2b-listen` on loopback with a private NOVA_HOME.
 e2b-test: nova
 	tests/e2b/run.sh
+
+# macOS: the Apple VZ backend (crates/nova-vz) type-checked against the real
+# objc2-virtualization API, with the facade and the CLI. No Mac here: check and
+# clippy only (linking needs Apple's SDK). Run it before committing changes to
+# those crates; CI does not depend on it.
+MACOS_TARGET := aarch64-apple-darwin
+MACOS_CRATES := -p nova-vz -p novasandbox -p nova-cli
+# What they stand on, library only (their tests and examples are Linux's).
+MACOS_LIB_CRATES := -p nova-runtime -p nova-net
+# The target's standard library in the active toolchain (what cargo needs;
+# `rustup target list --installed` can miss a target another rustup added).
+MACOS_STD = $(shell rustc --print sysroot 2>/dev/null)/lib/rustlib/$(MACOS_TARGET)/lib
+check-macos:
+	@if [ -d "$(MACOS_STD)" ]; then \
+		$(CARGO) check --target $(MACOS_TARGET) $(MACOS_CRATES) --all-targets && \
+		$(CARGO) clippy --target $(MACOS_TARGET) $(MACOS_CRATES) --all-targets -- -D warnings && \
+		$(CARGO) clippy --target $(MACOS_TARGET) $(MACOS_LIB_CRATES) --lib -- -D warnings; \
+	else \
+		echo "SKIP: check-macos: the $(MACOS_TARGET) target is not installed (rustup target add $(MACOS_TARGET))"; \
+	fi
+
+# On a Mac: VZ refuses to make VMs in a process without the virtualization
+# entitlement; the process that makes them is the helper, nova-vz-vmm. Ad hoc
+# signature (-s -): enough to run locally.
+MACOS_BIN_DIR ?= $(or $(CARGO_TARGET_DIR),target)/debug
+sign-macos:
+	$(CARGO) build -p nova-cli -p nova-vz
+	codesign --force --sign - --entitlements contrib/macos/nova.entitlements $(MACOS_BIN_DIR)/nova-vz-vmm
 
 # Fuzzing (fuzz/, cargo-fuzz on the nightly toolchain; see fuzz/README.md).
 # Builds are release with debug assertions and overflow checks on (-a), and

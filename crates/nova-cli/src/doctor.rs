@@ -9,7 +9,9 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use novasandbox::core::{NovaHome, TemplateManager};
+#[cfg(target_os = "linux")]
 use novasandbox::providers::qemu_confinement::{self, Confinement};
+#[cfg(target_os = "linux")]
 use novasandbox::runtime::host::{HostReport, KvmStatus};
 
 /// Arguments of `nova doctor`.
@@ -21,6 +23,7 @@ pub(crate) struct DoctorArgs {
 }
 
 /// Runs `nova doctor`.
+#[cfg(target_os = "linux")]
 pub(crate) fn run(args: &DoctorArgs) -> anyhow::Result<ExitCode> {
     let report = HostReport::probe();
     let home = NovaHome::resolve();
@@ -86,7 +89,76 @@ fn mark(ok: bool) -> &'static str {
     if ok { "[ ok ]" } else { "[fail]" }
 }
 
+/// Runs `nova doctor` on macOS, where Apple's Virtualization.framework is
+/// the one backend: the CPU, the signed VZ helper, the data directory and
+/// the templates.
+#[cfg(target_os = "macos")]
+pub(crate) fn run(args: &DoctorArgs) -> anyhow::Result<ExitCode> {
+    let home = NovaHome::resolve();
+    let helper = novasandbox::providers::vz_helper_path();
+    let apple_silicon = cfg!(target_arch = "aarch64");
+    let helper_ok = helper.is_file();
+    if args.json {
+        let value = serde_json::json!({
+            "backend": "apple-vz",
+            "apple_silicon": apple_silicon,
+            "vz_helper": {"path": helper.display().to_string(), "present": helper_ok},
+            "nova_home": home.as_ref().map(|h| h.root().display().to_string()).ok(),
+        });
+        println!("{}", serde_json::to_string_pretty(&value)?);
+    } else {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "{} cpu: {}",
+            mark(apple_silicon),
+            if apple_silicon {
+                "Apple Silicon"
+            } else {
+                "Intel: the VZ backend boots arm64 guests and needs Apple Silicon"
+            }
+        );
+        let _ = writeln!(
+            out,
+            "{} VZ helper: {}{}",
+            mark(helper_ok),
+            helper.display(),
+            if helper_ok {
+                " (it must be signed with the virtualization entitlement: make sign-macos)"
+            } else {
+                " missing; build it with `cargo build -p nova-vz` and sign it (make sign-macos)"
+            }
+        );
+        match &home {
+            Ok(home) => {
+                let writable = check_writable(home.root());
+                let _ = writeln!(
+                    out,
+                    "{} NOVA_HOME: {}",
+                    mark(writable.is_ok()),
+                    home.root().display()
+                );
+                render_templates(&mut out, &TemplateManager::new(home.templates_dir()));
+            }
+            Err(e) => {
+                let _ = writeln!(out, "[fail] data directory: {e}");
+            }
+        }
+        let _ = writeln!(
+            out,
+            "[warn] sandbox network: VZ's NAT only (no published ports or egress rules)"
+        );
+        print!("{out}");
+    }
+    Ok(if apple_silicon && helper_ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
 /// Writes the human-readable report.
+#[cfg(target_os = "linux")]
 fn render(out: &mut String, report: &HostReport, home: Option<&NovaHome>) {
     let kvm_ok = matches!(report.kvm, KvmStatus::Hardware);
     let kvm_mark = match report.kvm {
@@ -188,6 +260,7 @@ fn render(out: &mut String, report: &HostReport, home: Option<&NovaHome>) {
 
 /// One line per QEMU protection: whether it applies, and why not.
 /// `unsupported` is why this QEMU cannot filter, when it cannot.
+#[cfg(target_os = "linux")]
 fn render_confinement(out: &mut String, confinement: &Confinement, unsupported: Option<&str>) {
     for p in confinement.protections() {
         let (mark, detail) = match (p.name, unsupported) {
@@ -227,6 +300,7 @@ fn render_templates(out: &mut String, manager: &TemplateManager) {
     }
 }
 
+#[cfg(target_os = "linux")]
 fn describe(choice: &novasandbox::runtime::host::BackendChoice) -> String {
     use novasandbox::runtime::host::BackendChoice;
     match choice {
@@ -245,7 +319,7 @@ fn check_writable(dir: &Path) -> std::io::Result<()> {
     std::fs::remove_file(probe)
 }
 
-#[cfg(test)]
+#[cfg(all(test, target_os = "linux"))]
 mod tests {
     use novasandbox::runtime::host::{BinaryInfo, NotFound};
 

@@ -3,6 +3,8 @@
 //! running and its sandbox directory behind; the next provider on the same
 //! `$NOVA_HOME` must kill that orphan and remove the directory.
 
+// QEMU's, so Linux's.
+#![cfg(target_os = "linux")]
 #![allow(clippy::unwrap_used, reason = "test code")]
 
 use std::path::{Path, PathBuf};

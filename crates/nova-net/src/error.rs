@@ -127,6 +127,7 @@ impl SpecError {
 #[non_exhaustive]
 pub enum HostError {
     /// A netlink request failed.
+    #[cfg(target_os = "linux")]
     #[error("netlink: {op}")]
     Netlink {
         /// What was being done.
@@ -146,6 +147,7 @@ pub enum HostError {
     },
     /// `nft` refused a ruleset or could not be run (is the `nftables`
     /// package installed?).
+    #[cfg(target_os = "linux")]
     #[error("nftables: {op}")]
     Nft {
         /// What was being done.
@@ -158,6 +160,15 @@ pub enum HostError {
     #[error("{op}: not found")]
     NotFound {
         /// What was looked for.
+        op: String,
+    },
+    /// This host cannot make sandbox networks (they need Linux: network
+    /// namespaces, netlink, nftables).
+    #[error(
+        "{op}: sandbox networks need a Linux host; run without a network (enable_network = false)"
+    )]
+    NotLinux {
+        /// What was being done.
         op: String,
     },
     /// A helper thread (the one that enters a namespace) died.
@@ -176,6 +187,7 @@ impl HostError {
         }
     }
 
+    #[cfg(target_os = "linux")]
     pub(crate) fn netlink(op: impl Into<String>, source: rtnetlink::Error) -> Self {
         HostError::Netlink {
             op: op.into(),
@@ -185,6 +197,7 @@ impl HostError {
 
     /// `nft`'s own message (its stderr) is kept in `op`: the helper's error
     /// does not show it.
+    #[cfg(target_os = "linux")]
     pub(crate) fn nft(op: impl Into<String>, source: nftables::helper::NftablesError) -> Self {
         let mut op = op.into();
         if let nftables::helper::NftablesError::NftFailed { stderr, .. } = &source {

@@ -80,36 +80,64 @@
 //!   there too.
 //! * No user-mode (rootless) network: that is `passt`, chosen by the runtime.
 //!
+//! # Other hosts
+//!
+//! Everything above is Linux's. On other hosts (macOS, whose Apple VZ
+//! backend attaches its own NAT device) only the pure types build — the
+//! spec, the pool, the errors — and [`SandboxNetwork`] is a type with no
+//! values whose constructors answer [`HostError::NotLinux`], so that the
+//! runtime builds unchanged.
+//!
 //! # Requirements
 //!
 //! Root (or CAP_NET_ADMIN and CAP_SYS_ADMIN), `/dev/net/tun`, kernel
 //! nf_tables with NAT, and `nft` on `PATH`. [`SandboxNetwork::create`] turns
 //! on `net.ipv4.ip_forward` if it is off.
 
+// Off Linux, the helpers that only the host side uses (leases, I/O errors)
+// have no caller.
+#![cfg_attr(not(target_os = "linux"), allow(dead_code))]
+// The design notes above link the Linux-only modules.
+#![cfg_attr(not(target_os = "linux"), allow(rustdoc::broken_intra_doc_links))]
+
 use std::net::Ipv4Addr;
 
 pub mod error;
+#[cfg(target_os = "linux")]
 pub mod firewall;
+#[cfg(target_os = "linux")]
 mod leftovers;
+#[cfg(target_os = "linux")]
 mod link;
+#[cfg(target_os = "linux")]
 pub mod netns;
 pub mod pool;
+#[cfg(target_os = "linux")]
 mod sandbox;
 pub mod spec;
+#[cfg(target_os = "linux")]
 pub mod tap;
+#[cfg(target_os = "linux")]
 pub mod testing;
+#[cfg(not(target_os = "linux"))]
+mod unsupported;
 
 pub use error::{
     CountersError, CreateNetworkError, HostError, LeftoverError, OpenTapError, SpecError,
     TeardownError, UpdateEgressError,
 };
+#[cfg(target_os = "linux")]
 pub use leftovers::{LeftoverReport, clean_leftovers};
 pub use pool::{AddressPool, DEFAULT_POOL, PoolTooSmall};
+#[cfg(target_os = "linux")]
 pub use sandbox::{CreateOptions, GuestLink, NetCounters, SandboxNetwork, host_veth_name};
 pub use spec::{
     DomainName, EgressPolicy, EgressRule, Ipv4Cidr, NetworkSpec, PortMapping, Protocol,
 };
+#[cfg(target_os = "linux")]
 pub use tap::TapOwner;
+#[cfg(not(target_os = "linux"))]
+pub use unsupported::{LeftoverReport, NetCounters, SandboxNetwork, clean_leftovers};
 
 /// The guest's address, the same in every sandbox.
 pub const GUEST_ADDR: Ipv4Addr = Ipv4Addr::new(169, 254, 0, 21);

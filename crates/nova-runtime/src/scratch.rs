@@ -243,10 +243,47 @@ fn unsupported(e: Errno) -> bool {
     .contains(&e)
 }
 
+#[cfg(target_os = "linux")]
+fn reflink(dst: &File, src: &File) -> Result<(), Errno> {
+    rustix::fs::ioctl_ficlone(dst, src)
+}
+
+/// No `FICLONE` off Linux: answered as unsupported, so the copy falls back.
+#[cfg(not(target_os = "linux"))]
+fn reflink(dst: &File, src: &File) -> Result<(), Errno> {
+    let _ = (dst, src);
+    Err(Errno::NOTSUP)
+}
+
+#[cfg(target_os = "linux")]
+fn copy_file_range(
+    src: &File,
+    off_in: &mut u64,
+    dst: &File,
+    off_out: &mut u64,
+    len: usize,
+) -> Result<usize, Errno> {
+    rustix::fs::copy_file_range(src, Some(off_in), dst, Some(off_out), len)
+}
+
+/// No `copy_file_range` off Linux: answered as unsupported, so the copy
+/// falls back to reads and writes.
+#[cfg(not(target_os = "linux"))]
+fn copy_file_range(
+    src: &File,
+    off_in: &mut u64,
+    dst: &File,
+    off_out: &mut u64,
+    len: usize,
+) -> Result<usize, Errno> {
+    let _ = (src, off_in, dst, off_out, len);
+    Err(Errno::NOSYS)
+}
+
 /// Copies `len` bytes of `src` into the empty `dst`.
 fn copy_into(src: &File, dst: &File, len: u64, first: CloneMethod) -> io::Result<CloneMethod> {
     if first == CloneMethod::Reflink {
-        match rustix::fs::ioctl_ficlone(dst, src) {
+        match reflink(dst, src) {
             Ok(()) => return Ok(CloneMethod::Reflink),
             Err(e) if unsupported(e) => {}
             Err(e) => return Err(e.into()),
@@ -306,8 +343,7 @@ fn copy_extent(
         while offset < end {
             let (mut off_in, mut off_out) = (offset, offset);
             let want = usize::try_from(end - offset).map_or(CHUNK, |n| n.min(CHUNK));
-            match rustix::fs::copy_file_range(src, Some(&mut off_in), dst, Some(&mut off_out), want)
-            {
+            match copy_file_range(src, &mut off_in, dst, &mut off_out, want) {
                 // The source shrank under us: stop, `set_len` restores the size.
                 Ok(0) => return Ok(method),
                 Ok(n) => offset += n as u64,

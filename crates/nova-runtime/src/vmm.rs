@@ -7,7 +7,8 @@
 //!   and a terminal's Ctrl-C does not reach it;
 //! - it is watched through a pidfd (`pidfd_open(2)`): waiting is an epoll
 //!   readiness, not polling, and signals go through the pidfd, so a recycled
-//!   PID is never signalled;
+//!   PID is never signalled (off Linux, on macOS, a kqueue `NOTE_EXIT`
+//!   filter stands in for the pidfd and signals go by PID);
 //! - it is killed when dropped (the process group, then the pidfd), and a
 //!   child is reaped by tokio's orphan queue; [`VmmProcess::kill`] kills and
 //!   waits.
@@ -41,7 +42,7 @@ use std::sync::Arc;
 
 use command_fds::{CommandFdExt, FdMapping};
 
-use rustix::process::{Pid, PidfdFlags, Signal};
+use rustix::process::{Pid, Signal};
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 use tokio::process::{Child, Command};
@@ -187,13 +188,47 @@ pub struct VmmProcess {
     kill_on_drop: bool,
 }
 
+#[cfg(target_os = "linux")]
 fn pidfd(pid: u32) -> Result<AsyncFd<OwnedFd>, VmmSpawnError> {
+    use rustix::process::PidfdFlags;
     let err = |source: std::io::Error| VmmSpawnError::Pidfd { pid, source };
-    let raw = i32::try_from(pid)
-        .ok()
-        .and_then(Pid::from_raw)
-        .ok_or_else(|| err(rustix::io::Errno::SRCH.into()))?;
+    let raw = raw_pid(pid).ok_or_else(|| err(rustix::io::Errno::SRCH.into()))?;
     let fd = rustix::process::pidfd_open(raw, PidfdFlags::NONBLOCK).map_err(|e| err(e.into()))?;
+    register(fd).map_err(err)
+}
+
+/// Off Linux (macOS, for the Apple VZ helper) there is no pidfd: a kqueue
+/// holding one `EVFILT_PROC`/`NOTE_EXIT` filter on the PID turns readable
+/// when the process exits, which is all [`VmmProcess::wait`] needs.
+#[cfg(not(target_os = "linux"))]
+fn pidfd(pid: u32) -> Result<AsyncFd<OwnedFd>, VmmSpawnError> {
+    use rustix::event::kqueue::{Event, EventFilter, EventFlags, ProcessEvents, kevent, kqueue};
+    let err = |source: std::io::Error| VmmSpawnError::Pidfd { pid, source };
+    let raw = raw_pid(pid).ok_or_else(|| err(rustix::io::Errno::SRCH.into()))?;
+    let kq = kqueue().map_err(|e| err(e.into()))?;
+    let exit = Event::new(
+        EventFilter::Proc {
+            pid: raw,
+            flags: ProcessEvents::EXIT,
+        },
+        EventFlags::ADD | EventFlags::ONESHOT,
+        std::ptr::null_mut(),
+    );
+    let mut none: Vec<Event> = Vec::new();
+    #[allow(unsafe_code, reason = "kevent is unsafe in rustix")]
+    // SAFETY: the one change names a process, not a file descriptor, so no
+    // descriptor has to stay open for the kqueue's lifetime (kevent's only
+    // requirement); the event list is an empty, owned vector.
+    let added = unsafe { kevent(&kq, &[exit], &mut none, Some(std::time::Duration::ZERO)) };
+    added.map_err(|e| err(e.into()))?;
+    register(kq).map_err(err)
+}
+
+fn raw_pid(pid: u32) -> Option<Pid> {
+    i32::try_from(pid).ok().and_then(Pid::from_raw)
+}
+
+fn register(fd: OwnedFd) -> std::io::Result<AsyncFd<OwnedFd>> {
     #[allow(
         unsafe_code,
         reason = "tokio's registration of a raw descriptor is unsafe"
@@ -203,7 +238,7 @@ fn pidfd(pid: u32) -> Result<AsyncFd<OwnedFd>, VmmSpawnError> {
     // registration, nothing else can close it, and `as_raw_fd` on an
     // `OwnedFd` always returns that same descriptor.
     let registered = unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) };
-    registered.map_err(|e| err(e.into()))
+    registered.map_err(Into::into)
 }
 
 impl VmmProcess {
@@ -440,10 +475,26 @@ impl VmmProcess {
         {
             tracing::warn!(pid = self.pid, error = %e, "cannot kill the VMM's process group");
         }
-        if let Err(e) = rustix::process::pidfd_send_signal(self.pidfd.get_ref(), Signal::KILL)
+        if let Err(e) = self.signal_kill()
             && e != rustix::io::Errno::SRCH
         {
             tracing::warn!(pid = self.pid, error = %e, "cannot kill the VMM");
+        }
+    }
+
+    /// SIGKILL through the pidfd, which cannot name a recycled PID.
+    #[cfg(target_os = "linux")]
+    fn signal_kill(&self) -> rustix::io::Result<()> {
+        rustix::process::pidfd_send_signal(self.pidfd.get_ref(), Signal::KILL)
+    }
+
+    /// SIGKILL by PID (no pidfd off Linux). A child's PID cannot be reused
+    /// until it is reaped, which [`Self::wait`] does only after its exit.
+    #[cfg(not(target_os = "linux"))]
+    fn signal_kill(&self) -> rustix::io::Result<()> {
+        match raw_pid(self.pid) {
+            Some(pid) => rustix::process::kill_process(pid, Signal::KILL),
+            None => Err(rustix::io::Errno::SRCH),
         }
     }
 

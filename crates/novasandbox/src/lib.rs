@@ -25,7 +25,9 @@ use std::sync::Arc;
 
 use nova_core::home::NovaHome;
 use nova_core::hypervisor::Hypervisor;
-use nova_runtime::host::{BackendChoice, HostReport, NoBackend};
+use nova_runtime::host::NoBackend;
+#[cfg(target_os = "linux")]
+use nova_runtime::host::{BackendChoice, HostReport};
 
 /// The backend-independent API: everything in `nova-core`.
 pub mod core {
@@ -38,15 +40,25 @@ pub mod runtime {
     pub use nova_runtime::*;
 }
 
-/// The backends.
+/// The backends: Firecracker and QEMU on Linux, Apple's
+/// Virtualization.framework on macOS.
 pub mod providers {
+    #[cfg(target_os = "linux")]
     pub use nova_firecracker::jailer::JailerConfig;
+    #[cfg(target_os = "linux")]
     pub use nova_firecracker::{
         FirecrackerHypervisor, FirecrackerOptions, FirecrackerSandboxes, FirecrackerUnavailable,
     };
+    #[cfg(target_os = "linux")]
     pub use nova_qemu::baseline::raw_boot;
+    #[cfg(target_os = "linux")]
     pub use nova_qemu::confinement as qemu_confinement;
+    #[cfg(target_os = "linux")]
     pub use nova_qemu::{QemuHypervisor, QemuOptions};
+    #[cfg(target_os = "macos")]
+    pub use nova_vz::backend::helper_path as vz_helper_path;
+    #[cfg(target_os = "macos")]
+    pub use nova_vz::{Vz, VzHypervisor, VzOptions, VzUnavailable};
 }
 
 /// No backend could be set up on this host.
@@ -69,7 +81,8 @@ pub enum DetectError {
 /// warning: boots take seconds). Sandboxes live under `$NOVA_HOME`.
 ///
 /// A Firecracker binary outside the supported version range is skipped with
-/// a warning (QEMU with KVM is used instead, if installed).
+/// a warning (QEMU with KVM is used instead, if installed). On macOS the
+/// backend is Apple's Virtualization.framework.
 pub fn detect() -> Result<Arc<dyn Hypervisor>, DetectError> {
     let home = NovaHome::resolve()?;
     detect_in(home)
@@ -78,8 +91,12 @@ pub fn detect() -> Result<Arc<dyn Hypervisor>, DetectError> {
 /// [`detect`] with an explicit data directory.
 pub fn detect_in(home: NovaHome) -> Result<Arc<dyn Hypervisor>, DetectError> {
     Ok(match choose(home)? {
+        #[cfg(target_os = "linux")]
         Chosen::Firecracker(options) => Arc::new(providers::FirecrackerHypervisor::new(options)),
+        #[cfg(target_os = "linux")]
         Chosen::Qemu(options) => Arc::new(providers::QemuHypervisor::new(options)),
+        #[cfg(target_os = "macos")]
+        Chosen::Vz(options) => Arc::new(providers::VzHypervisor::new(options)),
     })
 }
 
@@ -102,10 +119,14 @@ pub struct DaemonProvider {
 /// re-attached every live sandbox a previous daemon left.
 pub async fn detect_for_daemon(home: NovaHome) -> Result<DaemonProvider, DetectError> {
     Ok(match choose(home)? {
+        #[cfg(target_os = "linux")]
         Chosen::Firecracker(options) => {
             reattached(providers::FirecrackerHypervisor::detached(options)).await?
         }
+        #[cfg(target_os = "linux")]
         Chosen::Qemu(options) => reattached(providers::QemuHypervisor::detached(options)).await?,
+        #[cfg(target_os = "macos")]
+        Chosen::Vz(options) => reattached(providers::VzHypervisor::detached(options)).await?,
     })
 }
 
@@ -126,10 +147,34 @@ async fn reattached<B: nova_runtime::backend::Backend>(
 
 /// The backend [`choose`] picked, with its options.
 enum Chosen {
+    #[cfg(target_os = "linux")]
     Firecracker(providers::FirecrackerOptions),
+    #[cfg(target_os = "linux")]
     Qemu(providers::QemuOptions),
+    #[cfg(target_os = "macos")]
+    Vz(providers::VzOptions),
 }
 
+/// On macOS the one backend is Apple's Virtualization.framework; whether
+/// this Mac can run it (Apple Silicon, the signed helper) is checked when a
+/// sandbox is created, with what to do.
+#[cfg(target_os = "macos")]
+fn choose(home: NovaHome) -> Result<Chosen, DetectError> {
+    Ok(Chosen::Vz(providers::VzOptions::new(home)))
+}
+
+#[cfg(not(any(target_os = "linux", target_os = "macos")))]
+fn choose(home: NovaHome) -> Result<Chosen, DetectError> {
+    let _ = home;
+    Err(NoBackend {
+        reasons: vec![
+            "NovaSandbox runs on Linux (Firecracker, QEMU) and macOS (Apple VZ)".to_owned(),
+        ],
+    }
+    .into())
+}
+
+#[cfg(target_os = "linux")]
 fn choose(home: NovaHome) -> Result<Chosen, DetectError> {
     let report = HostReport::probe();
     let (choice, why) = report.choose_backend()?;

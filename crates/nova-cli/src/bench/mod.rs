@@ -21,7 +21,10 @@ mod soak;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use novasandbox::core::{Hypervisor, NovaHome, SandboxConfig, TemplateManager};
+#[cfg(target_os = "linux")]
+use novasandbox::core::{Hypervisor, TemplateManager};
+use novasandbox::core::{NovaHome, SandboxConfig};
+#[cfg(target_os = "linux")]
 use novasandbox::providers::{QemuHypervisor, QemuOptions};
 
 /// `nova bench` subcommands.
@@ -428,6 +431,17 @@ fn memory_kib(pid: u32) -> Option<(u64, u64)> {
     Some((field("Rss:")?, field("Pss:")?))
 }
 
+/// Off Linux there is no QEMU run by hand to compare with.
+#[cfg(not(target_os = "linux"))]
+async fn boot(args: BootArgs) -> anyhow::Result<()> {
+    let _ = args;
+    anyhow::bail!(
+        "nova bench boot compares with QEMU run by hand, which is Linux's; use `nova bench start` \
+         or `nova bench seed` here"
+    )
+}
+
+#[cfg(target_os = "linux")]
 async fn boot(args: BootArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.iterations > 0, "--iterations must be at least 1");
     let options = QemuOptions::detect()?;
@@ -510,6 +524,7 @@ async fn boot(args: BootArgs) -> anyhow::Result<()> {
 }
 
 /// A short directory for the hand-driven boots' sockets.
+#[cfg(target_os = "linux")]
 fn bench_tmp(home: &NovaHome) -> std::path::PathBuf {
     let tmp = std::env::temp_dir();
     if tmp.as_os_str().len() < 40 {
