@@ -423,6 +423,24 @@ impl SandboxNetwork {
         Ok(fd)
     }
 
+    /// Gives the tap to `owner`, for a VMM that opens it by name as another
+    /// user (Firecracker under its jailer). Needs CAP_NET_ADMIN.
+    pub async fn set_tap_owner(&self, owner: TapOwner) -> Result<(), OpenTapError> {
+        if self.torn_down {
+            return Err(OpenTapError::TornDown);
+        }
+        if self.guest_link != GuestLink::Tap {
+            return Err(OpenTapError::NoTap);
+        }
+        netns::run_in(
+            &self.objects.netns_path,
+            "setting the tap's owner",
+            move || tap::create_persistent(TAP_NAME, owner),
+        )
+        .await?;
+        Ok(())
+    }
+
     /// Opens the namespace, for a VMM that opens the tap itself by name
     /// (Firecracker): spawn it with a `pre_exec` that calls
     /// `setns(fd, CLONE_NEWNET)`, or pass [`netns_path`](Self::netns_path) to
