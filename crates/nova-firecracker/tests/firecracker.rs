@@ -620,3 +620,85 @@ async fn a_failed_networked_create_leaves_no_network_behind() {
     std::net::TcpListener::bind(("0.0.0.0", port)).expect("the published port is free again");
     assert!(common::leftovers(home.path()).is_empty());
 }
+
+/// Networking with the agent: a guest reaches a test host through NAT and
+/// serves a published port the host fetches at `127.0.0.1`. Needs hardware
+/// KVM (`NOVA_TEST_KVM=1`), root, and the `python` template (or
+/// `NOVA_TEST_TEMPLATE`, with `curl` and `python3`) in `$NOVA_HOME`.
+/// Traffic goes only to loopback and to a test host in 198.18.221.0/30.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn networking_on_hardware_kvm() {
+    let test = "networking_on_hardware_kvm";
+    let Some(fc) = common::firecracker(test) else {
+        return;
+    };
+    if std::env::var_os("NOVA_TEST_KVM").is_none_or(|v| v != "1") {
+        println!("SKIP {test}: NOVA_TEST_KVM=1 not set");
+        return;
+    }
+    if !networking(test) {
+        return;
+    }
+    let pid = std::process::id();
+    let host = nova_net::testing::TestHost::create(
+        &format!("nvf{pid}-up"),
+        &format!("nvfu{}", pid % 100_000),
+        "198.18.221.0/30".parse().unwrap(),
+    )
+    .await
+    .unwrap();
+    let server = nova_net::testing::serve_http(
+        Some(host.netns()),
+        std::net::SocketAddrV4::new(host.addr(), 8080),
+        b"through NAT\n".to_vec(),
+    )
+    .await
+    .unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let home = NovaHome::resolve().unwrap();
+    let template = std::env::var("NOVA_TEST_TEMPLATE").unwrap_or_else(|_| "python".into());
+    let hv = FirecrackerHypervisor::new(FirecrackerOptions::new(home, fc));
+    let mut config = SandboxConfig::builder()
+        .template_id(template)
+        .build()
+        .unwrap();
+    config.ports = vec![nova_core::network::PortSpec::tcp(port, 8000)];
+    let sandbox = hv.create_sandbox(config).await.unwrap();
+    let out = sandbox
+        .execute_command(format!("curl -sS --max-time 10 http://{}/", server.addr()))
+        .await
+        .unwrap();
+    assert_eq!(
+        out.stdout_lossy(),
+        "through NAT\n",
+        "{}",
+        out.stderr_lossy()
+    );
+    let out = sandbox
+        .execute_command(
+            "mkdir -p /tmp/www && echo served > /tmp/www/index.html && \
+             (cd /tmp/www && nohup python3 -m http.server 8000 >/dev/null 2>&1 &)",
+        )
+        .await
+        .unwrap();
+    assert!(out.success(), "{}", out.stderr_lossy());
+    let url = std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, port);
+    let mut body = None;
+    for _ in 0..50 {
+        if let Ok(b) = nova_net::testing::http_get(None, url, Duration::from_secs(2)).await {
+            body = Some(b);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(body.as_deref(), Some(&b"served\n"[..]));
+    let stats = sandbox.get_stats().await.unwrap();
+    assert!(stats.vmm.net_rx_bytes.unwrap_or(0) > 0);
+    let netns = format!("nova-{}", sandbox.id());
+    sandbox.stop(false).await.unwrap();
+    assert!(!nova_net::testing::namespaces().unwrap().contains(&netns));
+}
