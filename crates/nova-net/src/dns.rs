@@ -4,7 +4,7 @@
 //! When a sandbox's [`EgressPolicy`] names domains, the namespace's nft
 //! table redirects every DNS packet the guest sends (UDP and TCP port 53,
 //! whatever server it names) to [`GATEWAY_ADDR`]`:53`, where a
-//! [`Resolver`] listens: a tokio task of the process that owns the
+//! resolver listens: a tokio task of the process that owns the
 //! sandbox's network, whose sockets were opened inside the sandbox's
 //! namespace. For each query it
 //!

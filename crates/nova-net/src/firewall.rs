@@ -23,7 +23,7 @@
 //!   - With domain rules in `allow`, the `egress` chain ends with the
 //!     addresses the sandbox's resolver learned (the `allow_dns` set, whose
 //!     elements time out) and a reject; a connection let through by that
-//!     set gets a conntrack mark ([`learned_mark`]) that keeps it allowed
+//!     set gets a conntrack mark (`0x4e56` in the high half) that keeps it allowed
 //!     after the address times out, until a policy update changes the mark
 //!     (see [`crate::dns`]).
 //!   - `input` -> `sandbox_to_host`: the host's own addresses are closed to
