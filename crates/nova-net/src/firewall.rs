@@ -906,6 +906,68 @@ mod tests {
     }
 
     #[test]
+    fn a_domain_allowlist_ends_egress_with_learned_addresses_and_a_reject() {
+        let egress =
+            EgressPolicy::parse::<_, &str>(false, &["allowed.example.com"], &[]).expect("policy");
+        let learned = [(Ipv4Addr::new(198, 18, 7, 2), 42)];
+        let table = HostTable {
+            learned: &learned,
+            generation: 3,
+            ..sample(&egress, &[], &[])
+        };
+        let json = serde_json::to_string(&table.update_egress()).expect("serializes");
+        let mark = learned_mark(3).to_string();
+        for needle in [
+            r#"{"flush":{"set":{"family":"inet","table":"nova-sb-test","name":"allow_dns""#,
+            r#""elem":{"val":"198.18.7.2","timeout":42"#,
+            r#""@allow_dns""#,
+            &format!(r#""mangle":{{"key":{{"ct":{{"key":"mark"}}}},"value":{mark}}}"#),
+        ] {
+            assert!(json.contains(needle), "missing {needle} in {json}");
+        }
+        assert!(
+            json.ends_with(r#"{"reject":{"type":"icmpx","expr":"admin-prohibited"}}]}}}]}"#),
+            "an allowlist of domains closes the rest although block_all is off: {json}"
+        );
+        let create = serde_json::to_string(&table.create()).expect("serializes");
+        assert!(create.contains(r#""flags":["timeout"]"#), "{create}");
+
+        let refresh = add_learned(
+            "nova-sb-test",
+            &[
+                LearnedElement {
+                    ip: Ipv4Addr::new(198, 18, 7, 2),
+                    timeout: 60,
+                    refresh: true,
+                },
+                LearnedElement {
+                    ip: Ipv4Addr::new(198, 18, 7, 3),
+                    timeout: 60,
+                    refresh: false,
+                },
+            ],
+        );
+        let json = serde_json::to_string(&refresh).expect("serializes");
+        let (add, rest) = json.split_once(r#"{"delete""#).expect("a delete");
+        assert!(
+            add.contains("198.18.7.2") && !add.contains("198.18.7.3"),
+            "{json}"
+        );
+        assert!(rest.contains("198.18.7.3"), "{json}");
+    }
+
+    #[test]
+    fn the_guest_dns_redirect_is_a_chain_turned_on_and_off() {
+        let on = serde_json::to_string(&netns_dns_redirect(true)).expect("serializes");
+        assert!(
+            on.contains(r#""dnat":{"addr":"169.254.0.22","family":"ip","port":53}"#),
+            "{on}"
+        );
+        let off = serde_json::to_string(&netns_dns_redirect(false)).expect("serializes");
+        assert!(off.contains(r#""flush""#) && !off.contains("dnat"), "{off}");
+    }
+
+    #[test]
     fn update_flushes_sets_and_the_egress_chain_only() {
         let egress = EgressPolicy::default();
         let table = sample(&egress, &[], &[]);
