@@ -28,7 +28,8 @@
 //!
 //! The guest is untrusted, so what it can make the resolver do is bounded:
 //! [`MAX_QUERIES_PER_SEC`] queries a second (a token bucket; the excess is
-//! dropped), [`UPSTREAM_SOCKETS`] queries upstream at a time, [`TCP_CONNS`]
+//! dropped), [`UDP_IN_FLIGHT`] UDP queries being answered and
+//! [`UPSTREAM_SOCKETS`] queries upstream at a time, [`TCP_CONNS`]
 //! TCP connections of [`TCP_QUERIES_PER_CONN`] queries each within
 //! [`TCP_CONN_TIMEOUT`], messages of [`MAX_MESSAGE`] bytes, and
 //! [`MAX_LEARNED`] learned addresses (past that, a new address stays closed
@@ -72,6 +73,8 @@ pub const MAX_LEARNED: usize = 4096;
 pub const MAX_QUERIES_PER_SEC: u32 = 200;
 /// Upstream queries in flight at once, per sandbox.
 pub const UPSTREAM_SOCKETS: usize = 8;
+/// UDP queries being answered at once, per sandbox; more are dropped.
+pub const UDP_IN_FLIGHT: usize = 64;
 /// TCP connections open at once, per sandbox.
 pub const TCP_CONNS: usize = 8;
 /// Queries one TCP connection may carry.
@@ -377,6 +380,7 @@ impl Bucket {
 async fn serve(udp: tokio::net::UdpSocket, tcp: tokio::net::TcpListener, ctx: Arc<Context>) {
     let udp = Arc::new(udp);
     let conns = Arc::new(Semaphore::new(TCP_CONNS));
+    let in_flight = Arc::new(Semaphore::new(UDP_IN_FLIGHT));
     let mut bucket = Bucket {
         tokens: 2.0 * f64::from(MAX_QUERIES_PER_SEC),
         at: Instant::now(),
@@ -389,12 +393,14 @@ async fn serve(udp: tokio::net::UdpSocket, tcp: tokio::net::TcpListener, ctx: Ar
                 if !bucket.take() || n == 0 {
                     continue;
                 }
+                let Ok(permit) = in_flight.clone().try_acquire_owned() else { continue };
                 let query = buf[..n].to_vec();
                 let (udp, ctx) = (udp.clone(), ctx.clone());
                 tokio::spawn(async move {
                     if let Some(reply) = answer(&query, &ctx).await {
                         let _ = udp.send_to(&reply, peer).await;
                     }
+                    drop(permit);
                 });
             }
             got = tcp.accept() => {
