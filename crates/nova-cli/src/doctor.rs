@@ -37,12 +37,18 @@ pub(crate) fn run(args: &DoctorArgs) -> anyhow::Result<ExitCode> {
     });
     // Whether sandboxes can have a network here (root, /dev/net/tun, nft).
     let network = novasandbox::runtime::network::unsupported_reason();
+    // The sandboxes' DNS servers (NOVA_DNS_SERVERS, else the host's).
+    let dns = novasandbox::runtime::network::dns_servers();
     if args.json {
         let value = serde_json::json!({
             "host": report,
             "sandbox_network": match &network {
                 None => serde_json::json!({"available": true}),
                 Some(why) => serde_json::json!({"available": false, "reason": why}),
+            },
+            "dns_servers": match &dns {
+                Ok(servers) => serde_json::json!(servers),
+                Err(why) => serde_json::json!({"error": why}),
             },
             "nova_home": home.as_ref().map(|h| h.root().display().to_string()).ok(),
             "backend": choice.as_ref().ok().map(|(c, why)| serde_json::json!({"choice": c, "reason": why})),
@@ -65,13 +71,30 @@ pub(crate) fn run(args: &DoctorArgs) -> anyhow::Result<ExitCode> {
             None => writeln!(
                 out,
                 "[ ok ] sandbox network: a namespace, veth, tap and nftables rules per \
-                 sandbox (QEMU)"
+                 sandbox (QEMU, Firecracker)"
             ),
             Some(why) => writeln!(
                 out,
                 "[warn] sandbox network: unavailable ({why}); create sandboxes with \
                  enable_network = false"
             ),
+        };
+        let _ = match &dns {
+            Ok(servers) if servers.is_empty() => writeln!(
+                out,
+                "[warn] DNS servers: none (the host's resolvers are loopback only); set \
+                 NOVA_DNS_SERVERS"
+            ),
+            Ok(servers) => writeln!(
+                out,
+                "[ ok ] DNS servers for sandboxes: {}",
+                servers
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            Err(why) => writeln!(out, "[fail] DNS servers: {why}"),
         };
         if let Err(e) = &home {
             let _ = writeln!(out, "[fail] data directory: {e}");

@@ -68,8 +68,10 @@ pub(crate) struct RunArgs {
     /// Let the guest reach only these destinations (and its DNS servers):
     /// an IPv4 CIDR or address, or a domain name; repeatable. Also opens an
     /// always-closed range (another sandbox, the host, 169.254.169.254) when
-    /// a CIDR inside it is named. Domain names are checked but not enforced
-    /// yet: an allowed domain stays closed, a denied one open.
+    /// a CIDR inside it is named. A domain (`example.com`, or
+    /// `*.example.com` for the names under it) is allowed through the
+    /// sandbox's resolver: only allowed names resolve, and only their
+    /// answers are reachable.
     #[arg(long = "allow-egress", value_name = "CIDR|DOMAIN")]
     allow_egress: Vec<String>,
     /// Keep the guest from these destinations (CIDR, address or domain

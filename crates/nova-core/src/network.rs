@@ -100,11 +100,14 @@ impl fmt::Display for PortProtocol {
 /// Deny wins over allow; with `block_all` nothing but `allow` (and the DNS
 /// servers) is reachable. Other sandboxes, the host's own addresses and
 /// `169.254.169.254` stay closed unless an `allow` CIDR names them inside
-/// that range. Domain names are validated but **not enforced yet** (that
-/// needs a per-sandbox resolver feeding nftables sets): an allowed domain
-/// opens nothing, a denied one closes nothing. Once they are, they will act
-/// through that resolver and so cannot govern a program that connects to a
-/// hard-coded address; the CIDR rules do.
+/// that range. Domain names act through a per-sandbox resolver that the
+/// guest's DNS is redirected to: a denied name (or, when `allow` names
+/// domains, any name it does not match) gets `NXDOMAIN`, and an allowed
+/// name's answers are opened for the answer's TTL (60 s to 1 h). With
+/// domains in `allow`, everything else is closed unless an `allow` CIDR
+/// opens it. Domain rules cannot govern a program that connects to a
+/// hard-coded address or resolves names another way (DNS over HTTPS); the
+/// CIDR rules do.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct EgressConfig {

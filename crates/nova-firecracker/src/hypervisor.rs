@@ -180,6 +180,10 @@ impl Backend for Firecracker {
             .map_err(|reason| CreateSandboxError::Unsupported { reason })
     }
 
+    fn attaches_network(&self) -> bool {
+        true
+    }
+
     fn snapshot_support(&self) -> Result<(), String> {
         Ok(())
     }

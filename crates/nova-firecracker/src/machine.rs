@@ -17,7 +17,9 @@
 //! for (the UART costs boot time), and the root device, init and agent
 //! parameters.
 
-use nova_protocol::boot::{self, GuestConsole, KernelArgsError, KernelCmdline, NovaParams};
+use nova_protocol::boot::{
+    self, GuestConsole, GuestNet, KernelArgsError, KernelCmdline, NovaParams,
+};
 
 use crate::api::{
     ApiClient, ApiError, Balloon, BootSource, Drive, EntropyDevice, LogLevel, Logger,
@@ -37,6 +39,12 @@ pub const VSOCK_SOCKET: &str = "vsock.sock";
 pub const SCRATCH_FILE: &str = "scratch.ext4";
 /// Metrics file name in the VMM's working directory.
 pub const METRICS_FILE: &str = "metrics.json";
+/// The id of the guest's network interface (`PUT /network-interfaces/eth0`).
+pub const GUEST_IFACE: &str = "eth0";
+/// The guest NIC's MAC address, the same in every sandbox (each guest is
+/// alone on its link, in its own namespace) and the same as QEMU's, so a
+/// guest's view of its network does not depend on the sandbox.
+pub const GUEST_MAC: &str = "52:54:00:4e:4f:56";
 /// Log file name in the VMM's working directory.
 pub const LOG_FILE: &str = "vmm.log";
 
@@ -47,6 +55,19 @@ pub struct ExtraDrive {
     pub path: String,
     /// Attach read-only.
     pub read_only: bool,
+}
+
+/// The `PUT /network-interfaces/eth0` body for the tap `tap` (a sandbox
+/// network's, which Firecracker opens by name in the namespace it runs in).
+pub fn network_interface(tap: &str) -> NetworkInterface {
+    NetworkInterface {
+        iface_id: GUEST_IFACE.to_owned(),
+        host_dev_name: tap.to_owned(),
+        guest_mac: Some(GUEST_MAC.to_owned()),
+        mtu: None,
+        rx_rate_limiter: None,
+        tx_rate_limiter: None,
+    }
 }
 
 /// One VM's whole configuration.
@@ -86,6 +107,8 @@ pub struct MachineSpec {
     pub balloon: Option<Balloon>,
     /// Network interfaces (set up by the networking layer).
     pub network: Vec<NetworkInterface>,
+    /// What the agent configures on `eth0` (`nova.net=`), with a network.
+    pub guest_net: Option<GuestNet>,
 }
 
 impl MachineSpec {
@@ -104,6 +127,7 @@ impl MachineSpec {
                     .scratch
                     .as_ref()
                     .map(|_| boot::SCRATCH_DEVICE.to_owned()),
+                net: self.guest_net.clone(),
                 ..NovaParams::default()
             },
             extra: Vec::new(),
@@ -244,7 +268,30 @@ mod tests {
             entropy: true,
             balloon: None,
             network: Vec::new(),
+            guest_net: None,
         }
+    }
+
+    #[test]
+    fn a_network_is_eth0_on_the_tap_and_nova_net_for_the_agent() {
+        let iface = network_interface("tap0");
+        assert_eq!(
+            serde_json::to_value(&iface).unwrap(),
+            serde_json::json!({"iface_id": "eth0", "host_dev_name": "tap0",
+                               "guest_mac": "52:54:00:4e:4f:56"})
+        );
+        let mut spec = spec();
+        assert!(!spec.kernel_cmdline().unwrap().contains("nova.net="));
+        spec.guest_net = Some(
+            "169.254.0.21/30,gw=169.254.0.22,mtu=1500,dns=10.0.0.2"
+                .parse()
+                .unwrap(),
+        );
+        let cmdline = spec.kernel_cmdline().unwrap();
+        assert!(
+            cmdline.contains(" nova.net=169.254.0.21/30,gw=169.254.0.22,mtu=1500,dns=10.0.0.2"),
+            "{cmdline}"
+        );
     }
 
     #[test]

@@ -21,7 +21,9 @@
 //! is detached, so nothing it writes depends on the provider's process.
 
 use std::ffi::OsString;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use nova_core::error::CreateSandboxError;
@@ -65,6 +67,9 @@ pub struct SpawnSpec<'a> {
     /// Extra Firecracker arguments (for example `--no-seccomp` with a debug
     /// build).
     pub extra_args: &'a [OsString],
+    /// The sandbox's network namespace, to start Firecracker in (without a
+    /// jail; a jail joins it through the jailer's `--netns`).
+    pub netns: Option<&'a Arc<OwnedFd>>,
 }
 
 impl SpawnSpec<'_> {
@@ -183,7 +188,7 @@ pub async fn spawn(
     launch: &mut Launch<'_>,
 ) -> Result<(), CreateSandboxError> {
     let command = command(spec).map_err(start_error)?;
-    launch.spawn(&command)?;
+    launch.spawn_in_netns(&command, spec.netns)?;
     let Some(jail) = spec.jail.filter(|j| j.config().new_pid_ns) else {
         return Ok(());
     };
@@ -271,6 +276,7 @@ mod tests {
             output,
             boot_timer: true,
             extra_args: &[],
+            netns: None,
         }
     }
 

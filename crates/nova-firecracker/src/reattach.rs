@@ -26,8 +26,9 @@
 //! stdout and stderr to the sandbox's `console.log` itself, its log and
 //! metrics to files in its working directory, and its sockets stay bound
 //! there; a detached provider that goes away forgets its jail
-//! (`Vm::leave`) instead of removing it. Firecracker sandboxes have no
-//! network yet, so there is none to take back.
+//! (`Vm::leave`) instead of removing it. The sandbox's network (namespace,
+//! veth, tap, nft tables) is taken back by the runtime
+//! (`SandboxNetwork::adopt`); Firecracker keeps its tap open meanwhile.
 
 use std::path::{Path, PathBuf};
 

@@ -24,7 +24,9 @@ use crate::api::{
 };
 use crate::hypervisor::FirecrackerOptions;
 use crate::jailer::{Jail, JailLimits};
-use crate::machine::{ExtraDrive, LOG_FILE, METRICS_FILE, MachineSpec, SCRATCH_FILE, VSOCK_SOCKET};
+use crate::machine::{
+    ExtraDrive, LOG_FILE, METRICS_FILE, MachineSpec, SCRATCH_FILE, VSOCK_SOCKET, network_interface,
+};
 use crate::process::{API_SOCKET, SpawnSpec};
 use crate::reattach::{JailRecord, VmRecord};
 use crate::stats::MetricsReader;
@@ -132,6 +134,19 @@ pub(crate) async fn start(
     let paths = start.paths;
     let (jail, jail_dir) = match &options.jailer {
         Some(config) => {
+            let mut config = config.clone();
+            if let Some(network) = start.network {
+                // The jailer joins the namespace before it drops privileges;
+                // Firecracker then opens the tap as the jail's user.
+                config.netns = Some(network.netns_path().to_owned());
+                network
+                    .set_tap_owner(nova_net::TapOwner {
+                        uid: config.uid,
+                        gid: config.gid,
+                    })
+                    .await
+                    .map_err(|e| CreateSandboxError::Network(Box::new(e)))?;
+            }
             let jail = Jail::new(config.clone(), info.id.as_str(), options.firecracker.path())
                 .map_err(|e| CreateSandboxError::Unsupported {
                     reason: e.to_string(),
@@ -188,6 +203,27 @@ pub(crate) async fn start(
         entropy: options.entropy,
         balloon: None,
         network: Vec::new(),
+        guest_net: None,
+    };
+    // The guest's NIC on the sandbox's tap, which Firecracker opens by name
+    // inside the namespace it starts in; the agent configures `eth0` from
+    // `nova.net=`. A restored guest keeps the snapshot's (same) addresses.
+    let netns = match start.network {
+        Some(network) => {
+            machine.network.push(network_interface(
+                network.tap_name().unwrap_or(nova_net::TAP_NAME),
+            ));
+            machine.guest_net = Some(nova_runtime::network::guest_net(network));
+            match &jail {
+                Some(_) => None,
+                None => Some(std::sync::Arc::new(
+                    network
+                        .open_netns()
+                        .map_err(|e| CreateSandboxError::Network(Box::new(e)))?,
+                )),
+            }
+        }
+        None => None,
     };
     let mut load = None;
     match start.source {
@@ -263,6 +299,7 @@ pub(crate) async fn start(
         output: &console,
         boot_timer: options.boot_timer,
         extra_args: &options.extra_args,
+        netns: netns.as_ref(),
     };
     crate::process::spawn(&spawn_spec, launch).await?;
 

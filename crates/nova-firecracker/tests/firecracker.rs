@@ -63,6 +63,7 @@ async fn vmm_lifecycle_through_the_typed_api() {
         output: &dir.path().join("console.log"),
         boot_timer: false,
         extra_args: &[],
+        netns: None,
     };
     let mut vmm = VmmProcess::spawn(&nova_firecracker::process::command(&spec).unwrap()).unwrap();
     let pid = vmm.pid().unwrap();
@@ -100,6 +101,7 @@ async fn vmm_lifecycle_through_the_typed_api() {
         entropy: true,
         balloon: None,
         network: Vec::new(),
+        guest_net: None,
     };
     let err = api
         .put_boot_source(&broken.boot_source().unwrap())
@@ -431,4 +433,272 @@ async fn agent_lifecycle_on_hardware_kvm() {
     sandbox.pause().await.unwrap();
     sandbox.resume().await.unwrap();
     sandbox.stop(false).await.unwrap();
+}
+
+/// Whether this host can make sandbox networks; prints SKIP when not.
+fn networking(test: &str) -> bool {
+    match nova_runtime::network::unsupported_reason() {
+        Some(why) => {
+            println!("SKIP {test}: {why}");
+            false
+        }
+        None => true,
+    }
+}
+
+/// Firecracker started inside a sandbox network's namespace opens the
+/// namespace's tap by name for `eth0` and boots with it: the VMM's network
+/// namespace is the sandbox's, it holds a descriptor on `tap0`, and
+/// `GET /vm/config` lists the interface. Runs the test guest (no agent), so
+/// it needs no hardware KVM; needs root for the network.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn firecracker_runs_in_the_sandbox_netns_on_its_tap() {
+    let test = "firecracker_runs_in_the_sandbox_netns_on_its_tap";
+    let Some(fc) = common::firecracker(test) else {
+        return;
+    };
+    if !networking(test) {
+        return;
+    }
+    let pool = nova_net::AddressPool::new("10.252.0.0/16".parse().unwrap()).unwrap();
+    let id: nova_core::SandboxId = format!("fcnet{}", std::process::id()).parse().unwrap();
+    let mut net = nova_net::SandboxNetwork::create(&id, &nova_net::NetworkSpec::default(), &pool)
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    common::write_test_kernel(&dir.path().join("vmlinux"));
+    std::fs::File::create(dir.path().join("rootfs.ext4"))
+        .unwrap()
+        .set_len(1024 * 1024)
+        .unwrap();
+    let netns = std::sync::Arc::new(net.open_netns().unwrap());
+    let spec = SpawnSpec {
+        firecracker: fc.path(),
+        id: "net-1",
+        workdir: dir.path(),
+        jail: None,
+        limits: JailLimits {
+            memory_mib: 128,
+            vcpus: 1,
+        },
+        output: &dir.path().join("console.log"),
+        boot_timer: false,
+        extra_args: &[],
+        netns: Some(&netns),
+    };
+    let mut vmm = VmmProcess::spawn_in_netns(
+        &nova_firecracker::process::command(&spec).unwrap(),
+        nova_runtime::vmm::SpawnMode::Owned,
+        spec.netns,
+    )
+    .unwrap();
+    let pid = vmm.pid().unwrap();
+    let mut api = nova_firecracker::process::connect_api(
+        &dir.path().join(API_SOCKET),
+        Instant::now() + Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    let machine = MachineSpec {
+        kernel: "vmlinux".into(),
+        rootfs: "rootfs.ext4".into(),
+        scratch: None,
+        extra_drives: Vec::new(),
+        memory_mib: 128,
+        vcpus: 1,
+        kernel_args: String::new(),
+        hostname: "net-1".into(),
+        serial_console: false,
+        track_dirty_pages: false,
+        vsock_uds: "vsock.sock".into(),
+        metrics_path: None,
+        log_path: None,
+        log_level: LogLevel::Info,
+        entropy: false,
+        balloon: None,
+        network: vec![nova_firecracker::machine::network_interface(
+            net.tap_name().unwrap(),
+        )],
+        guest_net: Some(nova_runtime::network::guest_net(&net)),
+    };
+    machine.configure(&mut api).await.unwrap();
+    api.instance_start().await.unwrap();
+
+    let inode = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(net.netns_path()).unwrap());
+    assert_eq!(
+        std::fs::read_link(format!("/proc/{pid}/ns/net")).unwrap(),
+        std::path::PathBuf::from(format!("net:[{inode}]")),
+        "Firecracker runs in the sandbox's namespace"
+    );
+    let holds_tap = std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_to_string(e.unwrap().path()).ok())
+        .any(|info| info.lines().any(|l| l == "iff:\ttap0"));
+    assert!(holds_tap, "Firecracker holds a queue of tap0");
+    let config: serde_json::Value = api.get("/vm/config").await.unwrap();
+    assert_eq!(
+        config["network-interfaces"][0]["host_dev_name"], "tap0",
+        "{config}"
+    );
+    assert!(
+        config["boot-source"]["boot_args"]
+            .as_str()
+            .unwrap()
+            .contains("nova.net=169.254.0.21/30,gw=169.254.0.22"),
+        "{config}"
+    );
+
+    vmm.kill().await;
+    net.teardown().await.unwrap();
+    assert!(!net.netns_path().exists(), "the namespace is gone");
+}
+
+/// A networked Firecracker sandbox that fails to boot (the test guest has
+/// no agent) leaves no namespace, veth or nft table behind, and a published
+/// port is no longer refused. Needs root.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_networked_create_leaves_no_network_behind() {
+    let test = "a_failed_networked_create_leaves_no_network_behind";
+    let Some(fc) = common::firecracker(test) else {
+        return;
+    };
+    if !networking(test) {
+        return;
+    }
+    let home = tempfile::tempdir().unwrap();
+    common::install_test_template(home.path(), "fctest");
+    let mut options = FirecrackerOptions::new(NovaHome::at(home.path()), fc);
+    options.jailer = None;
+    options.allow_non_hardware_kvm = true;
+    options.scratch_size_mb = 64;
+    let hv = FirecrackerHypervisor::new(options);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut config = test_config("fctest");
+    config.boot_timeout_ms = 1500;
+    config.ports = vec![nova_core::network::PortSpec::tcp(port, 80)];
+    // The sandbox's id, read from its directory while it boots.
+    let sandboxes = home.path().join("sandboxes");
+    let watcher = tokio::spawn(async move {
+        loop {
+            if let Some(Ok(entry)) = std::fs::read_dir(&sandboxes)
+                .ok()
+                .and_then(|mut d| d.next())
+            {
+                return entry.file_name().to_string_lossy().into_owned();
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+    let err = hv.create_sandbox(config).await.unwrap_err();
+    assert!(
+        matches!(err, CreateSandboxError::BootTimeout { .. }),
+        "{err:?}"
+    );
+    let id = tokio::time::timeout(Duration::from_secs(1), watcher)
+        .await
+        .expect("the sandbox had a directory")
+        .unwrap();
+    let name = format!("nova-{id}");
+    assert!(!nova_net::testing::namespaces().unwrap().contains(&name));
+    assert!(
+        !nova_net::testing::host_nft_tables()
+            .unwrap()
+            .contains(&name)
+    );
+    let veth = nova_net::host_veth_name(&id);
+    assert!(
+        !nova_net::testing::sandbox_veths()
+            .await
+            .unwrap()
+            .iter()
+            .any(|(v, _)| *v == veth)
+    );
+    std::net::TcpListener::bind(("0.0.0.0", port)).expect("the published port is free again");
+    assert!(common::leftovers(home.path()).is_empty());
+}
+
+/// Networking with the agent: a guest reaches a test host through NAT and
+/// serves a published port the host fetches at `127.0.0.1`. Needs hardware
+/// KVM (`NOVA_TEST_KVM=1`), root, and the `python` template (or
+/// `NOVA_TEST_TEMPLATE`, with `curl` and `python3`) in `$NOVA_HOME`.
+/// Traffic goes only to loopback and to a test host in 198.18.221.0/30.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn networking_on_hardware_kvm() {
+    let test = "networking_on_hardware_kvm";
+    let Some(fc) = common::firecracker(test) else {
+        return;
+    };
+    if std::env::var_os("NOVA_TEST_KVM").is_none_or(|v| v != "1") {
+        println!("SKIP {test}: NOVA_TEST_KVM=1 not set");
+        return;
+    }
+    if !networking(test) {
+        return;
+    }
+    let pid = std::process::id();
+    let host = nova_net::testing::TestHost::create(
+        &format!("nvf{pid}-up"),
+        &format!("nvfu{}", pid % 100_000),
+        "198.18.221.0/30".parse().unwrap(),
+    )
+    .await
+    .unwrap();
+    let server = nova_net::testing::serve_http(
+        Some(host.netns()),
+        std::net::SocketAddrV4::new(host.addr(), 8080),
+        b"through NAT\n".to_vec(),
+    )
+    .await
+    .unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let home = NovaHome::resolve().unwrap();
+    let template = std::env::var("NOVA_TEST_TEMPLATE").unwrap_or_else(|_| "python".into());
+    let hv = FirecrackerHypervisor::new(FirecrackerOptions::new(home, fc));
+    let mut config = SandboxConfig::builder()
+        .template_id(template)
+        .build()
+        .unwrap();
+    config.ports = vec![nova_core::network::PortSpec::tcp(port, 8000)];
+    let sandbox = hv.create_sandbox(config).await.unwrap();
+    let out = sandbox
+        .execute_command(format!("curl -sS --max-time 10 http://{}/", server.addr()))
+        .await
+        .unwrap();
+    assert_eq!(
+        out.stdout_lossy(),
+        "through NAT\n",
+        "{}",
+        out.stderr_lossy()
+    );
+    let out = sandbox
+        .execute_command(
+            "mkdir -p /tmp/www && echo served > /tmp/www/index.html && \
+             (cd /tmp/www && nohup python3 -m http.server 8000 >/dev/null 2>&1 &)",
+        )
+        .await
+        .unwrap();
+    assert!(out.success(), "{}", out.stderr_lossy());
+    let url = std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, port);
+    let mut body = None;
+    for _ in 0..50 {
+        if let Ok(b) = nova_net::testing::http_get(None, url, Duration::from_secs(2)).await {
+            body = Some(b);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(body.as_deref(), Some(&b"served\n"[..]));
+    let stats = sandbox.get_stats().await.unwrap();
+    assert!(stats.vmm.net_rx_bytes.unwrap_or(0) > 0);
+    let netns = format!("nova-{}", sandbox.id());
+    sandbox.stop(false).await.unwrap();
+    assert!(!nova_net::testing::namespaces().unwrap().contains(&netns));
 }

@@ -20,10 +20,18 @@
 //!     policy change also cuts connections already open.
 //!   - `forward` -> `to_sandbox`: only replies and published-port (DNATed)
 //!     traffic may enter.
+//!   - With domain rules in `allow`, the `egress` chain ends with the
+//!     addresses the sandbox's resolver learned (the `allow_dns` set, whose
+//!     elements time out) and a reject; a connection let through by that
+//!     set gets a conntrack mark (`0x4e56` in the high half) that keeps it allowed
+//!     after the address times out, until a policy update changes the mark
+//!     (see [`crate::dns`]).
 //!   - `input` -> `sandbox_to_host`: the host's own addresses are closed to
 //!     the sandbox except the DNS servers on port 53 and `/32`s in `allow`.
 //! * **In the namespace**, `inet nova`: DNAT of the published guest ports
 //!   from the veth to the guest, masquerade of the guest to the veth address,
+//!   a `dns_redirect` chain that, while the policy names domains, sends
+//!   every DNS packet of the guest to the resolver on the gateway address,
 //!   a forward chain that lets only the guest's own address out and only
 //!   replies or published ports in, and an input chain closed to the guest
 //!   but for ICMP (so `ping` of the gateway works). It goes with the
@@ -37,14 +45,16 @@ use std::net::Ipv4Addr;
 
 use nftables::batch::Batch;
 use nftables::expr::{
-    CT, Expression, Fib, FibFlag, FibResult, Meta, MetaKey, NamedExpression, Payload, PayloadField,
-    Prefix,
+    CT, Elem, Expression, Fib, FibFlag, FibResult, Meta, MetaKey, NamedExpression, Payload,
+    PayloadField, Prefix,
 };
 use nftables::schema::{
     Chain, Element, FlushObject, NfCmd, NfListObject, Nftables, Rule, Set, SetFlag, SetType,
     SetTypeValue, Table,
 };
-use nftables::stmt::{JumpTarget, Match, NAT, NATFamily, Operator, Reject, RejectType, Statement};
+use nftables::stmt::{
+    JumpTarget, Mangle, Match, NAT, NATFamily, Operator, Reject, RejectType, Statement,
+};
 use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook, RejectCode};
 
 use crate::error::HostError;
@@ -267,8 +277,20 @@ impl TableBuilder {
         self.batch.add(NfListObject::Set(Box::new(set)));
     }
 
+    /// A set of single addresses whose elements carry a timeout.
+    fn learned_set(&self) -> Set<'static> {
+        Set {
+            flags: Some(HashSet::from([SetFlag::Timeout])),
+            ..self.set(SET_LEARNED)
+        }
+    }
+
     fn flush_set(&mut self, name: &str) {
-        let set = self.set(name);
+        let set = if name == SET_LEARNED {
+            self.learned_set()
+        } else {
+            self.set(name)
+        };
         self.batch
             .add_cmd(NfCmd::Flush(FlushObject::Set(Box::new(set))));
     }
@@ -283,6 +305,42 @@ impl TableBuilder {
             name: Cow::Owned(set.to_owned()),
             elem: Cow::Owned(cidrs.iter().map(|c| cidr(*c)).collect()),
         }));
+    }
+
+    /// Adds (`delete` false) or deletes single addresses with timeouts in
+    /// the learned set.
+    fn learned_elements(&mut self, elements: &[(Ipv4Addr, u32)], delete: bool) {
+        if elements.is_empty() {
+            return;
+        }
+        let element = Element {
+            family: NfFamily::INet,
+            table: Cow::Owned(self.table.clone()),
+            name: Cow::Borrowed(SET_LEARNED),
+            elem: Cow::Owned(
+                elements
+                    .iter()
+                    .map(|(ip, timeout)| {
+                        if delete {
+                            s(ip.to_string())
+                        } else {
+                            Expression::Named(NamedExpression::Elem(Elem {
+                                val: Box::new(s(ip.to_string())),
+                                timeout: Some(*timeout),
+                                expires: None,
+                                comment: None,
+                                counter: None,
+                            }))
+                        }
+                    })
+                    .collect(),
+            ),
+        };
+        if delete {
+            self.batch.delete(NfListObject::Element(element));
+        } else {
+            self.batch.add(NfListObject::Element(element));
+        }
     }
 
     fn rule(&mut self, chain: &str, expr: Vec<Statement<'static>>) {
@@ -306,6 +364,8 @@ const SET_DENY: &str = "deny";
 const SET_ALLOW_PROTECTED: &str = "allow_protected";
 const SET_ALLOW_HOST: &str = "allow_host";
 const SET_DNS: &str = "dns";
+/// Addresses the sandbox's resolver answered for allowed domains.
+const SET_LEARNED: &str = "allow_dns";
 const EGRESS_SETS: [&str; 5] = [
     SET_ALLOW,
     SET_DENY,
@@ -328,6 +388,46 @@ pub(crate) struct HostTable<'a> {
     pub(crate) ports: &'a [PortMapping],
     pub(crate) egress: &'a EgressPolicy,
     pub(crate) dns: &'a [Ipv4Addr],
+    /// Learned addresses to (re)fill `allow_dns` with on update, with the
+    /// seconds each has left.
+    pub(crate) learned: &'a [(Ipv4Addr, u32)],
+    /// The policy's generation, which the conntrack mark of connections
+    /// allowed through `allow_dns` carries.
+    pub(crate) generation: u32,
+}
+
+/// The conntrack mark of a connection the learned set let through under
+/// policy `generation`: `0x4e56_0000` with the low 16 bits of the generation.
+pub(crate) fn learned_mark(generation: u32) -> u32 {
+    0x4e56_0000 | (generation & 0xffff)
+}
+
+/// One address for the learned set.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct LearnedElement {
+    pub(crate) ip: Ipv4Addr,
+    /// Seconds.
+    pub(crate) timeout: u32,
+    /// Already in the set: replace it, to restart its timeout.
+    pub(crate) refresh: bool,
+}
+
+/// Adds addresses to the learned set of host table `table`; an address
+/// being refreshed is added (a no-op if present), deleted and added again,
+/// in one batch, so that its timeout restarts whether or not the kernel
+/// expired it meanwhile.
+pub(crate) fn add_learned(table: &str, elements: &[LearnedElement]) -> Nftables<'static> {
+    let mut t = TableBuilder::new(table);
+    let refresh: Vec<(Ipv4Addr, u32)> = elements
+        .iter()
+        .filter(|e| e.refresh)
+        .map(|e| (e.ip, e.timeout))
+        .collect();
+    t.learned_elements(&refresh, false);
+    t.learned_elements(&refresh, true);
+    let all: Vec<(Ipv4Addr, u32)> = elements.iter().map(|e| (e.ip, e.timeout)).collect();
+    t.learned_elements(&all, false);
+    t.finish()
 }
 
 impl HostTable<'_> {
@@ -338,6 +438,8 @@ impl HostTable<'_> {
         for set in EGRESS_SETS {
             t.add_set(set);
         }
+        let learned = t.learned_set();
+        t.batch.add(NfListObject::Set(Box::new(learned)));
         use NfChainPolicy::Accept;
         t.base_chain(
             "prerouting",
@@ -454,7 +556,7 @@ impl HostTable<'_> {
     /// Replaces the egress policy in place: one atomic batch.
     pub(crate) fn update_egress(&self) -> Nftables<'static> {
         let mut t = TableBuilder::new(self.table);
-        for set in EGRESS_SETS {
+        for set in EGRESS_SETS.into_iter().chain([SET_LEARNED]) {
             t.flush_set(set);
         }
         t.flush_chain("egress");
@@ -486,6 +588,7 @@ impl HostTable<'_> {
         t.add_elements(SET_ALLOW_PROTECTED, &protected);
         t.add_elements(SET_ALLOW_HOST, &hosts);
         t.add_elements(SET_DNS, &dns);
+        t.learned_elements(self.learned, false);
 
         let daddr = || field("ip", "daddr");
         t.rule("egress", vec![is(daddr(), set_ref(SET_DENY)), reject()]);
@@ -506,6 +609,23 @@ impl HostTable<'_> {
             );
         }
         t.rule("egress", vec![is(daddr(), set_ref(SET_ALLOW)), accept()]);
+        if crate::dns::DomainFilter::new(self.egress).is_allowlist() {
+            let mark = Expression::Number(learned_mark(self.generation));
+            t.rule("egress", vec![is(ct("mark"), mark.clone()), accept()]);
+            t.rule(
+                "egress",
+                vec![
+                    is(daddr(), set_ref(SET_LEARNED)),
+                    Statement::Mangle(Mangle {
+                        key: ct("mark"),
+                        value: mark,
+                    }),
+                    accept(),
+                ],
+            );
+            t.rule("egress", vec![reject()]);
+            return;
+        }
         t.rule(
             "egress",
             vec![if self.egress.block_all {
@@ -523,6 +643,7 @@ pub(crate) fn netns_table(
     veth: &str,
     netns_addr: Ipv4Addr,
     ports: &[PortMapping],
+    redirect_dns: bool,
 ) -> Nftables<'static> {
     let mut t = TableBuilder::new(NETNS_TABLE);
     t.add_table();
@@ -554,6 +675,9 @@ pub(crate) fn netns_table(
         0,
         NfChainPolicy::Drop,
     );
+    t.regular_chain(DNS_REDIRECT);
+    t.rule("prerouting", vec![iif(guest_dev), jump(DNS_REDIRECT)]);
+    fill_dns_redirect(&mut t, redirect_dns);
 
     let guest_ports: BTreeSet<(&'static str, u16)> = ports
         .iter()
@@ -594,6 +718,19 @@ pub(crate) fn netns_table(
         ],
     );
 
+    for proto in ["udp", "tcp"] {
+        t.rule(
+            "input",
+            vec![
+                iif(guest_dev),
+                ipv4(),
+                is(field("ip", "daddr"), s(GATEWAY_ADDR.to_string())),
+                is(field(proto, "dport"), Expression::Number(53)),
+                accept(),
+            ],
+        );
+    }
+
     t.rule(
         "forward",
         vec![
@@ -612,6 +749,35 @@ pub(crate) fn netns_table(
         "forward",
         vec![iif(veth), oif(guest_dev), dnatted(), accept()],
     );
+    t.finish()
+}
+
+/// The namespace chain that sends the guest's DNS to the resolver.
+const DNS_REDIRECT: &str = "dns_redirect";
+
+fn fill_dns_redirect(t: &mut TableBuilder, on: bool) {
+    if !on {
+        return;
+    }
+    for proto in ["udp", "tcp"] {
+        t.rule(
+            DNS_REDIRECT,
+            vec![
+                ipv4(),
+                is(field(proto, "dport"), Expression::Number(53)),
+                dnat(GATEWAY_ADDR, Some(53)),
+            ],
+        );
+    }
+}
+
+/// Turns the redirect of the guest's DNS to the sandbox's resolver on or
+/// off (in the namespace's table). New DNS flows only: conntrack keeps an
+/// ongoing flow's translation.
+pub(crate) fn netns_dns_redirect(on: bool) -> Nftables<'static> {
+    let mut t = TableBuilder::new(NETNS_TABLE);
+    t.flush_chain(DNS_REDIRECT);
+    fill_dns_redirect(&mut t, on);
     t.finish()
 }
 
@@ -695,6 +861,8 @@ mod tests {
             ports,
             egress,
             dns,
+            learned: &[],
+            generation: 1,
         }
     }
 
@@ -735,6 +903,68 @@ mod tests {
         assert!(json.contains(protected), "{json}");
         let hosts = r#""name":"allow_host","elem":["10.200.0.6","192.0.2.2"]"#;
         assert!(json.contains(hosts), "{json}");
+    }
+
+    #[test]
+    fn a_domain_allowlist_ends_egress_with_learned_addresses_and_a_reject() {
+        let egress =
+            EgressPolicy::parse::<_, &str>(false, &["allowed.example.com"], &[]).expect("policy");
+        let learned = [(Ipv4Addr::new(198, 18, 7, 2), 42)];
+        let table = HostTable {
+            learned: &learned,
+            generation: 3,
+            ..sample(&egress, &[], &[])
+        };
+        let json = serde_json::to_string(&table.update_egress()).expect("serializes");
+        let mark = learned_mark(3).to_string();
+        for needle in [
+            r#"{"flush":{"set":{"family":"inet","table":"nova-sb-test","name":"allow_dns""#,
+            r#""elem":{"val":"198.18.7.2","timeout":42"#,
+            r#""@allow_dns""#,
+            &format!(r#""mangle":{{"key":{{"ct":{{"key":"mark"}}}},"value":{mark}}}"#),
+        ] {
+            assert!(json.contains(needle), "missing {needle} in {json}");
+        }
+        assert!(
+            json.ends_with(r#"{"reject":{"type":"icmpx","expr":"admin-prohibited"}}]}}}]}"#),
+            "an allowlist of domains closes the rest although block_all is off: {json}"
+        );
+        let create = serde_json::to_string(&table.create()).expect("serializes");
+        assert!(create.contains(r#""flags":["timeout"]"#), "{create}");
+
+        let refresh = add_learned(
+            "nova-sb-test",
+            &[
+                LearnedElement {
+                    ip: Ipv4Addr::new(198, 18, 7, 2),
+                    timeout: 60,
+                    refresh: true,
+                },
+                LearnedElement {
+                    ip: Ipv4Addr::new(198, 18, 7, 3),
+                    timeout: 60,
+                    refresh: false,
+                },
+            ],
+        );
+        let json = serde_json::to_string(&refresh).expect("serializes");
+        let (add, rest) = json.split_once(r#"{"delete""#).expect("a delete");
+        assert!(
+            add.contains("198.18.7.2") && !add.contains("198.18.7.3"),
+            "{json}"
+        );
+        assert!(rest.contains("198.18.7.3"), "{json}");
+    }
+
+    #[test]
+    fn the_guest_dns_redirect_is_a_chain_turned_on_and_off() {
+        let on = serde_json::to_string(&netns_dns_redirect(true)).expect("serializes");
+        assert!(
+            on.contains(r#""dnat":{"addr":"169.254.0.22","family":"ip","port":53}"#),
+            "{on}"
+        );
+        let off = serde_json::to_string(&netns_dns_redirect(false)).expect("serializes");
+        assert!(off.contains(r#""flush""#) && !off.contains("dnat"), "{off}");
     }
 
     #[test]

@@ -25,7 +25,10 @@
 //!                               firewall::apply(host table)        (nft -j -f -)
 //! backend: open_tap() --------> fd for QEMU -netdev tap,fd=N
 //!          open_netns() ------> setns for Firecracker (opens tap0 by name)
-//! update_egress() ------------> flush sets + egress chain, one batch
+//!                               dns::Resolver (policy names domains: sockets
+//!                                   on the gateway address, a tokio task)
+//! update_egress() ------------> flush sets + egress chain, one batch;
+//!                               resolver filter, dns_redirect (netns)
 //! counters() -----------------> veth Stats64 (rtnetlink)
 //! teardown() / Drop ----------> delete table, tap, veth, netns
 //! clean_leftovers(keep) ------> same, for names no live sandbox owns
@@ -41,7 +44,8 @@
 //! ([`netns::run_in_async`]); no thread of the caller's runtime ever changes
 //! namespace, and there is no `fork()`.
 //!
-//! See [`firewall`] for the rules, and [`EgressPolicy`] for the order in
+//! See [`firewall`] for the rules, [`dns`] for domain rules (and what they
+//! cannot cover), and [`EgressPolicy`] for the order in
 //! which egress rules apply. Always denied unless explicitly allowed: other
 //! sandboxes (the whole pool), the host's own addresses and
 //! [`METADATA_ADDR`].
@@ -71,8 +75,6 @@
 //!
 //! # What is not here yet
 //!
-//! * Domain-name egress rules are validated but not enforced: that needs a
-//!   per-sandbox resolver feeding nft sets (see [`spec`]).
 //! * IPv6 is not given to guests; the host drops IPv6 from sandboxes.
 //! * The host's forward policy is not changed: an accept in the sandbox's
 //!   table does not override a drop in another table (e.g. Docker's
@@ -102,6 +104,8 @@
 
 use std::net::Ipv4Addr;
 
+#[cfg(target_os = "linux")]
+pub mod dns;
 pub mod error;
 #[cfg(target_os = "linux")]
 pub mod firewall;

@@ -29,6 +29,7 @@ use std::path::{Path, PathBuf};
 use nova_core::SandboxId;
 use tracing::{debug, info, warn};
 
+use crate::dns::{DnsState, DomainFilter, Resolver, SharedDnsState};
 use crate::error::{
     CountersError, CreateNetworkError, HostError, OpenTapError, TeardownError, UpdateEgressError,
 };
@@ -119,6 +120,12 @@ pub struct SandboxNetwork {
     pool_range: Ipv4Cidr,
     spec: NetworkSpec,
     _ports: Option<PortReservation>,
+    /// The resolver, while the egress policy names domains.
+    resolver: Option<Resolver>,
+    /// The domain filter and learned addresses the resolver shares.
+    dns: SharedDnsState,
+    /// Bumped by every egress update; see [`firewall::learned_mark`].
+    generation: u32,
     torn_down: bool,
 }
 
@@ -186,9 +193,6 @@ impl SandboxNetwork {
         options: CreateOptions,
     ) -> Result<Self, CreateNetworkError> {
         spec.validate()?;
-        if spec.egress.has_domain_rules() {
-            warn!(sandbox = %id, "egress rules naming domains are not enforced yet: allowed domains stay closed, denied ones open");
-        }
         let ports = reserve_ports(&spec.ports)?;
         let host = link::connect()?;
         let taken = link::ipv4_addresses(&host).await?;
@@ -220,6 +224,9 @@ impl SandboxNetwork {
             pool_range: pool.range(),
             spec: spec.clone(),
             _ports: Some(ports),
+            resolver: None,
+            dns: DnsState::new(&name, DomainFilter::new(&spec.egress)),
+            generation: 1,
             torn_down: false,
         };
         match net.build(&host, &options).await {
@@ -287,6 +294,7 @@ impl SandboxNetwork {
             guest_link: options.guest_link.clone(),
             tap_owner: options.tap_owner,
             ports: self.spec.ports.clone(),
+            redirect_dns: DomainFilter::new(&self.spec.egress).is_active(),
         };
         netns::run_in_async(
             &self.objects.netns_path,
@@ -295,16 +303,31 @@ impl SandboxNetwork {
         )
         .await?;
 
-        let batch = self.host_table(&self.spec.egress).create();
+        let batch = self.host_table(&self.spec.egress, &[]).create();
         self.objects.table_created = true;
         blocking("applying the host nft table", move || {
             firewall::apply(&batch, "creating the sandbox's host table")
         })
         .await?;
+        if DomainFilter::new(&self.spec.egress).is_active() {
+            self.resolver = Some(self.start_resolver()?);
+        }
         Ok(())
     }
 
-    fn host_table<'a>(&'a self, egress: &'a EgressPolicy) -> HostTable<'a> {
+    fn start_resolver(&self) -> Result<Resolver, HostError> {
+        Resolver::start(
+            &self.objects.netns_path,
+            self.spec.dns_servers.clone(),
+            self.dns.clone(),
+        )
+    }
+
+    fn host_table<'a>(
+        &'a self,
+        egress: &'a EgressPolicy,
+        learned: &'a [(Ipv4Addr, u32)],
+    ) -> HostTable<'a> {
         HostTable {
             table: &self.objects.table,
             veth: &self.objects.host_veth,
@@ -313,27 +336,54 @@ impl SandboxNetwork {
             ports: &self.spec.ports,
             egress,
             dns: &self.spec.dns_servers,
+            learned,
+            generation: self.generation,
         }
     }
 
-    /// Replaces the egress policy while the sandbox runs. One atomic nft
-    /// batch: on error the old policy stays. Connections already open to a
-    /// destination the new policy denies are cut too.
+    /// Replaces the egress policy while the sandbox runs. The host rules
+    /// change in one atomic nft batch: on error the old policy stays.
+    /// Connections already open to a destination the new policy denies are
+    /// cut too. Domain rules take effect for the next query: the resolver
+    /// starts or stops as the policy gains or loses domain rules, and
+    /// addresses learned for names the new policy refuses are closed.
     pub async fn update_egress(&mut self, egress: EgressPolicy) -> Result<(), UpdateEgressError> {
         if self.torn_down {
             return Err(UpdateEgressError::TornDown);
         }
         egress.validate()?;
-        if egress.has_domain_rules() {
-            warn!(sandbox = %self.id, "egress rules naming domains are not enforced yet");
+        let filter = DomainFilter::new(&egress);
+        let dns = self.dns.clone();
+        // Held across the update so that the resolver adds no address of a
+        // name the new policy refuses once it is in force.
+        let mut state = dns.lock().await;
+        let was_active = state.filter().is_active();
+        if filter.is_active() && self.resolver.is_none() {
+            self.resolver = Some(self.start_resolver()?);
         }
-        let batch = self.host_table(&egress).update_egress();
+        let kept = state.retained(&filter);
+        self.generation = self.generation.wrapping_add(1);
+        let batch = self.host_table(&egress, &kept).update_egress();
         blocking("updating the egress policy", move || {
             firewall::apply(&batch, "updating the egress policy")
         })
         .await?;
-        debug!(sandbox = %self.id, "egress policy updated");
+        state.replace(filter.clone(), &kept);
         self.spec.egress = egress;
+        if filter.is_active() != was_active {
+            let on = filter.is_active();
+            let redirect = firewall::netns_dns_redirect(on);
+            netns::run_in(
+                &self.objects.netns_path,
+                "redirecting the guest's DNS",
+                move || firewall::apply(&redirect, "redirecting the guest's DNS"),
+            )
+            .await?;
+            if !on {
+                self.resolver = None;
+            }
+        }
+        debug!(sandbox = %self.id, "egress policy updated");
         Ok(())
     }
 
@@ -371,6 +421,24 @@ impl SandboxNetwork {
         })
         .await?;
         Ok(fd)
+    }
+
+    /// Gives the tap to `owner`, for a VMM that opens it by name as another
+    /// user (Firecracker under its jailer). Needs CAP_NET_ADMIN.
+    pub async fn set_tap_owner(&self, owner: TapOwner) -> Result<(), OpenTapError> {
+        if self.torn_down {
+            return Err(OpenTapError::TornDown);
+        }
+        if self.guest_link != GuestLink::Tap {
+            return Err(OpenTapError::NoTap);
+        }
+        netns::run_in(
+            &self.objects.netns_path,
+            "setting the tap's owner",
+            move || tap::create_persistent(TAP_NAME, owner),
+        )
+        .await?;
+        Ok(())
     }
 
     /// Opens the namespace, for a VMM that opens the tap itself by name
@@ -424,6 +492,7 @@ impl SandboxNetwork {
         let lease = pool
             .lease_at(host_addr)
             .ok_or(CreateNetworkError::PoolExhausted { pool: pool.range() })?;
+        let name_for_dns = name.clone();
         Ok(SandboxNetwork {
             id: id.clone(),
             objects: Objects {
@@ -443,8 +512,28 @@ impl SandboxNetwork {
             pool_range: pool.range(),
             spec: spec.clone(),
             _ports: None,
+            resolver: None,
+            dns: DnsState::new(&name_for_dns, DomainFilter::new(&spec.egress)),
+            generation: 1,
             torn_down: false,
-        })
+        }
+        .with_resolver())
+    }
+
+    /// Restarts the resolver of an adopted network whose policy names
+    /// domains (its redirect rule stands). Without a tokio runtime, or if
+    /// its sockets cannot be opened, the guest's DNS goes unanswered, which
+    /// fails closed; the reason is logged.
+    fn with_resolver(mut self) -> Self {
+        if DomainFilter::new(&self.spec.egress).is_active() {
+            match self.start_resolver() {
+                Ok(r) => self.resolver = Some(r),
+                Err(e) => {
+                    warn!(sandbox = %self.id, error = %e, "cannot restart the resolver of a re-attached sandbox; its DNS goes unanswered")
+                }
+            }
+        }
+        self
     }
 
     /// Lets go of the network without removing it (its VM outlives this
@@ -455,6 +544,7 @@ impl SandboxNetwork {
 
     fn finish_teardown(&mut self) {
         self.torn_down = true;
+        self.resolver = None;
         self._ports = None;
         self.lease = None;
     }
@@ -562,6 +652,7 @@ struct InsideSetup {
     guest_link: GuestLink,
     tap_owner: TapOwner,
     ports: Vec<crate::spec::PortMapping>,
+    redirect_dns: bool,
 }
 
 impl InsideSetup {
@@ -620,7 +711,13 @@ impl InsideSetup {
         link::add_address(&h, dev, guest_dev, GATEWAY_ADDR, GUEST_PREFIX).await?;
         link::up(&h, dev, guest_dev).await?;
 
-        let table = firewall::netns_table(guest_dev, NETNS_VETH, self.netns_addr, &self.ports);
+        let table = firewall::netns_table(
+            guest_dev,
+            NETNS_VETH,
+            self.netns_addr,
+            &self.ports,
+            self.redirect_dns,
+        );
         firewall::apply(&table, "creating the namespace's table")
     }
 }

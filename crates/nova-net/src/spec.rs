@@ -11,11 +11,8 @@
 //! network is created).
 //!
 //! Egress rules are CIDRs or domain names. CIDRs are enforced by nftables
-//! sets. **Domain names are accepted and validated but not enforced yet**:
-//! enforcing them needs a per-sandbox resolver that answers only allowed names
-//! and adds the answers to a set, which is future work. Until then a domain in
-//! `allow` opens nothing (fail closed) and a domain in `deny` closes nothing
-//! (fail open); [`EgressPolicy::has_domain_rules`] tells a caller to warn.
+//! sets; domain names by the sandbox's resolver ([`crate::dns`]), which
+//! answers only allowed names and opens the addresses it answered with.
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -141,9 +138,15 @@ impl fmt::Display for Protocol {
 /// 3. The always-denied ranges are dropped.
 /// 4. The DNS servers, on port 53, are accepted.
 /// 5. `allow` entries are accepted.
-/// 6. Everything else: dropped when `block_all`, accepted otherwise.
+/// 6. When `allow` names domains: addresses the sandbox's resolver
+///    answered for them are accepted, everything else dropped.
+/// 7. Everything else: dropped when `block_all`, accepted otherwise.
 ///
-/// Domain names are validated but not enforced yet (see the module docs).
+/// Domain names are matched by the sandbox's resolver ([`crate::dns`]):
+/// `example.com` itself, `*.example.com` every name under it. A name in
+/// `deny` gets `NXDOMAIN`; when `allow` names domains, so does every name
+/// it does not match. Domain rules govern names only: an address reached
+/// without asking the resolver falls under the CIDR rules (steps 1-5, 7).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct EgressPolicy {
@@ -178,7 +181,7 @@ impl EgressPolicy {
         })
     }
 
-    /// Whether any rule names a domain, which is not enforced yet.
+    /// Whether any rule names a domain (the sandbox then gets a resolver).
     pub fn has_domain_rules(&self) -> bool {
         self.allow
             .iter()

@@ -93,7 +93,8 @@ impl TapOwner {
     }
 }
 
-/// Creates the persistent tap `name` in the calling thread's namespace.
+/// Creates the persistent tap `name` in the calling thread's namespace, or,
+/// if it exists, gives it to `owner` (the ioctls are the same).
 pub(crate) fn create_persistent(name: &str, owner: TapOwner) -> Result<(), HostError> {
     let fd = open_tun()?;
     set_iff(&fd, name, libc::IFF_TAP | libc::IFF_NO_PI)?;

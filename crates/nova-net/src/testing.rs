@@ -8,6 +8,8 @@
 //! [`serve_http`] answers every request with a fixed body, [`serve_udp_echo`]
 //! sends datagrams back; [`http_get`] is a client that runs inside a
 //! namespace (a sandbox's guest, a test host).
+//! [`serve_dns`] is an authoritative test resolver for a fixed list of
+//! names, and [`resolve`] a DNS client that runs inside a namespace.
 //! [`Namespace`] is a bare namespace removed on drop (the guest of a
 //! [`GuestLink::Veth`](crate::GuestLink::Veth) sandbox).
 
@@ -307,6 +309,200 @@ pub async fn serve_udp_echo(netns: &Path, addr: SocketAddrV4) -> Result<UdpEcho,
         addr,
         stop,
         thread: Some(thread),
+    })
+}
+
+/// A test DNS server answering A queries for a fixed list of names, until
+/// dropped.
+#[derive(Debug)]
+pub struct DnsServer {
+    addr: SocketAddrV4,
+    stop: Arc<AtomicBool>,
+    queries: Arc<Mutex<Vec<String>>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl DnsServer {
+    /// Where it listens (UDP).
+    pub fn addr(&self) -> SocketAddrV4 {
+        self.addr
+    }
+
+    /// The names it was asked, lowercase, without the trailing dot.
+    pub fn queries(&self) -> Vec<String> {
+        self.queries
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+}
+
+impl Drop for DnsServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Serves DNS over UDP on `addr`, bound inside the namespace at `netns`:
+/// an A query for a name in `records` gets its address (TTL `ttl`
+/// seconds), any other query `NXDOMAIN`.
+pub async fn serve_dns(
+    netns: &Path,
+    addr: SocketAddrV4,
+    records: Vec<(String, Ipv4Addr)>,
+    ttl: u32,
+) -> Result<DnsServer, HostError> {
+    let socket = netns::run_in(netns, "binding a test DNS server", move || {
+        let s =
+            UdpSocket::bind(addr).map_err(|e| HostError::io(format!("binding udp {addr}"), e))?;
+        s.set_read_timeout(Some(Duration::from_millis(20)))
+            .map_err(|e| HostError::io("set_read_timeout", e))?;
+        Ok(s)
+    })
+    .await?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let queries = Arc::new(Mutex::new(Vec::new()));
+    let thread = {
+        let (stop, queries) = (stop.clone(), queries.clone());
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while !stop.load(Ordering::Relaxed) {
+                let Ok((n, peer)) = socket.recv_from(&mut buf) else {
+                    continue;
+                };
+                if let Some(reply) = dns_reply(&buf[..n], &records, ttl, &queries) {
+                    let _ = socket.send_to(&reply, peer);
+                }
+            }
+        })
+    };
+    Ok(DnsServer {
+        addr,
+        stop,
+        queries,
+        thread: Some(thread),
+    })
+}
+
+fn dns_reply(
+    query: &[u8],
+    records: &[(String, Ipv4Addr)],
+    ttl: u32,
+    log: &Mutex<Vec<String>>,
+) -> Option<Vec<u8>> {
+    use hickory_proto::op::{Message, MessageType, ResponseCode};
+    use hickory_proto::rr::{RData, Record, RecordType, rdata::A};
+    let request = Message::from_vec(query).ok()?;
+    let question = request.queries().first()?.clone();
+    let name = question.name().to_ascii().to_ascii_lowercase();
+    let name = name.trim_end_matches('.').to_owned();
+    log.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .push(name.clone());
+    let mut reply = Message::new();
+    reply
+        .set_id(request.id())
+        .set_message_type(MessageType::Response)
+        .set_op_code(request.op_code())
+        .set_recursion_desired(request.recursion_desired())
+        .set_recursion_available(true)
+        .add_query(question.clone());
+    match records.iter().find(|(n, _)| *n == name) {
+        Some((_, ip)) => {
+            if question.query_type() == RecordType::A {
+                reply.add_answer(Record::from_rdata(
+                    question.name().clone(),
+                    ttl,
+                    RData::A(A(*ip)),
+                ));
+            }
+        }
+        None => {
+            reply.set_response_code(ResponseCode::NXDomain);
+        }
+    }
+    reply.to_vec().ok()
+}
+
+/// What [`resolve`] got: the response code and the A records' addresses.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DnsAnswer {
+    /// `NoError`, `NXDomain`, ...
+    pub code: hickory_proto::op::ResponseCode,
+    /// The addresses of the A records in the answer section.
+    pub addrs: Vec<Ipv4Addr>,
+}
+
+/// Asks `server:53` for the A records of `name` from inside the namespace
+/// at `netns`, over UDP or (`tcp`) TCP, waiting `timeout`.
+pub async fn resolve(
+    netns: &Path,
+    server: Ipv4Addr,
+    name: &str,
+    tcp: bool,
+    timeout: Duration,
+) -> Result<DnsAnswer, HostError> {
+    use hickory_proto::op::{Message, Query};
+    use hickory_proto::rr::{Name, RData, RecordType};
+    let qname = Name::from_ascii(name).map_err(|e| {
+        HostError::io(
+            format!("{name} as a DNS name"),
+            io::Error::new(io::ErrorKind::InvalidInput, e),
+        )
+    })?;
+    let mut query = Message::new();
+    query
+        .set_id(0x4e56)
+        .set_recursion_desired(true)
+        .add_query(Query::query(qname, RecordType::A));
+    let bytes = query
+        .to_vec()
+        .map_err(|e| HostError::io("encoding a DNS query", io::Error::other(e)))?;
+    let to = SocketAddr::from((server, 53));
+    let exchange = move || -> io::Result<Vec<u8>> {
+        if tcp {
+            let mut stream = TcpStream::connect_timeout(&to, timeout)?;
+            stream.set_read_timeout(Some(timeout))?;
+            let len = u16::try_from(bytes.len()).map_err(io::Error::other)?;
+            stream.write_all(&len.to_be_bytes())?;
+            stream.write_all(&bytes)?;
+            let mut len = [0u8; 2];
+            stream.read_exact(&mut len)?;
+            let mut reply = vec![0u8; usize::from(u16::from_be_bytes(len))];
+            stream.read_exact(&mut reply)?;
+            Ok(reply)
+        } else {
+            let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+            socket.set_read_timeout(Some(timeout))?;
+            socket.send_to(&bytes, to)?;
+            let mut buf = [0u8; 4096];
+            let (n, _) = socket.recv_from(&mut buf)?;
+            Ok(buf[..n].to_vec())
+        }
+    };
+    let reply = netns::run_in(netns, "a test DNS client", move || {
+        exchange().map_err(|e| HostError::io(format!("querying {to}"), e))
+    })
+    .await?;
+    let reply = Message::from_vec(&reply).map_err(|e| {
+        HostError::io(
+            "parsing a DNS reply",
+            io::Error::new(io::ErrorKind::InvalidData, e),
+        )
+    })?;
+    Ok(DnsAnswer {
+        code: reply.response_code(),
+        addrs: reply
+            .answers()
+            .iter()
+            .filter_map(|r| match r.data() {
+                RData::A(a) => Some(a.0),
+                _ => None,
+            })
+            .collect(),
     })
 }
 

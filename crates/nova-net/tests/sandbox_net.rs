@@ -19,6 +19,7 @@ use std::path::PathBuf;
 use std::sync::LazyLock;
 use std::time::Duration;
 
+use hickory_proto::op::ResponseCode;
 use nova_core::SandboxId;
 use nova_net::testing::{self, Namespace, TestHost};
 use nova_net::{
@@ -465,6 +466,135 @@ async fn egress_allow_and_deny_lists_apply_and_change_while_running() {
         net.update_egress(EgressPolicy::default()).await,
         Err(nova_net::UpdateEgressError::TornDown)
     ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn domain_allowlist_resolves_and_opens_only_allowed_names_and_changes_live() {
+    let Some(_lock) = shared("domain_allowlist").await else {
+        return;
+    };
+    let dns_host = test_host("dns", 6).await;
+    let allowed_host = test_host("dom-allowed", 7).await;
+    let blocked_host = test_host("dom-blocked", 8).await;
+    let dns = testing::serve_dns(
+        dns_host.netns(),
+        SocketAddrV4::new(dns_host.addr(), 53),
+        vec![
+            ("allowed.nova.test".into(), allowed_host.addr()),
+            ("blocked.nova.test".into(), blocked_host.addr()),
+        ],
+        5,
+    )
+    .await
+    .expect("test resolver");
+    let allowed = testing::serve_http(
+        Some(allowed_host.netns()),
+        SocketAddrV4::new(allowed_host.addr(), 80),
+        b"allowed body\n".to_vec(),
+    )
+    .await
+    .expect("allowed server");
+    let blocked = testing::serve_http(
+        Some(blocked_host.netns()),
+        SocketAddrV4::new(blocked_host.addr(), 80),
+        b"blocked body\n".to_vec(),
+    )
+    .await
+    .expect("blocked server");
+    // Not block_all: an allowlist of domains closes everything else anyway.
+    let only_allowed =
+        EgressPolicy::parse::<_, &str>(false, &["allowed.nova.test"], &[]).expect("policy");
+    let (guest, mut net) = veth_sandbox(
+        "domains",
+        &NetworkSpec {
+            egress: only_allowed,
+            dns_servers: vec![dns_host.addr()],
+            ..NetworkSpec::default()
+        },
+    )
+    .await;
+    let g = guest.path().to_path_buf();
+    let ask = |name: &'static str, server: Ipv4Addr, tcp: bool| {
+        let g = g.clone();
+        async move {
+            testing::resolve(&g, server, name, tcp, OK)
+                .await
+                .expect("the sandbox's resolver answers")
+        }
+    };
+    let get = |to: SocketAddrV4, timeout: Duration| {
+        let g = g.clone();
+        async move { testing::http_get(Some(&g), to, timeout).await }
+    };
+
+    let answer = ask("allowed.nova.test", dns_host.addr(), false).await;
+    assert_eq!(answer.code, ResponseCode::NoError);
+    assert_eq!(answer.addrs, vec![allowed_host.addr()]);
+    let body = get(allowed.addr(), OK)
+        .await
+        .expect("an allowed name's address is open");
+    assert_eq!(body, b"allowed body\n");
+    // Over TCP, and to a server the guest picks: redirected all the same.
+    let answer = ask("ALLOWED.nova.test.", Ipv4Addr::new(198, 18, 99, 1), true).await;
+    assert_eq!(answer.addrs, vec![allowed_host.addr()]);
+
+    let answer = ask("blocked.nova.test", dns_host.addr(), false).await;
+    assert_eq!(answer.code, ResponseCode::NXDomain);
+    assert!(answer.addrs.is_empty());
+    assert!(
+        !dns.queries().iter().any(|q| q == "blocked.nova.test"),
+        "a refused name never reaches upstream: {:?}",
+        dns.queries()
+    );
+    assert!(
+        get(blocked.addr(), DENIED).await.is_err(),
+        "a hard-coded address of no allowed name stays closed"
+    );
+    let learned = nova_net::firewall::list_table_text(net.nft_table()).expect("host table");
+    assert!(
+        learned.contains(&allowed_host.addr().to_string()),
+        "the answer is in the set: {learned}"
+    );
+
+    // Allow the second name while the sandbox runs.
+    let both = EgressPolicy::parse::<_, &str>(false, &["allowed.nova.test", "*.nova.test"], &[])
+        .expect("policy");
+    net.update_egress(both).await.expect("update");
+    let answer = ask("blocked.nova.test", dns_host.addr(), false).await;
+    assert_eq!(answer.addrs, vec![blocked_host.addr()]);
+    assert_eq!(
+        get(blocked.addr(), OK).await.expect("newly allowed"),
+        b"blocked body\n"
+    );
+    get(allowed.addr(), OK)
+        .await
+        .expect("an address learned before the update is kept");
+
+    // Deny one name under the wildcard: its learned address is closed.
+    let deny =
+        EgressPolicy::parse(false, &["*.nova.test"], &["blocked.nova.test"]).expect("policy");
+    net.update_egress(deny).await.expect("update");
+    assert_eq!(
+        ask("blocked.nova.test", dns_host.addr(), false).await.code,
+        ResponseCode::NXDomain
+    );
+    assert!(get(blocked.addr(), DENIED).await.is_err(), "closed again");
+
+    // Back to CIDRs only: no resolver, the guest's DNS goes upstream itself.
+    let cidrs = EgressPolicy::parse::<_, &str>(true, &[format!("{}/32", blocked_host.addr())], &[])
+        .expect("policy");
+    net.update_egress(cidrs).await.expect("update");
+    assert_eq!(
+        ask("blocked.nova.test", dns_host.addr(), false).await.addrs,
+        vec![blocked_host.addr()]
+    );
+    get(blocked.addr(), OK).await.expect("allowed by CIDR");
+    assert!(
+        get(allowed.addr(), DENIED).await.is_err(),
+        "not allowed any more"
+    );
+
+    net.teardown().await.expect("teardown");
 }
 
 #[derive(Debug, PartialEq, Eq)]

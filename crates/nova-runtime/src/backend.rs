@@ -27,8 +27,10 @@
 
 use std::fmt;
 use std::future::Future;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nova_core::config::DriveConfig;
@@ -341,7 +343,19 @@ impl<'a> Launch<'a> {
     /// start time in `state.json` at once, before the boot goes on. The boot
     /// clock (`boot_time_ms`) starts here.
     pub fn spawn(&mut self, command: &VmmCommand) -> Result<(), CreateSandboxError> {
-        let vmm = VmmProcess::spawn_with(command, self.mode).map_err(|e| self.spawn_error(e))?;
+        self.spawn_in_netns(command, None)
+    }
+
+    /// [`spawn`](Self::spawn), the VMM started inside the network namespace
+    /// `netns` ([`SandboxNetwork::open_netns`]): for a VMM that opens the
+    /// sandbox's tap by name.
+    pub fn spawn_in_netns(
+        &mut self,
+        command: &VmmCommand,
+        netns: Option<&Arc<OwnedFd>>,
+    ) -> Result<(), CreateSandboxError> {
+        let vmm = VmmProcess::spawn_in_netns(command, self.mode, netns)
+            .map_err(|e| self.spawn_error(e))?;
         self.spawned_at.get_or_insert_with(Instant::now);
         self.set_vmm(vmm);
         Ok(())

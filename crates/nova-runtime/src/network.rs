@@ -13,9 +13,12 @@
 //! the host's own addresses and 169.254.169.254 stay closed unless an
 //! `allow` CIDR names them. `update` replaces the policy of a running
 //! sandbox in one nft transaction. The guest sees [`nova_net::GUEST_ADDR`] on
-//! `eth0` with [`nova_net::GATEWAY_ADDR`] as its gateway, and the host's
-//! resolvers ([`nova_net::host_resolvers`]), through the boot contract's
-//! `nova.net=` ([`guest_net`]).
+//! `eth0` with [`nova_net::GATEWAY_ADDR`] as its gateway, and the DNS
+//! servers ([`dns_servers`]: `NOVA_DNS_SERVERS`, else the host's
+//! resolvers), through the boot contract's `nova.net=` ([`guest_net`]).
+//! When the egress policy names domains, the guest's DNS is redirected to
+//! a resolver of the sandbox's own that forwards allowed names to those
+//! servers (see [`nova_net::dns`]).
 //!
 //! This needs root (CAP_NET_ADMIN and CAP_SYS_ADMIN), `/dev/net/tun` and
 //! `nft`. Where one is missing, create fails with
@@ -69,9 +72,42 @@ fn on_path(program: &str) -> bool {
     })
 }
 
+/// The variable naming the DNS servers of every sandbox: IPv4 addresses
+/// separated by commas or spaces. Unset or empty: the host's resolvers.
+pub const DNS_SERVERS_VAR: &str = "NOVA_DNS_SERVERS";
+
+/// The DNS servers sandboxes use: [`DNS_SERVERS_VAR`] when set, else the
+/// host's resolvers ([`nova_net::host_resolvers`]). The error says which
+/// entry of the variable is not an IPv4 address.
+pub fn dns_servers() -> Result<Vec<std::net::Ipv4Addr>, String> {
+    let Some(value) = std::env::var_os(DNS_SERVERS_VAR) else {
+        return Ok(nova_net::host_resolvers());
+    };
+    let value = value.to_string_lossy();
+    let servers = value
+        .split([',', ' '])
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            s.parse().map_err(|_| {
+                format!(
+                    "{DNS_SERVERS_VAR} = {value:?}: {s:?} is not an IPv4 address; list IPv4 \
+                     addresses separated by commas, or unset it to use the host's resolvers"
+                )
+            })
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    Ok(if servers.is_empty() {
+        nova_net::host_resolvers()
+    } else {
+        servers
+    })
+}
+
 /// What `config` asks of the network: every published port, the egress
-/// policy, and the host's resolvers. `config` must be valid (an invalid
-/// egress entry is answered as the [`ConfigError`] validation gives).
+/// policy, and the DNS servers ([`dns_servers`]; a bad variable falls back
+/// to the host's resolvers here, and is refused by create). `config` must
+/// be valid (an invalid egress entry is answered as the [`ConfigError`]
+/// validation gives).
 pub fn spec(config: &SandboxConfig) -> Result<NetworkSpec, ConfigError> {
     Ok(NetworkSpec {
         ports: config.published_ports().iter().map(port_mapping).collect(),
@@ -79,7 +115,7 @@ pub fn spec(config: &SandboxConfig) -> Result<NetworkSpec, ConfigError> {
             Some(egress) => egress_policy(egress)?,
             None => EgressPolicy::default(),
         },
-        dns_servers: nova_net::host_resolvers(),
+        dns_servers: dns_servers().unwrap_or_else(|_| nova_net::host_resolvers()),
     })
 }
 
@@ -159,6 +195,7 @@ pub(crate) async fn create(
     if let Some(reason) = unsupported_reason() {
         return Err(CreateSandboxError::Unsupported { reason });
     }
+    dns_servers().map_err(|reason| CreateSandboxError::Unsupported { reason })?;
     let started = std::time::Instant::now();
     let net = SandboxNetwork::create(id, &spec(config)?, pool)
         .await

@@ -19,6 +19,12 @@
 //!   only (the `command-fds` crate's `pre_exec` hook), so no other child
 //!   of this process ever sees them.
 //!
+//! A VMM that opens its network device by name (Firecracker's tap) is
+//! started inside the sandbox's network namespace
+//! ([`VmmProcess::spawn_in_netns`]): the child calls `setns(2)` on the
+//! namespace's descriptor between fork and exec, so no thread of this
+//! process changes namespace.
+//!
 //! A process this one did not fork (Firecracker forked by the jailer into a
 //! new PID namespace, or a VMM a dead provider left running) is
 //! [adopted](VmmProcess::adopt) by PID: watched and killed through a pidfd
@@ -252,8 +258,18 @@ impl VmmProcess {
     /// [`spawn`](Self::spawn), detached from this process when `mode` says
     /// so (see the module docs).
     pub fn spawn_with(command: &VmmCommand, mode: SpawnMode) -> Result<Self, VmmSpawnError> {
+        Self::spawn_in_netns(command, mode, None)
+    }
+
+    /// [`spawn_with`](Self::spawn_with), the child entering the network
+    /// namespace `netns` (an open `/run/netns/...` file) before it execs.
+    pub fn spawn_in_netns(
+        command: &VmmCommand,
+        mode: SpawnMode,
+        netns: Option<&Arc<OwnedFd>>,
+    ) -> Result<Self, VmmSpawnError> {
         if mode == SpawnMode::Detached {
-            return Self::spawn_detached(command);
+            return Self::spawn_detached(command, netns);
         }
         let output_err = |path: &PathBuf| {
             let path = path.clone();
@@ -284,6 +300,7 @@ impl VmmProcess {
             cmd.current_dir(cwd);
         }
         inherit_fds(&mut cmd, &command.fds)?;
+        enter_netns(&mut cmd, netns);
         let child = cmd.spawn().map_err(|source| VmmSpawnError::Exec {
             program: command.program.clone(),
             source,
@@ -316,7 +333,10 @@ impl VmmProcess {
         })
     }
 
-    fn spawn_detached(command: &VmmCommand) -> Result<Self, VmmSpawnError> {
+    fn spawn_detached(
+        command: &VmmCommand,
+        netns: Option<&Arc<OwnedFd>>,
+    ) -> Result<Self, VmmSpawnError> {
         let open = |path: &PathBuf| {
             std::fs::OpenOptions::new()
                 .create(true)
@@ -347,6 +367,7 @@ impl VmmProcess {
             cmd.current_dir(cwd);
         }
         inherit_fds(&mut cmd, &command.fds)?;
+        enter_netns(&mut cmd, netns);
         let child = cmd.spawn().map_err(|source| VmmSpawnError::Exec {
             program: command.program.clone(),
             source,
@@ -515,6 +536,27 @@ impl Drop for VmmProcess {
     }
 }
 
+/// Has the child of `cmd` enter the network namespace `netns` before exec.
+#[expect(unsafe_code, reason = "a pre_exec hook is unsafe")]
+fn enter_netns(cmd: &mut Command, netns: Option<&Arc<OwnedFd>>) {
+    let Some(netns) = netns else { return };
+    let netns = netns.clone();
+    // SAFETY: the hook runs in the child between fork and exec, where only
+    // async-signal-safe calls are allowed: it makes one raw system call,
+    // setns(2) (rustix, no libc wrapper state), on a descriptor the closure
+    // owns (an `Arc` clone, alive in the child's copy of memory), and
+    // allocates nothing and takes no lock (an error is a plain errno).
+    unsafe {
+        cmd.pre_exec(move || {
+            rustix::thread::move_into_link_name_space(
+                std::os::fd::AsFd::as_fd(&*netns),
+                Some(rustix::thread::LinkNameSpaceType::Network),
+            )
+            .map_err(std::io::Error::from)
+        });
+    }
+}
+
 /// Has `cmd` inherit `fds` at their numbers (see the module docs).
 fn inherit_fds(cmd: &mut Command, fds: &[InheritedFd]) -> Result<(), VmmSpawnError> {
     if !fds.is_empty() {
@@ -584,6 +626,43 @@ mod tests {
             log_cap: 1024,
             fds: Vec::new(),
         }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_vmm_spawned_in_a_netns_runs_there_and_this_process_does_not() {
+        if let Some(why) = nova_net::testing::unsupported_reason() {
+            eprintln!("SKIP a_vmm_spawned_in_a_netns_runs_there: {why}");
+            return;
+        }
+        let ns = nova_net::testing::Namespace::create(&format!("nvr{}-spawn", std::process::id()))
+            .await
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("ns.txt");
+        let mut command = sleep_command(dir.path());
+        command.program = "sh".into();
+        command.args = vec![
+            "-c".into(),
+            format!("readlink /proc/self/ns/net > {}", out.display()).into(),
+        ];
+        let fd = Arc::new(nova_net::netns::open(ns.path()).unwrap());
+        for mode in [SpawnMode::Owned, SpawnMode::Detached] {
+            let mut vmm = VmmProcess::spawn_in_netns(&command, mode, Some(&fd)).unwrap();
+            assert_eq!(vmm.wait().await, VmmExit::Code(0));
+            let inode = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(ns.path()).unwrap());
+            assert_eq!(
+                std::fs::read_to_string(&out).unwrap().trim(),
+                format!("net:[{inode}]"),
+                "{mode:?}"
+            );
+        }
+        let ours = std::fs::read_link("/proc/self/ns/net").unwrap();
+        let child = std::fs::read_to_string(&out).unwrap();
+        assert_ne!(
+            ours.to_string_lossy(),
+            child.trim(),
+            "this process stays put"
+        );
     }
 
     #[tokio::test]

@@ -63,7 +63,13 @@ impl Ledger {
             vmm_processes: processes_naming(&sandboxes),
             sandbox_dirs: count_dir(&sandboxes, |_| true),
             netns: count_dir(Path::new("/run/netns"), |n| n.starts_with("nova-")),
-            links: count_dir(Path::new("/sys/class/net"), |n| n.starts_with("nova-")),
+            // Host veth ends are `nova` + 11 hex digits (nova-net's
+            // `host_veth_name`), not `nova-...`.
+            links: count_dir(Path::new("/sys/class/net"), |n| {
+                n.strip_prefix("nova").is_some_and(|hex| {
+                    hex.len() == 11 && hex.bytes().all(|b| b.is_ascii_hexdigit())
+                })
+            }),
             nft_tables: nft_tables(),
             mounts: std::fs::read_to_string("/proc/self/mountinfo")
                 .map_or(0, |t| t.lines().count()),
