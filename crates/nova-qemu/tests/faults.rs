@@ -91,12 +91,17 @@ async fn a_vmm_killed_during_an_exec_fails_it_with_the_reason_and_leaves_nothing
         rustix::process::Signal::KILL,
     )
     .unwrap();
+    let killed = std::time::Instant::now();
 
     let err = tokio::time::timeout(HANG, exec)
         .await
         .expect("the exec hung after its VM was killed")
         .unwrap()
         .expect_err("an exec whose VM died cannot succeed");
+    eprintln!(
+        "{test}: the exec failed {:?} after the kill: {err}",
+        killed.elapsed()
+    );
     let text = err.to_string();
     assert!(matches!(err, ExecError::VmExited { .. }), "{err:?}");
     assert!(text.contains("the VM exited"), "{text}");
