@@ -261,7 +261,14 @@ pub(crate) async fn run(args: SoakArgs) -> anyhow::Result<()> {
             home,
         ),
     };
-    let result = soak(&args, &driver, &home).await;
+    // Interrupted (Ctrl-C, SIGTERM), the daemon this run started is still
+    // stopped, with its sandboxes.
+    let result = tokio::select! {
+        result = soak(&args, &driver, &home) => result,
+        () = crate::signals::terminate_or_interrupt() => {
+            Err(anyhow::anyhow!("interrupted; the ledger was not completed"))
+        }
+    };
     if let Some(daemon) = own {
         daemon.shutdown().await;
     }
