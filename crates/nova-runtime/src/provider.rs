@@ -43,6 +43,10 @@ const RESTORED_HANDSHAKE_ATTEMPT: Duration = Duration::from_secs(1);
 /// task to say whether the VM exited (see [`Provider::agent_lost`]).
 const VM_EXIT_GRACE: Duration = Duration::from_secs(3);
 
+/// How long past a command's own timeout `execute_command` waits for the
+/// guest to end it.
+const GUEST_TIMEOUT_GRACE: Duration = Duration::from_secs(20);
+
 /// How many actions may wait for one sandbox's task.
 const ACTION_QUEUE: usize = 8;
 
@@ -1030,15 +1034,37 @@ impl<B: Backend> Hypervisor for Provider<B> {
     }
 
     /// As the trait's, and a command cut off by its VM's exit says so:
-    /// [`ExecError::VmExited`] with the sandbox's failure reason.
+    /// [`ExecError::VmExited`] with the sandbox's failure reason. A command
+    /// with a timeout is waited for at most [`GUEST_TIMEOUT_GRACE`] past it:
+    /// the guest enforces the timeout, and a guest too overloaded to (a fork
+    /// bomb) must not hold the caller forever.
     async fn execute_command(
         &self,
         id: &SandboxId,
         request: ExecRequest,
     ) -> Result<ExecOutput, ExecError> {
         let limit = request.max_output.unwrap_or(DEFAULT_MAX_OUTPUT);
+        let timeout = request.timeout;
         let result = match self.exec_stream(id, request).await {
-            Ok(stream) => stream.collect_limited(limit).await,
+            Ok(stream) => match timeout {
+                Some(timeout) => tokio::time::timeout(
+                    timeout + GUEST_TIMEOUT_GRACE,
+                    stream.collect_limited(limit),
+                )
+                .await
+                .unwrap_or_else(|_| {
+                    Err(ExecError::Agent(
+                        format!(
+                            "the guest did not end the command within its timeout \
+                                     ({timeout:?}) and {GUEST_TIMEOUT_GRACE:?} more: it is \
+                                     overloaded (a fork bomb?); the command is being killed, \
+                                     retry, or stop the sandbox"
+                        )
+                        .into(),
+                    ))
+                }),
+                None => stream.collect_limited(limit).await,
+            },
             Err(e) => Err(e),
         };
         match result {
