@@ -1035,7 +1035,7 @@ impl<B: Backend> Hypervisor for Provider<B> {
 
     /// As the trait's, and a command cut off by its VM's exit says so:
     /// [`ExecError::VmExited`] with the sandbox's failure reason. A command
-    /// with a timeout is waited for at most [`GUEST_TIMEOUT_GRACE`] past it:
+    /// with a timeout is waited for at most 20 s past it:
     /// the guest enforces the timeout, and a guest too overloaded to (a fork
     /// bomb) must not hold the caller forever.
     async fn execute_command(
