@@ -157,7 +157,7 @@ sign-macos:
 # fuzz/artifacts/<target>/ and the run fails after trying every target.
 FUZZ_S ?= 60
 FUZZ_CI_S ?= 15
-FUZZ_TARGETS ?= agent_client_frames agent_client_session agent_request_frames qmp_replies \
+FUZZ_TARGETS ?= agent_client_frames agent_client_session agent_request_frames agent_dispatch qmp_replies \
 	firecracker_api firecracker_metrics sandbox_config server_requests policy_toml
 FUZZ := cargo +nightly fuzz
 # The fuzz build lives outside the clone, beside the other cached artifacts

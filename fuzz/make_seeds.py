@@ -62,6 +62,15 @@ def main():
         write("agent_request_frames", f"one_{i:02}", b"\x00" + hello[0] + f)
     write("agent_request_frames", "second_hello", b"\x00" + hello[0] + client[0] + hello[0])
 
+    # The agent's routing: every request and follow-up; the same again
+    # (each id reused while in flight ends the session); a second host.
+    everything = b"".join(client)
+    write("agent_dispatch", "all", b"\x00" + hello[0] + everything)
+    write("agent_dispatch", "all_twice_c9", b"\x09" + hello[0] + everything * 2)
+    write("agent_dispatch", "new_host", b"\x00" + hello[0] + everything + hello[0] + everything)
+    for i, f in enumerate(client):
+        write("agent_dispatch", f"one_{i:02}", b"\x00" + hello[0] + f + f)
+
     # The client's session: messages for the eight requests in flight.
     for rid in range(1, 9):
         write("agent_client_session", f"id{rid}", b"".join(with_id(f, rid) for f in agent))

@@ -50,7 +50,7 @@ use crate::refresh::{self, Refresh};
 use crate::{clock, exec, files, stats};
 
 /// Most requests in flight on one connection.
-const MAX_IN_FLIGHT: usize = 4096;
+pub(crate) const MAX_IN_FLIGHT: usize = 4096;
 /// Capacity of the queue to the writer task (messages, not bytes; data
 /// messages are bounded by credit anyway).
 const OUT_QUEUE: usize = 512;
@@ -354,16 +354,10 @@ impl Session {
                         Err(FrameError::Io(e)) => return End::HostGone(format!("read failed: {e}")),
                         Err(e) => return self.protocol_error(format!("malformed frame: {e}")).await,
                     };
-                    let msg = match nova_protocol::zero_copy::decode_client_message(payload.clone()) {
+                    let msg = match decode_message(payload) {
                         Ok(msg) => msg,
-                        Err(_) if is_hello(&payload) => return End::NewHost(payload),
-                        Err(e) => {
-                            let what = match payload.first() {
-                                Some(&tag) if tag > 6 => format!("unknown message type {tag}: {e}"),
-                                _ => format!("malformed message: {e}"),
-                            };
-                            return self.protocol_error(what).await;
-                        }
+                        Err(Undecodable::NewHost(hello)) => return End::NewHost(hello),
+                        Err(Undecodable::Malformed(what)) => return self.protocol_error(what).await,
                     };
                     match self.dispatch(msg).await {
                         Ok(Flow::Continue) => {}
@@ -388,33 +382,29 @@ impl Session {
     }
 
     async fn dispatch(&mut self, msg: ClientMessage) -> Result<Flow, String> {
-        let (id, request) = match msg {
-            ClientMessage::Request { id, request } => (id, request),
-            other => {
-                let id = other.request_id();
+        let (id, request) = match route(msg, &self.inboxes)? {
+            Route::Start { id, request } => (id, request),
+            Route::Forward { id, msg } => {
                 if let Some(inbox) = self.inboxes.get(&id) {
                     // The task may have just finished; then the message is moot.
-                    let _ = inbox.send(other);
+                    let _ = inbox.send(msg);
                 } else {
                     tracing::trace!(id, "message for a finished or unknown request");
                 }
                 return Ok(Flow::Continue);
             }
+            Route::Busy { id } => {
+                let err = RemoteError::new(
+                    RemoteErrorKind::Busy,
+                    format!("more than {MAX_IN_FLIGHT} requests in flight"),
+                );
+                self.out
+                    .done(id, Err(err))
+                    .await
+                    .map_err(|_| "writer gone".to_owned())?;
+                return Ok(Flow::Continue);
+            }
         };
-        if self.inboxes.contains_key(&id) {
-            return Err(format!("request id {id} is already in flight"));
-        }
-        if self.inboxes.len() >= MAX_IN_FLIGHT {
-            let err = RemoteError::new(
-                RemoteErrorKind::Busy,
-                format!("more than {MAX_IN_FLIGHT} requests in flight"),
-            );
-            self.out
-                .done(id, Err(err))
-                .await
-                .map_err(|_| "writer gone".to_owned())?;
-            return Ok(Flow::Continue);
-        }
         let out = self.out.clone();
         let agent = self.agent.clone();
         match request {
@@ -519,6 +509,72 @@ impl Session {
 enum Flow {
     Continue,
     Stop(String),
+}
+
+/// Why a frame's payload is not a message.
+#[derive(Debug)]
+pub(crate) enum Undecodable {
+    /// A new host's `Hello` (see [`End::NewHost`]).
+    NewHost(Bytes),
+    /// Anything else: the protocol error the session answers with.
+    Malformed(String),
+}
+
+/// A frame's payload as a message, or why it is none: the session's
+/// front, before any request is acted on.
+pub(crate) fn decode_message(payload: Bytes) -> Result<ClientMessage, Undecodable> {
+    match nova_protocol::zero_copy::decode_client_message(payload.clone()) {
+        Ok(msg) => Ok(msg),
+        Err(_) if is_hello(&payload) => Err(Undecodable::NewHost(payload)),
+        Err(e) => Err(Undecodable::Malformed(match payload.first() {
+            Some(&tag) if tag > 6 => format!("unknown message type {tag}: {e}"),
+            _ => format!("malformed message: {e}"),
+        })),
+    }
+}
+
+/// Where a message goes: the routing half of dispatch.
+#[derive(Debug)]
+pub(crate) enum Route {
+    /// Start `request` as request `id` (no request of that id is in flight).
+    Start { id: u64, request: Request },
+    /// Hand `msg` to the running request `id` (moot if it just finished).
+    Forward { id: u64, msg: ClientMessage },
+    /// Refuse request `id`: [`MAX_IN_FLIGHT`] requests are in flight.
+    Busy { id: u64 },
+}
+
+/// Routes `msg` given the requests in flight on the session (`in_flight`,
+/// by id). Pure: the session acts on the answer. An `Err` is a protocol
+/// error that ends the session (a request id reused while in flight).
+pub(crate) fn route<V>(msg: ClientMessage, in_flight: &HashMap<u64, V>) -> Result<Route, String> {
+    let (id, request) = match msg {
+        ClientMessage::Request { id, request } => (id, request),
+        other => {
+            let id = other.request_id();
+            return Ok(Route::Forward { id, msg: other });
+        }
+    };
+    if in_flight.contains_key(&id) {
+        return Err(format!("request id {id} is already in flight"));
+    }
+    if in_flight.len() >= MAX_IN_FLIGHT {
+        return Ok(Route::Busy { id });
+    }
+    Ok(Route::Start { id, request })
+}
+
+/// Whether request `request`, once started, takes follow-up messages (has
+/// an inbox in the session until it ends), as [`Session::dispatch`] opens
+/// them.
+pub(crate) fn takes_inbox(request: &Request) -> bool {
+    matches!(
+        request,
+        Request::Exec(_)
+            | Request::WriteFile { .. }
+            | Request::ReadFile { .. }
+            | Request::AttachExec { .. }
+    )
 }
 
 /// Whether `payload` is a host's `Hello` (see [`End::NewHost`]).

@@ -58,8 +58,9 @@ pub enum CreateSandboxError {
         #[source]
         source: std::io::Error,
     },
-    /// The sandbox directory or one of its files could not be made.
-    #[error("cannot prepare {path}")]
+    /// The sandbox directory or one of its files could not be made. A full
+    /// disk says so, and what to free.
+    #[error("cannot prepare {path}{}", disk_full_hint(source))]
     Prepare {
         /// The path that failed.
         path: PathBuf,
@@ -187,6 +188,18 @@ pub enum UpdateNetworkError {
     Network(#[source] BoxError),
 }
 
+/// What to do when `source` is a full disk (or quota); empty otherwise.
+fn disk_full_hint(source: &std::io::Error) -> &'static str {
+    match source.kind() {
+        std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded => {
+            ": the disk holding $NOVA_HOME is full; free space there (stop sandboxes, \
+             delete unused templates, snapshots or $NOVA_HOME/cache) or move NOVA_HOME \
+             to a larger disk"
+        }
+        _ => "",
+    }
+}
+
 /// Running a command in a sandbox failed (the command itself failing is not
 /// an error: see [`ExitStatus`]).
 #[derive(Debug, thiserror::Error)]
@@ -209,6 +222,14 @@ pub enum ExecError {
     /// The guest agent failed or went away.
     #[error("the guest agent failed to run the command")]
     Agent(#[source] BoxError),
+    /// The sandbox's VM exited while the command ran (its VMM was killed or
+    /// crashed); the sandbox is now `failed` and its resources are released.
+    #[error("the VM exited while the command ran: {reason}; create a new sandbox")]
+    VmExited {
+        /// Why, as the sandbox's `failure` says it (e.g. "the VMM exited on
+        /// its own (killed by signal 9)").
+        reason: String,
+    },
     /// The command's output passed the cap on output gathered in memory
     /// (`execute_command`, [`ExecStream::collect`](crate::exec::ExecStream::collect));
     /// the command was killed.
@@ -463,6 +484,25 @@ impl FileError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_full_disk_says_what_to_free() {
+        let full = CreateSandboxError::Prepare {
+            path: "/h/sandboxes/sb-1/scratch.ext4".into(),
+            source: std::io::Error::from(std::io::ErrorKind::StorageFull),
+        };
+        let text = full.to_string();
+        assert!(
+            text.starts_with("cannot prepare /h/sandboxes/sb-1/scratch.ext4: the disk holding"),
+            "{text}"
+        );
+        assert!(text.contains("free space there"), "{text}");
+        let other = CreateSandboxError::Prepare {
+            path: "/h/x".into(),
+            source: std::io::Error::from(std::io::ErrorKind::PermissionDenied),
+        };
+        assert_eq!(other.to_string(), "cannot prepare /h/x");
+    }
 
     #[test]
     fn guest_paths_must_be_absolute_without_nul() {

@@ -11,7 +11,7 @@ use nova_core::config::{SandboxConfig, StartMode};
 use nova_core::error::{
     CreateSandboxError, ExecError, FileError, SandboxError, UpdateNetworkError,
 };
-use nova_core::exec::{ExecInfo, ExecRequest, ExecStream};
+use nova_core::exec::{DEFAULT_MAX_OUTPUT, ExecInfo, ExecOutput, ExecRequest, ExecStream};
 use nova_core::fs::{DirListing, FileDownload, FileStat};
 use nova_core::hypervisor::{Hypervisor, HypervisorKind};
 use nova_core::id::SandboxId;
@@ -38,6 +38,14 @@ use crate::task::{SandboxTask, Timeouts};
 /// How long one handshake with a restored guest's agent may take before it
 /// is tried again on a new connection.
 const RESTORED_HANDSHAKE_ATTEMPT: Duration = Duration::from_secs(1);
+
+/// How long a command whose agent connection broke waits for its sandbox's
+/// task to say whether the VM exited (see [`Provider::agent_lost`]).
+const VM_EXIT_GRACE: Duration = Duration::from_secs(3);
+
+/// How long past a command's own timeout `execute_command` waits for the
+/// guest to end it.
+const GUEST_TIMEOUT_GRACE: Duration = Duration::from_secs(20);
 
 /// How many actions may wait for one sandbox's task.
 const ACTION_QUEUE: usize = 8;
@@ -672,6 +680,35 @@ fn guest_image(template: &Template, config: &SandboxConfig) -> GuestImage {
     }
 }
 
+impl<B: Backend> Provider<B> {
+    /// What a command's lost agent connection means: when the sandbox's
+    /// task reports the VM gone (within [`VM_EXIT_GRACE`], as both ends are
+    /// seen at nearly the same time), [`ExecError::VmExited`] with its
+    /// reason; otherwise the agent error as it was.
+    async fn agent_lost(&self, id: &SandboxId, cause: nova_core::error::BoxError) -> ExecError {
+        let deadline = Instant::now() + VM_EXIT_GRACE;
+        loop {
+            let Some(info) = self.inner.sandboxes.get(id) else {
+                return ExecError::Agent(cause);
+            };
+            match info.state {
+                SandboxState::Failed => {
+                    return match info.failure {
+                        Some(reason) if reason.starts_with("the VMM exited") => {
+                            ExecError::VmExited { reason }
+                        }
+                        _ => ExecError::Agent(cause),
+                    };
+                }
+                SandboxState::Running if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                _ => return ExecError::Agent(cause),
+            }
+        }
+    }
+}
+
 #[async_trait]
 impl<B: Backend> Hypervisor for Provider<B> {
     fn kind(&self) -> HypervisorKind {
@@ -994,6 +1031,46 @@ impl<B: Backend> Hypervisor for Provider<B> {
         request: ExecRequest,
     ) -> Result<ExecStream, ExecError> {
         self.inner.sandboxes.exec_stream(id, request).await
+    }
+
+    /// As the trait's, and a command cut off by its VM's exit says so:
+    /// [`ExecError::VmExited`] with the sandbox's failure reason. A command
+    /// with a timeout is waited for at most 20 s past it:
+    /// the guest enforces the timeout, and a guest too overloaded to (a fork
+    /// bomb) must not hold the caller forever.
+    async fn execute_command(
+        &self,
+        id: &SandboxId,
+        request: ExecRequest,
+    ) -> Result<ExecOutput, ExecError> {
+        let limit = request.max_output.unwrap_or(DEFAULT_MAX_OUTPUT);
+        let timeout = request.timeout;
+        let result = match self.exec_stream(id, request).await {
+            Ok(stream) => match timeout {
+                Some(timeout) => tokio::time::timeout(
+                    timeout + GUEST_TIMEOUT_GRACE,
+                    stream.collect_limited(limit),
+                )
+                .await
+                .unwrap_or_else(|_| {
+                    Err(ExecError::Agent(
+                        format!(
+                            "the guest did not end the command within its timeout \
+                                     ({timeout:?}) and {GUEST_TIMEOUT_GRACE:?} more: it is \
+                                     overloaded (a fork bomb?); the command is being killed, \
+                                     retry, or stop the sandbox"
+                        )
+                        .into(),
+                    ))
+                }),
+                None => stream.collect_limited(limit).await,
+            },
+            Err(e) => Err(e),
+        };
+        match result {
+            Err(ExecError::Agent(cause)) => Err(self.agent_lost(id, cause).await),
+            other => other,
+        }
     }
 
     async fn list_execs(&self, id: &SandboxId) -> Result<Vec<ExecInfo>, ExecError> {

@@ -126,9 +126,16 @@ pub(crate) async fn drive<V: Vm>(
                 publish(&task.dir, &task.record, task.released, &published).await;
             }
             end = agent_closed(&task.guest), if task.guest.is_some() => {
-                let reason = match end.violation() {
-                    Some(_) => format!("the guest broke the agent protocol ({end})"),
-                    None => format!("the agent connection ended ({end})"),
+                // A VMM that was killed closes the agent channel as it
+                // dies: its exit, seen within a moment, is the reason.
+                let vmm_exit = match end.violation() {
+                    Some(_) => None,
+                    None => bounded(VMM_EXIT_GRACE, wait_vmm(&mut task.vmm)).await.ok(),
+                };
+                let reason = match (vmm_exit, end.violation()) {
+                    (Some(exit), _) => format!("the VMM exited on its own ({exit})"),
+                    (None, Some(_)) => format!("the guest broke the agent protocol ({end})"),
+                    (None, None) => format!("the agent connection ended ({end})"),
                 };
                 task.fail(reason).await;
                 publish(&task.dir, &task.record, task.released, &published).await;
@@ -168,6 +175,10 @@ async fn wait_vmm(vmm: &mut Option<VmmProcess>) -> crate::vmm::VmmExit {
         None => std::future::pending().await,
     }
 }
+
+/// How long a sandbox whose agent connection ended waits for its VMM's
+/// exit, to report that (the usual cause) rather than the closed channel.
+const VMM_EXIT_GRACE: Duration = Duration::from_millis(500);
 
 /// Bounds `fut` by `limit`.
 async fn bounded<T>(limit: Duration, fut: impl Future<Output = T>) -> Result<T, Duration> {

@@ -8,25 +8,27 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use nova_core::config::SandboxConfig;
-use nova_core::error::{BoxError, CreateSandboxError, SandboxError};
+use nova_core::error::{BoxError, CreateSandboxError, ExecError, SandboxError};
 use nova_core::home::NovaHome;
 use nova_core::hypervisor::{Hypervisor, HypervisorKind};
 use nova_core::snapshot::{SnapshotError, SnapshotKind};
 use nova_core::state::SandboxState;
 use nova_core::template::{TemplateManager, TemplateManifest};
-use nova_protocol::frame::{FrameReader, FrameWriter};
+use nova_protocol::frame::FrameReader;
 use nova_protocol::{
-    AgentMessage, ClientMessage, Hello, HelloInfo, HelloReply, PROTOCOL_VERSION, StreamKind,
+    AgentMessage, ClientMessage, Hello, HelloInfo, HelloReply, PROTOCOL_VERSION, Request,
+    StreamKind,
 };
 use nova_runtime::backend::{
     AgentConnector, Backend, ConnectError, Launch, Vm, VmStart, VmmCounters,
 };
 use nova_runtime::vmm::VmmCommand;
 use nova_runtime::{Provider, Timeouts};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{UnixListener, UnixStream};
 
 /// How the double misbehaves.
@@ -36,9 +38,26 @@ struct Faults {
     pause_hangs: bool,
     /// The agent sends output for a request that was never made.
     agent_breaks_protocol: bool,
+    /// What the agent does to the first command it is asked to run.
+    rogue: Option<Rogue>,
+    /// Bytes the rogue agent got written before the host cut it off.
+    rogue_sent: Arc<AtomicU64>,
     /// Set once `state.json` was seen with the VMM's PID right after spawn.
     saw_state_at_spawn: Arc<AtomicBool>,
 }
+
+/// A rogue agent's answer to an exec.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Rogue {
+    /// Starts it, then sends stdout as fast as it can, never waiting for
+    /// the host's credit (up to [`FLOOD_BYTES`]).
+    IgnoresFlowControl,
+    /// Starts it, then sends a frame header announcing 4 GiB - 1.
+    OversizedFrame,
+}
+
+/// How much a flow-control-ignoring agent tries to send.
+const FLOOD_BYTES: u64 = 1 << 30;
 
 #[derive(Clone, Debug)]
 struct Options {
@@ -58,14 +77,14 @@ struct DoubleVm {
 }
 
 /// A fake agent on `listener`: answers the handshake, then reads requests
-/// forever without answering any (a wedged guest).
-async fn wedged_agent(listener: UnixListener, breaks_protocol: bool) {
+/// forever without answering any (a wedged guest), unless `faults` make it
+/// break the protocol at once or answer an exec as a [`Rogue`].
+async fn wedged_agent(listener: UnixListener, faults: Faults) {
     let Ok((stream, _)) = listener.accept().await else {
         return;
     };
-    let (read, write) = stream.into_split();
+    let (read, mut write) = stream.into_split();
     let mut reader = FrameReader::new(read);
-    let mut writer = FrameWriter::new(write);
     let Ok(Some(_hello)) = reader.read_message::<Hello>().await else {
         return;
     };
@@ -78,18 +97,70 @@ async fn wedged_agent(listener: UnixListener, breaks_protocol: bool) {
         pid1: true,
         hostname: "double".into(),
     });
-    if writer.send(&welcome).await.is_err() {
+    if send(&mut write, &welcome).await.is_err() {
         return;
     }
-    if breaks_protocol {
+    if faults.agent_breaks_protocol {
         let bogus = AgentMessage::Data {
             id: 999,
             stream: StreamKind::Stdout,
             data: bytes::Bytes::from_static(b"unasked"),
         };
-        let _ = writer.send(&bogus).await;
+        let _ = send(&mut write, &bogus).await;
     }
-    while let Ok(Some(_)) = reader.read_message::<ClientMessage>().await {}
+    while let Ok(Some(msg)) = reader.read_message::<ClientMessage>().await {
+        let (
+            Some(rogue),
+            ClientMessage::Request {
+                id,
+                request: Request::Exec(_),
+            },
+        ) = (faults.rogue, msg)
+        else {
+            continue;
+        };
+        let started = AgentMessage::Started {
+            id,
+            pid: 42,
+            exec_id: 1,
+        };
+        if send(&mut write, &started).await.is_err() {
+            return;
+        }
+        match rogue {
+            Rogue::IgnoresFlowControl => {
+                let chunk = bytes::Bytes::from(vec![b'x'; 64 << 10]);
+                while faults.rogue_sent.load(Ordering::SeqCst) < FLOOD_BYTES {
+                    let data = AgentMessage::Data {
+                        id,
+                        stream: StreamKind::Stdout,
+                        data: chunk.clone(),
+                    };
+                    match send(&mut write, &data).await {
+                        Ok(n) => faults.rogue_sent.fetch_add(n as u64, Ordering::SeqCst),
+                        Err(_) => break,
+                    };
+                }
+            }
+            Rogue::OversizedFrame => {
+                let _ = write.write_all(&u32::MAX.to_be_bytes()).await;
+                let _ = write.write_all(&[0xab; 4096]).await;
+            }
+        }
+        // Whatever the host does next, this agent says nothing more.
+        while let Ok(Some(_)) = reader.read_message::<ClientMessage>().await {}
+        return;
+    }
+}
+
+/// Writes `msg` as one frame; the bytes written.
+async fn send(
+    write: &mut tokio::net::unix::OwnedWriteHalf,
+    msg: &impl serde::Serialize,
+) -> std::io::Result<usize> {
+    let bytes = nova_protocol::frame::encode(msg).map_err(std::io::Error::other)?;
+    write.write_all(&bytes).await?;
+    Ok(bytes.len())
 }
 
 impl Backend for Double {
@@ -128,10 +199,7 @@ impl Backend for Double {
         let paths = start.paths;
         let agent_socket = paths.vsock_socket();
         let listener = UnixListener::bind(&agent_socket).unwrap();
-        tokio::spawn(wedged_agent(
-            listener,
-            self.options.faults.agent_breaks_protocol,
-        ));
+        tokio::spawn(wedged_agent(listener, self.options.faults.clone()));
         launch.spawn(&VmmCommand {
             program: "sleep".into(),
             args: vec!["600".into()],
@@ -453,4 +521,84 @@ async fn an_agent_that_breaks_the_protocol_fails_its_sandbox() {
         }
     }
     assert!(no_sandbox_dirs(&s.home));
+}
+
+/// This process's resident set, in KiB.
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// A rogue agent's exec, its output not read (so no credit goes back): the
+/// sandbox is failed with the protocol violation as its reason, the
+/// command's stream ends without an exit status, the host kept what it
+/// buffered bounded (its resident set grows by far less than what the
+/// agent tried to send), and nothing of the sandbox is left.
+async fn a_rogue_agent_fails_its_sandbox(rogue: Rogue) -> String {
+    let s = setup(Faults {
+        rogue: Some(rogue),
+        ..Faults::default()
+    });
+    let sandbox = s.provider.create_sandbox(config()).await.unwrap();
+    let pid = sandbox.info().vmm_pid.unwrap();
+    let rss_before = rss_kib();
+    let mut stream = sandbox.exec_stream("cat /dev/zero").await.unwrap();
+    let id = sandbox.id().clone();
+    let provider = s.provider.clone();
+    let mut info = provider.get(&id).await.unwrap();
+    for _ in 0..3000 {
+        if info.state == SandboxState::Failed {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        info = provider.get(&id).await.unwrap();
+    }
+    assert_eq!(info.state, SandboxState::Failed, "{info:?}");
+    let rss_after = rss_kib();
+    let sent = s.faults.rogue_sent.load(Ordering::SeqCst);
+    eprintln!(
+        "{rogue:?}: the agent got {sent} bytes out; host RSS {rss_before} -> {rss_after} KiB"
+    );
+    assert!(
+        rss_after.saturating_sub(rss_before) < 64 << 10,
+        "host memory grew by {} KiB",
+        rss_after - rss_before
+    );
+    let mut exited = false;
+    let drained = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(event) = stream.next().await {
+            exited |= matches!(event, nova_core::exec::ExecEvent::Exited(_));
+        }
+    })
+    .await;
+    assert!(drained.is_ok(), "the command's stream never ended");
+    assert!(!exited, "a cut-off command has no exit status");
+    assert!(wait_until(Duration::from_secs(5), || !alive(pid)).await);
+    assert!(no_sandbox_dirs(&s.home));
+    let e = sandbox.execute_command("true").await.unwrap_err();
+    assert!(
+        matches!(e, ExecError::NotRunning(SandboxState::Failed)),
+        "{e:?}"
+    );
+    info.failure.unwrap()
+}
+
+#[tokio::test]
+async fn an_agent_that_ignores_flow_control_is_cut_off_and_fails_its_sandbox() {
+    let failure = a_rogue_agent_fails_its_sandbox(Rogue::IgnoresFlowControl).await;
+    assert!(failure.contains("broke the agent protocol"), "{failure}");
+    assert!(failure.contains("over the window"), "{failure}");
+}
+
+#[tokio::test]
+async fn an_agent_that_sends_an_oversized_frame_fails_its_sandbox() {
+    let failure = a_rogue_agent_fails_its_sandbox(Rogue::OversizedFrame).await;
+    assert!(failure.contains("broke the agent protocol"), "{failure}");
+    assert!(failure.contains("over the maximum"), "{failure}");
 }

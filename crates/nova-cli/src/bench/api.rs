@@ -69,10 +69,10 @@ const WAIT_LIMIT: Duration = Duration::from_secs(180);
 /// A `nova serve` this bench started, in its own `$NOVA_HOME`; stopped
 /// (its sandboxes first) by [`OwnDaemon::shutdown`], killed on drop.
 #[derive(Debug)]
-struct OwnDaemon {
+pub(super) struct OwnDaemon {
     child: tokio::process::Child,
     home: tempfile::TempDir,
-    socket: PathBuf,
+    pub(super) socket: PathBuf,
 }
 
 /// A private `$NOVA_HOME` under /tmp (short socket paths) whose templates
@@ -87,11 +87,17 @@ fn private_home(prefix: &str) -> anyhow::Result<tempfile::TempDir> {
 
 impl OwnDaemon {
     async fn start(template: &str, pool: usize) -> anyhow::Result<Self> {
-        let home = private_home("nova-bench-api-")?;
         let mut policy = String::from("[network]\ndefault = false\n");
         if pool > 0 {
             policy.push_str(&format!("\n[pool]\n{template} = {pool}\n"));
         }
+        Self::start_with("nova-bench-api-", &policy).await
+    }
+
+    /// A daemon in a private `$NOVA_HOME` (named with `prefix`) whose
+    /// `policy.toml` is `policy`, once it answers `/v1/health`.
+    pub(super) async fn start_with(prefix: &str, policy: &str) -> anyhow::Result<Self> {
+        let home = private_home(prefix)?;
         std::fs::write(home.path().join(nova_server::POLICY_FILE), policy)?;
         let log = std::fs::File::create(home.path().join("serve.log"))?;
         let exe = std::env::current_exe().context("cannot find the nova binary to run")?;
@@ -129,6 +135,16 @@ impl OwnDaemon {
         }
     }
 
+    /// The daemon's pid, while it runs.
+    pub(super) fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    /// Its `$NOVA_HOME`.
+    pub(super) fn home(&self) -> NovaHome {
+        NovaHome::at(self.home.path())
+    }
+
     fn log_tail(&self) -> String {
         let text = std::fs::read_to_string(self.home.path().join("serve.log")).unwrap_or_default();
         let start = text.len().saturating_sub(2000);
@@ -137,7 +153,7 @@ impl OwnDaemon {
 
     /// Removes every sandbox, then stops the daemon (SIGTERM; it drains its
     /// pool), bounded; kills it past the bound.
-    async fn shutdown(mut self) {
+    pub(super) async fn shutdown(mut self) {
         let client = Client::unix(&self.socket);
         if let Ok(views) = client.list(None).await {
             for v in views {

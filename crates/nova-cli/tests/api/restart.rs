@@ -253,3 +253,130 @@ async fn failed_sandbox_found_at_restart_could_not_be_deleted_or_reaped() {
         daemon.sandbox_dirs()
     );
 }
+
+/// The network namespaces of these sandboxes still on the host.
+fn namespaces_of(ids: &BTreeSet<String>) -> Vec<String> {
+    std::fs::read_dir("/run/netns")
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter_map(|e| e.file_name().into_string().ok())
+                .filter(|name| ids.iter().any(|id| name.ends_with(id.as_str())))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_killed_during_a_stop_leaves_no_orphan() {
+    let test = "a_daemon_killed_during_a_stop";
+    let Some(mut daemon) = start(test).await else {
+        return;
+    };
+    let api = daemon.api();
+    // With networking where the host has it, so its namespaces are checked.
+    let network = novasandbox::runtime::network::unsupported_reason().is_none();
+    if !network {
+        eprintln!("{test}: without networking");
+    }
+    let mut created = BTreeSet::new();
+    for _ in 0..2 {
+        let sb = api.create(json!({"network": network})).await;
+        created.insert(sb["id"].as_str().unwrap().to_owned());
+    }
+    let first = created.iter().next().unwrap().clone();
+    let state: Value = serde_json::from_slice(
+        &std::fs::read(
+            daemon
+                .home()
+                .join("sandboxes")
+                .join(&first)
+                .join("state.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let vmm = state["vmm_pid"].as_u64().expect("state.json names the VMM") as u32;
+
+    // Both stops in flight; the daemon dies once the first one's guest
+    // ended its VM (its files and network not yet, or just, released).
+    let stops: Vec<_> = created
+        .iter()
+        .map(|id| {
+            let api = api.clone();
+            let path = format!("/v1/sandboxes/{id}");
+            tokio::spawn(async move {
+                api.try_send(
+                    hyper::Method::DELETE,
+                    &path,
+                    None,
+                    crate::harness::full(bytes::Bytes::new()),
+                )
+                .await
+                .map(|reply| reply.status)
+            })
+        })
+        .collect();
+    assert!(
+        wait_until(Duration::from_secs(30), || async {
+            !std::path::Path::new(&format!("/proc/{vmm}")).exists()
+                || std::fs::read_to_string(format!("/proc/{vmm}/stat"))
+                    .is_ok_and(|stat| stat.contains(") Z "))
+        })
+        .await,
+        "the first stop never ended its VM:\n{}",
+        daemon.log()
+    );
+    daemon.kill9();
+    for stop in stops {
+        eprintln!("{test}: stop cut off: {:?}", stop.await.unwrap());
+    }
+    daemon.restart().await;
+
+    // Every sandbox left is listed running or failed with a reason, every
+    // VMM and directory belongs to one of them.
+    let listed = api.get("/v1/sandboxes").await.expect(200).json();
+    eprintln!("{test}: after the restart: listed {listed}");
+    let known = ids(&listed);
+    assert!(known.is_subset(&created), "{listed}");
+    for s in listed.as_array().unwrap() {
+        assert!(
+            s["state"] == "running" || (s["state"] == "failed" && s["failure"].is_string()),
+            "{s}"
+        );
+    }
+    for (_, cmdline) in daemon.processes() {
+        assert!(
+            sandbox_of(&cmdline).is_some_and(|id| known.contains(&id)),
+            "a VMM no listed sandbox owns: {cmdline}\n{}",
+            daemon.log()
+        );
+    }
+    for dir in daemon.sandbox_dirs() {
+        let name = dir.file_name().unwrap().to_string_lossy().into_owned();
+        assert!(known.contains(&name), "a directory with no record: {dir:?}");
+    }
+    let gone: BTreeSet<String> = created.difference(&known).cloned().collect();
+    assert_eq!(namespaces_of(&gone), Vec::<String>::new());
+
+    // What is left can be deleted, and then nothing remains.
+    for id in &known {
+        api.delete(&format!("/v1/sandboxes/{id}")).await.expect(204);
+    }
+    // A hang guard for a loaded host (a forced stop of a networked sandbox
+    // takes well under a second when idle).
+    assert!(
+        wait_until(Duration::from_secs(60), || async {
+            daemon.processes().is_empty()
+                && daemon.sandbox_dirs().is_empty()
+                && namespaces_of(&created).is_empty()
+        })
+        .await,
+        "left behind: {:?} {:?} {:?}\n{}",
+        daemon.processes(),
+        daemon.sandbox_dirs(),
+        namespaces_of(&created),
+        daemon.log()
+    );
+    assert_eq!(api.get("/v1/sandboxes").await.expect(200).json(), json!([]));
+}
