@@ -174,10 +174,7 @@ async fn a_sandbox_paused_to_disk_resumes_under_a_restarted_provider_with_its_pr
     // Paused to disk again, a stop removes everything.
     second.pause_sandbox_to_disk(&id).await.unwrap();
     second.stop_sandbox(&id, false).await.unwrap();
-    assert_eq!(
-        second.get(&id).await.unwrap().state,
-        SandboxState::Stopped
-    );
+    assert_eq!(second.get(&id).await.unwrap().state, SandboxState::Stopped);
     assert!(
         wait_until(Duration::from_secs(10), || !common::process_exists(new_vmm)),
         "the VMM {new_vmm} outlived the pause to disk"

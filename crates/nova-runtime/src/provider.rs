@@ -541,7 +541,10 @@ impl<B: Backend> Provider<B> {
     /// `source` and waits for its agent's handshake, within the config's
     /// boot timeout; used by a create and by a resume from disk. On error
     /// the VMM is killed; the directory and network are the caller's.
-    #[allow(clippy::too_many_arguments, reason = "one boot's inputs, each borrowed")]
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "one boot's inputs, each borrowed"
+    )]
     async fn boot(
         &self,
         dir: &SandboxDir,
@@ -679,9 +682,11 @@ impl<B: Backend> Provider<B> {
         crate::task::Restarter(Arc::new(move |restart| {
             let provider = provider.clone();
             Box::pin(async move {
-                let inner = provider.upgrade().ok_or_else(|| CreateSandboxError::Unsupported {
-                    reason: "the provider is shutting down".into(),
-                })?;
+                let inner = provider
+                    .upgrade()
+                    .ok_or_else(|| CreateSandboxError::Unsupported {
+                        reason: "the provider is shutting down".into(),
+                    })?;
                 Provider { inner }.restart(restart).await
             })
         }))
@@ -701,7 +706,8 @@ impl<B: Backend> Provider<B> {
             network,
             snapshot_dir,
         } = restart;
-        let span = tracing::info_span!("sandbox", id = %record.info.id, vmm = %self.inner.backend.kind());
+        let span =
+            tracing::info_span!("sandbox", id = %record.info.id, vmm = %self.inner.backend.kind());
         self.check_snapshot_support()?;
         self.inner.backend.check_host()?;
         let snapshot = crate::snapshot::read(&snapshot_dir).await?;
@@ -729,7 +735,10 @@ impl<B: Backend> Provider<B> {
         // The guest's clock stood still while it was on disk.
         if let Some(guest) = &guest {
             let limit = self.inner.timeouts.agent;
-            if tokio::time::timeout(limit, guest.sync_clock()).await.is_err() {
+            if tokio::time::timeout(limit, guest.sync_clock())
+                .await
+                .is_err()
+            {
                 tracing::warn!(parent: &span, ?limit, "the agent did not set the guest clock in time");
             }
         }

@@ -528,7 +528,9 @@ impl<V: Vm> SandboxTask<V> {
         } else if has_scratch {
             // What the VMM wrote is in the page cache; a host that goes down
             // while the sandbox is on disk must not lose it.
-            let file = tokio::fs::File::open(&scratch).await.map_err(io(&scratch))?;
+            let file = tokio::fs::File::open(&scratch)
+                .await
+                .map_err(io(&scratch))?;
             file.sync_all().await.map_err(io(&scratch))?;
         }
         let manifest = SnapshotManifest {
@@ -586,7 +588,9 @@ impl<V: Vm> SandboxTask<V> {
                 source: e,
             });
         }
-        let written = self.write_snapshot(dir.clone(), SnapshotKind::Full, false).await;
+        let written = self
+            .write_snapshot(dir.clone(), SnapshotKind::Full, false)
+            .await;
         if let Err(e) = written {
             // Nothing is lost: the VM still runs (paused), as before.
             let _ = tokio::fs::remove_dir_all(&dir).await;
@@ -601,10 +605,11 @@ impl<V: Vm> SandboxTask<V> {
         self.record.info.persisted = true;
         let record = self.record.clone();
         let state_json = self.dir.paths().state_json();
-        let written = tokio::task::spawn_blocking(move || crate::dir::write_atomic(&state_json, &record))
-            .await
-            .map_err(std::io::Error::other)
-            .and_then(|r| r);
+        let written =
+            tokio::task::spawn_blocking(move || crate::dir::write_atomic(&state_json, &record))
+                .await
+                .map_err(std::io::Error::other)
+                .and_then(|r| r);
         if let Err(source) = written {
             self.record.info.persisted = false;
             let _ = tokio::fs::remove_dir_all(&dir).await;
