@@ -115,7 +115,9 @@ async fn a_sandbox_paused_to_disk_resumes_under_a_restarted_provider_with_its_pr
         .await
         .expect("the loop counts before the pause");
 
+    let started = std::time::Instant::now();
     first.pause_sandbox_to_disk(&id).await.unwrap();
+    eprintln!("paused to disk in {:?}", started.elapsed());
     let info = first.get(&id).await.unwrap();
     assert_eq!(info.state, SandboxState::Paused);
     assert!(info.persisted, "{info:?}");
@@ -147,7 +149,9 @@ async fn a_sandbox_paused_to_disk_resumes_under_a_restarted_provider_with_its_pr
     assert_eq!(adopted.state, SandboxState::Paused);
     assert!(adopted.persisted);
 
+    let started = std::time::Instant::now();
     second.resume_sandbox(&id).await.unwrap();
+    eprintln!("resumed from disk in {:?}", started.elapsed());
     let resumed = second.get(&id).await.unwrap();
     assert_eq!(resumed.state, SandboxState::Running);
     assert!(!resumed.persisted);
