@@ -25,7 +25,7 @@
 //!   `persisted` in `state.json`, then ends the VMM: the task goes on
 //!   without a VM (`vm: None`), keeping the directory, its lock and the
 //!   network. A resume boots a new VMM from that snapshot through the
-//!   provider's [`Restarter`] (the same boot path a create takes) and the
+//!   provider's `Restarter` (the same boot path a create takes) and the
 //!   task owns the new VM; a failed restore leaves the sandbox paused on
 //!   disk, its files untouched.
 
