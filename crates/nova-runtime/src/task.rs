@@ -603,14 +603,7 @@ impl<V: Vm> SandboxTask<V> {
             return Err(e.into());
         }
         self.record.info.persisted = true;
-        let record = self.record.clone();
-        let state_json = self.dir.paths().state_json();
-        let written =
-            tokio::task::spawn_blocking(move || crate::dir::write_atomic(&state_json, &record))
-                .await
-                .map_err(std::io::Error::other)
-                .and_then(|r| r);
-        if let Err(source) = written {
+        if let Err(source) = self.record_now().await {
             self.record.info.persisted = false;
             let _ = tokio::fs::remove_dir_all(&dir).await;
             return Err(SandboxError::Io {
@@ -640,6 +633,20 @@ impl<V: Vm> SandboxTask<V> {
         Ok(())
     }
 
+    /// Writes `state.json` now (atomically), for a step that must be on
+    /// disk before the next one.
+    /// (It borrows nothing while it waits, so the task need not be `Sync`.)
+    fn record_now(&self) -> impl Future<Output = std::io::Result<()>> + Send + 'static {
+        let record = self.record.clone();
+        let state_json = self.dir.paths().state_json();
+        async move {
+            tokio::task::spawn_blocking(move || crate::dir::write_atomic(&state_json, &record))
+                .await
+                .map_err(std::io::Error::other)
+                .and_then(|r| r)
+        }
+    }
+
     /// Restores a sandbox paused to disk in a new VMM, running; on error
     /// it stays paused on disk (its saved state and disk untouched).
     async fn restore_from_disk(&mut self) -> Result<(), SandboxError> {
@@ -664,8 +671,13 @@ impl<V: Vm> SandboxTask<V> {
             .info
             .state
             .transition_to(SandboxState::Running)?;
-        // The saved state is spent: the guest has moved on from it.
-        if let Err(e) = tokio::fs::remove_dir_all(&snapshot_dir).await {
+        // The saved state is spent: the guest has moved on from it. It goes
+        // only once `state.json` no longer says the sandbox is on disk, so
+        // that a provider dying in between leaves a running VM to re-attach
+        // rather than a record pointing at a removed state.
+        if let Err(e) = self.record_now().await {
+            tracing::warn!(error = %e, "cannot record the restore; keeping the saved state");
+        } else if let Err(e) = tokio::fs::remove_dir_all(&snapshot_dir).await {
             tracing::warn!(dir = %snapshot_dir.display(), error = %e, "cannot remove the spent saved state");
         }
         tracing::info!(
