@@ -5,7 +5,8 @@
 //! * `serial:NAME` — the virtio-serial port whose
 //!   `/sys/class/virtio-ports/*/name` is `NAME` (there is no udev to make
 //!   `/dev/virtio-ports/NAME`). A port is one byte stream: the agent serves
-//!   one session on it at a time and reopens it when the host side goes away.
+//!   one session on it at a time, keeping it open from one host to the next
+//!   (closing it would discard what a new host already sent).
 //! * `unix:PATH` — a Unix socket, for host tests.
 //!
 //! The addresses themselves ([`ListenAddr`]) and their defaults are part of
@@ -101,30 +102,54 @@ impl Listener {
                     Err(e) => accept_failed(e).await,
                 }
             },
-            Self::Serial(device) => loop {
-                // One session at a time. While no host is connected the port
-                // reads EOF at once, so the session ends and this loop polls:
-                // reopen, read EOF, wait SERIAL_POLL, again. See SERIAL_POLL
-                // for the trade-off.
-                let pause = match open_serial(&device) {
-                    Ok(stream) => {
-                        session::serve(
-                            stream,
-                            agent.clone(),
-                            format!("serial {}", device.display()),
-                        )
-                        .await;
-                        SERIAL_POLL
+            Self::Serial(device) => {
+                // One session at a time, each on a duplicate of one open of
+                // the port. While no host is connected the port reads EOF at
+                // once, so the session ends and this loop polls: read EOF,
+                // wait SERIAL_POLL, again. See SERIAL_POLL for the
+                // trade-off.
+                //
+                // The port stays open between sessions: the guest's driver
+                // discards what the port holds when its last opener closes
+                // it, and a host that connects between a session's EOF and
+                // that close (a restored guest's new host, any time in its
+                // poll) has its `Hello` thrown away, leaving it waiting for
+                // an answer that never comes. Only a session the agent ended
+                // while the host may still be sending closes the port, so
+                // that the unread rest of that host's stream is discarded
+                // rather than read as the next host's handshake.
+                let peer = format!("serial {}", device.display());
+                let mut port: Option<OwnedFd> = None;
+                loop {
+                    let stream = match &port {
+                        Some(fd) => fd.try_clone(),
+                        None => open_serial(&device).and_then(|fd| {
+                            let stream = fd.try_clone();
+                            port = Some(fd);
+                            stream
+                        }),
                     }
-                    Err(e) => {
-                        // E.g. EBUSY (the port allows one opener) or ENODEV
-                        // (unplugged): nothing a fast retry would fix.
-                        tracing::warn!(device = %device.display(), error = %e, "cannot open the serial port");
-                        RETRY_AFTER_ERROR
-                    }
-                };
-                tokio::time::sleep(pause).await;
-            },
+                    .and_then(FdStream::new);
+                    let pause = match stream {
+                        Ok(stream) => {
+                            let served = session::serve(stream, agent.clone(), peer.clone()).await;
+                            if served == session::Served::AgentEnded {
+                                port = None;
+                            }
+                            SERIAL_POLL
+                        }
+                        Err(e) => {
+                            // E.g. EBUSY (the port allows one opener) or
+                            // ENODEV (unplugged): nothing a fast retry would
+                            // fix.
+                            tracing::warn!(device = %device.display(), error = %e, "cannot open the serial port");
+                            port = None;
+                            RETRY_AFTER_ERROR
+                        }
+                    };
+                    tokio::time::sleep(pause).await;
+                }
+            }
         }
     }
 }
@@ -139,8 +164,8 @@ impl Listener {
 /// half of it on average, to every restore that reaches the agent over
 /// virtio-serial, whose target is a few tens of milliseconds. The price is
 /// paid only while no host is connected: about 200 rounds a second of
-/// open, one read and close, each a few system calls plus the port's
-/// open/close notices to the VMM: estimated (not measured) at around a
+/// one read that returns EOF, a few system calls each: estimated (not
+/// measured) at around a
 /// percent of a vCPU under TCG, far less under KVM. A sandbox's host keeps its connection for the sandbox's life,
 /// so the poll runs in the gaps: before the first connection, between a
 /// snapshot's quiesce and its save, after a restore.
@@ -157,14 +182,14 @@ async fn accept_failed(e: io::Error) {
     tokio::time::sleep(RETRY_AFTER_ERROR).await;
 }
 
-fn open_serial(device: &Path) -> io::Result<FdStream> {
+/// Opens the serial port `device` (non-blocking).
+fn open_serial(device: &Path) -> io::Result<OwnedFd> {
     use rustix::fs::{Mode, OFlags};
-    let fd = rustix::fs::open(
+    Ok(rustix::fs::open(
         device,
         OFlags::RDWR | OFlags::NOCTTY | OFlags::CLOEXEC | OFlags::NONBLOCK,
         Mode::empty(),
-    )?;
-    FdStream::new(fd)
+    )?)
 }
 
 /// Finds `/dev/<port>` for the virtio-serial port called `name`.

@@ -111,12 +111,25 @@ impl Outbox {
     }
 }
 
-/// Serves one connection until it closes.
+/// How a connection [`serve`]d ended, for a listener that serves its
+/// next host on the same device (virtio-serial).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Served {
+    /// The host went away (end of stream, a failed read): everything it
+    /// sent was read.
+    HostLeft,
+    /// The agent ended it (refused handshake, protocol error, shutdown)
+    /// while the host may still be sending: what it sent past that point
+    /// was not read.
+    AgentEnded,
+}
+
+/// Serves one connection until it closes; says how it ended.
 ///
 /// Normally one host session; but when a new host's `Hello` arrives in the
 /// middle of a session (see [`End::NewHost`]), the old session is ended and
 /// the new one starts on the same stream.
-pub(crate) async fn serve<S>(stream: S, agent: Arc<Agent>, peer: String)
+pub(crate) async fn serve<S>(stream: S, agent: Arc<Agent>, peer: String) -> Served
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
@@ -125,30 +138,31 @@ where
     let mut writer = FrameWriter::new(write_half);
     let mut hello = None;
     loop {
-        let Some(version) = handshake(&mut reader, &mut writer, &agent, hello.take()).await else {
-            return;
+        let version = match handshake(&mut reader, &mut writer, &agent, hello.take()).await {
+            Ok(version) => version,
+            Err(served) => return served,
         };
         tracing::info!(%peer, version, "host connected");
         match session(&mut reader, writer, &agent, &peer).await {
-            Some((same_writer, next_hello)) => {
+            Ok((same_writer, next_hello)) => {
                 writer = same_writer;
                 hello = Some(next_hello);
             }
             // The stream is closed as both halves are dropped.
-            None => return,
+            Err(served) => return served,
         }
     }
 }
 
 /// Runs one host session after its handshake. Returns the writer and the
 /// new host's `Hello` when a new host took the stream over, so that it can
-/// be answered on the same stream.
+/// be answered on the same stream; otherwise how it ended.
 async fn session<R, W>(
     reader: &mut FrameReader<R>,
     writer: FrameWriter<W>,
     agent: &Arc<Agent>,
     peer: &str,
-) -> Option<(FrameWriter<W>, Bytes)>
+) -> Result<(FrameWriter<W>, Bytes), Served>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin + Send + 'static,
@@ -196,26 +210,32 @@ where
             writer_task.await.ok().flatten()
         }
     };
-    let End::NewHost(hello) = end else {
-        return None;
+    let hello = match end {
+        End::NewHost(hello) => hello,
+        End::HostGone(_) => return Err(Served::HostLeft),
+        End::Closed(_) => return Err(Served::AgentEnded),
     };
-    if writer.is_none() {
-        // Output for the old host was being written when the new one came:
-        // the new host may have part of it, ahead of anything the agent
-        // could answer now. Close the stream; the host connects again.
-        tracing::warn!(%peer, "a new host came while output for the previous one was being written; closing the stream");
+    match writer {
+        Some(writer) => Ok((writer, hello)),
+        None => {
+            // Output for the old host was being written when the new one
+            // came: the new host may have part of it, ahead of anything the
+            // agent could answer now. Close the stream; the host connects
+            // again.
+            tracing::warn!(%peer, "a new host came while output for the previous one was being written; closing the stream");
+            Err(Served::AgentEnded)
+        }
     }
-    writer.map(|writer| (writer, hello))
 }
 
 /// Reads the `Hello` (unless the session already read it: `first`) and
-/// answers it; returns the chosen version.
+/// answers it; returns the chosen version, or how the connection ended.
 async fn handshake<R, W>(
     reader: &mut FrameReader<R>,
     writer: &mut FrameWriter<W>,
     agent: &Agent,
     first: Option<Bytes>,
-) -> Option<u32>
+) -> Result<u32, Served>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -231,10 +251,10 @@ where
                     Some(version) => {
                         let reply = HelloReply::Welcome(agent.hello_info(version));
                         return match writer.send(&reply).await {
-                            Ok(()) => Some(version),
+                            Ok(()) => Ok(version),
                             Err(e) => {
                                 tracing::debug!(error = %e, "could not answer the handshake");
-                                None
+                                Err(Served::HostLeft)
                             }
                         };
                     }
@@ -248,10 +268,10 @@ where
                 "the first frame must be a Hello (request before handshake?)".to_owned()
             }
         },
-        Ok(None) => return None,
+        Ok(None) => return Err(Served::HostLeft),
         Err(FrameError::Io(e)) => {
             tracing::debug!(error = %e, "connection failed before the handshake");
-            return None;
+            return Err(Served::HostLeft);
         }
         Err(e) => format!("malformed first frame: {e}"),
     };
@@ -262,7 +282,7 @@ where
     };
     let _ = writer.send(&reply).await;
     let _ = writer.shutdown().await;
-    None
+    Err(Served::AgentEnded)
 }
 
 /// Writes what the session's tasks queue, batching frames, until every

@@ -67,8 +67,8 @@ enum Commands {
     Cp(commands::cp::CpArgs),
     /// Show sandboxes' CPU, memory and processes.
     Stats(commands::stats::StatsArgs),
-    /// Pause sandboxes' vCPUs.
-    Pause(commands::lifecycle::IdsArgs),
+    /// Pause sandboxes' vCPUs (--to-disk: save them and free their memory).
+    Pause(commands::lifecycle::PauseArgs),
     /// Resume paused sandboxes.
     Resume(commands::lifecycle::IdsArgs),
     /// Stop sandboxes (they stay listed with `ls -a` until `rm`).
@@ -124,7 +124,7 @@ fn main() -> ExitCode {
             Commands::Attach(args) => commands::exec::attach(&args).await,
             Commands::Cp(args) => commands::cp::run(&args).await,
             Commands::Stats(args) => commands::stats::run(&args).await,
-            Commands::Pause(args) => commands::lifecycle::ids(Action::Pause, &args).await,
+            Commands::Pause(args) => commands::lifecycle::pause(&args).await,
             Commands::Resume(args) => commands::lifecycle::ids(Action::Resume, &args).await,
             Commands::Stop(args) => {
                 commands::lifecycle::forced(|force| Action::Stop { force }, &args).await

@@ -159,6 +159,14 @@ pub enum SandboxError {
         #[source]
         source: std::io::Error,
     },
+    /// Saving the sandbox's state to disk failed (it stays as it was, or
+    /// `failed` if the VMM broke on the way).
+    #[error("cannot save the sandbox to disk")]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
+    /// Restoring a sandbox paused to disk failed; it stays paused on disk,
+    /// so the resume can be tried again (or the sandbox stopped).
+    #[error("cannot restore the sandbox paused to disk")]
+    Restore(#[source] Box<CreateSandboxError>),
 }
 
 /// Changing a running sandbox's network policy

@@ -105,7 +105,26 @@ pub trait Hypervisor: Send + Sync + fmt::Debug {
     /// resumed.
     async fn pause_sandbox(&self, id: &SandboxId) -> Result<(), SandboxError>;
 
-    /// Resumes a paused sandbox.
+    /// Pauses the sandbox to disk: its vCPUs are paused (if it was running),
+    /// its memory, VM state and scratch disk are saved under its directory
+    /// in `$NOVA_HOME`, and its VMM ends, freeing the guest's memory. The
+    /// sandbox keeps its id, network and files and shows as `paused` with
+    /// [`SandboxInfo::persisted`] set; [`Hypervisor::resume_sandbox`]
+    /// restores it in a new VMM, also after the provider (a detached one,
+    /// re-attaching) or the host restarted. Legal when `running` or
+    /// `paused`; pausing a sandbox that is already on disk does nothing.
+    /// Backends that cannot snapshot answer [`SandboxError::Snapshot`] with
+    /// [`SnapshotError::Unsupported`].
+    async fn pause_sandbox_to_disk(&self, id: &SandboxId) -> Result<(), SandboxError> {
+        let _ = id;
+        Err(SandboxError::Snapshot(SnapshotError::Unsupported {
+            vmm: self.kind(),
+            reason: "this provider does not implement snapshots".into(),
+        }))
+    }
+
+    /// Resumes a paused sandbox; one paused to disk is first restored in a
+    /// new VMM (an error then leaves it paused on disk, to try again).
     async fn resume_sandbox(&self, id: &SandboxId) -> Result<(), SandboxError>;
 
     /// Resource usage, merged from the VMM, the host and the agent.

@@ -73,6 +73,13 @@ pub struct SandboxInfo {
     /// Why the sandbox is `failed`, when it is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure: Option<String>,
+    /// Whether the sandbox is paused to disk
+    /// ([`Hypervisor::pause_sandbox_to_disk`](crate::Hypervisor::pause_sandbox_to_disk)):
+    /// its memory, VM state and disk are saved under its directory and no
+    /// VMM runs for it (`vmm_pid` is `None`) until it is resumed. Only
+    /// ever true while `state` is `paused`.
+    #[serde(default)]
+    pub persisted: bool,
 }
 
 impl SandboxInfo {
@@ -123,6 +130,7 @@ mod tests {
             agent_version: Some("0.1.0".into()),
             kernel_release: Some("6.1.0".into()),
             failure: None,
+            persisted: false,
         };
         let json = serde_json::to_string(&info).unwrap();
         assert_eq!(serde_json::from_str::<SandboxInfo>(&json).unwrap(), info);

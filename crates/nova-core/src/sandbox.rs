@@ -155,7 +155,15 @@ impl Sandbox {
         self.hypervisor.pause_sandbox(self.id()).await
     }
 
-    /// Resumes a paused sandbox.
+    /// Pauses the sandbox to disk: saves its memory, VM state and disk under
+    /// its directory and ends its VMM; [`resume`](Self::resume) restores it,
+    /// also from a later provider. See
+    /// [`Hypervisor::pause_sandbox_to_disk`].
+    pub async fn pause_to_disk(&self) -> Result<(), SandboxError> {
+        self.hypervisor.pause_sandbox_to_disk(self.id()).await
+    }
+
+    /// Resumes a paused sandbox (one paused to disk is restored first).
     pub async fn resume(&self) -> Result<(), SandboxError> {
         self.hypervisor.resume_sandbox(self.id()).await
     }
@@ -259,6 +267,7 @@ mod tests {
                 agent_version: None,
                 kernel_release: None,
                 failure: None,
+                persisted: false,
             };
             self.boxes
                 .lock()

@@ -1,6 +1,7 @@
 //! [`Qemu`]: the runtime's [`Backend`] over QEMU's microvm, and
 //! [`QemuHypervisor`], the provider on it.
 
+use std::os::fd::{OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -128,6 +129,10 @@ fn appended_cmdline(pid: u32) -> Option<String> {
 
 /// How long a QMP command may take.
 const QMP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The QEMU fd set (`-add-fd ...,set=N`, `/dev/fdset/N`) that holds the
+/// sandbox's scratch disk.
+const SCRATCH_FDSET: u32 = 1;
 
 impl Backend for Qemu {
     type Options = QemuOptions;
@@ -263,10 +268,37 @@ impl Backend for Qemu {
             }
             None => (None, None),
         };
+        // The scratch disk, opened here (as root) and handed over as an fd
+        // set: QEMU reopens a writable disk when a restored guest resumes,
+        // and by its path that would need the sandbox uid to reach it
+        // through every parent directory (a root-owned $NOVA_HOME under a
+        // 0700 directory does not let it). QEMU picks from the set the
+        // descriptor whose access mode it asks for: one read-write, one
+        // read-only.
+        let scratch_fd = FIRST_INHERITED_FD + RawFd::from(tap.is_some());
+        let mut scratch = Vec::new();
+        if let Some(path) = start.scratch {
+            for (write, child_fd) in [(true, scratch_fd), (false, scratch_fd + 1)] {
+                let file = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(write)
+                    .open(path)
+                    .map_err(|source| CreateSandboxError::Prepare {
+                        path: path.to_owned(),
+                        source,
+                    })?;
+                scratch.push(InheritedFd {
+                    fd: Arc::new(OwnedFd::from(file)),
+                    child_fd,
+                });
+            }
+        }
         let spec = VmSpec {
             kernel: image.kernel.clone(),
             rootfs: image.rootfs.clone(),
-            scratch: start.scratch.map(ToOwned::to_owned),
+            scratch: start
+                .scratch
+                .map(|_| PathBuf::from(format!("/dev/fdset/{SCRATCH_FDSET}"))),
             extra_drives: image.extra_drives.clone(),
             memory_mb: config.memory_mb,
             vcpus: config.vcpus,
@@ -282,7 +314,11 @@ impl Backend for Qemu {
             net,
         };
         let kernel_cmdline = spec.kernel_cmdline().map_err(kernel_args_error)?;
-        let args = spec.try_qemu_args().map_err(kernel_args_error)?;
+        let mut args = spec.try_qemu_args().map_err(kernel_args_error)?;
+        for inherited in &scratch {
+            args.push("-add-fd".into());
+            args.push(format!("fd={},set={SCRATCH_FDSET}", inherited.child_fd).into());
+        }
         launch.spawn(&VmmCommand {
             program: self.options.qemu_bin.clone(),
             args,
@@ -290,7 +326,7 @@ impl Backend for Qemu {
             stdout: paths.console_log(),
             stderr: paths.vmm_log(),
             log_cap: DEFAULT_LOG_CAP,
-            fds: tap.into_iter().collect(),
+            fds: tap.into_iter().chain(scratch).collect(),
         })?;
         // QMP answers once QEMU has parsed its configuration and created its
         // sockets; QEMU takes its whole configuration on the command line, so

@@ -36,8 +36,14 @@ pub type VmOperation<V> = Box<
 pub enum SandboxAction<V> {
     /// Pause the vCPUs. Legal when `running`.
     Pause(Reply<()>),
-    /// Resume the vCPUs, then set the guest's clock from the host's. Legal
-    /// when `paused`.
+    /// Save the VM to disk under the sandbox directory and end its VMM
+    /// (pausing it first if it runs): see
+    /// `Hypervisor::pause_sandbox_to_disk`. Legal when `running` or
+    /// `paused`; a sandbox already on disk answers `Ok` at once.
+    PauseToDisk(Reply<()>),
+    /// Resume the vCPUs, then set the guest's clock from the host's; a
+    /// sandbox paused to disk is first restored in a new VMM. Legal when
+    /// `paused`.
     Resume(Reply<()>),
     /// Gather stats from the VMM, the host and the agent. Legal in every
     /// live state (`running`, `paused`, `failed`); a paused or failed
@@ -80,6 +86,7 @@ impl<V> fmt::Debug for SandboxAction<V> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             Self::Pause(_) => "Pause",
+            Self::PauseToDisk(_) => "PauseToDisk",
             Self::Resume(_) => "Resume",
             Self::Stats(_) => "Stats",
             Self::Snapshot { .. } => "Snapshot",

@@ -249,6 +249,7 @@ pub(crate) mod tests {
                 agent_version: None,
                 kernel_release: None,
                 failure: None,
+                persisted: false,
             },
             vmm_start_ticks: Some(99),
             detached: false,

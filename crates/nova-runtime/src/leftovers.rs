@@ -44,7 +44,7 @@ pub fn clean_leftovers(sandboxes_dir: &Path) -> Cleaned {
 }
 
 /// [`clean_leftovers`], sparing (with `spare_detached`) the sandboxes a
-/// detached provider left whose VMM still runs.
+/// detached provider left whose VMM still runs, or that it paused to disk.
 pub fn clean_leftovers_sparing(sandboxes_dir: &Path, spare_detached: bool) -> Cleaned {
     let mut cleaned = Cleaned::default();
     let Ok(entries) = std::fs::read_dir(sandboxes_dir) else {
@@ -71,7 +71,9 @@ pub fn clean_leftovers_sparing(sandboxes_dir: &Path, spare_detached: bool) -> Cl
                     .info
                     .vmm_pid
                     .is_some_and(|pid| is_same_process(pid, record.vmm_start_ticks));
-                if spare_detached && record.detached && alive {
+                let on_disk = record.info.persisted
+                    && record.info.state == nova_core::state::SandboxState::Paused;
+                if spare_detached && record.detached && (alive || on_disk) {
                     tracing::info!(dir = %dir.display(), "leaving a detached provider's running sandbox for a daemon to re-attach");
                     continue;
                 }

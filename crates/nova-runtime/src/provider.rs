@@ -418,6 +418,7 @@ impl<B: Backend> Provider<B> {
                 agent_version: None,
                 kernel_release: None,
                 failure: None,
+                persisted: false,
                 config: config.clone(),
             },
             vmm_start_ticks: None,
@@ -426,121 +427,33 @@ impl<B: Backend> Provider<B> {
                 host_addr: net.host_addr(),
             }),
         };
-        let timeout = Duration::from_millis(config.boot_timeout_ms);
         let prepare = prepare_start.elapsed();
-        let mut launch = Launch {
-            dir: &dir,
-            record,
-            vmm: None,
-            timeout,
-            // The boot deadline runs from here; the boot clock from the spawn.
-            deadline: tokio::time::Instant::now() + timeout,
-            spawned_at: None,
-            vmm_ready_at: None,
-            started_at: None,
-            extra_logs: Vec::new(),
-            mode: if self.inner.detached {
-                crate::vmm::SpawnMode::Detached
-            } else {
-                crate::vmm::SpawnMode::Owned
-            },
-        };
-        let creating = launch.record.info.clone();
-        let start = VmStart {
-            info: &creating,
-            paths: &paths,
-            image: &image,
-            source: &source,
-            scratch: scratch.as_deref(),
-            network: network.as_ref(),
-        };
-        let booted = async {
-            let vm = backend.start(start, &mut launch).await?;
-            launch.guest_started();
-            let guest = if backend.waits_for_agent() {
-                let connector = vm.agent_connector();
-                let deadline = launch.deadline();
-                // A restored guest's agent may still be in the session of the
-                // host that took the snapshot, or blocked writing to it; a
-                // handshake that gets no answer soon is tried again on a new
-                // connection (whose `Hello` starts a new session). A cold
-                // guest's agent answers once it is up: one attempt, up to the
-                // deadline.
-                let restored = matches!(source, BootSource::Restore(_));
-                let mut attempt = 0u32;
-                loop {
-                    attempt += 1;
-                    let stream = launch
-                        .step("open the agent channel", async {
-                            retry_until(deadline, &connector, |e: &ConnectError| e.transient)
-                                .await
-                                .map_err(|e| match e {
-                                    RetryError::Failed(e) => e.source,
-                                    RetryError::TimedOut(last) => last.map_or_else(
-                                        || "the agent channel did not open in time".into(),
-                                        |e| e.source,
-                                    ),
-                                })
-                        })
-                        .await?;
-                    let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
-                    let limit = if restored {
-                        remaining.min(RESTORED_HANDSHAKE_ATTEMPT)
-                    } else {
-                        remaining
-                    };
-                    // An unanswered attempt of a restored guest is not a
-                    // failure of the boot: it ends the step with `None`, so
-                    // no time goes to checking whether the VMM exited.
-                    let answered = launch
-                        .step("answer the agent handshake", async {
-                            match AgentClient::connect(stream, limit).await {
-                                Ok(pair) => Ok(Some(pair)),
-                                Err(ClientError::TimedOut(_)) if restored && limit < remaining => {
-                                    Ok(None)
-                                }
-                                Err(e) => Err(e),
-                            }
-                        })
-                        .await
-                        .map_err(|e| match e {
-                            CreateSandboxError::Vmm { source, .. } => {
-                                CreateSandboxError::Agent(source)
-                            }
-                            other => other,
-                        })?;
-                    match answered {
-                        Some(pair) => break Some(pair),
-                        None => tracing::debug!(
-                            attempt,
-                            "the restored agent did not answer; trying a new connection"
-                        ),
-                    }
-                }
-            } else {
-                None
-            };
-            Ok::<_, CreateSandboxError>((vm, guest))
-        }
-        .instrument(span.clone())
-        .await;
-        let (vm, guest) = match booted {
-            Ok(booted) => booted,
-            Err(e) => {
-                // `launch` kills the VMM when dropped.
-                drop(launch);
-                abandon(dir, network).await;
-                return Err(e);
-            }
-        };
-        let Launch {
+        let booted = self
+            .boot(
+                &dir,
+                record,
+                &image,
+                &source,
+                scratch.as_deref(),
+                network.as_ref(),
+                &span,
+            )
+            .await;
+        let Booted {
+            vm,
+            guest,
             mut record,
             vmm,
             spawned_at,
             vmm_ready_at,
             started_at,
-            ..
-        } = launch;
+        } = match booted {
+            Ok(booted) => booted,
+            Err(e) => {
+                abandon(dir, network).await;
+                return Err(e);
+            }
+        };
         let mut guest_kernel_ms = None;
         let restored = matches!(source, BootSource::Restore(_));
         let guest = guest.map(|(client, hello)| {
@@ -615,7 +528,7 @@ impl<B: Backend> Provider<B> {
             vmm.set_kill_on_drop(false);
         }
         let task = SandboxTask {
-            vm,
+            vm: Some(vm),
             vmm,
             dir,
             record,
@@ -626,9 +539,228 @@ impl<B: Backend> Provider<B> {
             network,
             released: false,
             detached: self.inner.detached,
+            restarter: self.restarter(),
         };
         self.spawn_task(id, task, info.clone(), guest, span);
         Ok(Sandbox::new(Arc::new(self.clone()), info))
+    }
+
+    /// Starts the VMM of sandbox `record` (in `dir`, with `network`) from
+    /// `source` and waits for its agent's handshake, within the config's
+    /// boot timeout; used by a create and by a resume from disk. On error
+    /// the VMM is killed; the directory and network are the caller's.
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "one boot's inputs, each borrowed"
+    )]
+    async fn boot(
+        &self,
+        dir: &SandboxDir,
+        record: SandboxRecord,
+        image: &GuestImage,
+        source: &BootSource,
+        scratch: Option<&Path>,
+        network: Option<&nova_net::SandboxNetwork>,
+        span: &tracing::Span,
+    ) -> Result<Booted<B::Vm>, CreateSandboxError> {
+        let backend = &self.inner.backend;
+        let timeout = Duration::from_millis(record.info.config.boot_timeout_ms);
+        let mut launch = Launch {
+            dir,
+            record,
+            vmm: None,
+            timeout,
+            // The boot deadline runs from here; the boot clock from the spawn.
+            deadline: tokio::time::Instant::now() + timeout,
+            spawned_at: None,
+            vmm_ready_at: None,
+            started_at: None,
+            extra_logs: Vec::new(),
+            mode: if self.inner.detached {
+                crate::vmm::SpawnMode::Detached
+            } else {
+                crate::vmm::SpawnMode::Owned
+            },
+        };
+        let creating = launch.record.info.clone();
+        let paths = dir.paths().clone();
+        let start = VmStart {
+            info: &creating,
+            paths: &paths,
+            image,
+            source,
+            scratch,
+            network,
+        };
+        let booted = async {
+            let vm = backend.start(start, &mut launch).await?;
+            launch.guest_started();
+            let guest = if backend.waits_for_agent() {
+                let connector = vm.agent_connector();
+                let deadline = launch.deadline();
+                // A restored guest's agent may still be in the session of the
+                // host that took the snapshot, or blocked writing to it; a
+                // handshake that gets no answer soon is tried again on a new
+                // connection (whose `Hello` starts a new session). A cold
+                // guest's agent answers once it is up: one attempt, up to the
+                // deadline.
+                let restored = matches!(source, BootSource::Restore(_));
+                let mut attempt = 0u32;
+                loop {
+                    attempt += 1;
+                    let stream = launch
+                        .step("open the agent channel", async {
+                            retry_until(deadline, &connector, |e: &ConnectError| e.transient)
+                                .await
+                                .map_err(|e| match e {
+                                    RetryError::Failed(e) => e.source,
+                                    RetryError::TimedOut(last) => last.map_or_else(
+                                        || "the agent channel did not open in time".into(),
+                                        |e| e.source,
+                                    ),
+                                })
+                        })
+                        .await?;
+                    let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+                    let limit = if restored {
+                        remaining.min(RESTORED_HANDSHAKE_ATTEMPT)
+                    } else {
+                        remaining
+                    };
+                    // An unanswered attempt of a restored guest is not a
+                    // failure of the boot: it ends the step with `None`, so
+                    // no time goes to checking whether the VMM exited.
+                    let answered = launch
+                        .step("answer the agent handshake", async {
+                            match AgentClient::connect(stream, limit).await {
+                                Ok(pair) => Ok(Some(pair)),
+                                Err(ClientError::TimedOut(_)) if restored && limit < remaining => {
+                                    Ok(None)
+                                }
+                                Err(e) => Err(e),
+                            }
+                        })
+                        .await
+                        .map_err(|e| match e {
+                            CreateSandboxError::Vmm { source, .. } => {
+                                CreateSandboxError::Agent(source)
+                            }
+                            other => other,
+                        })?;
+                    match answered {
+                        Some(pair) => break Some(pair),
+                        None => tracing::debug!(
+                            attempt,
+                            "the restored agent did not answer; trying a new connection"
+                        ),
+                    }
+                }
+            } else {
+                None
+            };
+            Ok::<_, CreateSandboxError>((vm, guest))
+        }
+        .instrument(span.clone())
+        .await;
+        // On error `launch` kills the VMM when dropped.
+        let (vm, guest) = booted?;
+        let Launch {
+            record,
+            vmm,
+            spawned_at,
+            vmm_ready_at,
+            started_at,
+            ..
+        } = launch;
+        Ok(Booted {
+            vm,
+            guest,
+            record,
+            vmm,
+            spawned_at,
+            vmm_ready_at,
+            started_at,
+        })
+    }
+
+    /// What a sandbox's task calls to restore it after a pause to disk:
+    /// [`Provider::restart`] on this provider, held weakly.
+    pub(crate) fn restarter(&self) -> crate::task::Restarter<B::Vm> {
+        let provider = Arc::downgrade(&self.inner);
+        crate::task::Restarter(Arc::new(move |restart| {
+            let provider = provider.clone();
+            Box::pin(async move {
+                let inner = provider
+                    .upgrade()
+                    .ok_or_else(|| CreateSandboxError::Unsupported {
+                        reason: "the provider is shutting down".into(),
+                    })?;
+                Provider { inner }.restart(restart).await
+            })
+        }))
+    }
+
+    /// Boots a new VMM for a sandbox paused to disk, from the saved state in
+    /// `restart.snapshot_dir`, on its own directory, disk and network; the
+    /// guest's clock is then set from the host's. The saved state must have
+    /// been made by this VMM for the template as it is now.
+    async fn restart(
+        &self,
+        restart: crate::task::Restart<'_>,
+    ) -> Result<crate::task::Restarted<B::Vm>, CreateSandboxError> {
+        let crate::task::Restart {
+            dir,
+            record,
+            network,
+            snapshot_dir,
+        } = restart;
+        let span =
+            tracing::info_span!("sandbox", id = %record.info.id, vmm = %self.inner.backend.kind());
+        self.check_snapshot_support()?;
+        self.inner.backend.check_host()?;
+        let snapshot = crate::snapshot::read(&snapshot_dir).await?;
+        self.check_restorable(&snapshot).await?;
+        let config = record.info.config.clone();
+        let template = self.inner.templates.load(&config.template_id)?;
+        let image = guest_image(&template, &config);
+        let scratch_disk = dir.paths().scratch_disk();
+        let scratch = snapshot.manifest.scratch.then_some(scratch_disk.as_path());
+        let source = BootSource::Restore(Box::new(snapshot));
+        let Booted {
+            vm,
+            guest,
+            mut record,
+            mut vmm,
+            ..
+        } = self
+            .boot(dir, record, &image, &source, scratch, network, &span)
+            .await?;
+        let guest = guest.map(|(client, hello)| {
+            record.info.agent_version = Some(hello.agent_version.clone());
+            record.info.kernel_release = Some(hello.kernel_release.clone());
+            Guest::new(client, record.info.config.env.clone())
+        });
+        // The guest's clock stood still while it was on disk.
+        if let Some(guest) = &guest {
+            let limit = self.inner.timeouts.agent;
+            if tokio::time::timeout(limit, guest.sync_clock())
+                .await
+                .is_err()
+            {
+                tracing::warn!(parent: &span, ?limit, "the agent did not set the guest clock in time");
+            }
+        }
+        if self.inner.detached
+            && let Some(vmm) = vmm.as_mut()
+        {
+            vmm.set_kill_on_drop(false);
+        }
+        Ok(crate::task::Restarted {
+            vm,
+            vmm,
+            guest,
+            record,
+        })
     }
 
     /// Registers sandbox `id` (its `info` and agent) and hands it to its own
@@ -657,6 +789,17 @@ impl<B: Backend> Provider<B> {
             crate::task::drive(task, rx, published, Arc::downgrade(registry)).instrument(span),
         );
     }
+}
+
+/// A VM whose guest is up, with the boot's phase marks.
+struct Booted<V> {
+    vm: V,
+    guest: Option<(AgentClient, nova_protocol::HelloInfo)>,
+    record: SandboxRecord,
+    vmm: Option<crate::vmm::VmmProcess>,
+    spawned_at: Option<Instant>,
+    vmm_ready_at: Option<Instant>,
+    started_at: Option<Instant>,
 }
 
 /// Removes what a create that failed had made: its network and its
@@ -1008,6 +1151,14 @@ impl<B: Backend> Hypervisor for Provider<B> {
         self.inner
             .sandboxes
             .ask(id, SandboxState::Paused, SandboxAction::Pause)
+            .await
+    }
+
+    async fn pause_sandbox_to_disk(&self, id: &SandboxId) -> Result<(), SandboxError> {
+        self.check_snapshot_support()?;
+        self.inner
+            .sandboxes
+            .ask(id, SandboxState::Paused, SandboxAction::PauseToDisk)
             .await
     }
 

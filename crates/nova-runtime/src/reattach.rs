@@ -16,6 +16,10 @@
 //!       paused again); commands left running in the guest carry on,
 //!       found with Hypervisor::list_execs / attach_exec
 //!     a fresh task (task::drive) in the registry, in its recorded state
+//!   paused to disk (state.json: persisted): adopted without a VMM (one
+//!     a restore that was cut off left running is killed); its network
+//!     taken over, or made anew when it is gone (the host restarted); a
+//!     task in `paused` whose resume restores the saved state
 //!   dead: its VMM killed if it somehow runs, its network, what the
 //!     backend made outside its directory (Backend::release_dead: a jail)
 //!     and its directory removed (as leftovers are), and a `failed`
@@ -146,7 +150,17 @@ fn scan(root: &std::path::Path) -> Result<Vec<Found>, std::io::Error> {
             .vmm_pid
             .is_some_and(|pid| is_same_process(pid, record.vmm_start_ticks));
         let state = record.info.state;
-        let dead = if !matches!(state, SandboxState::Running | SandboxState::Paused) {
+        let persisted = record.info.persisted && state == SandboxState::Paused;
+        if persisted
+            && alive
+            && let Some(pid) = record.info.vmm_pid
+            && let Err(e) = kill(pid)
+        {
+            tracing::warn!(pid, error = %e, "cannot kill the VMM of a restore from disk that was cut off");
+        }
+        let dead = if persisted {
+            None
+        } else if !matches!(state, SandboxState::Running | SandboxState::Paused) {
             Some(format!("its provider died while it was {state}"))
         } else if !alive {
             Some(match record.info.vmm_pid {
@@ -163,6 +177,7 @@ fn scan(root: &std::path::Path) -> Result<Vec<Found>, std::io::Error> {
             None
         };
         if dead.is_some()
+            && !persisted
             && alive
             && let Some(pid) = record.info.vmm_pid
             && let Err(e) = kill(pid)
@@ -233,9 +248,14 @@ impl<B: Backend> Provider<B> {
                 }
                 None => {
                     let paths = self.inner.backend.home().sandbox(&id);
-                    match self.adopt(paths, lock, record.clone()).await {
+                    let adopted = if record.info.persisted {
+                        self.adopt_persisted(paths, lock, record.clone()).await
+                    } else {
+                        self.adopt(paths, lock, record.clone()).await
+                    };
+                    match adopted {
                         Ok(()) => {
-                            tracing::info!(sandbox = %id, "re-attached a running sandbox");
+                            tracing::info!(sandbox = %id, persisted = record.info.persisted, "re-attached a sandbox");
                             report.adopted.push(id);
                             continue;
                         }
@@ -343,7 +363,7 @@ impl<B: Backend> Provider<B> {
         dir.persist_in_background(&record).await;
         let info: SandboxInfo = record.info.clone();
         let task = SandboxTask {
-            vm,
+            vm: Some(vm),
             vmm: Some(vmm),
             dir,
             record,
@@ -354,8 +374,100 @@ impl<B: Backend> Provider<B> {
             network,
             released: false,
             detached: true,
+            restarter: self.restarter(),
         };
         self.spawn_task(id, task, info, guest, span);
+        Ok(())
+    }
+}
+
+impl<B: Backend> Provider<B> {
+    /// Adopts one sandbox paused to disk: its directory, its saved state
+    /// (checked readable), its network (taken over, or made anew where the
+    /// host lost it); on error its files are removed and the reason
+    /// returned.
+    async fn adopt_persisted(
+        &self,
+        paths: SandboxPaths,
+        lock: File,
+        mut record: SandboxRecord,
+    ) -> Result<(), String> {
+        let backend = &self.inner.backend;
+        let id = record.info.id.clone();
+        let span = tracing::info_span!("sandbox", id = %id, vmm = %backend.kind());
+        // Dropping it on an error below removes the directory.
+        let mut dir = SandboxDir::adopt(paths.clone(), lock);
+        let saved = paths.dir().join(crate::task::PERSISTED_DIR);
+        let snapshot = match crate::snapshot::read(&saved).await {
+            Ok(snapshot) => snapshot,
+            Err(e) => {
+                let _ = dir.remove().await;
+                return Err(format!("its state saved to disk cannot be read: {e}"));
+            }
+        };
+        record.info.vmm_pid = None;
+        record.vmm_start_ticks = None;
+        let network = if record.info.config.enable_network {
+            let taken = match record.network {
+                Some(net) => crate::network::spec(&record.info.config)
+                    .map_err(|e| e.to_string())
+                    .and_then(|spec| {
+                        nova_net::SandboxNetwork::adopt(&id, &spec, &self.inner.pool, net.host_addr)
+                            .map_err(|e| e.to_string())
+                    }),
+                None => Err("none was recorded".to_owned()),
+            };
+            match taken {
+                Ok(net) => Some(net),
+                Err(why) => {
+                    // The host restarted (or someone removed it): what is
+                    // left goes, and the sandbox gets a new one (every
+                    // guest has the same address, so the guest sees no
+                    // change).
+                    tracing::info!(parent: &span, reason = %why, "making the network of a sandbox on disk anew");
+                    crate::network::clean_abandoned(vec![id.to_string()]).await;
+                    match crate::network::create(
+                        &id,
+                        &record.info.config,
+                        &self.inner.pool,
+                        backend.attaches_network(),
+                    )
+                    .instrument(span.clone())
+                    .await
+                    {
+                        Ok(net) => net,
+                        Err(e) => {
+                            let _ = dir.remove().await;
+                            return Err(format!("its network cannot be made again: {e}"));
+                        }
+                    }
+                }
+            }
+        } else {
+            None
+        };
+        record.network = network.as_ref().map(|net| crate::dir::NetworkRecord {
+            host_addr: net.host_addr(),
+        });
+        record.detached = true;
+        record.info.failure = None;
+        dir.persist_in_background(&record).await;
+        let info = record.info.clone();
+        let task = SandboxTask {
+            vm: None,
+            vmm: None,
+            dir,
+            record,
+            guest: None,
+            timeouts: self.inner.timeouts,
+            vmm_version: backend.vmm_version(),
+            template: snapshot.manifest.template,
+            network,
+            released: false,
+            detached: true,
+            restarter: self.restarter(),
+        };
+        self.spawn_task(id, task, info, None, span);
         Ok(())
     }
 }

@@ -98,6 +98,14 @@ impl<V> SandboxRegistry<V> {
         self.maps().live.insert(id, entry);
     }
 
+    /// Replaces the agent of the live sandbox `id` (a sandbox restored from
+    /// disk has a new one); nothing happens for an unknown id.
+    pub fn set_guest(&self, id: &SandboxId, guest: Option<Guest>) {
+        if let Some(entry) = self.maps().live.get_mut(id) {
+            entry.guest = guest;
+        }
+    }
+
     /// The live sandbox `id`; a stopped one answers with the state error
     /// for `to`, an unknown one with `NotFound`.
     pub fn entry(&self, id: &SandboxId, to: SandboxState) -> Result<Entry<V>, SandboxError> {
@@ -258,6 +266,7 @@ mod tests {
             agent_version: None,
             kernel_release: None,
             failure: None,
+            persisted: false,
         }
     }
 

@@ -19,14 +19,24 @@
 //!   provider to re-attach;
 //! - when the task ends (stopped, or its provider gone) it retires the
 //!   sandbox from the registry itself, so a caller that gave up waiting on
-//!   `stop` leaks nothing.
+//!   `stop` leaks nothing;
+//! - a pause to disk ([`SandboxAction::PauseToDisk`]) writes a full
+//!   snapshot into the sandbox directory's `persisted/`, records
+//!   `persisted` in `state.json`, then ends the VMM: the task goes on
+//!   without a VM (`vm: None`), keeping the directory, its lock and the
+//!   network. A resume boots a new VMM from that snapshot through the
+//!   provider's `Restarter` (the same boot path a create takes) and the
+//!   task owns the new VM; a failed restore leaves the sandbox paused on
+//!   disk, its files untouched.
 
+use std::fmt;
 use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::sync::Weak;
+use std::pin::Pin;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use nova_core::error::{BoxError, SandboxError, UpdateNetworkError};
+use nova_core::error::{BoxError, CreateSandboxError, SandboxError, UpdateNetworkError};
 use nova_core::metadata::{SandboxInfo, now_ms};
 use nova_core::network::EgressConfig;
 use nova_core::snapshot::{
@@ -73,10 +83,51 @@ impl Default for Timeouts {
     }
 }
 
+/// Name of the directory, inside a sandbox's directory, that holds its
+/// state while it is paused to disk (a snapshot: VM state and memory; the
+/// scratch disk stays where it is).
+pub const PERSISTED_DIR: &str = "persisted";
+
+/// What a restore of a sandbox paused to disk is given: the sandbox's
+/// directory, its record as it stands, its network, and the snapshot.
+pub(crate) struct Restart<'a> {
+    pub(crate) dir: &'a SandboxDir,
+    pub(crate) record: SandboxRecord,
+    pub(crate) network: Option<&'a nova_net::SandboxNetwork>,
+    pub(crate) snapshot_dir: PathBuf,
+}
+
+/// A sandbox restored from disk, for its task to own.
+pub(crate) struct Restarted<V> {
+    pub(crate) vm: V,
+    pub(crate) vmm: Option<VmmProcess>,
+    pub(crate) guest: Option<Guest>,
+    /// The record with the new VMM's PID and the agent's versions.
+    pub(crate) record: SandboxRecord,
+}
+
+/// The future a [`Restarter`] returns.
+pub(crate) type RestartFuture<'a, V> =
+    Pin<Box<dyn Future<Output = Result<Restarted<V>, CreateSandboxError>> + Send + 'a>>;
+
+/// Boots a new VMM from a sandbox's saved state (the provider's boot path;
+/// it holds the provider weakly, so a task never keeps its provider alive).
+#[derive(Clone)]
+pub(crate) struct Restarter<V>(
+    pub(crate) Arc<dyn for<'a> Fn(Restart<'a>) -> RestartFuture<'a, V> + Send + Sync>,
+);
+
+impl<V> fmt::Debug for Restarter<V> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Restarter")
+    }
+}
+
 /// A booted sandbox, as its task owns it.
 #[derive(Debug)]
 pub(crate) struct SandboxTask<V: Vm> {
-    pub(crate) vm: V,
+    /// The VM; `None` while the sandbox is paused to disk.
+    pub(crate) vm: Option<V>,
     pub(crate) vmm: Option<VmmProcess>,
     pub(crate) dir: SandboxDir,
     pub(crate) record: SandboxRecord,
@@ -90,6 +141,8 @@ pub(crate) struct SandboxTask<V: Vm> {
     pub(crate) released: bool,
     /// Whether the VM outlives the provider (see the module docs).
     pub(crate) detached: bool,
+    /// Restores the sandbox after a pause to disk.
+    pub(crate) restarter: Restarter<V>,
 }
 
 /// Runs `task` until it is stopped or its provider is dropped; see the
@@ -116,7 +169,7 @@ pub(crate) async fn drive<V: Vm>(
                     }
                     break;
                 };
-                task.handle(action, &published).await;
+                task.handle(action, &published, &registry).await;
                 if task.record.info.state == SandboxState::Stopped {
                     break;
                 }
@@ -194,16 +247,35 @@ impl<V: Vm> SandboxTask<V> {
         self.record.info.state
     }
 
-    async fn handle(&mut self, action: SandboxAction<V>, published: &watch::Sender<SandboxInfo>) {
+    async fn handle(
+        &mut self,
+        action: SandboxAction<V>,
+        published: &watch::Sender<SandboxInfo>,
+        registry: &Weak<SandboxRegistry<V>>,
+    ) {
         // Each arm publishes before it answers.
         match action {
+            SandboxAction::PauseToDisk(reply) => {
+                let r = self.pause_to_disk().await;
+                publish(&self.dir, &self.record, self.released, published).await;
+                let _ = reply.send(r);
+            }
             SandboxAction::Pause(reply) => {
                 let r = self.pause().await;
                 publish(&self.dir, &self.record, self.released, published).await;
                 let _ = reply.send(r);
             }
             SandboxAction::Resume(reply) => {
+                let restores = self.record.info.persisted;
                 let r = self.resume().await;
+                // A VM restored from disk has a new agent connection: exec
+                // and file calls go to it from now on.
+                if restores
+                    && r.is_ok()
+                    && let Some(registry) = registry.upgrade()
+                {
+                    registry.set_guest(&self.record.info.id, self.guest.clone());
+                }
                 publish(&self.dir, &self.record, self.released, published).await;
                 let _ = reply.send(r);
             }
@@ -229,9 +301,10 @@ impl<V: Vm> SandboxTask<V> {
             }
             SandboxAction::WithVm(op) => {
                 let limit = self.timeouts.vmm;
-                let timed_out = if self.vmm.is_some() && self.state() != SandboxState::Failed {
+                let usable = self.vmm.is_some() && self.state() != SandboxState::Failed;
+                let timed_out = if usable && let Some(vm) = self.vm.as_mut() {
                     let info = self.record.info.clone();
-                    bounded(limit, op(Ok(&mut self.vm), &info)).await.is_err()
+                    bounded(limit, op(Ok(vm), &info)).await.is_err()
                 } else {
                     let e = InvalidTransition {
                         from: self.state(),
@@ -283,7 +356,14 @@ impl<V: Vm> SandboxTask<V> {
         request: impl AsyncFnOnce(&mut V) -> Result<T, BoxError>,
     ) -> Result<T, SandboxError> {
         let limit = self.timeouts.vmm;
-        match bounded(limit, request(&mut self.vm)).await {
+        let Some(vm) = self.vm.as_mut() else {
+            return Err(InvalidTransition {
+                from: self.state(),
+                to: SandboxState::Running,
+            }
+            .into());
+        };
+        match bounded(limit, request(vm)).await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(source)) => Err(SandboxError::Vmm {
                 vmm: self.info().hypervisor.vmm_name(),
@@ -317,6 +397,9 @@ impl<V: Vm> SandboxTask<V> {
                 to: SandboxState::Running,
             }
             .into());
+        }
+        if self.record.info.persisted {
+            return self.restore_from_disk().await;
         }
         self.vmm_request("resume the guest", async |vm| vm.resume().await)
             .await?;
@@ -400,9 +483,31 @@ impl<V: Vm> SandboxTask<V> {
         dir: PathBuf,
         kind: SnapshotKind,
     ) -> Result<Snapshot, SnapshotError> {
+        self.write_snapshot(dir, kind, true).await
+    }
+
+    /// Writes a snapshot of the paused VM into `dir`; with `copy_scratch`
+    /// the scratch disk is copied into it, otherwise it is synced where it
+    /// is (a pause to disk, whose restore uses the sandbox's own disk) and
+    /// the manifest still says the VM has one.
+    async fn write_snapshot(
+        &mut self,
+        dir: PathBuf,
+        kind: SnapshotKind,
+        copy_scratch: bool,
+    ) -> Result<Snapshot, SnapshotError> {
+        if self.record.info.persisted {
+            return Err(SnapshotError::Invalid {
+                dir,
+                reason: "the sandbox is paused to disk; resume it before taking a snapshot".into(),
+            });
+        }
         if self.state() != SandboxState::Paused || self.vmm.is_none() {
             return Err(SnapshotError::NotPaused(self.state()));
         }
+        let Some(vm) = self.vm.as_mut() else {
+            return Err(SnapshotError::NotPaused(self.state()));
+        };
         let io = |path: &Path| {
             let path = path.to_owned();
             move |source| SnapshotError::Io { path, source }
@@ -410,7 +515,7 @@ impl<V: Vm> SandboxTask<V> {
         tokio::fs::create_dir_all(&dir).await.map_err(io(&dir))?;
         let started = std::time::Instant::now();
         let limit = self.timeouts.snapshot;
-        match bounded(limit, self.vm.snapshot(&dir, kind)).await {
+        match bounded(limit, vm.snapshot(&dir, kind)).await {
             Ok(result) => result?,
             Err(limit) => {
                 let reason = format!("the VMM did not write the snapshot within {limit:?}");
@@ -425,12 +530,19 @@ impl<V: Vm> SandboxTask<V> {
         // The guest is paused, so its scratch disk matches the memory image.
         let scratch = self.dir.paths().scratch_disk();
         let has_scratch = tokio::fs::try_exists(&scratch).await.unwrap_or(false);
-        if has_scratch {
+        if has_scratch && copy_scratch {
             let copy = dir.join(crate::snapshot::SCRATCH_FILE);
             let _ = tokio::fs::remove_file(&copy).await;
             crate::scratch::clone_disk_image(&scratch, &copy)
                 .await
                 .map_err(io(&copy))?;
+        } else if has_scratch {
+            // What the VMM wrote is in the page cache; a host that goes down
+            // while the sandbox is on disk must not lose it.
+            let file = tokio::fs::File::open(&scratch)
+                .await
+                .map_err(io(&scratch))?;
+            file.sync_all().await.map_err(io(&scratch))?;
         }
         let manifest = SnapshotManifest {
             format: SNAPSHOT_FORMAT,
@@ -440,10 +552,10 @@ impl<V: Vm> SandboxTask<V> {
             source: self.info().id.clone(),
             config: self.info().config.clone(),
             template: self.template.clone(),
-            kernel_cmdline: self.vm.kernel_cmdline(),
+            kernel_cmdline: self.vm.as_ref().map(Vm::kernel_cmdline).unwrap_or_default(),
             created_at_ms: now_ms(),
             scratch: has_scratch,
-            track_dirty_pages: self.vm.tracks_dirty_pages(),
+            track_dirty_pages: self.vm.as_ref().is_some_and(Vm::tracks_dirty_pages),
         };
         let snapshot = Snapshot { dir, manifest };
         crate::snapshot::write_manifest(&snapshot).await?;
@@ -454,6 +566,136 @@ impl<V: Vm> SandboxTask<V> {
             "snapshot written"
         );
         Ok(snapshot)
+    }
+
+    /// Saves the sandbox to disk and ends its VMM; see the module docs.
+    /// The record says `persisted` (in `state.json`, synchronously) before
+    /// the VMM is killed, so a provider that dies at any point leaves
+    /// either a running VM or a complete saved state to re-attach.
+    async fn pause_to_disk(&mut self) -> Result<(), SandboxError> {
+        if self.record.info.persisted {
+            return Ok(());
+        }
+        let was = self.state();
+        match was {
+            SandboxState::Running => self.pause().await?,
+            SandboxState::Paused => {}
+            from => {
+                return Err(InvalidTransition {
+                    from,
+                    to: SandboxState::Paused,
+                }
+                .into());
+            }
+        }
+        let started = std::time::Instant::now();
+        let dir = self.dir.paths().dir().join(PERSISTED_DIR);
+        if let Err(e) = tokio::fs::remove_dir_all(&dir).await
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            return Err(SandboxError::Io {
+                action: "remove the earlier saved state",
+                path: dir,
+                source: e,
+            });
+        }
+        let written = self
+            .write_snapshot(dir.clone(), SnapshotKind::Full, false)
+            .await;
+        if let Err(e) = written {
+            // Nothing is lost: the VM still runs (paused), as before.
+            let _ = tokio::fs::remove_dir_all(&dir).await;
+            if was == SandboxState::Running
+                && self.state() == SandboxState::Paused
+                && let Err(resume) = self.resume().await
+            {
+                tracing::warn!(error = %resume, "cannot resume the sandbox after a failed pause to disk");
+            }
+            return Err(e.into());
+        }
+        self.record.info.persisted = true;
+        if let Err(source) = self.record_now().await {
+            self.record.info.persisted = false;
+            let _ = tokio::fs::remove_dir_all(&dir).await;
+            return Err(SandboxError::Io {
+                action: "record the pause to disk in",
+                path: self.dir.paths().state_json(),
+                source,
+            });
+        }
+        // The state is on disk: the VMM and what the backend leased go.
+        self.guest = None;
+        if let Some(mut vmm) = self.vmm.take()
+            && bounded(self.timeouts.kill, vmm.kill()).await.is_err()
+        {
+            tracing::warn!(pid = ?vmm.pid(), "the killed VMM was not reaped in time; tokio reaps it later");
+        }
+        if let Some(mut vm) = self.vm.take()
+            && let Err((path, e)) = vm.release().await
+        {
+            tracing::warn!(path = %path.display(), error = %e, "cannot remove what the VMM left outside the sandbox directory");
+        }
+        self.record.info.vmm_pid = None;
+        self.record.vmm_start_ticks = None;
+        tracing::info!(
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "paused to disk; the VMM is gone"
+        );
+        Ok(())
+    }
+
+    /// Writes `state.json` now (atomically), for a step that must be on
+    /// disk before the next one.
+    /// (It borrows nothing while it waits, so the task need not be `Sync`.)
+    fn record_now(&self) -> impl Future<Output = std::io::Result<()>> + Send + 'static {
+        let record = self.record.clone();
+        let state_json = self.dir.paths().state_json();
+        async move {
+            tokio::task::spawn_blocking(move || crate::dir::write_atomic(&state_json, &record))
+                .await
+                .map_err(std::io::Error::other)
+                .and_then(|r| r)
+        }
+    }
+
+    /// Restores a sandbox paused to disk in a new VMM, running; on error
+    /// it stays paused on disk (its saved state and disk untouched).
+    async fn restore_from_disk(&mut self) -> Result<(), SandboxError> {
+        let started = std::time::Instant::now();
+        let snapshot_dir = self.dir.paths().dir().join(PERSISTED_DIR);
+        let restart = Restart {
+            dir: &self.dir,
+            record: self.record.clone(),
+            network: self.network.as_ref(),
+            snapshot_dir: snapshot_dir.clone(),
+        };
+        let restarted = (self.restarter.0)(restart)
+            .await
+            .map_err(|e| SandboxError::Restore(Box::new(e)))?;
+        self.vm = Some(restarted.vm);
+        self.vmm = restarted.vmm;
+        self.guest = restarted.guest;
+        self.record = restarted.record;
+        self.record.info.persisted = false;
+        self.record.info.failure = None;
+        self.record
+            .info
+            .state
+            .transition_to(SandboxState::Running)?;
+        // The saved state is spent: the guest has moved on from it. It goes
+        // only once `state.json` no longer says the sandbox is on disk, so
+        // that a provider dying in between leaves a running VM to re-attach
+        // rather than a record pointing at a removed state.
+        if let Err(e) = self.record_now().await {
+            tracing::warn!(error = %e, "cannot record the restore; keeping the saved state");
+        } else if let Err(e) = tokio::fs::remove_dir_all(&snapshot_dir).await {
+            tracing::warn!(dir = %snapshot_dir.display(), error = %e, "cannot remove the spent saved state");
+        }
+        tracing::info!(
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "restored from disk"
+        );
+        Ok(())
     }
 
     /// Stops the sandbox: any state but `stopped` → `stopping` → `stopped`
@@ -495,15 +737,18 @@ impl<V: Vm> SandboxTask<V> {
     /// left.
     async fn graceful_shutdown(&mut self, was: SandboxState) {
         let started = std::time::Instant::now();
+        let Some(vm) = self.vm.as_mut() else {
+            return;
+        };
         if was == SandboxState::Paused
-            && let Err(e) = self.vm.resume().await
+            && let Err(e) = vm.resume().await
         {
             tracing::warn!(error = %e, "cannot resume the guest for a graceful stop; killing it");
             return;
         }
         let asked = match &self.guest {
             Some(guest) => guest.shutdown().await.map_err(|e| -> BoxError { e.into() }),
-            None => self.vm.request_power_off().await,
+            None => vm.request_power_off().await,
         };
         if let Err(e) = asked {
             tracing::warn!(error = %e, "the guest refused to shut down; killing the VM");
@@ -525,7 +770,9 @@ impl<V: Vm> SandboxTask<V> {
         if let Some(mut vmm) = self.vmm.take() {
             vmm.set_kill_on_drop(false);
         }
-        self.vm.leave();
+        if let Some(vm) = self.vm.as_mut() {
+            vm.leave();
+        }
         if let Some(net) = self.network.take() {
             net.forget();
         }
@@ -547,7 +794,9 @@ impl<V: Vm> SandboxTask<V> {
         if self.released {
             return Ok(());
         }
-        self.vm.release().await?;
+        if let Some(vm) = self.vm.as_mut() {
+            vm.release().await?;
+        }
         crate::network::teardown(self.network.take()).await;
         self.dir.remove().await?;
         self.released = true;
@@ -558,7 +807,7 @@ impl<V: Vm> SandboxTask<V> {
     /// console tail, kills and releases everything, and leaves it `failed`
     /// with `reason` until it is stopped.
     pub(crate) async fn fail(&mut self, reason: String) {
-        let extra = self.vm.extra_logs();
+        let extra = self.vm.as_ref().map(Vm::extra_logs).unwrap_or_default();
         let extra: Vec<(&str, PathBuf)> = extra.into_iter().collect();
         let console = crate::console::tail(self.dir.paths(), &extra);
         tracing::warn!(%reason, %console, "the sandbox failed; releasing it");

@@ -274,28 +274,37 @@ pub fn chain(e: &dyn std::error::Error) -> String {
 
 impl From<CreateSandboxError> for Problem {
     fn from(e: CreateSandboxError) -> Self {
-        let code = match &e {
-            CreateSandboxError::Config(_) => ProblemCode::InvalidConfig,
-            CreateSandboxError::Template(TemplateError::NotFound { .. }) => {
-                ProblemCode::TemplateNotFound
-            }
-            CreateSandboxError::Template(TemplateError::InvalidId(_)) => ProblemCode::InvalidConfig,
-            CreateSandboxError::Unsupported { .. } => ProblemCode::Unsupported,
-            CreateSandboxError::PortUnavailable { .. } => ProblemCode::PortInUse,
-            CreateSandboxError::BootTimeout { .. } => ProblemCode::BootTimeout,
-            CreateSandboxError::Agent(_) => ProblemCode::AgentError,
-            CreateSandboxError::Vmm { .. } | CreateSandboxError::VmmExited { .. } => {
-                ProblemCode::VmmError
-            }
-            CreateSandboxError::Snapshot(s) => return snapshot_problem(s),
-            _ => ProblemCode::HostError,
-        };
-        Self::new(code, chain(&e))
+        Self::new(create_code(&e), chain(&e))
+    }
+}
+
+/// The problem code of a failed create (or restore).
+fn create_code(e: &CreateSandboxError) -> ProblemCode {
+    match e {
+        CreateSandboxError::Config(_) => ProblemCode::InvalidConfig,
+        CreateSandboxError::Template(TemplateError::NotFound { .. }) => {
+            ProblemCode::TemplateNotFound
+        }
+        CreateSandboxError::Template(TemplateError::InvalidId(_)) => ProblemCode::InvalidConfig,
+        CreateSandboxError::Unsupported { .. } => ProblemCode::Unsupported,
+        CreateSandboxError::PortUnavailable { .. } => ProblemCode::PortInUse,
+        CreateSandboxError::BootTimeout { .. } => ProblemCode::BootTimeout,
+        CreateSandboxError::Agent(_) => ProblemCode::AgentError,
+        CreateSandboxError::Vmm { .. } | CreateSandboxError::VmmExited { .. } => {
+            ProblemCode::VmmError
+        }
+        CreateSandboxError::Snapshot(s) => snapshot_code(s),
+        _ => ProblemCode::HostError,
     }
 }
 
 fn snapshot_problem(e: &SnapshotError) -> Problem {
-    let code = match e {
+    Problem::new(snapshot_code(e), chain(e))
+}
+
+/// The problem code of a failed snapshot.
+fn snapshot_code(e: &SnapshotError) -> ProblemCode {
+    match e {
         SnapshotError::NotFound(_) => ProblemCode::SandboxNotFound,
         SnapshotError::NotPaused(_) => ProblemCode::NotRunning,
         SnapshotError::Unsupported { .. } => ProblemCode::Unsupported,
@@ -304,8 +313,7 @@ fn snapshot_problem(e: &SnapshotError) -> Problem {
         | SnapshotError::Invalid { .. } => ProblemCode::InvalidConfig,
         SnapshotError::Vmm { .. } => ProblemCode::VmmError,
         _ => ProblemCode::HostError,
-    };
-    Problem::new(code, chain(e))
+    }
 }
 
 impl From<SnapshotError> for Problem {
@@ -321,6 +329,8 @@ impl From<SandboxError> for Problem {
             SandboxError::State(_) => ProblemCode::NotRunning,
             SandboxError::Vmm { .. } => ProblemCode::VmmError,
             SandboxError::Agent { .. } => ProblemCode::AgentError,
+            SandboxError::Snapshot(s) => snapshot_code(s),
+            SandboxError::Restore(c) => create_code(c),
             _ => ProblemCode::HostError,
         };
         Self::new(code, chain(&e))

@@ -82,6 +82,7 @@ impl Hypervisor for FakeHypervisor {
             agent_version: None,
             kernel_release: None,
             failure: None,
+            persisted: false,
         };
         self.sandboxes.lock().unwrap().insert(id, info.clone());
         let me = self.me.lock().unwrap().clone().unwrap().upgrade().unwrap();

@@ -156,6 +156,23 @@ class TestSandbox:
         finally:
             await hypervisor.delete_sandbox(sb.sandbox_id, force=True)
 
+    async def test_pause_to_disk_and_resume(self, hypervisor: BaseHypervisor):
+        sb = await hypervisor.create_sandbox(sandbox_config())
+        try:
+            await sb.write_file("/tmp/kept", b"kept across the disk")
+            await sb.pause(persist=True)
+            assert sb.state == SandboxState.PAUSED
+            assert not await sb.is_running()
+            await sb.resume()
+            assert await sb.is_running()
+            assert await sb.read_file("/tmp/kept") == b"kept across the disk"
+            # By id too.
+            await hypervisor.pause_sandbox(sb.sandbox_id, persist=True)
+            await hypervisor.resume_sandbox(sb.sandbox_id)
+            assert await sb.execute_command("echo back") == "back\n"
+        finally:
+            await hypervisor.delete_sandbox(sb.sandbox_id, force=True)
+
     async def test_stop_sandbox_by_id_and_listing(self, hypervisor: BaseHypervisor):
         sb = await hypervisor.create_sandbox(sandbox_config(labels={"suite": "sdk"}))
         listed = await hypervisor.list_sandboxes(label="suite=sdk")

@@ -307,10 +307,10 @@ impl Client {
         self.bytes(Method::DELETE, &path, NO_BODY).await.map(drop)
     }
 
-    /// `POST /v1/sandboxes/{id}/pause`.
-    pub(crate) async fn pause(&self, id: &str) -> Result<SandboxView, ClientError> {
-        self.json(Method::POST, &sandbox_path(id, "/pause"), NO_BODY)
-            .await
+    /// `POST /v1/sandboxes/{id}/pause`; `persist`: to disk.
+    pub(crate) async fn pause(&self, id: &str, persist: bool) -> Result<SandboxView, ClientError> {
+        let path = format!("{}?persist={persist}", sandbox_path(id, "/pause"));
+        self.json(Method::POST, &path, NO_BODY).await
     }
 
     /// `POST /v1/sandboxes/{id}/resume`.

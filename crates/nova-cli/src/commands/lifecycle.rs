@@ -16,7 +16,20 @@ use tokio::io::AsyncWriteExt;
 use crate::client::{Client, ClientError};
 use crate::commands::list::{is_live, state_name};
 
-/// Arguments of `nova pause` and `nova resume`.
+/// Arguments of `nova pause`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct PauseArgs {
+    /// Save each sandbox's memory, VM state and disk under the daemon's
+    /// data directory and end its VMM (freeing its memory); `nova resume`
+    /// restores it, also after the daemon or the host restarted.
+    #[arg(long)]
+    to_disk: bool,
+    /// The sandboxes.
+    #[arg(required = true)]
+    ids: Vec<String>,
+}
+
+/// Arguments of `nova resume`.
 #[derive(Debug, clap::Args)]
 pub(crate) struct IdsArgs {
     /// The sandboxes.
@@ -51,7 +64,10 @@ pub(crate) struct LogsArgs {
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum Action {
     /// Pause the vCPUs.
-    Pause,
+    Pause {
+        /// To disk: save the VM and end its VMM.
+        to_disk: bool,
+    },
     /// Resume them.
     Resume,
     /// Stop (VMM gone; still listed with `ls -a`).
@@ -68,7 +84,7 @@ pub(crate) enum Action {
 
 async fn act(client: &Client, action: Action, id: &str) -> anyhow::Result<()> {
     match action {
-        Action::Pause => drop(client.pause(id).await?),
+        Action::Pause { to_disk } => drop(client.pause(id, to_disk).await?),
         Action::Resume => drop(client.resume(id).await?),
         Action::Stop { force } => drop(client.stop(id, force).await?),
         Action::Remove { force: true } => client.delete(id, true).await?,
@@ -116,7 +132,18 @@ pub(crate) async fn run(action: Action, ids: &[String]) -> anyhow::Result<ExitCo
     })
 }
 
-/// `nova pause` / `nova resume`.
+/// `nova pause`.
+pub(crate) async fn pause(args: &PauseArgs) -> anyhow::Result<ExitCode> {
+    run(
+        Action::Pause {
+            to_disk: args.to_disk,
+        },
+        &args.ids,
+    )
+    .await
+}
+
+/// `nova resume`.
 pub(crate) async fn ids(action: Action, args: &IdsArgs) -> anyhow::Result<ExitCode> {
     run(action, &args.ids).await
 }

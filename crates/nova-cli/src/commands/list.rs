@@ -110,7 +110,11 @@ fn table(views: &[SandboxView], now_ms: u64) -> String {
             [
                 v.id.clone(),
                 v.template.clone(),
-                state_name(v.state),
+                if v.persisted {
+                    format!("{} (on disk)", state_name(v.state))
+                } else {
+                    state_name(v.state)
+                },
                 age(v.created_at_ms, now_ms),
                 v.boot
                     .as_ref()
@@ -191,6 +195,7 @@ mod tests {
                 restored: true,
             }),
             from_pool: false,
+            persisted: false,
             failure: None,
             agent_version: None,
             kernel_release: None,

@@ -8,9 +8,10 @@ use std::cell::RefCell;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use hyper::Method;
 use serde_json::{Value, json};
 
-use crate::harness::{Daemon, DaemonOptions, Transcript, cheap_policy, wait_until};
+use crate::harness::{Daemon, DaemonOptions, Transcript, cheap_policy, full, wait_until};
 
 async fn start(test: &str) -> Option<Daemon> {
     Daemon::start(
@@ -379,4 +380,85 @@ async fn a_daemon_killed_during_a_stop_leaves_no_orphan() {
         daemon.log()
     );
     assert_eq!(api.get("/v1/sandboxes").await.expect(200).json(), json!([]));
+}
+
+/// A sandbox paused to disk through the API has no VMM; a daemon killed
+/// meanwhile hands it to the next, which lists it as paused on disk and
+/// resumes it with the process started before the pause still running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sandbox_paused_to_disk_resumes_after_a_daemon_restart() {
+    let Some(mut daemon) = start("a_sandbox_paused_to_disk_resumes_after_a_daemon_restart").await
+    else {
+        return;
+    };
+    let api = daemon.api();
+    let sb = api.create(json!({})).await;
+    let id = sb["id"].as_str().unwrap().to_owned();
+    let out = api
+        .sh(
+            &id,
+            "sh -c 'while true; do sleep 1; done' </dev/null >/dev/null 2>&1 & \
+             echo $! > /root/loop.pid",
+        )
+        .await;
+    assert_eq!(out["exit_code"], 0, "{out}");
+
+    let paused = api
+        .send(
+            Method::POST,
+            &format!("/v1/sandboxes/{id}/pause?persist=true"),
+            None,
+            full(""),
+        )
+        .await
+        .expect(200)
+        .json();
+    assert_eq!(paused["state"], "paused", "{paused}");
+    assert_eq!(paused["persisted"], true, "{paused}");
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            daemon.qemu_pids().is_empty()
+        })
+        .await,
+        "a VMM runs for a sandbox paused to disk: {:?}",
+        daemon.processes()
+    );
+
+    daemon.kill9();
+    daemon.restart().await;
+    let listed = api
+        .get(&format!("/v1/sandboxes/{id}"))
+        .await
+        .expect(200)
+        .json();
+    assert_eq!(listed["state"], "paused", "{listed}\n{}", daemon.log());
+    assert_eq!(listed["persisted"], true, "{listed}");
+
+    let resumed = api
+        .send(
+            Method::POST,
+            &format!("/v1/sandboxes/{id}/resume"),
+            None,
+            full(""),
+        )
+        .await
+        .expect(200)
+        .json();
+    assert_eq!(resumed["state"], "running", "{resumed}\n{}", daemon.log());
+    assert_eq!(resumed["persisted"], false, "{resumed}");
+    let out = api
+        .sh(&id, "kill -0 $(cat /root/loop.pid) && echo alive")
+        .await;
+    assert_eq!(out["stdout"], "alive\n", "{out}");
+
+    api.delete(&format!("/v1/sandboxes/{id}")).await.expect(204);
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            daemon.qemu_pids().is_empty() && daemon.sandbox_dirs().is_empty()
+        })
+        .await,
+        "left behind: {:?} {:?}",
+        daemon.processes(),
+        daemon.sandbox_dirs()
+    );
 }

@@ -265,6 +265,10 @@ pub struct SandboxView {
     pub boot: Option<BootView>,
     /// Claimed from the warm pool rather than started for this create.
     pub from_pool: bool,
+    /// Paused to disk: no VMM runs for it until it is resumed (`state` is
+    /// `paused`).
+    #[serde(default)]
+    pub persisted: bool,
     /// Why it is `failed`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure: Option<String>,
@@ -316,6 +320,7 @@ impl SandboxView {
                 restored: b.from_snapshot,
             }),
             from_pool: record.is_some_and(|r| r.from_pool),
+            persisted: info.persisted,
             failure: info.failure.clone(),
             agent_version: info.agent_version.clone(),
             kernel_release: info.kernel_release.clone(),
@@ -345,6 +350,18 @@ pub struct StopQuery {
     /// Kill the VMM at once instead of asking the guest to power off.
     #[serde(default)]
     pub force: bool,
+}
+
+/// The query of `POST /v1/sandboxes/{id}/pause`.
+#[derive(Clone, Copy, Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct PauseQuery {
+    /// Pause to disk: save the sandbox's memory, VM state and disk under
+    /// the daemon's data directory and end its VMM, freeing its memory;
+    /// `resume` restores it, also after the daemon or the host restarted.
+    #[serde(default)]
+    pub persist: bool,
 }
 
 /// A new lifetime.
@@ -528,10 +545,11 @@ pub async fn delete_sandbox(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// Pauses a running sandbox's vCPUs.
+/// Pauses a running sandbox's vCPUs; with `persist`, saves it to disk and
+/// ends its VMM (a paused one too).
 #[utoipa::path(post, path = "/v1/sandboxes/{id}/pause", tag = "sandboxes",
     operation_id = "pause",
-    params(("id" = String, Path, description = "Sandbox id")),
+    params(("id" = String, Path, description = "Sandbox id"), PauseQuery),
     responses(
         (status = 200, description = "Paused", body = SandboxView),
         (status = "4XX", description = "No such sandbox, or not running", body = Problem, content_type = "application/problem+json"),
@@ -540,13 +558,18 @@ pub async fn delete_sandbox(
 pub async fn pause_sandbox(
     State(daemon): State<Arc<Daemon>>,
     ApiPath(id): ApiPath<String>,
+    ApiQuery(query): ApiQuery<PauseQuery>,
 ) -> Result<axum::Json<SandboxView>, Problem> {
     let sid = daemon.known(&id).await?;
-    daemon.hypervisor().pause_sandbox(&sid).await?;
+    if query.persist {
+        daemon.hypervisor().pause_sandbox_to_disk(&sid).await?;
+    } else {
+        daemon.hypervisor().pause_sandbox(&sid).await?;
+    }
     Ok(axum::Json(daemon.view(&id).await?))
 }
 
-/// Resumes a paused sandbox.
+/// Resumes a paused sandbox (one paused to disk is restored in a new VMM).
 #[utoipa::path(post, path = "/v1/sandboxes/{id}/resume", tag = "sandboxes",
     operation_id = "resume",
     params(("id" = String, Path, description = "Sandbox id")),

@@ -409,12 +409,15 @@ class Sandbox:
         self._apply(await self._client.post_json(f"{self._path}/stop", force=force))
         self._stopped_uptime_ms = uptime
 
-    async def pause(self) -> None:
-        """Pauses its vCPUs."""
-        self._apply(await self._client.post_json(f"{self._path}/pause"))
+    async def pause(self, persist: bool = False) -> None:
+        """Pauses its vCPUs. With ``persist``, pauses it to disk: its memory,
+        VM state and disk are saved under the daemon's data directory and its
+        VMM ends, freeing its memory; ``resume`` restores it, also after the
+        daemon or the host restarted."""
+        self._apply(await self._client.post_json(f"{self._path}/pause", persist=persist))
 
     async def resume(self) -> None:
-        """Resumes a paused sandbox."""
+        """Resumes a paused sandbox (one paused to disk is restored first)."""
         self._apply(await self._client.post_json(f"{self._path}/resume"))
 
     async def is_running(self) -> bool:
@@ -735,9 +738,9 @@ class BaseHypervisor:
         """Stops a sandbox if it is live and makes the daemon forget it."""
         await self.client.request("DELETE", f"/v1/sandboxes/{sandbox_id}", params={"force": force})
 
-    async def pause_sandbox(self, sandbox_id: str) -> None:
-        """Pauses a sandbox by id."""
-        await self.client.post_json(f"/v1/sandboxes/{sandbox_id}/pause")
+    async def pause_sandbox(self, sandbox_id: str, persist: bool = False) -> None:
+        """Pauses a sandbox by id; ``persist``: to disk (see ``Sandbox.pause``)."""
+        await self.client.post_json(f"/v1/sandboxes/{sandbox_id}/pause", persist=persist)
 
     async def resume_sandbox(self, sandbox_id: str) -> None:
         """Resumes a sandbox by id."""

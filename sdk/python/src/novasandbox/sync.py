@@ -98,8 +98,8 @@ class SyncSandbox:
     def stop(self, force: bool = False) -> None:
         self._run(self.inner.stop(force=force))
 
-    def pause(self) -> None:
-        self._run(self.inner.pause())
+    def pause(self, persist: bool = False) -> None:
+        self._run(self.inner.pause(persist=persist))
 
     def resume(self) -> None:
         self._run(self.inner.resume())
@@ -180,8 +180,8 @@ class Hypervisor:
     def stop_sandbox(self, sandbox_id: str, force: bool = False) -> None:
         self._runner.run(self.inner.stop_sandbox(sandbox_id, force))
 
-    def pause_sandbox(self, sandbox_id: str) -> None:
-        self._runner.run(self.inner.pause_sandbox(sandbox_id))
+    def pause_sandbox(self, sandbox_id: str, persist: bool = False) -> None:
+        self._runner.run(self.inner.pause_sandbox(sandbox_id, persist))
 
     def resume_sandbox(self, sandbox_id: str) -> None:
         self._runner.run(self.inner.resume_sandbox(sandbox_id))
