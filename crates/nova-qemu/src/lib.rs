@@ -24,5 +24,8 @@ mod ids;
 pub mod qmp;
 pub mod vm;
 
-pub use hypervisor::{DEFAULT_SCRATCH_MB, Qemu, QemuHypervisor, QemuOptions, QemuUnavailable};
+pub use hypervisor::{
+    DEFAULT_SCRATCH_MB, QEMU_AARCH64_BIN, QEMU_AARCH64_BIN_ENV, Qemu, QemuHypervisor, QemuOptions,
+    QemuUnavailable, qemu_for,
+};
 pub use vm::QemuVm;
