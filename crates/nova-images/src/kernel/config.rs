@@ -29,6 +29,9 @@ pub struct ArchConfig {
     pub fragment_path: &'static str,
     /// Options that must end up `=y`, whatever the fragment says.
     pub required: &'static [&'static str],
+    /// Options the architecture itself selects (the fragment need not ask
+    /// for them) that must still end up `=y`.
+    pub selected: &'static [&'static str],
     /// Options that must end up off, whatever the fragment says.
     pub forbidden: &'static [&'static str],
     /// The kernel's `ARCH=`.
@@ -47,6 +50,7 @@ pub const X86_64: ArchConfig = ArchConfig {
     fragment: FRAGMENT,
     fragment_path: "images/kernel/microvm-x86_64.config",
     required: REQUIRED_OPTIONS,
+    selected: &[],
     forbidden: FORBIDDEN_OPTIONS,
     make_arch: "x86_64",
     cross_compile: None,
@@ -61,6 +65,7 @@ pub const ARM64: ArchConfig = ArchConfig {
     fragment: FRAGMENT_ARM64,
     fragment_path: "images/kernel/microvm-arm64.config",
     required: ARM64_REQUIRED_OPTIONS,
+    selected: ARM64_SELECTED_OPTIONS,
     forbidden: ARM64_FORBIDDEN_OPTIONS,
     make_arch: "arm64",
     cross_compile: Some("aarch64-linux-gnu-"),
@@ -144,10 +149,6 @@ pub const ARM64_REQUIRED_OPTIONS: &[&str] = &[
     "CONFIG_64BIT",
     "CONFIG_SMP",
     "CONFIG_ARM_PSCI_FW",
-    "CONFIG_OF",
-    "CONFIG_ARM_GIC",
-    "CONFIG_ARM_GIC_V3",
-    "CONFIG_ARM_ARCH_TIMER",
     "CONFIG_SERIAL_AMBA_PL011",
     "CONFIG_SERIAL_AMBA_PL011_CONSOLE",
     "CONFIG_VIRTIO_MMIO",
@@ -200,6 +201,15 @@ pub const ARM64_REQUIRED_OPTIONS: &[&str] = &[
     "CONFIG_FILE_LOCKING",
     "CONFIG_PROC_FS",
     "CONFIG_SYSFS",
+];
+
+/// What `ARCH=arm64` selects by itself and a `virt` or VZ guest needs: the
+/// device tree, the GIC (v2 and v3) and the architected timer.
+pub const ARM64_SELECTED_OPTIONS: &[&str] = &[
+    "CONFIG_OF",
+    "CONFIG_ARM_GIC",
+    "CONFIG_ARM_GIC_V3",
+    "CONFIG_ARM_ARCH_TIMER",
 ];
 
 /// Options the arm64 kernel must not have: PCI is on (Virtualization.framework
@@ -286,9 +296,10 @@ pub fn verify(fragment: &str, final_config: &str) -> ConfigMismatch {
 }
 
 /// Compares the final `.config` of `arch`'s kernel with its fragment and
-/// its required and forbidden options.
+/// its required, selected and forbidden options.
 pub fn verify_arch(arch: &ArchConfig, final_config: &str) -> ConfigMismatch {
-    verify_with(arch.fragment, arch.required, arch.forbidden, final_config)
+    let required: Vec<&str> = arch.required.iter().chain(arch.selected).copied().collect();
+    verify_with(arch.fragment, &required, arch.forbidden, final_config)
 }
 
 /// Compares the final `.config` with `fragment`, `required` (must be `=y`)
