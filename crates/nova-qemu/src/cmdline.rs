@@ -190,8 +190,22 @@ impl VmSpec {
             "unix:{},server=on,wait=off",
             escape(&self.qmp_socket)
         ));
-        // Disks: root (read-only), scratch, extras, in guest order.
-        let mut drive = |id: &str, path: &PathBuf, read_only: bool| {
+        // Disks: root (read-only), scratch, extras, in guest order. On
+        // `virt` the guest probes the virtio-mmio transports in the reverse
+        // of their order on the command line (the first `-device` lands on
+        // the highest address, and Linux probes from the lowest), so there
+        // the disks are given last to first.
+        let mut disks: Vec<(String, &PathBuf, bool)> = vec![("root".into(), &self.rootfs, true)];
+        if let Some(scratch) = &self.scratch {
+            disks.push(("scratch".into(), scratch, false));
+        }
+        for (i, extra) in self.extra_drives.iter().enumerate() {
+            disks.push((format!("extra{i}"), &extra.path, extra.read_only));
+        }
+        if self.arch == GuestArch::Arm64 {
+            disks.reverse();
+        }
+        for (id, path, read_only) in disks {
             args.push("-drive".into());
             args.push(
                 format!(
@@ -203,13 +217,6 @@ impl VmSpec {
             );
             args.push("-device".into());
             args.push(format!("virtio-blk-device,drive={id}").into());
-        };
-        drive("root", &self.rootfs, true);
-        if let Some(scratch) = &self.scratch {
-            drive("scratch", scratch, false);
-        }
-        for (i, extra) in self.extra_drives.iter().enumerate() {
-            drive(&format!("extra{i}"), &extra.path, extra.read_only);
         }
         // Agent channel: a virtio-serial port backed by a listening socket.
         let mut push = |a: &str| args.push(a.into());
@@ -477,9 +484,19 @@ mod tests {
         let cmdline = after(&a, "-append")[0];
         assert!(cmdline.starts_with("console=ttyAMA0 "), "{cmdline}");
         assert!(!cmdline.contains("tsc_early_khz"), "{cmdline}");
-        // The same devices, in the same order, as on microvm: the boot
-        // contract's device names hold on both.
-        assert_eq!(after(&a, "-device"), after(&args(&spec()), "-device"));
+        // The same devices as on microvm, the disks last to first, which
+        // `virt` probes first to last: the boot contract's device names
+        // (root /dev/vda, scratch /dev/vdb) hold on both.
+        assert_eq!(
+            after(&a, "-device"),
+            [
+                "virtio-blk-device,drive=extra0",
+                "virtio-blk-device,drive=scratch",
+                "virtio-blk-device,drive=root",
+                "virtio-serial-device,max_ports=2",
+                "virtserialport,chardev=agent,name=org.nova.agent",
+            ]
+        );
         let kvm = args(&VmSpec {
             accel: Accel::Kvm,
             ..arm
