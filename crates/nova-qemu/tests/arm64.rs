@@ -162,3 +162,51 @@ async fn the_arm64_guest_boots_runs_commands_moves_files_pauses_and_stops() {
     assert!(t.sandbox_dirs().is_empty());
     assert!(!sandbox.is_running().await);
 }
+
+/// An arm64 guest saved through QEMU's migration to a file restores into a
+/// new `virt` VM with its files, as an x86_64 one does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_arm64_snapshot_restores_into_a_new_sandbox_with_its_files() {
+    let test = "an_arm64_snapshot_restores_into_a_new_sandbox_with_its_files";
+    if !arm64_ready(test) {
+        return;
+    }
+    let Some(t) = setup(test, &[TEMPLATE]) else {
+        return;
+    };
+    let mut cold = config(TEMPLATE);
+    cold.start = StartMode::Cold;
+    let source = t.hypervisor.create_sandbox(cold).await.unwrap();
+    source
+        .execute_command("echo before-snapshot > /root/mark && sync")
+        .await
+        .unwrap();
+    source.pause().await.unwrap();
+    let dir = t.dir.path().join("snap");
+    let snapshot = t
+        .hypervisor
+        .snapshot_sandbox(source.id(), &dir)
+        .await
+        .unwrap();
+    assert!(snapshot.manifest.scratch);
+    source.stop(true).await.unwrap();
+
+    let restored = t
+        .hypervisor
+        .create_sandbox_from_snapshot(&dir)
+        .await
+        .unwrap();
+    let boot = restored.info().boot.clone().unwrap();
+    assert!(boot.from_snapshot, "{boot:?}");
+    let out = restored
+        .execute_command("cat /root/mark; uname -m; hostname")
+        .await
+        .unwrap();
+    assert_eq!(
+        out.stdout_lossy(),
+        format!("before-snapshot\naarch64\n{}\n", restored.id()),
+        "the saved files, under the new sandbox's own name"
+    );
+    restored.stop(false).await.unwrap();
+    assert!(t.sandbox_dirs().is_empty());
+}
