@@ -2,6 +2,9 @@
 #
 #   make deps     install the host packages image builds and QEMU tests need (Debian)
 #   make agent    build the static guest agent (baked into every rootfs)
+#   make agent-arm64  the same agent cross-built for aarch64 (arm64 templates)
+#   make images-arm64 build `minimal-arm64` (arm64 kernel, busybox, agent) into $NOVA_HOME
+#                 (cached; the cold arm64 kernel build is the long part)
 #   make images   build the `minimal` and `python` templates into $NOVA_HOME (cached:
 #                 a second run is a cache hit and takes seconds)
 #   make bench-boot   boot our kernel and Debian's cloud kernel, print time to init
@@ -23,6 +26,8 @@ SHELL := /bin/bash
 CARGO ?= cargo
 AGENT_TARGET := x86_64-unknown-linux-gnu
 AGENT_BIN := target/$(AGENT_TARGET)/agent/nova-agent
+ARM64_AGENT_TARGET := aarch64-unknown-linux-gnu
+ARM64_AGENT_BIN := $(or $(CARGO_TARGET_DIR),target)/$(ARM64_AGENT_TARGET)/agent/nova-agent
 NOVA := target/debug/nova
 TEMPLATES ?= minimal python
 
@@ -31,11 +36,12 @@ TEMPLATES ?= minimal python
 # nftables (the `nft` binary nova-net applies its rules with).
 DEPS_PACKAGES := qemu-system-x86 linux-source-6.1 debootstrap debian-archive-keyring \
 	busybox-static e2fsprogs bc flex bison libelf-dev libssl-dev build-essential \
-	xz-utils fakeroot nftables python3 python3-venv curl
+	xz-utils fakeroot nftables python3 python3-venv curl \
+	qemu-system-arm gcc-aarch64-linux-gnu libc6-dev-arm64-cross
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: deps agent nova images bench-boot demo test lint examples sdk-test sdk-venv \
-	mcp-test api-fuzz e2b-test fuzz-tools fuzz-build fuzz fuzz-ci check-macos sign-macos
+.PHONY: deps agent agent-arm64 images-arm64 nova images bench-boot demo test lint examples sdk-test \
+	sdk-venv mcp-test api-fuzz e2b-test fuzz-tools fuzz-build fuzz fuzz-ci check-macos sign-macos
 
 deps:
 	@missing=$$(for p in $(DEPS_PACKAGES); do \
@@ -48,9 +54,21 @@ deps:
 			$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $$missing; }; \
 	fi
 	@rustup target list --installed 2>/dev/null | grep -qx $(AGENT_TARGET) || rustup target add $(AGENT_TARGET) || true
+	@rustup target list --installed 2>/dev/null | grep -qx $(ARM64_AGENT_TARGET) || rustup target add $(ARM64_AGENT_TARGET) || true
 
 agent:
 	RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build -p nova-agent --profile agent --target $(AGENT_TARGET)
+
+# The agent for arm64 guests: static, linked by Debian's aarch64 cross gcc.
+agent-arm64:
+	CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc \
+	RUSTFLAGS="-C target-feature=+crt-static" \
+	$(CARGO) build -p nova-agent --profile agent --target $(ARM64_AGENT_TARGET)
+
+# `minimal-arm64`: booted under qemu-system-aarch64 -M virt (TCG) by
+# crates/nova-qemu/tests/arm64.rs; with its snapshot, as the x86_64 templates.
+images-arm64: agent-arm64 nova
+	$(NOVA) template build minimal --arch arm64 --agent $(ARM64_AGENT_BIN)
 
 nova:
 	$(CARGO) build --quiet -p nova-cli
@@ -202,7 +220,7 @@ fuzz-ci: fuzz-build
 
 # The README's test command, and what CI runs: installs what the tests need,
 # builds the images (cached), then runs every test and example.
-test: deps images lint
+test: deps images images-arm64 lint
 	$(CARGO) test --workspace
 	$(MAKE) api-fuzz
 	$(MAKE) fuzz-ci

@@ -9,9 +9,10 @@ use std::path::PathBuf;
 
 use nova_images::cache::CacheDir;
 use nova_images::kernel::{self, KernelSource};
-use nova_images::template::DEFAULT_AGENT_PATH;
+use nova_images::template::default_agent_path;
 use nova_images::{BuildOptions, build_template, find_template};
 use novasandbox::core::NovaHome;
+use novasandbox::core::template::GuestArch;
 
 /// Arguments of `nova template build`.
 #[derive(clap::Args, Debug)]
@@ -25,9 +26,17 @@ pub(crate) struct BuildArgs {
     /// Rebuild everything, the kernel and the debootstrap tree included.
     #[arg(long)]
     rebuild_all: bool,
-    /// The static guest agent to bake in as /sbin/nova-agent (`make agent` builds it).
-    #[arg(long, env = "NOVA_AGENT_BIN", default_value = DEFAULT_AGENT_PATH)]
-    agent: PathBuf,
+    /// The static guest agent to bake in as /sbin/nova-agent (`make agent`
+    /// builds it; `make agent-arm64` the arm64 one). Default:
+    /// target/<x86_64|aarch64>-unknown-linux-gnu/agent/nova-agent.
+    #[arg(long, env = "NOVA_AGENT_BIN")]
+    agent: Option<PathBuf>,
+    /// The guest architecture: `x86_64` (default) or `arm64`. An arm64
+    /// template (only `minimal` has a recipe) is installed as `<id>-arm64`
+    /// and runs under `qemu-system-aarch64 -M virt` (emulated here) or Apple
+    /// Virtualization.framework.
+    #[arg(long, default_value = "x86_64")]
+    arch: GuestArch,
     /// Do not boot the new template under QEMU to measure its boot time.
     #[arg(long)]
     no_boot_check: bool,
@@ -39,16 +48,20 @@ pub(crate) struct BuildArgs {
 
 /// Runs `nova template build`.
 pub(crate) async fn build(args: &BuildArgs) -> anyhow::Result<()> {
-    let spec = find_template(&args.id)?;
+    let spec = find_template(&args.id)?.for_arch(args.arch)?;
     let home = NovaHome::resolve()?;
     let mut opts = BuildOptions::new(home.clone());
-    opts.agent = args.agent.clone();
+    opts.arch = args.arch;
+    opts.agent = args
+        .agent
+        .clone()
+        .unwrap_or_else(|| default_agent_path(args.arch).into());
     opts.force = args.force;
     opts.rebuild_all = args.rebuild_all;
     opts.measure_boot = !args.no_boot_check;
     let cache = CacheDir::new(home.cache_dir());
     let kernel_cached = matches!(
-        kernel::cached_kernel(&cache, &KernelSource::default()).await,
+        kernel::cached_kernel_for(&cache, &KernelSource::default(), args.arch).await,
         Ok(Some(_))
     );
     println!(
@@ -85,10 +98,10 @@ pub(crate) async fn build(args: &BuildArgs) -> anyhow::Result<()> {
         report.elapsed.as_secs_f64(),
     );
     if !args.no_snapshot {
-        if snapshot_is_current(&home, &args.id).await {
-            println!("template {} snapshot up to date", args.id);
+        if snapshot_is_current(&home, &spec.id).await {
+            println!("template {} snapshot up to date", spec.id);
         } else if let Err(e) = snapshot(&SnapshotArgs {
-            id: args.id.clone(),
+            id: spec.id.clone(),
             memory: None,
             vcpus: None,
         })
@@ -97,7 +110,7 @@ pub(crate) async fn build(args: &BuildArgs) -> anyhow::Result<()> {
             // The template works without one; creates then boot the kernel.
             eprintln!(
                 "warning: no snapshot of template {} (creates will boot the kernel): {e:#}",
-                args.id
+                spec.id
             );
         }
     }

@@ -44,6 +44,88 @@ pub struct TemplateManifest {
     pub required_files: Vec<String>,
     /// Packages installed in the root filesystem.
     pub packages: Vec<String>,
+    /// The guest's CPU architecture. Absent in a manifest (the seed's
+    /// format) means [`GuestArch::X86_64`], and an x86_64 manifest is
+    /// written without it.
+    #[serde(default, skip_serializing_if = "GuestArch::is_x86_64")]
+    pub arch: GuestArch,
+}
+
+/// The CPU architecture a template's kernel and rootfs are built for.
+///
+/// Written `x86_64` or `arm64` (`aarch64` is read as `arm64`). An x86_64
+/// template runs on x86_64 hosts (Firecracker, QEMU `microvm`); an arm64
+/// one on Apple Silicon (Virtualization.framework) and, emulated, under
+/// QEMU `virt` on any Linux host.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum GuestArch {
+    /// x86-64: an uncompressed `vmlinux` with a PVH entry.
+    #[default]
+    #[serde(rename = "x86_64")]
+    X86_64,
+    /// AArch64: an uncompressed arm64 `Image` (stored as the template's
+    /// [`KERNEL_FILE`]).
+    #[serde(rename = "arm64", alias = "aarch64")]
+    Arm64,
+}
+
+impl GuestArch {
+    /// Every architecture, in the order `nova template build --arch` lists them.
+    pub const ALL: [GuestArch; 2] = [GuestArch::X86_64, GuestArch::Arm64];
+
+    /// The name used in manifests, template ids and on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GuestArch::X86_64 => "x86_64",
+            GuestArch::Arm64 => "arm64",
+        }
+    }
+
+    /// The name Rust targets and `uname -m` use (`x86_64`, `aarch64`).
+    pub fn uname(self) -> &'static str {
+        match self {
+            GuestArch::X86_64 => "x86_64",
+            GuestArch::Arm64 => "aarch64",
+        }
+    }
+
+    /// Whether this is the default, [`GuestArch::X86_64`].
+    pub fn is_x86_64(&self) -> bool {
+        *self == GuestArch::X86_64
+    }
+
+    /// The architecture of the machine this binary runs on, if it is one a
+    /// guest can have.
+    pub fn host() -> Option<GuestArch> {
+        match std::env::consts::ARCH {
+            "x86_64" => Some(GuestArch::X86_64),
+            "aarch64" => Some(GuestArch::Arm64),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for GuestArch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A string that names no [`GuestArch`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown architecture {0:?}: use x86_64 or arm64")]
+pub struct ParseGuestArchError(pub String);
+
+impl std::str::FromStr for GuestArch {
+    type Err = ParseGuestArchError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "x86_64" | "amd64" | "x86-64" => Ok(GuestArch::X86_64),
+            "arm64" | "aarch64" => Ok(GuestArch::Arm64),
+            other => Err(ParseGuestArchError(other.to_owned())),
+        }
+    }
 }
 
 /// A validated, installed template.
@@ -296,6 +378,7 @@ mod tests {
             kernel_version: "6.1.0".into(),
             required_files: vec![KERNEL_FILE.into(), ROOTFS_FILE.into()],
             packages: vec!["python3".into(), "curl".into()],
+            arch: GuestArch::X86_64,
         }
     }
 
@@ -434,5 +517,42 @@ mod tests {
         assert_eq!(list.len(), 2);
         assert!(list[0].is_err(), "broken sorts first");
         assert_eq!(list[1].as_ref().unwrap().id(), "good");
+    }
+
+    #[test]
+    fn the_arch_is_optional_in_a_manifest_and_written_only_when_not_x86_64() {
+        let x86 = manifest("x");
+        let json = serde_json::to_value(&x86).unwrap();
+        assert!(json.get("arch").is_none(), "{json}");
+        let back: TemplateManifest = serde_json::from_value(json).unwrap();
+        assert_eq!(back.arch, GuestArch::X86_64);
+
+        let arm = TemplateManifest {
+            arch: GuestArch::Arm64,
+            ..manifest("a")
+        };
+        let json = serde_json::to_value(&arm).unwrap();
+        assert_eq!(json["arch"], "arm64");
+        let mut aliased = json.clone();
+        aliased["arch"] = "aarch64".into();
+        let back: TemplateManifest = serde_json::from_value(aliased).unwrap();
+        assert_eq!(back.arch, GuestArch::Arm64);
+        let mut bad = json;
+        bad["arch"] = "riscv64".into();
+        assert!(serde_json::from_value::<TemplateManifest>(bad).is_err());
+    }
+
+    #[test]
+    fn arch_names_parse_and_print() {
+        for arch in GuestArch::ALL {
+            assert_eq!(arch.as_str().parse::<GuestArch>(), Ok(arch));
+            assert_eq!(arch.uname().parse::<GuestArch>(), Ok(arch));
+            assert_eq!(arch.to_string(), arch.as_str());
+        }
+        let err = "mips".parse::<GuestArch>().unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "unknown architecture \"mips\": use x86_64 or arm64"
+        );
     }
 }

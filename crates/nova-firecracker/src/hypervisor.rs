@@ -201,6 +201,17 @@ impl Backend for Firecracker {
         start: VmStart<'_>,
         launch: &mut Launch<'_>,
     ) -> Result<FirecrackerVm, CreateSandboxError> {
+        // Firecracker runs guests of the host's own architecture only.
+        let arch = start.image.arch;
+        if nova_core::template::GuestArch::host() != Some(arch) {
+            return Err(CreateSandboxError::Unsupported {
+                reason: format!(
+                    "Firecracker cannot run this {arch} template on a {} host; use the QEMU \
+                     backend (`--backend qemu`), which emulates it",
+                    std::env::consts::ARCH
+                ),
+            });
+        }
         crate::vm::start(&self.options, start, launch).await
     }
 }

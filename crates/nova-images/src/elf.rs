@@ -18,6 +18,8 @@ use std::path::{Path, PathBuf};
 
 /// `e_machine` of x86-64.
 pub const EM_X86_64: u16 = 62;
+/// `e_machine` of AArch64.
+pub const EM_AARCH64: u16 = 183;
 /// Note type of the Xen PVH 32-bit entry point (`XEN_ELFNOTE_PHYS32_ENTRY`).
 pub const XEN_ELFNOTE_PHYS32_ENTRY: u32 = 18;
 
@@ -45,6 +47,16 @@ impl ElfInfo {
     /// An x86-64 binary that needs no dynamic loader.
     pub fn is_static_x86_64(&self) -> bool {
         self.machine == EM_X86_64 && !self.has_interpreter
+    }
+
+    /// The guest architecture this binary runs on, if it is one.
+    pub fn guest_arch(&self) -> Option<nova_core::template::GuestArch> {
+        use nova_core::template::GuestArch;
+        match self.machine {
+            EM_X86_64 => Some(GuestArch::X86_64),
+            EM_AARCH64 => Some(GuestArch::Arm64),
+            _ => None,
+        }
     }
 }
 

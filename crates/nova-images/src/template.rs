@@ -9,13 +9,20 @@
 //! ([`BUILD_KEY_FILE`], so it always describes the files beside it), and a
 //! rebuild with an unchanged key that still loads through `TemplateManager`
 //! returns at once, which is what makes a second `make images` take seconds.
+//!
+//! A template can be built for another guest architecture
+//! ([`BuildOptions::arch`]): [`TemplateSpec::for_arch`] gives the arm64
+//! variant of a known template its own id (`minimal-arm64`), the kernel is
+//! the arm64 one ([`kernel::build_kernel_for`]), the rootfs gets the arm64
+//! agent and busybox, and the manifest records `"arch": "arm64"`. Only
+//! `minimal` has an arm64 recipe.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use nova_core::home::NovaHome;
 use nova_core::template::{
-    KERNEL_FILE, ROOTFS_FILE, Template, TemplateError, TemplateManager, TemplateManifest,
+    GuestArch, KERNEL_FILE, ROOTFS_FILE, Template, TemplateError, TemplateManager, TemplateManifest,
 };
 
 use crate::boot_probe::{AGENT_READY_MARKER, BootProbe, BootProbeError};
@@ -28,6 +35,18 @@ use crate::rootfs::{self, BuildRootfsError, minimal};
 /// Where `cargo build -p nova-agent --profile agent --target x86_64-unknown-linux-gnu`
 /// puts the static agent, relative to the workspace root.
 pub const DEFAULT_AGENT_PATH: &str = "target/x86_64-unknown-linux-gnu/agent/nova-agent";
+
+/// Where `cargo build -p nova-agent --profile agent --target aarch64-unknown-linux-gnu`
+/// (`make agent-arm64`) puts the static arm64 agent, relative to the workspace root.
+pub const DEFAULT_ARM64_AGENT_PATH: &str = "target/aarch64-unknown-linux-gnu/agent/nova-agent";
+
+/// The default agent path for a guest of `arch`.
+pub fn default_agent_path(arch: GuestArch) -> &'static str {
+    match arch {
+        GuestArch::X86_64 => DEFAULT_AGENT_PATH,
+        GuestArch::Arm64 => DEFAULT_ARM64_AGENT_PATH,
+    }
+}
 
 /// File in a template directory holding the cache key it was built from.
 pub const BUILD_KEY_FILE: &str = ".nova-build-key";
@@ -96,6 +115,41 @@ pub fn known_templates() -> Vec<TemplateSpec> {
     ]
 }
 
+impl TemplateSpec {
+    /// This template for guests of `arch`: unchanged for x86_64; for
+    /// another architecture, its own id (`<id>-<arch>`, e.g.
+    /// `minimal-arm64`) and name, so both can be installed side by side.
+    /// Fails when the recipe cannot be built for `arch` (only `minimal` can
+    /// be built for arm64: debootstrap's second stage would run arm64
+    /// binaries, which this host cannot without qemu-user).
+    pub fn for_arch(self, arch: GuestArch) -> Result<TemplateSpec, UnsupportedArchError> {
+        if arch == GuestArch::X86_64 {
+            return Ok(self);
+        }
+        if self.recipe != RootfsRecipe::Minimal {
+            return Err(UnsupportedArchError { id: self.id, arch });
+        }
+        Ok(TemplateSpec {
+            id: format!("{}-{arch}", self.id),
+            name: format!("{} ({arch})", self.name),
+            ..self
+        })
+    }
+}
+
+/// A template has no recipe for the architecture asked for.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "template {id:?} cannot be built for {arch}: only `minimal` has an {arch} recipe \
+     (`nova template build minimal --arch {arch}`)"
+)]
+pub struct UnsupportedArchError {
+    /// The template id.
+    pub id: String,
+    /// The architecture asked for.
+    pub arch: GuestArch,
+}
+
 /// The id is not one this crate can build.
 #[derive(Debug, thiserror::Error)]
 #[error("unknown template {id:?}; known templates: {}", known.join(", "))]
@@ -133,8 +187,13 @@ pub struct BuildOptions {
     pub rebuild_all: bool,
     /// Where the kernel source comes from.
     pub kernel_source: KernelSource,
-    /// Boot the finished template under QEMU (TCG) to measure `boot_time_ms`.
+    /// Boot the finished template under QEMU (TCG) to measure `boot_time_ms`
+    /// (x86_64 only; an arm64 template records 0).
     pub measure_boot: bool,
+    /// The guest architecture: picks the kernel, the busybox, and which
+    /// agent is accepted; the spec should come from
+    /// [`TemplateSpec::for_arch`] with the same architecture.
+    pub arch: GuestArch,
 }
 
 impl BuildOptions {
@@ -148,6 +207,7 @@ impl BuildOptions {
             rebuild_all: false,
             kernel_source: KernelSource::default(),
             measure_boot: true,
+            arch: GuestArch::X86_64,
         }
     }
 }
@@ -176,6 +236,9 @@ pub enum BuildTemplateError {
     /// The rootfs build failed.
     #[error("building the root filesystem failed")]
     Rootfs(#[from] BuildRootfsError),
+    /// The template has no recipe for the architecture.
+    #[error(transparent)]
+    Arch(#[from] UnsupportedArchError),
     /// The finished template does not load.
     #[error("the built template does not load")]
     Load(#[from] TemplateError),
@@ -219,18 +282,34 @@ pub async fn build_template(
     if !opts.agent.is_file() {
         return Err(BuildRootfsError::AgentMissing(opts.agent.clone()).into());
     }
-    let kernel = kernel::build_kernel(&cache, &opts.kernel_source, opts.rebuild_all).await?;
+    let arch = opts.arch;
+    if arch != GuestArch::X86_64 {
+        // Before a possibly long kernel build: the agent must be arm64's.
+        rootfs::ensure_static_for(&opts.agent, arch)?;
+    }
+    let kernel =
+        kernel::build_kernel_for(&cache, &opts.kernel_source, arch, opts.rebuild_all).await?;
     let mut key = CacheKey::new("template");
     key.push("kernel", kernel.manifest.key.as_bytes())
         .push("spec", format!("{spec:?}").as_bytes())
         .push("rootfs-recipe", rootfs::RECIPE_VERSION.as_bytes());
     key.push_file("agent", &opts.agent)
         .map_err(io_err(&opts.agent))?;
+    let arm64_busybox = match (&spec.recipe, arch) {
+        (RootfsRecipe::Minimal, GuestArch::Arm64) => {
+            Some(minimal::arm64_busybox(&cache, opts.rebuild_all, &log).await?)
+        }
+        _ => None,
+    };
     match &spec.recipe {
         RootfsRecipe::Minimal => {
             let busybox = Path::new(minimal::BUSYBOX_PATH);
             if busybox.is_file() {
                 key.push_file("busybox", busybox).map_err(io_err(busybox))?;
+            }
+            if let Some(arm64) = &arm64_busybox {
+                key.push_file("busybox-arm64", &arm64.path)
+                    .map_err(io_err(&arm64.path))?;
             }
         }
         RootfsRecipe::Debian(debian_spec) => {
@@ -261,8 +340,26 @@ pub async fn build_template(
     let tree = staging.path().join(".rootfs-tree");
     tracing::info!(id = %spec.id, "staging the root filesystem");
     match &spec.recipe {
-        RootfsRecipe::Minimal => {
-            minimal::stage(&tree, Path::new(minimal::BUSYBOX_PATH), &opts.agent, &log).await?
+        RootfsRecipe::Minimal => match &arm64_busybox {
+            Some(busybox) => {
+                minimal::stage_arm64(
+                    &tree,
+                    busybox,
+                    Path::new(minimal::BUSYBOX_PATH),
+                    &opts.agent,
+                    &log,
+                )
+                .await?
+            }
+            None => {
+                minimal::stage(&tree, Path::new(minimal::BUSYBOX_PATH), &opts.agent, &log).await?
+            }
+        },
+        RootfsRecipe::Debian(_) if arch != GuestArch::X86_64 => {
+            return Err(BuildTemplateError::Arch(UnsupportedArchError {
+                id: spec.id.clone(),
+                arch,
+            }));
         }
         RootfsRecipe::Debian(debian_spec) => {
             let base =
@@ -279,7 +376,7 @@ pub async fn build_template(
         std::fs::copy(&kernel.vmlinux, &vmlinux).map_err(io_err(&vmlinux))?;
     }
 
-    let boot_time_ms = if opts.measure_boot {
+    let boot_time_ms = if opts.measure_boot && arch == GuestArch::X86_64 {
         measure_boot(&vmlinux, &image).await
     } else {
         0
@@ -295,6 +392,7 @@ pub async fn build_template(
         kernel_version: kernel.manifest.release.clone(),
         required_files: vec![KERNEL_FILE.into(), ROOTFS_FILE.into()],
         packages: spec.packages.clone(),
+        arch,
     };
     TemplateManager::write_manifest(staging.path(), &manifest).map_err(io_err(staging.path()))?;
     let staged_key = staging.path().join(BUILD_KEY_FILE);

@@ -13,7 +13,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use nova_core::home::NovaHome;
-use nova_core::template::{Template, TemplateManager};
+use nova_core::template::{GuestArch, Template, TemplateManager};
 use nova_images::boot_probe::{AGENT_READY_MARKER, BootProbe};
 use nova_images::cache::CacheDir;
 use nova_images::elf::{self, EM_X86_64};
@@ -106,6 +106,46 @@ async fn cached_kernel_config_has_every_required_option() {
         load(&manager, "minimal").manifest.kernel_version,
         kernel.manifest.release
     );
+}
+
+#[tokio::test]
+async fn the_arm64_template_has_the_arm64_kernel_agent_and_busybox() {
+    let test = "the_arm64_template_has_the_arm64_kernel_agent_and_busybox";
+    if std::env::var("NOVA_SKIP_IMAGE_TESTS").is_ok_and(|v| v == "1") {
+        eprintln!("SKIP {test}: NOVA_SKIP_IMAGE_TESTS=1");
+        return;
+    }
+    let home = NovaHome::resolve().expect("NOVA_HOME resolves");
+    let manager = TemplateManager::new(home.templates_dir());
+    let Ok(template) = manager.load("minimal-arm64") else {
+        eprintln!("SKIP {test}: minimal-arm64 is not built (`make images-arm64`)");
+        return;
+    };
+    assert_eq!(template.manifest.arch, GuestArch::Arm64);
+    // The kernel is the cached arm64 build, its config what the fragment asks.
+    let cache = CacheDir::new(home.cache_dir());
+    let built = kernel::cached_kernel_for(&cache, &KernelSource::default(), GuestArch::Arm64)
+        .await
+        .expect("kernel source version readable")
+        .expect("the arm64 kernel for the current source + fragment is cached");
+    assert_eq!(template.manifest.kernel_version, built.manifest.release);
+    assert_eq!(built.manifest.arch, GuestArch::Arm64);
+    kernel::check_arm64_image(&template.kernel_path()).unwrap();
+    let final_config = std::fs::read_to_string(built.vmlinux.with_file_name("config")).unwrap();
+    let mismatch = config::verify_arch(&config::ARM64, &final_config);
+    assert!(mismatch.is_empty(), "{mismatch:?}");
+    // The agent and busybox in the rootfs are static arm64 binaries.
+    let dir = tempfile::tempdir().unwrap();
+    for (inside, name) in [("/sbin/nova-agent", "agent"), ("/bin/busybox", "busybox")] {
+        let out = dir.path().join(name);
+        debugfs(
+            &template.rootfs_path(),
+            &format!("dump {inside} {}", out.display()),
+        );
+        let info = elf::read_elf(&out).unwrap();
+        assert_eq!(info.machine, elf::EM_AARCH64, "{inside}");
+        assert!(!info.has_interpreter, "{inside} must be static");
+    }
 }
 
 #[test]

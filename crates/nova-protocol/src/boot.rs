@@ -49,6 +49,9 @@ pub const ROOT_FS_TYPE: &str = "ext4";
 pub const SCRATCH_DEVICE: &str = "/dev/vdb";
 /// The serial console backends log the guest on.
 pub const SERIAL_CONSOLE: &str = "ttyS0";
+/// The serial console of an arm64 guest on QEMU's `virt` machine (its
+/// PL011 UART).
+pub const PL011_CONSOLE: &str = "ttyAMA0";
 /// The guest's network interface that `nova.net=` configures.
 pub const GUEST_NET_DEVICE: &str = "eth0";
 /// The guest's hostname when the command line names none.
@@ -516,10 +519,26 @@ pub enum GuestConsole {
     /// command line, and a user `console=` naming another device, or
     /// `8250.nr_uarts=`, would take it away.
     Serial,
+    /// Like [`GuestConsole::Serial`] on the PL011 UART of an arm64 guest
+    /// (QEMU `virt`): `console=ttyAMA0` ([`PL011_CONSOLE`]) is on the
+    /// command line, and a user `console=` naming another device would take
+    /// it away.
+    Pl011,
     /// The backend does not keep a console (it costs boot time): the UART is
     /// switched off with `8250.nr_uarts=0`, unless the user's `kernel_args`
     /// ask for a `console=` themselves.
     Off,
+}
+
+impl GuestConsole {
+    /// The console device the backend keeps (`ttyS0`, `ttyAMA0`), if any.
+    pub fn device(self) -> Option<&'static str> {
+        match self {
+            GuestConsole::Serial => Some(SERIAL_CONSOLE),
+            GuestConsole::Pl011 => Some(PL011_CONSOLE),
+            GuestConsole::Off => None,
+        }
+    }
 }
 
 /// A user's `kernel_args` would break the boot contract, or the command line
@@ -640,15 +659,15 @@ fn check_user_word(word: &str, console: GuestConsole) -> Result<(), KernelArgsEr
             word: word.to_owned(),
         });
     }
-    if console == GuestConsole::Serial {
+    if let Some(device) = console.device() {
         let conflict = match word.strip_prefix("console=") {
-            Some(value) => console_device(value) != SERIAL_CONSOLE,
-            None => word.starts_with("8250.nr_uarts="),
+            Some(value) => console_device(value) != device,
+            None => console == GuestConsole::Serial && word.starts_with("8250.nr_uarts="),
         };
         if conflict {
             return Err(KernelArgsError::ConsoleConflict {
                 word: word.to_owned(),
-                console: SERIAL_CONSOLE,
+                console: device,
             });
         }
     }
@@ -685,8 +704,8 @@ impl KernelCmdline {
     /// Assembles the command line around the user's `kernel_args`.
     ///
     /// The user's words are checked with [`check_user_args`] and kept in
-    /// order; `console=ttyS0` (for [`GuestConsole::Serial`], unless the user
-    /// named `ttyS0` already), `reboot=k` (unless given) and
+    /// order; `console=ttyS0` (for [`GuestConsole::Serial`], `ttyAMA0` for
+    /// [`GuestConsole::Pl011`], unless the user named it already), `reboot=k` (unless given) and
     /// `8250.nr_uarts=0` (for [`GuestConsole::Off`], unless the user asked
     /// for a console or set it) are added, then the root device, init and
     /// the `nova.*` words, then [`KernelCmdline::extra`].
@@ -695,12 +714,14 @@ impl KernelCmdline {
         let user: Vec<&str> = user_args.split_ascii_whitespace().collect();
         let has = |prefix: &str| user.iter().any(|w| w.starts_with(prefix));
         let mut words: Vec<String> = Vec::with_capacity(user.len() + 12);
-        let user_serial = user.iter().any(|w| {
-            w.strip_prefix("console=")
-                .is_some_and(|v| console_device(v) == SERIAL_CONSOLE)
-        });
-        if self.console == GuestConsole::Serial && !user_serial {
-            words.push(format!("console={SERIAL_CONSOLE}"));
+        if let Some(device) = self.console.device() {
+            let user_named_it = user.iter().any(|w| {
+                w.strip_prefix("console=")
+                    .is_some_and(|v| console_device(v) == device)
+            });
+            if !user_named_it {
+                words.push(format!("console={device}"));
+            }
         }
         words.extend(user.iter().map(|w| (*w).to_owned()));
         if !has("reboot=") {
@@ -924,6 +945,35 @@ mod tests {
             "console=ttyS0,115200 quiet reboot=k root=/dev/vda rootfstype=ext4 ro \
              init=/sbin/nova-agent nova.hostname=sb-1 nova.overlay=/dev/vdb tsc_early_khz=2000000"
         );
+    }
+
+    #[test]
+    fn an_arm64_guest_logs_on_its_pl011_uart() {
+        let pl011 = KernelCmdline {
+            console: GuestConsole::Pl011,
+            extra: Vec::new(),
+            ..serial()
+        };
+        assert_eq!(
+            pl011.assemble("panic=1").unwrap(),
+            "console=ttyAMA0 panic=1 reboot=k root=/dev/vda rootfstype=ext4 ro \
+             init=/sbin/nova-agent nova.hostname=sb-1 nova.overlay=/dev/vdb"
+        );
+        assert_eq!(
+            pl011.assemble("console=ttyAMA0,115200").unwrap(),
+            "console=ttyAMA0,115200 reboot=k root=/dev/vda rootfstype=ext4 ro \
+             init=/sbin/nova-agent nova.hostname=sb-1 nova.overlay=/dev/vdb"
+        );
+        let err = pl011.assemble("console=ttyS0").unwrap_err();
+        assert_eq!(
+            err,
+            KernelArgsError::ConsoleConflict {
+                word: "console=ttyS0".into(),
+                console: PL011_CONSOLE,
+            }
+        );
+        // The 8250 UART is not the console there; its switch is the user's.
+        assert!(pl011.assemble("8250.nr_uarts=0").is_ok());
     }
 
     #[test]

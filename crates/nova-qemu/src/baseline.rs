@@ -31,19 +31,22 @@ pub async fn raw_boot(
     nova_runtime::scratch::ScratchCache::in_home(&options.home)
         .create_disk(&scratch, options.scratch_size_mb)
         .await?;
+    let arch = template.manifest.arch;
+    let (qemu_bin, accel) = crate::hypervisor::qemu_for(options, arch)?;
     let spec = VmSpec {
+        arch,
         kernel: template.kernel_path(),
         rootfs: template.rootfs_path(),
         scratch: Some(scratch),
         extra_drives: Vec::new(),
         memory_mb: config.memory_mb,
         vcpus: config.vcpus,
-        accel: options.accel,
+        accel,
         qmp_socket: workdir.join("api.sock"),
         agent_socket: workdir.join("vsock.sock"),
         kernel_args: config.kernel_args.clone(),
         hostname: "raw".into(),
-        tsc_khz: crate::cmdline::tcg_tsc_khz(options.accel),
+        tsc_khz: crate::cmdline::tcg_tsc_khz(accel),
         confinement: crate::confinement::Confinement::for_host(),
         incoming: false,
         run_as_ids: None,
@@ -51,7 +54,7 @@ pub async fn raw_boot(
     };
     let args = spec.try_qemu_args()?;
     let start = Instant::now();
-    let mut child = tokio::process::Command::new(&options.qemu_bin)
+    let mut child = tokio::process::Command::new(&qemu_bin)
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())

@@ -1,9 +1,12 @@
 //! The QEMU command line and the guest kernel command line of one sandbox.
 //!
 //! QEMU takes its whole VM configuration on the command line, so this module
-//! is where a [`VmSpec`] becomes arguments. The machine is `microvm` with
-//! ACPI off: QEMU then lists every virtio-mmio device on the kernel command
-//! line itself, and the guest needs neither PCI nor ACPI. Disks are attached
+//! is where a [`VmSpec`] becomes arguments. For an x86_64 guest the machine
+//! is `microvm` with ACPI off: QEMU then lists every virtio-mmio device on
+//! the kernel command line itself, and the guest needs neither PCI nor ACPI.
+//! For an arm64 guest ([`GuestArch::Arm64`], run by `qemu-system-aarch64`)
+//! it is `virt`, whose device tree lists the same virtio-mmio devices, with
+//! the console on its PL011 UART ([`boot::PL011_CONSOLE`]). Disks are attached
 //! in a fixed order, which fixes their guest names: the shared read-only
 //! rootfs is [`boot::ROOT_DEVICE`], the sandbox's scratch disk
 //! [`boot::SCRATCH_DEVICE`], extra drives follow. The agent channel is a
@@ -23,6 +26,7 @@ use std::os::fd::RawFd;
 use std::path::PathBuf;
 
 use nova_core::config::DriveConfig;
+use nova_core::template::GuestArch;
 use nova_protocol::boot::{
     self, GuestConsole, GuestNet, KernelArgsError, KernelCmdline, NovaParams,
 };
@@ -33,7 +37,11 @@ use crate::confinement::Confinement;
 /// Everything needed to start one sandbox's VM.
 #[derive(Clone, Debug)]
 pub struct VmSpec {
-    /// Guest kernel (uncompressed `vmlinux` with a PVH entry).
+    /// The guest's architecture: picks the machine, CPU and console (the
+    /// caller picks the matching QEMU binary).
+    pub arch: GuestArch,
+    /// Guest kernel (x86_64: uncompressed `vmlinux` with a PVH entry;
+    /// arm64: uncompressed `Image`).
     pub kernel: PathBuf,
     /// Root filesystem image, attached read-only.
     pub rootfs: PathBuf,
@@ -86,12 +94,16 @@ pub struct VmNet {
 }
 
 impl VmSpec {
-    /// The boot contract's view of this VM: a serial console, the hostname,
-    /// the overlay when there is a scratch disk, and `tsc_early_khz=` under
-    /// emulation.
+    /// The boot contract's view of this VM: a serial console (the 8250's
+    /// `ttyS0` on x86_64, the PL011's `ttyAMA0` on arm64), the hostname, the
+    /// overlay when there is a scratch disk, and `tsc_early_khz=` for an
+    /// emulated x86_64 guest.
     pub fn boot_cmdline(&self) -> KernelCmdline {
         KernelCmdline {
-            console: GuestConsole::Serial,
+            console: match self.arch {
+                GuestArch::X86_64 => GuestConsole::Serial,
+                GuestArch::Arm64 => GuestConsole::Pl011,
+            },
             params: NovaParams {
                 hostname: Some(self.hostname.clone()),
                 overlay: self
@@ -103,6 +115,7 @@ impl VmSpec {
             },
             extra: self
                 .tsc_khz
+                .filter(|_| self.arch == GuestArch::X86_64)
                 .map(|khz| format!("tsc_early_khz={khz}"))
                 .into_iter()
                 .collect(),
@@ -126,9 +139,11 @@ impl VmSpec {
         let mut args: Vec<OsString> = Vec::new();
         let mut push = |a: &str| args.push(a.into());
         // The machine: microvm without ACPI (devices on the kernel command
-        // line), no option ROMs; exit instead of rebooting.
+        // line), no option ROMs; or, for arm64, `virt` with a GICv3 (more
+        // than 8 vCPUs) and its devices in the device tree. Either exits
+        // instead of rebooting.
         push("-M");
-        push("microvm,acpi=off,x-option-roms=off");
+        push(machine(self.arch));
         push("-nodefaults");
         push("-no-user-config");
         push("-nographic");
@@ -146,7 +161,12 @@ impl VmSpec {
                 push("-accel");
                 push("tcg");
                 push("-cpu");
-                push("max");
+                // `max` with QEMU's own pointer-authentication algorithm:
+                // the architected one costs much time under emulation.
+                push(match self.arch {
+                    GuestArch::X86_64 => "max",
+                    GuestArch::Arm64 => "max,pauth-impdef=on",
+                });
             }
         }
         push("-m");
@@ -170,8 +190,22 @@ impl VmSpec {
             "unix:{},server=on,wait=off",
             escape(&self.qmp_socket)
         ));
-        // Disks: root (read-only), scratch, extras, in guest order.
-        let mut drive = |id: &str, path: &PathBuf, read_only: bool| {
+        // Disks: root (read-only), scratch, extras, in guest order. On
+        // `virt` the guest probes the virtio-mmio transports in the reverse
+        // of their order on the command line (the first `-device` lands on
+        // the highest address, and Linux probes from the lowest), so there
+        // the disks are given last to first.
+        let mut disks: Vec<(String, &PathBuf, bool)> = vec![("root".into(), &self.rootfs, true)];
+        if let Some(scratch) = &self.scratch {
+            disks.push(("scratch".into(), scratch, false));
+        }
+        for (i, extra) in self.extra_drives.iter().enumerate() {
+            disks.push((format!("extra{i}"), &extra.path, extra.read_only));
+        }
+        if self.arch == GuestArch::Arm64 {
+            disks.reverse();
+        }
+        for (id, path, read_only) in disks {
             args.push("-drive".into());
             args.push(
                 format!(
@@ -183,13 +217,6 @@ impl VmSpec {
             );
             args.push("-device".into());
             args.push(format!("virtio-blk-device,drive={id}").into());
-        };
-        drive("root", &self.rootfs, true);
-        if let Some(scratch) = &self.scratch {
-            drive("scratch", scratch, false);
-        }
-        for (i, extra) in self.extra_drives.iter().enumerate() {
-            drive(&format!("extra{i}"), &extra.path, extra.read_only);
         }
         // Agent channel: a virtio-serial port backed by a listening socket.
         let mut push = |a: &str| args.push(a.into());
@@ -220,6 +247,14 @@ impl VmSpec {
     }
 }
 
+/// QEMU's `-M` for a guest of `arch`.
+pub fn machine(arch: GuestArch) -> &'static str {
+    match arch {
+        GuestArch::X86_64 => "microvm,acpi=off,x-option-roms=off",
+        GuestArch::Arm64 => "virt,gic-version=3",
+    }
+}
+
 /// The `tsc_khz` a guest under `accel` needs: the host's rate under TCG,
 /// nothing under KVM (which has kvmclock).
 pub fn tcg_tsc_khz(accel: Accel) -> Option<u64> {
@@ -241,6 +276,7 @@ mod tests {
 
     fn spec() -> VmSpec {
         VmSpec {
+            arch: GuestArch::X86_64,
             kernel: "/t/vmlinux".into(),
             rootfs: "/t/rootfs.ext4".into(),
             scratch: Some("/s/scratch.ext4".into()),
@@ -433,5 +469,38 @@ mod tests {
             after(&a, "-chardev")
                 .contains(&"socket,id=agent,path=/s/vsock.sock,server=on,wait=off")
         );
+    }
+
+    #[test]
+    fn an_arm64_guest_is_a_virt_machine_with_its_console_on_the_pl011() {
+        let arm = VmSpec {
+            arch: GuestArch::Arm64,
+            tsc_khz: Some(2_000_000),
+            ..spec()
+        };
+        let a = args(&arm);
+        assert_eq!(after(&a, "-M"), ["virt,gic-version=3"]);
+        assert_eq!(after(&a, "-cpu"), ["max,pauth-impdef=on"]);
+        let cmdline = after(&a, "-append")[0];
+        assert!(cmdline.starts_with("console=ttyAMA0 "), "{cmdline}");
+        assert!(!cmdline.contains("tsc_early_khz"), "{cmdline}");
+        // The same devices as on microvm, the disks last to first, which
+        // `virt` probes first to last: the boot contract's device names
+        // (root /dev/vda, scratch /dev/vdb) hold on both.
+        assert_eq!(
+            after(&a, "-device"),
+            [
+                "virtio-blk-device,drive=extra0",
+                "virtio-blk-device,drive=scratch",
+                "virtio-blk-device,drive=root",
+                "virtio-serial-device,max_ports=2",
+                "virtserialport,chardev=agent,name=org.nova.agent",
+            ]
+        );
+        let kvm = args(&VmSpec {
+            accel: Accel::Kvm,
+            ..arm
+        });
+        assert_eq!(after(&kvm, "-cpu"), ["host"]);
     }
 }

@@ -11,17 +11,58 @@ use nova_core::error::CreateSandboxError;
 use nova_core::home::NovaHome;
 use nova_core::hypervisor::HypervisorKind;
 use nova_core::snapshot::SnapshotError;
+use nova_core::template::GuestArch;
 use nova_runtime::Provider;
 use nova_runtime::backend::{Backend, BootSource, Launch, ReattachVm, VmStart, kernel_args_error};
 use nova_runtime::console::DEFAULT_LOG_CAP;
 use nova_runtime::dir::check_socket_path;
-use nova_runtime::host::{Accel, BackendChoice, HostReport};
+use nova_runtime::host::{Accel, BackendChoice, HostReport, find_binary};
 use nova_runtime::retry::connect_unix;
 use nova_runtime::vmm::{FIRST_INHERITED_FD, InheritedFd, VmmCommand};
 
 use crate::cmdline::{VmNet, VmSpec, tcg_tsc_khz};
 use crate::qmp::QmpClient;
 use crate::vm::{QemuVm, SNAPSHOT_STATE};
+
+/// Environment variable naming the QEMU binary for arm64 guests.
+pub const QEMU_AARCH64_BIN_ENV: &str = "NOVA_QEMU_AARCH64_BIN";
+/// Default binary for arm64 guests (Debian package `qemu-system-arm`).
+pub const QEMU_AARCH64_BIN: &str = "qemu-system-aarch64";
+
+/// The QEMU binary and accelerator for a guest of `arch`: the configured
+/// binary and accelerator for the host's own architecture; for another,
+/// `qemu-system-aarch64` (or `$NOVA_QEMU_AARCH64_BIN`) under TCG, since KVM
+/// runs only guests of the host's architecture.
+pub fn qemu_for(
+    options: &QemuOptions,
+    arch: GuestArch,
+) -> Result<(PathBuf, Accel), CreateSandboxError> {
+    if GuestArch::host() == Some(arch) {
+        return Ok((options.qemu_bin.clone(), options.accel));
+    }
+    match arch {
+        GuestArch::Arm64 => {
+            let found = find_binary(QEMU_AARCH64_BIN_ENV, QEMU_AARCH64_BIN).map_err(|nf| {
+                CreateSandboxError::Unsupported {
+                    reason: format!(
+                        "this template is arm64 and needs {QEMU_AARCH64_BIN} (looked in {}); \
+                         install it with `apt-get install qemu-system-arm` or set \
+                         {QEMU_AARCH64_BIN_ENV}",
+                        nf.searched.join(", ")
+                    ),
+                }
+            })?;
+            Ok((found.path, Accel::Tcg))
+        }
+        GuestArch::X86_64 => Err(CreateSandboxError::Unsupported {
+            reason: format!(
+                "this template is x86_64; the QEMU backend runs x86_64 guests on x86_64 hosts \
+                 only, and this host is {}",
+                std::env::consts::ARCH
+            ),
+        }),
+    }
+}
 
 /// Default size of each sandbox's scratch disk (sparse: only what the guest
 /// writes takes space).
@@ -207,6 +248,7 @@ impl Backend for Qemu {
                 .map_err(|reason| CreateSandboxError::Unsupported { reason })?;
         }
         let config = &start.info.config;
+        let (qemu_bin, accel) = qemu_for(&self.options, image.arch)?;
         // A restored VM gets the very command line of the one its snapshot
         // was taken of (the guest kernel already runs; only the devices must
         // match); the agent then gives it its own identity.
@@ -294,6 +336,7 @@ impl Backend for Qemu {
             }
         }
         let spec = VmSpec {
+            arch: image.arch,
             kernel: image.kernel.clone(),
             rootfs: image.rootfs.clone(),
             scratch: start
@@ -302,12 +345,12 @@ impl Backend for Qemu {
             extra_drives: image.extra_drives.clone(),
             memory_mb: config.memory_mb,
             vcpus: config.vcpus,
-            accel: self.options.accel,
+            accel,
             qmp_socket: paths.api_socket(),
             agent_socket: paths.vsock_socket(),
             kernel_args,
             hostname,
-            tsc_khz: tcg_tsc_khz(self.options.accel),
+            tsc_khz: tcg_tsc_khz(accel),
             confinement,
             incoming: restore.is_some(),
             run_as_ids: lease.as_ref().map(|l| (l.id(), l.id())),
@@ -320,7 +363,7 @@ impl Backend for Qemu {
             args.push(format!("fd={},set={SCRATCH_FDSET}", inherited.child_fd).into());
         }
         launch.spawn(&VmmCommand {
-            program: self.options.qemu_bin.clone(),
+            program: qemu_bin,
             args,
             cwd: None,
             stdout: paths.console_log(),

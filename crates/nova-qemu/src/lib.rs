@@ -10,6 +10,12 @@
 //! ready → agent ready. QEMU runs under its seccomp filter and, when nova
 //! is root, as an unprivileged user ([`confinement`]).
 //!
+//! A template whose manifest says arm64 runs the same way in
+//! `qemu-system-aarch64 -M virt` under TCG ([`qemu_for`] picks the binary
+//! and accelerator by the guest's architecture, [`cmdline`] the machine,
+//! CPU and console): the guest Apple Virtualization.framework boots on a
+//! Mac, emulated here.
+//!
 //! This is the backend that boots real guests on any Linux host: with KVM
 //! when the host has hardware virtualization, else with TCG (software
 //! emulation, seconds per boot; development and CI only).
@@ -24,5 +30,8 @@ mod ids;
 pub mod qmp;
 pub mod vm;
 
-pub use hypervisor::{DEFAULT_SCRATCH_MB, Qemu, QemuHypervisor, QemuOptions, QemuUnavailable};
+pub use hypervisor::{
+    DEFAULT_SCRATCH_MB, QEMU_AARCH64_BIN, QEMU_AARCH64_BIN_ENV, Qemu, QemuHypervisor, QemuOptions,
+    QemuUnavailable, qemu_for,
+};
 pub use vm::QemuVm;

@@ -39,6 +39,7 @@ use nova_core::home::{NovaHome, SandboxPaths};
 use nova_core::hypervisor::HypervisorKind;
 use nova_core::metadata::SandboxInfo;
 use nova_core::snapshot::{Snapshot, SnapshotError, SnapshotKind};
+use nova_core::template::GuestArch;
 use nova_net::SandboxNetwork;
 use tokio::net::UnixStream;
 
@@ -54,6 +55,9 @@ pub struct GuestImage {
     pub rootfs: PathBuf,
     /// More disks, in order.
     pub extra_drives: Vec<DriveConfig>,
+    /// The guest's architecture (the template's): a backend refuses one it
+    /// cannot run, and picks its machine by it.
+    pub arch: GuestArch,
 }
 
 /// How to start the guest.

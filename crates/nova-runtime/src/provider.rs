@@ -820,6 +820,7 @@ fn guest_image(template: &Template, config: &SandboxConfig) -> GuestImage {
             .clone()
             .unwrap_or_else(|| template.rootfs_path()),
         extra_drives: config.extra_drives.clone(),
+        arch: template.manifest.arch,
     }
 }
 

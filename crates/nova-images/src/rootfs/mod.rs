@@ -21,6 +21,8 @@ use std::path::{Path, PathBuf};
 
 use tokio::process::Command;
 
+use nova_core::template::GuestArch;
+
 use crate::command::{self, RunCommandError};
 use crate::elf::{self, ReadElfError};
 use crate::host_tools::{self, EnsureToolsError, HostTool};
@@ -88,14 +90,30 @@ pub enum BuildRootfsError {
     #[error(
         "guest agent not found at {0}; build it with `make agent` (static: \
          RUSTFLAGS='-C target-feature=+crt-static' cargo build -p nova-agent --profile agent \
-         --target x86_64-unknown-linux-gnu)"
+         --target x86_64-unknown-linux-gnu), or `make agent-arm64` for an arm64 template"
     )]
     AgentMissing(PathBuf),
     /// A binary that must run without a dynamic loader is dynamic.
-    #[error("{path} must be a static x86-64 binary (it runs in a rootfs without a dynamic loader)")]
+    #[error(
+        "{path} must be a static x86-64 or arm64 binary (it runs in a rootfs without a dynamic \
+         loader)"
+    )]
     NotStatic {
         /// The binary.
         path: PathBuf,
+    },
+    /// A binary is for another architecture than the template's.
+    #[error(
+        "{path} is a {found} binary, but the template is {expected}; build the agent for \
+         {expected} (`make agent-arm64` for arm64, `make agent` for x86_64) and pass it with --agent"
+    )]
+    WrongArch {
+        /// The binary.
+        path: PathBuf,
+        /// The template's architecture.
+        expected: GuestArch,
+        /// The binary's (`e_machine`, when not a guest architecture).
+        found: String,
     },
     /// A binary could not be inspected.
     #[error("cannot inspect a binary for the rootfs")]
@@ -116,6 +134,24 @@ pub enum BuildRootfsError {
         /// The suite looked for.
         suite: String,
     },
+    /// The host's busybox-static (whose applet list the arm64 image uses)
+    /// and the arm64 one differ in version.
+    #[error(
+        "the host's busybox-static is {host} but the arm64 one is {arm64}; rebuild with \
+         --rebuild-all to fetch the matching arm64 package"
+    )]
+    BusyboxVersion {
+        /// The host's version.
+        host: String,
+        /// The arm64 binary's.
+        arm64: String,
+    },
+    /// arm64 packages cannot be listed and this is not root.
+    #[error(
+        "the arm64 busybox needs arm64 in dpkg's architectures; run as root, or `dpkg \
+         --add-architecture arm64 && apt-get update` once"
+    )]
+    Arm64Packages,
     /// A build command failed.
     #[error("rootfs build step `{step}` failed")]
     Step {
@@ -143,14 +179,30 @@ pub(crate) fn io_err(path: &Path) -> impl FnOnce(io::Error) -> BuildRootfsError 
     }
 }
 
-/// Checks that `path` is a static x86-64 binary.
+/// Checks that `path` is a static binary of a guest architecture (x86-64 or
+/// AArch64; [`ensure_static_for`] names which).
 pub fn ensure_static(path: &Path) -> Result<(), BuildRootfsError> {
-    if !elf::read_elf(path)?.is_static_x86_64() {
+    let info = elf::read_elf(path)?;
+    if info.has_interpreter || info.guest_arch().is_none() {
         return Err(BuildRootfsError::NotStatic {
             path: path.to_owned(),
         });
     }
     Ok(())
+}
+
+/// Checks that `path` is a static binary for `arch`.
+pub fn ensure_static_for(path: &Path, arch: GuestArch) -> Result<(), BuildRootfsError> {
+    ensure_static(path)?;
+    let info = elf::read_elf(path)?;
+    match info.guest_arch() {
+        Some(found) if found == arch => Ok(()),
+        found => Err(BuildRootfsError::WrongArch {
+            path: path.to_owned(),
+            expected: arch,
+            found: found.map_or_else(|| format!("e_machine {}", info.machine), |a| a.to_string()),
+        }),
+    }
 }
 
 /// How [`finish_staging`] treats `/etc` files the base tree already has.
