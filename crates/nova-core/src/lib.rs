@@ -66,4 +66,4 @@ pub use network::{EgressConfig, PortProtocol, PortSpec};
 pub use sandbox::Sandbox;
 pub use state::{InvalidTransition, SandboxState};
 pub use stats::{GuestStats, SandboxStats, VmmStats};
-pub use template::{Template, TemplateError, TemplateManager, TemplateManifest};
+pub use template::{ExecDefaults, Template, TemplateError, TemplateManager, TemplateManifest};

@@ -44,6 +44,46 @@ pub struct TemplateManifest {
     pub required_files: Vec<String>,
     /// Packages installed in the root filesystem.
     pub packages: Vec<String>,
+    /// Defaults of every command run in this template's sandboxes (from an
+    /// OCI image's config or a Dockerfile); absent from the seed's format.
+    #[serde(default, skip_serializing_if = "ExecDefaults::is_empty")]
+    pub exec_defaults: ExecDefaults,
+}
+
+/// What every command in a template's sandboxes runs with unless the request
+/// says otherwise: an OCI image's `Env`, `WorkingDir`, `User` and
+/// `Entrypoint`/`Cmd`, or what a Dockerfile's `ENV`, `WORKDIR`, `USER`,
+/// `ENTRYPOINT` and `CMD` left.
+///
+/// The runtime applies them in one place (`nova_runtime::Guest`): `env`
+/// goes under the sandbox's and the request's own variables, `cwd` is used
+/// when a request names none. `user`, `entrypoint` and `cmd` are recorded
+/// for callers (the agent runs commands as root).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecDefaults {
+    /// Environment variables, name to value.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub env: std::collections::BTreeMap<String, String>,
+    /// Working directory (absolute guest path).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cwd: Option<String>,
+    /// The image's user as it names it (`name`, `uid`, `uid:gid`, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// The image's entrypoint (argv).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub entrypoint: Vec<String>,
+    /// The image's command (argv; arguments of the entrypoint if it has one).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cmd: Vec<String>,
+}
+
+impl ExecDefaults {
+    /// Whether nothing is set (the seed's templates).
+    pub fn is_empty(&self) -> bool {
+        self == &Self::default()
+    }
 }
 
 /// A validated, installed template.
@@ -296,6 +336,7 @@ mod tests {
             kernel_version: "6.1.0".into(),
             required_files: vec![KERNEL_FILE.into(), ROOTFS_FILE.into()],
             packages: vec!["python3".into(), "curl".into()],
+            exec_defaults: ExecDefaults::default(),
         }
     }
 

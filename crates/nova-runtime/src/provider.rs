@@ -64,7 +64,7 @@ impl<B: Backend> Clone for Provider<B> {
 #[derive(Debug)]
 pub(crate) struct Inner<B: Backend> {
     pub(crate) backend: B,
-    templates: TemplateManager,
+    pub(crate) templates: TemplateManager,
     pub(crate) timeouts: Timeouts,
     scratch: ScratchCache,
     pub(crate) sandboxes: Arc<SandboxRegistry<B::Vm>>,
@@ -236,6 +236,7 @@ impl<B: Backend> Provider<B> {
             image,
             BootSource::Restore(Box::new(snapshot)),
             identity,
+            template.manifest.exec_defaults,
         )
         .await
     }
@@ -340,6 +341,7 @@ impl<B: Backend> Provider<B> {
         image: GuestImage,
         source: BootSource,
         template: Option<TemplateIdentity>,
+        exec_defaults: nova_core::template::ExecDefaults,
     ) -> Result<Sandbox, CreateSandboxError> {
         let backend = &self.inner.backend;
         let kind = backend.kind();
@@ -542,7 +544,7 @@ impl<B: Backend> Provider<B> {
             }
             record.info.agent_version = Some(hello.agent_version.clone());
             record.info.kernel_release = Some(hello.kernel_release.clone());
-            Guest::new(client, record.info.config.env.clone())
+            Guest::new(client, record.info.config.env.clone()).with_exec_defaults(&exec_defaults)
         });
         // A cold guest read the hardware clock to whole seconds, and a
         // restored one kept the time of its snapshot: set it from the host's.
@@ -710,7 +712,14 @@ impl<B: Backend> Hypervisor for Provider<B> {
             Some(snapshot) => BootSource::Restore(Box::new(snapshot)),
             None => BootSource::Cold,
         };
-        self.launch(config, image, source, identity).await
+        self.launch(
+            config,
+            image,
+            source,
+            identity,
+            template.manifest.exec_defaults,
+        )
+        .await
     }
 
     async fn create_sandbox_from_snapshot(

@@ -229,6 +229,7 @@ mod tests {
             kernel_version: "6.1".into(),
             required_files: vec!["vmlinux".into(), "rootfs.ext4".into()],
             packages: vec![],
+            exec_defaults: Default::default(),
         };
         TemplateManager::write_manifest(&dir, &manifest).unwrap();
         TemplateManager::new(root)

@@ -237,6 +237,7 @@ fn setup(faults: Faults) -> Setup {
         kernel_version: "6.1".into(),
         required_files: vec!["vmlinux".into(), "rootfs.ext4".into()],
         packages: vec![],
+        exec_defaults: Default::default(),
     };
     TemplateManager::write_manifest(&template, &manifest).unwrap();
     let provider = Provider::<Double>::with_timeouts(
