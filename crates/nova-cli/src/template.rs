@@ -16,21 +16,41 @@ use novasandbox::core::NovaHome;
 /// Arguments of `nova template build`.
 #[derive(clap::Args, Debug)]
 pub(crate) struct BuildArgs {
-    /// Template to build: `minimal` (busybox) or `python` (Debian 12 + python3).
-    id: String,
+    /// Template to build: `minimal` (busybox) or `python` (Debian 12 +
+    /// python3); with --from or -f, any new id.
+    pub(crate) id: String,
+    /// Build from an image: a registry reference (alpine:3.20,
+    /// 127.0.0.1:5000/app:1), oci-layout:DIR, oci-archive:FILE or
+    /// docker-archive:FILE.
+    #[arg(long, value_name = "IMAGE", conflicts_with = "file")]
+    pub(crate) from: Option<String>,
+    /// Build from a Dockerfile (FROM, RUN, COPY, ADD, ENV, WORKDIR, USER,
+    /// ARG, CMD, ENTRYPOINT); RUN steps run in a sandbox.
+    #[arg(short = 'f', long = "file", value_name = "DOCKERFILE")]
+    pub(crate) file: Option<PathBuf>,
+    /// The Dockerfile's build context (COPY and ADD sources); default: the
+    /// Dockerfile's directory.
+    #[arg(value_name = "CONTEXT", requires = "file")]
+    pub(crate) context: Option<PathBuf>,
+    /// A Dockerfile ARG value, NAME=VALUE (repeatable).
+    #[arg(long = "build-arg", value_name = "NAME=VALUE", requires = "file")]
+    pub(crate) build_args: Vec<String>,
+    /// A registry to speak plain HTTP to (loopback registries always are).
+    #[arg(long = "insecure-registry", value_name = "HOST[:PORT]")]
+    pub(crate) insecure_registries: Vec<String>,
     /// Rebuild the rootfs and template even when cached (reuses the cached
     /// kernel and debootstrap tree).
     #[arg(long)]
     force: bool,
     /// Rebuild everything, the kernel and the debootstrap tree included.
     #[arg(long)]
-    rebuild_all: bool,
+    pub(crate) rebuild_all: bool,
     /// The static guest agent to bake in as /sbin/nova-agent (`make agent` builds it).
     #[arg(long, env = "NOVA_AGENT_BIN", default_value = DEFAULT_AGENT_PATH)]
-    agent: PathBuf,
+    pub(crate) agent: PathBuf,
     /// Do not boot the new template under QEMU to measure its boot time.
     #[arg(long)]
-    no_boot_check: bool,
+    pub(crate) no_boot_check: bool,
     /// Do not take the template's snapshot (which creates restore from
     /// instead of booting) after the build.
     #[arg(long)]
@@ -39,6 +59,10 @@ pub(crate) struct BuildArgs {
 
 /// Runs `nova template build`.
 pub(crate) async fn build(args: &BuildArgs) -> anyhow::Result<()> {
+    if args.from.is_some() || args.file.is_some() {
+        crate::template_image::build(args).await?;
+        return finish_with_snapshot(args).await;
+    }
     let spec = find_template(&args.id)?;
     let home = NovaHome::resolve()?;
     let mut opts = BuildOptions::new(home.clone());
@@ -84,6 +108,12 @@ pub(crate) async fn build(args: &BuildArgs) -> anyhow::Result<()> {
         m.boot_time_ms,
         report.elapsed.as_secs_f64(),
     );
+    finish_with_snapshot(args).await
+}
+
+/// Takes the template's snapshot after a build, unless told not to.
+async fn finish_with_snapshot(args: &BuildArgs) -> anyhow::Result<()> {
+    let home = NovaHome::resolve()?;
     if !args.no_snapshot {
         if snapshot_is_current(&home, &args.id).await {
             println!("template {} snapshot up to date", args.id);
@@ -129,7 +159,7 @@ async fn snapshot_is_current(home: &NovaHome, id: &str) -> bool {
 #[derive(clap::Args, Debug)]
 pub(crate) struct SnapshotArgs {
     /// The installed template to snapshot.
-    id: String,
+    pub(crate) id: String,
     /// Guest memory of the snapshot, in MiB; sandboxes restore from it when
     /// they ask for the same (default: a sandbox's default).
     #[arg(long)]

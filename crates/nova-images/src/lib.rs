@@ -18,7 +18,8 @@
 //! * [`oci`] and [`image_template`]: templates from OCI / Docker images
 //!   (registry pulls, OCI layouts and archives, `docker save` archives),
 //!   layers applied safely, the image's process defaults kept as the
-//!   template's exec defaults.
+//!   template's exec defaults; [`dockerfile`]: templates from Dockerfiles,
+//!   `RUN` steps run in sandboxes.
 //! * [`boot_probe`]: boots a kernel + rootfs under QEMU TCG and times it
 //!   (template `boot_time_ms`, tests, the boot benchmark).
 //!
@@ -31,6 +32,7 @@
 pub mod boot_probe;
 pub mod cache;
 pub mod command;
+pub mod dockerfile;
 pub mod elf;
 pub mod host_tools;
 pub mod image_template;
