@@ -36,7 +36,9 @@ use std::time::Instant;
 
 use nova_core::exec::{ExecEvent, ExecRequest, ExitStatus};
 use nova_core::hypervisor::Hypervisor;
-use nova_core::template::{ExecDefaults, KERNEL_FILE, ROOTFS_FILE, TemplateManager, TemplateManifest};
+use nova_core::template::{
+    ExecDefaults, KERNEL_FILE, ROOTFS_FILE, TemplateManager, TemplateManifest,
+};
 use nova_core::{Sandbox, SandboxConfig, StartMode};
 use parse_dockerfile::{Command as DockerCommand, Instruction};
 
@@ -250,7 +252,12 @@ pub async fn build_from_dockerfile(
     let mut global_args = BTreeMap::new();
     for arg in parsed.global_args() {
         let (name, value) = parse_arg(&arg.arguments.value);
-        let value = build.build_args.get(&name).cloned().or(value).unwrap_or_default();
+        let value = build
+            .build_args
+            .get(&name)
+            .cloned()
+            .or(value)
+            .unwrap_or_default();
         global_args.insert(name, value);
     }
 
@@ -289,18 +296,25 @@ pub async fn build_from_dockerfile(
         stage.defaults = template.manifest.exec_defaults.clone();
         let hypervisor = hypervisor.ok_or_else(|| at(from_line, NO_HYPERVISOR))?;
         let sandbox = boot(hypervisor, &base, opts.memory_mb, from_line).await?;
-        progress(BuildEvent::Note(&format!("exporting template {base}'s files")));
-        let exported = export_tree(&sandbox, staging.path(), &stage.tree, from_line, progress).await;
+        progress(BuildEvent::Note(&format!(
+            "exporting template {base}'s files"
+        )));
+        let exported =
+            export_tree(&sandbox, staging.path(), &stage.tree, from_line, progress).await;
         stop(&sandbox).await;
         exported?;
     } else {
         let source = ImageSource::parse(&base).map_err(|e| at(from_line, e.to_string()))?;
-        let image = oci::fetch(&source, &opts.build.home.cache_dir(), &opts.insecure_registries)
-            .await
-            .map_err(|e| BuildFromImageError::Fetch {
-                source_ref: source.to_string(),
-                source: e,
-            })?;
+        let image = oci::fetch(
+            &source,
+            &opts.build.home.cache_dir(),
+            &opts.insecure_registries,
+        )
+        .await
+        .map_err(|e| BuildFromImageError::Fetch {
+            source_ref: source.to_string(),
+            source: e,
+        })?;
         stage.defaults = image.config.exec_defaults();
         let target = stage.tree.clone();
         tokio::task::spawn_blocking(move || oci::unpack(&image, &target))
@@ -322,8 +336,8 @@ pub async fn build_from_dockerfile(
         let vars = stage.vars();
         match instruction {
             Instruction::Env(env) => {
-                for (name, value) in parse_env(&env.arguments.value, &vars)
-                    .map_err(|m| at(line, m))?
+                for (name, value) in
+                    parse_env(&env.arguments.value, &vars).map_err(|m| at(line, m))?
                 {
                     stage.defaults.env.insert(name, value);
                 }
@@ -347,7 +361,12 @@ pub async fn build_from_dockerfile(
                 } else {
                     format!(
                         "{}/{dir}",
-                        stage.defaults.cwd.as_deref().unwrap_or("").trim_end_matches('/')
+                        stage
+                            .defaults
+                            .cwd
+                            .as_deref()
+                            .unwrap_or("")
+                            .trim_end_matches('/')
                     )
                 };
                 stage.defaults.cwd = Some(dir);
@@ -367,36 +386,77 @@ pub async fn build_from_dockerfile(
                 }
             }
             Instruction::Copy(copy) => {
-                if let Some(flag) = copy.options.iter().find(|f| f.name.value != "chown" && f.name.value != "chmod") {
-                    return Err(at(line, format!("COPY --{} is not supported", flag.name.value)));
+                if let Some(flag) = copy
+                    .options
+                    .iter()
+                    .find(|f| f.name.value != "chown" && f.name.value != "chmod")
+                {
+                    return Err(at(
+                        line,
+                        format!("COPY --{} is not supported", flag.name.value),
+                    ));
                 }
                 if let Some(live) = live.take() {
                     finish_live(live, staging.path(), &stage.tree, line, progress).await?;
                 }
                 let sources = sources_of(&copy.src, line, &vars)?;
                 let dest = expand(&copy.dest.value, &vars);
-                copy_into(&stage, build, &sources, &dest, flags(&copy.options), staging.path(), line)?;
+                copy_into(
+                    &stage,
+                    build,
+                    &sources,
+                    &dest,
+                    flags(&copy.options),
+                    staging.path(),
+                    line,
+                )?;
             }
             Instruction::Add(add) => {
-                if let Some(flag) = add.options.iter().find(|f| f.name.value != "chown" && f.name.value != "chmod") {
-                    return Err(at(line, format!("ADD --{} is not supported", flag.name.value)));
+                if let Some(flag) = add
+                    .options
+                    .iter()
+                    .find(|f| f.name.value != "chown" && f.name.value != "chmod")
+                {
+                    return Err(at(
+                        line,
+                        format!("ADD --{} is not supported", flag.name.value),
+                    ));
                 }
                 let sources = sources_of(&add.src, line, &vars)?;
                 if let Some(url) = sources.iter().find(|s| s.contains("://")) {
-                    return Err(at(line, format!("ADD of a URL ({url}) is not supported; download it with RUN")));
+                    return Err(at(
+                        line,
+                        format!("ADD of a URL ({url}) is not supported; download it with RUN"),
+                    ));
                 }
                 if let Some(archive) = sources.iter().find(|s| is_archive_name(s)) {
-                    return Err(at(line, format!("ADD of an archive ({archive}) would unpack it, which nova does not do; COPY it and unpack it with RUN")));
+                    return Err(at(
+                        line,
+                        format!(
+                            "ADD of an archive ({archive}) would unpack it, which nova does not do; COPY it and unpack it with RUN"
+                        ),
+                    ));
                 }
                 if let Some(live) = live.take() {
                     finish_live(live, staging.path(), &stage.tree, line, progress).await?;
                 }
                 let dest = expand(&add.dest.value, &vars);
-                copy_into(&stage, build, &sources, &dest, flags(&add.options), staging.path(), line)?;
+                copy_into(
+                    &stage,
+                    build,
+                    &sources,
+                    &dest,
+                    flags(&add.options),
+                    staging.path(),
+                    line,
+                )?;
             }
             Instruction::Run(run) => {
                 if let Some(flag) = run.options.first() {
-                    return Err(at(line, format!("RUN --{} is not supported", flag.name.value)));
+                    return Err(at(
+                        line,
+                        format!("RUN --{} is not supported", flag.name.value),
+                    ));
                 }
                 if !run.here_docs.is_empty() {
                     return Err(at(line, "RUN with a here-document is not supported"));
@@ -447,7 +507,10 @@ pub async fn build_from_dockerfile(
     }
     progress(BuildEvent::Note("packing the root file system"));
     let name = format!("Dockerfile {}", build.dockerfile.display());
-    Ok(image_template::install_tree(id, &name, staging, &tree, stage.defaults, opts, started).await?)
+    Ok(
+        image_template::install_tree(id, &name, staging, &tree, stage.defaults, opts, started)
+            .await?,
+    )
 }
 
 impl Stage {
@@ -544,9 +607,11 @@ fn sources_of(
 }
 
 fn is_archive_name(name: &str) -> bool {
-    [".tar", ".tar.gz", ".tgz", ".tar.xz", ".txz", ".tar.bz2", ".tbz2", ".tar.zst"]
-        .iter()
-        .any(|ext| name.ends_with(ext))
+    [
+        ".tar", ".tar.gz", ".tgz", ".tar.xz", ".txz", ".tar.bz2", ".tbz2", ".tar.zst",
+    ]
+    .iter()
+    .any(|ext| name.ends_with(ext))
 }
 
 /// `NAME` or `NAME=default`.
@@ -572,10 +637,7 @@ fn unquote(value: &str) -> String {
 
 /// Parses `ENV` arguments: `K=V K2="v w"` or the legacy `K value words`.
 /// Values are expanded against `vars` (and the pairs before them).
-fn parse_env(
-    text: &str,
-    vars: &BTreeMap<String, String>,
-) -> Result<Vec<(String, String)>, String> {
+fn parse_env(text: &str, vars: &BTreeMap<String, String>) -> Result<Vec<(String, String)>, String> {
     let text = text.trim();
     let first_word = text.split_whitespace().next().unwrap_or_default();
     if !first_word.contains('=') {
@@ -704,7 +766,10 @@ fn expand(text: &str, vars: &BTreeMap<String, String>) -> String {
                     out.push_str(v);
                 }
             }
-            '$' if chars.peek().is_some_and(|c| c.is_ascii_alphabetic() || *c == '_') => {
+            '$' if chars
+                .peek()
+                .is_some_and(|c| c.is_ascii_alphabetic() || *c == '_') =>
+            {
                 let mut name = String::new();
                 while let Some(&c) = chars.peek() {
                     if c.is_ascii_alphanumeric() || c == '_' {
@@ -775,7 +840,12 @@ fn copy_into(
             let (u, g) = resolved.split_once(':').unwrap_or((&resolved, &resolved));
             match (u.parse::<u64>(), g.parse::<u64>()) {
                 (Ok(u), Ok(g)) => (u, g),
-                _ => return Err(at(line, format!("--chown={spec}: the image does not know this user or group"))),
+                _ => {
+                    return Err(at(
+                        line,
+                        format!("--chown={spec}: the image does not know this user or group"),
+                    ));
+                }
             }
         }
     };
@@ -788,16 +858,26 @@ fn copy_into(
                 .ok_or_else(|| at(line, format!("--chmod={m} is not an octal mode")))?,
         ),
     };
-    let context = build
-        .context
-        .canonicalize()
-        .map_err(|e| at(line, format!("the build context {} is not readable: {e}", build.context.display())))?;
+    let context = build.context.canonicalize().map_err(|e| {
+        at(
+            line,
+            format!(
+                "the build context {} is not readable: {e}",
+                build.context.display()
+            ),
+        )
+    })?;
     let dest_abs = if dest.starts_with('/') {
         dest.to_owned()
     } else {
         format!(
             "{}/{dest}",
-            stage.defaults.cwd.as_deref().unwrap_or("").trim_end_matches('/')
+            stage
+                .defaults
+                .cwd
+                .as_deref()
+                .unwrap_or("")
+                .trim_end_matches('/')
         )
     };
     let into_dir = dest_abs.ends_with('/') || sources.len() > 1;
@@ -807,20 +887,38 @@ fn copy_into(
     builder.follow_symlinks(false);
     for source in sources {
         if source.contains(['*', '?', '[']) {
-            return Err(at(line, format!("{source:?}: wildcards in COPY/ADD sources are not supported")));
+            return Err(at(
+                line,
+                format!("{source:?}: wildcards in COPY/ADD sources are not supported"),
+            ));
         }
         let host = context.join(source.trim_start_matches('/'));
-        let host = host
-            .canonicalize()
-            .map_err(|e| at(line, format!("{source:?} is not in the build context {}: {e}", context.display())))?;
+        let host = host.canonicalize().map_err(|e| {
+            at(
+                line,
+                format!(
+                    "{source:?} is not in the build context {}: {e}",
+                    context.display()
+                ),
+            )
+        })?;
         if !host.starts_with(&context) {
-            return Err(at(line, format!("{source:?} is outside the build context {}", context.display())));
+            return Err(at(
+                line,
+                format!(
+                    "{source:?} is outside the build context {}",
+                    context.display()
+                ),
+            ));
         }
         let meta = fs::metadata(&host).map_err(io_err(&host))?;
         let target = if meta.is_dir() {
             tar_path(&dest_abs).trim_end_matches('/').to_owned()
         } else if into_dir || dest_abs.ends_with('/') {
-            let name = host.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let name = host
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
             format!("{}/{name}", tar_path(&dest_abs).trim_end_matches('/'))
         } else {
             tar_path(&dest_abs)
@@ -875,7 +973,11 @@ fn append_tree(
         children.sort_by_key(fs::DirEntry::file_name);
         for child in children {
             let name = child.file_name().to_string_lossy().into_owned();
-            let child_target = if target.is_empty() { name } else { format!("{target}/{name}") };
+            let child_target = if target.is_empty() {
+                name
+            } else {
+                format!("{target}/{name}")
+            };
             append_tree(builder, &child.path(), &child_target, owner, mode, line)?;
         }
     } else if meta.is_file() {
@@ -941,17 +1043,26 @@ async fn boot_stage(
     rootfs::finish_staging(&stage.tree, &opts.build.agent, EtcPolicy::Image)
         .map_err(BuildFromImageError::from)?;
     let mut suffix = [0u8; 4];
-    getrandom::fill(&mut suffix).map_err(|e| at(line, format!("no randomness for a stage id: {e}")))?;
+    getrandom::fill(&mut suffix)
+        .map_err(|e| at(line, format!("no randomness for a stage id: {e}")))?;
     let id = format!(
         "nova-build-{}",
-        suffix.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        suffix
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
     );
     let templates = opts.build.home.templates_dir();
     let dir = templates.join(&id);
     fs::create_dir_all(&dir).map_err(io_err(&dir))?;
-    let guard = StageTemplate { dir: dir.clone(), id: id.clone() };
+    let guard = StageTemplate {
+        dir: dir.clone(),
+        id: id.clone(),
+    };
     let cache = CacheDir::new(opts.build.home.cache_dir());
-    let log = cache.log_file(&format!("template-{id}")).map_err(io_err(cache.root()))?;
+    let log = cache
+        .log_file(&format!("template-{id}"))
+        .map_err(io_err(cache.root()))?;
     let kernel = kernel::build_kernel(&cache, &opts.build.kernel_source, false)
         .await
         .map_err(BuildTemplateError::from)?;
@@ -989,7 +1100,6 @@ async fn boot_stage(
         _template: guard,
     })
 }
-
 
 /// Runs one RUN step in the stage's sandbox, streaming its output.
 async fn run_step(
@@ -1043,7 +1153,9 @@ async fn run_step(
             command: shown.to_owned(),
             status: format!("{other:?}"),
         }),
-        None => Err(sandbox_err("the agent went away before the command ended".into())),
+        None => Err(sandbox_err(
+            "the agent went away before the command ended".into(),
+        )),
     }
 }
 
@@ -1073,11 +1185,17 @@ async fn export_tree(
 ) -> Result<(), DockerfileError> {
     let sandbox_err = |message: String| DockerfileError::Sandbox { line, message };
     let tar_path = scratch.join(format!(".export-{line}.tar"));
-    let mut file = tokio::fs::File::create(&tar_path).await.map_err(io_err(&tar_path))?;
+    let mut file = tokio::fs::File::create(&tar_path)
+        .await
+        .map_err(io_err(&tar_path))?;
     let mut stream = sandbox
         .exec_stream(ExecRequest::shell(EXPORT_SCRIPT))
         .await
-        .map_err(|e| sandbox_err(format!("cannot export the files (the image needs sh and tar): {e}")))?;
+        .map_err(|e| {
+            sandbox_err(format!(
+                "cannot export the files (the image needs sh and tar): {e}"
+            ))
+        })?;
     let mut status = None;
     while let Some(event) = stream.next().await {
         match event {
@@ -1090,7 +1208,9 @@ async fn export_tree(
             ExecEvent::Exited(s) => status = Some(s),
         }
     }
-    tokio::io::AsyncWriteExt::flush(&mut file).await.map_err(io_err(&tar_path))?;
+    tokio::io::AsyncWriteExt::flush(&mut file)
+        .await
+        .map_err(io_err(&tar_path))?;
     drop(file);
     if !status.is_some_and(ExitStatus::success) {
         return Err(sandbox_err(format!(
@@ -1132,14 +1252,20 @@ mod tests {
     use super::*;
 
     fn vars(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
     }
 
     #[test]
     fn variables_expand_as_docker_does() {
         let v = vars(&[("A", "1"), ("EMPTY", "")]);
         assert_eq!(expand("$A/${A}/x$NOPE/\\$A", &v), "1/1/x/$A");
-        assert_eq!(expand("${EMPTY:-d} ${A:-d} ${A:+set} ${NOPE:+set}", &v), "d 1 set ");
+        assert_eq!(
+            expand("${EMPTY:-d} ${A:-d} ${A:+set} ${NOPE:+set}", &v),
+            "d 1 set "
+        );
     }
 
     #[test]
@@ -1159,14 +1285,21 @@ mod tests {
             [("GREETING".to_owned(), "hello  world".to_owned())]
         );
         assert!(parse_env(r#"A="open"#, &v).is_err());
-        assert_eq!(parse_arg("V=\"x y\""), ("V".to_owned(), Some("x y".to_owned())));
+        assert_eq!(
+            parse_arg("V=\"x y\""),
+            ("V".to_owned(), Some("x y".to_owned()))
+        );
         assert_eq!(parse_arg("V"), ("V".to_owned(), None));
     }
 
     #[test]
     fn the_export_script_skips_every_mount() {
         for dir in EXPORT_SKIP {
-            assert!(EXPORT_SCRIPT.contains(&format!("{dir}|")) || EXPORT_SCRIPT.contains(&format!("{dir})")), "{dir}");
+            assert!(
+                EXPORT_SCRIPT.contains(&format!("{dir}|"))
+                    || EXPORT_SCRIPT.contains(&format!("{dir})")),
+                "{dir}"
+            );
         }
     }
 
@@ -1182,7 +1315,10 @@ mod tests {
         fs::create_dir_all(&tree).unwrap();
         let stage = Stage {
             tree: tree.clone(),
-            defaults: ExecDefaults { cwd: Some("/app".into()), ..Default::default() },
+            defaults: ExecDefaults {
+                cwd: Some("/app".into()),
+                ..Default::default()
+            },
             args: BTreeMap::new(),
             entrypoint_set: false,
         };
@@ -1192,17 +1328,65 @@ mod tests {
             build_args: BTreeMap::new(),
         };
         let none = (None, None);
-        copy_into(&stage, &build, &["hello.txt".into()], "/etc/greeting", none.clone(), dir.path(), 3).unwrap();
-        copy_into(&stage, &build, &["sub".into()], "data/", (None, Some("600".into())), dir.path(), 4).unwrap();
-        copy_into(&stage, &build, &["hello.txt".into(), "sub/inner".into()], "/multi", none.clone(), dir.path(), 5).unwrap();
+        copy_into(
+            &stage,
+            &build,
+            &["hello.txt".into()],
+            "/etc/greeting",
+            none.clone(),
+            dir.path(),
+            3,
+        )
+        .unwrap();
+        copy_into(
+            &stage,
+            &build,
+            &["sub".into()],
+            "data/",
+            (None, Some("600".into())),
+            dir.path(),
+            4,
+        )
+        .unwrap();
+        copy_into(
+            &stage,
+            &build,
+            &["hello.txt".into(), "sub/inner".into()],
+            "/multi",
+            none.clone(),
+            dir.path(),
+            5,
+        )
+        .unwrap();
         assert_eq!(fs::read(tree.join("etc/greeting")).unwrap(), b"hi");
         assert_eq!(fs::read(tree.join("app/data/inner")).unwrap(), b"in");
         use std::os::unix::fs::PermissionsExt as _;
-        assert_eq!(fs::metadata(tree.join("app/data/inner")).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            fs::metadata(tree.join("app/data/inner"))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777,
+            0o600
+        );
         assert_eq!(fs::read(tree.join("multi/inner")).unwrap(), b"in");
-        let err = copy_into(&stage, &build, &["../secret".into()], "/x", none.clone(), dir.path(), 6).unwrap_err();
-        assert!(err.to_string().contains("line 6") && err.to_string().contains("outside the build context"), "{err}");
-        let err = copy_into(&stage, &build, &["*.txt".into()], "/x", none, dir.path(), 7).unwrap_err();
+        let err = copy_into(
+            &stage,
+            &build,
+            &["../secret".into()],
+            "/x",
+            none.clone(),
+            dir.path(),
+            6,
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("line 6")
+                && err.to_string().contains("outside the build context"),
+            "{err}"
+        );
+        let err =
+            copy_into(&stage, &build, &["*.txt".into()], "/x", none, dir.path(), 7).unwrap_err();
         assert!(err.to_string().contains("wildcards"), "{err}");
     }
 
@@ -1210,11 +1394,23 @@ mod tests {
     async fn unsupported_instructions_name_their_line() {
         let dir = tempfile::tempdir().unwrap();
         let cases = [
-            ("FROM scratch\nENV A=1\nEXPOSE 80\n", "line 3: EXPOSE is not supported"),
-            ("FROM scratch\nRUN --mount=type=cache,target=/x true\n", "line 2: RUN --mount is not supported"),
+            (
+                "FROM scratch\nENV A=1\nEXPOSE 80\n",
+                "line 3: EXPOSE is not supported",
+            ),
+            (
+                "FROM scratch\nRUN --mount=type=cache,target=/x true\n",
+                "line 2: RUN --mount is not supported",
+            ),
             ("FROM scratch AS a\nFROM scratch\n", "line 2: multi-stage"),
-            ("FROM scratch\nADD https://example.invalid/x /x\n", "line 2: ADD of a URL"),
-            ("FROM scratch\nCOPY --from=a /x /x\n", "line 2: COPY --from is not supported"),
+            (
+                "FROM scratch\nADD https://example.invalid/x /x\n",
+                "line 2: ADD of a URL",
+            ),
+            (
+                "FROM scratch\nCOPY --from=a /x /x\n",
+                "line 2: COPY --from is not supported",
+            ),
         ];
         for (text, expected) in cases {
             let path = dir.path().join("Dockerfile");
