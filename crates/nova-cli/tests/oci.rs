@@ -61,7 +61,6 @@ fn missing_prerequisite() -> Option<String> {
     None
 }
 
-
 /// Whether the test cannot run here: as the other VM tests, a missing
 /// prerequisite fails the test with what to install, unless
 /// `NOVA_SKIP_VM_TESTS=1`, which makes it print SKIP and return.

@@ -42,6 +42,9 @@ fn raw_entry(
     builder.append(&header, data).unwrap();
 }
 
+/// A layer's entries: kind, name, link target.
+type Entries<'a> = Vec<(tar::EntryType, &'a str, &'a str)>;
+
 fn layer(entries: &[(tar::EntryType, &str, &str)]) -> Vec<u8> {
     let mut builder = tar::Builder::new(Vec::new());
     for (kind, name, link) in entries {
@@ -80,7 +83,7 @@ fn write_layout(dir: &Path, layers: &[Vec<u8>]) {
 #[tokio::test]
 async fn hostile_layers_are_refused_naming_the_entry() {
     use tar::EntryType::{Regular, Symlink};
-    let cases: Vec<(&str, Vec<(tar::EntryType, &str, &str)>, &str)> = vec![
+    let cases: Vec<(&str, Entries<'_>, &str)> = vec![
         (
             "path traversal",
             vec![(Regular, "../../../canary/pwned", "")],
@@ -96,7 +99,11 @@ async fn hostile_layers_are_refused_naming_the_entry() {
             vec![(Symlink, "escape", "../../../../../../../canary")],
             "escape",
         ),
-        ("whiteout naming ..", vec![(Regular, "etc/.wh...", "")], "etc/.wh..."),
+        (
+            "whiteout naming ..",
+            vec![(Regular, "etc/.wh...", "")],
+            "etc/.wh...",
+        ),
     ];
     for (what, entries, named) in cases {
         let work = tempfile::tempdir().unwrap();
@@ -122,7 +129,12 @@ async fn hostile_layers_are_refused_naming_the_entry() {
             },
             other => panic!("{what}: expected a refusal, got {other:?}"),
         }
-        let chain = format!("{err}: {}", std::error::Error::source(&err).map(|s| s.to_string()).unwrap_or_default());
+        let chain = format!(
+            "{err}: {}",
+            std::error::Error::source(&err)
+                .map(|s| s.to_string())
+                .unwrap_or_default()
+        );
         assert!(chain.contains("layer 2"), "{what}: {chain}");
         assert_eq!(
             std::fs::read_dir(&canary).unwrap().count(),
