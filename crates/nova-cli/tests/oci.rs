@@ -132,26 +132,24 @@ impl TestHome {
     }
 
     fn build(&self, id: &str, extra: &[&str]) {
-        let mut args = vec!["template", "build", id, "--no-snapshot", "--no-boot-check"];
+        let mut args = vec!["template", "build", id, "--no-boot-check"];
         args.extend_from_slice(extra);
         let out = self.nova(&args);
         assert!(out.status.success(), "nova template build {id} failed");
     }
 
-    /// Runs a shell line in a sandbox of `template`; returns its stdout.
-    fn run(&self, template: &str, script: &str) -> String {
-        let out = self.nova(&[
-            "run",
-            "--template",
-            template,
-            "--memory",
-            "256",
-            "--no-network",
-            "--sh",
-            script,
-        ]);
+    /// Runs a shell line in a sandbox of `template` (with `flags`);
+    /// returns its stdout and nova's stderr.
+    fn run(&self, template: &str, flags: &[&str], script: &str) -> (String, String) {
+        let mut args = vec!["run", "--template", template];
+        args.extend_from_slice(flags);
+        args.extend_from_slice(&["--sh", script]);
+        let out = self.nova(&args);
         assert!(out.status.success(), "nova run in {template} failed");
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        (
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     }
 }
 
@@ -352,10 +350,12 @@ fn skopeo(args: &[&str]) {
     );
 }
 
-/// What every template built from the test image must show.
-fn check_image_template(home: &TestHome, id: &str) {
-    let out = home.run(
+/// What every template built from the test image must show; `flags` go
+/// to `nova run`. Returns nova's stderr.
+fn check_image_template(home: &TestHome, id: &str, flags: &[&str]) -> String {
+    let (out, err) = home.run(
         id,
+        flags,
         "busybox sha256sum /data/known.bin; ls /data; echo \"env=$NOVA_OCI_TEST\"; echo \"cwd=$(pwd)\"; test -x /sbin/nova-agent && echo agent-ok",
     );
     assert!(
@@ -385,6 +385,7 @@ fn check_image_template(home: &TestHome, id: &str) {
     .unwrap();
     assert_eq!(manifest["exec_defaults"]["cwd"], "/data");
     assert_eq!(manifest["exec_defaults"]["cmd"][0], "/bin/sh");
+    err
 }
 
 #[test]
@@ -412,23 +413,33 @@ fn templates_from_a_registry_a_docker_archive_and_an_oci_layout() {
         &format!("docker-archive:{}:test:1", archive.display()),
     ]);
 
-    home.build("from-registry", &["--from", &reference]);
-    check_image_template(&home, "from-registry");
+    home.build("from-registry", &["--no-snapshot", "--from", &reference]);
+    check_image_template(&home, "from-registry", &["--memory", "256", "--no-network"]);
     // The layers are cached by digest.
     let blobs = home.dir.path().join("cache/oci/blobs/sha256");
     assert!(std::fs::read_dir(&blobs).unwrap().count() >= 3);
 
     home.build(
         "from-archive",
-        &["--from", &format!("docker-archive:{}", archive.display())],
+        &[
+            "--no-snapshot",
+            "--from",
+            &format!("docker-archive:{}", archive.display()),
+        ],
     );
-    check_image_template(&home, "from-archive");
+    check_image_template(&home, "from-archive", &["--memory", "256", "--no-network"]);
 
+    // With the template's snapshot (as a build takes by default): a
+    // default create restores it, and the image's defaults still apply.
     home.build(
         "from-layout",
         &["--from", &format!("oci-layout:{}", layout.display())],
     );
-    check_image_template(&home, "from-layout");
+    let err = check_image_template(&home, "from-layout", &[]);
+    assert!(
+        err.contains("restored from the template's snapshot"),
+        "the snapshot was not used: {err}"
+    );
     drop(registry);
 }
 
@@ -472,8 +483,9 @@ fn a_dockerfile_with_from_run_copy_and_env() {
     assert!(out.status.success(), "the Dockerfile build failed");
     let progress = String::from_utf8_lossy(&out.stdout);
     assert!(progress.contains("[3/6] line 3: RUN"), "{progress}");
-    let shown = home.run(
+    let (shown, _) = home.run(
         "from-dockerfile",
+        &["--memory", "256", "--no-network"],
         "cat /data/run.txt /data/copied.txt /opt/made/here.txt; echo \"env=$GREETING\"; pwd; ls /data",
     );
     assert!(shown.contains("built with hi-from-env"), "{shown}");

@@ -66,6 +66,11 @@ for e in * .[!.]* ..?*; do
 done
 exec tar -cf - "$@""#;
 
+/// How long a build sandbox may take to boot: a build is not latency
+/// bound, and a TCG boot on a busy host takes far more than a create's
+/// default allows.
+const BUILD_BOOT_TIMEOUT_MS: u64 = 120_000;
+
 const NO_HYPERVISOR: &str =
     "this step boots a sandbox, and no hypervisor was given (run `nova doctor`)";
 
@@ -1004,6 +1009,7 @@ async fn boot(
             .start(StartMode::Cold)
             .memory_mb(memory_mb)
             .enable_network(network)
+            .boot_timeout_ms(BUILD_BOOT_TIMEOUT_MS)
             .build()
     };
     let sandbox_err = |message: String| DockerfileError::Sandbox { line, message };
