@@ -127,7 +127,7 @@ e2b-test: nova
 FUZZ_S ?= 60
 FUZZ_CI_S ?= 15
 FUZZ_TARGETS ?= agent_client_frames agent_client_session agent_request_frames qmp_replies \
-	firecracker_api firecracker_metrics sandbox_config server_requests policy_toml
+	firecracker_api firecracker_metrics sandbox_config server_requests policy_toml oci_layer
 FUZZ := cargo +nightly fuzz
 # The fuzz build lives outside the clone, beside the other cached artifacts
 # ($NOVA_HOME/cache), so a fresh clone rebuilds only what changed.

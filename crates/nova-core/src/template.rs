@@ -350,6 +350,35 @@ mod tests {
     }
 
     #[test]
+    fn exec_defaults_are_optional_in_the_manifest_and_round_trip() {
+        let seed = manifest("python");
+        let json = serde_json::to_string(&seed).unwrap();
+        assert!(
+            !json.contains("exec_defaults"),
+            "the seed's format is unchanged: {json}"
+        );
+        assert_eq!(
+            serde_json::from_str::<TemplateManifest>(&json).unwrap(),
+            seed
+        );
+        let mut from_image = manifest("app");
+        from_image.exec_defaults = ExecDefaults {
+            env: [("PATH".to_owned(), "/usr/bin:/bin".to_owned())].into(),
+            cwd: Some("/srv".into()),
+            user: Some("1000:1000".into()),
+            entrypoint: vec!["/entry".into()],
+            cmd: vec!["serve".into()],
+        };
+        let json = serde_json::to_string(&from_image).unwrap();
+        assert_eq!(
+            serde_json::from_str::<TemplateManifest>(&json).unwrap(),
+            from_image
+        );
+        let unknown = json.replace("\"cwd\"", "\"workdir\"");
+        assert!(serde_json::from_str::<TemplateManifest>(&unknown).is_err());
+    }
+
+    #[test]
     fn loads_a_good_template_in_the_seed_format() {
         let root = tempfile::tempdir().unwrap();
         let seed_json = r#"{
