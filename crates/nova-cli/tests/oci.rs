@@ -481,7 +481,7 @@ fn a_dockerfile_with_from_run_copy_and_env() {
         context.to_str().unwrap(),
     ]);
     assert!(out.status.success(), "the Dockerfile build failed");
-    let progress = String::from_utf8_lossy(&out.stdout);
+    let progress = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(progress.contains("[3/6] line 3: RUN"), "{progress}");
     let (shown, _) = home.run(
         "from-dockerfile",
@@ -493,6 +493,36 @@ fn a_dockerfile_with_from_run_copy_and_env() {
     assert!(shown.contains("env=hi-from-env"), "{shown}");
     assert!(shown.lines().any(|l| l == "/opt/made"), "{shown}");
     assert!(!shown.contains("deleted.txt"), "{shown}");
+
+    // A RUN that fails fails the build, naming its line and the exit code,
+    // with its output shown; its sandbox is stopped.
+    let failing = context.join("Dockerfile.fails");
+    std::fs::write(
+        &failing,
+        format!(
+            "FROM oci-layout:{}\nRUN echo about-to-fail && exit 3\n",
+            layout.display()
+        ),
+    )
+    .unwrap();
+    let out = home.nova(&[
+        "template",
+        "build",
+        "never",
+        "--no-snapshot",
+        "--no-boot-check",
+        "-f",
+        failing.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("about-to-fail"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("line 2") && err.contains("exit code 3"),
+        "{err}"
+    );
+    assert!(!home.dir.path().join("templates/never").exists());
+
     // The build's stage templates are gone.
     let left: Vec<_> = std::fs::read_dir(home.dir.path().join("templates"))
         .unwrap()

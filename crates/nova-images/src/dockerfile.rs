@@ -328,176 +328,188 @@ pub async fn build_from_dockerfile(
             .map_err(BuildFromImageError::from)?;
     }
 
-    for (i, instruction) in stage_def.instructions.iter().enumerate() {
-        let start = keyword_span(instruction).start;
-        let line = line_of(start);
-        let first_line = text[start..].lines().next().unwrap_or_default();
-        progress(BuildEvent::Step {
-            index: i + 2,
-            total,
-            line,
-            text: first_line,
-        });
-        let vars = stage.vars();
-        match instruction {
-            Instruction::Env(env) => {
-                for (name, value) in
-                    parse_env(&env.arguments.value, &vars).map_err(|m| at(line, m))?
-                {
-                    stage.defaults.env.insert(name, value);
+    // Every step, so that a build sandbox still running when a step fails
+    // is stopped before the error is returned.
+    let steps = async {
+        for (i, instruction) in stage_def.instructions.iter().enumerate() {
+            let start = keyword_span(instruction).start;
+            let line = line_of(start);
+            let first_line = text[start..].lines().next().unwrap_or_default();
+            progress(BuildEvent::Step {
+                index: i + 2,
+                total,
+                line,
+                text: first_line,
+            });
+            let vars = stage.vars();
+            match instruction {
+                Instruction::Env(env) => {
+                    for (name, value) in
+                        parse_env(&env.arguments.value, &vars).map_err(|m| at(line, m))?
+                    {
+                        stage.defaults.env.insert(name, value);
+                    }
                 }
-            }
-            Instruction::Arg(arg) => {
-                let (name, default) = parse_arg(&arg.arguments.value);
-                let default = default.map(|d| expand(&d, &vars));
-                let value = build
-                    .build_args
-                    .get(&name)
-                    .cloned()
-                    .or(default)
-                    .or_else(|| global_args.get(&name).cloned())
-                    .unwrap_or_default();
-                stage.args.insert(name, value);
-            }
-            Instruction::Workdir(workdir) => {
-                let dir = expand(&workdir.arguments.value, &vars);
-                let dir = if dir.starts_with('/') {
-                    dir
-                } else {
-                    format!(
-                        "{}/{dir}",
-                        stage
-                            .defaults
-                            .cwd
-                            .as_deref()
-                            .unwrap_or("")
-                            .trim_end_matches('/')
-                    )
-                };
-                stage.defaults.cwd = Some(dir);
-            }
-            Instruction::User(user) => {
-                stage.defaults.user = Some(expand(&user.arguments.value, &vars));
-                progress(BuildEvent::Note(
-                    "USER is recorded in the template; RUN steps still run as root",
-                ));
-            }
-            Instruction::Cmd(cmd) => stage.defaults.cmd = argv_of(&cmd.arguments),
-            Instruction::Entrypoint(entrypoint) => {
-                stage.defaults.entrypoint = argv_of(&entrypoint.arguments);
-                if !stage.entrypoint_set {
-                    stage.entrypoint_set = true;
-                    stage.defaults.cmd.clear();
+                Instruction::Arg(arg) => {
+                    let (name, default) = parse_arg(&arg.arguments.value);
+                    let default = default.map(|d| expand(&d, &vars));
+                    let value = build
+                        .build_args
+                        .get(&name)
+                        .cloned()
+                        .or(default)
+                        .or_else(|| global_args.get(&name).cloned())
+                        .unwrap_or_default();
+                    stage.args.insert(name, value);
                 }
-            }
-            Instruction::Copy(copy) => {
-                if let Some(flag) = copy
-                    .options
-                    .iter()
-                    .find(|f| f.name.value != "chown" && f.name.value != "chmod")
-                {
-                    return Err(at(
-                        line,
-                        format!("COPY --{} is not supported", flag.name.value),
+                Instruction::Workdir(workdir) => {
+                    let dir = expand(&workdir.arguments.value, &vars);
+                    let dir = if dir.starts_with('/') {
+                        dir
+                    } else {
+                        format!(
+                            "{}/{dir}",
+                            stage
+                                .defaults
+                                .cwd
+                                .as_deref()
+                                .unwrap_or("")
+                                .trim_end_matches('/')
+                        )
+                    };
+                    stage.defaults.cwd = Some(dir);
+                }
+                Instruction::User(user) => {
+                    stage.defaults.user = Some(expand(&user.arguments.value, &vars));
+                    progress(BuildEvent::Note(
+                        "USER is recorded in the template; RUN steps still run as root",
                     ));
                 }
-                if let Some(live) = live.take() {
-                    finish_live(live, staging.path(), &stage.tree, line, progress).await?;
+                Instruction::Cmd(cmd) => stage.defaults.cmd = argv_of(&cmd.arguments),
+                Instruction::Entrypoint(entrypoint) => {
+                    stage.defaults.entrypoint = argv_of(&entrypoint.arguments);
+                    if !stage.entrypoint_set {
+                        stage.entrypoint_set = true;
+                        stage.defaults.cmd.clear();
+                    }
                 }
-                let sources = sources_of(&copy.src, line, &vars)?;
-                let dest = expand(&copy.dest.value, &vars);
-                copy_into(
-                    &stage,
-                    build,
-                    &sources,
-                    &dest,
-                    flags(&copy.options),
-                    staging.path(),
-                    line,
-                )?;
-            }
-            Instruction::Add(add) => {
-                if let Some(flag) = add
-                    .options
-                    .iter()
-                    .find(|f| f.name.value != "chown" && f.name.value != "chmod")
-                {
-                    return Err(at(
+                Instruction::Copy(copy) => {
+                    if let Some(flag) = copy
+                        .options
+                        .iter()
+                        .find(|f| f.name.value != "chown" && f.name.value != "chmod")
+                    {
+                        return Err(at(
+                            line,
+                            format!("COPY --{} is not supported", flag.name.value),
+                        ));
+                    }
+                    if let Some(live) = live.take() {
+                        finish_live(live, staging.path(), &stage.tree, line, progress).await?;
+                    }
+                    let sources = sources_of(&copy.src, line, &vars)?;
+                    let dest = expand(&copy.dest.value, &vars);
+                    copy_into(
+                        &stage,
+                        build,
+                        &sources,
+                        &dest,
+                        flags(&copy.options),
+                        staging.path(),
                         line,
-                        format!("ADD --{} is not supported", flag.name.value),
-                    ));
+                    )?;
                 }
-                let sources = sources_of(&add.src, line, &vars)?;
-                if let Some(url) = sources.iter().find(|s| s.contains("://")) {
-                    return Err(at(
+                Instruction::Add(add) => {
+                    if let Some(flag) = add
+                        .options
+                        .iter()
+                        .find(|f| f.name.value != "chown" && f.name.value != "chmod")
+                    {
+                        return Err(at(
+                            line,
+                            format!("ADD --{} is not supported", flag.name.value),
+                        ));
+                    }
+                    let sources = sources_of(&add.src, line, &vars)?;
+                    if let Some(url) = sources.iter().find(|s| s.contains("://")) {
+                        return Err(at(
+                            line,
+                            format!("ADD of a URL ({url}) is not supported; download it with RUN"),
+                        ));
+                    }
+                    if let Some(archive) = sources.iter().find(|s| is_archive_name(s)) {
+                        return Err(at(
+                            line,
+                            format!(
+                                "ADD of an archive ({archive}) would unpack it, which nova does not do; COPY it and unpack it with RUN"
+                            ),
+                        ));
+                    }
+                    if let Some(live) = live.take() {
+                        finish_live(live, staging.path(), &stage.tree, line, progress).await?;
+                    }
+                    let dest = expand(&add.dest.value, &vars);
+                    copy_into(
+                        &stage,
+                        build,
+                        &sources,
+                        &dest,
+                        flags(&add.options),
+                        staging.path(),
                         line,
-                        format!("ADD of a URL ({url}) is not supported; download it with RUN"),
-                    ));
+                    )?;
                 }
-                if let Some(archive) = sources.iter().find(|s| is_archive_name(s)) {
+                Instruction::Run(run) => {
+                    if let Some(flag) = run.options.first() {
+                        return Err(at(
+                            line,
+                            format!("RUN --{} is not supported", flag.name.value),
+                        ));
+                    }
+                    if !run.here_docs.is_empty() {
+                        return Err(at(line, "RUN with a here-document is not supported"));
+                    }
+                    let (request, shown) = match &run.arguments {
+                        DockerCommand::Shell(shell) => {
+                            (ExecRequest::shell(shell.value), shell.value.to_owned())
+                        }
+                        DockerCommand::Exec(argv) => {
+                            let argv: Vec<String> =
+                                argv.value.iter().map(|a| a.value.to_string()).collect();
+                            let shown = argv.join(" ");
+                            (ExecRequest::argv(argv), shown)
+                        }
+                        _ => return Err(at(line, "this form of RUN is not supported")),
+                    };
+                    if live.is_none() {
+                        let hypervisor = hypervisor.ok_or_else(|| at(line, NO_HYPERVISOR))?;
+                        live = Some(boot_stage(&stage, opts, hypervisor, line, progress).await?);
+                    }
+                    let Some(current) = &live else {
+                        return Err(at(line, "no build sandbox"));
+                    };
+                    run_step(&current.sandbox, &stage, request, &shown, line, progress).await?;
+                }
+                other => {
                     return Err(at(
                         line,
                         format!(
-                            "ADD of an archive ({archive}) would unpack it, which nova does not do; COPY it and unpack it with RUN"
+                            "{} is not supported (nova supports FROM, RUN, COPY, ADD, ENV, ARG, \
+                             WORKDIR, USER, CMD, ENTRYPOINT)",
+                            keyword_name(other)
                         ),
                     ));
                 }
-                if let Some(live) = live.take() {
-                    finish_live(live, staging.path(), &stage.tree, line, progress).await?;
-                }
-                let dest = expand(&add.dest.value, &vars);
-                copy_into(
-                    &stage,
-                    build,
-                    &sources,
-                    &dest,
-                    flags(&add.options),
-                    staging.path(),
-                    line,
-                )?;
-            }
-            Instruction::Run(run) => {
-                if let Some(flag) = run.options.first() {
-                    return Err(at(
-                        line,
-                        format!("RUN --{} is not supported", flag.name.value),
-                    ));
-                }
-                if !run.here_docs.is_empty() {
-                    return Err(at(line, "RUN with a here-document is not supported"));
-                }
-                let (request, shown) = match &run.arguments {
-                    DockerCommand::Shell(shell) => {
-                        (ExecRequest::shell(shell.value), shell.value.to_owned())
-                    }
-                    DockerCommand::Exec(argv) => {
-                        let argv: Vec<String> =
-                            argv.value.iter().map(|a| a.value.to_string()).collect();
-                        let shown = argv.join(" ");
-                        (ExecRequest::argv(argv), shown)
-                    }
-                    _ => return Err(at(line, "this form of RUN is not supported")),
-                };
-                if live.is_none() {
-                    let hypervisor = hypervisor.ok_or_else(|| at(line, NO_HYPERVISOR))?;
-                    live = Some(boot_stage(&stage, opts, hypervisor, line, progress).await?);
-                }
-                let Some(current) = &live else {
-                    return Err(at(line, "no build sandbox"));
-                };
-                run_step(&current.sandbox, &stage, request, &shown, line, progress).await?;
-            }
-            other => {
-                return Err(at(
-                    line,
-                    format!(
-                        "{} is not supported (nova supports FROM, RUN, COPY, ADD, ENV, ARG, \
-                         WORKDIR, USER, CMD, ENTRYPOINT)",
-                        keyword_name(other)
-                    ),
-                ));
             }
         }
+        Ok::<(), DockerfileError>(())
+    }
+    .await;
+    if let Err(e) = steps {
+        if let Some(live) = live.take() {
+            stop(&live.sandbox).await;
+        }
+        return Err(e);
     }
     let end_line = text.lines().count().max(1);
     if let Some(live) = live.take() {
