@@ -829,9 +829,9 @@ fn ensure_dir(tree: &Path, guest: &str, line: usize) -> Result<(), DockerfileErr
     let bytes = builder
         .into_inner()
         .map_err(|e| at(line, format!("cannot make WORKDIR {guest:?}: {e}")))?;
-    // An existing directory keeps its mode and owner.
-    let exists = fs::symlink_metadata(tree.join(&rel)).is_ok_and(|m| m.is_dir());
-    if exists {
+    // An existing directory keeps its mode and owner, and an existing
+    // symlink is kept (the guest follows it).
+    if fs::symlink_metadata(tree.join(&rel)).is_ok() {
         return Ok(());
     }
     apply_layer(tree, &bytes[..], ApplyOptions::default())
