@@ -90,6 +90,13 @@ fn pick(descriptors: &[Descriptor]) -> Result<&Descriptor, FetchImageError> {
 /// Reads an OCI image layout directory into the store.
 pub fn read_layout(dir: &Path, store: &BlobStore) -> Result<FetchedImage, FetchImageError> {
     let index_path = dir.join("index.json");
+    if !index_path.is_file() {
+        return Err(bad(format!(
+            "{} has no index.json, so it is not an OCI image layout (a `docker save` \
+             tarball is docker-archive:FILE)",
+            dir.display()
+        )));
+    }
     let index: Index = serde_json::from_slice(&fs::read(&index_path).map_err(io_err(&index_path))?)
         .map_err(|e| bad(format!("{} is not an OCI index: {e}", index_path.display())))?;
     let chosen = pick(&index.manifests)?;
