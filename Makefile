@@ -33,10 +33,11 @@ TEMPLATES ?= minimal python
 
 # Host packages: QEMU (TCG fallback and tests), the kernel source and its build
 # tools, debootstrap, busybox-static and e2fsprogs for the rootfs images, and
-# nftables (the `nft` binary nova-net applies its rules with).
+# nftables (the `nft` binary nova-net applies its rules with); docker-registry
+# and skopeo for the OCI import tests (a registry on 127.0.0.1).
 DEPS_PACKAGES := qemu-system-x86 linux-source-6.1 debootstrap debian-archive-keyring \
 	busybox-static e2fsprogs bc flex bison libelf-dev libssl-dev build-essential \
-	xz-utils fakeroot nftables python3 python3-venv curl \
+	xz-utils fakeroot nftables python3 python3-venv curl docker-registry skopeo \
 	qemu-system-arm gcc-aarch64-linux-gnu libc6-dev-arm64-cross
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
@@ -176,7 +177,7 @@ sign-macos:
 FUZZ_S ?= 60
 FUZZ_CI_S ?= 15
 FUZZ_TARGETS ?= agent_client_frames agent_client_session agent_request_frames agent_dispatch qmp_replies \
-	firecracker_api firecracker_metrics sandbox_config server_requests policy_toml
+	firecracker_api firecracker_metrics sandbox_config server_requests policy_toml oci_layer
 FUZZ := cargo +nightly fuzz
 # The fuzz build lives outside the clone, beside the other cached artifacts
 # ($NOVA_HOME/cache), so a fresh clone rebuilds only what changed.

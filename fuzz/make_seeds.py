@@ -6,6 +6,7 @@ the frozen encoding of every message, so they follow the wire format by
 construction; rerun this after the schema changes. The rest are small
 hand-written examples of what each peer or caller sends.
 """
+import gzip
 import pathlib
 
 ROOT = pathlib.Path(__file__).resolve().parent
@@ -160,6 +161,47 @@ python = 2
     m = b"9223372036854775807"
     write("policy_toml", "crash_pool_sum_overflow", b"[limits]\nmax_sandboxes = " + m + b"\n[pool]\na = " + m + b"\nb = " + m + b"\nc = " + m + b"\n")
     write("policy_toml", "strict", b'[limits]\nmax_memory_mb = 256\nmax_vcpus = 1\n[templates]\nallowed = ["minimal"]\ndefault = "minimal"\n[network]\ndefault = false\nallowed = false\n')
+
+    # oci_layer: small layers, benign and hostile (raw headers, so that
+    # `..` and absolute names survive).
+    write("oci_layer", "files_links_whiteouts", tar_bytes([
+        ("etc/", "5", "", b""),
+        ("etc/passwd", "0", "", b"root:x:0:0::/root:/bin/sh\n"),
+        ("lib", "2", "usr/lib", b""),
+        ("lib/libx.so", "0", "", b"x"),
+        ("etc/hardlink", "1", "etc/passwd", b""),
+        ("etc/.wh.passwd", "0", "", b""),
+        ("etc/.wh..wh..opq", "0", "", b""),
+    ]))
+    write("oci_layer", "traversal", tar_bytes([("../canary/pwned", "0", "", b"x")]))
+    write("oci_layer", "absolute", tar_bytes([("/canary/pwned", "0", "", b"x")]))
+    write("oci_layer", "symlink_escape", tar_bytes([
+        ("esc", "2", "../canary", b""),
+        ("esc/pwned", "0", "", b"x"),
+    ]))
+    write("oci_layer", "whiteout_dotdot", tar_bytes([("etc/.wh...", "0", "", b"")]))
+    write("oci_layer", "gzip", gzip.compress(tar_bytes([("f", "0", "", b"gz")])))
+
+
+def tar_bytes(entries):
+    """A ustar stream of (name, typeflag, linkname, data), names raw."""
+    out = b""
+    for name, kind, link, data in entries:
+        header = bytearray(512)
+        header[0:len(name)] = name.encode()
+        header[100:108] = b"0000644\0"
+        header[108:116] = b"0000000\0"
+        header[116:124] = b"0000000\0"
+        header[124:136] = ("%011o" % len(data)).encode() + b"\0"
+        header[136:148] = b"00000000000\0"
+        header[156:157] = kind.encode()
+        header[157:157 + len(link)] = link.encode()
+        header[257:263] = b"ustar\0"
+        header[263:265] = b"00"
+        header[148:156] = b" " * 8
+        header[148:156] = ("%06o" % sum(header)).encode() + b"\0 "
+        out += bytes(header) + data + b"\0" * ((512 - len(data) % 512) % 512)
+    return out + b"\0" * 1024
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ mod run;
 mod serve;
 mod signals;
 mod template;
+mod template_image;
 mod terminal;
 
 /// NovaSandbox: microVM sandboxes for AI agents.

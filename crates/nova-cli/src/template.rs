@@ -17,29 +17,49 @@ use novasandbox::core::template::GuestArch;
 /// Arguments of `nova template build`.
 #[derive(clap::Args, Debug)]
 pub(crate) struct BuildArgs {
-    /// Template to build: `minimal` (busybox) or `python` (Debian 12 + python3).
-    id: String,
+    /// Template to build: `minimal` (busybox) or `python` (Debian 12 +
+    /// python3); with --from or -f, any new id.
+    pub(crate) id: String,
+    /// Build from an image: a registry reference (alpine:3.20,
+    /// 127.0.0.1:5000/app:1), oci-layout:DIR, oci-archive:FILE or
+    /// docker-archive:FILE.
+    #[arg(long, value_name = "IMAGE", conflicts_with = "file")]
+    pub(crate) from: Option<String>,
+    /// Build from a Dockerfile (FROM, RUN, COPY, ADD, ENV, WORKDIR, USER,
+    /// ARG, CMD, ENTRYPOINT); RUN steps run in a sandbox.
+    #[arg(short = 'f', long = "file", value_name = "DOCKERFILE")]
+    pub(crate) file: Option<PathBuf>,
+    /// The Dockerfile's build context (COPY and ADD sources); default: the
+    /// Dockerfile's directory.
+    #[arg(value_name = "CONTEXT", requires = "file")]
+    pub(crate) context: Option<PathBuf>,
+    /// A Dockerfile ARG value, NAME=VALUE (repeatable).
+    #[arg(long = "build-arg", value_name = "NAME=VALUE", requires = "file")]
+    pub(crate) build_args: Vec<String>,
+    /// A registry to speak plain HTTP to (loopback registries always are).
+    #[arg(long = "insecure-registry", value_name = "HOST[:PORT]")]
+    pub(crate) insecure_registries: Vec<String>,
     /// Rebuild the rootfs and template even when cached (reuses the cached
     /// kernel and debootstrap tree).
     #[arg(long)]
     force: bool,
     /// Rebuild everything, the kernel and the debootstrap tree included.
     #[arg(long)]
-    rebuild_all: bool,
+    pub(crate) rebuild_all: bool,
     /// The static guest agent to bake in as /sbin/nova-agent (`make agent`
     /// builds it; `make agent-arm64` the arm64 one). Default:
     /// target/<x86_64|aarch64>-unknown-linux-gnu/agent/nova-agent.
     #[arg(long, env = "NOVA_AGENT_BIN")]
-    agent: Option<PathBuf>,
+    pub(crate) agent: Option<PathBuf>,
     /// The guest architecture: `x86_64` (default) or `arm64`. An arm64
     /// template (only `minimal` has a recipe) is installed as `<id>-arm64`
     /// and runs under `qemu-system-aarch64 -M virt` (emulated here) or Apple
     /// Virtualization.framework.
     #[arg(long, default_value = "x86_64")]
-    arch: GuestArch,
+    pub(crate) arch: GuestArch,
     /// Do not boot the new template under QEMU to measure its boot time.
     #[arg(long)]
-    no_boot_check: bool,
+    pub(crate) no_boot_check: bool,
     /// Do not take the template's snapshot (which creates restore from
     /// instead of booting) after the build.
     #[arg(long)]
@@ -48,6 +68,10 @@ pub(crate) struct BuildArgs {
 
 /// Runs `nova template build`.
 pub(crate) async fn build(args: &BuildArgs) -> anyhow::Result<()> {
+    if args.from.is_some() || args.file.is_some() {
+        crate::template_image::build(args).await?;
+        return finish_with_snapshot(args, &args.id).await;
+    }
     let spec = find_template(&args.id)?.for_arch(args.arch)?;
     let home = NovaHome::resolve()?;
     let mut opts = BuildOptions::new(home.clone());
@@ -97,11 +121,17 @@ pub(crate) async fn build(args: &BuildArgs) -> anyhow::Result<()> {
         m.boot_time_ms,
         report.elapsed.as_secs_f64(),
     );
+    finish_with_snapshot(args, &spec.id).await
+}
+
+/// Takes the snapshot of the template `id` after a build, unless told not to.
+async fn finish_with_snapshot(args: &BuildArgs, id: &str) -> anyhow::Result<()> {
+    let home = NovaHome::resolve()?;
     if !args.no_snapshot {
-        if snapshot_is_current(&home, &spec.id).await {
-            println!("template {} snapshot up to date", spec.id);
+        if snapshot_is_current(&home, id).await {
+            println!("template {} snapshot up to date", id);
         } else if let Err(e) = snapshot(&SnapshotArgs {
-            id: spec.id.clone(),
+            id: id.to_owned(),
             memory: None,
             vcpus: None,
         })
@@ -110,7 +140,7 @@ pub(crate) async fn build(args: &BuildArgs) -> anyhow::Result<()> {
             // The template works without one; creates then boot the kernel.
             eprintln!(
                 "warning: no snapshot of template {} (creates will boot the kernel): {e:#}",
-                spec.id
+                id
             );
         }
     }
@@ -142,7 +172,7 @@ async fn snapshot_is_current(home: &NovaHome, id: &str) -> bool {
 #[derive(clap::Args, Debug)]
 pub(crate) struct SnapshotArgs {
     /// The installed template to snapshot.
-    id: String,
+    pub(crate) id: String,
     /// Guest memory of the snapshot, in MiB; sandboxes restore from it when
     /// they ask for the same (default: a sandbox's default).
     #[arg(long)]

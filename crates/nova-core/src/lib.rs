@@ -66,4 +66,6 @@ pub use network::{EgressConfig, PortProtocol, PortSpec};
 pub use sandbox::Sandbox;
 pub use state::{InvalidTransition, SandboxState};
 pub use stats::{GuestStats, SandboxStats, VmmStats};
-pub use template::{GuestArch, Template, TemplateError, TemplateManager, TemplateManifest};
+pub use template::{
+    ExecDefaults, GuestArch, Template, TemplateError, TemplateManager, TemplateManifest,
+};

@@ -49,6 +49,10 @@ pub struct TemplateManifest {
     /// written without it.
     #[serde(default, skip_serializing_if = "GuestArch::is_x86_64")]
     pub arch: GuestArch,
+    /// Defaults of every command run in this template's sandboxes (from an
+    /// OCI image's config or a Dockerfile); absent from the seed's format.
+    #[serde(default, skip_serializing_if = "ExecDefaults::is_empty")]
+    pub exec_defaults: ExecDefaults,
 }
 
 /// The CPU architecture a template's kernel and rootfs are built for.
@@ -125,6 +129,42 @@ impl std::str::FromStr for GuestArch {
             "arm64" | "aarch64" => Ok(GuestArch::Arm64),
             other => Err(ParseGuestArchError(other.to_owned())),
         }
+    }
+}
+
+/// What every command in a template's sandboxes runs with unless the request
+/// says otherwise: an OCI image's `Env`, `WorkingDir`, `User` and
+/// `Entrypoint`/`Cmd`, or what a Dockerfile's `ENV`, `WORKDIR`, `USER`,
+/// `ENTRYPOINT` and `CMD` left.
+///
+/// The runtime applies them in one place (`nova_runtime::Guest`): `env`
+/// goes under the sandbox's and the request's own variables, `cwd` is used
+/// when a request names none. `user`, `entrypoint` and `cmd` are recorded
+/// for callers (the agent runs commands as root).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecDefaults {
+    /// Environment variables, name to value.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub env: std::collections::BTreeMap<String, String>,
+    /// Working directory (absolute guest path).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cwd: Option<String>,
+    /// The image's user as it names it (`name`, `uid`, `uid:gid`, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// The image's entrypoint (argv).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub entrypoint: Vec<String>,
+    /// The image's command (argv; arguments of the entrypoint if it has one).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cmd: Vec<String>,
+}
+
+impl ExecDefaults {
+    /// Whether nothing is set (the seed's templates).
+    pub fn is_empty(&self) -> bool {
+        self == &Self::default()
     }
 }
 
@@ -379,6 +419,7 @@ mod tests {
             required_files: vec![KERNEL_FILE.into(), ROOTFS_FILE.into()],
             packages: vec!["python3".into(), "curl".into()],
             arch: GuestArch::X86_64,
+            exec_defaults: ExecDefaults::default(),
         }
     }
 
@@ -389,6 +430,35 @@ mod tests {
         for f in files {
             std::fs::write(dir.join(f), b"x").unwrap();
         }
+    }
+
+    #[test]
+    fn exec_defaults_are_optional_in_the_manifest_and_round_trip() {
+        let seed = manifest("python");
+        let json = serde_json::to_string(&seed).unwrap();
+        assert!(
+            !json.contains("exec_defaults"),
+            "the seed's format is unchanged: {json}"
+        );
+        assert_eq!(
+            serde_json::from_str::<TemplateManifest>(&json).unwrap(),
+            seed
+        );
+        let mut from_image = manifest("app");
+        from_image.exec_defaults = ExecDefaults {
+            env: [("PATH".to_owned(), "/usr/bin:/bin".to_owned())].into(),
+            cwd: Some("/srv".into()),
+            user: Some("1000:1000".into()),
+            entrypoint: vec!["/entry".into()],
+            cmd: vec!["serve".into()],
+        };
+        let json = serde_json::to_string(&from_image).unwrap();
+        assert_eq!(
+            serde_json::from_str::<TemplateManifest>(&json).unwrap(),
+            from_image
+        );
+        let unknown = json.replace("\"cwd\"", "\"workdir\"");
+        assert!(serde_json::from_str::<TemplateManifest>(&unknown).is_err());
     }
 
     #[test]

@@ -15,6 +15,11 @@
 //!   [`template::build_template`], which ties it together and installs the
 //!   result atomically, in the manifest format nova-core's `TemplateManager`
 //!   loads.
+//! * [`oci`] and [`image_template`]: templates from OCI / Docker images
+//!   (registry pulls, OCI layouts and archives, `docker save` archives),
+//!   layers applied safely, the image's process defaults kept as the
+//!   template's exec defaults; [`dockerfile`]: templates from Dockerfiles,
+//!   `RUN` steps run in sandboxes.
 //! * [`boot_probe`]: boots a kernel + rootfs under QEMU TCG and times it
 //!   (template `boot_time_ms`, tests, the boot benchmark).
 //!
@@ -27,9 +32,12 @@
 pub mod boot_probe;
 pub mod cache;
 pub mod command;
+pub mod dockerfile;
 pub mod elf;
 pub mod host_tools;
+pub mod image_template;
 pub mod kernel;
+pub mod oci;
 pub mod rootfs;
 pub mod template;
 

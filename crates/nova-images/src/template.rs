@@ -393,6 +393,7 @@ pub async fn build_template(
         required_files: vec![KERNEL_FILE.into(), ROOTFS_FILE.into()],
         packages: spec.packages.clone(),
         arch,
+        exec_defaults: Default::default(),
     };
     TemplateManager::write_manifest(staging.path(), &manifest).map_err(io_err(staging.path()))?;
     let staged_key = staging.path().join(BUILD_KEY_FILE);
@@ -418,7 +419,7 @@ pub fn disk_size_gb(bytes: u64) -> f64 {
 /// and returns the host-measured time in ms (spawn to ready), or 0 with a
 /// warning when QEMU is missing or the boot fails. Under TCG this is seconds;
 /// with KVM it is far less, so treat it as this host's figure.
-async fn measure_boot(vmlinux: &Path, rootfs: &Path) -> u64 {
+pub(crate) async fn measure_boot(vmlinux: &Path, rootfs: &Path) -> u64 {
     let Some(qemu) = host_tools::find_program("qemu-system-x86_64") else {
         tracing::warn!("qemu-system-x86_64 not found: boot_time_ms recorded as 0");
         return 0;

@@ -115,6 +115,8 @@ pub const CLOCK_SYNC_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct Guest {
     client: AgentClient,
     env: Vec<(String, String)>,
+    /// The template's default working directory, for requests without one.
+    cwd: Option<String>,
     read_limit: u64,
 }
 
@@ -127,8 +129,19 @@ impl Guest {
         Self {
             client,
             env: env.into_iter().collect(),
+            cwd: None,
             read_limit: DEFAULT_READ_LIMIT,
         }
+    }
+
+    /// Applies a template's exec defaults (an OCI image's `Env` and
+    /// `WorkingDir`): its variables go under the sandbox's (which stay under
+    /// each request's), and its directory is the working directory of a
+    /// request that names none. This is the one place they are applied.
+    pub fn with_exec_defaults(mut self, defaults: &nova_core::template::ExecDefaults) -> Self {
+        self.env = env_with_defaults(std::mem::take(&mut self.env), defaults);
+        self.cwd = defaults.cwd.clone();
+        self
     }
 
     /// Sets the cap of [`Guest::read_file`], in bytes.
@@ -349,9 +362,27 @@ impl Guest {
         result
     }
 
-    fn spec(&self, request: ExecRequest) -> Result<ExecSpec, ExecError> {
+    fn spec(&self, mut request: ExecRequest) -> Result<ExecSpec, ExecError> {
+        if request.cwd.is_none() {
+            request.cwd.clone_from(&self.cwd);
+        }
         build_spec(&self.env, request)
     }
+}
+
+/// The template's variables under the sandbox's own `env` (which wins).
+fn env_with_defaults(
+    mut env: Vec<(String, String)>,
+    defaults: &nova_core::template::ExecDefaults,
+) -> Vec<(String, String)> {
+    let mut merged: Vec<(String, String)> = defaults
+        .env
+        .iter()
+        .filter(|(k, _)| !env.iter().any(|(own, _)| own == *k))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    merged.append(&mut env);
+    merged
 }
 
 /// Maps a core request onto the agent's exec spec, refusing what no process
@@ -610,6 +641,31 @@ mod tests {
     use super::*;
 
     /// A guest whose client is never used: `spec` only reads `env`.
+    #[test]
+    fn template_env_goes_under_the_sandbox_env_and_the_request_env() {
+        let defaults = nova_core::template::ExecDefaults {
+            env: [("PATH", "/image/bin"), ("A", "image"), ("B", "image")]
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect(),
+            cwd: Some("/work".into()),
+            ..Default::default()
+        };
+        let env = env_with_defaults(vec![("A".into(), "sandbox".into())], &defaults);
+        let spec = build_spec(&env, ExecRequest::shell("env").env("B", "request")).unwrap();
+        let get = |k: &str| {
+            spec.env
+                .iter()
+                .rev()
+                .find(|(name, _)| name == k)
+                .map(|(_, v)| v.as_str())
+        };
+        assert_eq!(get("PATH"), Some("/image/bin"));
+        assert_eq!(get("A"), Some("sandbox"));
+        assert_eq!(get("B"), Some("request"));
+        assert_eq!(spec.env.iter().filter(|(k, _)| k == "A").count(), 1);
+    }
+
     fn spec_of(env: &[(&str, &str)], request: ExecRequest) -> Result<ExecSpec, ExecError> {
         let env: Vec<(String, String)> = env
             .iter()

@@ -72,7 +72,7 @@ impl<B: Backend> Clone for Provider<B> {
 #[derive(Debug)]
 pub(crate) struct Inner<B: Backend> {
     pub(crate) backend: B,
-    templates: TemplateManager,
+    pub(crate) templates: TemplateManager,
     pub(crate) timeouts: Timeouts,
     scratch: ScratchCache,
     pub(crate) sandboxes: Arc<SandboxRegistry<B::Vm>>,
@@ -244,6 +244,7 @@ impl<B: Backend> Provider<B> {
             image,
             BootSource::Restore(Box::new(snapshot)),
             identity,
+            template.manifest.exec_defaults,
         )
         .await
     }
@@ -348,6 +349,7 @@ impl<B: Backend> Provider<B> {
         image: GuestImage,
         source: BootSource,
         template: Option<TemplateIdentity>,
+        exec_defaults: nova_core::template::ExecDefaults,
     ) -> Result<Sandbox, CreateSandboxError> {
         let backend = &self.inner.backend;
         let kind = backend.kind();
@@ -463,7 +465,7 @@ impl<B: Backend> Provider<B> {
             }
             record.info.agent_version = Some(hello.agent_version.clone());
             record.info.kernel_release = Some(hello.kernel_release.clone());
-            Guest::new(client, record.info.config.env.clone())
+            Guest::new(client, record.info.config.env.clone()).with_exec_defaults(&exec_defaults)
         });
         // A cold guest read the hardware clock to whole seconds, and a
         // restored one kept the time of its snapshot: set it from the host's.
@@ -891,7 +893,14 @@ impl<B: Backend> Hypervisor for Provider<B> {
             Some(snapshot) => BootSource::Restore(Box::new(snapshot)),
             None => BootSource::Cold,
         };
-        self.launch(config, image, source, identity).await
+        self.launch(
+            config,
+            image,
+            source,
+            identity,
+            template.manifest.exec_defaults,
+        )
+        .await
     }
 
     async fn create_sandbox_from_snapshot(

@@ -337,7 +337,17 @@ impl<B: Backend> Provider<B> {
                     answered.map_err(|e| format!("its agent did not answer: {e}"))?;
                 record.info.agent_version = Some(hello.agent_version);
                 record.info.kernel_release = Some(hello.kernel_release);
-                Some(Guest::new(client, record.info.config.env.clone()))
+                // The template as installed now; none if it is gone.
+                let defaults = self
+                    .inner
+                    .templates
+                    .load(&record.info.config.template_id)
+                    .map(|t| t.manifest.exec_defaults)
+                    .unwrap_or_default();
+                Some(
+                    Guest::new(client, record.info.config.env.clone())
+                        .with_exec_defaults(&defaults),
+                )
             } else {
                 None
             };

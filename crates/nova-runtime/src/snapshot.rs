@@ -230,6 +230,7 @@ mod tests {
             required_files: vec!["vmlinux".into(), "rootfs.ext4".into()],
             packages: vec![],
             arch: Default::default(),
+            exec_defaults: Default::default(),
         };
         TemplateManager::write_manifest(&dir, &manifest).unwrap();
         TemplateManager::new(root)

@@ -306,6 +306,7 @@ fn setup(faults: Faults) -> Setup {
         required_files: vec!["vmlinux".into(), "rootfs.ext4".into()],
         packages: vec![],
         arch: Default::default(),
+        exec_defaults: Default::default(),
     };
     TemplateManager::write_manifest(&template, &manifest).unwrap();
     let provider = Provider::<Double>::with_timeouts(

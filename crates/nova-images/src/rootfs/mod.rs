@@ -213,6 +213,9 @@ pub enum EtcPolicy {
     /// A distribution tree: keep its passwd, group, os-release, profile and
     /// nsswitch.conf; write only the sandbox-specific files.
     Distribution,
+    /// An OCI image's tree: keep everything it has; write only the
+    /// sandbox-specific files.
+    Image,
 }
 
 /// Adds what every guest needs to the staged tree at `root`: mountpoints,
@@ -259,6 +262,7 @@ pub fn finish_staging(
                 0o644,
             ));
         }
+        EtcPolicy::Image => {}
     }
     for (rel, content, mode) in files {
         write_file(&root.join(rel), content.as_bytes(), mode)?;
