@@ -15,7 +15,7 @@ use nova_core::error::{BoxError, CreateSandboxError};
 use nova_core::hypervisor::HypervisorKind;
 use nova_core::snapshot::{SnapshotError, SnapshotKind};
 use nova_runtime::backend::{
-    AgentConnector, BootSource, ConnectError, Launch, Vm, VmStart, VmmCounters, kernel_args_error,
+    AgentConnector, BootSource, Launch, Vm, VmStart, VmmCounters, kernel_args_error,
 };
 
 use crate::api::{
@@ -354,17 +354,11 @@ fn vmm_snapshot_error(action: &str, e: impl Into<BoxError>) -> SnapshotError {
 
 impl Vm for FirecrackerVm {
     fn agent_connector(&self) -> AgentConnector {
-        let uds = self.workdir.join(VSOCK_SOCKET);
-        Box::new(move || {
-            let uds = uds.clone();
-            Box::pin(async move {
-                match crate::vsock::connect(&uds, AGENT_VSOCK_PORT, CONNECT_ATTEMPT_TIMEOUT).await {
-                    Ok((stream, _)) => Ok(stream),
-                    Err(e) if e.is_transient() => Err(ConnectError::transient(e)),
-                    Err(e) => Err(ConnectError::permanent(e)),
-                }
-            })
-        })
+        nova_runtime::hybrid_vsock::agent_connector(
+            self.workdir.join(VSOCK_SOCKET),
+            AGENT_VSOCK_PORT,
+            CONNECT_ATTEMPT_TIMEOUT,
+        )
     }
 
     async fn pause(&mut self) -> Result<(), BoxError> {

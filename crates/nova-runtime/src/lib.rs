@@ -71,6 +71,7 @@ pub mod console;
 pub mod dir;
 mod files;
 pub mod host;
+pub mod hybrid_vsock;
 pub mod leftovers;
 pub mod network;
 mod provider;

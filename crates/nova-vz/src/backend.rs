@@ -19,8 +19,7 @@ use nova_core::snapshot::{SnapshotError, SnapshotKind};
 use nova_protocol::boot::AGENT_VSOCK_PORT;
 use nova_runtime::Provider;
 use nova_runtime::backend::{
-    AgentConnector, Backend, BootSource, ConnectError, Launch, Vm, VmStart, VmmCounters,
-    kernel_args_error,
+    AgentConnector, Backend, BootSource, Launch, Vm, VmStart, VmmCounters, kernel_args_error,
 };
 use nova_runtime::console::DEFAULT_LOG_CAP;
 use nova_runtime::dir::{check_socket_path, write_atomic};
@@ -370,21 +369,11 @@ impl VzVm {
 
 impl Vm for VzVm {
     fn agent_connector(&self) -> AgentConnector {
-        let socket = self.vsock_socket.clone();
-        Box::new(move || {
-            let socket = socket.clone();
-            Box::pin(async move {
-                crate::vsock::connect(&socket, AGENT_VSOCK_PORT, ATTEMPT_TIMEOUT)
-                    .await
-                    .map_err(|e| {
-                        if e.is_transient() {
-                            ConnectError::transient(e)
-                        } else {
-                            ConnectError::permanent(e)
-                        }
-                    })
-            })
-        })
+        nova_runtime::hybrid_vsock::agent_connector(
+            self.vsock_socket.clone(),
+            AGENT_VSOCK_PORT,
+            ATTEMPT_TIMEOUT,
+        )
     }
 
     async fn pause(&mut self) -> Result<(), BoxError> {
