@@ -5,11 +5,10 @@
 //! manifest, published atomically into `$NOVA_HOME/templates/<id>/`. A build
 //! whose inputs have not changed is a cache hit and returns in about a second.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use nova_images::cache::CacheDir;
 use nova_images::kernel::{self, KernelSource};
-use nova_images::template::default_agent_path;
 use nova_images::{BuildOptions, build_template, find_template};
 use novasandbox::core::NovaHome;
 use novasandbox::core::template::GuestArch;
@@ -76,10 +75,7 @@ pub(crate) async fn build(args: &BuildArgs) -> anyhow::Result<()> {
     let home = NovaHome::resolve()?;
     let mut opts = BuildOptions::new(home.clone());
     opts.arch = args.arch;
-    opts.agent = args
-        .agent
-        .clone()
-        .unwrap_or_else(|| default_agent_path(args.arch).into());
+    opts.agent = agent_path(args.agent.as_deref(), args.arch);
     opts.force = args.force;
     opts.rebuild_all = args.rebuild_all;
     opts.measure_boot = !args.no_boot_check;
@@ -122,6 +118,29 @@ pub(crate) async fn build(args: &BuildArgs) -> anyhow::Result<()> {
         report.elapsed.as_secs_f64(),
     );
     finish_with_snapshot(args, &spec.id).await
+}
+
+/// The agent to bake into a template of `arch`: `given` (`--agent`,
+/// `NOVA_AGENT_BIN`), else the workspace's build output
+/// (`target/<triple>/agent/nova-agent`), looked up from the current
+/// directory and then from the build tree this `nova` binary sits in
+/// (`target/debug/nova`), so a build works from any directory.
+pub(crate) fn agent_path(given: Option<&Path>, arch: GuestArch) -> PathBuf {
+    if let Some(path) = given {
+        return path.to_owned();
+    }
+    let relative = Path::new(nova_images::template::default_agent_path(arch));
+    if relative.exists() {
+        return relative.to_owned();
+    }
+    let beside_nova = std::env::current_exe().ok().and_then(|exe| {
+        let target_dir = exe.parent()?.parent()?;
+        Some(target_dir.join(relative.strip_prefix("target").ok()?))
+    });
+    match beside_nova {
+        Some(path) if path.exists() => path,
+        _ => relative.to_owned(),
+    }
 }
 
 /// Takes the snapshot of the template `id` after a build, unless told not to.

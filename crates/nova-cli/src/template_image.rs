@@ -11,7 +11,6 @@ use nova_images::BuildOptions;
 use nova_images::dockerfile::{BuildEvent, DockerfileBuild, build_from_dockerfile};
 use nova_images::image_template::{ImageBuildOptions, build_from_image};
 use nova_images::oci::ImageSource;
-use nova_images::template::default_agent_path;
 use novasandbox::core::NovaHome;
 use novasandbox::core::template::GuestArch;
 
@@ -28,10 +27,7 @@ pub(crate) async fn build(args: &BuildArgs) -> anyhow::Result<()> {
     }
     let home = NovaHome::resolve()?;
     let mut build = BuildOptions::new(home.clone());
-    build.agent = args
-        .agent
-        .clone()
-        .unwrap_or_else(|| default_agent_path(args.arch).into());
+    build.agent = crate::template::agent_path(args.agent.as_deref(), args.arch);
     build.rebuild_all = args.rebuild_all;
     build.measure_boot = !args.no_boot_check;
     let mut opts = ImageBuildOptions::new(build);

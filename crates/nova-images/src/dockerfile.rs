@@ -253,6 +253,10 @@ pub async fn build_from_dockerfile(
             ));
         }
     };
+    // Every instruction is known before anything is fetched or booted.
+    if let Some(other) = stage_def.instructions.iter().find(|i| !is_supported(i)) {
+        return Err(unsupported(line_of(keyword_span(other).start), other));
+    }
     // ARGs before FROM: visible to FROM only (as Docker has it).
     let mut global_args = BTreeMap::new();
     for arg in parsed.global_args() {
@@ -316,9 +320,29 @@ pub async fn build_from_dockerfile(
             &opts.insecure_registries,
         )
         .await
-        .map_err(|e| BuildFromImageError::Fetch {
-            source_ref: source.to_string(),
-            source: e,
+        .map_err(|e| {
+            if base.contains(['/', ':', '@']) {
+                return DockerfileError::from(BuildFromImageError::Fetch {
+                    source_ref: source.to_string(),
+                    source: e,
+                });
+            }
+            // A bare name: most likely a template id mistyped.
+            let installed = manager.ids().unwrap_or_default().join(", ");
+            let chain: Vec<String> =
+                std::iter::successors(Some(&e as &(dyn std::error::Error + 'static)), |e| {
+                    e.source()
+                })
+                .map(ToString::to_string)
+                .collect();
+            at(
+                from_line,
+                format!(
+                    "FROM {base}: no installed template has this id (installed: {installed}), \
+                     and the image {source} cannot be fetched: {}",
+                    chain.join(": ")
+                ),
+            )
         })?;
         stage.defaults = image.config.exec_defaults();
         let target = stage.tree.clone();
@@ -490,16 +514,7 @@ pub async fn build_from_dockerfile(
                     };
                     run_step(&current.sandbox, &stage, request, &shown, line, progress).await?;
                 }
-                other => {
-                    return Err(at(
-                        line,
-                        format!(
-                            "{} is not supported (nova supports FROM, RUN, COPY, ADD, ENV, ARG, \
-                             WORKDIR, USER, CMD, ENTRYPOINT)",
-                            keyword_name(other)
-                        ),
-                    ));
-                }
+                other => return Err(unsupported(line, other)),
             }
         }
         Ok::<(), DockerfileError>(())
@@ -539,6 +554,34 @@ impl Stage {
         }
         vars
     }
+}
+
+/// The error for an instruction nova does not build, at `line`.
+fn unsupported(line: usize, instruction: &Instruction<'_>) -> DockerfileError {
+    at(
+        line,
+        format!(
+            "{} is not supported (nova supports FROM, RUN, COPY, ADD, ENV, ARG, WORKDIR, USER, \
+             CMD, ENTRYPOINT); remove the line",
+            keyword_name(instruction)
+        ),
+    )
+}
+
+/// Whether nova builds `instruction` (the rest are refused naming the line).
+fn is_supported(instruction: &Instruction<'_>) -> bool {
+    matches!(
+        instruction,
+        Instruction::Add(_)
+            | Instruction::Arg(_)
+            | Instruction::Cmd(_)
+            | Instruction::Copy(_)
+            | Instruction::Entrypoint(_)
+            | Instruction::Env(_)
+            | Instruction::Run(_)
+            | Instruction::User(_)
+            | Instruction::Workdir(_)
+    )
 }
 
 fn keyword_span(instruction: &Instruction<'_>) -> std::ops::Range<usize> {
@@ -1416,6 +1459,11 @@ mod tests {
             (
                 "FROM scratch\nENV A=1\nEXPOSE 80\n",
                 "line 3: EXPOSE is not supported",
+            ),
+            // Refused before the RUN would need a sandbox (none here).
+            (
+                "FROM scratch\nRUN true\nHEALTHCHECK NONE\n",
+                "line 3: HEALTHCHECK is not supported",
             ),
             (
                 "FROM scratch\nRUN --mount=type=cache,target=/x true\n",

@@ -206,10 +206,20 @@ impl VmSpec {
             disks.reverse();
         }
         for (id, path, read_only) in disks {
+            // The scratch disk is this sandbox's alone (its directory is
+            // locked) and comes as an fd set holding a read-write and a
+            // read-only descriptor; QEMU's image locks taken through the two
+            // conflict when a guest resumes after a snapshot ("Failed to get
+            // \"write\" lock" at `cont`), so it goes without them.
+            let locking = if id == "scratch" {
+                ",file.locking=off"
+            } else {
+                ""
+            };
             args.push("-drive".into());
             args.push(
                 format!(
-                    "id={id},file={},format=raw,if=none,read-only={}",
+                    "id={id},file={},format=raw,if=none,read-only={}{locking}",
                     escape(path),
                     if read_only { "on" } else { "off" }
                 )

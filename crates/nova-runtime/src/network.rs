@@ -83,24 +83,39 @@ pub fn dns_servers() -> Result<Vec<std::net::Ipv4Addr>, String> {
     let Some(value) = std::env::var_os(DNS_SERVERS_VAR) else {
         return Ok(nova_net::host_resolvers());
     };
-    let value = value.to_string_lossy();
-    let servers = value
-        .split([',', ' '])
-        .filter(|s| !s.is_empty())
-        .map(|s| {
-            s.parse().map_err(|_| {
-                format!(
-                    "{DNS_SERVERS_VAR} = {value:?}: {s:?} is not an IPv4 address; list IPv4 \
-                     addresses separated by commas, or unset it to use the host's resolvers"
-                )
-            })
-        })
-        .collect::<Result<Vec<_>, String>>()?;
+    let servers = parse_dns_servers(&value.to_string_lossy())?;
     Ok(if servers.is_empty() {
         nova_net::host_resolvers()
     } else {
         servers
     })
+}
+
+/// Parses a [`DNS_SERVERS_VAR`] value: IPv4 addresses separated by commas
+/// or spaces, none loopback or unspecified.
+fn parse_dns_servers(value: &str) -> Result<Vec<std::net::Ipv4Addr>, String> {
+    value
+        .split([',', ' '])
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            let ip: std::net::Ipv4Addr = s.parse().map_err(|_| {
+                format!(
+                    "{DNS_SERVERS_VAR} = {value:?}: {s:?} is not an IPv4 address; list IPv4 \
+                     addresses separated by commas, or unset it to use the host's resolvers"
+                )
+            })?;
+            if ip.is_loopback() || ip.is_unspecified() {
+                // Queries leave from inside the sandbox's namespace, where
+                // 127.0.0.0/8 is the sandbox's own loopback, not the host.
+                return Err(format!(
+                    "{DNS_SERVERS_VAR} = {value:?}: {s} cannot be reached from a sandbox (its \
+                     loopback is its own); name a resolver on another address, e.g. the host's \
+                     address on its LAN"
+                ));
+            }
+            Ok(ip)
+        })
+        .collect()
 }
 
 /// What `config` asks of the network: every published port, the egress
@@ -274,6 +289,26 @@ pub fn snapshot_has_network(kernel_cmdline: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dns_servers_a_sandbox_cannot_reach_are_refused() {
+        assert_eq!(
+            parse_dns_servers("192.0.2.1, 198.18.0.53").unwrap(),
+            vec![
+                std::net::Ipv4Addr::new(192, 0, 2, 1),
+                std::net::Ipv4Addr::new(198, 18, 0, 53)
+            ]
+        );
+        assert!(parse_dns_servers(" ,").unwrap().is_empty());
+        let loopback = parse_dns_servers("192.0.2.1,127.0.0.53").unwrap_err();
+        assert!(
+            loopback.contains("127.0.0.53 cannot be reached"),
+            "{loopback}"
+        );
+        assert!(parse_dns_servers("0.0.0.0").is_err());
+        let bad = parse_dns_servers("dns.example").unwrap_err();
+        assert!(bad.contains("is not an IPv4 address"), "{bad}");
+    }
 
     #[test]
     fn the_seed_port_pair_is_one_published_tcp_port() {

@@ -89,6 +89,12 @@ fn pick(descriptors: &[Descriptor]) -> Result<&Descriptor, FetchImageError> {
 
 /// Reads an OCI image layout directory into the store.
 pub fn read_layout(dir: &Path, store: &BlobStore) -> Result<FetchedImage, FetchImageError> {
+    if !dir.is_dir() {
+        return Err(bad(format!(
+            "{} is not a directory (oci-layout:DIR names an OCI image layout directory)",
+            dir.display()
+        )));
+    }
     let index_path = dir.join("index.json");
     if !index_path.is_file() {
         return Err(bad(format!(

@@ -164,6 +164,12 @@ pub async fn fetch(
             let docker = matches!(source, ImageSource::DockerArchive(_));
             let (file, store, cache_root) = (file.clone(), store.clone(), cache_root.to_owned());
             blocking(move || {
+                if !file.is_file() {
+                    return Err(FetchImageError::Invalid(format!(
+                        "{} does not exist or is not a file",
+                        file.display()
+                    )));
+                }
                 let scratch_parent = cache_root.join("oci");
                 std::fs::create_dir_all(&scratch_parent).map_err(|source| FetchImageError::Io {
                     path: scratch_parent.clone(),
@@ -176,6 +182,27 @@ pub async fn fetch(
                     }
                 })?;
                 archive::unpack_archive(&file, scratch.path())?;
+                // Name the user's file, not the scratch directory, when the
+                // archive is of the other kind (or of neither).
+                let (marker, kind, other) = if docker {
+                    (
+                        "manifest.json",
+                        "docker-archive",
+                        "an OCI archive is oci-archive:FILE",
+                    )
+                } else {
+                    (
+                        "index.json",
+                        "OCI archive",
+                        "a `docker save` tarball is docker-archive:FILE",
+                    )
+                };
+                if !scratch.path().join(marker).is_file() {
+                    return Err(FetchImageError::Invalid(format!(
+                        "{} has no {marker} at its root, so it is not a {kind} ({other})",
+                        file.display()
+                    )));
+                }
                 if docker {
                     archive::read_docker_archive(scratch.path(), &store)
                 } else {
@@ -240,6 +267,40 @@ pub fn unpack(image: &FetchedImage, tree: &Path) -> Result<(), UnpackImageError>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A missing layout, a missing archive and an archive of the other kind
+    /// are named as the user wrote them, not as a scratch directory.
+    #[tokio::test]
+    async fn local_sources_that_are_not_images_say_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = dir.path().join("cache");
+        let message = |source: ImageSource| {
+            let cache = cache.clone();
+            async move { fetch(&source, &cache, &[]).await.unwrap_err().to_string() }
+        };
+        let missing = dir.path().join("missing");
+        let e = message(ImageSource::OciLayout(missing.clone())).await;
+        assert!(e.contains("is not a directory"), "{e}");
+        let e = message(ImageSource::DockerArchive(missing.clone())).await;
+        assert!(e.contains("does not exist or is not a file"), "{e}");
+
+        let tarball = dir.path().join("other.tar");
+        let mut builder = tar::Builder::new(std::fs::File::create(&tarball).unwrap());
+        let mut header = tar::Header::new_gnu();
+        header.set_size(2);
+        header.set_mode(0o644);
+        header.set_cksum();
+        builder
+            .append_data(&mut header, "manifest.json", &b"[]"[..])
+            .unwrap();
+        builder.finish().unwrap();
+        drop(builder);
+        let e = message(ImageSource::OciArchive(tarball.clone())).await;
+        assert!(
+            e.contains(&format!("{} has no index.json", tarball.display())),
+            "{e}"
+        );
+    }
 
     #[test]
     fn sources_parse_by_prefix() {

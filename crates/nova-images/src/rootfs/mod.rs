@@ -90,7 +90,8 @@ pub enum BuildRootfsError {
     #[error(
         "guest agent not found at {0}; build it with `make agent` (static: \
          RUSTFLAGS='-C target-feature=+crt-static' cargo build -p nova-agent --profile agent \
-         --target x86_64-unknown-linux-gnu), or `make agent-arm64` for an arm64 template"
+         --target x86_64-unknown-linux-gnu), or `make agent-arm64` for an arm64 template, \
+         and name it with --agent or NOVA_AGENT_BIN when running nova outside the repository"
     )]
     AgentMissing(PathBuf),
     /// A binary that must run without a dynamic loader is dynamic.
