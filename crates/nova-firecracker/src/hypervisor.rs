@@ -9,7 +9,7 @@ use nova_core::home::NovaHome;
 use nova_core::hypervisor::HypervisorKind;
 use nova_core::id::SandboxId;
 use nova_runtime::Provider;
-use nova_runtime::backend::{Backend, Launch, ReattachVm, VmStart};
+use nova_runtime::backend::{Backend, Launch, NetworkMode, ReattachVm, VmStart};
 use nova_runtime::host::KvmStatus;
 
 use crate::api::{InstanceInfo, LogLevel};
@@ -180,8 +180,8 @@ impl Backend for Firecracker {
             .map_err(|reason| CreateSandboxError::Unsupported { reason })
     }
 
-    fn attaches_network(&self) -> bool {
-        true
+    fn network_mode(&self) -> NetworkMode {
+        NetworkMode::Namespace
     }
 
     fn snapshot_support(&self) -> Result<(), String> {

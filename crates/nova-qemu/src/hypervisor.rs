@@ -13,7 +13,9 @@ use nova_core::hypervisor::HypervisorKind;
 use nova_core::snapshot::SnapshotError;
 use nova_core::template::GuestArch;
 use nova_runtime::Provider;
-use nova_runtime::backend::{Backend, BootSource, Launch, ReattachVm, VmStart, kernel_args_error};
+use nova_runtime::backend::{
+    Backend, BootSource, Launch, NetworkMode, ReattachVm, VmStart, kernel_args_error,
+};
 use nova_runtime::console::DEFAULT_LOG_CAP;
 use nova_runtime::dir::check_socket_path;
 use nova_runtime::host::{Accel, BackendChoice, HostReport, find_binary};
@@ -205,8 +207,8 @@ impl Backend for Qemu {
         self.options.scratch_size_mb
     }
 
-    fn attaches_network(&self) -> bool {
-        true
+    fn network_mode(&self) -> NetworkMode {
+        NetworkMode::Namespace
     }
 
     fn snapshot_support(&self) -> Result<(), String> {

@@ -70,6 +70,24 @@ pub enum BootSource {
     Restore(Box<Snapshot>),
 }
 
+/// How a backend gives a sandbox (with `enable_network`) its network.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NetworkMode {
+    /// None: the runtime makes no network, refuses a config that publishes
+    /// a port or sets egress rules, and otherwise runs the sandbox without
+    /// a network, with a warning.
+    None,
+    /// The runtime's network namespace (`nova-net`): it makes the
+    /// namespace, tap, NAT, published ports and egress sets, and the
+    /// backend attaches the VM to the tap ([`VmStart::network`]).
+    Namespace,
+    /// The backend's own network (Apple VZ's NAT): the runtime makes none
+    /// ([`VmStart::network`] is `None`), and the backend attaches the VM
+    /// and publishes the config's ports itself. Egress rules need
+    /// [`NetworkMode::Namespace`] and are refused.
+    Own,
+}
+
 /// What the runtime hands a backend to start one VM.
 #[derive(Debug)]
 pub struct VmStart<'a> {
@@ -213,12 +231,9 @@ pub trait Backend: Send + Sync + fmt::Debug + Sized + 'static {
         Ok(())
     }
 
-    /// Whether this backend attaches a sandbox's network
-    /// ([`VmStart::network`]). Where it does not, the runtime makes no
-    /// network: a config that publishes a port is refused, and otherwise
-    /// the sandbox runs without one (with a warning).
-    fn attaches_network(&self) -> bool {
-        false
+    /// How this backend gives a sandbox its network ([`NetworkMode`]).
+    fn network_mode(&self) -> NetworkMode {
+        NetworkMode::None
     }
 
     /// Why this backend cannot write or load snapshots, if it cannot.

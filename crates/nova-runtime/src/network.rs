@@ -31,6 +31,7 @@ use std::path::Path;
 
 use nova_core::config::{ConfigError, SandboxConfig};
 use nova_core::error::{CreateSandboxError, UpdateNetworkError};
+use nova_core::hypervisor::HypervisorKind;
 use nova_core::id::SandboxId;
 use nova_core::network::{EgressConfig, PortProtocol, PortSpec};
 use nova_net::{
@@ -38,6 +39,8 @@ use nova_net::{
     SandboxNetwork, SpecError,
 };
 use nova_protocol::boot::{GuestNet, MAX_DNS_SERVERS};
+
+use crate::backend::NetworkMode;
 
 /// The guest's MTU: the tap's and the veth's default.
 pub const GUEST_MTU: u16 = 1500;
@@ -191,21 +194,28 @@ fn create_error(config: &SandboxConfig, e: CreateNetworkError) -> CreateSandboxE
 }
 
 /// Makes the network of sandbox `id` when `config` asks for one and the
-/// backend `attaches` it (a backend that does not yet, Firecracker, runs the
-/// sandbox without one, with a warning; the provider refused a published
-/// port there already).
+/// backend's `mode` is [`NetworkMode::Namespace`]. A backend with its own
+/// network gets none from here; one without any runs the sandbox without a
+/// network, with a warning (the provider refused a published port or an
+/// egress rule for both already, [`refuse_unsupported`]).
 pub(crate) async fn create(
     id: &SandboxId,
     config: &SandboxConfig,
     pool: &AddressPool,
-    attaches: bool,
+    mode: NetworkMode,
 ) -> Result<Option<SandboxNetwork>, CreateSandboxError> {
     if !config.enable_network {
         return Ok(None);
     }
-    if !attaches {
-        tracing::warn!("this backend does not attach sandbox networks yet; the sandbox has none");
-        return Ok(None);
+    match mode {
+        NetworkMode::Namespace => {}
+        NetworkMode::Own => return Ok(None),
+        NetworkMode::None => {
+            tracing::warn!(
+                "this backend does not attach sandbox networks yet; the sandbox has none"
+            );
+            return Ok(None);
+        }
     }
     if let Some(reason) = unsupported_reason() {
         return Err(CreateSandboxError::Unsupported { reason });
@@ -222,6 +232,47 @@ pub(crate) async fn create(
         "sandbox network ready"
     );
     Ok(Some(net))
+}
+
+/// Refuses what `config` asks of the network that a backend in `mode`
+/// (of kind `backend`) cannot give, naming the config field: with no
+/// network, a published port or an egress rule; with its own network, an
+/// egress rule (those are nftables sets in the sandbox's namespace).
+pub(crate) fn refuse_unsupported(
+    config: &SandboxConfig,
+    mode: NetworkMode,
+    backend: HypervisorKind,
+) -> Result<(), CreateSandboxError> {
+    let reason = match mode {
+        NetworkMode::Namespace => None,
+        NetworkMode::Own => config.egress.as_ref().map(|_| {
+            format!(
+                "egress asks for egress rules (CIDRs, domains), which need the Linux network \
+                 namespace mode (QEMU or Firecracker); the {backend} backend's own NAT network \
+                 has none: leave egress unset"
+            )
+        }),
+        NetworkMode::None => {
+            let field = match config.published_ports().first() {
+                Some(port) => Some(format!(
+                    "{} = {}",
+                    config.published_port_field(0),
+                    port.host_port
+                )),
+                None => config.egress.as_ref().map(|_| "egress".to_owned()),
+            };
+            field.map(|field| {
+                format!(
+                    "{field} asks for a sandbox network rule, and the {backend} backend does \
+                     not attach sandbox networks yet; leave it unset or use QEMU"
+                )
+            })
+        }
+    };
+    match reason {
+        Some(reason) => Err(CreateSandboxError::Unsupported { reason }),
+        None => Ok(()),
+    }
 }
 
 /// Removes the network objects (namespace, veth, nft table) of the
@@ -370,6 +421,34 @@ mod tests {
                 .contains(&format!("ports[0] = 127.0.0.1:{port}/tcp")),
             "{err}"
         );
+    }
+
+    #[test]
+    fn each_network_mode_refuses_what_it_cannot_give() {
+        let ports = SandboxConfig {
+            host_port: Some(18080),
+            ..Default::default()
+        };
+        let egress = SandboxConfig {
+            egress: Some(EgressConfig {
+                block_all: true,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let vz = HypervisorKind::AppleVz;
+        for config in [&ports, &egress] {
+            refuse_unsupported(config, NetworkMode::Namespace, vz).unwrap();
+        }
+        // Its own network publishes ports, and has no egress sets.
+        refuse_unsupported(&ports, NetworkMode::Own, vz).unwrap();
+        let e = refuse_unsupported(&egress, NetworkMode::Own, vz).unwrap_err();
+        assert!(matches!(e, CreateSandboxError::Unsupported { .. }), "{e:?}");
+        assert!(e.to_string().contains("network namespace"), "{e}");
+        let e = refuse_unsupported(&ports, NetworkMode::None, vz).unwrap_err();
+        assert!(e.to_string().contains("host_port = 18080"), "{e}");
+        let e = refuse_unsupported(&egress, NetworkMode::None, vz).unwrap_err();
+        assert!(e.to_string().contains("egress asks"), "{e}");
     }
 
     #[test]

@@ -405,7 +405,7 @@ impl<B: Backend> Provider<B> {
             .await;
         // The network, when asked for, before the VMM: it needs the tap.
         let network =
-            crate::network::create(&id, &config, &self.inner.pool, backend.attaches_network())
+            crate::network::create(&id, &config, &self.inner.pool, backend.network_mode())
                 .instrument(span.clone())
                 .await?;
         let record = SandboxRecord {
@@ -863,25 +863,11 @@ impl<B: Backend> Hypervisor for Provider<B> {
 
     async fn create_sandbox(&self, config: SandboxConfig) -> Result<Sandbox, CreateSandboxError> {
         config.validate()?;
-        if !self.inner.backend.attaches_network() {
-            let field = match config.published_ports().first() {
-                Some(port) => Some(format!(
-                    "{} = {}",
-                    config.published_port_field(0),
-                    port.host_port
-                )),
-                None => config.egress.as_ref().map(|_| "egress".to_owned()),
-            };
-            if let Some(field) = field {
-                return Err(CreateSandboxError::Unsupported {
-                    reason: format!(
-                        "{field} asks for a sandbox network rule, and the {} backend does not \
-                         attach sandbox networks yet; leave it unset or use QEMU",
-                        self.inner.backend.kind()
-                    ),
-                });
-            }
-        }
+        crate::network::refuse_unsupported(
+            &config,
+            self.inner.backend.network_mode(),
+            self.inner.backend.kind(),
+        )?;
         let template = self.inner.templates.load(&config.template_id)?;
         self.inner.backend.check_host()?;
         let identity = match config.rootfs_path {
@@ -1136,6 +1122,13 @@ impl<B: Backend> Hypervisor for Provider<B> {
         egress: EgressConfig,
     ) -> Result<(), UpdateNetworkError> {
         egress.validate()?;
+        if self.inner.backend.network_mode() == crate::backend::NetworkMode::Own {
+            return Err(UpdateNetworkError::Unsupported(format!(
+                "egress rules need the Linux network namespace mode (QEMU or Firecracker); \
+                 the {} backend's own NAT network has none",
+                self.inner.backend.kind()
+            )));
+        }
         let entry = self
             .inner
             .sandboxes

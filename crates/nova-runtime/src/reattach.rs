@@ -440,7 +440,7 @@ impl<B: Backend> Provider<B> {
                         &id,
                         &record.info.config,
                         &self.inner.pool,
-                        backend.attaches_network(),
+                        backend.network_mode(),
                     )
                     .instrument(span.clone())
                     .await

@@ -8,6 +8,10 @@
 //! sandbox's VMM process: own process group, watched, killed on drop),
 //! waits for its control socket, and from then on drives it over
 //! [`crate::control`] and reaches the agent through [`crate::vsock`].
+//!
+//! The network is the backend's own ([`NetworkMode::Own`]): VZ's NAT, with
+//! the config's published ports relayed on the host by [`crate::ports`],
+//! bound before the helper is spawned and owned by the [`VzVm`].
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -19,7 +23,8 @@ use nova_core::snapshot::{SnapshotError, SnapshotKind};
 use nova_protocol::boot::AGENT_VSOCK_PORT;
 use nova_runtime::Provider;
 use nova_runtime::backend::{
-    AgentConnector, Backend, BootSource, Launch, Vm, VmStart, VmmCounters, kernel_args_error,
+    AgentConnector, Backend, BootSource, Launch, NetworkMode, Vm, VmStart, VmmCounters,
+    kernel_args_error,
 };
 use nova_runtime::console::DEFAULT_LOG_CAP;
 use nova_runtime::dir::{check_socket_path, write_atomic};
@@ -27,6 +32,7 @@ use nova_runtime::retry::connect_unix;
 use nova_runtime::vmm::VmmCommand;
 
 use crate::control::{ControlClient, ControlError, ControlRequest};
+use crate::ports::{BoundPorts, PortRelays, RelayBindError, RelayLimits};
 use crate::spec::{SPEC_FILE, SpecInput, VzLimits, VzMachineSpec, VzSpecError, nat_guest_addr};
 use crate::state::VzState;
 
@@ -177,6 +183,10 @@ impl Backend for Vz {
         self.options.scratch_size_mb
     }
 
+    fn network_mode(&self) -> NetworkMode {
+        NetworkMode::Own
+    }
+
     fn check_host(&self) -> Result<(), CreateSandboxError> {
         if !cfg!(all(target_os = "macos", target_arch = "aarch64")) {
             return Err(Self::unsupported(
@@ -226,6 +236,7 @@ impl Backend for Vz {
                 Some(snapshot.dir.join(SNAPSHOT_STATE)),
             ),
         };
+        let guest_addr = config.enable_network.then(|| nat_guest_addr(&hostname));
         let spec = VzMachineSpec::build(
             &SpecInput {
                 kernel: &start.image.kernel,
@@ -236,7 +247,7 @@ impl Backend for Vz {
                 vcpus: config.vcpus,
                 kernel_args: &kernel_args,
                 hostname: &hostname,
-                network: config.enable_network.then(|| nat_guest_addr(&hostname)),
+                network: guest_addr,
                 restore: restore.as_deref(),
             },
             &limits,
@@ -250,6 +261,14 @@ impl Backend for Vz {
             path: spec_path.clone(),
             source,
         })?;
+        // The published ports, before anything runs: one in use refuses
+        // the create, naming it. Dropped (closed) on any error below.
+        let ports = match guest_addr {
+            Some(guest) => BoundPorts::bind(&config.published_ports(), guest.addr)
+                .await
+                .map_err(|e| port_error(config, e))?,
+            None => BoundPorts::default(),
+        };
         launch.spawn(&VmmCommand {
             program: self.options.helper.clone(),
             args: helper_args(&spec_path, &paths.api_socket(), &paths.vsock_socket()),
@@ -289,7 +308,19 @@ impl Backend for Vz {
             control,
             vsock_socket: paths.vsock_socket(),
             kernel_cmdline: spec.cmdline,
+            relays: ports.serve(RelayLimits::default()),
         })
+    }
+}
+
+/// A published port that cannot be bound, named by its config field.
+fn port_error(config: &nova_core::config::SandboxConfig, e: RelayBindError) -> CreateSandboxError {
+    CreateSandboxError::PortUnavailable {
+        field: config.published_port_field(e.index),
+        port: e.port,
+        protocol: e.protocol,
+        host_ip: e.host_ip,
+        source: e.source,
     }
 }
 
@@ -346,12 +377,14 @@ impl HelperArgs {
     }
 }
 
-/// One VZ VM: its helper's control connection and vsock socket.
+/// One VZ VM: its helper's control connection and vsock socket, and the
+/// relays of its published ports (closed when it is released or dropped).
 #[derive(Debug)]
 pub struct VzVm {
     control: ControlClient,
     vsock_socket: PathBuf,
     kernel_cmdline: String,
+    relays: PortRelays,
 }
 
 impl VzVm {
@@ -415,6 +448,11 @@ impl Vm for VzVm {
 
     fn kernel_cmdline(&self) -> String {
         self.kernel_cmdline.clone()
+    }
+
+    async fn release(&mut self) -> Result<(), (PathBuf, std::io::Error)> {
+        self.relays.shutdown().await;
+        Ok(())
     }
 }
 
@@ -495,6 +533,7 @@ mod tests {
             control: ControlClient::new(host, Duration::from_secs(10)),
             vsock_socket: vsock_path,
             kernel_cmdline: "console=hvc0".into(),
+            relays: PortRelays::default(),
         }
     }
 
@@ -563,6 +602,70 @@ mod tests {
         assert_eq!(
             parse(&["--spec", "a", "--vsock", "b"]).unwrap_err(),
             "missing --control"
+        );
+    }
+
+    #[tokio::test]
+    async fn ports_pass_the_network_check_and_egress_is_refused() {
+        use nova_core::config::SandboxConfig;
+        use nova_core::hypervisor::Hypervisor;
+        use nova_core::network::EgressConfig;
+        let home = tempfile::tempdir().unwrap();
+        let provider = VzHypervisor::new(VzOptions {
+            home: NovaHome::at(home.path()),
+            helper: "/nonexistent/nova-vz-vmm".into(),
+            scratch_size_mb: DEFAULT_SCRATCH_MB,
+        });
+        let egress = SandboxConfig {
+            egress: Some(EgressConfig {
+                block_all: true,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let e = provider.create_sandbox(egress).await.unwrap_err();
+        assert!(matches!(e, CreateSandboxError::Unsupported { .. }), "{e:?}");
+        assert!(e.to_string().contains("network namespace"), "{e}");
+        // A published port is this backend's to relay: the create gets past
+        // the network check (and stops at the missing template).
+        let ports = SandboxConfig {
+            host_port: Some(18080),
+            ..Default::default()
+        };
+        let e = provider.create_sandbox(ports).await.unwrap_err();
+        assert!(
+            !matches!(e, CreateSandboxError::Unsupported { .. }),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn a_port_that_cannot_be_bound_is_named_by_its_config_field() {
+        use nova_core::config::SandboxConfig;
+        use nova_core::network::{PortProtocol, PortSpec};
+        let config = SandboxConfig {
+            host_port: Some(18080),
+            ports: vec![PortSpec::udp(5353, 53)],
+            ..Default::default()
+        };
+        let e = port_error(
+            &config,
+            RelayBindError {
+                index: 1,
+                port: 5353,
+                protocol: PortProtocol::Udp,
+                host_ip: std::net::Ipv4Addr::UNSPECIFIED,
+                source: std::io::ErrorKind::AddrInUse.into(),
+            },
+        );
+        assert!(
+            matches!(&e, CreateSandboxError::PortUnavailable { field, port: 5353, .. }
+                if field == "ports[0]"),
+            "{e:?}"
+        );
+        assert_eq!(
+            Vz::from_options(VzOptions::new(NovaHome::at("/n"))).network_mode(),
+            NetworkMode::Own
         );
     }
 

@@ -24,7 +24,8 @@
 //! ```
 //!
 //! Everything that is not FFI is outside `cfg(target_os = "macos")` and
-//! unit-tested on Linux: the machine spec ([`spec`]), VZ's states
+//! unit-tested on Linux: the machine spec ([`spec`]), the published ports'
+//! relay ([`ports`]), VZ's states
 //! ([`state`]) and errors ([`error`]), the control protocol ([`control`]),
 //! the vsock handshake ([`vsock`]) and the backend itself ([`backend`],
 //! which refuses to start off macOS). The FFI — building the VZ
@@ -34,10 +35,12 @@
 //!
 //! # What is not here
 //!
-//! * Published ports and egress rules: the runtime's are nova-net's
-//!   (Linux); VZ's NAT has no port forwarding, and the runtime refuses a
-//!   config that asks for either with this backend. The guest reaches out
-//!   through the NAT.
+//! * Egress rules: the runtime's are nova-net's nftables sets in a Linux
+//!   network namespace; the network here is VZ's own NAT (the backend's
+//!   [`NetworkMode::Own`](nova_runtime::backend::NetworkMode::Own)), and
+//!   the runtime refuses a config with `egress` on this backend. The guest
+//!   reaches out through the NAT. Published ports are relayed on the host
+//!   instead ([`ports`]: VZ's NAT has no port forwarding).
 //! * Guest addresses: the agent has no DHCP client, so a guest gets a
 //!   static address in vmnet's default shared subnet, from a hash of its
 //!   name ([`spec::nat_guest_addr`]); two live sandboxes can draw the same
@@ -54,6 +57,7 @@ pub mod control;
 pub mod error;
 #[cfg(target_os = "macos")]
 pub mod macos;
+pub mod ports;
 pub mod spec;
 pub mod state;
 pub mod vsock;
