@@ -84,12 +84,14 @@ enum Commands {
 
 #[derive(Debug, Subcommand)]
 enum TemplateCommand {
-    /// List the installed templates and whether each is usable.
+    /// List the installed templates (an unusable one says why).
     List,
     /// Build a template (kernel, rootfs, manifest) and install it.
     Build(template::BuildArgs),
     /// Boot a template and save a snapshot that later creates restore from.
     Snapshot(template::SnapshotArgs),
+    /// Remove installed templates.
+    Rm(template::RemoveArgs),
 }
 
 fn main() -> ExitCode {
@@ -118,6 +120,9 @@ fn main() -> ExitCode {
             }
             Commands::Template(TemplateCommand::Snapshot(args)) => {
                 template::snapshot(&args).await.map(|()| ExitCode::SUCCESS)
+            }
+            Commands::Template(TemplateCommand::Rm(args)) => {
+                template::remove(&args).map(|()| ExitCode::SUCCESS)
             }
             Commands::Create(args) => commands::create::run(&args).await,
             Commands::Ls(args) => commands::list::run(&args).await,
@@ -160,16 +165,17 @@ fn list_templates() -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     println!(
-        "{:<12} {:>7} {:>5} {:>9} {:<10} PACKAGES",
-        "ID", "MEM_MB", "VCPU", "DISK_GB", "KERNEL"
+        "{:<16} {:<6} {:>7} {:>5} {:>9} {:<14} PACKAGES",
+        "ID", "ARCH", "MEM_MB", "VCPU", "DISK_GB", "KERNEL"
     );
     for template in templates {
         match template {
             Ok(t) => {
                 let m = &t.manifest;
                 println!(
-                    "{:<12} {:>7} {:>5} {:>9.3} {:<10} {}",
+                    "{:<16} {:<6} {:>7} {:>5} {:>9.3} {:<14} {}",
                     m.template_id,
+                    m.arch.as_str(),
                     m.memory_mb,
                     m.vcpus,
                     m.disk_size_gb,

@@ -17,6 +17,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use anyhow::Context;
+use novasandbox::core::config::StartMode;
 use novasandbox::core::error::ExecError;
 use novasandbox::core::exec::ExecStdin;
 use novasandbox::core::{
@@ -88,9 +89,26 @@ pub(crate) struct RunArgs {
     /// Stop by killing the VMM instead of a graceful power-off.
     #[arg(long)]
     force_stop: bool,
+    /// How the sandbox starts: `auto` (restore the template's snapshot when
+    /// it fits, else boot), `snapshot` (restore or fail saying why) or
+    /// `cold` (always boot the kernel).
+    #[arg(long, value_name = "auto|snapshot|cold", default_value = "auto", value_parser = parse_start)]
+    start: StartMode,
     /// The command and its arguments.
     #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true, num_args = 1..)]
     command: Vec<String>,
+}
+
+/// `auto`, `snapshot` or `cold`.
+fn parse_start(s: &str) -> Result<StartMode, String> {
+    match s {
+        "auto" => Ok(StartMode::Auto),
+        "snapshot" => Ok(StartMode::Snapshot),
+        "cold" => Ok(StartMode::Cold),
+        other => Err(format!(
+            "{other:?} is not a start mode: use auto, snapshot or cold"
+        )),
+    }
 }
 
 /// `[IP:]HOST:GUEST[/tcp|/udp]`, as `docker run -p` spells it.
@@ -168,7 +186,8 @@ async fn run_with(args: RunArgs, console: &Console) -> anyhow::Result<ExitCode> 
         .vcpus(args.vcpus)
         .boot_timeout_ms(args.boot_timeout_ms)
         .read_only_rootfs(args.read_only)
-        .enable_network(!args.no_network);
+        .enable_network(!args.no_network)
+        .start(args.start);
     let config = args
         .publish
         .iter()
@@ -487,6 +506,14 @@ mod tests {
         for bad in ["8080", "8080:80/sctp", "x:80", "8080:70000", "::1:80:80"] {
             assert!(parse_publish(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn start_flags_name_the_modes() {
+        assert_eq!(parse_start("auto"), Ok(StartMode::Auto));
+        assert_eq!(parse_start("snapshot"), Ok(StartMode::Snapshot));
+        assert_eq!(parse_start("cold"), Ok(StartMode::Cold));
+        assert!(parse_start("warm").unwrap_err().contains("auto, snapshot or cold"));
     }
 
     #[test]

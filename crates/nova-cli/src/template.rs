@@ -187,6 +187,37 @@ async fn snapshot_is_current(home: &NovaHome, id: &str) -> bool {
     }
 }
 
+/// Arguments of `nova template rm`.
+#[derive(clap::Args, Debug)]
+pub(crate) struct RemoveArgs {
+    /// The installed templates to remove.
+    #[arg(required = true)]
+    pub(crate) ids: Vec<String>,
+}
+
+/// Runs `nova template rm`: removes each template's directory (kernel,
+/// rootfs, manifest, snapshot). Running sandboxes keep the files they have
+/// open; a sandbox paused to disk from a removed template cannot resume.
+pub(crate) fn remove(args: &RemoveArgs) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let home = NovaHome::resolve()?;
+    let manager = novasandbox::core::TemplateManager::new(home.templates_dir());
+    for id in &args.ids {
+        let dir = home.template_dir(id);
+        if !novasandbox::core::config::is_valid_template_id(id) || !dir.is_dir() {
+            let installed = manager.ids().unwrap_or_default().join(", ");
+            anyhow::bail!(
+                "no template {id:?} in {} (installed: {installed})",
+                manager.dir().display()
+            );
+        }
+        std::fs::remove_dir_all(&dir)
+            .with_context(|| format!("cannot remove template {id} at {}", dir.display()))?;
+        println!("removed template {id}");
+    }
+    Ok(())
+}
+
 /// Arguments of `nova template snapshot`.
 #[derive(clap::Args, Debug)]
 pub(crate) struct SnapshotArgs {
