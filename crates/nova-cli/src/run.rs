@@ -513,7 +513,11 @@ mod tests {
         assert_eq!(parse_start("auto"), Ok(StartMode::Auto));
         assert_eq!(parse_start("snapshot"), Ok(StartMode::Snapshot));
         assert_eq!(parse_start("cold"), Ok(StartMode::Cold));
-        assert!(parse_start("warm").unwrap_err().contains("auto, snapshot or cold"));
+        assert!(
+            parse_start("warm")
+                .unwrap_err()
+                .contains("auto, snapshot or cold")
+        );
     }
 
     #[test]
