@@ -152,13 +152,41 @@ impl Drop for TestHost {
     }
 }
 
+/// A test server's thread, running until its `Worker` is dropped; its loop
+/// polls the flag it is given.
+#[derive(Debug)]
+struct Worker {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Worker {
+    fn spawn(run: impl FnOnce(&AtomicBool) + Send + 'static) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || run(&flag));
+        Self {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// An HTTP server answering every request with a fixed body, until dropped.
 #[derive(Debug)]
 pub struct HttpServer {
     addr: SocketAddrV4,
-    stop: Arc<AtomicBool>,
     peers: Arc<Mutex<Vec<SocketAddr>>>,
-    thread: Option<JoinHandle<()>>,
+    _worker: Worker,
 }
 
 impl HttpServer {
@@ -173,15 +201,6 @@ impl HttpServer {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone()
-    }
-}
-
-impl Drop for HttpServer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
     }
 }
 
@@ -207,12 +226,10 @@ pub async fn serve_http(
         Ok(SocketAddr::V6(_)) => addr,
         Err(e) => return Err(HostError::io("local_addr", e)),
     };
-    let stop = Arc::new(AtomicBool::new(false));
     let peers = Arc::new(Mutex::new(Vec::new()));
-    let thread = {
-        let stop = stop.clone();
+    let worker = {
         let peers = peers.clone();
-        std::thread::spawn(move || {
+        Worker::spawn(move |stop| {
             while !stop.load(Ordering::Relaxed) {
                 match listener.accept() {
                     Ok((stream, peer)) => {
@@ -232,9 +249,8 @@ pub async fn serve_http(
     };
     Ok(HttpServer {
         addr,
-        stop,
         peers,
-        thread: Some(thread),
+        _worker: worker,
     })
 }
 
@@ -263,23 +279,13 @@ fn answer(mut stream: TcpStream, body: &[u8]) -> io::Result<()> {
 #[derive(Debug)]
 pub struct UdpEcho {
     addr: SocketAddrV4,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
+    _worker: Worker,
 }
 
 impl UdpEcho {
     /// Where it listens.
     pub fn addr(&self) -> SocketAddrV4 {
         self.addr
-    }
-}
-
-impl Drop for UdpEcho {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
     }
 }
 
@@ -293,22 +299,17 @@ pub async fn serve_udp_echo(netns: &Path, addr: SocketAddrV4) -> Result<UdpEcho,
         Ok(s)
     })
     .await?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let thread = {
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 2048];
-            while !stop.load(Ordering::Relaxed) {
-                if let Ok((n, peer)) = socket.recv_from(&mut buf) {
-                    let _ = socket.send_to(&buf[..n], peer);
-                }
+    let worker = Worker::spawn(move |stop| {
+        let mut buf = [0u8; 2048];
+        while !stop.load(Ordering::Relaxed) {
+            if let Ok((n, peer)) = socket.recv_from(&mut buf) {
+                let _ = socket.send_to(&buf[..n], peer);
             }
-        })
-    };
+        }
+    });
     Ok(UdpEcho {
         addr,
-        stop,
-        thread: Some(thread),
+        _worker: worker,
     })
 }
 
@@ -317,9 +318,8 @@ pub async fn serve_udp_echo(netns: &Path, addr: SocketAddrV4) -> Result<UdpEcho,
 #[derive(Debug)]
 pub struct DnsServer {
     addr: SocketAddrV4,
-    stop: Arc<AtomicBool>,
     queries: Arc<Mutex<Vec<String>>>,
-    thread: Option<JoinHandle<()>>,
+    _worker: Worker,
 }
 
 impl DnsServer {
@@ -334,15 +334,6 @@ impl DnsServer {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone()
-    }
-}
-
-impl Drop for DnsServer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
     }
 }
 
@@ -363,11 +354,10 @@ pub async fn serve_dns(
         Ok(s)
     })
     .await?;
-    let stop = Arc::new(AtomicBool::new(false));
     let queries = Arc::new(Mutex::new(Vec::new()));
-    let thread = {
-        let (stop, queries) = (stop.clone(), queries.clone());
-        std::thread::spawn(move || {
+    let worker = {
+        let queries = queries.clone();
+        Worker::spawn(move |stop| {
             let mut buf = [0u8; 4096];
             while !stop.load(Ordering::Relaxed) {
                 let Ok((n, peer)) = socket.recv_from(&mut buf) else {
@@ -381,9 +371,8 @@ pub async fn serve_dns(
     };
     Ok(DnsServer {
         addr,
-        stop,
         queries,
-        thread: Some(thread),
+        _worker: worker,
     })
 }
 
