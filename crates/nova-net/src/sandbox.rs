@@ -296,19 +296,21 @@ impl SandboxNetwork {
             ports: self.spec.ports.clone(),
             redirect_dns: DomainFilter::new(&self.spec.egress).is_active(),
         };
-        netns::run_in_async(
-            &self.objects.netns_path,
-            "configuring the sandbox namespace",
-            move || inside.run(),
-        )
-        .await?;
-
+        // The namespace's inside (links, routes, its own table) and the host
+        // table touch different namespaces and objects: set both up at once,
+        // so a create pays for one `nft` process, not two in a row.
         let batch = self.host_table(&self.spec.egress, &[]).create();
         self.objects.table_created = true;
-        blocking("applying the host nft table", move || {
-            firewall::apply(&batch, "creating the sandbox's host table")
-        })
-        .await?;
+        tokio::try_join!(
+            netns::run_in_async(
+                &self.objects.netns_path,
+                "configuring the sandbox namespace",
+                move || inside.run(),
+            ),
+            blocking("applying the host nft table", move || {
+                firewall::apply(&batch, "creating the sandbox's host table")
+            }),
+        )?;
         if DomainFilter::new(&self.spec.egress).is_active() {
             self.resolver = Some(self.start_resolver()?);
         }
