@@ -475,7 +475,12 @@ impl<B: Backend> Provider<B> {
         if let Some(guest) = &guest {
             let limit = self.inner.timeouts.agent;
             if restored {
-                let refreshed = tokio::time::timeout(limit, guest.refresh(id.as_str())).await;
+                // The servers a cold boot would get now, not the snapshot's.
+                let dns = network
+                    .as_ref()
+                    .map(|net| crate::network::guest_net(net).dns);
+                let refreshed =
+                    tokio::time::timeout(limit, guest.refresh(id.as_str(), dns.as_deref())).await;
                 let failure: Option<nova_core::error::BoxError> = match refreshed {
                     Ok(Ok(_)) => None,
                     Ok(Err(e)) => Some(Box::new(e)),
