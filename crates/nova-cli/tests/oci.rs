@@ -15,8 +15,8 @@
 //! the DNS servers of the create (`NOVA_DNS_SERVERS`), not the snapshot's,
 //! and its snapshot has the size its manifest records. A Dockerfile
 //! (`FROM` the layout, `RUN`, `COPY`, `ENV`, `USER`) gives a template in
-//! which the RUN's output and the copied file exist, and commands run as
-//! its `USER`.
+//! which the RUN's output and the copied file exist, RUN steps run as the
+//! `USER` before them, and commands run as its last `USER`.
 //!
 //! Needs `docker-registry`, `skopeo` and busybox-static (`make deps`), QEMU
 //! and the `minimal` template (`make images`: its agent and the cached
@@ -533,12 +533,14 @@ fn a_dockerfile_with_from_run_copy_and_env() {
         &dockerfile,
         format!(
             "FROM oci-layout:{}\n\
+             USER root\n\
              ENV GREETING=hi-from-env\n\
              RUN echo \"built with $GREETING\" > /data/run.txt && mkdir -p /opt/made\n\
              COPY hello.txt /data/copied.txt\n\
              WORKDIR /opt/made\n\
              RUN pwd > here.txt\n\
-             USER app\n",
+             USER app\n\
+             RUN echo \"run-as=$(id -u):$(id -g)\"\n",
             layout.display()
         ),
     )
@@ -555,7 +557,10 @@ fn a_dockerfile_with_from_run_copy_and_env() {
     ]);
     assert!(out.status.success(), "the Dockerfile build failed");
     let progress = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(progress.contains("[3/7] line 3: RUN"), "{progress}");
+    assert!(progress.contains("[4/9] line 4: RUN"), "{progress}");
+    // RUN steps run as the stage's USER: root (USER root over the image's
+    // app) until `USER app`.
+    assert!(progress.contains("run-as=1000:1001"), "{progress}");
     let (shown, _) = home.run(
         "from-dockerfile",
         &["--memory", "256", "--no-network"],
