@@ -35,8 +35,8 @@
 use std::ffi::CString;
 use std::hash::{Hash, Hasher};
 use std::io::{self, Read};
-use std::path::{Path, PathBuf};
 use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError};
 
 use rustix::mount::{MountFlags, UnmountFlags, mount, unmount};

@@ -254,7 +254,11 @@ async fn refresh_with_dns_servers_rewrites_resolv_conf_and_without_leaves_it() {
         .refresh("sb-4", &[7; 32], SystemTime::now(), Some(&too_many))
         .await
         .unwrap_err();
-    assert_eq!(err.remote_kind(), Some(RemoteErrorKind::InvalidInput), "{err}");
+    assert_eq!(
+        err.remote_kind(),
+        Some(RemoteErrorKind::InvalidInput),
+        "{err}"
+    );
     assert_eq!(read_etc(&agent, "resolv.conf"), resolv);
     assert_eq!(read_etc(&agent, "hostname"), "sb-3\n");
     agent.assert_no_panic();
@@ -309,7 +313,10 @@ async fn exec_as_a_user_resolves_it_in_the_agents_etc() {
         .run(ExecSpec::shell(show).user(user("app")))
         .await
         .unwrap();
-    assert_eq!(out.stdout_lossy(), "4242 4243 4243 4250 /home/app app app\n");
+    assert_eq!(
+        out.stdout_lossy(),
+        "4242 4243 4243 4250 /home/app app app\n"
+    );
     // The request's own HOME wins; a group replaces the user's groups.
     let out = client
         .run(

@@ -492,7 +492,10 @@ fn templates_from_a_registry_a_docker_archive_and_an_oci_layout() {
     let snapshot = read(dir.join("snapshot/snapshot.json"));
     assert_eq!(
         (&manifest["memory_mb"], &manifest["vcpus"]),
-        (&snapshot["config"]["memory_mb"], &snapshot["config"]["vcpus"]),
+        (
+            &snapshot["config"]["memory_mb"],
+            &snapshot["config"]["vcpus"]
+        ),
         "manifest {manifest} vs snapshot {snapshot}"
     );
     // A restore gets the DNS servers a cold boot would get now, not the

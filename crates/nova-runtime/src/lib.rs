@@ -708,7 +708,10 @@ mod tests {
     fn the_template_user_is_the_default_and_a_request_user_overrides_it() {
         let image_user = Some("1000:1001".to_owned());
         let spec = |request: ExecRequest| {
-            build_spec(&[], request_with_defaults(request, None, image_user.as_ref()))
+            build_spec(
+                &[],
+                request_with_defaults(request, None, image_user.as_ref()),
+            )
         };
         let default = spec(ExecRequest::shell("id")).unwrap();
         assert_eq!(
@@ -726,10 +729,16 @@ mod tests {
                 group: None,
             })
         );
-        let plain = build_spec(&[], request_with_defaults(ExecRequest::shell("id"), None, None));
+        let plain = build_spec(
+            &[],
+            request_with_defaults(ExecRequest::shell("id"), None, None),
+        );
         assert_eq!(plain.unwrap().user, None);
         let bad = spec(ExecRequest::shell("id").user("a:b:c")).unwrap_err();
-        assert!(matches!(&bad, ExecError::Invalid(m) if m.contains("USER:GROUP")), "{bad}");
+        assert!(
+            matches!(&bad, ExecError::Invalid(m) if m.contains("USER:GROUP")),
+            "{bad}"
+        );
     }
 
     fn spec_of(env: &[(&str, &str)], request: ExecRequest) -> Result<ExecSpec, ExecError> {

@@ -205,7 +205,9 @@ fn e2b_user(headers: &HeaderMap) -> Result<Option<String>, ConnectError> {
     let bad = |why: &str| {
         ConnectError::new(
             Code::InvalidArgument,
-            format!("the Authorization header {why}: send `Basic base64(USER:)`, USER being root, user or a user of the guest"),
+            format!(
+                "the Authorization header {why}: send `Basic base64(USER:)`, USER being root, user or a user of the guest"
+            ),
         )
     };
     let Some(encoded) = value.to_str().ok().and_then(|v| v.strip_prefix("Basic ")) else {

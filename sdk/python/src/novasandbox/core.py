@@ -502,9 +502,7 @@ class Sandbox:
         with 127 / 126 as in a shell.
         """
         if on_stdout is None and on_stderr is None and not isinstance(stdin, bytes):
-            body = _command_body(
-                cmd, env=env, cwd=cwd, timeout=timeout, stdin=stdin, user=user
-            )
+            body = _command_body(cmd, env=env, cwd=cwd, timeout=timeout, stdin=stdin, user=user)
             return _result(await self._client.post_json(f"{self._path}/exec", body))
         return await self._run_streamed(
             cmd,
