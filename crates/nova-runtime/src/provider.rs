@@ -745,7 +745,10 @@ impl<B: Backend> Provider<B> {
         let guest = guest.map(|(client, hello)| {
             record.info.agent_version = Some(hello.agent_version.clone());
             record.info.kernel_release = Some(hello.kernel_release.clone());
+            // The template's defaults (env, working directory, user) apply
+            // after a resume as before the pause.
             Guest::new(client, record.info.config.env.clone())
+                .with_exec_defaults(&template.manifest.exec_defaults)
         });
         // The guest's clock stood still while it was on disk.
         if let Some(guest) = &guest {
