@@ -52,7 +52,7 @@ pub(crate) struct RunArgs {
     /// Working directory in the guest.
     #[arg(long)]
     cwd: Option<String>,
-    /// Run CMD as this user, as `docker run -u`: USER[:GROUP] or UID[:GID]
+    /// Run CMD as this user, as `docker run -u`: `USER[:GROUP]` or `UID[:GID]`
     /// (`-u root`, `-u 0`, `-u 1000:1000`), names looked up in the guest.
     /// Default: the template's user (its image's `User`), else root.
     #[arg(long, short = 'u', value_name = "USER[:GROUP]")]

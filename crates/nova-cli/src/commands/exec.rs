@@ -46,7 +46,7 @@ pub(crate) struct ExecArgs {
     /// Kill the command after this many seconds (exit code 124).
     #[arg(long, value_name = "SECS")]
     timeout: Option<u64>,
-    /// Run as this user, as `docker exec -u`: USER[:GROUP] or UID[:GID]
+    /// Run as this user, as `docker exec -u`: `USER[:GROUP]` or `UID[:GID]`
     /// (`-u root`, `-u 0`, `-u 1000:1000`); names are looked up in the
     /// guest. Default: the template's user (its image's `User`), else root.
     #[arg(long, short = 'u', value_name = "USER[:GROUP]")]

@@ -23,7 +23,7 @@
 //! error saying so.
 //!
 //! **User.** E2B's SDKs name the user a process runs as in a Basic
-//! `Authorization` header (`user:`). [`e2b_user`] maps it: `root` runs as
+//! `Authorization` header (`user:`). `e2b_user` maps it: `root` runs as
 //! root (uid 0), `user` (the SDKs' default user) as the template's default
 //! user (its image's `User`; root for a template without one), any other
 //! name as that user of the guest (an unknown one fails the call, naming
