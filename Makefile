@@ -25,10 +25,11 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 AGENT_TARGET := x86_64-unknown-linux-gnu
-AGENT_BIN := target/$(AGENT_TARGET)/agent/nova-agent
+# Build outputs follow CARGO_TARGET_DIR when it is set, as cargo does.
+AGENT_BIN := $(or $(CARGO_TARGET_DIR),target)/$(AGENT_TARGET)/agent/nova-agent
 ARM64_AGENT_TARGET := aarch64-unknown-linux-gnu
 ARM64_AGENT_BIN := $(or $(CARGO_TARGET_DIR),target)/$(ARM64_AGENT_TARGET)/agent/nova-agent
-NOVA := target/debug/nova
+NOVA := $(or $(CARGO_TARGET_DIR),target)/debug/nova
 TEMPLATES ?= minimal python
 
 # Host packages: QEMU (TCG fallback and tests), the kernel source and its build

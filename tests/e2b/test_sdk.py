@@ -91,6 +91,14 @@ def check_sync():
         assert r.stdout == "bar\n/tmp\n", repr(r.stdout)
         step("sync: run with envs and cwd", t)
 
+        # E2B's users: "root" is uid 0; "user" is the template's default
+        # user (root in the minimal template, which names none).
+        t = time.monotonic()
+        for user in ("root", "user"):
+            r = sbx.commands.run("id -u", user=user)
+            assert r.stdout == "0\n", (user, repr(r.stdout))
+        step("sync: run as user root and user", t)
+
         t = time.monotonic()
         try:
             sbx.commands.run("echo oops >&2; exit 3")

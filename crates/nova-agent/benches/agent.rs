@@ -6,6 +6,10 @@
 //! * round trip of `exec true` through the agent (spawn, pipes, exit status)
 //!   vs. spawning `true` directly with `tokio::process` (`output()`, so both
 //!   set up stdout/stderr pipes), p50/p99 over `NOVA_BENCH_ITERS` (500);
+//! * the same `exec true` as another user (uid 65534, `nobody`: the agent
+//!   reads `/etc/passwd`, and the child calls setgroups/setgid/setuid, so
+//!   the spawn takes `fork` instead of `posix_spawn`), as a ratio to root's
+//!   (only as root; SKIP otherwise);
 //! * `ping` round trip (pure protocol overhead);
 //! * streamed output: `head -c 2G /dev/zero` through the agent vs. read
 //!   directly from a `tokio::process` pipe, in GB/s (`NOVA_BENCH_STREAM_MIB`
@@ -124,6 +128,8 @@ async fn bench() {
 
     // Interleaved, so that load from other processes hits both sides alike.
     let (mut direct, mut via_agent, mut to_started, mut guest) = (vec![], vec![], vec![], vec![]);
+    let as_user = rustix::process::geteuid().is_root();
+    let mut via_agent_user = vec![];
     for i in 0..iters + iters / 10 {
         let start = Instant::now();
         let out = tokio::process::Command::new("true")
@@ -140,7 +146,18 @@ async fn bench() {
         let out = handle.output().await.unwrap();
         assert!(out.success());
         let agent_time = start.elapsed();
+
+        let user_time = if as_user {
+            let start = Instant::now();
+            let spec = ExecSpec::argv(["true"]).user(nova_protocol::ExecUser::uid(65534));
+            let out = client.exec(spec).await.unwrap().output().await.unwrap();
+            assert!(out.success());
+            Some(start.elapsed())
+        } else {
+            None
+        };
         if i >= iters / 10 {
+            via_agent_user.extend(user_time);
             // The first tenth is warm-up.
             direct.push(direct_time);
             via_agent.push(agent_time);
@@ -213,6 +230,25 @@ async fn bench() {
         ms(via_agent.p99) - ms(direct.p99),
         ms(via_agent.mean) - ms(direct.mean)
     );
+    if via_agent_user.is_empty() {
+        println!("SKIP exec as another user: the benchmark is not running as root");
+    } else {
+        let user = summarize(via_agent_user);
+        println!(
+            "{:<34} {:>10.3} {:>10.3} {:>10.3}",
+            "exec `true` as uid 65534",
+            ms(user.p50),
+            ms(user.p99),
+            ms(user.mean)
+        );
+        println!(
+            "{:<34} {:>10.2} {:>10.2} {:>10.2}",
+            "  ratio to exec as root",
+            ms(user.p50) / ms(via_agent.p50),
+            ms(user.p99) / ms(via_agent.p99),
+            ms(user.mean) / ms(via_agent.mean)
+        );
+    }
     println!();
     println!("{:<34} {:>10} {:>10}", "streamed output", "seconds", "GB/s");
     println!(

@@ -9,6 +9,10 @@
 //! ends the request with a [`nova_protocol::RemoteErrorKind::Spawn`] error
 //! whose kind and message come from [`crate::spawn_error`].
 //!
+//! A command with a user ([`ExecSpec::user`]) runs as that user
+//! ([`crate::user`]): resolved in the guest's `/etc/passwd` and
+//! `/etc/group`, switched to in the child before `exec`.
+//!
 //! One task per command runs a `select!` loop over: the request's inbox
 //! (stdin chunks, EOF, credit, signals, resizes), stdout and stderr (read only
 //! while the host has granted credit, so a command that outpaces its reader
@@ -174,6 +178,10 @@ fn spawn(spec: &ExecSpec, agent: &Agent) -> Result<Spawned, RemoteError> {
     if let Some(env) = &agent.base_env {
         cmd.env_clear();
         cmd.envs(env.iter().map(|(k, v)| (k, v)));
+    }
+    if let Some(user) = &spec.user {
+        let identity = crate::user::resolve_in(user, agent.etc_dir())?;
+        identity.apply(&mut cmd, &user.to_string())?;
     }
     cmd.envs(spec.env.iter().map(|(k, v)| (k, v)));
     if let Some(cwd) = &spec.cwd {

@@ -18,8 +18,11 @@
 //!   overlay and mounts a new one from them.
 //!
 //! With a network (`nova.net=`), `/etc/resolv.conf` is one more such file
-//! ([`set_resolv_conf`], once at boot): every write, refreshes included,
-//! carries it, so a new overlay never drops it.
+//! ([`set_resolv_conf`], at boot): every write, refreshes included, carries
+//! it, so a new overlay never drops it. A refresh that names DNS servers
+//! (the host's current ones: a snapshot's are those of the host and time it
+//! was taken on) replaces it first; one that names none leaves it as it is
+//! (a guest without a network keeps the image's file).
 //!
 //! `/etc/hosts` keeps the image's own entries; only the loopback lines are
 //! rewritten: `127.0.0.1 localhost`, `127.0.1.1 <hostname>` (Debian's
@@ -32,8 +35,9 @@
 use std::ffi::CString;
 use std::hash::{Hash, Hasher};
 use std::io::{self, Read};
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, OnceLock, PoisonError};
+use std::sync::{Mutex, PoisonError};
 
 use rustix::mount::{MountFlags, UnmountFlags, mount, unmount};
 
@@ -48,15 +52,24 @@ const RUN_ETC: [&str; 2] = ["/run/nova/etc", "/run/nova/etc.1"];
 /// One identity change at a time (a refresh on two connections at once).
 static WRITING: Mutex<()> = Mutex::new(());
 
-/// `/etc/resolv.conf`, when the guest has a network.
-static RESOLV_CONF: OnceLock<String> = OnceLock::new();
+/// `/etc/resolv.conf`, when the guest has a network (or a refresh named
+/// DNS servers).
+static RESOLV_CONF: Mutex<Option<String>> = Mutex::new(None);
 
 /// Makes every identity write (from the next one on) include
-/// `/etc/resolv.conf` with `content`. Set once, at boot, before [`apply`].
+/// `/etc/resolv.conf` with `content`. Set at boot, before [`apply`], and by
+/// a [`refresh`] that names DNS servers.
 pub(crate) fn set_resolv_conf(content: String) {
-    if RESOLV_CONF.set(content).is_err() {
-        tracing::warn!("resolv.conf was already set; keeping the first");
+    *RESOLV_CONF.lock().unwrap_or_else(PoisonError::into_inner) = Some(content);
+}
+
+/// `/etc/resolv.conf` listing `servers`, as a refresh writes it.
+fn refreshed_resolv_conf(servers: &[Ipv4Addr]) -> String {
+    let mut out = String::from("# written by nova-agent from the host's refresh\n");
+    for server in servers {
+        out.push_str(&format!("nameserver {server}\n"));
     }
+    out
 }
 
 /// Where an identity is written.
@@ -105,13 +118,18 @@ pub(crate) fn apply(requested: Option<&str>) -> io::Result<IdentityReport> {
 /// Gives the machine a new identity after a snapshot restore: `hostname`
 /// (already checked with [`valid_hostname`]) and a new machine id, drawn
 /// after the host's `entropy` was mixed into the kernel's pool and mixed
-/// with it too (so it is new even if that did not take). With no `target`
+/// with it too (so it is new even if that did not take). With `dns`,
+/// `/etc/resolv.conf` lists those servers from now on. With no `target`
 /// nothing is written. Returns the machine id.
 pub(crate) fn refresh(
     target: Option<&Target>,
     hostname: &str,
     entropy: &[u8],
+    dns: Option<&[Ipv4Addr]>,
 ) -> io::Result<String> {
+    if let Some(servers) = dns {
+        set_resolv_conf(refreshed_resolv_conf(servers));
+    }
     let machine_id = new_machine_id(hostname, entropy);
     if let Some(target) = target {
         let overlaid = write(target, hostname, &machine_id)?;
@@ -138,8 +156,12 @@ fn write(target: &Target, hostname: &str, machine_id: &str) -> io::Result<bool> 
         ("hosts", render_hosts(&existing_hosts, hostname)),
         ("machine-id", format!("{machine_id}\n")),
     ];
-    if let Some(resolv) = RESOLV_CONF.get() {
-        files.push(("resolv.conf", resolv.clone()));
+    if let Some(resolv) = RESOLV_CONF
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone()
+    {
+        files.push(("resolv.conf", resolv));
     }
     if *target == Target::System && is_read_only(etc) {
         overlay_etc(&files)?;
@@ -407,7 +429,7 @@ mod tests {
         )
         .unwrap();
         let target = Target::Dir(dir.path().to_owned());
-        let id = refresh(Some(&target), "sb-new", &[9; 32]).unwrap();
+        let id = refresh(Some(&target), "sb-new", &[9; 32], None).unwrap();
         let read = |name: &str| std::fs::read_to_string(dir.path().join(name)).unwrap();
         assert_eq!(read("hostname"), "sb-new\n");
         assert_eq!(read("machine-id"), format!("{id}\n"));
@@ -417,11 +439,11 @@ mod tests {
             hosts.contains("10.0.0.5 registry\n") && !hosts.contains("old"),
             "{hosts}"
         );
-        let again = refresh(Some(&target), "sb-new", &[9; 32]).unwrap();
+        let again = refresh(Some(&target), "sb-new", &[9; 32], None).unwrap();
         assert_ne!(again, id);
         assert_eq!(read("machine-id"), format!("{again}\n"));
         // No target: a new id, nothing written.
-        let unwritten = refresh(None, "sb-other", &[9; 32]).unwrap();
+        let unwritten = refresh(None, "sb-other", &[9; 32], None).unwrap();
         assert_eq!(read("machine-id"), format!("{again}\n"));
         assert_eq!(unwritten.len(), 32);
     }

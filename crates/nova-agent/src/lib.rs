@@ -11,7 +11,8 @@
 //!    `org.nova.agent`, whichever exist). One failing listener is logged; the
 //!    agent only gives up when none works;
 //! 3. a [`session`] per host connection: handshake, then requests
-//!    ([`exec`], [`files`], [`stats`], [`refresh`] after a snapshot restore);
+//!    ([`exec`], as the request's [`user`], [`files`], [`stats`], [`refresh`]
+//!    after a snapshot restore);
 //! 4. on a shutdown request: `sync`, then power off (as PID 1) or exit.
 //!
 //! ```text
@@ -20,7 +21,8 @@
 //!
 //! `--etc DIR` is for host tests: an agent that is not PID 1 writes the
 //! identity files of a [`nova_protocol::Request::Refresh`] there (and
-//! nowhere without it); as PID 1 they are always `/etc`'s.
+//! nowhere without it), and looks the users of commands up in its `passwd`
+//! and `group` (`/etc`'s without it); as PID 1 they are always `/etc`'s.
 //!
 //! Logs go to stderr (the VM console as PID 1); `NOVA_AGENT_LOG` sets the
 //! filter (default `info`).
@@ -49,6 +51,7 @@ mod refresh;
 mod session;
 mod spawn_error;
 mod stats;
+mod user;
 
 use std::sync::Arc;
 
@@ -97,6 +100,15 @@ impl Agent {
             agent_ready_us: self.ready_us.get().copied().unwrap_or(self.started_us),
             pid1: self.pid1,
             hostname: uname.nodename().to_string_lossy().into_owned(),
+        }
+    }
+
+    /// The directory standing for `/etc` when resolving users: the `--etc`
+    /// directory of an agent that is not PID 1, else `/etc`.
+    pub(crate) fn etc_dir(&self) -> &std::path::Path {
+        match &self.identity {
+            Some(identity::Target::Dir(dir)) => dir,
+            _ => std::path::Path::new("/etc"),
         }
     }
 

@@ -12,13 +12,17 @@
 //!    before anything in the guest draws a random number for this guest;
 //! 3. the wall clock ([`clock`]);
 //! 4. the identity ([`identity`]): hostname, `/etc/hosts` and a new machine
-//!    id, drawn from the reseeded generator (and mixed with the host's bytes).
+//!    id, drawn from the reseeded generator (and mixed with the host's bytes),
+//!    and `/etc/resolv.conf` when the host names DNS servers.
 //!
 //! The work is blocking (file writes, `mount`), so it runs on tokio's
 //! blocking pool; the session keeps reading meanwhile.
 
 use std::sync::Arc;
 
+use std::net::Ipv4Addr;
+
+use nova_protocol::boot::MAX_DNS_SERVERS;
 use nova_protocol::{
     REFRESH_ENTROPY_MAX, REFRESH_ENTROPY_MIN, RemoteError, RemoteErrorKind, Response,
 };
@@ -32,6 +36,7 @@ pub(crate) struct Refresh {
     pub(crate) hostname: String,
     pub(crate) entropy: Vec<u8>,
     pub(crate) unix_ns: u64,
+    pub(crate) dns: Option<Vec<Ipv4Addr>>,
 }
 
 /// Answers request `id`.
@@ -55,9 +60,13 @@ fn apply(refresh: &Refresh, agent: &Agent) -> Result<Response, RemoteError> {
     let reseeded = entropy::mix_in(&refresh.entropy, agent.pid1)
         .map_err(|e| RemoteError::from_io("mix in the host's entropy", &e))?;
     let step = clock::step_to_host(refresh.unix_ns, agent.pid1)?;
-    let machine_id =
-        identity::refresh(agent.identity.as_ref(), &refresh.hostname, &refresh.entropy)
-            .map_err(|e| RemoteError::from_io("set the guest identity", &e))?;
+    let machine_id = identity::refresh(
+        agent.identity.as_ref(),
+        &refresh.hostname,
+        &refresh.entropy,
+        refresh.dns.as_deref(),
+    )
+    .map_err(|e| RemoteError::from_io("set the guest identity", &e))?;
     Ok(Response::Refreshed {
         machine_id,
         reseeded,
@@ -66,7 +75,8 @@ fn apply(refresh: &Refresh, agent: &Agent) -> Result<Response, RemoteError> {
     })
 }
 
-/// Refuses a bad hostname or an entropy size out of bounds.
+/// Refuses a bad hostname, an entropy size out of bounds or too many DNS
+/// servers.
 fn check(refresh: &Refresh) -> Result<(), RemoteError> {
     if !identity::valid_hostname(&refresh.hostname) {
         // The name may be anything the host sent; quote only its start.
@@ -88,6 +98,17 @@ fn check(refresh: &Refresh) -> Result<(), RemoteError> {
             ),
         ));
     }
+    if let Some(dns) = &refresh.dns
+        && dns.len() > MAX_DNS_SERVERS
+    {
+        return Err(RemoteError::new(
+            RemoteErrorKind::InvalidInput,
+            format!(
+                "{} DNS servers: send at most {MAX_DNS_SERVERS} (the guest's resolver reads no more)",
+                dns.len()
+            ),
+        ));
+    }
     Ok(())
 }
 
@@ -100,6 +121,7 @@ mod tests {
             hostname: hostname.to_owned(),
             entropy: vec![1; entropy],
             unix_ns: 0,
+            dns: None,
         }
     }
 
@@ -120,6 +142,13 @@ mod tests {
             let err = check(&refresh(hostname, entropy)).unwrap_err();
             assert_eq!(err.kind, RemoteErrorKind::InvalidInput, "{err}");
         }
+        let mut many = refresh("sb-1", 64);
+        many.dns = Some(vec![Ipv4Addr::new(198, 18, 0, 53); MAX_DNS_SERVERS + 1]);
+        let err = check(&many).unwrap_err();
+        assert_eq!(err.kind, RemoteErrorKind::InvalidInput, "{err}");
+        assert!(err.message.contains("DNS servers"), "{err}");
+        many.dns = Some(vec![Ipv4Addr::new(198, 18, 0, 53); MAX_DNS_SERVERS]);
+        assert!(check(&many).is_ok());
         let long = "x".repeat(100_000);
         let err = check(&refresh(&long, 64)).unwrap_err();
         assert!(err.message.len() < 300, "{}", err.message);

@@ -468,11 +468,13 @@ impl Session {
                 hostname,
                 entropy,
                 unix_ns,
+                dns,
             } => {
                 let refresh = Refresh {
                     hostname,
                     entropy,
                     unix_ns,
+                    dns,
                 };
                 tokio::spawn(refresh::run(id, refresh, agent, out));
             }

@@ -162,7 +162,7 @@ async fn refresh_gives_a_new_hostname_and_machine_id_and_reports_them() {
     let entropy = pseudo_random(64, 7);
 
     let first = client
-        .refresh("sb-restored-1", &entropy, SystemTime::now() + hour)
+        .refresh("sb-restored-1", &entropy, SystemTime::now() + hour, None)
         .await
         .unwrap();
     assert_eq!(first.machine_id.len(), 32, "{first:?}");
@@ -196,7 +196,7 @@ async fn refresh_gives_a_new_hostname_and_machine_id_and_reports_them() {
     // A second restore of the same snapshot, with the same entropy even:
     // another machine id.
     let second = client
-        .refresh("sb-restored-2", &entropy, SystemTime::now())
+        .refresh("sb-restored-2", &entropy, SystemTime::now(), None)
         .await
         .unwrap();
     assert_ne!(second.machine_id, first.machine_id);
@@ -214,6 +214,139 @@ async fn refresh_gives_a_new_hostname_and_machine_id_and_reports_them() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refresh_with_dns_servers_rewrites_resolv_conf_and_without_leaves_it() {
+    let agent = TestAgent::start().await;
+    write_image_identity(&agent);
+    let snapshot_resolv = "nameserver 192.0.2.1\n";
+    std::fs::write(agent.etc().join("resolv.conf"), snapshot_resolv).unwrap();
+    let (client, _) = agent.connect().await;
+    // No network: the snapshot's file stays.
+    client
+        .refresh("sb-1", &[7; 32], SystemTime::now(), None)
+        .await
+        .unwrap();
+    assert_eq!(read_etc(&agent, "resolv.conf"), snapshot_resolv);
+
+    let now = [
+        std::net::Ipv4Addr::new(198, 18, 0, 53),
+        std::net::Ipv4Addr::new(198, 18, 0, 54),
+    ];
+    client
+        .refresh("sb-2", &[7; 32], SystemTime::now(), Some(&now))
+        .await
+        .unwrap();
+    let resolv = read_etc(&agent, "resolv.conf");
+    assert!(
+        resolv.ends_with("nameserver 198.18.0.53\nnameserver 198.18.0.54\n"),
+        "{resolv}"
+    );
+    assert!(!resolv.contains("192.0.2.1"), "{resolv}");
+    // A later refresh without servers keeps the last ones (the identity
+    // files are written again, resolv.conf with them).
+    client
+        .refresh("sb-3", &[7; 32], SystemTime::now(), None)
+        .await
+        .unwrap();
+    assert_eq!(read_etc(&agent, "resolv.conf"), resolv);
+
+    let too_many = [std::net::Ipv4Addr::new(198, 18, 0, 1); 4];
+    let err = client
+        .refresh("sb-4", &[7; 32], SystemTime::now(), Some(&too_many))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.remote_kind(),
+        Some(RemoteErrorKind::InvalidInput),
+        "{err}"
+    );
+    assert_eq!(read_etc(&agent, "resolv.conf"), resolv);
+    assert_eq!(read_etc(&agent, "hostname"), "sb-3\n");
+    agent.assert_no_panic();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_as_a_user_resolves_it_in_the_agents_etc() {
+    let agent = TestAgent::start().await;
+    std::fs::write(
+        agent.etc().join("passwd"),
+        "root:x:0:0:root:/root:/bin/sh\napp:x:4242:4243:App:/home/app:/bin/sh\n",
+    )
+    .unwrap();
+    std::fs::write(
+        agent.etc().join("group"),
+        "root:x:0:\napp:x:4243:\nextra:x:4250:app\n",
+    )
+    .unwrap();
+    let (client, _) = agent.connect().await;
+    let user = |text: &str| text.parse::<nova_protocol::ExecUser>().unwrap();
+    let show = "echo $(id -u) $(id -g) $(id -G) \"$HOME\" \"$USER\" \"$LOGNAME\"";
+
+    // Unknown users and groups are refused before anything runs, naming them.
+    for (text, named) in [("nobody-here", "nobody-here"), ("app:wheel", "wheel")] {
+        let err = client
+            .exec(ExecSpec::shell("true").user(user(text)))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.remote_kind(),
+            Some(RemoteErrorKind::Spawn(SpawnErrorKind::UnknownUser)),
+            "{err}"
+        );
+        assert!(err.to_string().contains(named), "{err}");
+    }
+
+    if !rustix::process::geteuid().is_root() {
+        // Only root switches users: anything else is refused, saying so.
+        let err = client
+            .exec(ExecSpec::shell("true").user(user("app")))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.remote_kind(),
+            Some(RemoteErrorKind::Spawn(SpawnErrorKind::SwitchUser)),
+            "{err}"
+        );
+        eprintln!("SKIP: switching users needs root; only the refusal was checked");
+        return;
+    }
+    let out = client
+        .run(ExecSpec::shell(show).user(user("app")))
+        .await
+        .unwrap();
+    assert_eq!(
+        out.stdout_lossy(),
+        "4242 4243 4243 4250 /home/app app app\n"
+    );
+    // The request's own HOME wins; a group replaces the user's groups.
+    let out = client
+        .run(
+            ExecSpec::shell(show)
+                .user(user("app:4300"))
+                .env("HOME", "/srv"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(out.stdout_lossy(), "4242 4300 4300 /srv app app\n");
+    // A uid the files do not list: group 0, HOME=/.
+    let out = client
+        .run(ExecSpec::shell("echo $(id -u) $(id -g) $HOME").user(user("4999")))
+        .await
+        .unwrap();
+    assert_eq!(out.stdout_lossy(), "4999 0 /\n");
+    // On a terminal too.
+    let out = client
+        .run(
+            ExecSpec::shell("id -u")
+                .user(user("app"))
+                .pty(PtySize { rows: 24, cols: 80 }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(out.stdout_lossy().trim(), "4242");
+    agent.assert_no_panic();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refresh_refuses_too_much_or_too_little_entropy_and_changes_nothing() {
     let agent = TestAgent::start().await;
     write_image_identity(&agent);
@@ -225,7 +358,7 @@ async fn refresh_refuses_too_much_or_too_little_entropy_and_changes_nothing() {
         0,
     ] {
         let err = client
-            .refresh("sb-1", &vec![1; size], SystemTime::now())
+            .refresh("sb-1", &vec![1; size], SystemTime::now(), None)
             .await
             .unwrap_err();
         assert_eq!(
@@ -243,7 +376,7 @@ async fn refresh_refuses_too_much_or_too_little_entropy_and_changes_nothing() {
     // The bounds themselves are fine.
     for size in [REFRESH_ENTROPY_MIN, REFRESH_ENTROPY_MAX] {
         client
-            .refresh("sb-1", &vec![1; size], SystemTime::now())
+            .refresh("sb-1", &vec![1; size], SystemTime::now(), None)
             .await
             .unwrap();
     }
@@ -257,7 +390,7 @@ async fn refresh_refuses_a_bad_hostname_with_invalid_input() {
     let long = "x".repeat(65);
     for name in ["", "two words", "-lead", ".lead", "a/b", "ü", "a\nb", &long] {
         let err = client
-            .refresh(name, &[7; 32], SystemTime::now())
+            .refresh(name, &[7; 32], SystemTime::now(), None)
             .await
             .unwrap_err();
         assert_eq!(

@@ -52,6 +52,11 @@ pub(crate) struct RunArgs {
     /// Working directory in the guest.
     #[arg(long)]
     cwd: Option<String>,
+    /// Run CMD as this user, as `docker run -u`: `USER[:GROUP]` or `UID[:GID]`
+    /// (`-u root`, `-u 0`, `-u 1000:1000`), names looked up in the guest.
+    /// Default: the template's user (its image's `User`), else root.
+    #[arg(long, short = 'u', value_name = "USER[:GROUP]")]
+    user: Option<String>,
     /// Run CMD as one shell command line (`/bin/sh -c`), not as argv.
     #[arg(long)]
     sh: bool,
@@ -204,6 +209,9 @@ async fn run_with(args: RunArgs, console: &Console) -> anyhow::Result<ExitCode> 
     };
     for (k, v) in args.env {
         request = request.env(k, v);
+    }
+    if let Some(user) = args.user {
+        request = request.user(user);
     }
     if let Some(cwd) = args.cwd {
         request = request.cwd(cwd);

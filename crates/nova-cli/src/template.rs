@@ -68,8 +68,8 @@ pub(crate) struct BuildArgs {
 /// Runs `nova template build`.
 pub(crate) async fn build(args: &BuildArgs) -> anyhow::Result<()> {
     if args.from.is_some() || args.file.is_some() {
-        crate::template_image::build(args).await?;
-        return finish_with_snapshot(args, &args.id).await;
+        let size = crate::template_image::build(args).await?;
+        return finish_with_snapshot(args, &args.id, Some(size)).await;
     }
     let spec = find_template(&args.id)?.for_arch(args.arch)?;
     let home = NovaHome::resolve()?;
@@ -117,7 +117,7 @@ pub(crate) async fn build(args: &BuildArgs) -> anyhow::Result<()> {
         m.boot_time_ms,
         report.elapsed.as_secs_f64(),
     );
-    finish_with_snapshot(args, &spec.id).await
+    finish_with_snapshot(args, &spec.id, None).await
 }
 
 /// The agent to bake into a template of `arch`: `given` (`--agent`,
@@ -143,16 +143,22 @@ pub(crate) fn agent_path(given: Option<&Path>, arch: GuestArch) -> PathBuf {
     }
 }
 
-/// Takes the snapshot of the template `id` after a build, unless told not to.
-async fn finish_with_snapshot(args: &BuildArgs, id: &str) -> anyhow::Result<()> {
+/// Takes the snapshot of the template `id` after a build, unless told not
+/// to: with `size` (memory MiB, vCPUs; an image template's, as its manifest
+/// records them), else at a sandbox's default size.
+async fn finish_with_snapshot(
+    args: &BuildArgs,
+    id: &str,
+    size: Option<(u32, u8)>,
+) -> anyhow::Result<()> {
     let home = NovaHome::resolve()?;
     if !args.no_snapshot {
         if snapshot_is_current(&home, id).await {
             println!("template {} snapshot up to date", id);
         } else if let Err(e) = snapshot(&SnapshotArgs {
             id: id.to_owned(),
-            memory: None,
-            vcpus: None,
+            memory: size.map(|(memory, _)| memory),
+            vcpus: size.map(|(_, vcpus)| vcpus),
         })
         .await
         {

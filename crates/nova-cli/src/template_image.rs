@@ -16,8 +16,10 @@ use novasandbox::core::template::GuestArch;
 
 use crate::template::BuildArgs;
 
-/// Builds the template `args` describe (an image or a Dockerfile).
-pub(crate) async fn build(args: &BuildArgs) -> anyhow::Result<()> {
+/// Builds the template `args` describe (an image or a Dockerfile); returns
+/// the memory (MiB) and vCPUs its manifest records, which its snapshot is
+/// to be taken with.
+pub(crate) async fn build(args: &BuildArgs) -> anyhow::Result<(u32, u8)> {
     if args.arch != GuestArch::X86_64 {
         anyhow::bail!(
             "--arch {} with --from or -f is not supported: images are pulled and built for \
@@ -111,5 +113,5 @@ pub(crate) async fn build(args: &BuildArgs) -> anyhow::Result<()> {
             format!(", {} env vars", m.exec_defaults.env.len())
         },
     );
-    Ok(())
+    Ok((m.memory_mb, m.vcpus))
 }

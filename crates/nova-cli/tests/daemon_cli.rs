@@ -300,6 +300,37 @@ fn the_client_commands_drive_one_sandbox_through_its_life() {
         "{}",
         text(&out)
     );
+    // exec -u: as another user (a uid the guest does not list: group 0,
+    // HOME=/), and an unknown name ends with 126, naming it.
+    let out = d
+        .nova(&[
+            "exec",
+            "-u",
+            "4242",
+            &id,
+            "--",
+            "sh",
+            "-c",
+            "echo $(id -u) $(id -g) $HOME",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "4242 0 /\n",
+        "{}",
+        text(&out)
+    );
+    let out = d
+        .nova(&["exec", "--user", "no-such-user", &id, "--", "true"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(126), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no-such-user"),
+        "{}",
+        text(&out)
+    );
 
     // exec -i: stdin forwarded, EOF closes it.
     let mut child = d

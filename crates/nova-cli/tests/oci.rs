@@ -3,15 +3,20 @@
 //! The test assembles an OCI image itself as an `oci-layout` directory:
 //! layer 1 (gzip) is the host's busybox-static with its applets, a file of
 //! known hash and a file that layer 2 (plain tar) deletes with a whiteout;
-//! the config sets `Env` and `WorkingDir`. It then starts Debian's
+//! the config sets `Env`, `WorkingDir` and a non-root `User` (a name its
+//! `/etc/passwd` lists). It then starts Debian's
 //! `docker-registry` on 127.0.0.1 (its own config and storage, its own
 //! process group, killed on drop), pushes the image with `skopeo`, and
 //! builds templates with `nova template build` from the registry, from a
 //! `docker-archive` that skopeo writes and from the layout itself; a
-//! sandbox of each shows the file's hash, the deleted file gone, the env
-//! and the working directory. A Dockerfile (`FROM` the layout, `RUN`,
-//! `COPY`, `ENV`) gives a template in which the RUN's output and the copied
-//! file exist.
+//! sandbox of each shows the file's hash, the deleted file gone, the env,
+//! the working directory, and commands running as the image's user unless
+//! `--user` says otherwise. The template restored from its snapshot gets
+//! the DNS servers of the create (`NOVA_DNS_SERVERS`), not the snapshot's,
+//! and its snapshot has the size its manifest records. A Dockerfile
+//! (`FROM` the layout, `RUN`, `COPY`, `ENV`, `USER`) gives a template in
+//! which the RUN's output and the copied file exist, RUN steps run as the
+//! `USER` before them, and commands run as its last `USER`.
 //!
 //! Needs `docker-registry`, `skopeo` and busybox-static (`make deps`), QEMU
 //! and the `minimal` template (`make images`: its agent and the cached
@@ -113,8 +118,14 @@ impl TestHome {
     }
 
     fn nova(&self, args: &[&str]) -> Output {
+        self.nova_with(args, &[])
+    }
+
+    /// Runs `nova` with `args` and the extra environment `vars`.
+    fn nova_with(&self, args: &[&str], vars: &[(&str, &str)]) -> Output {
         let out = Command::new(env!("CARGO_BIN_EXE_nova"))
             .args(args)
+            .envs(vars.iter().copied())
             .env("NOVA_HOME", self.dir.path())
             .env("NOVA_AGENT_BIN", &self.agent)
             .env_remove("NOVA_LOG")
@@ -141,10 +152,21 @@ impl TestHome {
     /// Runs a shell line in a sandbox of `template` (with `flags`);
     /// returns its stdout and nova's stderr.
     fn run(&self, template: &str, flags: &[&str], script: &str) -> (String, String) {
+        self.run_with(template, flags, script, &[])
+    }
+
+    /// [`TestHome::run`] with the extra environment `vars` for `nova`.
+    fn run_with(
+        &self,
+        template: &str,
+        flags: &[&str],
+        script: &str,
+        vars: &[(&str, &str)],
+    ) -> (String, String) {
         let mut args = vec!["run", "--template", template];
         args.extend_from_slice(flags);
         args.extend_from_slice(&["--sh", script]);
-        let out = self.nova(&args);
+        let out = self.nova_with(&args, vars);
         assert!(out.status.success(), "nova run in {template} failed");
         (
             String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -211,8 +233,12 @@ fn assemble_image(layout: &Path) {
     }
     let layer1 = layer1
         .dir("etc/")
-        .file("etc/passwd", 0o644, b"root:x:0:0:root:/root:/bin/sh\n")
-        .file("etc/group", 0o644, b"root:x:0:\n")
+        .file(
+            "etc/passwd",
+            0o644,
+            b"root:x:0:0:root:/root:/bin/sh\napp:x:1000:1001:App:/home/app:/bin/sh\n",
+        )
+        .file("etc/group", 0o644, b"root:x:0:\napp:x:1001:\n")
         .dir("data/")
         .file("data/known.bin", 0o644, KNOWN)
         .file("data/deleted.txt", 0o644, b"layer 2 deletes me\n")
@@ -230,6 +256,7 @@ fn assemble_image(layout: &Path) {
         "config": {
             "Env": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin", "NOVA_OCI_TEST=hello-from-the-image"],
             "WorkingDir": "/data",
+            "User": "app",
             "Cmd": ["/bin/sh"]
         },
         "rootfs": {
@@ -385,7 +412,23 @@ fn check_image_template(home: &TestHome, id: &str, flags: &[&str]) -> String {
     .unwrap();
     assert_eq!(manifest["exec_defaults"]["cwd"], "/data");
     assert_eq!(manifest["exec_defaults"]["cmd"][0], "/bin/sh");
+    assert_eq!(manifest["exec_defaults"]["user"], "1000:1001");
+    check_users(home, id, flags, "1000 1001 /home/app app");
     err
+}
+
+/// Commands in a sandbox of `id` run as `default` (`uid gid HOME USER`),
+/// and as root with `--user 0` and `-u root`.
+fn check_users(home: &TestHome, id: &str, flags: &[&str], default: &str) {
+    let show = "echo \"$(id -u) $(id -g) $HOME $USER\"";
+    let (out, _) = home.run(id, flags, show);
+    assert_eq!(out.trim(), default, "{id}: not the image's user");
+    for user in [["--user", "0"], ["-u", "root"]] {
+        let mut with = flags.to_vec();
+        with.extend_from_slice(&user);
+        let (out, _) = home.run(id, &with, show);
+        assert_eq!(out.trim(), "0 0 /root root", "{id} with {user:?}");
+    }
 }
 
 #[test]
@@ -440,6 +483,38 @@ fn templates_from_a_registry_a_docker_archive_and_an_oci_layout() {
         err.contains("restored from the template's snapshot"),
         "the snapshot was not used: {err}"
     );
+    // The snapshot was taken at the size the manifest records.
+    let dir = home.dir.path().join("templates/from-layout");
+    let read = |path: PathBuf| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+    };
+    let manifest = read(dir.join("from-layout.json"));
+    let snapshot = read(dir.join("snapshot/snapshot.json"));
+    assert_eq!(
+        (&manifest["memory_mb"], &manifest["vcpus"]),
+        (
+            &snapshot["config"]["memory_mb"],
+            &snapshot["config"]["vcpus"]
+        ),
+        "manifest {manifest} vs snapshot {snapshot}"
+    );
+    // A restore gets the DNS servers a cold boot would get now, not the
+    // snapshot's (no DNS traffic: 198.18.0.0/15 is a test range).
+    let (resolv, err) = home.run_with(
+        "from-layout",
+        &[],
+        "cat /etc/resolv.conf",
+        &[("NOVA_DNS_SERVERS", "198.18.0.53,198.18.0.54")],
+    );
+    assert!(
+        err.contains("restored from the template's snapshot"),
+        "the snapshot was not used: {err}"
+    );
+    let servers: Vec<&str> = resolv
+        .lines()
+        .filter_map(|l| l.strip_prefix("nameserver "))
+        .collect();
+    assert_eq!(servers, ["198.18.0.53", "198.18.0.54"], "{resolv}");
     drop(registry);
 }
 
@@ -461,11 +536,14 @@ fn a_dockerfile_with_from_run_copy_and_env() {
         &dockerfile,
         format!(
             "FROM oci-layout:{}\n\
+             USER root\n\
              ENV GREETING=hi-from-env\n\
              RUN echo \"built with $GREETING\" > /data/run.txt && mkdir -p /opt/made\n\
              COPY hello.txt /data/copied.txt\n\
              WORKDIR /opt/made\n\
-             RUN pwd > here.txt\n",
+             RUN pwd > here.txt\n\
+             USER app\n\
+             RUN echo \"run-as=$(id -u):$(id -g)\"\n",
             layout.display()
         ),
     )
@@ -482,7 +560,10 @@ fn a_dockerfile_with_from_run_copy_and_env() {
     ]);
     assert!(out.status.success(), "the Dockerfile build failed");
     let progress = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(progress.contains("[3/6] line 3: RUN"), "{progress}");
+    assert!(progress.contains("[4/9] line 4: RUN"), "{progress}");
+    // RUN steps run as the stage's USER: root (USER root over the image's
+    // app) until `USER app`.
+    assert!(progress.contains("run-as=1000:1001"), "{progress}");
     let (shown, _) = home.run(
         "from-dockerfile",
         &["--memory", "256", "--no-network"],
@@ -493,6 +574,12 @@ fn a_dockerfile_with_from_run_copy_and_env() {
     assert!(shown.contains("env=hi-from-env"), "{shown}");
     assert!(shown.lines().any(|l| l == "/opt/made"), "{shown}");
     assert!(!shown.contains("deleted.txt"), "{shown}");
+    check_users(
+        &home,
+        "from-dockerfile",
+        &["--memory", "256", "--no-network"],
+        "1000 1001 /home/app app",
+    );
 
     // A RUN that fails fails the build, naming its line and the exit code,
     // with its output shown; its sandbox is stopped.

@@ -303,11 +303,17 @@ pub enum SpawnErrorKind {
     CwdUnusable,
     /// Anything else that stopped the process from starting (126).
     Other,
+    /// The user or group to run as ([`crate::ExecRequest::user`]) is not in
+    /// the guest's `/etc/passwd` / `/etc/group` (126, as `docker exec -u`).
+    UnknownUser,
+    /// The guest could not switch to the user to run as (126).
+    SwitchUser,
 }
 
 impl SpawnErrorKind {
     /// 127 when something named does not exist (the program, the working
-    /// directory), 126 when it exists but cannot be run.
+    /// directory), 126 when it exists but cannot be run, or the user to run
+    /// it as cannot be had.
     pub fn shell_code(self) -> i32 {
         match self {
             Self::NotFound | Self::CwdNotFound => 127,
@@ -315,7 +321,9 @@ impl SpawnErrorKind {
             | Self::BadInterpreter
             | Self::ExecFormat
             | Self::CwdUnusable
-            | Self::Other => 126,
+            | Self::Other
+            | Self::UnknownUser
+            | Self::SwitchUser => 126,
         }
     }
 }
@@ -541,6 +549,8 @@ mod tests {
             SpawnErrorKind::ExecFormat,
             SpawnErrorKind::CwdUnusable,
             SpawnErrorKind::Other,
+            SpawnErrorKind::UnknownUser,
+            SpawnErrorKind::SwitchUser,
         ] {
             assert_eq!(kind.shell_code(), 126, "{kind:?}");
         }

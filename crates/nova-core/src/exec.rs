@@ -69,6 +69,17 @@ pub struct ExecRequest {
     /// [`ExecStream::resize`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pty: Option<TerminalSize>,
+    /// Run as this user, written as `docker exec -u` takes it:
+    /// `USER[:GROUP]` or `UID[:GID]` (`root`, `0`, `app:staff`,
+    /// `1000:1000`). Names are looked up in the guest's `/etc/passwd` and
+    /// `/etc/group`; `HOME`, `USER` and `LOGNAME` follow the user unless
+    /// [`env`](Self::env) sets them. Unset: the template's default user (an
+    /// OCI image's `User`, a Dockerfile's `USER`), else root. A user the
+    /// guest does not know fails the command with
+    /// [`SpawnErrorKind::UnknownUser`]; text that is not a user at all is
+    /// [`ExecError::Invalid`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
 }
 
 /// The size of a command's pseudo-terminal, in character cells.
@@ -117,6 +128,7 @@ impl ExecRequest {
             timeout: None,
             max_output: None,
             pty: None,
+            user: None,
         }
     }
 
@@ -149,6 +161,13 @@ impl ExecRequest {
     /// Runs the command on a pseudo-terminal of `rows` x `cols`.
     pub fn pty(mut self, rows: u16, cols: u16) -> Self {
         self.pty = Some(TerminalSize { rows, cols });
+        self
+    }
+
+    /// Runs the command as `user` (`USER[:GROUP]` or `UID[:GID]`, see
+    /// [`user`](Self::user)).
+    pub fn user(mut self, user: impl Into<String>) -> Self {
+        self.user = Some(user.into());
         self
     }
 
@@ -259,6 +278,8 @@ impl fmt::Display for ExitStatus {
                     SpawnErrorKind::CwdNotFound => "working directory not found",
                     SpawnErrorKind::CwdUnusable => "working directory unusable",
                     SpawnErrorKind::Other => "spawn failed",
+                    SpawnErrorKind::UnknownUser => "unknown user",
+                    SpawnErrorKind::SwitchUser => "cannot switch user",
                 },
                 kind.shell_code()
             ),

@@ -24,9 +24,11 @@
 //! ```
 //!
 //! Any other instruction, or a flag nova does not implement (`RUN --mount`,
-//! `COPY --from`, ...), is an error naming its line. `RUN` steps run as
-//! root whatever `USER` says (the agent has no per-command user); `USER` is
-//! recorded in the template.
+//! `COPY --from`, ...), is an error naming its line. `RUN` steps run as the
+//! stage's user (`USER`, else the base image's `User`, else root), looked
+//! up in the stage's own `/etc/passwd` by the guest agent, as Docker does;
+//! the final `USER` is recorded in the template (as `uid:gid`). `COPY` and
+//! `ADD` files stay root-owned unless `--chown` says otherwise.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -405,9 +407,6 @@ pub async fn build_from_dockerfile(
                 }
                 Instruction::User(user) => {
                     stage.defaults.user = Some(expand(&user.arguments.value, &vars));
-                    progress(BuildEvent::Note(
-                        "USER is recorded in the template; RUN steps still run as root",
-                    ));
                 }
                 Instruction::Cmd(cmd) => stage.defaults.cmd = argv_of(&cmd.arguments),
                 Instruction::Entrypoint(entrypoint) => {
@@ -1190,6 +1189,9 @@ async fn run_step(
             )));
         }
         request = request.cwd(cwd.clone());
+    }
+    if let Some(user) = &stage.defaults.user {
+        request = request.user(user.clone());
     }
     let mut stream = sandbox
         .exec_stream(request)

@@ -79,20 +79,24 @@ pub struct ImageBuildOptions {
     pub build: BuildOptions,
     /// Registries to speak plain HTTP to, besides loopback ones.
     pub insecure_registries: Vec<String>,
-    /// Recommended memory of the template, MiB.
+    /// Memory of the template, MiB: its manifest's, and what `nova
+    /// template build` takes its snapshot with.
     pub memory_mb: u32,
-    /// Recommended vCPUs of the template.
+    /// vCPUs of the template: its manifest's, and its snapshot's.
     pub vcpus: u8,
 }
 
 impl ImageBuildOptions {
-    /// Defaults: 512 MiB, 1 vCPU, TLS for every non-loopback registry.
+    /// Defaults: a sandbox's default size
+    /// ([`nova_core::config::DEFAULT_MEMORY_MB`],
+    /// [`nova_core::config::DEFAULT_VCPUS`]), so that default creates
+    /// restore the template's snapshot; TLS for every non-loopback registry.
     pub fn new(build: BuildOptions) -> Self {
         Self {
             build,
             insecure_registries: Vec::new(),
-            memory_mb: 512,
-            vcpus: 1,
+            memory_mb: nova_core::config::DEFAULT_MEMORY_MB,
+            vcpus: nova_core::config::DEFAULT_VCPUS,
         }
     }
 }

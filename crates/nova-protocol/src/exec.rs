@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::user::ExecUser;
+
 /// What program to run.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ExecCommand {
@@ -49,6 +51,11 @@ pub struct ExecSpec {
     /// Run on a pseudo-terminal of this size (stdout and stderr are then
     /// one stream, delivered as stdout).
     pub pty: Option<PtySize>,
+    /// Run as this user (see [`ExecUser`]); as the agent (root) when `None`.
+    /// The agent resolves names in the guest, switches groups, group and
+    /// user in the child before `exec`, and refuses an unknown user with
+    /// [`SpawnErrorKind::UnknownUser`].
+    pub user: Option<ExecUser>,
 }
 
 impl ExecSpec {
@@ -76,6 +83,7 @@ impl ExecSpec {
             stdin: false,
             timeout_ms: None,
             pty: None,
+            user: None,
         }
     }
 
@@ -107,6 +115,12 @@ impl ExecSpec {
     /// Runs the command on a pseudo-terminal.
     pub fn pty(mut self, size: PtySize) -> Self {
         self.pty = Some(size);
+        self
+    }
+
+    /// Runs the command as `user`.
+    pub fn user(mut self, user: ExecUser) -> Self {
+        self.user = Some(user);
         self
     }
 }
@@ -222,12 +236,20 @@ pub enum SpawnErrorKind {
     /// Anything else that stopped `fork`/`exec` (out of memory, too many
     /// processes, argument list too long).
     Other,
+    /// The user or group to run as ([`ExecSpec::user`]) is not in the
+    /// guest's `/etc/passwd` / `/etc/group`.
+    UnknownUser,
+    /// The agent could not switch to the user ([`ExecSpec::user`]):
+    /// `setgroups`, `setgid` or `setuid` failed (an agent that is not root
+    /// can only run commands as itself).
+    SwitchUser,
 }
 
 impl SpawnErrorKind {
     /// The exit status a shell reports for a command that failed this way:
     /// 127 when something named does not exist (the program, the working
-    /// directory), 126 when it exists but cannot be run.
+    /// directory), 126 when it exists but cannot be run, and for a user
+    /// that cannot be had (as `docker exec -u` reports it).
     pub fn shell_code(self) -> i32 {
         match self {
             Self::NotFound | Self::CwdNotFound => 127,
@@ -235,7 +257,9 @@ impl SpawnErrorKind {
             | Self::BadInterpreter
             | Self::ExecFormat
             | Self::CwdUnusable
-            | Self::Other => 126,
+            | Self::Other
+            | Self::UnknownUser
+            | Self::SwitchUser => 126,
         }
     }
 }
@@ -254,6 +278,8 @@ mod tests {
             SpawnErrorKind::ExecFormat,
             SpawnErrorKind::CwdUnusable,
             SpawnErrorKind::Other,
+            SpawnErrorKind::UnknownUser,
+            SpawnErrorKind::SwitchUser,
         ] {
             assert_eq!(kind.shell_code(), 126, "{kind:?}");
         }

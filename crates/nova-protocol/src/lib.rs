@@ -58,6 +58,7 @@ pub mod handshake;
 pub mod messages;
 pub mod remote_error;
 pub mod stats;
+pub mod user;
 pub mod zero_copy;
 
 pub use exec::{
@@ -69,6 +70,7 @@ pub use handshake::{Hello, HelloInfo, HelloReply};
 pub use messages::{AgentMessage, ClientMessage, Request, Response, StreamKind};
 pub use remote_error::{RemoteError, RemoteErrorKind};
 pub use stats::GuestStats;
+pub use user::{ExecUser, IdOrName, ParseUserError};
 
 /// The protocol version this build speaks. Bump it whenever anything in
 /// [`messages`] changes (the `wire_schema` test fails until you do).
@@ -87,7 +89,13 @@ pub use stats::GuestStats;
 /// agent's lifetime); [`Request::ListExecs`] lists the agent's commands
 /// ([`Response::Execs`]), and [`Request::AttachExec`] streams a command's
 /// buffered and further output and its exit status to a host that came back.
-pub const PROTOCOL_VERSION: u32 = 4;
+///
+/// 5: [`ExecSpec::user`] runs a command as another user ([`ExecUser`],
+/// resolved in the guest), refused with the new [`SpawnErrorKind`]s
+/// `UnknownUser` and `SwitchUser`; [`Request::Refresh`] carries the DNS
+/// servers a cold boot would get now, which the agent writes to
+/// `/etc/resolv.conf`.
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// All protocol versions this build can speak, lowest first.
 pub const SUPPORTED_VERSIONS: &[u32] = &[PROTOCOL_VERSION];

@@ -131,9 +131,9 @@ pub enum Request {
     /// The host sends this first on its connection to a restored guest; the
     /// agent, in this order:
     ///
-    /// 1. checks the request (a bad `hostname` or an `entropy` outside
+    /// 1. checks the request (a bad `hostname`, an `entropy` outside
     ///    [`crate::REFRESH_ENTROPY_MIN`]..=[`crate::REFRESH_ENTROPY_MAX`]
-    ///    bytes is refused with [`crate::RemoteErrorKind::InvalidInput`],
+    ///    bytes or too many `dns` servers is refused with [`crate::RemoteErrorKind::InvalidInput`],
     ///    and nothing is changed);
     /// 2. writes `entropy` to `/dev/urandom` (mixed into the kernel's input
     ///    pool, not credited) and forces the kernel's generator to reseed
@@ -141,7 +141,9 @@ pub enum Request {
     ///    numbers part from its siblings' at once;
     /// 3. steps the wall clock to `unix_ns`, as [`Request::SetClock`] does;
     /// 4. sets the hostname and rewrites `/etc/hostname`, `/etc/hosts` and a
-    ///    new random `/etc/machine-id` (also on a read-only root), as at boot.
+    ///    new random `/etc/machine-id` (also on a read-only root), as at boot,
+    ///    and, when `dns` is `Some`, `/etc/resolv.conf` listing those servers
+    ///    (from then on, as if `nova.net=` had named them at boot).
     ///
     /// An agent that is not PID 1 (host tests) leaves the machine it runs on
     /// alone: it mixes the entropy in (harmless to any machine) but does not
@@ -159,6 +161,11 @@ pub enum Request {
         /// The host's wall clock when it sent the request, in nanoseconds
         /// since the Unix epoch (as in [`Request::SetClock`]).
         unix_ns: u64,
+        /// The DNS servers a cold boot would get now (`nova.net=`'s `dns`),
+        /// at most [`crate::boot::MAX_DNS_SERVERS`] (more is refused with
+        /// [`crate::RemoteErrorKind::InvalidInput`]); `None` for a guest
+        /// without a network, whose `/etc/resolv.conf` is left alone.
+        dns: Option<Vec<std::net::Ipv4Addr>>,
     },
     /// List the commands the agent knows: the running ones and the last
     /// [`crate::FINISHED_EXECS_KEPT`] that ended.

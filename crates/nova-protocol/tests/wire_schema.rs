@@ -100,6 +100,10 @@ fn client_samples() -> Vec<ClientMessage> {
         stdin: true,
         timeout_ms: Some(1500),
         pty: Some(PtySize { rows: 24, cols: 80 }),
+        user: Some(ExecUser {
+            user: IdOrName::Name("app".into()),
+            group: Some(IdOrName::Id(1001)),
+        }),
     };
     let requests = vec![
         Request::Exec(full_spec),
@@ -130,9 +134,25 @@ fn client_samples() -> Vec<ClientMessage> {
             hostname: "sb-2".into(),
             entropy: vec![0, 1, 0xfe, 0xff],
             unix_ns: 1_700_000_000_123_456_789,
+            dns: Some(vec![
+                std::net::Ipv4Addr::new(198, 18, 0, 53),
+                std::net::Ipv4Addr::new(10, 0, 0, 2),
+            ]),
         },
         Request::ListExecs,
         Request::AttachExec { exec_id: 9 },
+        // Version 5's: a user by id with a group by name; a refresh of a
+        // guest without a network.
+        Request::Exec(ExecSpec::shell("id").user(ExecUser {
+            user: IdOrName::Id(1000),
+            group: Some(IdOrName::Name("staff".into())),
+        })),
+        Request::Refresh {
+            hostname: "sb-3".into(),
+            entropy: vec![7; 16],
+            unix_ns: 1,
+            dns: None,
+        },
     ];
     let mut out: Vec<ClientMessage> = requests
         .into_iter()
@@ -297,6 +317,8 @@ fn agent_samples() -> Vec<AgentMessage> {
             RemoteErrorKind::AlreadyExists,
             RemoteErrorKind::InvalidInput,
             RemoteErrorKind::Spawn(SpawnErrorKind::NotFound),
+            RemoteErrorKind::Spawn(SpawnErrorKind::UnknownUser),
+            RemoteErrorKind::Spawn(SpawnErrorKind::SwitchUser),
             RemoteErrorKind::UnknownRequest,
             RemoteErrorKind::Protocol,
             RemoteErrorKind::Busy,

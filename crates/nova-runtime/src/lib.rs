@@ -118,6 +118,9 @@ pub struct Guest {
     env: Vec<(String, String)>,
     /// The template's default working directory, for requests without one.
     cwd: Option<String>,
+    /// The template's default user (`USER[:GROUP]`), for requests without
+    /// one.
+    user: Option<String>,
     read_limit: u64,
 }
 
@@ -131,17 +134,21 @@ impl Guest {
             client,
             env: env.into_iter().collect(),
             cwd: None,
+            user: None,
             read_limit: DEFAULT_READ_LIMIT,
         }
     }
 
-    /// Applies a template's exec defaults (an OCI image's `Env` and
-    /// `WorkingDir`): its variables go under the sandbox's (which stay under
-    /// each request's), and its directory is the working directory of a
-    /// request that names none. This is the one place they are applied.
+    /// Applies a template's exec defaults (an OCI image's `Env`,
+    /// `WorkingDir` and `User`, a Dockerfile's `ENV`, `WORKDIR` and
+    /// `USER`): its variables go under the sandbox's (which stay under each
+    /// request's), its directory is the working directory of a request that
+    /// names none, and its user the user of a request that names none. This
+    /// is the one place they are applied.
     pub fn with_exec_defaults(mut self, defaults: &nova_core::template::ExecDefaults) -> Self {
         self.env = env_with_defaults(std::mem::take(&mut self.env), defaults);
         self.cwd = defaults.cwd.clone();
+        self.user = defaults.user.clone();
         self
     }
 
@@ -323,14 +330,20 @@ impl Guest {
     /// hostname becomes `hostname` (with `/etc/hostname`, `/etc/hosts` and a
     /// new machine-id), the host's fresh random bytes are mixed into its
     /// kernel's pool (which is reseeded), and its clock is set from the
-    /// host's. Returns the new machine-id.
-    pub async fn refresh(&self, hostname: &str) -> Result<String, ClientError> {
+    /// host's. With `dns` (the servers a cold boot would get now; `None`
+    /// for a sandbox without a network) its `/etc/resolv.conf` is
+    /// rewritten to list them. Returns the new machine-id.
+    pub async fn refresh(
+        &self,
+        hostname: &str,
+        dns: Option<&[std::net::Ipv4Addr]>,
+    ) -> Result<String, ClientError> {
         let mut entropy = [0u8; 64];
         getrandom::fill(&mut entropy)
             .map_err(|e| ClientError::Io(format!("no host randomness: {e}")))?;
         let refreshed = self
             .client
-            .refresh(hostname, &entropy, std::time::SystemTime::now())
+            .refresh(hostname, &entropy, std::time::SystemTime::now(), dns)
             .await?;
         if !refreshed.reseeded {
             tracing::warn!("the guest kernel did not reseed its random number generator");
@@ -363,12 +376,28 @@ impl Guest {
         result
     }
 
-    fn spec(&self, mut request: ExecRequest) -> Result<ExecSpec, ExecError> {
-        if request.cwd.is_none() {
-            request.cwd.clone_from(&self.cwd);
-        }
-        build_spec(&self.env, request)
+    fn spec(&self, request: ExecRequest) -> Result<ExecSpec, ExecError> {
+        build_spec(
+            &self.env,
+            request_with_defaults(request, self.cwd.as_ref(), self.user.as_ref()),
+        )
     }
+}
+
+/// `request` with the template's working directory and user where it names
+/// none.
+fn request_with_defaults(
+    mut request: ExecRequest,
+    cwd: Option<&String>,
+    user: Option<&String>,
+) -> ExecRequest {
+    if request.cwd.is_none() {
+        request.cwd = cwd.cloned();
+    }
+    if request.user.is_none() {
+        request.user = user.cloned();
+    }
+    request
 }
 
 /// The template's variables under the sandbox's own `env` (which wins).
@@ -424,6 +453,12 @@ fn build_spec(base_env: &[(String, String)], request: ExecRequest) -> Result<Exe
         rows: t.rows,
         cols: t.cols,
     });
+    spec.user = request
+        .user
+        .as_deref()
+        .map(str::parse::<nova_protocol::ExecUser>)
+        .transpose()
+        .map_err(|e| ExecError::Invalid(e.to_string()))?;
     Ok(spec)
 }
 
@@ -510,6 +545,8 @@ fn spawn_kind(kind: nova_protocol::SpawnErrorKind) -> SpawnErrorKind {
         Wire::CwdNotFound => SpawnErrorKind::CwdNotFound,
         Wire::CwdUnusable => SpawnErrorKind::CwdUnusable,
         Wire::Other => SpawnErrorKind::Other,
+        Wire::UnknownUser => SpawnErrorKind::UnknownUser,
+        Wire::SwitchUser => SpawnErrorKind::SwitchUser,
     }
 }
 
@@ -665,6 +702,43 @@ mod tests {
         assert_eq!(get("A"), Some("sandbox"));
         assert_eq!(get("B"), Some("request"));
         assert_eq!(spec.env.iter().filter(|(k, _)| k == "A").count(), 1);
+    }
+
+    #[test]
+    fn the_template_user_is_the_default_and_a_request_user_overrides_it() {
+        let image_user = Some("1000:1001".to_owned());
+        let spec = |request: ExecRequest| {
+            build_spec(
+                &[],
+                request_with_defaults(request, None, image_user.as_ref()),
+            )
+        };
+        let default = spec(ExecRequest::shell("id")).unwrap();
+        assert_eq!(
+            default.user,
+            Some(nova_protocol::ExecUser {
+                user: nova_protocol::IdOrName::Id(1000),
+                group: Some(nova_protocol::IdOrName::Id(1001)),
+            })
+        );
+        let root = spec(ExecRequest::shell("id").user("root")).unwrap();
+        assert_eq!(
+            root.user,
+            Some(nova_protocol::ExecUser {
+                user: nova_protocol::IdOrName::Name("root".into()),
+                group: None,
+            })
+        );
+        let plain = build_spec(
+            &[],
+            request_with_defaults(ExecRequest::shell("id"), None, None),
+        );
+        assert_eq!(plain.unwrap().user, None);
+        let bad = spec(ExecRequest::shell("id").user("a:b:c")).unwrap_err();
+        assert!(
+            matches!(&bad, ExecError::Invalid(m) if m.contains("USER:GROUP")),
+            "{bad}"
+        );
     }
 
     fn spec_of(env: &[(&str, &str)], request: ExecRequest) -> Result<ExecSpec, ExecError> {

@@ -475,7 +475,12 @@ impl<B: Backend> Provider<B> {
         if let Some(guest) = &guest {
             let limit = self.inner.timeouts.agent;
             if restored {
-                let refreshed = tokio::time::timeout(limit, guest.refresh(id.as_str())).await;
+                // The servers a cold boot would get now, not the snapshot's.
+                let dns = network
+                    .as_ref()
+                    .map(|net| crate::network::guest_net(net).dns);
+                let refreshed =
+                    tokio::time::timeout(limit, guest.refresh(id.as_str(), dns.as_deref())).await;
                 let failure: Option<nova_core::error::BoxError> = match refreshed {
                     Ok(Ok(_)) => None,
                     Ok(Err(e)) => Some(Box::new(e)),
@@ -740,7 +745,10 @@ impl<B: Backend> Provider<B> {
         let guest = guest.map(|(client, hello)| {
             record.info.agent_version = Some(hello.agent_version.clone());
             record.info.kernel_release = Some(hello.kernel_release.clone());
+            // The template's defaults (env, working directory, user) apply
+            // after a resume as before the pause.
             Guest::new(client, record.info.config.env.clone())
+                .with_exec_defaults(&template.manifest.exec_defaults)
         });
         // The guest's clock stood still while it was on disk.
         if let Some(guest) = &guest {

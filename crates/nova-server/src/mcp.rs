@@ -753,6 +753,7 @@ async fn run(daemon: &Daemon, args: RunArgs) -> Result<CommandOut, Problem> {
         timeout: Some(timeout),
         max_output: None,
         pty: None,
+        user: None,
     };
     let started = std::time::Instant::now();
     let mut stream = match daemon.hypervisor().exec_stream(&id, request).await {

@@ -113,6 +113,17 @@ class TestSandbox:
         assert result.exit_code == 127
         assert result.kind == "not_started"
 
+    async def test_user_runs_the_command_as_that_user(self, sandbox: Sandbox):
+        nobody = await sandbox.run('id -u; id -g; echo "$HOME $USER"', user="nobody")
+        assert nobody.stdout == "65534\n65534\n/nonexistent nobody\n", nobody
+        chunks: list[bytes] = []
+        streamed = await sandbox.run(["id", "-u"], user="4242:4243", on_stdout=chunks.append)
+        assert (streamed.stdout, b"".join(chunks)) == ("4242\n", b"4242\n")
+        root = await sandbox.run("id -u", user=0)
+        assert root.stdout == "0\n"
+        unknown = await sandbox.run("id -u", user="no-such-user")
+        assert (unknown.exit_code, unknown.kind) == (126, "not_started")
+
     async def test_timeouts_kill_the_command(self, sandbox: Sandbox):
         result = await sandbox.run("sleep 30", timeout=0.5)
         assert result.exit_code == 124

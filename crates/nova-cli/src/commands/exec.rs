@@ -46,6 +46,11 @@ pub(crate) struct ExecArgs {
     /// Kill the command after this many seconds (exit code 124).
     #[arg(long, value_name = "SECS")]
     timeout: Option<u64>,
+    /// Run as this user, as `docker exec -u`: `USER[:GROUP]` or `UID[:GID]`
+    /// (`-u root`, `-u 0`, `-u 1000:1000`); names are looked up in the
+    /// guest. Default: the template's user (its image's `User`), else root.
+    #[arg(long, short = 'u', value_name = "USER[:GROUP]")]
+    user: Option<String>,
     /// The sandbox.
     id: String,
     /// The program and its arguments (an argv; no shell).
@@ -77,6 +82,7 @@ pub(crate) async fn run(args: &ExecArgs) -> anyhow::Result<ExitCode> {
         timeout_ms: args.timeout.map(|s| s.saturating_mul(1000)),
         tty: tty_size,
         interactive: args.interactive,
+        user: args.user.clone(),
         ..ExecBody::default()
     };
     let socket = client.exec_stream(&args.id, &body).await?;

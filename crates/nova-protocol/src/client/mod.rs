@@ -401,10 +401,13 @@ impl AgentClient {
     /// host, [`crate::REFRESH_ENTROPY_MIN`] to [`crate::REFRESH_ENTROPY_MAX`]
     /// of them; 64 is plenty) into the guest kernel's random pool and
     /// reseeds it, steps the wall clock to `now` (the host's wall clock), and
-    /// gives the guest `hostname` and a new machine id. Send it before
+    /// gives the guest `hostname` and a new machine id, and, with `dns`
+    /// (the servers a cold boot would get now; `None` for a guest without
+    /// a network), rewrites its `/etc/resolv.conf`. Send it before
     /// anything else on the first connection after a restore.
     ///
-    /// A bad hostname or an entropy size out of bounds is
+    /// A bad hostname, an entropy size out of bounds or more than
+    /// [`crate::boot::MAX_DNS_SERVERS`] servers is
     /// [`ClientError::Remote`] with [`crate::RemoteErrorKind::InvalidInput`],
     /// and the guest is left as it was.
     pub async fn refresh(
@@ -412,11 +415,13 @@ impl AgentClient {
         hostname: &str,
         entropy: &[u8],
         now: SystemTime,
+        dns: Option<&[std::net::Ipv4Addr]>,
     ) -> Result<Refreshed, ClientError> {
         let request = Request::Refresh {
             hostname: hostname.to_owned(),
             entropy: entropy.to_vec(),
             unix_ns: unix_ns(now)?,
+            dns: dns.map(<[_]>::to_vec),
         };
         match self.request(request).await? {
             Response::Refreshed {

@@ -85,6 +85,15 @@ pub struct ExecBody {
     /// Keep stdin open for the client's binary frames (streamed exec only).
     #[serde(default)]
     pub interactive: bool,
+    /// Run as this user, as `docker exec -u` takes it: `USER[:GROUP]` or
+    /// `UID[:GID]` (`root`, `0`, `app:staff`, `1000:1000`); names are
+    /// looked up in the guest's `/etc/passwd` and `/etc/group`. Default: the
+    /// template's user (its image's `User`, its Dockerfile's `USER`), else
+    /// root. A user the guest does not know ends the command `not_started`
+    /// (exit code 126).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(example = "1000:1000")]
+    pub user: Option<String>,
 }
 
 /// A terminal size in character cells.
@@ -259,6 +268,7 @@ impl ExecBody {
                 rows: t.rows,
                 cols: t.cols,
             }),
+            user: self.user.clone(),
         })
     }
 }

@@ -269,6 +269,8 @@ pub async fn move_entry(
         timeout: Some(std::time::Duration::from_secs(60)),
         max_output: Some(64 * 1024),
         pty: None,
+        // As root, as the file API's other requests run.
+        user: Some("0".to_owned()),
     };
     let out = daemon
         .hypervisor()

@@ -83,6 +83,8 @@ pub async fn proxy(
         timeout: None,
         max_output: None,
         pty: None,
+        // As root: the relay must reach any port the guest listens on.
+        user: Some("0".to_owned()),
     };
     let mut stream = match daemon.hypervisor().exec_stream(id, exec).await {
         Ok(s) => s,

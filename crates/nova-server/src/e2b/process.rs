@@ -20,8 +20,14 @@
 //! client that hangs up or times out leaves it running, as envd does; kill
 //! it with `SendSignal`). One subscriber at a time: a second
 //! `Connect` takes the output over, and the earlier stream ends with an
-//! error saying so. The E2B `user` (Basic auth header) is ignored: commands
-//! run as the guest agent's user.
+//! error saying so.
+//!
+//! **User.** E2B's SDKs name the user a process runs as in a Basic
+//! `Authorization` header (`user:`). `e2b_user` maps it: `root` runs as
+//! root (uid 0), `user` (the SDKs' default user) as the template's default
+//! user (its image's `User`; root for a template without one), any other
+//! name as that user of the guest (an unknown one fails the call, naming
+//! it). No header: the template's default.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -188,6 +194,38 @@ fn signal_name(s: i32) -> String {
     }
 }
 
+/// The user an E2B SDK asked for in the Basic `Authorization` header,
+/// mapped as the module docs say: `Some` user text for the request, `None`
+/// for the template's default (no header, a Bearer token, or `user`).
+fn e2b_user(headers: &HeaderMap) -> Result<Option<String>, ConnectError> {
+    use base64::Engine as _;
+    let Some(value) = headers.get(axum::http::header::AUTHORIZATION) else {
+        return Ok(None);
+    };
+    let bad = |why: &str| {
+        ConnectError::new(
+            Code::InvalidArgument,
+            format!(
+                "the Authorization header {why}: send `Basic base64(USER:)`, USER being root, user or a user of the guest"
+            ),
+        )
+    };
+    let Some(encoded) = value.to_str().ok().and_then(|v| v.strip_prefix("Basic ")) else {
+        // Not a Basic header (a Bearer token for the API): no user named.
+        return Ok(None);
+    };
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded.trim())
+        .map_err(|_| bad("is not base64"))?;
+    let text = String::from_utf8(decoded).map_err(|_| bad("is not UTF-8"))?;
+    let name = text.split_once(':').map_or(text.as_str(), |(user, _)| user);
+    Ok(match name {
+        "" | "user" => None,
+        "root" => Some("0".to_owned()),
+        other => Some(other.to_owned()),
+    })
+}
+
 /// Turns E2B's process config into the daemon's request. `/bin/bash -l -c
 /// SCRIPT` (what the SDKs send for `commands.run`) stays as it is; see
 /// [`bash_fallback`] for guests without bash.
@@ -217,6 +255,7 @@ fn to_request(
         timeout: None,
         max_output: None,
         pty,
+        user: None,
     })
 }
 
@@ -497,12 +536,13 @@ pub async fn start(
         rows: u16::try_from(s.rows).unwrap_or(u16::MAX).max(1),
         cols: u16::try_from(s.cols).unwrap_or(u16::MAX).max(1),
     });
-    let exec = to_request(
+    let mut exec = to_request(
         &config,
         &daemon.sandbox_env(id),
         pty,
         request.stdin.unwrap_or(false),
     )?;
+    exec.user = e2b_user(headers)?;
     let stream = match start_exec(daemon, processes, id, exec).await {
         Ok(stream) => stream,
         Err(ExecError::Spawn(e)) => {
@@ -769,6 +809,33 @@ pub async fn update(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_e2b_user_maps_root_to_0_and_user_to_the_template_default() {
+        use base64::Engine as _;
+        let with = |value: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(
+                axum::http::header::AUTHORIZATION,
+                axum::http::HeaderValue::from_str(value).unwrap(),
+            );
+            headers
+        };
+        let basic = |text: &str| {
+            with(&format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode(text)
+            ))
+        };
+        assert_eq!(e2b_user(&HeaderMap::new()).unwrap(), None);
+        assert_eq!(e2b_user(&with("Bearer tok")).unwrap(), None);
+        assert_eq!(e2b_user(&basic("user:")).unwrap(), None);
+        assert_eq!(e2b_user(&basic("root:")).unwrap(), Some("0".into()));
+        assert_eq!(e2b_user(&basic("app:")).unwrap(), Some("app".into()));
+        assert_eq!(e2b_user(&basic("app")).unwrap(), Some("app".into()));
+        let err = e2b_user(&with("Basic !!!")).unwrap_err();
+        assert!(err.message.contains("base64"), "{}", err.message);
+    }
 
     #[test]
     fn bash_scripts_fall_back_to_sh() {

@@ -295,12 +295,15 @@ def _command_body(
     cwd: str | None,
     timeout: float | None,
     stdin: str | bytes | None,
+    user: str | int | None = None,
 ) -> dict[str, Any]:
     body: dict[str, Any] = {"shell": cmd} if isinstance(cmd, str) else {"cmd": list(cmd)}
     if env:
         body["env"] = dict(env)
     if cwd is not None:
         body["cwd"] = cwd
+    if user is not None:
+        body["user"] = str(user)
     if timeout is not None:
         if timeout <= 0:
             raise ValueError(f"timeout = {timeout}: give seconds above 0")
@@ -477,6 +480,7 @@ class Sandbox:
         stdin: str | bytes | None = None,
         on_stdout: OutputCallback | None = None,
         on_stderr: OutputCallback | None = None,
+        user: str | int | None = None,
     ) -> ExecResult:
         """Runs a command to completion: ``cmd`` a string runs with
         ``/bin/sh -c``, a sequence is an argv (no shell).
@@ -485,7 +489,11 @@ class Sandbox:
         directory (default ``/root``), ``timeout`` (seconds) kills the
         command's process group when it expires (the result then has exit
         code 124 and ``timed_out``; no exception), ``stdin`` is written to
-        its standard input, which is then closed.
+        its standard input, which is then closed. ``user`` runs it as that
+        user, as ``docker exec -u`` takes it: ``"USER[:GROUP]"``,
+        ``"UID[:GID]"`` or a uid (``"root"``, ``0``, ``"1000:1000"``); the
+        default is the template's user (its image's ``User``), else root.
+        A user the guest does not know ends the command with 126.
 
         With ``on_stdout`` / ``on_stderr`` the command streams over a
         WebSocket and each callback gets output chunks as they come (the
@@ -494,7 +502,7 @@ class Sandbox:
         with 127 / 126 as in a shell.
         """
         if on_stdout is None and on_stderr is None and not isinstance(stdin, bytes):
-            body = _command_body(cmd, env=env, cwd=cwd, timeout=timeout, stdin=stdin)
+            body = _command_body(cmd, env=env, cwd=cwd, timeout=timeout, stdin=stdin, user=user)
             return _result(await self._client.post_json(f"{self._path}/exec", body))
         return await self._run_streamed(
             cmd,
@@ -504,6 +512,7 @@ class Sandbox:
             stdin=stdin,
             on_stdout=on_stdout,
             on_stderr=on_stderr,
+            user=user,
         )
 
     async def _run_streamed(
@@ -516,8 +525,9 @@ class Sandbox:
         stdin: str | bytes | None,
         on_stdout: OutputCallback | None,
         on_stderr: OutputCallback | None,
+        user: str | int | None,
     ) -> ExecResult:
-        body = _command_body(cmd, env=env, cwd=cwd, timeout=timeout, stdin=None)
+        body = _command_body(cmd, env=env, cwd=cwd, timeout=timeout, stdin=None, user=user)
         if stdin is not None:
             body["interactive"] = True
         stdout = bytearray()
