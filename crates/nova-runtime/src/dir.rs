@@ -67,8 +67,13 @@ pub struct SandboxRecord {
 /// namespace, veth and nft table names derive).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NetworkRecord {
-    /// The host end of the veth (`.1` of the sandbox's /30).
-    pub host_addr: std::net::Ipv4Addr,
+    /// The host end of the veth (`.1` of the sandbox's /30); `None` for a
+    /// user-mode network.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_addr: Option<std::net::Ipv4Addr>,
+    /// A user-mode network (passt, named by the directory's `passt.pid`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub user: bool,
 }
 
 /// A sandbox directory this process owns (see the module docs). Dropping it
