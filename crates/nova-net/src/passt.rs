@@ -298,13 +298,15 @@ impl UserNetwork {
             // Its own group: a signal to the caller's group (a terminal's
             // Ctrl-C) does not reach it, and teardown kills the whole group.
             .process_group(0);
-        let child = command.spawn().map_err(|source| CreateNetworkError::Passt {
-            reason: format!(
-                "cannot run {}: {source}; install passt (apt-get install passt) or run as \
+        let child = command
+            .spawn()
+            .map_err(|source| CreateNetworkError::Passt {
+                reason: format!(
+                    "cannot run {}: {source}; install passt (apt-get install passt) or run as \
                  root for the namespace network",
-                self.options.program.display()
-            ),
-        })?;
+                    self.options.program.display()
+                ),
+            })?;
         let mut running = Running {
             process: Some(Passt::Spawned(child)),
             vmm_socket: Some(OwnedFd::from(vmm_end)),
@@ -503,7 +505,10 @@ pub fn passt_pids() -> Vec<u32> {
 }
 
 fn kill_group(pid: u32) {
-    let Some(pid) = i32::try_from(pid).ok().and_then(rustix::process::Pid::from_raw) else {
+    let Some(pid) = i32::try_from(pid)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+    else {
         return;
     };
     // passt leads its own group (it was spawned with process_group(0)).
@@ -523,7 +528,8 @@ fn listening_ports() -> std::io::Result<Vec<(Protocol, u16)>> {
         let text = std::fs::read_to_string(file)?;
         for line in text.lines().skip(1) {
             let mut fields = line.split_whitespace();
-            let (Some(local), Some(_remote), Some(st)) = (fields.nth(1), fields.next(), fields.next())
+            let (Some(local), Some(_remote), Some(st)) =
+                (fields.nth(1), fields.next(), fields.next())
             else {
                 continue;
             };
@@ -554,7 +560,9 @@ fn quote_log(path: &Path) -> String {
     let lines: Vec<&str> = text
         .lines()
         .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with("Failed to send") && !l.contains("Changing to nobody"))
+        .filter(|l| {
+            !l.is_empty() && !l.starts_with("Failed to send") && !l.contains("Changing to nobody")
+        })
         .collect();
     if lines.is_empty() {
         String::new()
@@ -566,9 +574,11 @@ fn quote_log(path: &Path) -> String {
 /// A spec error for a port passt refused, when its log names one (passt
 /// says `Failed to bind any port for '-t 8080:80'`).
 pub fn port_error_from(spec: &NetworkSpec, message: &str) -> Option<SpecError> {
-    let (i, p) = spec.ports.iter().enumerate().find(|(_, p)| {
-        message.contains(&format!("{}:{}'", p.host_port, p.guest_port))
-    })?;
+    let (i, p) = spec
+        .ports
+        .iter()
+        .enumerate()
+        .find(|(_, p)| message.contains(&format!("{}:{}'", p.host_port, p.guest_port)))?;
     Some(SpecError::PortUnavailable {
         field: format!("ports[{i}].host_port"),
         port: p.host_port,
@@ -631,7 +641,10 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("nova-passt-unit-{}", std::process::id()));
         let e = UserNetwork::create(&SandboxId::random(), &spec, &dir, &UserOptions::default())
             .expect_err("a policy cannot be enforced by passt");
-        assert!(matches!(e, CreateNetworkError::EgressNeedsNamespace), "{e:?}");
+        assert!(
+            matches!(e, CreateNetworkError::EgressNeedsNamespace),
+            "{e:?}"
+        );
         assert!(!dir.exists(), "nothing was made");
     }
 

@@ -259,10 +259,9 @@ impl VmSpec {
             push("-netdev");
             push(&match net.transport {
                 NetTransport::Tap => format!("tap,id=net0,fd={}", net.fd),
-                NetTransport::Stream => format!(
-                    "stream,id=net0,server=off,addr.type=fd,addr.str={}",
-                    net.fd
-                ),
+                NetTransport::Stream => {
+                    format!("stream,id=net0,server=off,addr.type=fd,addr.str={}", net.fd)
+                }
             });
             push("-device");
             push(&format!("virtio-net-device,netdev=net0,mac={GUEST_MAC}"));

@@ -17,9 +17,9 @@ use nova_runtime::backend::{
     Backend, BootSource, Launch, NetworkMode, ReattachVm, VmStart, kernel_args_error,
 };
 use nova_runtime::console::DEFAULT_LOG_CAP;
-use nova_runtime::network::SandboxNet;
 use nova_runtime::dir::check_socket_path;
 use nova_runtime::host::{Accel, BackendChoice, HostReport, find_binary};
+use nova_runtime::network::SandboxNet;
 use nova_runtime::retry::connect_unix;
 use nova_runtime::vmm::{FIRST_INHERITED_FD, InheritedFd, VmmCommand};
 

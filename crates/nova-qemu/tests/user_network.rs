@@ -101,16 +101,14 @@ async fn sh(sandbox: &Sandbox, script: &str) -> String {
 async fn http_get(to: SocketAddrV4, timeout: Duration) -> String {
     tokio::task::spawn_blocking(move || {
         let mut last = String::new();
-        let found = wait_until(timeout, || {
-            match testing_http_get(to) {
-                Ok(body) => {
-                    last = body;
-                    true
-                }
-                Err(e) => {
-                    last = e.to_string();
-                    false
-                }
+        let found = wait_until(timeout, || match testing_http_get(to) {
+            Ok(body) => {
+                last = body;
+                true
+            }
+            Err(e) => {
+                last = e.to_string();
+                false
             }
         });
         assert!(found, "GET http://{to}/ failed until the deadline: {last}");
@@ -130,7 +128,9 @@ fn testing_http_get(to: SocketAddrV4) -> std::io::Result<String> {
     let text = String::from_utf8_lossy(&response).into_owned();
     match text.split_once("\r\n\r\n") {
         Some((head, body)) if head.starts_with("HTTP/1.") => Ok(body.to_owned()),
-        _ => Err(std::io::Error::other(format!("not an HTTP response: {text:?}"))),
+        _ => Err(std::io::Error::other(format!(
+            "not an HTTP response: {text:?}"
+        ))),
     }
 }
 

@@ -33,6 +33,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::network::SandboxNet;
 use nova_core::config::DriveConfig;
 use nova_core::error::{BoxError, CreateSandboxError};
 use nova_core::home::{NovaHome, SandboxPaths};
@@ -40,7 +41,6 @@ use nova_core::hypervisor::HypervisorKind;
 use nova_core::metadata::SandboxInfo;
 use nova_core::snapshot::{Snapshot, SnapshotError, SnapshotKind};
 use nova_core::template::GuestArch;
-use crate::network::SandboxNet;
 use tokio::net::UnixStream;
 
 use crate::dir::{SandboxDir, SandboxRecord};

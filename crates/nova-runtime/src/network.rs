@@ -115,9 +115,8 @@ impl std::fmt::Display for HostNetMode {
 
 /// Why the user-mode network cannot run here, if it cannot.
 pub fn user_mode_unsupported_reason() -> Option<String> {
-    (!on_path(nova_net::passt::PASST_BIN)).then(|| {
-        "the user-mode network needs `passt` on PATH (apt-get install passt)".to_owned()
-    })
+    (!on_path(nova_net::passt::PASST_BIN))
+        .then(|| "the user-mode network needs `passt` on PATH (apt-get install passt)".to_owned())
 }
 
 /// The network a sandbox gets under `choice` on this host, for a backend
@@ -142,12 +141,10 @@ pub fn choose_mode(choice: NetModeChoice, user_ok: bool) -> Result<HostNetMode, 
             Ok(HostNetMode::User)
         }
         (NetModeChoice::Namespace, Some(why), _) => Err(format!("{NET_MODE_VAR}=namespace: {why}")),
-        (NetModeChoice::User, _, Some(why)) => {
-            Err(format!("{NET_MODE_VAR}=user: {why}; set enable_network = false (`nova run --no-network`) to run without a network"))
-        }
-        (NetModeChoice::Auto, Some(why), Some(user)) => Err(format!(
-            "{why}; and {user}"
+        (NetModeChoice::User, _, Some(why)) => Err(format!(
+            "{NET_MODE_VAR}=user: {why}; set enable_network = false (`nova run --no-network`) to run without a network"
         )),
+        (NetModeChoice::Auto, Some(why), Some(user)) => Err(format!("{why}; and {user}")),
     }
 }
 
@@ -169,9 +166,7 @@ pub struct HostNetworkReport {
 /// Probes this host for [`HostNetworkReport`].
 pub fn host_network_report() -> HostNetworkReport {
     let choice = NetModeChoice::from_env();
-    let chosen = choice
-        .clone()
-        .and_then(|choice| choose_mode(choice, true));
+    let chosen = choice.clone().and_then(|choice| choose_mode(choice, true));
     HostNetworkReport {
         choice,
         namespace_missing: unsupported_reason(),
@@ -568,30 +563,31 @@ pub(crate) async fn create(
     dns_servers().map_err(|reason| CreateSandboxError::Unsupported { reason })?;
     let started = std::time::Instant::now();
     let spec = spec(config)?;
-    let made = match host_mode {
-        HostNetMode::Namespace => SandboxNet::Namespace(
-            SandboxNetwork::create(id, &spec, pool)
+    let made =
+        match host_mode {
+            HostNetMode::Namespace => SandboxNet::Namespace(
+                SandboxNetwork::create(id, &spec, pool)
+                    .await
+                    .map_err(|e| create_error(config, e))?,
+            ),
+            HostNetMode::User => {
+                if config.egress.as_ref().is_some_and(|e| {
+                    egress_policy(e).map_or(true, |p| p != EgressPolicy::default())
+                }) {
+                    return Err(CreateSandboxError::Unsupported {
+                        reason: CreateNetworkError::EgressNeedsNamespace.to_string(),
+                    });
+                }
+                let (id, dir) = (id.clone(), net.dir.to_owned());
+                // passt's start is waited for by polling (milliseconds).
+                let user = tokio::task::spawn_blocking(move || {
+                    UserNetwork::create(&id, &spec, &dir, &user_options(&spec))
+                })
                 .await
-                .map_err(|e| create_error(config, e))?,
-        ),
-        HostNetMode::User => {
-            if config.egress.as_ref().is_some_and(|e| {
-                egress_policy(e).map_or(true, |p| p != EgressPolicy::default())
-            }) {
-                return Err(CreateSandboxError::Unsupported {
-                    reason: CreateNetworkError::EgressNeedsNamespace.to_string(),
-                });
+                .map_err(|e| CreateSandboxError::Network(Box::new(e)))?;
+                SandboxNet::User(user.map_err(|e| create_error(config, e))?)
             }
-            let (id, dir) = (id.clone(), net.dir.to_owned());
-            // passt's start is waited for by polling (milliseconds).
-            let user = tokio::task::spawn_blocking(move || {
-                UserNetwork::create(&id, &spec, &dir, &user_options(&spec))
-            })
-            .await
-            .map_err(|e| CreateSandboxError::Network(Box::new(e)))?;
-            SandboxNet::User(user.map_err(|e| create_error(config, e))?)
-        }
-    };
+        };
     tracing::debug!(
         elapsed_us = started.elapsed().as_micros() as u64,
         mode = %made.mode(),
