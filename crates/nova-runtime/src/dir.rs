@@ -291,4 +291,27 @@ pub(crate) mod tests {
         drop(dir);
         assert!(!paths.dir().exists());
     }
+
+    #[test]
+    fn network_records_of_both_modes_read_back_and_older_ones_still_read() {
+        let old: NetworkRecord =
+            serde_json::from_str(r#"{"host_addr":"10.200.0.1"}"#).expect("an older record reads");
+        assert_eq!(old.host_addr, Some(std::net::Ipv4Addr::new(10, 200, 0, 1)));
+        assert!(!old.user);
+        assert_eq!(
+            serde_json::to_string(&old).expect("serializes"),
+            r#"{"host_addr":"10.200.0.1"}"#,
+            "a namespace record is written as before"
+        );
+        let user = NetworkRecord {
+            host_addr: None,
+            user: true,
+        };
+        let text = serde_json::to_string(&user).expect("serializes");
+        assert_eq!(text, r#"{"user":true}"#);
+        assert_eq!(
+            serde_json::from_str::<NetworkRecord>(&text).expect("reads back"),
+            user
+        );
+    }
 }

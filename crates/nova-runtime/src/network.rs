@@ -123,28 +123,39 @@ pub fn user_mode_unsupported_reason() -> Option<String> {
 /// that can (`user_ok`) or cannot attach a user-mode network. The error
 /// names what is missing and what to do.
 pub fn choose_mode(choice: NetModeChoice, user_ok: bool) -> Result<HostNetMode, String> {
-    let namespace = unsupported_reason();
     let user = if user_ok {
-        user_mode_unsupported_reason()
+        (!on_path(nova_net::passt::PASST_BIN))
+            .then(|| "`passt` on PATH (apt-get install passt)".to_owned())
     } else {
-        Some(
-            "this backend attaches only a tap (the namespace network); use QEMU for the \
-             user-mode network"
-                .to_owned(),
-        )
+        Some("a backend that attaches it (QEMU; this one attaches only a tap)".to_owned())
     };
+    pick_mode(choice, namespace_missing(), user)
+}
+
+/// [`choose_mode`] given what each mode lacks (`None`: nothing).
+fn pick_mode(
+    choice: NetModeChoice,
+    namespace: Option<String>,
+    user: Option<String>,
+) -> Result<HostNetMode, String> {
+    const NO_NETWORK: &str =
+        "set enable_network = false (`nova run --no-network`) to run without a network";
     match (choice, namespace, user) {
-        (NetModeChoice::Namespace, None, _) | (NetModeChoice::Auto, None, _) => {
-            Ok(HostNetMode::Namespace)
-        }
+        (NetModeChoice::Namespace | NetModeChoice::Auto, None, _) => Ok(HostNetMode::Namespace),
         (NetModeChoice::User, _, None) | (NetModeChoice::Auto, Some(_), None) => {
             Ok(HostNetMode::User)
         }
-        (NetModeChoice::Namespace, Some(why), _) => Err(format!("{NET_MODE_VAR}=namespace: {why}")),
-        (NetModeChoice::User, _, Some(why)) => Err(format!(
-            "{NET_MODE_VAR}=user: {why}; set enable_network = false (`nova run --no-network`) to run without a network"
+        (NetModeChoice::Namespace, Some(what), _) => Err(format!(
+            "{NET_MODE_VAR}=namespace: the namespace network needs {what}; unset \
+             {NET_MODE_VAR} for the user-mode network, or {NO_NETWORK}"
         )),
-        (NetModeChoice::Auto, Some(why), Some(user)) => Err(format!("{why}; and {user}")),
+        (NetModeChoice::User, _, Some(what)) => Err(format!(
+            "{NET_MODE_VAR}=user: the user-mode network needs {what}; {NO_NETWORK}"
+        )),
+        (NetModeChoice::Auto, Some(namespace), Some(user)) => Err(format!(
+            "no sandbox network can be made here: the namespace network needs {namespace}, \
+             and the user-mode network needs {user}; {NO_NETWORK}"
+        )),
     }
 }
 
@@ -352,24 +363,28 @@ fn first_resolver() -> Option<std::net::Ipv4Addr> {
 /// The guest's MTU: the tap's and the veth's default.
 pub const GUEST_MTU: u16 = 1500;
 
-/// Why this host cannot give sandboxes a network, if it cannot: what is
-/// missing, and what to do.
+/// Why this host cannot give sandboxes the namespace network, if it
+/// cannot: what is missing, and what to do.
 pub fn unsupported_reason() -> Option<String> {
-    let missing = if !rustix::process::geteuid().is_root() && !has_net_admin_caps() {
-        Some("root (CAP_NET_ADMIN and CAP_SYS_ADMIN)".to_owned())
+    namespace_missing().map(|what| {
+        format!(
+            "sandbox networking needs {what}; set enable_network = false (`nova run \
+             --no-network`) to run without a network"
+        )
+    })
+}
+
+/// What the namespace network lacks here, if anything.
+fn namespace_missing() -> Option<String> {
+    if !rustix::process::geteuid().is_root() && !has_net_admin_caps() {
+        Some("root (or CAP_NET_ADMIN and CAP_SYS_ADMIN)".to_owned())
     } else if !Path::new("/dev/net/tun").exists() {
         Some("/dev/net/tun (the tun module)".to_owned())
     } else if !on_path("nft") {
         Some("`nft` on PATH (apt-get install nftables)".to_owned())
     } else {
         None
-    };
-    missing.map(|what| {
-        format!(
-            "sandbox networking needs {what}; set enable_network = false (`nova run \
-             --no-network`) to run without a network"
-        )
-    })
+    }
 }
 
 /// Whether this process holds CAP_NET_ADMIN and CAP_SYS_ADMIN (the
@@ -856,6 +871,52 @@ mod tests {
         assert!(e.to_string().contains("host_port = 18080"), "{e}");
         let e = refuse_unsupported(&egress, NetworkMode::None, vz).unwrap_err();
         assert!(e.to_string().contains("egress asks"), "{e}");
+    }
+
+    #[test]
+    fn the_mode_follows_the_choice_and_what_each_mode_lacks() {
+        let root = || None;
+        let no_root = || Some("root".to_owned());
+        let passt = || None;
+        let no_passt = || Some("`passt` on PATH".to_owned());
+        use HostNetMode::{Namespace, User};
+        use NetModeChoice as C;
+        assert_eq!(pick_mode(C::Auto, root(), passt()), Ok(Namespace));
+        assert_eq!(pick_mode(C::Auto, no_root(), passt()), Ok(User));
+        assert_eq!(pick_mode(C::User, root(), passt()), Ok(User));
+        assert_eq!(pick_mode(C::Namespace, root(), no_passt()), Ok(Namespace));
+        let e = pick_mode(C::Auto, no_root(), no_passt()).unwrap_err();
+        assert!(
+            e.contains("needs root") && e.contains("`passt` on PATH"),
+            "{e}"
+        );
+        assert!(e.contains("enable_network = false"), "{e}");
+        let e = pick_mode(C::User, root(), no_passt()).unwrap_err();
+        assert!(e.starts_with("NOVA_NET_MODE=user"), "{e}");
+        let e = pick_mode(C::Namespace, no_root(), passt()).unwrap_err();
+        assert!(e.starts_with("NOVA_NET_MODE=namespace"), "{e}");
+    }
+
+    #[test]
+    fn the_mode_variable_names_what_it_accepts() {
+        assert_eq!("".parse::<NetModeChoice>(), Ok(NetModeChoice::Auto));
+        assert_eq!(" User ".parse::<NetModeChoice>(), Ok(NetModeChoice::User));
+        assert_eq!(
+            "namespace".parse::<NetModeChoice>(),
+            Ok(NetModeChoice::Namespace)
+        );
+        let e = "slirp".parse::<NetModeChoice>().unwrap_err();
+        assert!(e.contains("auto, namespace or user"), "{e}");
+    }
+
+    #[test]
+    fn a_user_mode_network_refuses_an_egress_policy_at_update_too() {
+        // The message create and update give says what to do.
+        let why = CreateNetworkError::EgressNeedsNamespace.to_string();
+        assert!(
+            why.contains("CAP_NET_ADMIN") && why.contains("leave egress unset"),
+            "{why}"
+        );
     }
 
     #[test]
