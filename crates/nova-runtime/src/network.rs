@@ -164,7 +164,7 @@ fn pick_mode(
 pub struct HostNetworkReport {
     /// The mode [`NET_MODE_VAR`] asks for (an error: the variable is bad).
     pub choice: Result<NetModeChoice, String>,
-    /// Why the namespace network cannot be made here (`None`: it can).
+    /// What the namespace network lacks here (`None`: nothing).
     pub namespace_missing: Option<String>,
     /// `net.ipv4.ip_forward` (the namespace network turns it on).
     pub ip_forward: Option<bool>,
@@ -180,7 +180,7 @@ pub fn host_network_report() -> HostNetworkReport {
     let chosen = choice.clone().and_then(|choice| choose_mode(choice, true));
     HostNetworkReport {
         choice,
-        namespace_missing: unsupported_reason(),
+        namespace_missing: namespace_missing(),
         ip_forward: ip_forward(),
         user_missing: user_mode_unsupported_reason(),
         chosen,
@@ -254,7 +254,7 @@ impl HostNetworkReport {
                     None => "unknown",
                 }
             ),
-            Some(why) => writeln!(out, "[info] namespace network: unavailable: {why}"),
+            Some(what) => writeln!(out, "[info] namespace network: unavailable: it needs {what}"),
         };
         let _ = match &self.user_missing {
             None => writeln!(out, "[ ok ] user-mode network: passt installed"),
