@@ -254,7 +254,10 @@ impl HostNetworkReport {
                     None => "unknown",
                 }
             ),
-            Some(what) => writeln!(out, "[info] namespace network: unavailable: it needs {what}"),
+            Some(what) => writeln!(
+                out,
+                "[info] namespace network: unavailable: it needs {what}"
+            ),
         };
         let _ = match &self.user_missing {
             None => writeln!(out, "[ ok ] user-mode network: passt installed"),
