@@ -209,7 +209,7 @@ impl UserNetwork {
             return Ok(fd);
         }
         let old = std::mem::take(&mut *self.lock());
-        self.stop(old);
+        self.stop_running(old);
         let mut running = self.start()?;
         let fd = running
             .vmm_socket
@@ -257,8 +257,16 @@ impl UserNetwork {
     /// Kills passt (its process group), reaps it if it is this process's
     /// child, removes the pidfile. Idempotent.
     pub fn teardown(&mut self) {
+        self.stop();
+    }
+
+    /// [`teardown`](Self::teardown) for a network whose VMM went away for
+    /// a while (a pause to disk): its passt, which exits with the VMM, is
+    /// reaped now, and the next [`connect_vmm`](Self::connect_vmm) starts
+    /// a new one.
+    pub fn stop(&self) {
         let running = std::mem::take(&mut *self.lock());
-        self.stop(running);
+        self.stop_running(running);
     }
 
     /// Lets passt run on (a provider leaving its sandboxes running).
@@ -312,7 +320,7 @@ impl UserNetwork {
             vmm_socket: Some(OwnedFd::from(vmm_end)),
         };
         if let Err(reason) = wait_ready(&mut running, &self.spec) {
-            self.stop(running);
+            self.stop_running(running);
             let said = quote_log(&log_path);
             // A port taken between the check and passt's bind.
             if let Some(e) = port_error_from(&self.spec, &said) {
@@ -324,7 +332,7 @@ impl UserNetwork {
         }
         let pid = running.process.as_ref().map(Passt::pid).unwrap_or_default();
         if let Err(e) = std::fs::write(self.pidfile(), format!("{pid}\n")) {
-            self.stop(running);
+            self.stop_running(running);
             return Err(HostError::io(format!("writing {}", self.pidfile().display()), e).into());
         }
         tracing::debug!(sandbox = %self.id, pid, ports = self.spec.ports.len(), "passt started");
@@ -332,7 +340,7 @@ impl UserNetwork {
     }
 
     /// Kills what `running` holds and removes the pidfile.
-    fn stop(&self, running: Running) {
+    fn stop_running(&self, running: Running) {
         drop(running.vmm_socket);
         match running.process {
             Some(Passt::Spawned(mut child)) => {

@@ -367,3 +367,52 @@ async fn user_mode_create_and_stop_cycles_leave_no_passt() {
         assert!(t.sandbox_dirs().is_empty(), "cycle {cycle}");
     }
 }
+
+/// A sandbox paused to disk loses its VMM and with it its passt (the
+/// published port closes); resuming starts a new passt on the same port,
+/// and the guest's server, restored with its memory, answers again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_mode_pause_to_disk_and_resume_start_a_new_passt_on_the_same_port() {
+    let test = "user_mode_pause_to_disk_and_resume_start_a_new_passt_on_the_same_port";
+    if skip(test, false) {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let Some(t) = setup(test, &["minimal"]) else {
+        return;
+    };
+    t.hypervisor.set_net_mode(NetModeChoice::User);
+    let before = our_passts();
+    let port = free_tcp_port();
+    let mut c = networked("minimal");
+    c.host_port = Some(port);
+    c.guest_port = 80;
+    c.validate().unwrap();
+    let sandbox = t.hypervisor.create_sandbox(c).await.unwrap();
+    sh(
+        &sandbox,
+        "mkdir -p /tmp/w && echo 'before the pause' > /tmp/w/index.html && httpd -p 80 -h /tmp/w",
+    )
+    .await;
+    let at = SocketAddrV4::new(Ipv4Addr::LOCALHOST, port);
+    assert_eq!(
+        http_get(at, Duration::from_secs(30)).await,
+        "before the pause\n"
+    );
+    let first = our_passts();
+
+    sandbox.pause_to_disk().await.unwrap();
+    assert_eq!(our_passts(), before, "passt went with the VMM");
+    sandbox.resume().await.unwrap();
+    let second = our_passts();
+    assert_eq!(second.len(), before.len() + 1, "{second:?}");
+    assert_ne!(first, second, "a new passt");
+    assert_eq!(
+        http_get(at, Duration::from_secs(30)).await,
+        "before the pause\n"
+    );
+
+    sandbox.stop(false).await.unwrap();
+    assert_eq!(our_passts(), before, "stop leaves no passt behind");
+    assert!(t.sandbox_dirs().is_empty());
+}

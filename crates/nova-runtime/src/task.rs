@@ -638,6 +638,9 @@ impl<V: Vm> SandboxTask<V> {
         {
             tracing::warn!(path = %path.display(), error = %e, "cannot remove what the VMM left outside the sandbox directory");
         }
+        if let Some(net) = &self.network {
+            net.vmm_stopped();
+        }
         self.record.info.vmm_pid = None;
         self.record.vmm_start_ticks = None;
         tracing::info!(
