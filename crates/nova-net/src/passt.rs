@@ -678,6 +678,61 @@ mod tests {
         std::fs::remove_dir_all(&dir).expect("remove temp dir");
     }
 
+    /// A passt a dead provider left (forgotten, not killed) is found by its
+    /// pidfile and killed; a pidfile naming no passt is left alone.
+    #[test]
+    fn a_leftover_passt_is_killed_by_its_pidfile() {
+        if !std::process::Command::new(PASST_BIN)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+        {
+            eprintln!("SKIP a_leftover_passt_is_killed_by_its_pidfile: passt is not installed");
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("nova-passt-leftover-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let spec = NetworkSpec {
+            ports: vec![PortMapping::tcp(port, 80).on(Ipv4Addr::LOCALHOST)],
+            ..Default::default()
+        };
+        let net = UserNetwork::create(&SandboxId::random(), &spec, &dir, &UserOptions::default())
+            .expect("passt starts");
+        let pid = net.pid().expect("running");
+        assert!(
+            listening_ports()
+                .expect("/proc/net/tcp")
+                .contains(&(Protocol::Tcp, port)),
+            "passt listens on the published port"
+        );
+        // The VMM's end stays open (as in a running VMM) while forgotten.
+        let vmm_end = net.connect_vmm().expect("the VMM's end");
+        net.forget();
+        assert!(is_passt(pid), "a forgotten passt runs on");
+        assert_eq!(kill_leftover(&dir), Some(pid));
+        assert!(!dir.join(PIDFILE).exists());
+        drop(vmm_end);
+        // It was this process's child: reap it, then it is gone.
+        let gone = (0..500).any(|_| {
+            let _ = rustix::process::waitpid(
+                rustix::process::Pid::from_raw(pid as i32),
+                rustix::process::WaitOptions::NOHANG,
+            );
+            let alive = is_passt(pid);
+            if alive {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            !alive
+        });
+        assert!(gone, "the leftover passt {pid} was killed");
+        assert_eq!(kill_leftover(&dir), None, "nothing is named any more");
+        std::fs::remove_dir_all(&dir).expect("remove temp dir");
+    }
+
     #[test]
     fn passts_port_message_names_the_port() {
         let spec = NetworkSpec {
