@@ -17,8 +17,11 @@
 //!   socketpair(): one end passt's stdin (-F 0), the other for the VMM
 //!   spawn passt -f (own process group), wait until it listens on every port
 //!   write <dir>/passt.pid
-//! backend: take_vmm_socket() -> fd for QEMU -netdev stream,addr.type=fd
-//! teardown() / Drop -> SIGKILL the process group, reap, remove the pidfile
+//! backend: connect_vmm() -> fd for QEMU -netdev stream,addr.type=fd
+//!          (a later VMM of the same sandbox: a new passt, same ports)
+//! stop() (VMM paused to disk), teardown() / Drop
+//!   -> SIGKILL the process group, reap, remove the pidfile
+//! adopt(dir) / kill_leftover(dir) -> the PID in <dir>/passt.pid, if passt
 //! ```
 //!
 //! The two ends are a socket pair, not a named socket: as root, passt drops
@@ -44,7 +47,16 @@
 //! * No traffic counters of its own ([`UserNetwork`] has none; QEMU keeps
 //!   none for a stream netdev either).
 //! * Published ports are relayed by passt, so the guest sees connections
-//!   to them come from its gateway, not from the client's address.
+//!   from the host's loopback come from its gateway.
+//! * A published UDP port answers clients on the host's other addresses
+//!   (and remote ones), not on its loopback: passt (0.0~git20230309)
+//!   rewrites a loopback source to the gateway, and with `--no-map-gw` it
+//!   sends the guest's replies to the gateway address itself, which
+//!   reaches no one. TCP is not affected.
+//! * DNS: the guest is given the spec's servers, which it reaches through
+//!   passt's sockets like any address; when there are none (the host has a
+//!   loopback resolver only) the runtime sets [`UserOptions::dns_forward`]
+//!   and the guest asks its gateway.
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
