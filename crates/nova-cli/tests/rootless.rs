@@ -5,8 +5,9 @@
 //! sends no traffic.
 //!
 //! Needs root (to become `nobody`), `setpriv`, `passt`, the minimal
-//! template, and a `nova` binary and templates that `nobody` can read;
-//! otherwise it prints a SKIP line.
+//! template (`NOVA_TEMPLATES_DIR`, else `$NOVA_HOME/templates`), and a
+//! `nova` binary and templates that `nobody` can read; otherwise it prints
+//! a SKIP line.
 
 #![allow(clippy::unwrap_used, reason = "test code")]
 
@@ -96,7 +97,10 @@ fn nobodys_passts() -> Vec<u32> {
 #[test]
 fn an_unprivileged_user_gets_the_user_mode_network() {
     let test = "an_unprivileged_user_gets_the_user_mode_network";
-    let templates = NovaHome::resolve().unwrap().templates_dir();
+    let templates = match std::env::var_os("NOVA_TEMPLATES_DIR") {
+        Some(dir) => dir.into(),
+        None => NovaHome::resolve().unwrap().templates_dir(),
+    };
     if let Some(why) = unavailable(&templates) {
         eprintln!("SKIP {test}: {why}");
         return;

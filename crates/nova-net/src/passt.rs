@@ -19,8 +19,8 @@
 //!   write <dir>/passt.pid
 //! backend: connect_vmm() -> fd for QEMU -netdev stream,addr.type=fd
 //!          (a later VMM of the same sandbox: a new passt, same ports)
-//! stop() (VMM paused to disk), teardown() / Drop
-//!   -> SIGKILL the process group, reap, remove the pidfile
+//! pause() (VMM paused to disk): reap passt, hold the ports until the next
+//! teardown() / Drop -> SIGKILL the process group, reap, remove the pidfile
 //! adopt(dir) / kill_leftover(dir) -> the PID in <dir>/passt.pid, if passt
 //! ```
 //!
@@ -72,7 +72,7 @@ use std::time::{Duration, Instant};
 use nova_core::SandboxId;
 
 use crate::error::{CreateNetworkError, HostError, SpecError};
-use crate::spec::{EgressPolicy, NetworkSpec, Protocol};
+use crate::spec::{EgressPolicy, NetworkSpec, PortReservation, Protocol, reserve_ports};
 use crate::{GATEWAY_ADDR, GATEWAY_MAC, GUEST_ADDR, GUEST_PREFIX};
 
 /// The passt binary nova runs (looked up on `PATH`).
@@ -125,6 +125,9 @@ pub struct UserNetwork {
 struct Running {
     process: Option<Passt>,
     vmm_socket: Option<OwnedFd>,
+    /// The published ports, bound here while no passt runs between two
+    /// VMMs ([`UserNetwork::pause`]), so no one else takes them.
+    held: Option<PortReservation>,
 }
 
 /// The passt process: spawned here (reaped here), or adopted from a dead
@@ -203,6 +206,7 @@ impl UserNetwork {
             running: Mutex::new(Running {
                 process: Some(Passt::Adopted(pid)),
                 vmm_socket: None,
+                held: None,
             }),
         })
     }
@@ -220,6 +224,8 @@ impl UserNetwork {
         if let Some(fd) = self.lock().vmm_socket.take() {
             return Ok(fd);
         }
+        // Let go of the ports (held since a pause) just before passt binds
+        // them.
         let old = std::mem::take(&mut *self.lock());
         self.stop_running(old);
         let mut running = self.start()?;
@@ -269,16 +275,23 @@ impl UserNetwork {
     /// Kills passt (its process group), reaps it if it is this process's
     /// child, removes the pidfile. Idempotent.
     pub fn teardown(&mut self) {
-        self.stop();
-    }
-
-    /// [`teardown`](Self::teardown) for a network whose VMM went away for
-    /// a while (a pause to disk): its passt, which exits with the VMM, is
-    /// reaped now, and the next [`connect_vmm`](Self::connect_vmm) starts
-    /// a new one.
-    pub fn stop(&self) {
         let running = std::mem::take(&mut *self.lock());
         self.stop_running(running);
+    }
+
+    /// For a network whose VMM went away for a while (a pause to disk):
+    /// its passt, which exits with the VMM, is reaped now, the published
+    /// ports stay bound here (as the namespace mode holds them), and the
+    /// next [`connect_vmm`](Self::connect_vmm) starts a new passt on them.
+    pub fn pause(&self) {
+        let running = std::mem::take(&mut *self.lock());
+        self.stop_running(running);
+        match reserve_ports(&self.spec.ports) {
+            Ok(held) => self.lock().held = Some(held),
+            Err(e) => {
+                tracing::warn!(sandbox = %self.id, error = %e, "a published port was taken while passt restarted");
+            }
+        }
     }
 
     /// Lets passt run on (a provider leaving its sandboxes running).
@@ -330,6 +343,7 @@ impl UserNetwork {
         let mut running = Running {
             process: Some(Passt::Spawned(child)),
             vmm_socket: Some(OwnedFd::from(vmm_end)),
+            held: None,
         };
         if let Err(reason) = wait_ready(&mut running, &self.spec) {
             self.stop_running(running);
@@ -354,6 +368,7 @@ impl UserNetwork {
     /// Kills what `running` holds and removes the pidfile.
     fn stop_running(&self, running: Running) {
         drop(running.vmm_socket);
+        drop(running.held);
         match running.process {
             Some(Passt::Spawned(mut child)) => {
                 kill_group(child.id());

@@ -369,8 +369,9 @@ async fn user_mode_create_and_stop_cycles_leave_no_passt() {
 }
 
 /// A sandbox paused to disk loses its VMM and with it its passt (the
-/// published port closes); resuming starts a new passt on the same port,
-/// and the guest's server, restored with its memory, answers again.
+/// published port stays held, as in namespace mode); resuming starts a new
+/// passt on the same port, and the guest's server, restored with its
+/// memory, answers again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn user_mode_pause_to_disk_and_resume_start_a_new_passt_on_the_same_port() {
     let test = "user_mode_pause_to_disk_and_resume_start_a_new_passt_on_the_same_port";
@@ -403,6 +404,10 @@ async fn user_mode_pause_to_disk_and_resume_start_a_new_passt_on_the_same_port()
 
     sandbox.pause_to_disk().await.unwrap();
     assert_eq!(our_passts(), before, "passt went with the VMM");
+    assert!(
+        TcpListener::bind(("127.0.0.1", port)).is_err(),
+        "the published port stays held while the sandbox is on disk"
+    );
     sandbox.resume().await.unwrap();
     let second = our_passts();
     assert_eq!(second.len(), before.len() + 1, "{second:?}");

@@ -329,11 +329,11 @@ impl SandboxNet {
     }
 
     /// The VMM is gone for a while (paused to disk): a user-mode network's
-    /// passt, which exits with it, is reaped (a new one starts with the
-    /// next VMM); a namespace network stays as it is.
+    /// passt, which exits with it, is reaped and its ports held (a new one
+    /// starts with the next VMM); a namespace network stays as it is.
     pub(crate) fn vmm_stopped(&self) {
         if let SandboxNet::User(net) = self {
-            net.stop();
+            net.pause();
         }
     }
 
