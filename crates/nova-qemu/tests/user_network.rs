@@ -2,9 +2,11 @@
 //! `Provider::set_net_mode(NetModeChoice::User)` even as root: the guest
 //! keeps the namespace mode's addresses, reaches a test host through
 //! passt's sockets, serves published TCP and UDP ports at
-//! `127.0.0.1:host_port`; an egress policy is refused at create and at
-//! update; a port in use is refused before passt starts; stopping leaves no
-//! passt process behind.
+//! `127.0.0.1:host_port` (UDP from a host address that is not loopback:
+//! see `nova_net::passt`); an egress policy is refused at create and at
+//! update; a port in use is refused before passt starts; a pause to disk
+//! holds the ports and the resume starts a new passt on them; stopping
+//! leaves no passt process behind (counted over create/stop cycles).
 //!
 //! Needs `passt` on PATH (`make deps`), and root for the test host (a
 //! namespace of its own, 198.18.210.0/30); otherwise each test prints a SKIP
