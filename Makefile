@@ -35,11 +35,12 @@ TEMPLATES ?= minimal python
 # Host packages: QEMU (TCG fallback and tests), the kernel source and its build
 # tools, debootstrap, busybox-static and e2fsprogs for the rootfs images, and
 # nftables (the `nft` binary nova-net applies its rules with); docker-registry
-# and skopeo for the OCI import tests (a registry on 127.0.0.1).
+# and skopeo for the OCI import tests (a registry on 127.0.0.1); passt for the
+# user-mode (rootless) sandbox network.
 DEPS_PACKAGES := qemu-system-x86 linux-source-6.1 debootstrap debian-archive-keyring \
 	busybox-static e2fsprogs bc flex bison libelf-dev libssl-dev build-essential \
 	xz-utils fakeroot nftables python3 python3-venv curl docker-registry skopeo \
-	qemu-system-arm gcc-aarch64-linux-gnu libc6-dev-arm64-cross
+	qemu-system-arm gcc-aarch64-linux-gnu libc6-dev-arm64-cross passt
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
 .PHONY: deps agent agent-arm64 images-arm64 nova images bench-boot demo test lint examples sdk-test \

@@ -35,17 +35,16 @@ pub(crate) fn run(args: &DoctorArgs) -> anyhow::Result<ExitCode> {
             qemu_confinement::seccomp_supported(&q.path),
         )
     });
-    // Whether sandboxes can have a network here (root, /dev/net/tun, nft).
-    let network = novasandbox::runtime::network::unsupported_reason();
+    // Whether sandboxes can have a network here: the namespace network
+    // (root, /dev/net/tun, nft), the user-mode one (passt), and which one a
+    // QEMU sandbox would get.
+    let net = novasandbox::runtime::network::host_network_report();
     // The sandboxes' DNS servers (NOVA_DNS_SERVERS, else the host's).
     let dns = novasandbox::runtime::network::dns_servers();
     if args.json {
         let value = serde_json::json!({
             "host": report,
-            "sandbox_network": match &network {
-                None => serde_json::json!({"available": true}),
-                Some(why) => serde_json::json!({"available": false, "reason": why}),
-            },
+            "sandbox_network": net.to_json(),
             "dns_servers": match &dns {
                 Ok(servers) => serde_json::json!(servers),
                 Err(why) => serde_json::json!({"error": why}),
@@ -67,18 +66,7 @@ pub(crate) fn run(args: &DoctorArgs) -> anyhow::Result<ExitCode> {
         if let Some((c, seccomp)) = &confinement {
             render_confinement(&mut out, c, seccomp.as_ref().err().map(String::as_str));
         }
-        let _ = match &network {
-            None => writeln!(
-                out,
-                "[ ok ] sandbox network: a namespace, veth, tap and nftables rules per \
-                 sandbox (QEMU, Firecracker)"
-            ),
-            Some(why) => writeln!(
-                out,
-                "[warn] sandbox network: unavailable ({why}); create sandboxes with \
-                 enable_network = false"
-            ),
-        };
+        net.render(&mut out);
         let _ = match &dns {
             Ok(servers) if servers.is_empty() => writeln!(
                 out,

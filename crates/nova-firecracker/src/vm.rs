@@ -135,7 +135,7 @@ pub(crate) async fn start(
     let (jail, jail_dir) = match &options.jailer {
         Some(config) => {
             let mut config = config.clone();
-            if let Some(network) = start.network {
+            if let Some(nova_runtime::network::SandboxNet::Namespace(network)) = start.network {
                 // The jailer joins the namespace before it drops privileges;
                 // Firecracker then opens the tap as the jail's user.
                 config.netns = Some(network.netns_path().to_owned());
@@ -209,7 +209,17 @@ pub(crate) async fn start(
     // inside the namespace it starts in; the agent configures `eth0` from
     // `nova.net=`. A restored guest keeps the snapshot's (same) addresses.
     let netns = match start.network {
-        Some(network) => {
+        // The runtime makes a user-mode network only for a backend that
+        // says it can attach one; Firecracker attaches a tap only.
+        Some(nova_runtime::network::SandboxNet::User(_)) => {
+            return Err(CreateSandboxError::Unsupported {
+                reason: "Firecracker attaches only a tap (the namespace network, which needs \
+                         root or CAP_NET_ADMIN); use QEMU for the user-mode network, or set \
+                         enable_network = false"
+                    .to_owned(),
+            });
+        }
+        Some(nova_runtime::network::SandboxNet::Namespace(network)) => {
             machine.network.push(network_interface(
                 network.tap_name().unwrap_or(nova_net::TAP_NAME),
             ));

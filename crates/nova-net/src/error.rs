@@ -236,6 +236,20 @@ pub enum CreateNetworkError {
     /// The host refused a step.
     #[error("setting up the sandbox network failed")]
     Host(#[from] HostError),
+    /// A user-mode network (passt) was asked for an egress policy: passt
+    /// relays every flow through the host's own sockets and cannot filter.
+    #[error(
+        "the egress policy cannot be enforced by the user-mode network (passt relays every flow \
+         through the host's sockets and cannot filter): run nova as root or with CAP_NET_ADMIN \
+         for the namespace network (NOVA_NET_MODE=namespace), or leave egress unset"
+    )]
+    EgressNeedsNamespace,
+    /// passt could not be started or did not come up.
+    #[error("starting the user-mode network (passt) failed: {reason}")]
+    Passt {
+        /// What went wrong, with passt's own message where it gave one.
+        reason: String,
+    },
 }
 
 /// [`SandboxNetwork::update_egress`](crate::SandboxNetwork::update_egress)

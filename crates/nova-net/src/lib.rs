@@ -80,7 +80,9 @@
 //!   table does not override a drop in another table (e.g. Docker's
 //!   `DOCKER-USER`), so on such hosts forwarding for the pool must be allowed
 //!   there too.
-//! * No user-mode (rootless) network: that is `passt`, chosen by the runtime.
+//! * Without root, the network is user-mode ([`passt`]: one passt process
+//!   per sandbox, same guest addresses and published ports, no egress
+//!   policy); the runtime chooses between the two.
 //!
 //! # Other hosts
 //!
@@ -115,6 +117,7 @@ mod leftovers;
 mod link;
 #[cfg(target_os = "linux")]
 pub mod netns;
+pub mod passt;
 pub mod pool;
 #[cfg(target_os = "linux")]
 mod sandbox;
@@ -132,6 +135,7 @@ pub use error::{
 };
 #[cfg(target_os = "linux")]
 pub use leftovers::{LeftoverReport, clean_leftovers};
+pub use passt::{UserNetwork, UserOptions};
 pub use pool::{AddressPool, DEFAULT_POOL, PoolTooSmall};
 #[cfg(target_os = "linux")]
 pub use sandbox::{CreateOptions, GuestLink, NetCounters, SandboxNetwork, host_veth_name};

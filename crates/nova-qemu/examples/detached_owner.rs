@@ -1,10 +1,12 @@
 //! A detached provider's owner process, for the re-attach tests
-//! (`tests/reattach.rs`): it creates one sandbox (no network) under the
-//! `NOVA_HOME` given as its first argument, starts a command in it, prints
-//! `SANDBOX <id>`, `EXEC <exec id>` and `VMM <pid>` (one per line), then
-//! waits to be killed. The test SIGKILLs it mid-command and re-attaches.
+//! (`tests/reattach.rs`): it creates one sandbox (no network, or with
+//! `user:<host port>` a user-mode network publishing that port to the
+//! guest's port 80) under the `NOVA_HOME` given as its first argument,
+//! starts a command in it, prints `SANDBOX <id>`, `EXEC <exec id>` and
+//! `VMM <pid>` (one per line), then waits to be killed. The test SIGKILLs
+//! it mid-command and re-attaches.
 //!
-//! Usage: `detached_owner <nova-home> <template> <shell command>`
+//! Usage: `detached_owner <nova-home> <template> <shell command> [user:<port>]`
 
 use std::io::Write;
 use std::time::Duration;
@@ -26,19 +28,34 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let report = HostReport::probe();
     let accel = report.qemu_accel();
     let qemu = report.qemu.map_err(|_| "qemu-system-x86_64 not found")?;
+    let user_port: Option<u16> = match args.next() {
+        Some(arg) => Some(
+            arg.strip_prefix("user:")
+                .ok_or("the fourth argument is user:<host port>")?
+                .parse()?,
+        ),
+        None => None,
+    };
     let provider = QemuHypervisor::detached(QemuOptions {
         home: NovaHome::at(home),
         qemu_bin: qemu.path,
         accel,
         scratch_size_mb: 1024,
     });
-    let config = SandboxConfig::builder()
+    let mut config = SandboxConfig::builder()
         .template_id(template)
         .memory_mb(256)
         .vcpus(1)
         .boot_timeout_ms(90_000)
         .enable_network(false)
         .build()?;
+    if let Some(port) = user_port {
+        provider.set_net_mode(nova_runtime::network::NetModeChoice::User);
+        config.enable_network = true;
+        config.host_port = Some(port);
+        config.guest_port = 80;
+        config.validate()?;
+    }
     let sandbox = provider.create_sandbox(config).await?;
     let id = sandbox.id().clone();
     let stream = provider

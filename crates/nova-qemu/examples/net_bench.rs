@@ -14,6 +14,9 @@
 //!   to the last byte; the figure printed is MiB/s and the ratio of the
 //!   two. Under QEMU TCG the guest side is emulated, so the ratio says more
 //!   about the emulator than about the network path.
+//! * **User mode**: where `passt` is installed, the same guest send through
+//!   a user-mode network (one passt, `NOVA_NET_MODE=user`'s network) to
+//!   the same test host, and its ratio to the namespace network's rate.
 //! * **Create cost**: ROUNDS (default 20) `SandboxNetwork::create` +
 //!   `open_tap` + `teardown` of a network with a published port and an
 //!   egress policy, as the runtime does for every networked create, p50 and
@@ -133,40 +136,27 @@ async fn main() -> Result<(), Error> {
         "198.18.231.0/30".parse()?,
     )
     .await?;
-    let at = SocketAddrV4::new(host.addr(), 5001);
-    let listener = nova_net::netns::run_in(host.netns(), "binding the sink", move || {
-        Ok(TcpListener::bind(at))
-    })
-    .await??;
-    let config = SandboxConfig::builder()
-        .template_id("minimal")
-        .memory_mb(256)
-        .vcpus(1)
-        .boot_timeout_ms(90_000)
-        .enable_network(true)
-        .build()?;
-    let sandbox = hypervisor.create_sandbox(config).await?;
-    let done = sink(listener, bytes);
-    let send = format!(
-        "dd if=/dev/zero bs=65536 count={} 2>/dev/null | nc {at}",
-        mib * 16
-    );
-    let out = sandbox
-        .execute_command(ExecRequest::shell(send).timeout(Duration::from_secs(600)))
-        .await?;
-    let guest = done.recv_timeout(Duration::from_secs(5));
-    sandbox.stop(true).await?;
-    let (guest_took, guest_got) = match guest {
-        Ok(Ok(r)) => r,
-        Ok(Err(e)) => return Err(format!("the sink failed: {e}").into()),
-        Err(_) => {
-            return Err(format!(
-                "the guest sent nothing the sink saw ({:?}): {}",
-                out.status,
-                out.stderr_lossy()
+    let (guest_took, guest_got) = guest_to_sink(
+        &hypervisor,
+        &host,
+        SocketAddrV4::new(host.addr(), 5001),
+        mib,
+    )
+    .await?;
+    let user = if nova_runtime::network::user_mode_unsupported_reason().is_none() {
+        hypervisor.set_net_mode(nova_runtime::network::NetModeChoice::User);
+        Some(
+            guest_to_sink(
+                &hypervisor,
+                &host,
+                SocketAddrV4::new(host.addr(), 5002),
+                mib,
             )
-            .into());
-        }
+            .await?,
+        )
+    } else {
+        println!("SKIP user-mode throughput: passt is not installed");
+        None
     };
 
     // The same bytes over host loopback.
@@ -203,5 +193,60 @@ async fn main() -> Result<(), Error> {
         "ratio guest/loopback: {:.4}",
         guest_rate / host_rate.max(1e-9)
     );
+    if let Some((user_took, user_got)) = user {
+        let user_rate = mib_per_s(user_got, user_took);
+        println!(
+            "guest -> test host through passt: {:.1} MiB in {:.2} s = {user_rate:.1} MiB/s",
+            user_got as f64 / 1048576.0,
+            user_took.as_secs_f64(),
+        );
+        println!(
+            "ratio user-mode/namespace: {:.3}",
+            user_rate / guest_rate.max(1e-9)
+        );
+    }
     Ok(())
+}
+
+/// Boots a networked sandbox of `hypervisor` (in whichever network mode it
+/// picks), has its guest send `mib` MiB to a sink at `at` on the test host,
+/// and returns the sink's time and byte count.
+async fn guest_to_sink(
+    hypervisor: &QemuHypervisor,
+    host: &testing::TestHost,
+    at: SocketAddrV4,
+    mib: u64,
+) -> Result<(Duration, u64), Error> {
+    let listener = nova_net::netns::run_in(host.netns(), "binding the sink", move || {
+        Ok(TcpListener::bind(at))
+    })
+    .await??;
+    let config = SandboxConfig::builder()
+        .template_id("minimal")
+        .memory_mb(256)
+        .vcpus(1)
+        .boot_timeout_ms(90_000)
+        .enable_network(true)
+        .build()?;
+    let sandbox = hypervisor.create_sandbox(config).await?;
+    let done = sink(listener, mib * 1024 * 1024);
+    let send = format!(
+        "dd if=/dev/zero bs=65536 count={} 2>/dev/null | nc {at}",
+        mib * 16
+    );
+    let out = sandbox
+        .execute_command(ExecRequest::shell(send).timeout(Duration::from_secs(600)))
+        .await?;
+    let guest = done.recv_timeout(Duration::from_secs(5));
+    sandbox.stop(true).await?;
+    match guest {
+        Ok(Ok(r)) => Ok(r),
+        Ok(Err(e)) => Err(format!("the sink failed: {e}").into()),
+        Err(_) => Err(format!(
+            "the guest sent nothing the sink saw ({:?}): {}",
+            out.status,
+            out.stderr_lossy()
+        )
+        .into()),
+    }
 }

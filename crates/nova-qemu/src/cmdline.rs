@@ -84,13 +84,25 @@ pub struct VmSpec {
 /// (in its own network namespace), so they need not differ.
 pub const GUEST_MAC: &str = "52:54:00:4e:4f:56";
 
-/// A guest NIC on a tap QEMU inherits.
+/// A guest NIC on a descriptor QEMU inherits.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VmNet {
-    /// The tap's descriptor number in QEMU.
-    pub tap_fd: RawFd,
+    /// The descriptor's number in QEMU.
+    pub fd: RawFd,
+    /// What the descriptor is.
+    pub transport: NetTransport,
     /// What the guest configures (`nova.net=`).
     pub guest: GuestNet,
+}
+
+/// What a [`VmNet`]'s descriptor is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NetTransport {
+    /// The sandbox's tap (namespace mode): `-netdev tap,fd=N`.
+    Tap,
+    /// A stream socket connected to passt (user mode):
+    /// `-netdev stream,addr.type=fd,addr.str=N` (QEMU 7.2 and later).
+    Stream,
 }
 
 impl VmSpec {
@@ -245,7 +257,12 @@ impl VmSpec {
         // The NIC last, so the devices before it keep their places.
         if let Some(net) = &self.net {
             push("-netdev");
-            push(&format!("tap,id=net0,fd={}", net.tap_fd));
+            push(&match net.transport {
+                NetTransport::Tap => format!("tap,id=net0,fd={}", net.fd),
+                NetTransport::Stream => {
+                    format!("stream,id=net0,server=off,addr.type=fd,addr.str={}", net.fd)
+                }
+            });
             push("-device");
             push(&format!("virtio-net-device,netdev=net0,mac={GUEST_MAC}"));
         }
@@ -374,12 +391,25 @@ mod tests {
             .unwrap();
         let a = args(&VmSpec {
             net: Some(VmNet {
-                tap_fd: 3,
+                fd: 3,
+                transport: NetTransport::Tap,
                 guest: guest.clone(),
             }),
             ..spec()
         });
         assert_eq!(after(&a, "-netdev"), ["tap,id=net0,fd=3"]);
+        let user = args(&VmSpec {
+            net: Some(VmNet {
+                fd: 4,
+                transport: NetTransport::Stream,
+                guest: guest.clone(),
+            }),
+            ..spec()
+        });
+        assert_eq!(
+            after(&user, "-netdev"),
+            ["stream,id=net0,server=off,addr.type=fd,addr.str=4"]
+        );
         let devices = after(&a, "-device");
         assert_eq!(
             devices.last().copied(),

@@ -19,10 +19,11 @@ use nova_runtime::backend::{
 use nova_runtime::console::DEFAULT_LOG_CAP;
 use nova_runtime::dir::check_socket_path;
 use nova_runtime::host::{Accel, BackendChoice, HostReport, find_binary};
+use nova_runtime::network::SandboxNet;
 use nova_runtime::retry::connect_unix;
 use nova_runtime::vmm::{FIRST_INHERITED_FD, InheritedFd, VmmCommand};
 
-use crate::cmdline::{VmNet, VmSpec, tcg_tsc_khz};
+use crate::cmdline::{NetTransport, VmNet, VmSpec, tcg_tsc_khz};
 use crate::qmp::QmpClient;
 use crate::vm::{QemuVm, SNAPSHOT_STATE};
 
@@ -211,6 +212,11 @@ impl Backend for Qemu {
         NetworkMode::Namespace
     }
 
+    /// A `-netdev stream` socket to passt where there is no namespace.
+    fn user_network(&self) -> bool {
+        true
+    }
+
     fn snapshot_support(&self) -> Result<(), String> {
         Ok(())
     }
@@ -292,20 +298,31 @@ impl Backend for Qemu {
         } else {
             None
         };
-        // The tap, opened here (as root) and inherited by QEMU, which then
-        // needs no privilege to use it.
+        // The tap (namespace mode), opened here (as root), or the socket to
+        // passt (user mode), inherited by QEMU, which then needs no
+        // privilege to use it.
         let (net, tap) = match start.network {
             Some(network) => {
-                let tap = network
-                    .open_tap(true)
-                    .await
-                    .map_err(|e| CreateSandboxError::Network(Box::new(e)))?;
+                let (fd, transport) = match network {
+                    SandboxNet::Namespace(ns) => (
+                        ns.open_tap(true)
+                            .await
+                            .map_err(|e| CreateSandboxError::Network(Box::new(e)))?,
+                        NetTransport::Tap,
+                    ),
+                    SandboxNet::User(user) => (
+                        user.connect_vmm()
+                            .map_err(|e| CreateSandboxError::Network(Box::new(e)))?,
+                        NetTransport::Stream,
+                    ),
+                };
                 let net = VmNet {
-                    tap_fd: FIRST_INHERITED_FD,
-                    guest: nova_runtime::network::guest_net(network),
+                    fd: FIRST_INHERITED_FD,
+                    transport,
+                    guest: network.guest_net(),
                 };
                 let tap = InheritedFd {
-                    fd: Arc::new(tap),
+                    fd: Arc::new(fd),
                     child_fd: FIRST_INHERITED_FD,
                 };
                 (Some(net), Some(tap))

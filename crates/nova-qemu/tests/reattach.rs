@@ -49,10 +49,16 @@ fn owner_binary() -> PathBuf {
 
 /// Starts the owner on `home` and waits for it to print what it made.
 fn start_owner(home: &std::path::Path, command: &str) -> Owner {
+    start_owner_with(home, command, None)
+}
+
+/// [`start_owner`], with `extra` as the owner's fourth argument.
+fn start_owner_with(home: &std::path::Path, command: &str, extra: Option<&str>) -> Owner {
     let mut child = Command::new(owner_binary())
         .arg(home)
         .arg("minimal")
         .arg(command)
+        .args(extra)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .process_group(0)
@@ -180,6 +186,95 @@ async fn a_sandbox_whose_vmm_died_with_no_owner_is_reported_failed() {
         Some(report.failed[0].reason.as_str())
     );
     assert!(test.sandbox_dirs().is_empty(), "{:?}", test.sandbox_dirs());
+}
+
+/// A user-mode sandbox's passt outlives its killed owner with the VMM, is
+/// taken over by the provider that re-attaches (the published port still
+/// answers), and goes at stop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_owners_user_mode_sandbox_keeps_its_passt_and_port() {
+    let test_name = "a_killed_owners_user_mode_sandbox_keeps_its_passt_and_port";
+    if let Some(why) = nova_runtime::network::user_mode_unsupported_reason() {
+        eprintln!("SKIP {test_name}: {why}");
+        return;
+    }
+    let Some(test) = common::setup("reattach-user", &["minimal"]) else {
+        return;
+    };
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let owner = start_owner_with(
+        test.dir.path(),
+        "mkdir -p /tmp/w && echo served > /tmp/w/index.html && httpd -p 80 -h /tmp/w && \
+         sleep 100",
+        Some(&format!("user:{port}")),
+    );
+    let (id, vmm) = (owner.sandbox.clone(), owner.vmm);
+    let pidfile = test
+        .home()
+        .sandbox(&id)
+        .dir()
+        .join(nova_net::passt::PIDFILE);
+    let passt: u32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    drop(owner);
+    assert!(!dead(passt), "passt died with its detached owner");
+
+    let provider = detached(&test);
+    let report = provider.reattach().await.unwrap();
+    assert_eq!(report.adopted, vec![id.clone()], "{report:?}");
+    let got = tokio::task::spawn_blocking(move || {
+        let mut last = String::new();
+        let ok = wait_until(Duration::from_secs(30), || {
+            match http_get(std::net::SocketAddrV4::new(
+                std::net::Ipv4Addr::LOCALHOST,
+                port,
+            )) {
+                Ok(body) => {
+                    last = body;
+                    true
+                }
+                Err(e) => {
+                    last = e.to_string();
+                    false
+                }
+            }
+        });
+        assert!(ok, "the published port after re-attach: {last}");
+        last
+    })
+    .await
+    .unwrap();
+    assert!(got.ends_with("served\n"), "{got:?}");
+
+    provider.stop_sandbox(&id, false).await.unwrap();
+    assert!(wait_until(Duration::from_secs(10), || dead(vmm)));
+    assert!(
+        wait_until(Duration::from_secs(10), || dead(passt)),
+        "passt {passt} outlived stop"
+    );
+    assert!(test.sandbox_dirs().is_empty(), "{:?}", test.sandbox_dirs());
+}
+
+/// `GET /` over HTTP/1.0, the whole response.
+fn http_get(to: std::net::SocketAddrV4) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&to.into(), Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(s, "GET / HTTP/1.0\r\nHost: {to}\r\n\r\n")?;
+    let mut response = String::new();
+    s.read_to_string(&mut response)?;
+    if response.starts_with("HTTP/1.") {
+        Ok(response)
+    } else {
+        Err(std::io::Error::other(format!("not HTTP: {response:?}")))
+    }
 }
 
 /// A provider that is not detached still kills its VMs when dropped, and

@@ -33,6 +33,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::network::SandboxNet;
 use nova_core::config::DriveConfig;
 use nova_core::error::{BoxError, CreateSandboxError};
 use nova_core::home::{NovaHome, SandboxPaths};
@@ -40,7 +41,6 @@ use nova_core::hypervisor::HypervisorKind;
 use nova_core::metadata::SandboxInfo;
 use nova_core::snapshot::{Snapshot, SnapshotError, SnapshotKind};
 use nova_core::template::GuestArch;
-use nova_net::SandboxNetwork;
 use tokio::net::UnixStream;
 
 use crate::dir::{SandboxDir, SandboxRecord};
@@ -103,12 +103,15 @@ pub struct VmStart<'a> {
     /// empty image, or of the snapshot's); `None` with a read-only root.
     pub scratch: Option<&'a Path>,
     /// The sandbox's network, made by the runtime ([`crate::network`]);
-    /// `None` without one. The backend attaches the VM to its tap
-    /// ([`SandboxNetwork::open_tap`] for a VMM that takes a descriptor, or
-    /// [`SandboxNetwork::open_netns`] to start the VMM inside the namespace)
-    /// and gives the guest [`crate::network::guest_net`] on its kernel
-    /// command line; the runtime tears it down.
-    pub network: Option<&'a SandboxNetwork>,
+    /// `None` without one. In namespace mode the backend attaches the VM to
+    /// its tap ([`nova_net::SandboxNetwork::open_tap`] for a VMM that takes
+    /// a descriptor, or [`nova_net::SandboxNetwork::open_netns`] to start
+    /// the VMM inside the namespace); in user mode (only for a backend whose
+    /// [`Backend::user_network`] is true) to passt's socket
+    /// ([`nova_net::UserNetwork::connect_vmm`]). It gives the guest
+    /// [`SandboxNet::guest_net`] on its kernel command line; the runtime
+    /// tears the network down.
+    pub network: Option<&'a SandboxNet>,
 }
 
 /// What the runtime hands a backend to re-attach to a running VM
@@ -122,7 +125,7 @@ pub struct ReattachVm<'a> {
     /// The VMM's PID, checked to be the recorded process.
     pub vmm_pid: u32,
     /// The sandbox's network, when it has one (taken over by the runtime).
-    pub network: Option<&'a SandboxNetwork>,
+    pub network: Option<&'a SandboxNet>,
     /// When to give up.
     pub deadline: tokio::time::Instant,
 }
@@ -234,6 +237,13 @@ pub trait Backend: Send + Sync + fmt::Debug + Sized + 'static {
     /// How this backend gives a sandbox its network ([`NetworkMode`]).
     fn network_mode(&self) -> NetworkMode {
         NetworkMode::None
+    }
+
+    /// Whether this backend, with [`NetworkMode::Namespace`], can also
+    /// attach the user-mode network (a passt stream socket) where the
+    /// namespace network cannot be made (see [`crate::network`]).
+    fn user_network(&self) -> bool {
+        false
     }
 
     /// Why this backend cannot write or load snapshots, if it cannot.
@@ -366,7 +376,7 @@ impl<'a> Launch<'a> {
     }
 
     /// [`spawn`](Self::spawn), the VMM started inside the network namespace
-    /// `netns` ([`SandboxNetwork::open_netns`]): for a VMM that opens the
+    /// `netns` ([`nova_net::SandboxNetwork::open_netns`]): for a VMM that opens the
     /// sandbox's tap by name.
     pub fn spawn_in_netns(
         &mut self,

@@ -67,8 +67,13 @@ pub struct SandboxRecord {
 /// namespace, veth and nft table names derive).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NetworkRecord {
-    /// The host end of the veth (`.1` of the sandbox's /30).
-    pub host_addr: std::net::Ipv4Addr,
+    /// The host end of the veth (`.1` of the sandbox's /30); `None` for a
+    /// user-mode network.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_addr: Option<std::net::Ipv4Addr>,
+    /// A user-mode network (passt, named by the directory's `passt.pid`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub user: bool,
 }
 
 /// A sandbox directory this process owns (see the module docs). Dropping it
@@ -285,5 +290,28 @@ pub(crate) mod tests {
         std::fs::write(paths.console_log(), b"x").unwrap();
         drop(dir);
         assert!(!paths.dir().exists());
+    }
+
+    #[test]
+    fn network_records_of_both_modes_read_back_and_older_ones_still_read() {
+        let old: NetworkRecord =
+            serde_json::from_str(r#"{"host_addr":"10.200.0.1"}"#).expect("an older record reads");
+        assert_eq!(old.host_addr, Some(std::net::Ipv4Addr::new(10, 200, 0, 1)));
+        assert!(!old.user);
+        assert_eq!(
+            serde_json::to_string(&old).expect("serializes"),
+            r#"{"host_addr":"10.200.0.1"}"#,
+            "a namespace record is written as before"
+        );
+        let user = NetworkRecord {
+            host_addr: None,
+            user: true,
+        };
+        let text = serde_json::to_string(&user).expect("serializes");
+        assert_eq!(text, r#"{"user":true}"#);
+        assert_eq!(
+            serde_json::from_str::<NetworkRecord>(&text).expect("reads back"),
+            user
+        );
     }
 }

@@ -7,7 +7,8 @@
 //! starts calls [`clean_leftovers`], which removes only what provably belongs
 //! to nobody: a directory whose owner's `flock` is gone (see [`crate::dir`]).
 //! Its VMM, if `state.json` names one that still runs with the recorded start
-//! time (so a reused PID is never killed), is killed first. A directory whose
+//! time (so a reused PID is never killed), is killed first, and so is the
+//! passt of a user-mode network that its `passt.pid` names. A directory whose
 //! lock is held belongs to a living provider, whatever its process tree looks
 //! like, and is never touched; a directory is locked from the moment it is
 //! made, so a boot in progress is safe too.
@@ -95,6 +96,11 @@ pub fn clean_leftovers_sparing(sandboxes_dir: &Path, spare_detached: bool) -> Cl
                 tracing::warn!(dir = %dir.display(), error = %e, "unreadable state.json; leaving the directory alone");
                 continue;
             }
+        }
+        // Its user-mode network: passt exits with its VMM, unless that one
+        // was left running; the pidfile names it.
+        if let Some(pid) = nova_net::passt::kill_leftover(&dir) {
+            tracing::info!(pid, dir = %dir.display(), "killed a leftover passt");
         }
         match std::fs::remove_dir_all(&dir) {
             Ok(()) => {

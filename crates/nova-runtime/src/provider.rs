@@ -78,6 +78,10 @@ pub(crate) struct Inner<B: Backend> {
     pub(crate) sandboxes: Arc<SandboxRegistry<B::Vm>>,
     /// The host ends of the sandboxes' veths.
     pub(crate) pool: nova_net::AddressPool,
+    /// Which host network sandboxes get ([`crate::network::NET_MODE_VAR`]
+    /// when the provider was made, or [`Provider::set_net_mode`]); an
+    /// invalid variable is refused at create.
+    net_mode: std::sync::RwLock<Result<crate::network::NetModeChoice, String>>,
     /// Whether the VMs outlive the provider (see [`Provider::detached`]).
     pub(crate) detached: bool,
     /// Ids of the sandboxes a dead provider left under this `$NOVA_HOME`,
@@ -157,11 +161,43 @@ impl<B: Backend> Provider<B> {
                 scratch,
                 sandboxes: Arc::new(SandboxRegistry::default()),
                 pool: nova_net::AddressPool::default(),
+                net_mode: std::sync::RwLock::new(crate::network::NetModeChoice::from_env()),
                 detached,
                 abandoned: std::sync::Mutex::new(abandoned),
                 abandoned_cleaned: tokio::sync::OnceCell::new(),
             }),
         }
+    }
+
+    /// Sets which host network the sandboxes created from now on get
+    /// (by default the one [`crate::network::NET_MODE_VAR`] names, else
+    /// [`NetModeChoice::Auto`](crate::network::NetModeChoice::Auto)).
+    pub fn set_net_mode(&self, choice: crate::network::NetModeChoice) {
+        *self
+            .inner
+            .net_mode
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = Ok(choice);
+    }
+
+    /// How [`crate::network::create`] picks the host network of a sandbox
+    /// whose directory is `dir`.
+    pub(crate) fn net_choice<'a>(
+        &self,
+        dir: &'a Path,
+    ) -> Result<crate::network::NetChoice<'a>, CreateSandboxError> {
+        let choice = self
+            .inner
+            .net_mode
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .map_err(|reason| CreateSandboxError::Unsupported { reason })?;
+        Ok(crate::network::NetChoice {
+            choice,
+            user_ok: self.inner.backend.user_network(),
+            dir,
+        })
     }
 
     /// The backend's options.
@@ -404,10 +440,15 @@ impl<B: Backend> Provider<B> {
             })
             .await;
         // The network, when asked for, before the VMM: it needs the tap.
-        let network =
-            crate::network::create(&id, &config, &self.inner.pool, backend.network_mode())
-                .instrument(span.clone())
-                .await?;
+        let network = crate::network::create(
+            &id,
+            &config,
+            &self.inner.pool,
+            backend.network_mode(),
+            self.net_choice(paths.dir())?,
+        )
+        .instrument(span.clone())
+        .await?;
         let record = SandboxRecord {
             info: SandboxInfo {
                 id: id.clone(),
@@ -425,9 +466,7 @@ impl<B: Backend> Provider<B> {
             },
             vmm_start_ticks: None,
             detached: false,
-            network: network.as_ref().map(|net| crate::dir::NetworkRecord {
-                host_addr: net.host_addr(),
-            }),
+            network: network.as_ref().map(crate::network::SandboxNet::record),
         };
         let prepare = prepare_start.elapsed();
         let booted = self
@@ -567,7 +606,7 @@ impl<B: Backend> Provider<B> {
         image: &GuestImage,
         source: &BootSource,
         scratch: Option<&Path>,
-        network: Option<&nova_net::SandboxNetwork>,
+        network: Option<&crate::network::SandboxNet>,
         span: &tracing::Span,
     ) -> Result<Booted<B::Vm>, CreateSandboxError> {
         let backend = &self.inner.backend;
@@ -814,7 +853,7 @@ struct Booted<V> {
 
 /// Removes what a create that failed had made: its network and its
 /// directory (its VMM is already gone).
-async fn abandon(mut dir: SandboxDir, network: Option<nova_net::SandboxNetwork>) {
+async fn abandon(mut dir: SandboxDir, network: Option<crate::network::SandboxNet>) {
     crate::network::teardown(network).await;
     if let Err((path, e)) = dir.remove().await {
         tracing::warn!(path = %path.display(), error = %e, "cannot remove a failed sandbox's files");

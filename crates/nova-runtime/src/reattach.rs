@@ -10,7 +10,7 @@
 //!   adoptable, one by one:
 //!     VmmProcess::adopt_verified (pidfd, start time checked after)
 //!     SandboxDir::adopt (the lock taken in the scan)
-//!     SandboxNetwork::adopt (namespace, veth, nft table: ours again)
+//!     network::adopt (namespace, veth, nft table, or passt: ours again)
 //!     Backend::reattach (QMP / API socket reconnected, leases re-taken)
 //!     agent channel + handshake (a paused VM is resumed for it, then
 //!       paused again); commands left running in the guest carry on,
@@ -296,12 +296,12 @@ impl<B: Backend> Provider<B> {
             .map_err(|e| format!("its VMM (pid {pid}) cannot be adopted: {e}"))?;
         let network = match (record.network, record.info.config.enable_network) {
             (Some(net), true) => Some(
-                nova_net::SandboxNetwork::adopt(
+                crate::network::adopt(
                     &id,
-                    &crate::network::spec(&record.info.config)
-                        .map_err(|e| format!("its recorded network config is invalid: {e}"))?,
+                    &record.info.config,
                     &self.inner.pool,
-                    net.host_addr,
+                    &net,
+                    paths.dir(),
                 )
                 .map_err(|e| format!("its network cannot be taken over: {e}"))?,
             ),
@@ -419,12 +419,15 @@ impl<B: Backend> Provider<B> {
         record.vmm_start_ticks = None;
         let network = if record.info.config.enable_network {
             let taken = match record.network {
-                Some(net) => crate::network::spec(&record.info.config)
-                    .map_err(|e| e.to_string())
-                    .and_then(|spec| {
-                        nova_net::SandboxNetwork::adopt(&id, &spec, &self.inner.pool, net.host_addr)
-                            .map_err(|e| e.to_string())
-                    }),
+                // Not a user-mode one: its passt went with the VMM.
+                Some(net) if !net.user => crate::network::adopt(
+                    &id,
+                    &record.info.config,
+                    &self.inner.pool,
+                    &net,
+                    paths.dir(),
+                ),
+                Some(_) => Err("a user-mode network is started with its VMM".to_owned()),
                 None => Err("none was recorded".to_owned()),
             };
             match taken {
@@ -436,11 +439,19 @@ impl<B: Backend> Provider<B> {
                     // change).
                     tracing::info!(parent: &span, reason = %why, "making the network of a sandbox on disk anew");
                     crate::network::clean_abandoned(vec![id.to_string()]).await;
+                    let choice = match self.net_choice(paths.dir()) {
+                        Ok(choice) => choice,
+                        Err(e) => {
+                            let _ = dir.remove().await;
+                            return Err(format!("its network cannot be made again: {e}"));
+                        }
+                    };
                     match crate::network::create(
                         &id,
                         &record.info.config,
                         &self.inner.pool,
                         backend.network_mode(),
+                        choice,
                     )
                     .instrument(span.clone())
                     .await
@@ -456,9 +467,7 @@ impl<B: Backend> Provider<B> {
         } else {
             None
         };
-        record.network = network.as_ref().map(|net| crate::dir::NetworkRecord {
-            host_addr: net.host_addr(),
-        });
+        record.network = network.as_ref().map(crate::network::SandboxNet::record);
         record.detached = true;
         record.info.failure = None;
         dir.persist_in_background(&record).await;
@@ -524,6 +533,9 @@ async fn handshake<V: Vm>(
 
 /// Removes a dead sandbox's directory, holding its lock until it is gone.
 async fn remove_dead(dir: &std::path::Path, lock: File) {
+    if let Some(pid) = nova_net::passt::kill_leftover(dir) {
+        tracing::info!(pid, dir = %dir.display(), "killed a dead sandbox's passt");
+    }
     match tokio::fs::remove_dir_all(dir).await {
         Ok(()) => tracing::info!(dir = %dir.display(), "removed a dead sandbox"),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

@@ -93,7 +93,7 @@ pub const PERSISTED_DIR: &str = "persisted";
 pub(crate) struct Restart<'a> {
     pub(crate) dir: &'a SandboxDir,
     pub(crate) record: SandboxRecord,
-    pub(crate) network: Option<&'a nova_net::SandboxNetwork>,
+    pub(crate) network: Option<&'a crate::network::SandboxNet>,
     pub(crate) snapshot_dir: PathBuf,
 }
 
@@ -136,7 +136,7 @@ pub(crate) struct SandboxTask<V: Vm> {
     pub(crate) vmm_version: String,
     pub(crate) template: Option<TemplateIdentity>,
     /// The sandbox's network, torn down on release.
-    pub(crate) network: Option<nova_net::SandboxNetwork>,
+    pub(crate) network: Option<crate::network::SandboxNet>,
     /// Whether the VM and the sandbox's files are gone.
     pub(crate) released: bool,
     /// Whether the VM outlives the provider (see the module docs).
@@ -442,13 +442,16 @@ impl<V: Vm> SandboxTask<V> {
             vmm.net_rx_bytes = counters.net_rx_bytes;
             vmm.net_tx_bytes = counters.net_tx_bytes;
         }
-        // The sandbox's veth counts everything the guest sent and received.
+        // The sandbox's veth counts everything the guest sent and received;
+        // a user-mode network counts nothing (and QEMU keeps no counters
+        // for its stream netdev): those stay unavailable, not 0.
         if let Some(net) = &self.network {
             match bounded(self.timeouts.vmm, net.counters()).await {
-                Ok(Ok(c)) => {
+                Ok(Ok(Some(c))) => {
                     vmm.net_rx_bytes = Some(c.rx_bytes);
                     vmm.net_tx_bytes = Some(c.tx_bytes);
                 }
+                Ok(Ok(None)) => {}
                 Ok(Err(e)) => tracing::debug!(error = %e, "network counters unavailable"),
                 Err(limit) => tracing::debug!(?limit, "network counters did not come in time"),
             }
@@ -634,6 +637,9 @@ impl<V: Vm> SandboxTask<V> {
             && let Err((path, e)) = vm.release().await
         {
             tracing::warn!(path = %path.display(), error = %e, "cannot remove what the VMM left outside the sandbox directory");
+        }
+        if let Some(net) = &self.network {
+            net.vmm_stopped();
         }
         self.record.info.vmm_pid = None;
         self.record.vmm_start_ticks = None;
