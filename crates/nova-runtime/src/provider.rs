@@ -515,9 +515,7 @@ impl<B: Backend> Provider<B> {
             let limit = self.inner.timeouts.agent;
             if restored {
                 // The servers a cold boot would get now, not the snapshot's.
-                let dns = network
-                    .as_ref()
-                    .map(|net| crate::network::guest_net(net).dns);
+                let dns = network.as_ref().map(|net| net.guest_net().dns);
                 let refreshed =
                     tokio::time::timeout(limit, guest.refresh(id.as_str(), dns.as_deref())).await;
                 let failure: Option<nova_core::error::BoxError> = match refreshed {
