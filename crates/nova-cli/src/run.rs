@@ -99,8 +99,9 @@ pub(crate) struct RunArgs {
     /// `cold` (always boot the kernel).
     #[arg(long, value_name = "auto|snapshot|cold", default_value = "auto", value_parser = parse_start)]
     start: StartMode,
-    /// The command and its arguments.
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true, num_args = 1..)]
+    /// The command and its arguments; none runs the template's default
+    /// command (an image's `Entrypoint` and `Cmd`, as `docker run IMAGE`).
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
     command: Vec<String>,
 }
 
@@ -178,12 +179,34 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     result
 }
 
+/// `nova run` without a command runs the template's default one: refused
+/// before booting when `--sh` is given or the template has none.
+fn refuse_without_default_command(args: &RunArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(!args.sh, "--sh needs a command line: nova run --sh 'CMD'");
+    let home = novasandbox::core::NovaHome::resolve()?;
+    let template = novasandbox::core::TemplateManager::new(home.templates_dir())
+        .load(&args.template)
+        .with_context(|| format!("cannot read template {}", args.template))?;
+    let defaults = &template.manifest.exec_defaults;
+    anyhow::ensure!(
+        !defaults.entrypoint.is_empty() || !defaults.cmd.is_empty(),
+        "give the command to run (nova run -t {} -- CMD ARGS...): template {} has no \
+         default command (only templates built from an image with an Entrypoint or Cmd do)",
+        args.template,
+        args.template
+    );
+    Ok(())
+}
+
 async fn run_with(args: RunArgs, console: &Console) -> anyhow::Result<ExitCode> {
     // A program with no name cannot run: refused before booting, as a shell
     // refuses it.
     if !args.sh && args.command.first().is_some_and(String::is_empty) {
         console.line("nova: '': command not found");
         return Ok(ExitCode::from(127));
+    }
+    if args.command.is_empty() {
+        refuse_without_default_command(&args)?;
     }
     let config = SandboxConfig::builder()
         .template_id(&args.template)

@@ -257,7 +257,8 @@ fn assemble_image(layout: &Path) {
             "Env": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin", "NOVA_OCI_TEST=hello-from-the-image"],
             "WorkingDir": "/data",
             "User": "app",
-            "Cmd": ["/bin/sh"]
+            "Entrypoint": ["/bin/sh", "-c"],
+            "Cmd": ["echo \"default=$(id -u) $(pwd) $NOVA_OCI_TEST\""]
         },
         "rootfs": {
             "type": "layers",
@@ -411,7 +412,27 @@ fn check_image_template(home: &TestHome, id: &str, flags: &[&str]) -> String {
     )
     .unwrap();
     assert_eq!(manifest["exec_defaults"]["cwd"], "/data");
-    assert_eq!(manifest["exec_defaults"]["cmd"][0], "/bin/sh");
+    assert_eq!(manifest["exec_defaults"]["entrypoint"][0], "/bin/sh");
+    assert!(
+        manifest["exec_defaults"]["cmd"][0]
+            .as_str()
+            .unwrap()
+            .starts_with("echo")
+    );
+    // No command: the image's Entrypoint + Cmd, as its user, in its
+    // WorkingDir, with its Env (as `docker run IMAGE`).
+    let mut args = vec!["run", "--template", id];
+    args.extend_from_slice(flags);
+    let out = home.nova(&args);
+    assert!(
+        out.status.success(),
+        "{id}: nova run without a command failed"
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "default=1000 /data hello-from-the-image",
+        "{id}: not the image's default command"
+    );
     assert_eq!(manifest["exec_defaults"]["user"], "1000:1001");
     check_users(home, id, flags, "1000 1001 /home/app app");
     err

@@ -121,6 +121,9 @@ pub struct Guest {
     /// The template's default user (`USER[:GROUP]`), for requests without
     /// one.
     user: Option<String>,
+    /// The template's default command (an image's `Entrypoint` then its
+    /// `Cmd`), for a request whose argv is empty.
+    command: Vec<String>,
     read_limit: u64,
 }
 
@@ -135,6 +138,7 @@ impl Guest {
             env: env.into_iter().collect(),
             cwd: None,
             user: None,
+            command: Vec::new(),
             read_limit: DEFAULT_READ_LIMIT,
         }
     }
@@ -143,12 +147,21 @@ impl Guest {
     /// `WorkingDir` and `User`, a Dockerfile's `ENV`, `WORKDIR` and
     /// `USER`): its variables go under the sandbox's (which stay under each
     /// request's), its directory is the working directory of a request that
-    /// names none, and its user the user of a request that names none. This
-    /// is the one place they are applied.
+    /// names none, its user the user of a request that names none, and its
+    /// `Entrypoint` + `Cmd` the command of a request with an empty argv (as
+    /// `docker run IMAGE` without a command; a request with a command runs
+    /// that command alone, as `docker exec` does). This is the one place
+    /// they are applied.
     pub fn with_exec_defaults(mut self, defaults: &nova_core::template::ExecDefaults) -> Self {
         self.env = env_with_defaults(std::mem::take(&mut self.env), defaults);
         self.cwd = defaults.cwd.clone();
         self.user = defaults.user.clone();
+        self.command = defaults
+            .entrypoint
+            .iter()
+            .chain(&defaults.cmd)
+            .cloned()
+            .collect();
         self
     }
 
@@ -379,18 +392,29 @@ impl Guest {
     fn spec(&self, request: ExecRequest) -> Result<ExecSpec, ExecError> {
         build_spec(
             &self.env,
-            request_with_defaults(request, self.cwd.as_ref(), self.user.as_ref()),
+            request_with_defaults(
+                request,
+                self.cwd.as_ref(),
+                self.user.as_ref(),
+                &self.command,
+            ),
         )
     }
 }
 
 /// `request` with the template's working directory and user where it names
-/// none.
+/// none, and the template's command where its argv is empty.
 fn request_with_defaults(
     mut request: ExecRequest,
     cwd: Option<&String>,
     user: Option<&String>,
+    command: &[String],
 ) -> ExecRequest {
+    if let Command::Argv(argv) = &mut request.command
+        && argv.is_empty()
+    {
+        argv.extend_from_slice(command);
+    }
     if request.cwd.is_none() {
         request.cwd = cwd.cloned();
     }
@@ -420,8 +444,17 @@ fn env_with_defaults(
 fn build_spec(base_env: &[(String, String)], request: ExecRequest) -> Result<ExecSpec, ExecError> {
     let mut spec = match request.command {
         Command::Argv(argv) => {
-            if argv.first().is_none_or(String::is_empty) {
-                return Err(ExecError::Invalid("argv is empty".into()));
+            if argv.is_empty() {
+                return Err(ExecError::Invalid(
+                    "no command given, and the sandbox's template has no default one \
+                     (an image's Entrypoint or Cmd): give the command to run"
+                        .into(),
+                ));
+            }
+            if argv.first().is_some_and(String::is_empty) {
+                return Err(ExecError::Invalid(
+                    "the program name (argv[0]) is empty".into(),
+                ));
             }
             if argv.iter().any(|a| a.contains('\0')) {
                 return Err(ExecError::Invalid("an argument contains NUL".into()));
@@ -710,7 +743,7 @@ mod tests {
         let spec = |request: ExecRequest| {
             build_spec(
                 &[],
-                request_with_defaults(request, None, image_user.as_ref()),
+                request_with_defaults(request, None, image_user.as_ref(), &[]),
             )
         };
         let default = spec(ExecRequest::shell("id")).unwrap();
@@ -731,13 +764,41 @@ mod tests {
         );
         let plain = build_spec(
             &[],
-            request_with_defaults(ExecRequest::shell("id"), None, None),
+            request_with_defaults(ExecRequest::shell("id"), None, None, &[]),
         );
         assert_eq!(plain.unwrap().user, None);
         let bad = spec(ExecRequest::shell("id").user("a:b:c")).unwrap_err();
         assert!(
             matches!(&bad, ExecError::Invalid(m) if m.contains("USER:GROUP")),
             "{bad}"
+        );
+    }
+
+    #[test]
+    fn an_empty_argv_runs_the_template_command_and_a_given_one_runs_alone() {
+        let image: Vec<String> = ["/bin/sh", "-c", "echo hi"].map(String::from).into();
+        let spec = |request: ExecRequest, command: &[String]| {
+            build_spec(&[], request_with_defaults(request, None, None, command))
+        };
+        let default = spec(ExecRequest::argv(Vec::<String>::new()), &image).unwrap();
+        assert_eq!(
+            default.command,
+            nova_protocol::ExecCommand::Argv(image.clone())
+        );
+        let given = spec(ExecRequest::argv(["true"]), &image).unwrap();
+        assert_eq!(
+            given.command,
+            nova_protocol::ExecCommand::Argv(vec!["true".into()])
+        );
+        let none = spec(ExecRequest::argv(Vec::<String>::new()), &[]).unwrap_err();
+        assert!(
+            matches!(&none, ExecError::Invalid(m) if m.contains("no default one")),
+            "{none}"
+        );
+        let blank = spec(ExecRequest::argv([""]), &image).unwrap_err();
+        assert!(
+            matches!(&blank, ExecError::Invalid(m) if m.contains("argv[0]")),
+            "{blank}"
         );
     }
 
