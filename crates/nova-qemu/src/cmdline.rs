@@ -78,7 +78,31 @@ pub struct VmSpec {
     pub incoming: bool,
     /// The guest's network, if it has one.
     pub net: Option<VmNet>,
+    /// Where the guest's RAM lives.
+    pub memory: GuestMemory,
 }
+
+/// Where a guest's RAM lives, which decides how a snapshot saves it and how
+/// a restore loads it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum GuestMemory {
+    /// Anonymous memory (QEMU's default): a snapshot streams all of it
+    /// into its VM state file.
+    Anonymous,
+    /// A file QEMU maps shared (`memory-backend-file,share=on`): every
+    /// guest write lands in it, so a snapshot copies the file and its VM
+    /// state stream carries the devices only (`x-ignore-shared`). A cold
+    /// boot's RAM is the sandbox directory's memory file.
+    SharedFile(PathBuf),
+    /// A snapshot's memory file mapped private, copy-on-write
+    /// (`share=off`): the guest reads the file's pages (one page cache for
+    /// every sandbox restored from it) and its writes go to private pages,
+    /// never to the file.
+    PrivateFile(PathBuf),
+}
+
+/// The QEMU object id of the guest RAM backend.
+const RAM_BACKEND_ID: &str = "ram";
 
 /// The MAC address of every guest's NIC: each guest is alone on its link
 /// (in its own network namespace), so they need not differ.
@@ -143,7 +167,13 @@ impl VmSpec {
         // than 8 vCPUs) and its devices in the device tree. Either exits
         // instead of rebooting.
         push("-M");
-        push(machine(self.arch));
+        match self.memory {
+            GuestMemory::Anonymous => push(machine(self.arch)),
+            GuestMemory::SharedFile(_) | GuestMemory::PrivateFile(_) => push(&format!(
+                "{},memory-backend={RAM_BACKEND_ID}",
+                machine(self.arch)
+            )),
+        }
         push("-nodefaults");
         push("-no-user-config");
         push("-nographic");
@@ -173,6 +203,16 @@ impl VmSpec {
         push(&format!("{}M", self.memory_mb));
         push("-smp");
         push(&self.vcpus.to_string());
+        if let GuestMemory::SharedFile(path) | GuestMemory::PrivateFile(path) = &self.memory {
+            let share = matches!(self.memory, GuestMemory::SharedFile(_));
+            push("-object");
+            push(&format!(
+                "memory-backend-file,id={RAM_BACKEND_ID},size={}M,mem-path={},share={}",
+                self.memory_mb,
+                escape(path),
+                if share { "on" } else { "off" }
+            ));
+        }
         push("-kernel");
         args.push(self.kernel.clone().into());
         let mut push = |a: &str| args.push(a.into());
@@ -302,6 +342,7 @@ mod tests {
             incoming: false,
             run_as_ids: None,
             net: None,
+            memory: GuestMemory::Anonymous,
             confinement: Confinement::decide(
                 &ConfinementPolicy::default(),
                 &HostFacts {
@@ -444,6 +485,32 @@ mod tests {
         });
         assert_eq!(after(&kvm, "-accel"), ["kvm"]);
         assert_eq!(after(&kvm, "-cpu"), ["host"]);
+    }
+
+    #[test]
+    fn guest_ram_in_a_file_is_the_machine_memory_backend_shared_or_private() {
+        assert!(after(&args(&spec()), "-object").is_empty());
+        let shared = args(&VmSpec {
+            memory: GuestMemory::SharedFile("/s/mem,1".into()),
+            ..spec()
+        });
+        assert_eq!(
+            after(&shared, "-M"),
+            ["microvm,acpi=off,x-option-roms=off,memory-backend=ram"]
+        );
+        assert_eq!(
+            after(&shared, "-object"),
+            ["memory-backend-file,id=ram,size=512M,mem-path=/s/mem,,1,share=on"]
+        );
+        assert_eq!(after(&shared, "-m"), ["512M"], "the sizes agree");
+        let private = args(&VmSpec {
+            memory: GuestMemory::PrivateFile("/snap/memory".into()),
+            ..spec()
+        });
+        assert_eq!(
+            after(&private, "-object"),
+            ["memory-backend-file,id=ram,size=512M,mem-path=/snap/memory,share=off"]
+        );
     }
 
     #[test]

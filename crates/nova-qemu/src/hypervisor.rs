@@ -2,6 +2,7 @@
 //! [`QemuHypervisor`], the provider on it.
 
 use std::os::fd::{OwnedFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,9 +23,9 @@ use nova_runtime::host::{Accel, BackendChoice, HostReport, find_binary};
 use nova_runtime::retry::connect_unix;
 use nova_runtime::vmm::{FIRST_INHERITED_FD, InheritedFd, VmmCommand};
 
-use crate::cmdline::{VmNet, VmSpec, tcg_tsc_khz};
+use crate::cmdline::{GuestMemory, VmNet, VmSpec, tcg_tsc_khz};
 use crate::qmp::QmpClient;
-use crate::vm::{QemuVm, SNAPSHOT_STATE};
+use crate::vm::{QemuVm, SNAPSHOT_MEMORY, SNAPSHOT_STATE};
 
 /// Environment variable naming the QEMU binary for arm64 guests.
 pub const QEMU_AARCH64_BIN_ENV: &str = "NOVA_QEMU_AARCH64_BIN";
@@ -170,6 +171,49 @@ fn appended_cmdline(pid: u32) -> Option<String> {
     args.next().map(|a| String::from_utf8_lossy(a).into_owned())
 }
 
+/// Where the RAM of QEMU `pid` lives, from its command line: the shared
+/// memory file a cold boot maps (see [`GuestMemory`]), or a snapshot's file
+/// mapped private, or anonymous memory.
+fn memory_of(pid: u32) -> GuestMemory {
+    let Ok(raw) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return GuestMemory::Anonymous;
+    };
+    let args: Vec<&[u8]> = raw.split(|&b| b == 0).collect();
+    let Some(object) = args
+        .windows(2)
+        .filter(|w| w[0] == b"-object")
+        .map(|w| String::from_utf8_lossy(w[1]).into_owned())
+        .find(|o| o.starts_with("memory-backend-file,"))
+    else {
+        return GuestMemory::Anonymous;
+    };
+    // `,` in a value is written `,,`: split on single commas only.
+    let mut fields = Vec::new();
+    let mut field = String::new();
+    let mut chars = object.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            ',' if chars.peek() == Some(&',') => {
+                chars.next();
+                field.push(',');
+            }
+            ',' => fields.push(std::mem::take(&mut field)),
+            c => field.push(c),
+        }
+    }
+    fields.push(field);
+    let value = |key: &str| {
+        fields
+            .iter()
+            .find_map(|f| f.strip_prefix(key)?.strip_prefix('='))
+    };
+    match (value("mem-path"), value("share")) {
+        (Some(path), Some("on")) => GuestMemory::SharedFile(path.into()),
+        (Some(path), _) => GuestMemory::PrivateFile(path.into()),
+        (None, _) => GuestMemory::Anonymous,
+    }
+}
+
 /// How long a QMP command may take.
 const QMP_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -230,6 +274,7 @@ impl Backend for Qemu {
             qmp,
             reattach.paths.vsock_socket(),
             kernel_cmdline,
+            memory_of(reattach.vmm_pid),
             lease,
         ))
     }
@@ -337,6 +382,44 @@ impl Backend for Qemu {
                 });
             }
         }
+        // The guest's RAM: a cold boot's is a shared mapping of a file of
+        // the sandbox's own (private to root: it is guest memory), so that a
+        // snapshot can copy it instead of streaming it; a restore maps the
+        // snapshot's copy of it private, when the snapshot has one.
+        let memory = match restore {
+            None => {
+                let path = paths.dir().join(SNAPSHOT_MEMORY);
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .mode(0o600)
+                    .open(&path)
+                    .map_err(|source| CreateSandboxError::Prepare {
+                        path: path.clone(),
+                        source,
+                    })?;
+                GuestMemory::SharedFile(path)
+            }
+            Some(snapshot) => {
+                let path = snapshot.dir.join(SNAPSHOT_MEMORY);
+                match std::fs::symlink_metadata(&path) {
+                    Ok(meta) if meta.is_file() => GuestMemory::PrivateFile(path),
+                    Ok(_) => {
+                        return Err(SnapshotError::Invalid {
+                            dir: snapshot.dir.clone(),
+                            reason: format!(
+                                "its {SNAPSHOT_MEMORY} is not a regular file; take a new snapshot"
+                            ),
+                        }
+                        .into());
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => GuestMemory::Anonymous,
+                    Err(source) => return Err(SnapshotError::Io { path, source }.into()),
+                }
+            }
+        };
+        let ignore_shared = matches!(memory, GuestMemory::PrivateFile(_));
         let spec = VmSpec {
             arch: image.arch,
             kernel: image.kernel.clone(),
@@ -357,6 +440,7 @@ impl Backend for Qemu {
             incoming: restore.is_some(),
             run_as_ids: lease.as_ref().map(|l| (l.id(), l.id())),
             net,
+            memory: memory.clone(),
         };
         let kernel_cmdline = spec.kernel_cmdline().map_err(kernel_args_error)?;
         let mut args = spec.try_qemu_args().map_err(kernel_args_error)?;
@@ -396,7 +480,7 @@ impl Backend for Qemu {
                 }
             };
             launch
-                .step("load the snapshot", qmp.load_from(&file))
+                .step("load the snapshot", qmp.load_from(&file, ignore_shared))
                 .await?;
             launch.step("resume the restored guest", qmp.cont()).await?;
         }
@@ -405,6 +489,7 @@ impl Backend for Qemu {
             qmp,
             spec.agent_socket.clone(),
             kernel_cmdline,
+            memory,
             lease,
         ))
     }

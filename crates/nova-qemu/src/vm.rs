@@ -1,5 +1,13 @@
 //! One running QEMU VM, as the runtime's sandbox task drives it: QMP for the
 //! vCPUs and counters, the virtio-serial socket for the agent.
+//!
+//! A snapshot of a VM whose RAM is a shared memory file
+//! ([`GuestMemory::SharedFile`], every cold boot) is two files: the VM
+//! state stream, devices only ([`SNAPSHOT_STATE`], a few hundred KiB), and a
+//! sparse copy of the memory file ([`SNAPSHOT_MEMORY`]), which a restore
+//! maps private and copy-on-write instead of reading it through the
+//! stream. A VM whose RAM is not a shared file (a restored one) streams all
+//! of its memory into the state file, and its snapshot has no memory file.
 
 use std::path::{Path, PathBuf};
 
@@ -9,11 +17,17 @@ use nova_core::snapshot::{SnapshotError, SnapshotKind};
 use nova_runtime::backend::{AgentConnector, ConnectError, Vm, VmmCounters};
 use tokio::net::UnixStream;
 
+use crate::cmdline::GuestMemory;
 use crate::qmp::QmpClient;
 
 /// Name of the saved VM state (QEMU's migration stream) in a snapshot
 /// directory.
 pub const SNAPSHOT_STATE: &str = "vmstate";
+
+/// Name of the guest's RAM file: in a sandbox directory, the file a cold
+/// booted guest's RAM is a shared mapping of; in a snapshot directory, the
+/// copy of it a restore maps private. Either is removed with its directory.
+pub const SNAPSHOT_MEMORY: &str = "memory";
 
 /// A running QEMU VM.
 #[derive(Debug)]
@@ -21,6 +35,8 @@ pub struct QemuVm {
     qmp: QmpClient,
     agent_socket: PathBuf,
     kernel_cmdline: String,
+    /// Where its RAM lives, which decides how a snapshot saves it.
+    memory: GuestMemory,
     /// The sandbox's own uid, held while the VM lives.
     _ids: Option<crate::ids::IdLease>,
 }
@@ -30,12 +46,14 @@ impl QemuVm {
         qmp: QmpClient,
         agent_socket: PathBuf,
         kernel_cmdline: String,
+        memory: GuestMemory,
         ids: Option<crate::ids::IdLease>,
     ) -> Self {
         Self {
             qmp,
             agent_socket,
             kernel_cmdline,
+            memory,
             _ids: ids,
         }
     }
@@ -92,8 +110,29 @@ impl Vm for QemuVm {
                 reason: "QEMU writes full snapshots only; take a full one".into(),
             });
         }
-        // The whole VM state (devices and memory, zero pages skipped) goes
-        // to one file, handed to QEMU as an open descriptor.
+        // The VM state goes to one file, handed to QEMU as an open
+        // descriptor: devices only when the RAM is a shared file (copied
+        // next to it once the VM state is saved, while the VM stays
+        // paused), else devices and memory, zero pages skipped.
+        let shared = match &self.memory {
+            GuestMemory::SharedFile(path) => Some(path.clone()),
+            GuestMemory::Anonymous | GuestMemory::PrivateFile(_) => None,
+        };
+        let memory_copy = dir.join(SNAPSHOT_MEMORY);
+        if shared.is_none() {
+            // A memory file left by an earlier snapshot into this directory
+            // would be taken for this one's.
+            match tokio::fs::remove_file(&memory_copy).await {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => {
+                    return Err(SnapshotError::Io {
+                        path: memory_copy,
+                        source,
+                    });
+                }
+            }
+        }
         let path = dir.join(SNAPSHOT_STATE);
         let file = tokio::fs::File::create(&path)
             .await
@@ -104,7 +143,7 @@ impl Vm for QemuVm {
             .into_std()
             .await;
         self.qmp
-            .save_to(&file)
+            .save_to(&file, shared.is_some())
             .await
             .map_err(|e| SnapshotError::Vmm {
                 vmm: HypervisorKind::Qemu,
@@ -114,7 +153,41 @@ impl Vm for QemuVm {
         tokio::fs::File::from_std(file)
             .sync_all()
             .await
-            .map_err(|source| SnapshotError::Io { path, source })
+            .map_err(|source| SnapshotError::Io { path, source })?;
+        if let Some(memory) = shared {
+            // A new file renamed into place: a sandbox restored from an
+            // earlier snapshot here maps the old one, which must not change
+            // under it.
+            let io = |source| SnapshotError::Io {
+                path: memory_copy.clone(),
+                source,
+            };
+            nova_runtime::scratch::clone_disk_image(&memory, &memory_copy)
+                .await
+                .map_err(io)?;
+            // A sandbox paused to disk lives on from this copy alone.
+            tokio::fs::File::open(&memory_copy)
+                .await
+                .map_err(io)?
+                .sync_all()
+                .await
+                .map_err(io)?;
+        }
+        Ok(())
+    }
+
+    async fn release(&mut self) -> Result<(), (PathBuf, std::io::Error)> {
+        // The VMM is gone: its shared memory file holds nothing anyone
+        // needs (a snapshot has its own copy), and a sandbox paused to disk
+        // would otherwise keep it beside that copy.
+        if let GuestMemory::SharedFile(path) = &self.memory {
+            match tokio::fs::remove_file(path).await {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err((path.clone(), e)),
+            }
+        }
+        Ok(())
     }
 
     fn kernel_cmdline(&self) -> String {
