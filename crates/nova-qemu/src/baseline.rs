@@ -51,6 +51,7 @@ pub async fn raw_boot(
         incoming: false,
         run_as_ids: None,
         net: None,
+        memory: crate::cmdline::GuestMemory::SharedFile(workdir.join(crate::vm::SNAPSHOT_MEMORY)),
     };
     let args = spec.try_qemu_args()?;
     let start = Instant::now();
@@ -69,7 +70,12 @@ pub async fn raw_boot(
     let elapsed = start.elapsed();
     drop(client);
     child.kill().await?;
-    for f in ["api.sock", "vsock.sock", "scratch.ext4"] {
+    for f in [
+        "api.sock",
+        "vsock.sock",
+        "scratch.ext4",
+        crate::vm::SNAPSHOT_MEMORY,
+    ] {
         let _ = std::fs::remove_file(workdir.join(f));
     }
     Ok(elapsed)

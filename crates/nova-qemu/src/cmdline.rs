@@ -101,8 +101,18 @@ pub enum GuestMemory {
     PrivateFile(PathBuf),
 }
 
-/// The QEMU object id of the guest RAM backend.
-const RAM_BACKEND_ID: &str = "ram";
+/// The QEMU object id of the guest RAM backend of a guest of `arch`: the
+/// machine's own `default-ram-id` (`query-machines`), the name plain `-m`
+/// gives its RAM. The migration stream names RAM blocks by it, so with it a
+/// state saved from a VM with a memory file loads into a VM without one and
+/// back (a snapshot of a restored sandbox; a snapshot made before memory
+/// files).
+fn ram_backend_id(arch: GuestArch) -> &'static str {
+    match arch {
+        GuestArch::X86_64 => "microvm.ram",
+        GuestArch::Arm64 => "mach-virt.ram",
+    }
+}
 
 /// The MAC address of every guest's NIC: each guest is alone on its link
 /// (in its own network namespace), so they need not differ.
@@ -170,8 +180,9 @@ impl VmSpec {
         match self.memory {
             GuestMemory::Anonymous => push(machine(self.arch)),
             GuestMemory::SharedFile(_) | GuestMemory::PrivateFile(_) => push(&format!(
-                "{},memory-backend={RAM_BACKEND_ID}",
-                machine(self.arch)
+                "{},memory-backend={}",
+                machine(self.arch),
+                ram_backend_id(self.arch)
             )),
         }
         push("-nodefaults");
@@ -207,7 +218,8 @@ impl VmSpec {
             let share = matches!(self.memory, GuestMemory::SharedFile(_));
             push("-object");
             push(&format!(
-                "memory-backend-file,id={RAM_BACKEND_ID},size={}M,mem-path={},share={}",
+                "memory-backend-file,id={},size={}M,mem-path={},share={}",
+                ram_backend_id(self.arch),
                 self.memory_mb,
                 escape(path),
                 if share { "on" } else { "off" }
@@ -496,11 +508,11 @@ mod tests {
         });
         assert_eq!(
             after(&shared, "-M"),
-            ["microvm,acpi=off,x-option-roms=off,memory-backend=ram"]
+            ["microvm,acpi=off,x-option-roms=off,memory-backend=microvm.ram"]
         );
         assert_eq!(
             after(&shared, "-object"),
-            ["memory-backend-file,id=ram,size=512M,mem-path=/s/mem,,1,share=on"]
+            ["memory-backend-file,id=microvm.ram,size=512M,mem-path=/s/mem,,1,share=on"]
         );
         assert_eq!(after(&shared, "-m"), ["512M"], "the sizes agree");
         let private = args(&VmSpec {
@@ -509,7 +521,7 @@ mod tests {
         });
         assert_eq!(
             after(&private, "-object"),
-            ["memory-backend-file,id=ram,size=512M,mem-path=/snap/memory,share=off"]
+            ["memory-backend-file,id=microvm.ram,size=512M,mem-path=/snap/memory,share=off"]
         );
     }
 

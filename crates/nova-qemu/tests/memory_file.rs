@@ -84,6 +84,7 @@ async fn restored_guest_writes_never_reach_the_snapshot_memory_file() {
         .create_sandbox_from_snapshot(&snap)
         .await
         .unwrap();
+    eprintln!("restored from the memory file: {:?}", restored.info().boot);
     assert!(
         !restored.info().dir.join("memory").exists(),
         "a restored sandbox maps the snapshot's file and has none of its own"
@@ -122,6 +123,7 @@ async fn restored_guest_writes_never_reach_the_snapshot_memory_file() {
         .create_sandbox_from_snapshot(&snap2)
         .await
         .unwrap();
+    eprintln!("restored from a streamed state: {:?}", second.info().boot);
     let out = second.execute_command("cat /mnt/ram/mark").await.unwrap();
     assert_eq!(out.stdout_lossy(), "gen1\n", "{out:?}");
     second.stop(true).await.unwrap();

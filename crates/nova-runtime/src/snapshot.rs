@@ -12,7 +12,8 @@ use std::path::{Path, PathBuf};
 use nova_core::config::SandboxConfig;
 use nova_core::hypervisor::HypervisorKind;
 use nova_core::snapshot::{
-    SNAPSHOT_FORMAT, SNAPSHOT_FORMAT_OLDEST, SNAPSHOT_MANIFEST, Snapshot, SnapshotError, SnapshotManifest, TemplateIdentity,
+    SNAPSHOT_FORMAT, SNAPSHOT_FORMAT_OLDEST, SNAPSHOT_MANIFEST, Snapshot, SnapshotError,
+    SnapshotManifest, TemplateIdentity,
 };
 use nova_core::template::{Template, TemplateManager};
 use sha2::{Digest, Sha256};

@@ -359,11 +359,17 @@ async fn start(args: StartArgs) -> anyhow::Result<()> {
         ("  spawn -> agent ready", &rounds.cold.ready),
         ("    spawn -> QMP answers", &rounds.cold.spawn),
         ("    guest start -> agent ready", &rounds.cold.guest),
-        ("restore: create_sandbox_from_snapshot()", &rounds.restored.call),
+        (
+            "restore: create_sandbox_from_snapshot()",
+            &rounds.restored.call,
+        ),
         ("  spawn -> agent ready", &rounds.restored.ready),
         ("    spawn -> QMP answers", &rounds.restored.spawn),
         ("    load the state, resume", &rounds.restored.configure),
-        ("    resume -> agent ready (+ refresh)", &rounds.restored.guest),
+        (
+            "    resume -> agent ready (+ refresh)",
+            &rounds.restored.guest,
+        ),
         ("warm pool: claim (HTTP create)", &rounds.claim),
     ] {
         if s.0.is_empty() {
@@ -376,7 +382,10 @@ async fn start(args: StartArgs) -> anyhow::Result<()> {
         );
     }
     let cold_p50 = rounds.cold.call.percentile(50.0);
-    for (name, s) in [("restore", &rounds.restored.call), ("warm pool claim", &rounds.claim)] {
+    for (name, s) in [
+        ("restore", &rounds.restored.call),
+        ("warm pool claim", &rounds.claim),
+    ] {
         if s.0.is_empty() {
             continue;
         }
