@@ -292,11 +292,11 @@ impl QmpClient {
 
     /// Writes the paused VM's state to `file`: outgoing migration to an
     /// `fd:` (no helper process, no path QEMU must be able to open), at full
-    /// speed, until it completes. With `ignore_shared`, RAM in a shared
-    /// memory file is left out (see
-    /// [`set_migration_capabilities`](Self::set_migration_capabilities)),
-    /// else the stream holds all of memory (zero pages skipped). The VM is
-    /// left paused (`postmigrate`); `cont` resumes it.
+    /// speed, until QEMU's `MIGRATION` event says it completed. With
+    /// `ignore_shared` (capability `x-ignore-shared`), RAM mapped from a
+    /// shared file (`memory-backend-file,share=on`) is left out: the file
+    /// itself holds it. Else the stream holds all of memory (zero pages
+    /// skipped). The VM is left paused (`postmigrate`); `cont` resumes it.
     pub async fn save_to(
         &mut self,
         file: &std::fs::File,
