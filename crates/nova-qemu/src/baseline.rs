@@ -51,7 +51,7 @@ pub async fn raw_boot(
         incoming: false,
         run_as_ids: None,
         net: None,
-        memory: crate::cmdline::GuestMemory::SharedFile(workdir.join(crate::vm::SNAPSHOT_MEMORY)),
+        memory: crate::cmdline::GuestMemory::SharedMemfd,
     };
     let args = spec.try_qemu_args()?;
     let start = Instant::now();
@@ -70,12 +70,7 @@ pub async fn raw_boot(
     let elapsed = start.elapsed();
     drop(client);
     child.kill().await?;
-    for f in [
-        "api.sock",
-        "vsock.sock",
-        "scratch.ext4",
-        crate::vm::SNAPSHOT_MEMORY,
-    ] {
+    for f in ["api.sock", "vsock.sock", "scratch.ext4"] {
         let _ = std::fs::remove_file(workdir.join(f));
     }
     Ok(elapsed)

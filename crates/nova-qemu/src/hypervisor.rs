@@ -2,7 +2,6 @@
 //! [`QemuHypervisor`], the provider on it.
 
 use std::os::fd::{OwnedFd, RawFd};
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -172,17 +171,26 @@ fn appended_cmdline(pid: u32) -> Option<String> {
 }
 
 /// Where the RAM of QEMU `pid` lives, from its command line: the shared
-/// memory file a cold boot maps (see [`GuestMemory`]), or a snapshot's file
-/// mapped private, or anonymous memory.
+/// memfd of a cold boot (see [`GuestMemory`]), or a snapshot's file mapped
+/// private, or anonymous memory.
 fn memory_of(pid: u32) -> GuestMemory {
     let Ok(raw) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
         return GuestMemory::Anonymous;
     };
     let args: Vec<&[u8]> = raw.split(|&b| b == 0).collect();
-    let Some(object) = args
+    let objects: Vec<String> = args
         .windows(2)
         .filter(|w| w[0] == b"-object")
         .map(|w| String::from_utf8_lossy(w[1]).into_owned())
+        .collect();
+    if objects
+        .iter()
+        .any(|o| o.starts_with("memory-backend-memfd,") && o.contains(",share=on"))
+    {
+        return GuestMemory::SharedMemfd;
+    }
+    let Some(object) = objects
+        .into_iter()
         .find(|o| o.starts_with("memory-backend-file,"))
     else {
         return GuestMemory::Anonymous;
@@ -207,10 +215,9 @@ fn memory_of(pid: u32) -> GuestMemory {
             .iter()
             .find_map(|f| f.strip_prefix(key)?.strip_prefix('='))
     };
-    match (value("mem-path"), value("share")) {
-        (Some(path), Some("on")) => GuestMemory::SharedFile(path.into()),
-        (Some(path), _) => GuestMemory::PrivateFile(path.into()),
-        (None, _) => GuestMemory::Anonymous,
+    match value("mem-path") {
+        Some(path) => GuestMemory::PrivateFile(path.into()),
+        None => GuestMemory::Anonymous,
     }
 }
 
@@ -275,6 +282,7 @@ impl Backend for Qemu {
             reattach.paths.vsock_socket(),
             kernel_cmdline,
             memory_of(reattach.vmm_pid),
+            Some(reattach.vmm_pid),
             lease,
         ))
     }
@@ -382,25 +390,11 @@ impl Backend for Qemu {
                 });
             }
         }
-        // The guest's RAM: a cold boot's is a shared mapping of a file of
-        // the sandbox's own (private to root: it is guest memory), so that a
+        // The guest's RAM: a cold boot's is a shared memfd, so that a
         // snapshot can copy it instead of streaming it; a restore maps the
         // snapshot's copy of it private, when the snapshot has one.
         let memory = match restore {
-            None => {
-                let path = paths.dir().join(SNAPSHOT_MEMORY);
-                std::fs::OpenOptions::new()
-                    .write(true)
-                    .create(true)
-                    .truncate(true)
-                    .mode(0o600)
-                    .open(&path)
-                    .map_err(|source| CreateSandboxError::Prepare {
-                        path: path.clone(),
-                        source,
-                    })?;
-                GuestMemory::SharedFile(path)
-            }
+            None => GuestMemory::SharedMemfd,
             Some(snapshot) => {
                 let path = snapshot.dir.join(SNAPSHOT_MEMORY);
                 match std::fs::symlink_metadata(&path) {
@@ -485,11 +479,13 @@ impl Backend for Qemu {
             launch.step("resume the restored guest", qmp.cont()).await?;
         }
         launch.guest_started();
+        let pid = launch.vmm().and_then(|vmm| vmm.pid());
         Ok(QemuVm::new(
             qmp,
             spec.agent_socket.clone(),
             kernel_cmdline,
             memory,
+            pid,
             lease,
         ))
     }

@@ -1,5 +1,6 @@
 //! A snapshot's guest RAM as a file of its own: a cold-booted sandbox's
-//! snapshot holds a `memory` file beside a devices-only VM state; a sandbox
+//! snapshot holds a `memory` file (a copy of the guest's RAM memfd, root's
+//! alone) beside a devices-only VM state; a sandbox
 //! restored from it maps that file private, so nothing it writes reaches
 //! the file; a snapshot of the restored sandbox streams its memory instead
 //! (it has no shared file) and restores too; and every memory file goes
@@ -56,9 +57,8 @@ async fn restored_guest_writes_never_reach_the_snapshot_memory_file() {
         .create_sandbox(config("minimal"))
         .await
         .unwrap();
-    // A cold boot's RAM is its sandbox directory's shared memory file.
-    let own_memory = source.info().dir.join("memory");
-    assert!(own_memory.is_file(), "no {}", own_memory.display());
+    // A cold boot's RAM is a memfd of QEMU's: nothing in its directory.
+    assert!(!source.info().dir.join("memory").exists());
     source.pause().await.unwrap();
     let snap = t.dir.path().join("snap");
     t.hypervisor
@@ -74,9 +74,10 @@ async fn restored_guest_writes_never_reach_the_snapshot_memory_file() {
         "memory file {} bytes on disk, VM state {state} bytes",
         allocated(&memory)
     );
-    assert_eq!(std::fs::metadata(&memory).unwrap().len(), 256 << 20);
+    let meta = std::fs::metadata(&memory).unwrap();
+    assert_eq!(meta.len(), 256 << 20);
+    assert_eq!(meta.mode() & 0o777, 0o600, "guest memory is root's alone");
     source.stop(true).await.unwrap();
-    assert!(!own_memory.exists(), "the source's memory file outlived it");
     let before = fingerprint(&memory);
 
     let restored = t
