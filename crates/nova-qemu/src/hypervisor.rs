@@ -174,9 +174,15 @@ fn appended_cmdline(pid: u32) -> Option<String> {
 /// memfd of a cold boot (see [`GuestMemory`]), or a snapshot's file mapped
 /// private, or anonymous memory.
 fn memory_of(pid: u32) -> GuestMemory {
-    let Ok(raw) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
-        return GuestMemory::Anonymous;
-    };
+    match std::fs::read(format!("/proc/{pid}/cmdline")) {
+        Ok(raw) => memory_in_cmdline(&raw),
+        Err(_) => GuestMemory::Anonymous,
+    }
+}
+
+/// [`memory_of`] from `raw`, a `/proc/PID/cmdline` (arguments ending in
+/// NUL bytes).
+fn memory_in_cmdline(raw: &[u8]) -> GuestMemory {
     let args: Vec<&[u8]> = raw.split(|&b| b == 0).collect();
     let objects: Vec<String> = args
         .windows(2)
@@ -488,5 +494,36 @@ impl Backend for Qemu {
             pid,
             lease,
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cmdline(args: &[&str]) -> Vec<u8> {
+        args.iter().flat_map(|a| a.bytes().chain([0])).collect()
+    }
+
+    #[test]
+    fn a_reattached_qemus_memory_is_read_from_its_command_line() {
+        let shared = cmdline(&[
+            "qemu-system-x86_64",
+            "-object",
+            "memory-backend-memfd,id=microvm.ram,size=256M,share=on",
+        ]);
+        assert_eq!(memory_in_cmdline(&shared), GuestMemory::SharedMemfd);
+        let private = cmdline(&[
+            "qemu-system-x86_64",
+            "-object",
+            "memory-backend-file,id=microvm.ram,size=256M,mem-path=/s/a,,b/memory,share=off",
+        ]);
+        assert_eq!(
+            memory_in_cmdline(&private),
+            GuestMemory::PrivateFile("/s/a,b/memory".into())
+        );
+        let plain = cmdline(&["qemu-system-x86_64", "-m", "256M"]);
+        assert_eq!(memory_in_cmdline(&plain), GuestMemory::Anonymous);
+        assert_eq!(memory_in_cmdline(b""), GuestMemory::Anonymous);
     }
 }
