@@ -24,10 +24,17 @@ use crate::state::SandboxState;
 /// File name of the manifest inside a snapshot directory.
 pub const SNAPSHOT_MANIFEST: &str = "snapshot.json";
 
-/// The manifest format this build writes and reads. 2: the guest's network
-/// gateway has a fixed hardware address, so a snapshot's ARP cache stays
-/// right wherever it is restored (format 1 snapshots have a stale one).
-pub const SNAPSHOT_FORMAT: u32 = 2;
+/// The manifest format this build writes. 2: the guest's network gateway
+/// has a fixed hardware address, so a snapshot's ARP cache stays right
+/// wherever it is restored (format 1 snapshots have a stale one). 3: a QEMU
+/// snapshot may keep the guest's RAM in a `memory` file of its own beside a
+/// VM state that holds the devices only, which a build reading format 2 at
+/// most would load as a machine without memory.
+pub const SNAPSHOT_FORMAT: u32 = 3;
+
+/// The oldest manifest format this build still reads: format 2 differs from
+/// 3 only in lacking what 3 adds, so it loads unchanged.
+pub const SNAPSHOT_FORMAT_OLDEST: u32 = 2;
 
 /// Whether a snapshot holds all guest memory or only what changed since the
 /// previous snapshot in the same directory.

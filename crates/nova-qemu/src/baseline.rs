@@ -51,6 +51,7 @@ pub async fn raw_boot(
         incoming: false,
         run_as_ids: None,
         net: None,
+        memory: crate::cmdline::GuestMemory::SharedMemfd,
     };
     let args = spec.try_qemu_args()?;
     let start = Instant::now();

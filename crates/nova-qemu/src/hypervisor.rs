@@ -23,9 +23,9 @@ use nova_runtime::network::SandboxNet;
 use nova_runtime::retry::connect_unix;
 use nova_runtime::vmm::{FIRST_INHERITED_FD, InheritedFd, VmmCommand};
 
-use crate::cmdline::{NetTransport, VmNet, VmSpec, tcg_tsc_khz};
+use crate::cmdline::{GuestMemory, NetTransport, VmNet, VmSpec, tcg_tsc_khz};
 use crate::qmp::QmpClient;
-use crate::vm::{QemuVm, SNAPSHOT_STATE};
+use crate::vm::{QemuVm, SNAPSHOT_MEMORY, SNAPSHOT_STATE};
 
 /// Environment variable naming the QEMU binary for arm64 guests.
 pub const QEMU_AARCH64_BIN_ENV: &str = "NOVA_QEMU_AARCH64_BIN";
@@ -171,6 +171,63 @@ fn appended_cmdline(pid: u32) -> Option<String> {
     args.next().map(|a| String::from_utf8_lossy(a).into_owned())
 }
 
+/// Where the RAM of QEMU `pid` lives, from its command line: the shared
+/// memfd of a cold boot (see [`GuestMemory`]), or a snapshot's file mapped
+/// private, or anonymous memory.
+fn memory_of(pid: u32) -> GuestMemory {
+    match std::fs::read(format!("/proc/{pid}/cmdline")) {
+        Ok(raw) => memory_in_cmdline(&raw),
+        Err(_) => GuestMemory::Anonymous,
+    }
+}
+
+/// [`memory_of`] from `raw`, a `/proc/PID/cmdline` (arguments ending in
+/// NUL bytes).
+fn memory_in_cmdline(raw: &[u8]) -> GuestMemory {
+    let args: Vec<&[u8]> = raw.split(|&b| b == 0).collect();
+    let objects: Vec<String> = args
+        .windows(2)
+        .filter(|w| w[0] == b"-object")
+        .map(|w| String::from_utf8_lossy(w[1]).into_owned())
+        .collect();
+    if objects
+        .iter()
+        .any(|o| o.starts_with("memory-backend-memfd,") && o.contains(",share=on"))
+    {
+        return GuestMemory::SharedMemfd;
+    }
+    let Some(object) = objects
+        .into_iter()
+        .find(|o| o.starts_with("memory-backend-file,"))
+    else {
+        return GuestMemory::Anonymous;
+    };
+    // `,` in a value is written `,,`: split on single commas only.
+    let mut fields = Vec::new();
+    let mut field = String::new();
+    let mut chars = object.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            ',' if chars.peek() == Some(&',') => {
+                chars.next();
+                field.push(',');
+            }
+            ',' => fields.push(std::mem::take(&mut field)),
+            c => field.push(c),
+        }
+    }
+    fields.push(field);
+    let value = |key: &str| {
+        fields
+            .iter()
+            .find_map(|f| f.strip_prefix(key)?.strip_prefix('='))
+    };
+    match value("mem-path") {
+        Some(path) => GuestMemory::PrivateFile(path.into()),
+        None => GuestMemory::Anonymous,
+    }
+}
+
 /// How long a QMP command may take.
 const QMP_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -236,6 +293,8 @@ impl Backend for Qemu {
             qmp,
             reattach.paths.vsock_socket(),
             kernel_cmdline,
+            memory_of(reattach.vmm_pid),
+            Some(reattach.vmm_pid),
             lease,
         ))
     }
@@ -354,6 +413,30 @@ impl Backend for Qemu {
                 });
             }
         }
+        // The guest's RAM: a cold boot's is a shared memfd, so that a
+        // snapshot can copy it instead of streaming it; a restore maps the
+        // snapshot's copy of it private, when the snapshot has one.
+        let memory = match restore {
+            None => GuestMemory::SharedMemfd,
+            Some(snapshot) => {
+                let path = snapshot.dir.join(SNAPSHOT_MEMORY);
+                match std::fs::symlink_metadata(&path) {
+                    Ok(meta) if meta.is_file() => GuestMemory::PrivateFile(path),
+                    Ok(_) => {
+                        return Err(SnapshotError::Invalid {
+                            dir: snapshot.dir.clone(),
+                            reason: format!(
+                                "its {SNAPSHOT_MEMORY} is not a regular file; take a new snapshot"
+                            ),
+                        }
+                        .into());
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => GuestMemory::Anonymous,
+                    Err(source) => return Err(SnapshotError::Io { path, source }.into()),
+                }
+            }
+        };
+        let ignore_shared = matches!(memory, GuestMemory::PrivateFile(_));
         let spec = VmSpec {
             arch: image.arch,
             kernel: image.kernel.clone(),
@@ -374,6 +457,7 @@ impl Backend for Qemu {
             incoming: restore.is_some(),
             run_as_ids: lease.as_ref().map(|l| (l.id(), l.id())),
             net,
+            memory: memory.clone(),
         };
         let kernel_cmdline = spec.kernel_cmdline().map_err(kernel_args_error)?;
         let mut args = spec.try_qemu_args().map_err(kernel_args_error)?;
@@ -413,16 +497,50 @@ impl Backend for Qemu {
                 }
             };
             launch
-                .step("load the snapshot", qmp.load_from(&file))
+                .step("load the snapshot", qmp.load_from(&file, ignore_shared))
                 .await?;
             launch.step("resume the restored guest", qmp.cont()).await?;
         }
         launch.guest_started();
+        let pid = launch.vmm().and_then(|vmm| vmm.pid());
         Ok(QemuVm::new(
             qmp,
             spec.agent_socket.clone(),
             kernel_cmdline,
+            memory,
+            pid,
             lease,
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cmdline(args: &[&str]) -> Vec<u8> {
+        args.iter().flat_map(|a| a.bytes().chain([0])).collect()
+    }
+
+    #[test]
+    fn a_reattached_qemus_memory_is_read_from_its_command_line() {
+        let shared = cmdline(&[
+            "qemu-system-x86_64",
+            "-object",
+            "memory-backend-memfd,id=microvm.ram,size=256M,share=on",
+        ]);
+        assert_eq!(memory_in_cmdline(&shared), GuestMemory::SharedMemfd);
+        let private = cmdline(&[
+            "qemu-system-x86_64",
+            "-object",
+            "memory-backend-file,id=microvm.ram,size=256M,mem-path=/s/a,,b/memory,share=off",
+        ]);
+        assert_eq!(
+            memory_in_cmdline(&private),
+            GuestMemory::PrivateFile("/s/a,b/memory".into())
+        );
+        let plain = cmdline(&["qemu-system-x86_64", "-m", "256M"]);
+        assert_eq!(memory_in_cmdline(&plain), GuestMemory::Anonymous);
+        assert_eq!(memory_in_cmdline(b""), GuestMemory::Anonymous);
     }
 }

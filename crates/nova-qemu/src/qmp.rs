@@ -104,6 +104,11 @@ pub struct QmpClient {
     cut_short: Option<String>,
     timeout: Duration,
     events: VecDeque<Value>,
+    /// How many events QEMU sent so far.
+    events_seen: u64,
+    /// The status the last `MIGRATION` event reported, and that event's
+    /// number (counting from 1, as `events_seen` does).
+    migration_status: Option<(u64, String)>,
     /// The greeting QEMU sent.
     pub greeting: Greeting,
 }
@@ -138,6 +143,8 @@ impl QmpClient {
             cut_short: None,
             timeout,
             events: VecDeque::new(),
+            events_seen: 0,
+            migration_status: None,
             greeting: hello.qmp,
         };
         client.execute("qmp_capabilities", None).await?;
@@ -203,11 +210,7 @@ impl QmpClient {
             let msg: Value = serde_json::from_str(&line)
                 .map_err(|e| QmpError::Protocol(format!("{line:?}: {e}")))?;
             if msg.get("event").is_some() {
-                tracing::debug!(event = %msg["event"], "QMP event");
-                if self.events.len() == KEPT_EVENTS {
-                    self.events.pop_front();
-                }
-                self.events.push_back(msg);
+                self.keep_event(msg);
                 continue;
             }
             match msg.get("id").and_then(Value::as_u64) {
@@ -268,63 +271,134 @@ impl QmpClient {
             .map(drop)
     }
 
-    /// Writes the paused VM's whole state (devices and memory) to `file`:
-    /// outgoing migration to an `fd:` (no helper process, no path QEMU must
-    /// be able to open), at full speed, polled until it completes. The VM is
-    /// left paused (`postmigrate`); `cont` resumes it.
-    pub async fn save_to(&mut self, file: &std::fs::File) -> Result<(), QmpError> {
+    /// Sets the migration capabilities this client's migrations use:
+    /// `events` (QEMU reports each status change as a `MIGRATION` event, so
+    /// the end of a migration is seen at once instead of polled for) and
+    /// `x-ignore-shared` as asked. With `x-ignore-shared` on both ends, RAM
+    /// mapped from a shared file (`memory-backend-file,share=on`) is left
+    /// out of the stream: the file itself holds it, and the loading QEMU maps
+    /// it before the stream comes.
+    async fn set_migration_capabilities(&mut self, ignore_shared: bool) -> Result<(), QmpError> {
+        self.execute(
+            "migrate-set-capabilities",
+            Some(json!({ "capabilities": [
+                { "capability": "events", "state": true },
+                { "capability": "x-ignore-shared", "state": ignore_shared },
+            ] })),
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Writes the paused VM's state to `file`: outgoing migration to an
+    /// `fd:` (no helper process, no path QEMU must be able to open), at full
+    /// speed, until QEMU's `MIGRATION` event says it completed. With
+    /// `ignore_shared` (capability `x-ignore-shared`), RAM mapped from a
+    /// shared file (`memory-backend-file,share=on`) is left out: the file
+    /// itself holds it. Else the stream holds all of memory (zero pages
+    /// skipped). The VM is left paused (`postmigrate`); `cont` resumes it.
+    pub async fn save_to(
+        &mut self,
+        file: &std::fs::File,
+        ignore_shared: bool,
+    ) -> Result<(), QmpError> {
+        self.set_migration_capabilities(ignore_shared).await?;
         self.execute(
             "migrate-set-parameters",
             Some(json!({ "max-bandwidth": MIGRATION_BANDWIDTH })),
         )
         .await?;
         self.getfd(MIGRATION_FD, file.as_fd()).await?;
+        let since = self.events_seen;
         self.execute(
             "migrate",
             Some(json!({ "uri": format!("fd:{MIGRATION_FD}") })),
         )
         .await?;
-        self.wait_for_migration("migrate").await
+        self.wait_for_migration("migrate", since).await
     }
 
     /// Loads a VM state written by [`save_to`](Self::save_to) from `file`
     /// into this QEMU, which was started with `-incoming defer`, and waits
-    /// until it is loaded. The VM is then paused; `cont` runs it.
-    pub async fn load_from(&mut self, file: &std::fs::File) -> Result<(), QmpError> {
+    /// until it is loaded. `ignore_shared` must be what the state was saved
+    /// with (its RAM then comes from the memory file QEMU mapped at start).
+    /// The VM is then paused; `cont` runs it.
+    pub async fn load_from(
+        &mut self,
+        file: &std::fs::File,
+        ignore_shared: bool,
+    ) -> Result<(), QmpError> {
+        self.set_migration_capabilities(ignore_shared).await?;
         self.getfd(MIGRATION_FD, file.as_fd()).await?;
+        let since = self.events_seen;
         self.execute(
             "migrate-incoming",
             Some(json!({ "uri": format!("fd:{MIGRATION_FD}") })),
         )
         .await?;
-        self.wait_for_migration("migrate-incoming").await
+        self.wait_for_migration("migrate-incoming", since).await
     }
 
-    /// Polls `query-migrate` until the migration completed or failed.
-    /// Unbounded here: the caller bounds it (a snapshot's or a boot's
-    /// deadline).
-    async fn wait_for_migration(&mut self, command: &str) -> Result<(), QmpError> {
-        let mut delay = Duration::from_micros(500);
+    /// Waits for the `MIGRATION` event that ends the migration `command`
+    /// started (`completed`, `failed` or `cancelled`), looking at the events
+    /// after the `since`-th one. Unbounded here: the caller bounds it (a
+    /// snapshot's or a boot's deadline). On failure, QEMU's reason comes
+    /// from `query-migrate`.
+    async fn wait_for_migration(&mut self, command: &str, since: u64) -> Result<(), QmpError> {
         loop {
-            let info = self.execute("query-migrate", None).await?;
-            match info["status"].as_str().unwrap_or("") {
-                "completed" => return Ok(()),
-                "failed" | "cancelled" => {
-                    return Err(QmpError::Command {
-                        command: command.to_owned(),
-                        class: "MigrationFailed".into(),
-                        desc: info["error-desc"]
-                            .as_str()
-                            .unwrap_or("no reason given")
-                            .to_owned(),
-                    });
+            if let Some((seq, status)) = &self.migration_status
+                && *seq > since
+            {
+                match status.as_str() {
+                    "completed" => return Ok(()),
+                    "failed" | "cancelled" => {
+                        let info = self.execute("query-migrate", None).await?;
+                        return Err(QmpError::Command {
+                            command: command.to_owned(),
+                            class: "MigrationFailed".into(),
+                            desc: info["error-desc"]
+                                .as_str()
+                                .unwrap_or("no reason given")
+                                .to_owned(),
+                        });
+                    }
+                    _ => {}
+                }
+            }
+            let line = self.reader.next_line().await?;
+            let msg: Value = serde_json::from_str(&line)
+                .map_err(|e| QmpError::Protocol(format!("{line:?}: {e}")))?;
+            if msg.get("event").is_some() {
+                self.keep_event(msg);
+                continue;
+            }
+            match msg.get("id").and_then(Value::as_u64) {
+                Some(got) if got <= self.last_id => {
+                    tracing::debug!(id = got, "discarding a late QMP answer");
                 }
                 _ => {
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_millis(10));
+                    return Err(QmpError::Protocol(format!(
+                        "an answer to no command sent (waiting for a MIGRATION event): {line}"
+                    )));
                 }
             }
         }
+    }
+
+    /// Keeps `msg`, an event, among the recent ones, and notes a migration's
+    /// status.
+    fn keep_event(&mut self, msg: Value) {
+        tracing::debug!(event = %msg["event"], "QMP event");
+        self.events_seen += 1;
+        if msg["event"] == "MIGRATION"
+            && let Some(status) = msg["data"]["status"].as_str()
+        {
+            self.migration_status = Some((self.events_seen, status.to_owned()));
+        }
+        if self.events.len() == KEPT_EVENTS {
+            self.events.pop_front();
+        }
+        self.events.push_back(msg);
     }
 
     /// Block device statistics (`query-blockstats`): the bytes read and

@@ -12,7 +12,8 @@ use std::path::{Path, PathBuf};
 use nova_core::config::SandboxConfig;
 use nova_core::hypervisor::HypervisorKind;
 use nova_core::snapshot::{
-    SNAPSHOT_FORMAT, SNAPSHOT_MANIFEST, Snapshot, SnapshotError, SnapshotManifest, TemplateIdentity,
+    SNAPSHOT_FORMAT, SNAPSHOT_FORMAT_OLDEST, SNAPSHOT_MANIFEST, Snapshot, SnapshotError,
+    SnapshotManifest, TemplateIdentity,
 };
 use nova_core::template::{Template, TemplateManager};
 use sha2::{Digest, Sha256};
@@ -54,9 +55,10 @@ pub async fn read(dir: &Path) -> Result<Snapshot, SnapshotError> {
     };
     let manifest: SnapshotManifest = serde_json::from_slice(&bytes)
         .map_err(|e| invalid(format!("{SNAPSHOT_MANIFEST} does not parse: {e}")))?;
-    if manifest.format != SNAPSHOT_FORMAT {
+    if !(SNAPSHOT_FORMAT_OLDEST..=SNAPSHOT_FORMAT).contains(&manifest.format) {
         return Err(invalid(format!(
-            "its format is {}, this build reads {SNAPSHOT_FORMAT}; take a new snapshot",
+            "its format is {}, this build reads {SNAPSHOT_FORMAT_OLDEST} to {SNAPSHOT_FORMAT}; \
+             take a new snapshot",
             manifest.format
         )));
     }
@@ -279,5 +281,40 @@ mod tests {
             e.to_string().contains("take a snapshot into it first"),
             "{e}"
         );
+    }
+
+    #[tokio::test]
+    async fn format_2_still_reads_and_formats_outside_2_to_3_are_refused() {
+        let root = tempfile::tempdir().unwrap();
+        let mut snapshot = Snapshot {
+            dir: root.path().to_owned(),
+            manifest: SnapshotManifest {
+                format: SNAPSHOT_FORMAT,
+                vmm: HypervisorKind::Qemu,
+                vmm_version: "7.2.22".into(),
+                kind: SnapshotKind::Full,
+                source: SandboxId::random(),
+                config: SandboxConfig::default(),
+                template: None,
+                kernel_cmdline: String::new(),
+                created_at_ms: 1,
+                scratch: false,
+                track_dirty_pages: false,
+            },
+        };
+        for (format, readable) in [(1, false), (2, true), (3, true), (4, false)] {
+            snapshot.manifest.format = format;
+            write_manifest(&snapshot).await.unwrap();
+            match read(root.path()).await {
+                Ok(back) => {
+                    assert!(readable, "format {format} was read");
+                    assert_eq!(back.manifest.format, format);
+                }
+                Err(e) => {
+                    assert!(!readable, "format {format}: {e}");
+                    assert!(e.to_string().contains("take a new snapshot"), "{e}");
+                }
+            }
+        }
     }
 }

@@ -86,7 +86,9 @@ fn private_home(prefix: &str) -> anyhow::Result<tempfile::TempDir> {
 }
 
 impl OwnDaemon {
-    async fn start(template: &str, pool: usize) -> anyhow::Result<Self> {
+    /// A daemon whose policy gives no network and keeps `pool` sandboxes of
+    /// `template` warm (none with 0).
+    pub(super) async fn start(template: &str, pool: usize) -> anyhow::Result<Self> {
         let mut policy = String::from("[network]\ndefault = false\n");
         if pool > 0 {
             policy.push_str(&format!("\n[pool]\n{template} = {pool}\n"));
@@ -408,7 +410,7 @@ async fn measure(
 }
 
 /// Waits (bounded) until the daemon's pool holds `want` sandboxes.
-async fn pool_filled(client: &Client, want: usize) -> anyhow::Result<()> {
+pub(super) async fn pool_filled(client: &Client, want: usize) -> anyhow::Result<()> {
     let started = Instant::now();
     while client.health().await?.pool_ready < want {
         if started.elapsed() > WAIT_LIMIT {

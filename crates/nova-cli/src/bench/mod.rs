@@ -6,9 +6,11 @@
 //! prints p50 / p99 of each, NovaSandbox's boot breakdown, and the overhead
 //! (NovaSandbox's p50 over the hand-driven p50).
 //!
-//! `nova bench start` creates N sandboxes each way, cold boot and restore
-//! from a snapshot, interleaved, and prints p50 / p99 of each and their
-//! ratio; then it keeps a number of idle sandboxes of each kind and reports
+//! `nova bench start` creates N sandboxes each way, cold boot, restore
+//! from a snapshot and a claim from a warm pool (of its own daemon, the one
+//! `nova bench api` starts), interleaved, and prints p50 / p99 of each, the
+//! phases of the first two, and each one's ratio to the cold boot; then it
+//! keeps a number of idle sandboxes of each kind and reports
 //! their VMMs' memory (RSS and PSS, from `/proc/PID/smaps_rollup`).
 //!
 //! `nova bench api` measures the daemon's HTTP API against the library
@@ -32,7 +34,8 @@ use novasandbox::providers::{QemuHypervisor, QemuOptions};
 pub(crate) enum BenchCommand {
     /// Cold-boot latency: create -> ready through NovaSandbox vs QEMU by hand.
     Boot(BootArgs),
-    /// Create latency, cold boot vs restore from a snapshot, and idle memory.
+    /// Create latency, cold boot vs restore from a snapshot vs warm pool
+    /// claim, and idle memory.
     Start(StartArgs),
     /// The seed's benchmark table: boot (cold and restored), config
     /// creation, pause, resume and stats against the seed's targets.
@@ -71,6 +74,10 @@ pub(crate) struct StartArgs {
     /// skips them).
     #[arg(long, default_value_t = 10)]
     idle: usize,
+    /// Sandboxes the bench's own daemon keeps in its warm pool, whose
+    /// claims are measured as a third way to start (0 skips them).
+    #[arg(long, default_value_t = 2)]
+    pool: usize,
 }
 
 /// The guest every `nova bench` measures.
@@ -329,56 +336,71 @@ async fn start(args: StartArgs) -> anyhow::Result<()> {
         args.iterations,
         ms(saved)
     );
-    let (mut cold, mut restored) = (Samples::default(), Samples::default());
-    let (mut cold_ready, mut restored_ready) = (Samples::default(), Samples::default());
-    for i in 0..args.iterations {
-        let started = Instant::now();
-        let sandbox = hypervisor.create_sandbox(config.clone()).await?;
-        cold.push(started.elapsed());
-        cold_ready.push_ms(
-            sandbox
-                .info()
-                .boot
-                .as_ref()
-                .map_or(f64::NAN, |b| b.boot_time_ms),
-        );
-        sandbox.stop(true).await?;
-        let started = Instant::now();
-        let sandbox = hypervisor.create_sandbox_from_snapshot(&snapshot).await?;
-        restored.push(started.elapsed());
-        restored_ready.push_ms(
-            sandbox
-                .info()
-                .boot
-                .as_ref()
-                .map_or(f64::NAN, |b| b.boot_time_ms),
-        );
-        sandbox.stop(true).await?;
+    // The warm pool: the daemon `nova bench api` starts, in a private
+    // $NOVA_HOME, keeping --pool sandboxes of the template; a claim is an
+    // HTTP create it serves from the pool.
+    let daemon = if args.pool > 0 {
         eprintln!(
-            "  round {:>3}: cold {:>8.1} ms   restore {:>8.1} ms",
-            i + 1,
-            cold.0[i],
-            restored.0[i]
+            "nova bench start: starting a daemon with a warm pool of {}",
+            args.pool
         );
+        Some(api::OwnDaemon::start(&args.guest.template, args.pool).await?)
+    } else {
+        None
+    };
+    let rounds = start_rounds(&args, &hypervisor, &config, &snapshot, daemon.as_ref()).await;
+    if let Some(daemon) = daemon {
+        daemon.shutdown().await;
     }
-    println!("{:<40} {:>10} {:>10}", "", "p50 ms", "p99 ms");
+    let rounds = rounds?;
+    println!("{:<44} {:>10} {:>10}", "", "p50 ms", "p99 ms");
     for (name, s) in [
-        ("cold boot: create_sandbox() call", &cold),
-        ("  spawn -> agent ready", &cold_ready),
-        ("restore: create_sandbox_from_snapshot()", &restored),
-        ("  spawn -> agent ready", &restored_ready),
+        ("cold boot: create_sandbox() call", &rounds.cold.call),
+        ("  spawn -> agent ready", &rounds.cold.ready),
+        ("    spawn -> QMP answers", &rounds.cold.spawn),
+        ("    guest start -> agent ready", &rounds.cold.guest),
+        (
+            "restore: create_sandbox_from_snapshot()",
+            &rounds.restored.call,
+        ),
+        ("  spawn -> agent ready", &rounds.restored.ready),
+        ("    spawn -> QMP answers", &rounds.restored.spawn),
+        ("    load the state, resume", &rounds.restored.configure),
+        (
+            "    resume -> agent ready (+ refresh)",
+            &rounds.restored.guest,
+        ),
+        ("warm pool: claim (HTTP create)", &rounds.claim),
     ] {
+        if s.0.is_empty() {
+            continue;
+        }
         println!(
-            "{name:<40} {:>10.1} {:>10.1}",
+            "{name:<44} {:>10.1} {:>10.1}",
             s.percentile(50.0),
             s.percentile(99.0)
         );
     }
-    println!(
-        "restore / cold boot at p50: {:.3} (1/{:.1})",
-        restored.percentile(50.0) / cold.percentile(50.0),
-        cold.percentile(50.0) / restored.percentile(50.0)
-    );
+    let cold_p50 = rounds.cold.call.percentile(50.0);
+    for (name, s) in [
+        ("restore", &rounds.restored.call),
+        ("warm pool claim", &rounds.claim),
+    ] {
+        if s.0.is_empty() {
+            continue;
+        }
+        println!(
+            "{name} / cold boot at p50: {:.3} (1/{:.1})",
+            s.percentile(50.0) / cold_p50,
+            cold_p50 / s.percentile(50.0)
+        );
+    }
+    if rounds.not_from_pool > 0 {
+        println!(
+            "note: {} of the pool creates were not served from the pool",
+            rounds.not_from_pool
+        );
+    }
     if args.idle > 0 {
         let mut kept = Vec::new();
         let mut figures = Vec::new();
@@ -416,6 +438,95 @@ async fn start(args: StartArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The phases of one way of starting, in milliseconds (see
+/// [`novasandbox::core::BootTimings`]).
+#[derive(Default)]
+struct StartSamples {
+    /// The whole create call.
+    call: Samples,
+    /// VMM spawn -> agent ready.
+    ready: Samples,
+    /// VMM spawn -> control socket answers.
+    spawn: Samples,
+    /// Configuring the VMM (for a restore: loading the state, resuming).
+    configure: Samples,
+    /// Guest start -> agent ready.
+    guest: Samples,
+}
+
+impl StartSamples {
+    fn push(&mut self, call: Duration, sandbox: &novasandbox::core::Sandbox) {
+        self.call.push(call);
+        let boot = sandbox.info().boot.clone().unwrap_or_default();
+        self.ready.push_ms(boot.boot_time_ms);
+        self.spawn.push_ms(boot.spawn_ms);
+        self.configure.push_ms(boot.configure_ms);
+        self.guest.push_ms(boot.guest_ms);
+    }
+}
+
+/// What the rounds of `nova bench start` measured.
+#[derive(Default)]
+struct StartRounds {
+    cold: StartSamples,
+    restored: StartSamples,
+    claim: Samples,
+    not_from_pool: usize,
+}
+
+/// Runs `args.iterations` rounds, each a cold create, a restore from
+/// `snapshot` and, with `daemon`, a warm pool claim from it, one after the
+/// other, each sandbox removed before the next start. The pool is full
+/// before each claim and before each cold create, so no refill boots
+/// while something is measured.
+async fn start_rounds(
+    args: &StartArgs,
+    hypervisor: &std::sync::Arc<dyn novasandbox::core::Hypervisor>,
+    config: &SandboxConfig,
+    snapshot: &std::path::Path,
+    daemon: Option<&api::OwnDaemon>,
+) -> anyhow::Result<StartRounds> {
+    use nova_server::api::sandboxes::CreateSandboxRequest;
+    let mut rounds = StartRounds::default();
+    let client = daemon.map(|d| crate::client::Client::unix(&d.socket));
+    // What the pool's sandboxes are made with: the template and the
+    // policy's defaults.
+    let pooled = CreateSandboxRequest {
+        template: Some(args.guest.template.clone()),
+        ..CreateSandboxRequest::default()
+    };
+    for i in 0..args.iterations {
+        if let Some(client) = &client {
+            api::pool_filled(client, args.pool).await?;
+        }
+        let started = Instant::now();
+        let sandbox = hypervisor.create_sandbox(config.clone()).await?;
+        rounds.cold.push(started.elapsed(), &sandbox);
+        sandbox.stop(true).await?;
+        let started = Instant::now();
+        let sandbox = hypervisor.create_sandbox_from_snapshot(snapshot).await?;
+        rounds.restored.push(started.elapsed(), &sandbox);
+        sandbox.stop(true).await?;
+        let mut line = format!(
+            "  round {:>3}: cold {:>8.1} ms   restore {:>8.1} ms",
+            i + 1,
+            rounds.cold.call.0[i],
+            rounds.restored.call.0[i]
+        );
+        if let Some(client) = &client {
+            api::pool_filled(client, args.pool).await?;
+            let started = Instant::now();
+            let view = client.create(&pooled).await?;
+            rounds.claim.push(started.elapsed());
+            rounds.not_from_pool += usize::from(!view.from_pool);
+            client.delete(&view.id, true).await?;
+            line.push_str(&format!("   pool claim {:>8.1} ms", rounds.claim.0[i]));
+        }
+        eprintln!("{line}");
+    }
+    Ok(rounds)
 }
 
 /// A process's resident and proportional set sizes in KiB, from
