@@ -206,13 +206,9 @@ impl QmpClient {
         }
         self.cut_short = None;
         loop {
-            let line = self.reader.next_line().await?;
-            let msg: Value = serde_json::from_str(&line)
-                .map_err(|e| QmpError::Protocol(format!("{line:?}: {e}")))?;
-            if msg.get("event").is_some() {
-                self.keep_event(msg);
+            let Some((msg, line)) = self.read_message().await? else {
                 continue;
-            }
+            };
             match msg.get("id").and_then(Value::as_u64) {
                 Some(got) if got == id => return answer(command, &msg, &line),
                 Some(got) if got < id => {
@@ -365,13 +361,9 @@ impl QmpClient {
                     _ => {}
                 }
             }
-            let line = self.reader.next_line().await?;
-            let msg: Value = serde_json::from_str(&line)
-                .map_err(|e| QmpError::Protocol(format!("{line:?}: {e}")))?;
-            if msg.get("event").is_some() {
-                self.keep_event(msg);
+            let Some((msg, line)) = self.read_message().await? else {
                 continue;
-            }
+            };
             match msg.get("id").and_then(Value::as_u64) {
                 Some(got) if got <= self.last_id => {
                     tracing::debug!(id = got, "discarding a late QMP answer");
@@ -383,6 +375,19 @@ impl QmpClient {
                 }
             }
         }
+    }
+
+    /// Reads QEMU's next message: an answer, with its line, or `None` for
+    /// an event, which is kept (see [`keep_event`](Self::keep_event)).
+    async fn read_message(&mut self) -> Result<Option<(Value, String)>, QmpError> {
+        let line = self.reader.next_line().await?;
+        let msg: Value = serde_json::from_str(&line)
+            .map_err(|e| QmpError::Protocol(format!("{line:?}: {e}")))?;
+        if msg.get("event").is_some() {
+            self.keep_event(msg);
+            return Ok(None);
+        }
+        Ok(Some((msg, line)))
     }
 
     /// Keeps `msg`, an event, among the recent ones, and notes a migration's
