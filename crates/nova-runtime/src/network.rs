@@ -293,16 +293,7 @@ impl SandboxNet {
     pub fn guest_net(&self) -> GuestNet {
         match self {
             SandboxNet::Namespace(net) => guest_net(net),
-            SandboxNet::User(net) => {
-                let (addr, prefix) = net.guest_addr();
-                GuestNet {
-                    addr,
-                    prefix,
-                    gateway: net.gateway(),
-                    mtu: Some(GUEST_MTU),
-                    dns: net.guest_dns().into_iter().take(MAX_DNS_SERVERS).collect(),
-                }
-            }
+            SandboxNet::User(net) => contract(net.guest_addr(), net.gateway(), net.guest_dns()),
         }
     }
 
@@ -752,19 +743,26 @@ pub(crate) async fn teardown(net: Option<SandboxNet>) {
 
 /// The boot contract's `nova.net=` for the guest of `net`.
 pub fn guest_net(net: &SandboxNetwork) -> GuestNet {
-    let (addr, prefix) = net.guest_addr();
+    contract(
+        net.guest_addr(),
+        net.gateway(),
+        net.spec().dns_servers.iter().copied(),
+    )
+}
+
+/// The guest's `nova.net=`: its address and prefix, gateway, the MTU of
+/// every sandbox network and at most [`MAX_DNS_SERVERS`] of `dns`.
+fn contract(
+    (addr, prefix): (std::net::Ipv4Addr, u8),
+    gateway: std::net::Ipv4Addr,
+    dns: impl IntoIterator<Item = std::net::Ipv4Addr>,
+) -> GuestNet {
     GuestNet {
         addr,
         prefix,
-        gateway: net.gateway(),
+        gateway,
         mtu: Some(GUEST_MTU),
-        dns: net
-            .spec()
-            .dns_servers
-            .iter()
-            .copied()
-            .take(MAX_DNS_SERVERS)
-            .collect(),
+        dns: dns.into_iter().take(MAX_DNS_SERVERS).collect(),
     }
 }
 
