@@ -6,7 +6,17 @@
 //! sandbox, so [`apply`] rewrites them at boot, and [`refresh`] again in a
 //! guest restored from a snapshot (whose files name the snapshot's guest):
 //!
-//! * on a writable root (the overlay), in place;
+//! * on a writable root (the overlay), each file is kept on a tmpfs
+//!   (`/run/nova/identity/<name>`) and bind-mounted over its `/etc` path
+//!   once, at the first write (a missing file or a symlink there is first
+//!   replaced by an empty regular file to mount over); later writes,
+//!   refreshes included, rewrite the tmpfs file in place, so the mount keeps
+//!   showing it. A refresh then touches neither the overlay nor the scratch
+//!   disk's ext4: in a guest just restored under emulation (TCG, nothing of
+//!   it translated yet), writing the files through those took ~25 ms of a
+//!   ~100 ms restore. As in a Docker container, `/etc/hostname`, `/etc/hosts`,
+//!   `/etc/machine-id` and `/etc/resolv.conf` are then mount points: they can
+//!   be written in place, not renamed over or removed;
 //! * on a read-only root (`read_only_rootfs`), the three files are written to
 //!   a tmpfs (`/run/nova/etc`) and stacked over `/etc` with a read-only
 //!   overlay (`lowerdir=/run/nova/etc:/etc`): `/etc` shows the sandbox's
@@ -48,6 +58,13 @@ const HOSTNAME_MAX: usize = 64;
 /// Where the files are prepared on a read-only root: the first at boot, then
 /// each refresh takes the one the mounted overlay does not use.
 const RUN_ETC: [&str; 2] = ["/run/nova/etc", "/run/nova/etc.1"];
+/// Where the files live on a writable root, each bind-mounted over its
+/// `/etc` path.
+const RUN_IDENTITY: &str = "/run/nova/identity";
+
+/// The `/etc` files already bind-mounted from [`RUN_IDENTITY`] (a guest
+/// restored from a snapshot has its mounts and this list as they were).
+static BOUND: Mutex<Vec<String>> = Mutex::new(Vec::new());
 
 /// One identity change at a time (a refresh on two connections at once).
 static WRITING: Mutex<()> = Mutex::new(());
@@ -163,14 +180,50 @@ fn write(target: &Target, hostname: &str, machine_id: &str) -> io::Result<bool> 
     {
         files.push(("resolv.conf", resolv));
     }
-    if *target == Target::System && is_read_only(etc) {
-        overlay_etc(&files)?;
-        return Ok(true);
+    if *target == Target::System {
+        if is_read_only(etc) {
+            overlay_etc(&files)?;
+            return Ok(true);
+        }
+        bind_etc(&files)?;
+        return Ok(false);
     }
     for (name, content) in &files {
         write_replacing(&etc.join(name), content.as_bytes())?;
     }
     Ok(false)
+}
+
+/// Writes `files` on the tmpfs and shows each at its `/etc` path through a
+/// bind mount, made the first time (see the module docs).
+fn bind_etc(files: &[(&str, String)]) -> io::Result<()> {
+    std::fs::create_dir_all(RUN_IDENTITY)
+        .map_err(|e| io::Error::new(e.kind(), format!("mkdir {RUN_IDENTITY}: {e}")))?;
+    let mut bound = BOUND.lock().unwrap_or_else(PoisonError::into_inner);
+    for (name, content) in files {
+        let source = Path::new(RUN_IDENTITY).join(name);
+        // In place (truncate and write): the inode a bind mount shows stays.
+        std::fs::write(&source, content)
+            .map_err(|e| io::Error::new(e.kind(), format!("write {}: {e}", source.display())))?;
+        if bound.iter().any(|b| b == name) {
+            continue;
+        }
+        let target = Path::new("/etc").join(name);
+        // A mount follows a symlink and needs something to cover: put a
+        // regular file where there is none.
+        if !std::fs::symlink_metadata(&target).is_ok_and(|m| m.file_type().is_file()) {
+            write_replacing(&target, b"")?;
+        }
+        rustix::mount::mount_bind(&source, &target).map_err(|e| {
+            io::Error::other(format!(
+                "bind-mount {} over {}: {e}",
+                source.display(),
+                target.display()
+            ))
+        })?;
+        bound.push((*name).to_owned());
+    }
+    Ok(())
 }
 
 /// Shows `files` in the read-only `/etc` through an overlay (see the module
