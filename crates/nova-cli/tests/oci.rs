@@ -602,6 +602,38 @@ fn a_dockerfile_with_from_run_copy_and_env() {
         "1000 1001 /home/app app",
     );
 
+    // FROM a template whose default user is not root: its files (some only
+    // root may read) are still exported whole.
+    let second = context.join("Dockerfile.second");
+    std::fs::write(
+        &second,
+        "FROM from-dockerfile
+USER root
+RUN echo second-stage > /data/second.txt
+",
+    )
+    .unwrap();
+    let out = home.nova(&[
+        "template",
+        "build",
+        "from-template",
+        "--no-snapshot",
+        "--no-boot-check",
+        "-f",
+        second.to_str().unwrap(),
+        context.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "the build FROM a non-root template failed"
+    );
+    let (shown, _) = home.run(
+        "from-template",
+        &["--memory", "256", "--no-network"],
+        "cat /data/second.txt /data/run.txt",
+    );
+    assert_eq!(shown, "second-stage\nbuilt with hi-from-env\n");
+
     // A RUN that fails fails the build, naming its line and the exit code,
     // with its output shown; its sandbox is stopped.
     let failing = context.join("Dockerfile.fails");

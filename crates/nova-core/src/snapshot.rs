@@ -29,12 +29,17 @@ pub const SNAPSHOT_MANIFEST: &str = "snapshot.json";
 /// wherever it is restored (format 1 snapshots have a stale one). 3: a QEMU
 /// snapshot may keep the guest's RAM in a `memory` file of its own beside a
 /// VM state that holds the devices only, which a build reading format 2 at
-/// most would load as a machine without memory.
-pub const SNAPSHOT_FORMAT: u32 = 3;
+/// most would load as a machine without memory. 4: a QEMU guest's
+/// network device is attached without the tap's virtio-net header
+/// (`vnet_hdr`) in both network modes, so a snapshot restores into a tap
+/// (namespace mode) or passt (user mode) alike; one taken with the header
+/// cannot be restored without it.
+pub const SNAPSHOT_FORMAT: u32 = 4;
 
-/// The oldest manifest format this build still reads: format 2 differs from
-/// 3 only in lacking what 3 adds, so it loads unchanged.
-pub const SNAPSHOT_FORMAT_OLDEST: u32 = 2;
+/// The oldest manifest format this build still reads: older snapshots'
+/// network devices expect the tap's virtio-net header (see
+/// [`SNAPSHOT_FORMAT`]).
+pub const SNAPSHOT_FORMAT_OLDEST: u32 = 4;
 
 /// Whether a snapshot holds all guest memory or only what changed since the
 /// previous snapshot in the same directory.

@@ -1253,7 +1253,8 @@ async fn export_tree(
         .await
         .map_err(io_err(&tar_path))?;
     let mut stream = sandbox
-        .exec_stream(ExecRequest::shell(EXPORT_SCRIPT))
+        // As root whatever the image's `User`: the whole tree is read.
+        .exec_stream(ExecRequest::shell(EXPORT_SCRIPT).user("0"))
         .await
         .map_err(|e| {
             sandbox_err(format!(
@@ -1277,8 +1278,9 @@ async fn export_tree(
         .map_err(io_err(&tar_path))?;
     drop(file);
     if !status.is_some_and(ExitStatus::success) {
+        let how = status.map_or_else(|| "ended without a status".to_owned(), |s| s.to_string());
         return Err(sandbox_err(format!(
-            "exporting the files failed ({status:?}); the image needs sh and tar"
+            "exporting the files with tar failed ({how}; its messages are above)"
         )));
     }
     let fresh = scratch.join(format!(".tree-{line}"));

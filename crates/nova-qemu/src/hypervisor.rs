@@ -363,8 +363,13 @@ impl Backend for Qemu {
         let (net, tap) = match start.network {
             Some(network) => {
                 let (fd, transport) = match network {
+                    // Without the virtio-net header (`vnet_hdr`): passt's
+                    // stream has none, and a guest whose device was offered
+                    // it cannot be restored without it; so every guest gets
+                    // the same device and a snapshot restores in either
+                    // mode (snapshot format 4). Offloads are lost on the tap.
                     SandboxNet::Namespace(ns) => (
-                        ns.open_tap(true)
+                        ns.open_tap(false)
                             .await
                             .map_err(|e| CreateSandboxError::Network(Box::new(e)))?,
                         NetTransport::Tap,

@@ -423,3 +423,46 @@ async fn user_mode_pause_to_disk_and_resume_start_a_new_passt_on_the_same_port()
     assert_eq!(our_passts(), before, "stop leaves no passt behind");
     assert!(t.sandbox_dirs().is_empty());
 }
+
+/// A snapshot taken in namespace mode (as root takes a template's) restores
+/// in user mode and back: the guest's network device is the same in both
+/// (no virtio-net header on the tap).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_restore_across_network_modes() {
+    let test = "snapshots_restore_across_network_modes";
+    if skip(test, true) {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let Some(t) = setup(test, &["minimal"]) else {
+        return;
+    };
+    let snapshots = tempfile::tempdir().unwrap();
+    for (taken_in, restored_in) in [
+        (NetModeChoice::Namespace, NetModeChoice::User),
+        (NetModeChoice::User, NetModeChoice::Namespace),
+    ] {
+        t.hypervisor.set_net_mode(taken_in);
+        let source = t
+            .hypervisor
+            .create_sandbox(networked("minimal"))
+            .await
+            .unwrap();
+        source.pause().await.unwrap();
+        let dir = snapshots.path().join(format!("{taken_in:?}"));
+        let taken = t.hypervisor.snapshot_sandbox(source.id(), &dir).await;
+        source.stop(true).await.unwrap();
+        taken.unwrap();
+
+        t.hypervisor.set_net_mode(restored_in);
+        let restored = t
+            .hypervisor
+            .create_sandbox_from_snapshot(&dir)
+            .await
+            .unwrap_or_else(|e| panic!("taken in {taken_in:?}, restored in {restored_in:?}: {e}"));
+        let shown = sh(&restored, "cat /sys/class/net/eth0/operstate").await;
+        assert_eq!(shown.trim(), "up", "{taken_in:?} -> {restored_in:?}");
+        restored.stop(true).await.unwrap();
+    }
+    assert!(t.sandbox_dirs().is_empty());
+}

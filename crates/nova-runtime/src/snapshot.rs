@@ -284,7 +284,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn format_2_still_reads_and_formats_outside_2_to_3_are_refused() {
+    async fn only_format_4_reads() {
         let root = tempfile::tempdir().unwrap();
         let mut snapshot = Snapshot {
             dir: root.path().to_owned(),
@@ -302,7 +302,7 @@ mod tests {
                 track_dirty_pages: false,
             },
         };
-        for (format, readable) in [(1, false), (2, true), (3, true), (4, false)] {
+        for (format, readable) in [(1, false), (3, false), (4, true), (5, false)] {
             snapshot.manifest.format = format;
             write_manifest(&snapshot).await.unwrap();
             match read(root.path()).await {
