@@ -304,14 +304,7 @@ impl QmpClient {
             Some(json!({ "max-bandwidth": MIGRATION_BANDWIDTH })),
         )
         .await?;
-        self.getfd(MIGRATION_FD, file.as_fd()).await?;
-        let since = self.events_seen;
-        self.execute(
-            "migrate",
-            Some(json!({ "uri": format!("fd:{MIGRATION_FD}") })),
-        )
-        .await?;
-        self.wait_for_migration("migrate", since).await
+        self.migrate_over_fd("migrate", file).await
     }
 
     /// Loads a VM state written by [`save_to`](Self::save_to) from `file`
@@ -325,14 +318,24 @@ impl QmpClient {
         ignore_shared: bool,
     ) -> Result<(), QmpError> {
         self.set_migration_capabilities(ignore_shared).await?;
+        self.migrate_over_fd("migrate-incoming", file).await
+    }
+
+    /// Hands QEMU `file` and runs `command` (`migrate` or
+    /// `migrate-incoming`) on it as an `fd:` URI, until the migration ends.
+    async fn migrate_over_fd(
+        &mut self,
+        command: &str,
+        file: &std::fs::File,
+    ) -> Result<(), QmpError> {
         self.getfd(MIGRATION_FD, file.as_fd()).await?;
         let since = self.events_seen;
         self.execute(
-            "migrate-incoming",
+            command,
             Some(json!({ "uri": format!("fd:{MIGRATION_FD}") })),
         )
         .await?;
-        self.wait_for_migration("migrate-incoming", since).await
+        self.wait_for_migration(command, since).await
     }
 
     /// Waits for the `MIGRATION` event that ends the migration `command`
